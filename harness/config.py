@@ -1,0 +1,357 @@
+"""The typed config: one schema, YAML files that compose, `key.sub=value` overrides.
+
+Precedence is command line > later YAML file > earlier YAML file > defaults. A YAML file may
+name others it builds on with a top-level `base:` (a path or a list, relative to that file).
+
+Every field has a default and a help line (its unit, and what disables it). Validation runs once,
+at start-up: an unknown key, a wrong type or a bad value raises `ConfigError` whose message is one
+line naming the key path and what is allowed; `launch/train.py` prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the config: the message is one line that names the key path."""
+
+
+def F(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None):
+    """A config field with its help line and optional bounds (checked at load time)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["kl"] = F("kl", "autoencoder family: kl = Gaussian VAE (AutoencoderKL)")
+    in_channels: int = F(3, "image channels in", ge=1)
+    out_ch: int = F(3, "image channels out", ge=1)
+    ch: int = F(128, "base channel count of encoder/decoder", ge=1)
+    ch_mult: list[int] = F([1, 2, 4, 4], "channel multiplier per resolution level; len-1 = number of 2x downsamplings")
+    num_res_blocks: int = F(2, "residual blocks per resolution level", ge=1)
+    attn_resolutions: list[int] = F([], "feature-map sizes (pixels) that get an attention block; [] = none")
+    attn_type: Literal["vanilla", "linear", "none"] = F("vanilla", "attention kind in mid and attn_resolutions blocks")
+    z_channels: int = F(4, "latent channels (before embed_dim projection)", ge=1)
+    double_z: bool = F(True, "encoder emits mean and log-variance (2*z_channels); false = deterministic")
+    embed_dim: int = F(4, "channels of the latent the decoder reads", ge=1)
+    dropout: float = F(0.0, "dropout in residual blocks (0 = off)", ge=0.0, le=1.0)
+    resamp_with_conv: bool = F(True, "strided conv / conv after nearest upsampling (false = pooling / plain)")
+    gradient_checkpointing: bool = F(False, "recompute residual and attention blocks in backward")
+
+
+@dataclass
+class DataConfig:
+    train: Union[str, list[str]] = F("", "training shards: brace pattern (dir/{000000..000009}.tar), a folder of shards, or a list")
+    val: Union[str, list[str]] = F("", "held-out shards for evaluation and reconstruction grids ('' = none)")
+    image_size: int = F(64, "square training resolution in pixels", ge=8)
+    crop: Literal["random", "center"] = F("random", "crop before resizing to image_size (center for eval)")
+    hflip: bool = F(False, "random horizontal flips")
+    num_workers: int = F(2, "DataLoader worker processes per rank (0 = load in the training process)", ge=0)
+    shuffle_buffer: int = F(1000, "samples in each worker's shuffle buffer (0 = no shuffle)", ge=0)
+    epoch_samples: int = F(0, "samples per epoch over all ranks (0 = dataset size from the shard index)", ge=0)
+    num_samples: int = F(0, "dataset size when shards carry no index or _stats.json (0 = read it from them)", ge=0)
+    seed: int = F(0, "data seed: shard order, shuffling and crops are deterministic in it")
+    max_bad_fraction: float = F(0.1, "stop when more than this share of samples read are bad (1 = never)", ge=0.0, le=1.0)
+    min_bad_samples: int = F(100, "bad samples tolerated before max_bad_fraction is applied", ge=0)
+
+
+@dataclass
+class LossConfig:
+    recon: Literal["l1", "l2"] = F("l1", "pixel reconstruction loss")
+    recon_weight: float = F(1.0, "weight of the pixel reconstruction term", ge=0.0)
+    kl_weight: float = F(1e-6, "weight of the KL term of a Gaussian posterior (0 = plain autoencoder)", ge=0.0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = F(1e-4, "peak learning rate (AdamW)", gt=0.0)
+    betas: list[float] = F([0.9, 0.999], "AdamW betas")
+    weight_decay: float = F(0.0, "AdamW decoupled weight decay (0 = off)", ge=0.0)
+    eps: float = F(1e-8, "AdamW epsilon", gt=0.0)
+    warmup_steps: int = F(0, "linear warmup in optimizer steps (0 = none)", ge=0)
+    schedule: Literal["cosine", "constant"] = F("cosine", "learning-rate schedule after warmup")
+    min_lr_ratio: float = F(0.1, "cosine floor as a fraction of lr", ge=0.0, le=1.0)
+    grad_clip: float = F(1.0, "max global gradient norm (0 = no clipping)", ge=0.0)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = F(1000, "optimizer steps to train for", ge=1)
+    batch_size: int = F(8, "samples per process per micro-step", ge=1)
+    grad_accum: int = F(1, "micro-steps per optimizer step", ge=1)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = F(
+        "auto", "autocast precision; auto = what `accelerate launch` / its config says"
+    )
+    seed: int = F(0, "seed for weights init and posterior sampling")
+    ema_decay: float = F(0.0, "EMA of weights per optimizer step (0 = off; 0.999 typical)", ge=0.0, le=1.0)
+    max_nonfinite: int = F(10, "consecutive non-finite losses before the run stops", ge=1)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = F(500, "save every N optimizer steps (0 = only at the end and on signals)", ge=0)
+    keep_last: int = F(3, "complete checkpoints kept (older ones pruned after a new one is complete)", ge=1)
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = F(10, "scalars to TensorBoard and the text log every N steps", ge=1)
+    images_every_steps: int = F(200, "image grids every N steps (0 = only at the end)", ge=0)
+    num_images: int = F(8, "images per grid row", ge=1)
+    progress: bool = F(True, "progress bar on rank 0")
+
+
+@dataclass
+class RunConfig:
+    dir: str = F("runs/default", "run folder: config.yaml, tb/, checkpoints/, latest, samples/, train.log")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks (single fields are checked while loading)."""
+        if not self.data.train:
+            raise ConfigError("data.train: missing; give a shard pattern, a folder of shards or a list")
+        if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
+            raise ConfigError(f"optim.betas: need two numbers in [0, 1); got {self.optim.betas}")
+        if not self.model.ch_mult or any(m < 1 for m in self.model.ch_mult):
+            raise ConfigError(f"model.ch_mult: need a non-empty list of positive integers; got {self.model.ch_mult}")
+        factor = 2 ** (len(self.model.ch_mult) - 1)
+        if self.data.image_size % factor:
+            raise ConfigError(
+                f"data.image_size: {self.data.image_size} is not divisible by {factor}, "
+                f"the downsampling factor of model.ch_mult={self.model.ch_mult}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML composition, overrides, type checks
+# ---------------------------------------------------------------------------------------------
+
+
+class _Override(str):
+    """A value typed on the command line: parsed according to the field's type, not by YAML alone."""
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: config files include each other ({' -> '.join(str(p) for p in seen + (path,))})")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(raw).__name__}")
+    bases = raw.pop("base", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        _deep_merge(merged, _read_yaml(path.parent / base, seen + (path,)))
+    return _deep_merge(merged, raw)
+
+
+def _deep_merge(into: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+    return into
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"{item}: an override must look like key.sub=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{item}: an override must look like key.sub=value")
+    node = raw
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = _Override(value)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Turn a YAML or command-line value into `tp`, or raise a one-line ConfigError."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, _Override):
+        text = str(value)
+        if tp is str or (origin is Literal and all(isinstance(a, str) for a in typing.get_args(tp))):
+            return _coerce(text, tp, path)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        if origin in (Union, types.UnionType) and str in typing.get_args(tp):
+            # A string option takes the text as typed (a brace pattern is not a YAML mapping).
+            for option in typing.get_args(tp):
+                if option is not str:
+                    try:
+                        return _coerce(value, option, path)
+                    except ConfigError:
+                        pass
+            return text
+    bad = ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, path)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    raise TypeError(f"config field {path} has an unsupported type {tp}")
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}: unknown key; {hint}allowed: {', '.join(fields)}")
+        value = _coerce(value, hints[key], where)
+        meta = fields[key].metadata
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            for bound, ok, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"), ("le", lambda v, b: v <= b, "<=")):
+                b = meta.get(bound)
+                if b is not None and not ok(value, b):
+                    raise ConfigError(f"{where}: {value} is out of range; must be {text} {b}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Compose YAML `files` (in order), apply `key.sub=value` overrides, type-check, validate."""
+    raw: dict = {}
+    for f in files:
+        _deep_merge(raw, _read_yaml(Path(f)))
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(raw: dict) -> Config:
+    """Rebuild a Config from a dict written by `to_dict` (a run folder's or checkpoint's config)."""
+    cfg = _build(Config, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def section_hash(section: Any) -> str:
+    """A short stable hash of one config section (the model's, to refuse mismatched resumes)."""
+    blob = json.dumps(dataclasses.asdict(section), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per field: `key.path (type) = default  # help`, for --help-config."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe(hints[f.name], f"{key}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{key} ({_type_name(hints[f.name])}) = {default!r}  # {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,63 @@
+"""The index file every shard set carries: `<out>/index.json`.
+
+This is a contract between the builders in `shards/` and the training pipeline in `harness/`:
+
+    {
+      "format": "vae-harness-shards/1",
+      "source": {"kind": "demo" | "folder" | "imagenet" | "coco", "path": "...", ...},
+      "num_samples": 1234,                       # total over all shards
+      "shards": [{"name": "000000.tar", "num_samples": 100, "bytes": 123456}, ...],
+      "classes": ["n01440764", ...],             # names for the `cls` index ([] = unlabelled)
+      "label_names": ["person", ...],            # names for multi-hot `json.labels` ([] = none)
+      "image_policy": "original" | "max_side=256,quality=90",
+      "created": "2026-11-23T10:00:00Z"
+    }
+
+Shards are `<out>/000000.tar, 000001.tar, ...`; a sample holds `__key__`, the image as
+`jpg`/`jpeg`/`png`/`webp`, optional `cls` (decimal class index as text), optional `json`
+(`labels`: multi-hot indices into `label_names`, captions, size, source id) and optional `txt`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+INDEX_NAME = "index.json"
+FORMAT = "vae-harness-shards/1"
+
+
+def write_index(out: str | Path, *, source: dict, shards: list[dict], classes: list[str] = (),
+                label_names: list[str] = (), image_policy: str = "original") -> dict:
+    """Write `out/index.json` atomically (temporary file + rename) and return it."""
+    index = {
+        "format": FORMAT,
+        "source": source,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "shards": shards,
+        "classes": list(classes),
+        "label_names": list(label_names),
+        "image_policy": image_policy,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = Path(out) / INDEX_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, path)
+    return index
+
+
+def read_index(folder: str | Path) -> dict | None:
+    """The index of a shard folder, or None when it has none. A malformed index is an error."""
+    path = Path(folder) / INDEX_NAME
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if index.get("format") != FORMAT or not isinstance(index.get("shards"), list):
+        raise ValueError(f"{path}: not a {FORMAT} index (format={index.get('format')!r})")
+    return index
