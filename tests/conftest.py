@@ -1,0 +1,29 @@
+"""Shared fixtures. Tests import this checkout (not an installed copy) and make their own data."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Keep CPU tests predictable on small CI machines.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    if not has_gpu():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
