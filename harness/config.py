@@ -104,6 +104,7 @@ class TrainConfig:
     seed: int = F(0, "seed for weights init and posterior sampling")
     ema_decay: float = F(0.0, "EMA of weights per optimizer step (0 = off; 0.999 typical)", ge=0.0, le=1.0)
     max_nonfinite: int = F(10, "consecutive non-finite losses before the run stops", ge=1)
+    stop_after_steps: int = F(0, "end this invocation (with a checkpoint) after N steps, for time-sliced jobs (0 = off)", ge=0)
 
 
 @dataclass
@@ -273,6 +274,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

@@ -1,0 +1,66 @@
+"""TensorBoard scalars and image grids (main process only), and PNG grids in samples/.
+
+No torchvision here: a grid is one einops pattern over a padded batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image
+
+
+def make_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
+    """Rows of `b c h w` images in [-1, 1] (equal b) -> one `c H W` grid in [0, 1]."""
+    x = torch.stack([r.detach().float().cpu() for r in rows])  # r b c h w
+    x = ((x.clamp(-1, 1) + 1) / 2)
+    x = F.pad(x, (pad, pad, pad, pad), value=1.0)
+    return rearrange(x, "r b c h w -> c (r h) (b w)")
+
+
+def save_png(grid: torch.Tensor, path: Path) -> None:
+    arr = (rearrange(grid, "c h w -> h w c").numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(path)
+
+
+class Tracker:
+    """A SummaryWriter on the main process; every method is a no-op elsewhere."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.samples_dir = Path(run_dir) / "samples"
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.samples_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def grid(self, tag: str, rows: list[torch.Tensor], step: int) -> None:
+        if not self.writer:
+            return
+        grid = make_grid(rows)
+        self.writer.add_image(tag, grid, step)
+        save_png(grid, self.samples_dir / f"{tag.replace('/', '_')}_step{step:07d}.png")
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+            self.writer = None

@@ -1,0 +1,350 @@
+"""The training loop: steps, not epochs.
+
+Each step reads top to bottom: next batch -> forward/backward (accumulate) -> clip -> step ->
+EMA -> log -> images -> checkpoint -> stop check. Everything that changes during training is
+checkpointed state (model, optimizer, scheduler, scaler, EMA, RNG via accelerate; step, samples
+seen, data seed, config hash in trainer_state.json), so `--resume latest` continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from harness import checkpoint as ckpt
+from harness.config import Config, ConfigError, section_hash, to_dict
+from harness.data import TrainLoader, fixed_batch, to_model_input
+from harness.dist import RankLogger, world
+from harness.ema import EMA
+from harness.losses import AutoencoderLoss, psnr
+from harness.signals import EXIT_PREEMPTED, StopFlag
+from harness.tracking import Tracker
+from models import NoPriorError, build_model
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many non-finite losses, too many bad samples): one line why."""
+
+
+def lr_lambda(cfg) -> callable:
+    """Linear warmup to 1, then cosine to `min_lr_ratio` (or constant), as a LambdaLR factor."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
+    cosine = cfg.optim.schedule == "cosine"
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        mixed = None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
+        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mixed)
+        self.world = world()  # from torch.distributed, now that accelerate has set it up
+        self.device = self.accelerator.device
+        self.log = RankLogger(self.world.is_main, self.run_dir / "train.log")
+        self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.accelerator, self.world.is_main)
+
+        # Where do we start? Decided before anything is written into the run folder.
+        self.resume_from = ckpt.resolve(self.run_dir, resume)
+        if resume is None and ckpt.list_checkpoints(self.run_dir):
+            raise ckpt.ResumeError(f"run.dir {self.run_dir} already has checkpoints: pass --resume latest to continue "
+                                   f"it, or choose another run.dir")
+        self.model_hash = section_hash(cfg.model)
+        if self.resume_from is not None:
+            self._check_resumable(self.resume_from)
+
+        set_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.loss_fn = AutoencoderLoss(cfg.loss).to(self.device)
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        # The scheduler stays outside prepare(): accelerate would step it once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            self.ema = EMA(self.accelerator.unwrap_model(self.model), cfg.train.ema_decay)
+            self.accelerator.register_for_checkpointing(self.ema)
+
+        self.loader = TrainLoader(cfg.data, rank=self.world.rank, world_size=self.world.world_size,
+                                  batch_size=cfg.train.batch_size, pin_memory=self.device.type == "cuda")
+        self.cond_key = {"class": "cls", "multilabel": "labels"}.get(getattr(model, "condition", None))
+        self._check_data_fits_model()
+
+        self.step = 0
+        self.samples_seen = 0
+        self.nonfinite_in_a_row = 0
+        self.totals = defaultdict(float)  # nonfinite_steps, bad_samples over the whole run
+        if self.resume_from is not None:
+            self.accelerator.load_state(str(self.resume_from))
+            state = ckpt.read_state(self.resume_from)
+            self.step, self.samples_seen = state["step"], state["samples_seen"]
+            self.totals.update(state.get("totals", {}))
+            self._warn_if_data_differs(state)
+        else:
+            set_seed(cfg.train.seed + self.world.rank)  # posterior noise differs per rank
+        self.ckpt.clean_stale()
+
+        self.tracker = Tracker(self.run_dir, self.world.is_main)
+        self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        if self.world.is_main:
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            self.tracker.text("config", f"```\n{self.config_yaml}\n```")
+        self.grid_batch = fixed_batch(cfg.data.val or cfg.data.train, cfg.log.num_images, cfg.data.image_size)
+        self.log.info(
+            f"{'resuming from ' + str(self.resume_from) if self.resume_from else 'starting'} at step {self.step}/"
+            f"{cfg.train.max_steps}: {self.num_params / 1e6:.2f}M parameters, {self.world.world_size} process(es) "
+            f"({self.accelerator.distributed_type.value}, {self.accelerator.mixed_precision}), "
+            f"{self.loader.info.num_samples} samples in {self.loader.info.num_shards} shard(s), "
+            f"{self.loader.batches_per_epoch} batches/epoch/rank, run folder {self.run_dir}"
+        )
+        if self.loader.sample_split:
+            self.log.info(f"note: fewer shards than ranks ({self.loader.info.num_shards} < {self.world.world_size}): "
+                          "every rank reads all shards and keeps 1/world_size of the samples; make more shards")
+
+    # ----------------------------------------------------------------------------------------- checks
+
+    def _check_resumable(self, path: Path) -> None:
+        state = ckpt.read_state(path)
+        if state.get("model_hash") != self.model_hash:
+            saved = yaml.safe_load((path / ckpt.CONFIG_NAME).read_text()).get("model", {})
+            now = to_dict(self.cfg.model)
+            diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+            raise ckpt.ResumeError(f"cannot resume {path}: the model config differs ({'; '.join(diff) or 'hash mismatch'})")
+
+    def _warn_if_data_differs(self, state: dict) -> None:
+        now = self._data_layout()
+        then = state.get("data_layout", {})
+        changed = [f"{k} {then.get(k)} -> {v}" for k, v in now.items() if then.get(k) != v]
+        if changed:
+            self.log.info(f"note: data layout changed since the checkpoint ({', '.join(changed)}): training goes on "
+                          "with a deterministic but different sample order than an uninterrupted run")
+
+    def _check_data_fits_model(self) -> None:
+        if self.cond_key == "cls" and not self.loader.info.classes:
+            raise ConfigError("model.condition: class conditioning needs shards with class labels (index.json classes)")
+        if self.cond_key == "labels" and not self.loader.info.label_names:
+            raise ConfigError("model.condition: multilabel conditioning needs shards with json labels (index.json label_names)")
+
+    def _data_layout(self) -> dict:
+        c = self.cfg
+        return {"world_size": self.world.world_size, "batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum,
+                "num_workers": c.data.num_workers, "seed": c.data.seed, "batches_per_epoch": self.loader.batches_per_epoch}
+
+    # ----------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "data_seed": self.cfg.data.seed,
+            "data_layout": self._data_layout(),
+            "model_hash": self.model_hash,
+            "totals": dict(self.totals),
+            "time": time.time(),
+        }
+
+    def save(self) -> None:
+        t0 = time.perf_counter()
+        path = self.ckpt.save(self.step, self.state_dict(), self.config_yaml)
+        self.log.info(f"checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
+
+    # ----------------------------------------------------------------------------------------- loop
+
+    def _condition(self, batch: dict):
+        return batch[self.cond_key].to(self.device, non_blocking=True) if self.cond_key else None
+
+    def _all_ranks(self, values: list[float], op=tdist.ReduceOp.SUM) -> list[float]:
+        if self.world.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def train_step(self, batches, stop: StopFlag, acc: dict) -> bool:
+        """One optimizer step over `grad_accum` micro-batches. Returns whether any rank asked to stop."""
+        cfg = self.cfg
+        skip, stop_now = False, False
+        for _ in range(cfg.train.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            acc["data_wait"] += time.perf_counter() - t0
+            acc["bad"] += batch["bad"]
+            if batch["bad"]:
+                acc["bad_error"] = batch["bad_error"]
+            x = to_model_input(batch["image"], self.device)
+            with self.accelerator.accumulate(self.model):
+                out = self.model(x, cond=self._condition(batch))
+                losses = self.loss_fn(x, out)
+                # Every rank must take the same branch (a skipped backward on one rank would hang
+                # the others in the gradient all-reduce), so finiteness and stop requests are agreed.
+                nonfinite, stop_any = self._all_ranks([float(not torch.isfinite(losses.total)), float(stop.requested)])
+                skip |= nonfinite > 0
+                stop_now |= stop_any > 0
+                if not skip:
+                    self.accelerator.backward(losses.total)
+                    if self.accelerator.sync_gradients:
+                        clip = cfg.optim.grad_clip or float("inf")
+                        acc["grad_norm"] += float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
+                        self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k, v in losses.terms.items():
+                acc[f"loss/{k}"] += v.detach()
+            acc["loss/total"] += losses.total.detach()
+            for k, v in out.metrics.items():
+                acc[f"model/{k}"] += v.detach().float()
+            acc["micro"] += 1
+        if skip:
+            self.nonfinite_in_a_row += 1
+            self.totals["nonfinite_steps"] += 1
+            self.log.info(f"step {self.step + 1}: non-finite loss, step skipped ({self.nonfinite_in_a_row} in a row)")
+            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                raise TrainingError(f"loss was not finite for {self.nonfinite_in_a_row} steps in a row "
+                                    "(train.max_nonfinite): lower optim.lr, enable optim.grad_clip or check the data")
+        else:
+            self.nonfinite_in_a_row = 0
+            acc["steps_taken"] += 1
+            if self.ema is not None:
+                self.ema.update(self.accelerator.unwrap_model(self.model))
+        self.scheduler.step()
+        return stop_now
+
+    def train(self) -> int:
+        """Run to `train.max_steps`; returns the process exit code (EXIT_PREEMPTED after a signal)."""
+        cfg = self.cfg
+        stop = StopFlag().install()
+        batches = self.loader.batches(self.step * cfg.train.grad_accum)
+        global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world.world_size
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.world.is_main and cfg.log.progress),
+                   dynamic_ncols=True, desc="train")
+        acc, t_log, exit_code, saved_at, first_step = defaultdict(float), time.perf_counter(), 0, self.step, self.step
+        self.model.train()
+        try:
+            while self.step < cfg.train.max_steps:
+                stop_now = self.train_step(batches, stop, acc)
+                self.step += 1
+                self.samples_seen += global_batch
+                bar.update(1)
+                if self.step % cfg.log.every_steps == 0 or stop_now or self.step == cfg.train.max_steps:
+                    self._log_scalars(acc, time.perf_counter() - t_log, global_batch, bar)
+                    acc, t_log = defaultdict(float), time.perf_counter()
+                if cfg.log.images_every_steps and self.step % cfg.log.images_every_steps == 0:
+                    self.log_images()
+                every = cfg.checkpoint.every_steps
+                if (every and self.step % every == 0) or stop_now:
+                    self.save()
+                    saved_at = self.step
+                if stop_now:
+                    self.log.info(f"stop requested by signal: checkpoint at step {self.step} saved, exiting with {EXIT_PREEMPTED}")
+                    exit_code = EXIT_PREEMPTED
+                    break
+                if cfg.train.stop_after_steps and self.step - first_step >= cfg.train.stop_after_steps:
+                    if saved_at != self.step:
+                        self.save()
+                    self.log.info(f"train.stop_after_steps={cfg.train.stop_after_steps} reached at step {self.step}")
+                    break
+            else:
+                if saved_at != self.step:
+                    self.save()
+                if not (cfg.log.images_every_steps and self.step % cfg.log.images_every_steps == 0):
+                    self.log_images()
+                self.log.info(f"done: {self.step} steps, {self.samples_seen} samples; "
+                              f"tensorboard --logdir {self.run_dir / 'tb'}")
+        finally:
+            stop.restore()
+            bar.close()
+            self.tracker.close()
+        return exit_code
+
+    # ----------------------------------------------------------------------------------------- logging
+
+    def _log_scalars(self, acc: dict, elapsed: float, global_batch: int, bar) -> None:
+        micro = max(acc["micro"], 1)
+        names = sorted(k for k in acc if k.startswith(("loss/", "model/")))
+        local = [float(acc[k]) / micro for k in names]
+        steps = micro / self.cfg.train.grad_accum
+        # One all-reduce for everything: means of the terms, sums of the counts.
+        reduced = self._all_ranks(local + [acc["bad"], acc["data_wait"], acc["grad_norm"], acc["steps_taken"]])
+        n = self.world.world_size
+        values = {k: v / n for k, v in zip(names, reduced[: len(names)])}
+        bad, wait, grad_norm, taken = reduced[len(names):]
+        self.totals["bad_samples"] += bad
+        values.update({
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm / max(taken, 1),
+            "train/images_per_s": global_batch * steps / max(elapsed, 1e-9),
+            "train/data_wait_share": wait / n / max(elapsed, 1e-9),
+            "train/bad_samples": self.totals["bad_samples"],
+            "train/nonfinite_steps": self.totals["nonfinite_steps"],
+            "train/samples_seen": self.samples_seen,
+            "train/epoch": self.step * self.cfg.train.grad_accum / self.loader.batches_per_epoch,
+            "system/peak_memory_gib": _peak_memory_gib(self.device),
+        })
+        self.tracker.scalars(values, self.step)
+        loss = values.get("loss/total", float("nan"))
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{values['train/images_per_s']:.0f}", refresh=False)
+        self.log.file_only(f"step {self.step} " + " ".join(f"{k}={v:.5g}" for k, v in values.items()))
+        if bad:
+            self.log.info(f"{int(bad)} bad samples skipped in the last {self.cfg.log.every_steps} steps "
+                          f"({self.totals['bad_samples']:.0f} in total); last: {acc.get('bad_error', '?')}")
+        self._check_bad_share()
+
+    def _check_bad_share(self) -> None:
+        bad = self.totals["bad_samples"]
+        good = self.samples_seen
+        d = self.cfg.data
+        if bad > d.min_bad_samples and bad / (bad + good) > d.max_bad_fraction:
+            raise TrainingError(f"{bad:.0f} bad samples out of {bad + good:.0f} read exceed data.max_bad_fraction="
+                                f"{d.max_bad_fraction}: check the shards with `python -m shards verify`")
+
+    @torch.no_grad()
+    def log_images(self) -> None:
+        """Inputs above reconstructions, and prior samples. Runs on every rank (under ZeRO-3 a
+        forward gathers parameters collectively); only the main process writes."""
+        if self.grid_batch is None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        n = self.cfg.log.num_images
+        x = to_model_input(self.grid_batch["image"], self.device)
+        cond = self._condition(self.grid_batch)
+        with self.accelerator.autocast():
+            recon = model(x, cond=cond, sample_posterior=False).recon
+            self.tracker.grid("reconstruction", [x, recon], self.step)
+            self.tracker.scalars({"eval/grid_psnr": float(psnr(x, recon))}, self.step)
+            try:
+                g = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
+                samples = model.sample(n, self.cfg.data.image_size, cond=cond[:n] if cond is not None else None, generator=g)
+                self.tracker.grid("prior_samples", [samples], self.step)
+            except NoPriorError:
+                pass
+        self.tracker.flush()
+        model.train(was_training)

@@ -1,0 +1,87 @@
+"""Train an autoencoder. The same command runs on one CPU, one GPU, many GPUs and many nodes:
+only the accelerate config changes.
+
+    # one process (CPU or one GPU)
+    python launch/train.py --config launch/configs/demo.yaml run.dir=runs/demo
+    # two CPU processes (gloo)
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 launch/train.py --config launch/configs/demo.yaml
+    # 8 GPUs, DDP or DeepSpeed ZeRO
+    accelerate launch --config_file launch/accelerate/multi_gpu.yaml launch/train.py --config launch/configs/kl_f8.yaml
+    # SLURM, many nodes, requeued on preemption
+    sbatch launch/slurm/train.sbatch
+
+Options: `--config FILE` (repeatable; later files override earlier ones), `key.sub=value` overrides,
+`--resume latest|PATH`, `--help-config` (every key with its default and meaning).
+Exit codes: 0 done, 2 bad config or input, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from harness.checkpoint import ResumeError  # noqa: E402
+from harness.config import ConfigError, describe, load_config  # noqa: E402
+from harness.data import DataSourceError  # noqa: E402
+from harness.dist import DistEnvError  # noqa: E402
+
+USER_ERRORS = (ConfigError, DataSourceError, ResumeError, DistEnvError)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
+    p.add_argument("--resume", default=None, metavar="latest|PATH", help="continue from the newest or a given checkpoint")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
+    p.add_argument("--multi_gpu", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return p.parse_args(argv)
+
+
+def _say(msg: str) -> None:
+    """User errors are printed once (by rank 0), as one line, without a traceback."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    if args.multi_gpu and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _say("note: --multi_gpu is an `accelerate launch` option; put it before the script "
+             "(accelerate launch --multi_gpu launch/train.py ...). Running one process.")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        _say(f"config error: {e}")
+        return 2
+
+    from harness.trainer import Trainer, TrainingError  # heavy imports after the config is known good
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        return trainer.train()
+    except USER_ERRORS as e:
+        _say(f"error: {e}")
+        return 2
+    except TrainingError as e:
+        _say(f"training stopped: {e}")
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.log.close()
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
