@@ -24,12 +24,24 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 STATE_NAME = "trainer_state.json"
 CONFIG_NAME = "config.yaml"
 LATEST_NAME = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# Crash tests set this to "<stage>:<seconds>" to hold a save at one stage while they kill the
+# process: stages are "written" (files in .tmp, not renamed), "renamed" (before `latest`), "pruning".
+_PAUSE_ENV = "HARNESS_CRASH_TEST_PAUSE"
+
+
+def _pause(stage: str) -> None:
+    spec = os.environ.get(_PAUSE_ENV, "")
+    if spec.partition(":")[0] == stage:
+        time.sleep(float(spec.partition(":")[2] or 1))
 
 
 class ResumeError(RuntimeError):
@@ -141,12 +153,14 @@ class CheckpointManager:
             (tmp / CONFIG_NAME).write_text(config_yaml)
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
             _fsync_tree(tmp)
+            _pause("written")
             if final.exists():  # re-saving a step (resumed from an older checkpoint): swap out the old one
                 trash = self.root / f".trash-step_{step}"
                 shutil.rmtree(trash, ignore_errors=True)
                 os.rename(final, trash)
             os.rename(tmp, final)
             _fsync_dir(self.root)
+            _pause("renamed")
             _write_atomic(self.run_dir / LATEST_NAME, f"checkpoints/{final.name}\n")
             self._prune(keep=final)
         self.accelerator.wait_for_everyone()
@@ -158,4 +172,5 @@ class CheckpointManager:
         for p in old:
             trash = self.root / f".trash-{p.name}"
             os.rename(p, trash)
+            _pause("pruning")
             shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Checkpoint resolution and atomic save order (unit level; crash tests are in test_train.py)."""
+
+import pytest
+
+from harness import checkpoint as ckpt
+
+
+class FakeAccelerator:
+    """Stands in for accelerate: save_state writes one file per 'rank'."""
+
+    def __init__(self):
+        self.saves = []
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        from pathlib import Path
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"weights")
+        self.saves.append(path)
+
+
+def make(run, step, complete=True):
+    p = run / "checkpoints" / f"step_{step}"
+    p.mkdir(parents=True)
+    if complete:
+        (p / ckpt.STATE_NAME).write_text('{"step": %d}' % step)
+    return p
+
+
+def test_resolve_latest_pointer_and_fallbacks(tmp_path):
+    assert ckpt.resolve(tmp_path, "latest") is None  # nothing yet: a fresh start (requeued job before 1st save)
+    assert ckpt.resolve(tmp_path, None) is None
+    make(tmp_path, 10)
+    s20 = make(tmp_path, 20)
+    make(tmp_path, 30, complete=False)  # never complete folders are ignored
+    assert ckpt.resolve(tmp_path, "latest") == s20  # no pointer: newest complete
+    (tmp_path / "latest").write_text("checkpoints/step_10\n")
+    assert ckpt.resolve(tmp_path, "latest").name == "step_10"  # the pointer wins
+    (tmp_path / "latest").write_text("checkpoints/step_99\n")
+    assert ckpt.resolve(tmp_path, "latest") == s20  # a dangling pointer falls back
+    assert ckpt.resolve(tmp_path, str(s20)) == s20
+    with pytest.raises(ckpt.ResumeError, match="not a complete checkpoint"):
+        ckpt.resolve(tmp_path, str(tmp_path / "checkpoints" / "step_30"))
+    with pytest.raises(ckpt.ResumeError, match="no such checkpoint"):
+        ckpt.resolve(tmp_path, str(tmp_path / "nope"))
+
+
+def test_save_renames_points_latest_and_prunes(tmp_path):
+    acc = FakeAccelerator()
+    m = ckpt.CheckpointManager(tmp_path, keep_last=2, accelerator=acc, is_main=True)
+    for step in (1, 2, 3):
+        m.save(step, {"step": step}, "model: {}\n")
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_2", "step_3"]  # pruned to keep_last, no .tmp or .trash left
+    assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_3"
+    assert acc.saves[-1].endswith(".tmp-step_3")  # accelerate wrote under the temporary name
+    assert ckpt.read_state(ckpt.resolve(tmp_path, "latest")) == {"step": 3}
+    assert (tmp_path / "checkpoints/step_3/config.yaml").read_text() == "model: {}\n"
+
+
+def test_resaving_a_step_replaces_it(tmp_path):
+    m = ckpt.CheckpointManager(tmp_path, keep_last=3, accelerator=FakeAccelerator(), is_main=True)
+    m.save(5, {"step": 5, "v": 1}, "")
+    m.save(5, {"step": 5, "v": 2}, "")
+    assert ckpt.read_state(tmp_path / "checkpoints/step_5")["v"] == 2
+
+
+def test_clean_stale_removes_partial_saves(tmp_path):
+    make(tmp_path, 1)
+    (tmp_path / "checkpoints/.tmp-step_2").mkdir()
+    (tmp_path / "checkpoints/.trash-step_0").mkdir()
+    ckpt.CheckpointManager(tmp_path, 3, FakeAccelerator(), True).clean_stale()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1"]

@@ -1,0 +1,69 @@
+"""Config: composition, precedence, and one-line errors with exit code 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.config import ConfigError, describe, from_dict, load_config, to_dict
+from launch.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_yaml_composes_and_cli_wins(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  max_steps: 7\n  batch_size: 3\nmodel:\n  ch: 64\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\ntrain:\n  batch_size: 5\noptim:\n  lr: 2e-4\n")
+    cfg = load_config([tmp_path / "top.yaml"], ["data.train=x/{0..3}.tar", "train.max_steps=9"])
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.model.ch) == (9, 5, 64)
+    assert cfg.optim.lr == pytest.approx(2e-4)  # "2e-4" is a string to PyYAML; the schema makes it a float
+    assert cfg.data.train == "x/{0..3}.tar"  # a brace pattern stays a string
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.max_stepz=3", "train.max_stepz: unknown key; did you mean 'max_steps'?"),
+        ("train.max_steps=abc", "train.max_steps: expected int, got 'abc'"),
+        ("model.attn_type=fancy", "model.attn_type: 'fancy' is not allowed; choose one of 'vanilla' | 'linear' | 'none'"),
+        ("train.batch_size=0", "train.batch_size: 0 is out of range; must be >= 1"),
+        ("data.image_size=30", "data.image_size: 30 is not divisible by 8"),
+        ("trainn.max_steps=3", "trainn: unknown key; did you mean 'train'?"),
+        ("model.ch_mult=[1,x]", "model.ch_mult[1]: expected int"),
+    ],
+)
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config([], ["data.train=x.tar", override])
+    assert str(e.value).startswith(expected)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config([tmp_path / "nope.yaml"])
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config([tmp_path / "bad.yaml"])
+
+
+def test_main_exits_2_with_one_line(capsys):
+    assert main(["data.train=x.tar", "train.max_stepz=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("config error: train.max_stepz: unknown key")
+
+
+def test_cli_process_exit_code_and_no_traceback():
+    r = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "data.train=x.tar", "optim.lr=fast"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip() == "config error: optim.lr: expected float, got 'fast' (str)"
+
+
+def test_every_field_is_documented():
+    lines = describe()
+    assert any(line.startswith("train.max_steps (int) = 1000") for line in lines)
+    assert all(line.split("# ", 1)[1].strip() for line in lines), "a config field has no help line"

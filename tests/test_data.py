@@ -1,0 +1,140 @@
+"""The WebDataset pipeline: shapes, labels, rank split, replay for resume, bad samples."""
+
+import io
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from harness.config import DataConfig
+from harness.data import TrainLoader, load_image, to_model_input, to_rgb
+from harness.sources import DataSourceError, resolve_sources
+from shardgen import image_bytes, make_shards
+from shards.index import write_index
+
+
+def keys_of(loader, n, start=0):
+    it = loader.batches(start)
+    return [next(it)["key"] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), num_samples=96, per_shard=12, size=40, num_classes=4)
+
+
+def cfg(path, **kw):
+    base = dict(train=str(path), image_size=32, num_workers=0, shuffle_buffer=16)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def test_batches_have_shapes_labels_and_counts(shards):
+    loader = TrainLoader(cfg(shards), rank=0, world_size=1, batch_size=6)
+    assert loader.info.num_samples == 96 and loader.info.classes == ["c0", "c1", "c2", "c3"]
+    assert loader.batches_per_epoch == 96 // 6
+    batch = next(loader.batches())
+    assert batch["image"].shape == (6, 32, 32, 3) and batch["image"].dtype.is_floating_point is False
+    # the label is the one written with the key (key s00007 -> class 7 % 4)
+    assert [int(k[1:]) % 4 for k in batch["key"]] == batch["cls"].tolist()
+    x = to_model_input(batch["image"], "cpu")
+    assert x.shape == (6, 3, 32, 32) and -1.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_see_disjoint_samples(shards, workers):
+    seen = []
+    for rank in range(2):
+        loader = TrainLoader(cfg(shards, num_workers=workers), rank=rank, world_size=2, batch_size=4)
+        seen.append({k for batch in keys_of(loader, 10) for k in batch})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_fewer_shards_than_ranks_splits_samples(tmp_path):
+    one = make_shards(tmp_path / "one", num_samples=24, per_shard=24)
+    seen = []
+    for rank in range(2):
+        loader = TrainLoader(cfg(one, shuffle_buffer=0), rank=rank, world_size=2, batch_size=4)
+        assert loader.sample_split
+        seen.append({k for batch in keys_of(loader, 3) for k in batch})
+    assert len(seen[0]) == len(seen[1]) == 12 and not seen[0] & seen[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_replay_from_any_batch_matches_uninterrupted_stream(shards, workers):
+    c = cfg(shards, num_workers=workers)
+    straight = keys_of(TrainLoader(c, rank=0, world_size=1, batch_size=5), 25)  # crosses an epoch (19 batches)
+    for start in (3, 7, 19, 20):
+        resumed = keys_of(TrainLoader(c, rank=0, world_size=1, batch_size=5), 25 - start, start=start)
+        assert resumed == straight[start:], f"replay from batch {start} differs"
+
+
+def test_seed_changes_the_stream(shards):
+    a = keys_of(TrainLoader(cfg(shards, seed=1), rank=0, world_size=1, batch_size=4), 3)
+    b = keys_of(TrainLoader(cfg(shards, seed=2), rank=0, world_size=1, batch_size=4), 3)
+    assert a != b
+
+
+def test_corrupt_image_and_truncated_tar_are_skipped_and_counted(tmp_path):
+    out = tmp_path / "bad"
+    out.mkdir()
+    with wds.TarWriter(str(out / "000000.tar")) as w:
+        for i in range(10):
+            data = image_bytes(i) if i != 3 else b"\xff\xd8\xff\xe0 this is not a jpeg"
+            w.write({"__key__": f"a{i}", "jpg": data, "cls": "0"})
+        w.write({"__key__": "noimage", "txt": "a caption without an image"})
+    with wds.TarWriter(str(out / "000001.tar")) as w:
+        for i in range(10):
+            w.write({"__key__": f"b{i}", "jpg": image_bytes(100 + i), "cls": "1"})
+    full = (out / "000001.tar").read_bytes()
+    (out / "000001.tar").write_bytes(full[: len(full) // 2])  # truncated mid-file
+    write_index(out, source={"kind": "test"}, shards=[{"name": "000000.tar", "num_samples": 11},
+                                                      {"name": "000001.tar", "num_samples": 10}])
+    loader = TrainLoader(cfg(out, shuffle_buffer=0), rank=0, world_size=1, batch_size=4)
+    it = loader.batches()
+    batches = [next(it) for _ in range(12)]
+    keys = {k for b in batches for k in b["key"]}
+    assert "a3" not in keys and "noimage" not in keys
+    assert any(k.startswith("b") for k in keys)  # the readable half of the truncated shard is used
+    assert sum(b["bad"] for b in batches) >= 3  # the bad jpeg, the sample without an image, the truncation
+    assert any("a3" in b["bad_error"] or "noimage" in b["bad_error"] or "Error" in b["bad_error"] for b in batches)
+
+
+def test_programming_errors_are_not_swallowed(shards, monkeypatch):
+    import harness.data as data
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not bad data")
+
+    monkeypatch.setattr(data, "load_image", broken)
+    loader = TrainLoader(cfg(shards), rank=0, world_size=1, batch_size=4)
+    with pytest.raises(TypeError, match="a bug"):
+        next(loader.batches())
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "I;16", "LA"])
+def test_any_mode_becomes_rgb(mode):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8), "RGB")
+    img = img.convert("I;16") if mode == "I;16" else img.convert(mode)
+    assert to_rgb(img).mode == "RGB"
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if mode != "CMYK" else "JPEG")
+    arr = load_image(buf.getvalue(), 16, "center", False, None)
+    assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
+
+
+def test_missing_sources_are_one_line_errors(tmp_path):
+    with pytest.raises(DataSourceError, match="do not exist"):
+        resolve_sources(str(tmp_path / "{000000..000003}.tar"))
+    with pytest.raises(DataSourceError, match="not a folder of shards"):
+        resolve_sources(str(tmp_path / "nothing-here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataSourceError, match="no .tar shards"):
+        resolve_sources(str(tmp_path / "empty"))
+
+
+def test_epoch_smaller_than_a_batch_is_refused(shards):
+    with pytest.raises(DataSourceError, match="less than one batch"):
+        TrainLoader(cfg(shards, epoch_samples=10), rank=0, world_size=2, batch_size=8)
+

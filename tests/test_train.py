@@ -1,0 +1,213 @@
+"""The training loop end to end, on CPU, through `main([...])` and real subprocesses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness import checkpoint as ckpt
+from launch.train import main
+from shardgen import make_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = """
+model: {ch: 16, ch_mult: [1, 2], num_res_blocks: 1, norm_groups: 8, z_channels: 4, embed_dim: 4, attn_type: none}
+data: {image_size: 32, num_workers: 0, shuffle_buffer: 32}
+train: {batch_size: 4, max_steps: 12}
+optim: {lr: 2.0e-3, warmup_steps: 2}
+log: {every_steps: 2, images_every_steps: 6, num_images: 4, progress: false}
+checkpoint: {every_steps: 6, keep_last: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), num_samples=96, per_shard=12, size=40)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def args(config, shards, run, *extra):
+    return ["--config", str(config), f"data.train={shards}", f"run.dir={run}", *extra]
+
+
+def logged(run: Path, key: str) -> list[float]:
+    """Values of one scalar from the text log (`step N key=value ...` lines)."""
+    out = []
+    for line in (run / "train.log").read_text().splitlines():
+        for word in line.split():
+            if word.startswith(key + "="):
+                out.append(float(word.split("=", 1)[1]))
+    return out
+
+
+def test_end_to_end_loss_falls_and_run_folder_is_complete(config, shards, tmp_path):
+    run = tmp_path / "run"
+    assert main(args(config, shards, run, "train.max_steps=60", "checkpoint.every_steps=30", "log.images_every_steps=30")) == 0
+    recon = logged(run, "loss/recon")
+    assert len(recon) == 30
+    assert sum(recon[-5:]) / 5 < 0.6 * sum(recon[:3]) / 3, f"reconstruction loss did not fall: {recon}"
+    assert (run / "config.yaml").is_file() and list((run / "tb").glob("events.out.tfevents.*"))
+    pngs = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert "reconstruction_step0000030.png" in pngs and "prior_samples_step0000060.png" in pngs
+    assert (run / "latest").read_text().strip() == "checkpoints/step_60"
+    state = ckpt.read_state(run / "checkpoints/step_60")
+    assert state["step"] == 60 and state["samples_seen"] == 60 * 4
+    # TensorBoard has every term and the harness's own numbers
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for tag in ("loss/recon", "loss/kl", "train/lr", "train/grad_norm", "train/images_per_s",
+                "train/data_wait_share", "train/bad_samples", "system/peak_memory_gib"):
+        assert tag in tags, tag
+    assert {"reconstruction", "prior_samples"} <= set(ea.Tags()["images"])
+
+
+def test_exact_resume_is_bitwise(config, shards, tmp_path):
+    common = ["train.ema_decay=0.9", "model.dropout=0.1", "checkpoint.every_steps=0", "train.max_steps=12"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(args(config, shards, straight, *common)) == 0
+    assert main(args(config, shards, split, *common, "train.stop_after_steps=6")) == 0
+    assert ckpt.read_state(ckpt.resolve(split, "latest"))["step"] == 6
+    assert main(args(config, shards, split, *common, "--resume", "latest")) == 0
+    a, b = straight / "checkpoints/step_12", split / "checkpoints/step_12"
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
+    oa = torch.load(a / "optimizer.bin", weights_only=True)
+    ob = torch.load(b / "optimizer.bin", weights_only=True)
+    for k, v in oa["state"].items():
+        assert torch.equal(v["exp_avg_sq"], ob["state"][k]["exp_avg_sq"])
+    ema_a = torch.load(a / "custom_checkpoint_1.pkl", weights_only=True)["shadow"]
+    ema_b = torch.load(b / "custom_checkpoint_1.pkl", weights_only=True)["shadow"]
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_resume_refuses_a_different_model_and_fresh_start_refuses_used_folder(config, shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(args(config, shards, run, "train.max_steps=2")) == 0
+    capsys.readouterr()
+    assert main(args(config, shards, run, "train.max_steps=4", "model.z_channels=8", "--resume", "latest")) == 2
+    assert "model config differs (z_channels: 4 -> 8)" in capsys.readouterr().err
+    assert main(args(config, shards, run, "train.max_steps=4")) == 2
+    assert "already has checkpoints: pass --resume latest" in capsys.readouterr().err
+    # and nothing was lost
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 2
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(config, shards, tmp_path, monkeypatch, capsys):
+    from harness.losses import AutoencoderLoss
+
+    real = AutoencoderLoss.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, x, out):
+        calls["n"] += 1
+        terms = real(self, x, out)
+        if calls["n"] in (3,) or calls["n"] >= 6:
+            terms.total = terms.total * float("nan")
+        return terms
+
+    monkeypatch.setattr(AutoencoderLoss, "forward", sometimes_nan)
+    run = tmp_path / "run"
+    assert main(args(config, shards, run, "train.max_nonfinite=3", "train.max_steps=20")) == 1
+    err = capsys.readouterr().err
+    assert "loss was not finite for 3 steps in a row" in err
+    assert "step 3: non-finite loss, step skipped (1 in a row)" in err
+
+
+def test_too_many_bad_samples_stop_the_run(tmp_path, config, capsys):
+    import webdataset as wds
+
+    from shards.index import write_index
+    from shardgen import image_bytes
+
+    out = tmp_path / "bad"
+    out.mkdir()
+    with wds.TarWriter(str(out / "000000.tar")) as w:
+        for i in range(40):
+            w.write({"__key__": f"k{i}", "jpg": image_bytes(i) if i % 2 else b"garbage", "cls": "0"})
+    write_index(out, source={"kind": "test"}, shards=[{"name": "000000.tar", "num_samples": 40}])
+    run = tmp_path / "run"
+    code = main(args(config, out, run, "data.min_bad_samples=4", "data.max_bad_fraction=0.2", "train.max_steps=20"))
+    assert code == 1
+    assert "exceed data.max_bad_fraction=0.2" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Real processes: signals and kill -9
+# ------------------------------------------------------------------------------------------------
+
+
+def spawn(config, shards, run, *extra, env=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), *args(config, shards, run, *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e)
+
+
+def wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_sigusr1_checkpoints_and_exits_75_then_resume_continues(config, shards, tmp_path):
+    run = tmp_path / "run"
+    proc = spawn(config, shards, run, "train.max_steps=100000", "checkpoint.every_steps=0")
+    wait_for(lambda: (run / "train.log").is_file() and "step 4 " in (run / "train.log").read_text(), proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out
+    step = ckpt.read_state(ckpt.resolve(run, "latest"))["step"]
+    assert step >= 4 and f"checkpoint at step {step} saved" in out
+    assert main(args(config, shards, run, f"train.max_steps={step + 2}", "checkpoint.every_steps=0", "--resume", "latest")) == 0
+    assert f"resuming from {run}/checkpoints/step_{step} at step {step}/" in (run / "train.log").read_text()
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == step + 2
+
+
+@pytest.mark.parametrize("stage", ["written", "renamed", "pruning"])
+def test_kill_9_while_saving_never_loses_the_last_checkpoint(config, shards, tmp_path, stage):
+    """Hold a save at one stage (HARNESS_CRASH_TEST_PAUSE), kill -9 there, then resume."""
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    proc = spawn(config, shards, run, "train.max_steps=100000", "checkpoint.every_steps=2", "checkpoint.keep_last=1",
+                 env={"HARNESS_CRASH_TEST_PAUSE": f"{stage}:30"})
+    in_stage = {
+        "written": lambda: any((p / ckpt.STATE_NAME).exists() for p in root.glob(".tmp-step_*")),  # save 1, before rename
+        "renamed": lambda: (root / "step_2").exists() and not (run / "latest").exists(),  # save 1, before `latest`
+        "pruning": lambda: any(root.glob(".trash-step_*")),  # save 2, deleting step_2
+    }[stage]
+    wait_for(lambda: root.is_dir() and in_stage(), proc)
+    proc.kill()
+    proc.wait()
+    found = ckpt.resolve(run, "latest")
+    if stage == "written":
+        assert found is None or ckpt.is_complete(found)  # the partial save is invisible
+        assert found is None or found.name != sorted(root.glob(".tmp-step_*"))[0].name
+    else:
+        assert found is not None and ckpt.is_complete(found)
+    before = ckpt.read_state(found)["step"] if found else 0
+    assert main(args(config, shards, run, "train.max_steps=100000", "checkpoint.every_steps=0",
+                     "train.stop_after_steps=1", "--resume", "latest")) == 0
+    assert not list(root.glob(".tmp-*")) and not list(root.glob(".trash-*"))  # leftovers cleaned
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == before + 1
