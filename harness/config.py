@@ -49,6 +49,8 @@ class ModelConfig:
     ch_mult: list[int] = F([1, 2, 4, 4], "channel multiplier per resolution level; len-1 = number of 2x downsamplings")
     num_res_blocks: int = F(2, "residual blocks per resolution level", ge=1)
     attn_resolutions: list[int] = F([], "feature-map sizes (pixels) that get an attention block; [] = none")
+    resolution: int = F(0, "image size attn_resolutions refer to (0 = data.image_size, filled in at load)", ge=0)
+    norm_groups: int = F(32, "GroupNorm groups in residual/attention blocks (channels must be divisible)", ge=1)
     attn_type: Literal["vanilla", "linear", "none"] = F("vanilla", "attention kind in mid and attn_resolutions blocks")
     z_channels: int = F(4, "latent channels (before embed_dim projection)", ge=1)
     double_z: bool = F(True, "encoder emits mean and log-variance (2*z_channels); false = deterministic")
@@ -151,6 +153,27 @@ class Config:
                 f"data.image_size: {self.data.image_size} is not divisible by {factor}, "
                 f"the downsampling factor of model.ch_mult={self.model.ch_mult}"
             )
+        self._validate_model()
+
+    def _validate_model(self) -> None:
+        m = self.model
+        for i, mult in enumerate(m.ch_mult):
+            if (m.ch * mult) % m.norm_groups:
+                raise ConfigError(
+                    f"model.norm_groups: {m.ch * mult} channels (model.ch * ch_mult[{i}]) are not divisible "
+                    f"into {m.norm_groups} groups"
+                )
+        if m.attn_resolutions:
+            # Attention is placed per level at build time; the sizes refer to this resolution.
+            if not m.resolution:
+                m.resolution = self.data.image_size
+            sizes = [m.resolution // 2**i for i in range(len(m.ch_mult))]
+            bad = [r for r in m.attn_resolutions if r not in sizes]
+            if bad:
+                raise ConfigError(
+                    f"model.attn_resolutions: {bad[0]} is not a feature size at resolution {m.resolution}; "
+                    f"the sizes are {', '.join(map(str, sizes))}"
+                )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,253 @@
+"""Building blocks of the latent-diffusion autoencoders, written with einops.
+
+Axis letters used in the patterns:
+    b batch, c channels, h height, w width, n tokens (= h * w), e condition-embedding width.
+
+Every residual and attention block derives from `Checkpointed`: with `grad_checkpointing` on it
+recomputes itself in the backward pass instead of keeping its activations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def exists(x) -> bool:
+    return x is not None
+
+
+def default(x, d):
+    return x if exists(x) else d
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm as latent-diffusion uses it (32 groups, eps 1e-6, affine)."""
+    if in_channels % num_groups:
+        raise ValueError(f"GroupNorm: {in_channels} channels are not divisible into {num_groups} groups")
+    return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+
+
+class AdaGroupNorm(nn.Module):
+    """GroupNorm whose output is scaled and shifted per sample by a condition embedding (FiLM).
+
+    The scale/shift projection starts at zero, so a freshly built conditional block computes exactly
+    what the unconditional one does, and the condition is learnt as a correction on top.
+    """
+
+    def __init__(self, channels: int, cond_dim: int, num_groups: int = 32):
+        super().__init__()
+        self.norm = Normalize(channels, num_groups)
+        self.to_scale_shift = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * channels))
+        nn.init.zeros_(self.to_scale_shift[-1].weight)
+        nn.init.zeros_(self.to_scale_shift[-1].bias)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = rearrange(self.to_scale_shift(emb), "b (two c) -> two b c 1 1", two=2)
+        return self.norm(x) * (1 + scale) + shift
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient checkpointing
+# ---------------------------------------------------------------------------------------------
+
+
+class Checkpointed(nn.Module):
+    """A block whose `_forward` is recomputed in backward when `grad_checkpointing` is set.
+
+    Non-reentrant checkpointing: it works with DDP and ZeRO-3 (submodules are still called through
+    their hooks during recomputation) and keeps dropout masks identical (the RNG state is replayed).
+    Only while training with grad enabled: in eval or under no_grad there is nothing to save.
+    """
+
+    grad_checkpointing: bool = False
+
+    def forward(self, *args):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
+
+    def _forward(self, *args):
+        raise NotImplementedError
+
+
+def set_gradient_checkpointing(module: nn.Module, enabled: bool) -> None:
+    """Turn recomputation on or off for every `Checkpointed` block under `module`."""
+    for m in module.modules():
+        if isinstance(m, Checkpointed):
+            m.grad_checkpointing = enabled
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual block
+# ---------------------------------------------------------------------------------------------
+
+
+class ResnetBlock(Checkpointed):
+    """Pre-norm residual block of latent diffusion, without a timestep embedding.
+
+    With `cond_dim > 0` both norms become `AdaGroupNorm` and `forward(x, emb)` takes the condition
+    embedding `b e`; otherwise `emb` is ignored. A channel change goes through a 1x1 `nin_shortcut`
+    (or a 3x3 `conv_shortcut` with `conv_shortcut=True`), as in latent diffusion.
+    """
+
+    takes_cond = True
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int | None = None,
+        conv_shortcut: bool = False,
+        dropout: float = 0.0,
+        num_groups: int = 32,
+        cond_dim: int = 0,
+    ):
+        super().__init__()
+        out_channels = default(out_channels, in_channels)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.cond_dim = cond_dim
+        if cond_dim:
+            self.norm1 = AdaGroupNorm(in_channels, cond_dim, num_groups)
+            self.norm2 = AdaGroupNorm(out_channels, cond_dim, num_groups)
+        else:
+            self.norm1 = Normalize(in_channels, num_groups)
+            self.norm2 = Normalize(out_channels, num_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.use_conv_shortcut = conv_shortcut
+        if in_channels != out_channels:
+            if conv_shortcut:
+                self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+            else:
+                self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
+
+    def _norm(self, norm: nn.Module, h: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+        if self.cond_dim:
+            if not exists(emb):
+                raise ValueError("ResnetBlock: built with cond_dim > 0 but called without a condition embedding")
+            return norm(h, emb)
+        return norm(h)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self._norm(self.norm1, x, emb)))
+        h = self.conv2(self.dropout(F.silu(self._norm(self.norm2, h, emb))))
+        if self.in_channels != self.out_channels:
+            x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
+        return x + h
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+def _fp16_active(t: torch.Tensor) -> bool:
+    device = t.device.type
+    return t.dtype == torch.float16 or (
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    )
+
+
+class AttnBlock(Checkpointed):
+    """Single-head spatial self-attention with a residual (latent diffusion's "vanilla" block)."""
+
+    def __init__(self, *, in_channels: int, num_groups: int = 32):
+        super().__init__()
+        self.norm = Normalize(in_channels, num_groups)
+        self.q = nn.Conv2d(in_channels, in_channels, 1)
+        self.k = nn.Conv2d(in_channels, in_channels, 1)
+        self.v = nn.Conv2d(in_channels, in_channels, 1)
+        self.proj_out = nn.Conv2d(in_channels, in_channels, 1)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        h_ = self.norm(x)
+        h, w = h_.shape[-2:]
+        q, k, v = (rearrange(f(h_), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
+        if _fp16_active(q):
+            # Softmax over thousands of tokens overflows fp16: latent-diffusion users saw NaNs in this
+            # block under fp16 autocast. The attention itself runs in fp32; the 1x1 convs stay fp16.
+            dtype = q.dtype
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w)
+        return x + self.proj_out(out)
+
+
+class LinearAttnBlock(Checkpointed):
+    """Linear attention (softmax over keys along tokens), single head of width `in_channels`.
+
+    Latent diffusion's LinAttnBlock has neither a norm nor a residual; both are added here so the
+    block starts near the identity like every other block of the network.
+    """
+
+    def __init__(self, *, in_channels: int, num_groups: int = 32):
+        super().__init__()
+        self.norm = Normalize(in_channels, num_groups)
+        self.to_qkv = nn.Conv2d(in_channels, 3 * in_channels, 1, bias=False)
+        self.to_out = nn.Conv2d(in_channels, in_channels, 1)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        q, k, v = rearrange(self.to_qkv(self.norm(x)), "b (three c) h w -> three b c (h w)", three=3)
+        k = k.float().softmax(dim=-1).to(v.dtype)
+        context = einsum(k, v, "b d n, b e n -> b d e")
+        out = einsum(context, q, "b d e, b d n -> b e n")
+        return x + self.to_out(rearrange(out, "b c (h w) -> b c h w", h=h, w=w))
+
+
+def make_attn(in_channels: int, attn_type: str = "vanilla", num_groups: int = 32) -> nn.Module:
+    """Attention block by name: vanilla | linear | none (identity)."""
+    if attn_type == "vanilla":
+        return AttnBlock(in_channels=in_channels, num_groups=num_groups)
+    if attn_type == "linear":
+        return LinearAttnBlock(in_channels=in_channels, num_groups=num_groups)
+    if attn_type == "none":
+        return nn.Identity()
+    raise ValueError(f"attn_type: {attn_type!r} is not one of vanilla, linear, none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resampling
+# ---------------------------------------------------------------------------------------------
+
+
+class Downsample(nn.Module):
+    """Halve h and w: a 3x3 stride-2 conv after padding right/bottom by one (latent diffusion's
+    asymmetric padding, so even sizes halve exactly), or 2x2 average pooling without a conv."""
+
+    def __init__(self, *, in_channels: int, with_conv: bool = True):
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(in_channels, in_channels, 3, 2, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_conv:
+            return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+class Upsample(nn.Module):
+    """Double h and w by nearest-neighbour upsampling, then (optionally) a 3x3 conv."""
+
+    def __init__(self, *, in_channels: int, with_conv: bool = True):
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(in_channels, in_channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.with_conv else x
