@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"config error: {e}")
         return 2
 
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would warn on every rank that it guessed
     from harness.trainer import Trainer, TrainingError  # heavy imports after the config is known good
 
     trainer = None

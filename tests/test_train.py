@@ -17,14 +17,6 @@ from launch.train import main
 from shardgen import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = """
-model: {ch: 16, ch_mult: [1, 2], num_res_blocks: 1, norm_groups: 8, z_channels: 4, embed_dim: 4, attn_type: none}
-data: {image_size: 32, num_workers: 0, shuffle_buffer: 32}
-train: {batch_size: 4, max_steps: 12}
-optim: {lr: 2.0e-3, warmup_steps: 2}
-log: {every_steps: 2, images_every_steps: 6, num_images: 4, progress: false}
-checkpoint: {every_steps: 6, keep_last: 2}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +25,8 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(TINY)
-    return path
+def config():
+    return ROOT / "tests/configs/tiny.yaml"
 
 
 def args(config, shards, run, *extra):
@@ -55,7 +45,7 @@ def logged(run: Path, key: str) -> list[float]:
 
 def test_end_to_end_loss_falls_and_run_folder_is_complete(config, shards, tmp_path):
     run = tmp_path / "run"
-    assert main(args(config, shards, run, "train.max_steps=80", "checkpoint.every_steps=40", "log.images_every_steps=40", "optim.lr=4e-3")) == 0
+    assert main(args(config, shards, run, "train.max_steps=80", "checkpoint.every_steps=40", "log.images_every_steps=40")) == 0
     recon = logged(run, "loss/recon")
     assert len(recon) == 40
     assert sum(recon[-5:]) / 5 < 0.75 * sum(recon[:3]) / 3, f"reconstruction loss did not fall: {recon}"

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# From a fresh checkout to a trained demo autoencoder, on CPU, in a few minutes:
+#   1. install (torch only if missing, see launch/install.sh),
+#   2. build the generated demo shards (coloured shapes, 10 classes) into data/demo,
+#   3. train a small KL autoencoder with 2 processes through `accelerate launch` (gloo on CPU),
+#   4. print where the TensorBoard logs, image grids and checkpoints are.
+# Variables: NPROC (processes, default 2), STEPS (default 300), RUN_DIR (default runs/demo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NPROC=${NPROC:-2}
+STEPS=${STEPS:-300}
+RUN_DIR=${RUN_DIR:-runs/demo}
+PYTHON=${PYTHON:-python3}
+
+bash launch/install.sh
+
+if [ ! -f data/demo/index.json ]; then
+  "$PYTHON" -m shards demo data/demo --num-samples 2000 --image-size 32 --shard-size 250
+fi
+
+RESUME=()
+[ -f "$RUN_DIR/latest" ] && RESUME=(--resume latest)  # running it again continues the same run
+
+# One thread per process: NPROC processes share the cores. ACCELERATE_USE_CPU=1 + --multi_gpu is
+# how accelerate starts several CPU processes (gloo); on GPUs drop ACCELERATE_USE_CPU.
+ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 "$PYTHON" -m accelerate.commands.launch \
+  --multi_gpu --num_processes "$NPROC" --num_machines 1 --mixed_precision no --dynamo_backend no \
+  launch/train.py --config launch/configs/demo.yaml run.dir="$RUN_DIR" train.max_steps="$STEPS" "${RESUME[@]}"
+
+echo
+echo "Run folder: $RUN_DIR"
+echo "  checkpoints: $(ls -d "$RUN_DIR"/checkpoints/step_* | tr '\n' ' ')"
+echo "  latest:      $(cat "$RUN_DIR/latest")"
+echo "  image grids: $RUN_DIR/samples/ ($(ls "$RUN_DIR"/samples | wc -l) PNGs)"
+echo "  text log:    $RUN_DIR/train.log"
+echo "Watch it:      tensorboard --logdir $RUN_DIR/tb"
