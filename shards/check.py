@@ -29,9 +29,13 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_e
 
 
 def iter_samples(url: str):
-    """Samples of one tar as dicts {"__key__": ..., ext: bytes}. Raises tarfile/OSError on a broken tar."""
+    """Samples of one tar as dicts {"__key__": ..., ext: bytes}. Raises tarfile/OSError on a broken tar.
+
+    Unlike a plain tarfile loop (and webdataset, which stops quietly at a cut), a shard that ends
+    without tar's end-of-archive blocks is reported as truncated.
+    """
     current: dict | None = None
-    with tarfile.open(url, mode="r|*") as tf:
+    with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for m in tf:
             if not m.isfile():
                 continue
@@ -45,6 +49,12 @@ def iter_samples(url: str):
             if current is None:
                 current = {"__key__": key}
             current[ext] = tf.extractfile(m).read()
+        end = tf.offset
+        if url.endswith(".tar"):
+            f.seek(end)
+            tail = f.read(1024)
+            if len(tail) < 1024 or tail.strip(b"\0"):
+                raise tarfile.ReadError(f"truncated: no end-of-archive marker after byte {end}")
     if current is not None:
         yield current
 
@@ -149,8 +159,9 @@ def _columns(pairs: list[str], width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def verify(target: str, workers: int = 1, max_listed: int = 50, out=sys.stdout) -> int:
+def verify(target: str, workers: int = 1, max_listed: int = 50, out=None) -> int:
     """Read every sample; print counts and problems. Returns the number of problems (0 = all good)."""
+    out = out or sys.stdout
     urls, expected, index, sources = _load(target)
     classes, label_names = _label_names(index, sources)
     jobs = [(u, len(classes), len(label_names), index is not None) for u in urls]
@@ -214,7 +225,8 @@ def verify(target: str, workers: int = 1, max_listed: int = 50, out=sys.stdout) 
 # inspect
 
 
-def inspect(target: str, num_samples: int = 3, size_samples: int = 200, out=sys.stdout) -> None:
+def inspect(target: str, num_samples: int = 3, size_samples: int = 200, out=None) -> None:
+    out = out or sys.stdout
     urls, expected, index, sources = _load(target)
     classes, label_names = _label_names(index, sources)
     p = lambda *a: print(*a, file=out)  # noqa: E731
