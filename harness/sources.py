@@ -1,13 +1,34 @@
 """Resolve what `data.train` / `data.val` name into concrete shard lists with sample counts.
 
-A source is a brace pattern (`dir/{000000..000009}.tar`), a folder of shards, or a list of those.
-Counts and class names come from the folder's `index.json` (written by `python -m shards`).
+`data.train` is a string or a list of strings; each string is one *item*:
+
+    runs/shards/imagenet-train           a folder of shards: made by `python -m shards` (index.json)
+                                         or by img2dataset ({00000..N}.tar + *_stats.json)
+    data/{000000..000099}.tar            a brace pattern of shards
+    data/000003.tar                      one shard
+    pipe:curl -s https://host/{0..9}.tar remote shards (webdataset URL syntax; count from num_samples)
+    sets.txt                             a list file: one item per line (blank lines and # comments
+                                         skipped, relative paths taken from the list file's folder)
+    ITEM::0.7                            any of the above with a sampling weight (default 1)
+
+Every item is one `ShardSource`, except that the unweighted lines of a list file are pooled into a
+single source (their shards together, counts summed); its weighted lines stay separate sources.
+A list file's own weight multiplies the weights of its lines.
+
+Sample counts come from, in order: the folder's `index.json`; img2dataset's per-shard
+`<shard>_stats.json` (`successes`); the `num_samples` passed in (`data.num_samples`), which is
+shared over the sources that have no count in proportion to their number of shards. Sources
+whose class names (or multi-hot label names) disagree cannot be mixed: their labels would mean
+different things.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,56 +44,217 @@ class DataSourceError(ValueError):
 @dataclass
 class ShardSource:
     urls: list[str]
-    num_samples: int | None  # None = unknown (no index); the caller needs data.num_samples then
-    weight: float = 1.0
-    classes: list[str] = field(default_factory=list)
-    label_names: list[str] = field(default_factory=list)
-    spec: str = ""
+    num_samples: int | None  # None = unknown (only when resolve_sources(require_count=False))
+    weight: float = 1.0  # relative sampling weight among the sources of one data.train
+    classes: list[str] = field(default_factory=list)  # names for `cls` ([] = unlabelled)
+    label_names: list[str] = field(default_factory=list)  # names for multi-hot `json.labels` ([] = none)
+    spec: str = ""  # the item this came from, for messages
+    count_from: str = ""  # "index" | "stats" | "num_samples" | "" (unknown)
+
+
+_WEIGHT_RE = re.compile(r"^(.*)::\s*([^:]+)$")
+_REMOTE_RE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")
+_MAX_LIST_DEPTH = 8
+
+
+def _is_remote(url: str) -> bool:
+    return bool(_REMOTE_RE.match(url))
+
+
+def _split_weight(item: str) -> tuple[str, float | None]:
+    m = _WEIGHT_RE.match(item)
+    if not m:
+        return item, None
+    try:
+        w = float(m.group(2))
+    except ValueError:
+        raise DataSourceError(f"{item}: weight after '::' must be a number, got {m.group(2)!r}") from None
+    if not (w > 0 and math.isfinite(w)):
+        raise DataSourceError(f"{item}: weight must be a positive number, got {m.group(2)!r}")
+    return m.group(1).strip(), w
+
+
+# ----------------------------------------------------------------------------------------------
+# counts from files next to the shards
+
+
+def _stats_count(url: str) -> int | None:
+    """`successes` from img2dataset's `<shard>_stats.json` next to a local shard, or None."""
+    if _is_remote(url):
+        return None
+    stats = url[: -len(".tar")] + "_stats.json" if url.endswith(".tar") else None
+    if stats is None or not os.path.isfile(stats):
+        return None
+    try:
+        with open(stats) as f:
+            value = json.load(f).get("successes")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise DataSourceError(f"{stats}: unreadable img2dataset stats file") from None
+    if not isinstance(value, int) or value < 0:
+        raise DataSourceError(f"{stats}: no valid 'successes' count")
+    return value
+
+
+def _stats_total(urls: list[str]) -> int | None:
+    counts = [_stats_count(u) for u in urls]
+    return None if any(c is None for c in counts) else sum(counts)
+
+
+def _read_index(folder: Path, spec: str) -> dict | None:
+    try:
+        return read_index(folder)
+    except ValueError as e:
+        raise DataSourceError(f"{spec}: {e}") from None
+
+
+def _unfinished(folder: Path) -> bool:
+    return (folder / ".progress.json").is_file() or bool(glob.glob(glob.escape(str(folder)) + "/*.tar.tmp"))
+
+
+# ----------------------------------------------------------------------------------------------
+# one item -> one source
 
 
 def _from_folder(folder: Path, spec: str) -> ShardSource:
-    index = read_index(folder)
+    index = _read_index(folder, spec)
     if index is not None:
         urls = [str(folder / s["name"]) for s in index["shards"]]
+        missing = [u for u in urls if not os.path.isfile(u)]
+        if missing:
+            raise DataSourceError(f"{spec}: index.json names {len(missing)} shards that do not exist (first: {missing[0]})")
         return ShardSource(urls, index["num_samples"], classes=index.get("classes", []),
-                           label_names=index.get("label_names", []), spec=spec)
-    urls = sorted(glob.glob(str(folder / "*.tar")))
+                           label_names=index.get("label_names", []), spec=spec, count_from="index")
+    urls = sorted(glob.glob(glob.escape(str(folder)) + "/*.tar"))
+    if _unfinished(folder):
+        raise DataSourceError(f"{spec}: shard build not finished (no index.json yet); re-run the same "
+                              "`python -m shards` command to complete it")
     if not urls:
         raise DataSourceError(f"{spec}: folder holds no .tar shards")
-    return ShardSource(urls, None, spec=spec)
+    count = _stats_total(urls)
+    return ShardSource(urls, count, spec=spec, count_from="stats" if count is not None else "")
 
 
-def _from_pattern(pattern: str) -> ShardSource:
+def _from_pattern(pattern: str, spec: str) -> ShardSource:
     urls = list(braceexpand.braceexpand(pattern))
-    missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
+    if any(_is_remote(u) for u in urls):
+        return ShardSource(urls, None, spec=spec)
+    missing = [u for u in urls if not os.path.exists(u)]
     if missing:
-        raise DataSourceError(f"{pattern}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
-    # A pattern inside a folder with an index takes its counts for the shards it names.
+        raise DataSourceError(f"{spec}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+    # A pattern inside a folder with an index takes its counts and names for the shards it names.
     folder = Path(urls[0]).parent
-    index = read_index(folder) if "://" not in urls[0] else None
-    num, classes, labels = None, [], []
+    index = _read_index(folder, spec)
     if index is not None:
         counts = {str(folder / s["name"]): s["num_samples"] for s in index["shards"]}
         if all(u in counts for u in urls):
-            num = sum(counts[u] for u in urls)
-        classes, labels = index.get("classes", []), index.get("label_names", [])
-    return ShardSource(urls, num, classes=classes, label_names=labels, spec=pattern)
+            return ShardSource(urls, sum(counts[u] for u in urls), classes=index.get("classes", []),
+                               label_names=index.get("label_names", []), spec=spec, count_from="index")
+    count = _stats_total(urls)
+    classes = index.get("classes", []) if index else []
+    labels = index.get("label_names", []) if index else []
+    return ShardSource(urls, count, classes=classes, label_names=labels, spec=spec,
+                       count_from="stats" if count is not None else "")
 
 
-def resolve_sources(spec: str | list[str]) -> list[ShardSource]:
-    """Turn `data.train`-style input into sources; raises DataSourceError on anything missing."""
+def _merge(sources: list[ShardSource], spec: str, weight: float) -> ShardSource:
+    _check_names(sources)
+    counts = [s.num_samples for s in sources]
+    known = all(c is not None for c in counts)
+    return ShardSource([u for s in sources for u in s.urls], sum(counts) if known else None, weight=weight,
+                       classes=next((s.classes for s in sources if s.classes), []),
+                       label_names=next((s.label_names for s in sources if s.label_names), []), spec=spec,
+                       count_from="+".join(sorted({s.count_from for s in sources})) if known else "")
+
+
+def _from_list_file(path: Path, spec: str, weight: float, depth: int) -> list[ShardSource]:
+    if depth > _MAX_LIST_DEPTH:
+        raise DataSourceError(f"{spec}: list files nested more than {_MAX_LIST_DEPTH} deep (a cycle?)")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataSourceError(f"{spec}: cannot read list file ({e})") from None
+    pooled: list[ShardSource] = []
+    separate: list[ShardSource] = []
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        target, w = _split_weight(line)
+        if not _is_remote(target) and not os.path.isabs(target):
+            target = str(path.parent / target)
+        for src in _resolve_item(target, f"{spec}:{n}", weight * (w or 1.0), depth + 1):
+            (separate if w is not None else pooled).append(src)
+    if not pooled and not separate:
+        raise DataSourceError(f"{spec}: list file names no shards")
+    if pooled:
+        separate.insert(0, _merge(pooled, spec, weight))
+    return separate
+
+
+def _resolve_item(item: str, spec: str, weight: float, depth: int = 0) -> list[ShardSource]:
+    path = Path(item)
+    if not _is_remote(item) and path.is_dir():
+        src = [_from_folder(path, spec)]
+    elif item.endswith(".txt") and not _is_remote(item):
+        if not path.is_file():
+            raise DataSourceError(f"{spec}: list file does not exist")
+        return _from_list_file(path, spec, weight, depth)
+    elif "{" in item or _is_remote(item) or item.endswith(".tar"):
+        src = [_from_pattern(item, spec)]
+    elif not path.exists():
+        raise DataSourceError(f"{spec}: no such folder or file")
+    else:
+        raise DataSourceError(f"{spec}: not a folder of shards, a .tar pattern or a .txt list file")
+    for s in src:
+        s.weight = weight
+    return src
+
+
+def _check_names(sources: list[ShardSource]):
+    for attr, what in (("classes", "class names"), ("label_names", "label names")):
+        named = [s for s in sources if getattr(s, attr)]
+        for s in named[1:]:
+            if getattr(s, attr) != getattr(named[0], attr):
+                raise DataSourceError(
+                    f"{s.spec}: its {what} ({len(getattr(s, attr))}) differ from those of {named[0].spec} "
+                    f"({len(getattr(named[0], attr))}); build both with the same --classes file")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_sources(spec: str | list[str], num_samples: int = 0, *, require_count: bool = True) -> list[ShardSource]:
+    """Turn `data.train`-style input into sources; raises DataSourceError on anything missing.
+
+    num_samples: the dataset size to use where neither index.json nor *_stats.json gives one
+    (`data.num_samples`; 0 = none). With several such sources it is shared among them in
+    proportion to their number of shards. require_count=False leaves unknown counts as None
+    (for tools that only read the shards) instead of raising.
+    """
     specs = [spec] if isinstance(spec, str) else list(spec)
-    sources = []
+    sources: list[ShardSource] = []
     for s in specs:
+        s = (s or "").strip()
         if not s:
             continue
-        path = Path(s)
-        if path.is_dir():
-            sources.append(_from_folder(path, s))
-        elif "{" in s or "://" in s or s.endswith(".tar"):
-            sources.append(_from_pattern(s))
-        else:
-            raise DataSourceError(f"{s}: not a folder of shards or a .tar pattern (does it exist?)")
+        target, w = _split_weight(s)
+        sources += _resolve_item(target, s, w or 1.0)
     if not sources:
         raise DataSourceError("no data sources given")
+    _check_names(sources)
+    unknown = [s for s in sources if s.num_samples is None]
+    if unknown and num_samples > 0:
+        shards = sum(len(s.urls) for s in unknown)
+        given = 0
+        for s in unknown:
+            s.num_samples = num_samples * len(s.urls) // shards
+            s.count_from = "num_samples"
+            given += s.num_samples
+        unknown[0].num_samples += num_samples - given  # the rounding remainder
+    elif unknown and require_count:
+        raise DataSourceError(f"{unknown[0].spec}: no sample count (no index.json, no img2dataset *_stats.json); "
+                              "set data.num_samples to the number of samples in these shards")
+    for s in sources:
+        if s.num_samples == 0:
+            raise DataSourceError(f"{s.spec}: holds no samples")
     return sources

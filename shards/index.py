@@ -10,12 +10,20 @@ This is a contract between the builders in `shards/` and the training pipeline i
       "classes": ["n01440764", ...],             # names for the `cls` index ([] = unlabelled)
       "label_names": ["person", ...],            # names for multi-hot `json.labels` ([] = none)
       "image_policy": "original" | "max_side=256,quality=90",
-      "created": "2026-11-23T10:00:00Z"
+      "created": "2026-11-23T10:00:00Z",
+      # optional, written by `python -m shards` builders:
+      "num_bad": 3,                              # inputs skipped (listed in bad_files.txt)
+      "class_counts": [1300, ...],               # samples per entry of `classes`
+      "label_counts": [2693, ...],               # samples carrying each entry of `label_names`
+      "class_descriptions": ["tench, Tinca tinca", ...]  # human-readable class names, when known
     }
 
 Shards are `<out>/000000.tar, 000001.tar, ...`; a sample holds `__key__`, the image as
 `jpg`/`jpeg`/`png`/`webp`, optional `cls` (decimal class index as text), optional `json`
 (`labels`: multi-hot indices into `label_names`, captions, size, source id) and optional `txt`.
+`labels` is the sparse form of a multi-hot vector: the sorted list of indices that are on
+(`[0, 56]` = label_names[0] and label_names[56]); a reader builds the dense 0/1 vector of
+length `len(label_names)` from it.
 """
 
 from __future__ import annotations
@@ -30,8 +38,11 @@ FORMAT = "vae-harness-shards/1"
 
 
 def write_index(out: str | Path, *, source: dict, shards: list[dict], classes: list[str] = (),
-                label_names: list[str] = (), image_policy: str = "original") -> dict:
-    """Write `out/index.json` atomically (temporary file + rename) and return it."""
+                label_names: list[str] = (), image_policy: str = "original", **extra) -> dict:
+    """Write `out/index.json` atomically (temporary file + rename) and return it.
+
+    `extra` adds optional fields (see the module docstring); readers must ignore fields they do not know.
+    """
     index = {
         "format": FORMAT,
         "source": source,
@@ -41,6 +52,7 @@ def write_index(out: str | Path, *, source: dict, shards: list[dict], classes: l
         "label_names": list(label_names),
         "image_policy": image_policy,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
     }
     path = Path(out) / INDEX_NAME
     tmp = path.with_suffix(".json.tmp")

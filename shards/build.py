@@ -1,0 +1,365 @@
+"""The one writer loop every builder shares: items in, shards + bad_files.txt + index.json out.
+
+A builder (demo, folder, imagenet, coco) only lists `Item`s and names a `produce` function that
+turns one item into image bytes. This module does the rest, the same way for all of them:
+
+    items -> (shuffle) -> produce in a process pool, in order -> ShardWriter -> NNNNNN.tar
+                                                               -> bad_files.txt -> index.json
+
+Resuming. Output depends only on the item list and the options that change bytes (never on
+`--workers`), so a shard is a pure function of its position. Each shard is written as
+`NNNNNN.tar.tmp` and renamed when complete; then `.progress.json` records it together with how
+many items it consumed. A re-run of the same command keeps the recorded shards, deletes a `.tmp`
+left by a killed run, and continues from the first item after the last complete shard: the result
+is byte-identical to an uninterrupted build. `index.json` is written last, so its presence means
+the set is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import re
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from shards.images import BadImage, process_image
+from shards.index import INDEX_NAME, write_index
+
+PROGRESS_NAME = ".progress.json"
+BAD_FILES_NAME = "bad_files.txt"
+SHARD_RE = re.compile(r"^\d{6}\.tar(\.tmp)?$")
+TAR_MTIME = 1_600_000_000  # fixed member mtime: same input -> byte-identical tars
+FAULT_ENV = "SHARDS_FAULT_AFTER"  # test hook: hard-exit after this many samples written
+
+
+class BuildError(Exception):
+    """A user mistake (missing folder, bad option, foreign output folder): one line, exit code 2."""
+
+
+@dataclass
+class Item:
+    """One future sample. Must stay small and picklable: it travels to a worker process."""
+
+    key: str
+    path: str = ""  # file to read ("" for generated items)
+    cls: int = -1  # class index into the index's `classes` (-1 = none)
+    meta: dict = field(default_factory=dict)  # goes into the sample's `json` (labels, captions, ids)
+    txt: str = ""  # the sample's `txt` ("" = none)
+
+
+@dataclass
+class BuildOptions:
+    workers: int = 1  # encoding processes (1 = encode in the writer process)
+    max_size: int = 0  # longest side in pixels after re-encoding (0 = keep the original size)
+    quality: int = 95  # JPEG quality of re-encoded images
+    shard_size: int = 1000  # samples per shard
+    shard_bytes: int = 0  # close a shard once it holds about this many bytes (0 = no limit)
+    shuffle_seed: int | None = 0  # order of samples across shards (None = sorted input order)
+    max_samples: int = 0  # use only the first N items after shuffling (0 = all)
+    overwrite: bool = False  # replace shards of another build in OUT
+    progress: bool = True  # tqdm progress bar
+
+    def image_policy(self) -> str:
+        return f"max_side={self.max_size},quality={self.quality}" if self.max_size else "original"
+
+
+# ----------------------------------------------------------------------------------------------
+# producing one sample (runs in the worker processes)
+
+
+def produce_file(item: Item, *, max_size: int = 0, quality: int = 95):
+    """Read and normalize the image file an item names -> (bytes, ext, size info for the json)."""
+    try:
+        with open(item.path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BadImage(f"cannot read: {e.strerror or e}") from None
+    if not data:
+        raise BadImage("empty file")
+    enc = process_image(data, max_size=max_size, quality=quality)
+    info = {"width": enc.width, "height": enc.height}
+    if (enc.orig_width, enc.orig_height) != (enc.width, enc.height):
+        info.update(orig_width=enc.orig_width, orig_height=enc.orig_height)
+    return enc.data, enc.ext, info
+
+
+_PRODUCE: Callable | None = None
+
+
+def _init_worker(produce):
+    global _PRODUCE
+    _PRODUCE = produce
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+
+
+def _work(job):
+    pos, item = job
+    try:
+        data, ext, info = _PRODUCE(item)
+    except BadImage as e:
+        return pos, None, " ".join(str(e).split()) or "bad image"
+    sample = {"__key__": item.key, ext: data}
+    if item.cls >= 0:
+        sample["cls"] = str(item.cls).encode()
+    meta = {**item.meta, **info}
+    if meta:
+        sample["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
+    if item.txt:
+        sample["txt"] = item.txt.encode()
+    return pos, sample, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# output folder state
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _clean(out: Path):
+    for p in out.iterdir():
+        if SHARD_RE.match(p.name) or p.name in (INDEX_NAME, INDEX_NAME + ".tmp", BAD_FILES_NAME, PROGRESS_NAME):
+            p.unlink()
+
+
+def _fingerprint(kind: str, items: list[Item], opts: BuildOptions, extra: dict) -> str:
+    h = hashlib.sha256()
+    settings = {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "progress")}
+    h.update(json.dumps([kind, settings, extra], sort_keys=True).encode())
+    for it in items:
+        h.update(json.dumps([it.key, it.path, it.cls, it.meta, it.txt], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _prepare(out: Path, fingerprint: str, overwrite: bool) -> dict:
+    """The progress to continue from: {"shards": [...], "bad": [...], "done": bool}."""
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    fresh = {"fingerprint": fingerprint, "shards": [], "bad": [], "done": False}
+    progress_path = out / PROGRESS_NAME
+    progress = None
+    if progress_path.is_file():
+        try:
+            progress = json.loads(progress_path.read_text())
+        except (json.JSONDecodeError, OSError):
+            progress = None
+    if progress is None or progress.get("fingerprint") != fingerprint:
+        foreign = progress is not None or any(SHARD_RE.match(p.name) or p.name == INDEX_NAME for p in out.iterdir())
+        if foreign and not overwrite:
+            what = "a build with other inputs or options" if progress is not None else "shards not made by this command"
+            raise BuildError(f"{out}: holds {what}; pass --overwrite to replace them, or choose another folder")
+        _clean(out)
+        return fresh
+    # Same build: keep the complete shards that are still there, byte count and all.
+    kept = []
+    for rec in progress["shards"]:
+        p = out / rec["name"]
+        if not p.is_file() or p.stat().st_size != rec["bytes"]:
+            break
+        kept.append(rec)
+    end = kept[-1]["end"] if kept else 0
+    done = progress.get("done") and len(kept) == len(progress["shards"]) and (out / INDEX_NAME).is_file()
+    keep_names = {r["name"] for r in kept}
+    for p in out.iterdir():  # a .tmp of a killed run, shards after a missing one
+        if SHARD_RE.match(p.name) and p.name not in keep_names:
+            p.unlink()
+    bad = progress["bad"] if done else [b for b in progress["bad"] if b[0] < end]
+    return {"fingerprint": fingerprint, "shards": kept, "bad": bad, "done": bool(done)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the build
+
+
+def order_items(items: list[Item], opts: BuildOptions) -> list[Item]:
+    """Sorted input order, shuffled by --shuffle-seed, cut to --max-samples."""
+    items = list(items)
+    if opts.shuffle_seed is not None:
+        random.Random(opts.shuffle_seed).shuffle(items)
+    if opts.max_samples:
+        items = items[: opts.max_samples]
+    return items
+
+
+def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOptions, *, source: dict,
+          classes: list[str] = (), label_names: list[str] = (), index_extra: dict | None = None,
+          skipped: list[tuple[str, str]] = (), order: bool = True) -> dict:
+    """Write `items` as shards into `out` and return the index. Resumes an interrupted build.
+
+    `skipped` are inputs the builder already rejected while listing, as (path, reason): they go
+    into bad_files.txt with the ones that fail to decode.
+    """
+    out = Path(out)
+    if opts.shard_size < 1:
+        raise BuildError(f"--shard-size must be at least 1 (got {opts.shard_size})")
+    if order:
+        items = order_items(items, opts)
+    if not items:
+        raise BuildError(f"{source.get('path', out)}: no images found")
+    _check_keys(items)
+    fingerprint = _fingerprint(source.get("kind", ""), items, opts, {"classes": list(classes), "labels": list(label_names)})
+    state = _prepare(out, fingerprint, opts.overwrite)
+    bad_paths = out / BAD_FILES_NAME
+    if state["done"]:
+        print(f"{out}: already complete ({sum(s['num_samples'] for s in state['shards'])} samples in "
+              f"{len(state['shards'])} shards); nothing to do", file=sys.stderr)
+        return json.loads((out / INDEX_NAME).read_text())
+    start = state["shards"][-1]["end"] if state["shards"] else 0
+    if start:
+        print(f"{out}: resuming after {len(state['shards'])} complete shards ({start} of {len(items)} inputs done)",
+              file=sys.stderr)
+
+    progress_path = out / PROGRESS_NAME
+    bad = state["bad"]  # [position, path or key, reason]
+    shards = state["shards"]
+    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    last = {"end": start, "stream": None}
+
+    def save_progress(done=False):
+        _atomic_write(progress_path, json.dumps({"fingerprint": fingerprint, "shards": shards, "bad": bad,
+                                                 "done": done}))
+
+    def open_tmp(fname):
+        last["stream"] = open(fname + ".tmp", "wb")
+        return last["stream"]
+
+    def shard_done(fname):
+        f = last["stream"]
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        count = writer.count
+        if count == 0:  # the writer opens a shard before knowing whether anything follows
+            os.unlink(fname + ".tmp")
+            return
+        os.replace(fname + ".tmp", fname)
+        shards.append({"name": os.path.basename(fname), "num_samples": count,
+                       "bytes": os.path.getsize(fname), "end": last["end"]})
+        save_progress()
+
+    from tqdm import tqdm
+    from webdataset import ShardWriter
+
+    todo = ((pos, items[pos]) for pos in range(start, len(items)))
+    pool = None
+    if opts.workers > 1:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=(produce,))
+        results = pool.imap(_work, todo, chunksize=8)
+    else:
+        _init_worker_inline(produce)
+        results = map(_work, todo)
+
+    t0 = time.perf_counter()
+    written = 0
+    tty = sys.stderr.isatty()  # in a log file (SLURM, nohup) a line every 30 s is enough
+    bar = tqdm(total=len(items), initial=start, unit="img", disable=not opts.progress, dynamic_ncols=True,
+               smoothing=0.05, mininterval=0.1 if tty else 30, file=sys.stderr)
+    writer = ShardWriter(str(out / "%06d.tar"), maxcount=opts.shard_size,
+                         maxsize=opts.shard_bytes if opts.shard_bytes > 0 else float("inf"),
+                         post=shard_done, start_shard=len(shards), verbose=0, opener=open_tmp,
+                         encoder=False, mtime=TAR_MTIME)
+    try:
+        for pos, sample, reason in results:
+            if sample is None:
+                bad.append([pos, items[pos].path or items[pos].key, reason])
+                bar.set_postfix(bad=len(bad), refresh=False)
+            else:
+                writer.write(sample)
+                last["end"] = pos + 1
+                written += 1
+                if fault_after and written >= fault_after:
+                    os._exit(75)  # as abrupt as kill -9: no cleanup, no finally
+            bar.update(1)
+        writer.close()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+        if last["stream"] is not None and not last["stream"].closed:  # drop the half-written shard
+            last["stream"].close()
+            Path(last["stream"].name).unlink(missing_ok=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+
+    # Report, then index last: index.json present <=> the set is complete.
+    bad.sort()
+    report = [(path, reason) for path, reason in skipped] + [(path, reason) for _, path, reason in bad]
+    _atomic_write(bad_paths, "".join(f"{path}\t{reason}\n" for path, reason in report))
+    save_progress(done=True)
+    bad_pos = {b[0] for b in bad}
+    extra = dict(index_extra or {})
+    extra["num_bad"] = len(report)
+    if classes:
+        counts = Counter(it.cls for pos, it in enumerate(items) if pos not in bad_pos)
+        extra["class_counts"] = [counts.get(i, 0) for i in range(len(classes))]
+    if label_names:
+        counts = Counter(j for pos, it in enumerate(items) if pos not in bad_pos for j in it.meta.get("labels", ()))
+        extra["label_counts"] = [counts.get(i, 0) for i in range(len(label_names))]
+    index = write_index(out, source=source, shards=[{k: s[k] for k in ("name", "num_samples", "bytes")} for s in shards],
+                        classes=classes, label_names=label_names, image_policy=opts.image_policy(), **extra)
+    rate = (len(items) - start) / elapsed if elapsed > 0 else 0.0
+    print(f"{out}: {index['num_samples']} samples in {len(shards)} shards ({rate:.0f} img/s)"
+          + (f"; {len(report)} bad inputs skipped, listed in {bad_paths}" if report else ""), file=sys.stderr)
+    return index
+
+
+def _init_worker_inline(produce):
+    global _PRODUCE
+    _PRODUCE = produce
+
+
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]+")
+
+
+def make_key(name: str, limit: int = 80) -> str:
+    """A webdataset key from a name: no dots (they start the extension), no slashes, not too long."""
+    key = _KEY_BAD.sub("_", name).strip("_") or "img"
+    if len(key) > limit:
+        key = key[: limit - 9] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return key
+
+
+def unique_keys(names: list[str]) -> list[str]:
+    """make_key for each name; a key that repeats gets _2, _3... (in input order, so deterministic)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for n in names:
+        k = make_key(n)
+        if k in seen:
+            seen[k] += 1
+            k2 = f"{k}_{seen[k]}"
+            while k2 in seen:
+                seen[k] += 1
+                k2 = f"{k}_{seen[k]}"
+            k = k2
+        seen.setdefault(k, 1)
+        keys.append(k)
+    return keys
+
+
+def _check_keys(items: list[Item]):
+    dup = [k for k, n in Counter(it.key for it in items).items() if n > 1]
+    if dup:  # a builder bug, not a user mistake
+        raise AssertionError(f"duplicate sample keys, e.g. {dup[0]!r}")

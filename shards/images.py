@@ -1,0 +1,130 @@
+"""Turn the bytes of one image file into what goes into a shard: 8-bit RGB, upright, maybe smaller.
+
+Every image in a shard decodes with plain PIL to an 8-bit RGB picture the right way up, so no
+reader has to care about grayscale, CMYK, palettes, alpha, 16-bit samples or EXIF orientation.
+The original bytes are kept when they already are that (JPEG/PNG/WebP, RGB, no rotation, within
+`max_size`): re-encoding would cost time and quality for nothing. Everything else is re-encoded as
+JPEG at `quality`.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# A picture bigger than this is almost surely a mistake or an attack; PIL's own guard is 89 Mpx
+# as a warning and twice that as an error. We turn both into a skip with a reason.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # formats stored as they are
+EXIF_ORIENTATION = 0x0112
+
+
+class BadImage(Exception):
+    """An input that cannot become a sample; the message is the reason written to bad_files.txt."""
+
+
+@dataclass
+class Encoded:
+    data: bytes
+    ext: str  # "jpg" | "png" | "webp"
+    width: int  # of the stored image
+    height: int
+    orig_width: int  # of the input, after EXIF rotation
+    orig_height: int
+    reencoded: bool
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: alpha composited on white, 16-bit and float scaled, not clipped."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 1.0 if im.mode == "F" and a.size and a.max() <= 1.0 else (255.0 if a.size and a.max() <= 255 else 65535.0)
+        a = np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    # CMYK (PIL undoes Adobe's inverted storage when it decodes), L, 1, YCbCr, LAB, HSV, plain P.
+    return im.convert("RGB")
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a broken EXIF block must not make a good picture bad
+        return 1
+
+
+def _fit(w: int, h: int, max_size: int) -> tuple[int, int]:
+    """(w, h) scaled so the longest side is at most max_size (0 = no limit), aspect kept."""
+    if not max_size or max(w, h) <= max_size:
+        return w, h
+    s = max_size / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def encode_jpeg(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def process_image(data: bytes, *, max_size: int = 0, quality: int = 95) -> Encoded:
+    """Check and normalize one encoded image. Raises BadImage with a short reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            fmt, mode = im.format, im.mode
+            w0, h0 = im.size
+            orient = _orientation(im)
+            rotated = orient in (5, 6, 7, 8)
+            ow, oh = (h0, w0) if rotated else (w0, h0)
+            tw, th = _fit(ow, oh, max_size)
+            keep = fmt in KEEP_FORMATS and mode == "RGB" and orient == 1 and (tw, th) == (ow, oh)
+            if fmt == "JPEG":
+                # DCT-domain scaling: decoding at 1/8 still reads every byte (so a truncated file is
+                # still caught) at a fraction of the cost; when resizing, decode no larger than needed.
+                if keep:
+                    im.draft(None, (max(1, w0 // 8), max(1, h0 // 8)))
+                elif (tw, th) != (ow, oh):
+                    dw, dh = (th, tw) if rotated else (tw, th)
+                    im.draft(None, (dw, dh))
+            im.load()
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large: {e}") from None
+    except Image.DecompressionBombWarning as e:
+        raise BadImage(f"too large: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:
+        raise BadImage(f"cannot decode: {e}") from None
+    if keep:
+        return Encoded(data, KEEP_FORMATS[fmt], ow, oh, ow, oh, reencoded=False)
+    try:
+        if orient != 1:
+            im = ImageOps.exif_transpose(im)
+        im = to_rgb(im)
+        if im.size != (tw, th):
+            im = im.resize((tw, th), Image.BICUBIC)
+        out = encode_jpeg(im, quality)
+    except (OSError, ValueError) as e:
+        raise BadImage(f"cannot convert: {e}") from None
+    return Encoded(out, "jpg", tw, th, ow, oh, reencoded=True)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the header alone (no decode)."""
+    return Image.open(io.BytesIO(data)).size

@@ -1,0 +1,251 @@
+"""ImageNet (train + flat val with ground truth) and COCO (instances + captions) builders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from shards_helpers import decode, jpeg_bytes, meta, picture, read_set, save
+
+from shards.__main__ import main
+from shards.index import read_index
+
+Q = ["--quiet", "--workers", "1"]
+SYNSETS = ["n01440764", "n01443537", "n01484850"]
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet
+
+
+def _imagenet(root):
+    """train/<synset>/ with 3 classes (the last one missing from train on purpose in one test) + flat val/."""
+    for c, syn in enumerate(SYNSETS):
+        for j in range(3):
+            save(picture(40, 30, seed=10 * c + j), root / "train" / syn / f"{syn}_{j}.JPEG")
+    (root / "train" / SYNSETS[0] / "readme.txt").write_text("stray non-image")
+    val_truth = {1: SYNSETS[2], 2: SYNSETS[0], 3: SYNSETS[1], 4: SYNSETS[2], 5: SYNSETS[0]}
+    for i in val_truth:
+        save(picture(36, 36, seed=100 + i), root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    save(picture(36, 36, seed=200), root / "val" / "ILSVRC2012_val_00000099.JPEG")  # not in the ground truth
+    rows = ["ImageId,PredictionString"] + [f"ILSVRC2012_val_{i:08d},{s} 10 20 30 40 {s} 1 2 3 4"
+                                           for i, s in sorted(val_truth.items(), key=lambda kv: -kv[0])]
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    (root / "LOC_synset_mapping.txt").write_text("\n".join(f"{s} fish number {k}" for k, s in enumerate(SYNSETS)) + "\n")
+    return val_truth
+
+
+def test_imagenet_train_and_val_agree(tmp_path):
+    truth = _imagenet(tmp_path)
+    train, val = tmp_path / "s" / "train", tmp_path / "s" / "val"
+    assert main(["imagenet", str(tmp_path / "train"), str(train), *Q]) == 0
+    assert main(["imagenet", str(tmp_path / "val"), str(val), *Q]) == 0  # finds LOC_val_solution.csv upwards
+    ti, vi = read_index(train), read_index(val)
+    assert ti["classes"] == vi["classes"] == SYNSETS  # sorted synsets, the standard order
+    assert ti["class_descriptions"] == [f"fish number {k}" for k in range(3)]  # from LOC_synset_mapping.txt
+    assert ti["class_counts"] == [3, 3, 3] and ti["source"]["layout"] == "train"
+    for key, s in read_set(train).items():
+        assert SYNSETS[int(s["cls"])] == key.split("_")[0] == meta(s)["synset"]
+    samples = read_set(val)
+    assert sorted(samples) == [f"ILSVRC2012_val_{i:08d}" for i in sorted(truth)]
+    for key, s in samples.items():
+        assert SYNSETS[int(s["cls"])] == truth[int(key[-8:])]
+    bad = (val / "bad_files.txt").read_text()
+    assert "ILSVRC2012_val_00000099.JPEG\tno label in LOC_val_solution.csv" in bad
+    assert vi["num_bad"] == 1
+
+
+def test_imagenet_classes_file_fixes_order(tmp_path):
+    _imagenet(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "train" / SYNSETS[1])  # a train split missing a class
+    order = [SYNSETS[2], SYNSETS[0], SYNSETS[1], "n09999999"]
+    (tmp_path / "classes.txt").write_text("# my order\n" + "\n".join(order) + "\n")
+    out = tmp_path / "s"
+    assert main(["imagenet", str(tmp_path / "train"), str(out / "train"), "--classes", str(tmp_path / "classes.txt"), *Q]) == 0
+    assert main(["imagenet", str(tmp_path / "val"), str(out / "val"), "--classes", str(tmp_path / "classes.txt"), *Q]) == 0
+    for split in ("train", "val"):
+        assert read_index(out / split)["classes"] == order
+        for key, s in read_set(out / split).items():
+            assert order[int(s["cls"])] == meta(s)["synset"]
+    assert read_index(out / "train")["class_counts"] == [3, 3, 0, 0]
+    # Without the file the train split alone would number its two classes 0, 1: the file is the fix.
+    assert main(["imagenet", str(tmp_path / "train"), str(out / "t2"), *Q]) == 0
+    assert read_index(out / "t2")["classes"] == [SYNSETS[0], SYNSETS[2]]
+
+
+def test_imagenet_val_ground_truth_formats(tmp_path, capsys):
+    truth = _imagenet(tmp_path)
+    (tmp_path / "LOC_val_solution.csv").unlink()
+    val = tmp_path / "val"
+    # one synset per line, line i for ILSVRC2012_val_<i>
+    per_line = tmp_path / "gt_lines.txt"
+    per_line.write_text("\n".join(truth[i] for i in sorted(truth)) + "\n")
+    assert main(["imagenet", str(val), str(tmp_path / "a"), "--labels", str(per_line), *Q]) == 0
+    got = {k: SYNSETS[int(s["cls"])] for k, s in read_set(tmp_path / "a").items()}
+    assert got == {f"ILSVRC2012_val_{i:08d}": s for i, s in truth.items()}
+    # "<file> <synset>" per line
+    pairs = tmp_path / "gt_pairs.txt"
+    pairs.write_text("\n".join(f"ILSVRC2012_val_{i:08d}.JPEG {s}" for i, s in truth.items()) + "\n")
+    assert main(["imagenet", str(val), str(tmp_path / "b"), "--labels", str(pairs), *Q]) == 0
+    assert {k: SYNSETS[int(s["cls"])] for k, s in read_set(tmp_path / "b").items()} == got
+    capsys.readouterr()
+    # the devkit's numeric ids are refused, with the reason
+    devkit = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    devkit.write_text("65\n970\n230\n809\n516\n")
+    assert main(["imagenet", str(val), str(tmp_path / "c"), "--labels", str(devkit), *Q]) == 2
+    assert "class numbers, not synsets" in capsys.readouterr().err
+    # a flat folder without labels, and the ImageNet root itself
+    assert main(["imagenet", str(val), str(tmp_path / "d"), *Q]) == 2
+    assert "--labels" in capsys.readouterr().err
+    assert main(["imagenet", str(tmp_path), str(tmp_path / "e"), *Q]) == 2
+    assert "build each split" in capsys.readouterr().err
+
+
+def test_imagenet_odd_images(tmp_path):
+    root = tmp_path / "train"
+    save(picture(seed=1).convert("CMYK"), root / SYNSETS[0] / "cmyk.JPEG")
+    save(picture(seed=2).convert("L"), root / SYNSETS[0] / "gray.JPEG")
+    good = jpeg_bytes(picture(seed=3))
+    (root / SYNSETS[1] / "cut.JPEG").parent.mkdir(parents=True)
+    (root / SYNSETS[1] / "cut.JPEG").write_bytes(good[:300])
+    save(picture(seed=4), root / SYNSETS[1] / "fine.JPEG")
+    save(picture(seed=5), root / "stray.JPEG")  # not inside a synset folder
+    out = tmp_path / "out"
+    assert main(["imagenet", str(root), str(out), *Q]) == 0
+    samples = read_set(out)
+    assert sorted(samples) == ["cmyk", "fine", "gray"]
+    assert all(decode(s).mode == "RGB" for s in samples.values())
+    bad = (out / "bad_files.txt").read_text()
+    assert "cut.JPEG\t" in bad and "stray.JPEG\tnot inside a synset folder" in bad
+    assert read_index(out)["num_bad"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO
+
+
+# Non-contiguous category ids, as in COCO (1..90 with gaps), listed out of order.
+CATEGORIES = [{"supercategory": "animal", "id": 18, "name": "dog"},
+              {"supercategory": "person", "id": 1, "name": "person"},
+              {"supercategory": "vehicle", "id": 3, "name": "car"},
+              {"supercategory": "indoor", "id": 90, "name": "toothbrush"}]
+# contiguous index = rank of the id: person 0, car 1, dog 2, toothbrush 3
+
+
+def _coco(root):
+    images_dir = root / "train2017"
+    ids = [9, 25, 30, 34]
+    images = []
+    for k, image_id in enumerate(ids):
+        name = f"{image_id:012d}.jpg"
+        if image_id != 34:  # 34 is in the annotations but missing on disk
+            save(picture(64, 48, seed=k), images_dir / name)
+        images.append({"license": 1, "file_name": name, "coco_url": f"http://images.cocodataset.org/train2017/{name}",
+                       "height": 48, "width": 64, "date_captured": "2013-11-14 16:28:13",
+                       "flickr_url": "http://farm.example/x.jpg", "id": image_id})
+    save(picture(64, 48, seed=9), images_dir / "000000000099.jpg")  # on disk, not in the annotations
+    annotations = [  # image 9: person, dog (twice); 25: car, toothbrush; 30: none
+        {"segmentation": [[1.0, 1.0, 10.0, 1.0, 10.0, 10.0]], "area": 40.5, "iscrowd": 0, "image_id": 9,
+         "bbox": [1.0, 1.0, 9.0, 9.0], "category_id": 18, "id": 1001},
+        {"segmentation": [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0]], "area": 50.0, "iscrowd": 0, "image_id": 9,
+         "bbox": [2.0, 2.0, 10.0, 10.0], "category_id": 1, "id": 1002},
+        {"segmentation": {"counts": [0, 5, 10], "size": [48, 64]}, "area": 12.0, "iscrowd": 1, "image_id": 9,
+         "bbox": [3.0, 3.0, 4.0, 3.0], "category_id": 18, "id": 1003},
+        {"segmentation": [[5.0, 5.0, 20.0, 5.0, 20.0, 20.0]], "area": 99.0, "iscrowd": 0, "image_id": 25,
+         "bbox": [5.0, 5.0, 15.0, 15.0], "category_id": 90, "id": 1004},
+        {"segmentation": [[5.0, 5.0, 20.0, 5.0, 20.0, 20.0]], "area": 99.0, "iscrowd": 0, "image_id": 25,
+         "bbox": [5.0, 5.0, 15.0, 15.0], "category_id": 3, "id": 1005},
+        {"segmentation": [[1.0, 1.0, 2.0, 2.0, 3.0, 1.0]], "area": 1.0, "iscrowd": 0, "image_id": 34,
+         "bbox": [1.0, 1.0, 2.0, 1.0], "category_id": 1, "id": 1006},
+    ]
+    info = {"description": "COCO 2017 Dataset", "url": "http://cocodataset.org", "version": "1.0", "year": 2017,
+            "contributor": "COCO Consortium", "date_created": "2017/09/01"}
+    licenses = [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1, "name": "Attribution-NonCommercial-ShareAlike License"}]
+    instances = {"info": info, "licenses": licenses, "images": images, "annotations": annotations, "categories": CATEGORIES}
+    captions = {"info": info, "licenses": licenses, "images": images, "annotations": [
+        {"image_id": 9, "id": 48, "caption": "A man walks a dog. "},
+        {"image_id": 9, "id": 12, "caption": "Person and dog on a street."},
+        {"image_id": 25, "id": 70, "caption": "A car parked by a toothbrush."},
+        {"image_id": 30, "id": 80, "caption": "An empty room."},
+    ]}
+    ann = root / "annotations"
+    ann.mkdir()
+    (ann / "instances_train2017.json").write_text(json.dumps(instances))
+    (ann / "captions_train2017.json").write_text(json.dumps(captions))
+    return images_dir, ann / "instances_train2017.json", ann / "captions_train2017.json"
+
+
+def test_coco_labels_and_captions(tmp_path):
+    images, inst, caps = _coco(tmp_path)
+    out = tmp_path / "out"
+    assert main(["coco", "--images", str(images), "--instances", str(inst), "--captions", str(caps), str(out), *Q]) == 0
+    index = read_index(out)
+    assert index["label_names"] == ["person", "car", "dog", "toothbrush"]
+    assert index["label_ids"] == [1, 3, 18, 90]
+    assert index["classes"] == [] and index["label_counts"] == [1, 1, 1, 1]
+    samples = read_set(out)
+    assert sorted(samples) == ["000000000009", "000000000025", "000000000030"]
+    m9, m25, m30 = (meta(samples[k]) for k in sorted(samples))
+    assert m9["labels"] == [0, 2] and m9["category_ids"] == [1, 18]
+    assert m9["captions"] == ["Person and dog on a street.", "A man walks a dog."]  # by annotation id
+    assert samples["000000000009"]["txt"].decode() == "Person and dog on a street."
+    assert m9["image_id"] == 9 and (m9["width"], m9["height"]) == (64, 48) and m9["file_name"] == "000000000009.jpg"
+    assert m25["labels"] == [1, 3]
+    assert m30["labels"] == [] and m30["captions"] == ["An empty room."]  # kept without instance labels
+    assert all("cls" not in s for s in samples.values())
+    bad = (out / "bad_files.txt").read_text()
+    assert "000000000034.jpg\tcannot read" in bad
+
+    # --require-labels drops the image without instances; verify agrees with the index.
+    out2 = tmp_path / "out2"
+    assert main(["coco", "--images", str(images), "--instances", str(inst), str(out2), "--require-labels", *Q]) == 0
+    samples = read_set(out2)
+    assert sorted(samples) == ["000000000009", "000000000025"]
+    assert all("txt" not in s and "captions" not in meta(s) for s in samples.values())
+    assert main(["verify", str(out2), "--workers", "1"]) == 0
+
+
+def test_coco_captions_only_and_images_only(tmp_path, capsys):
+    images, inst, caps = _coco(tmp_path)
+    out = tmp_path / "c"
+    assert main(["coco", "--images", str(images), "--captions", str(caps), str(out), *Q]) == 0
+    index = read_index(out)
+    assert index["label_names"] == [] and index["num_samples"] == 3
+    assert all("labels" not in meta(s) for s in read_set(out).values())
+    out = tmp_path / "i"
+    assert main(["coco", "--images", str(images), str(out), *Q]) == 0
+    assert sorted(read_set(out)) == ["000000000009", "000000000025", "000000000030", "000000000099"]
+    capsys.readouterr()
+    (tmp_path / "broken.json").write_text('{"images": [}')
+    assert main(["coco", "--images", str(images), "--instances", str(tmp_path / "broken.json"), str(tmp_path / "x"), *Q]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["coco", "--images", str(images), "--instances", str(caps), str(tmp_path / "x"), *Q]) == 2
+    assert "not a COCO instances file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_coco_through_webdataset_multi_hot(tmp_path, workers):
+    """What a conditional model would see: a dense multi-hot vector built from json.labels."""
+    import torch
+    import webdataset as wds
+
+    images, inst, caps = _coco(tmp_path)
+    out = tmp_path / "out"
+    assert main(["coco", "--images", str(images), "--instances", str(inst), str(out), "--quiet", "--workers", workers]) == 0
+    index = read_index(out)
+    n = len(index["label_names"])
+    urls = [str(out / s["name"]) for s in index["shards"]]
+
+    def multi_hot(m):
+        v = torch.zeros(n)
+        v[m["labels"]] = 1.0
+        return v
+
+    ds = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "json").map_tuple(
+        lambda k: k, lambda im: im.size, multi_hot)
+    got = {k: (size, v.tolist()) for k, size, v in ds}
+    assert got["000000000009"] == ((64, 48), [1.0, 0.0, 1.0, 0.0])
+    assert got["000000000025"][1] == [0.0, 1.0, 0.0, 1.0]
+    assert got["000000000030"][1] == [0.0] * 4

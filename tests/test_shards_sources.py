@@ -1,0 +1,221 @@
+"""harness.sources.resolve_sources (folders, patterns, img2dataset output, list files, weights) and
+`python -m shards verify / inspect` on good and broken sets."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+from shards_helpers import jpeg_bytes, picture
+
+from harness.sources import DataSourceError, resolve_sources
+from shards.__main__ import main
+from shards.index import read_index
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert main(["demo", str(out), "--num-samples", "50", "--image-size", "16", "--shard-size", "20", "--quiet",
+                 "--workers", "1"]) == 0
+    return out
+
+
+def _tar(path, samples):
+    """A shard written the plain way: [(key, {ext: bytes})]."""
+    with tarfile.open(path, "w") as tf:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def img2dataset_folder(root, shards=(3, 2), stats=True):
+    """What img2dataset writes: 00000.tar (jpg/txt/json per sample), 00000.parquet, 00000_stats.json."""
+    root.mkdir(parents=True)
+    k = 0
+    for s, n in enumerate(shards):
+        samples = []
+        for _ in range(n):
+            key = f"{s:05d}{k:04d}"
+            samples.append((key, {"jpg": jpeg_bytes(picture(20, 20, seed=k)), "txt": f"caption {k}".encode(),
+                                  "json": json.dumps({"url": f"http://x/{k}.jpg", "key": key, "status": "success",
+                                                      "caption": f"caption {k}", "width": 20, "height": 20}).encode()}))
+            k += 1
+        _tar(root / f"{s:05d}.tar", samples)
+        (root / f"{s:05d}.parquet").write_bytes(b"PAR1")
+        if stats:
+            (root / f"{s:05d}_stats.json").write_text(json.dumps(
+                {"count": n + 1, "successes": n, "failed_to_download": 1, "failed_to_resize": 0,
+                 "duration": 1.0, "status_dict": {"success": n, "HTTP 404": 1}}))
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# resolve_sources
+
+
+def test_folder_and_pattern_with_index(demo):
+    [s] = resolve_sources(str(demo))
+    assert s.num_samples == 50 and len(s.urls) == 3 and s.count_from == "index"
+    assert len(s.classes) == 10 and len(s.label_names) == 7 and s.weight == 1.0
+    [p] = resolve_sources(f"{demo}/{{000000..000001}}.tar")
+    assert p.num_samples == 40 and p.classes == s.classes
+    [one] = resolve_sources(f"{demo}/000002.tar")
+    assert one.num_samples == 10
+
+
+def test_img2dataset_counts_from_stats(tmp_path):
+    root = img2dataset_folder(tmp_path / "i2d")
+    [s] = resolve_sources(str(root))
+    assert s.num_samples == 5 and s.count_from == "stats" and [u[-9:] for u in s.urls] == ["00000.tar", "00001.tar"]
+    assert s.classes == [] and s.label_names == []
+    [p] = resolve_sources(f"{root}/{{00000..00001}}.tar")
+    assert p.num_samples == 5
+    # The pipeline can read them as they are.
+    import webdataset as wds
+
+    rows = list(wds.WebDataset(s.urls, shardshuffle=False).decode("pil").to_tuple("jpg", "txt", "json"))
+    assert len(rows) == 5 and rows[0][1] == "caption 0"
+    assert main(["verify", str(root), "--workers", "1"]) == 0
+
+
+def test_missing_count_needs_num_samples(tmp_path):
+    root = img2dataset_folder(tmp_path / "i2d", stats=False)
+    with pytest.raises(DataSourceError) as e:
+        resolve_sources(str(root))
+    assert "data.num_samples" in str(e.value) and "\n" not in str(e.value)
+    [s] = resolve_sources(str(root), num_samples=1234)
+    assert s.num_samples == 1234 and s.count_from == "num_samples"
+    [s] = resolve_sources(str(root), require_count=False)
+    assert s.num_samples is None
+
+
+def test_weights_list_files_and_mixing(tmp_path, demo):
+    i2d = img2dataset_folder(tmp_path / "i2d")
+    a, b = resolve_sources([f"{demo}::0.7", f"{i2d}::0.3"])
+    assert (a.weight, a.num_samples, b.weight, b.num_samples) == (0.7, 50, 0.3, 5)
+    lst = tmp_path / "sets.txt"
+    lst.write_text(f"# shards for the run\n{demo}/{{000000..000001}}.tar\n\n{demo}/000002.tar\n")
+    [s] = resolve_sources(str(lst))  # unweighted lines are pooled into one source
+    assert s.num_samples == 50 and len(s.urls) == 3 and len(s.classes) == 10
+    rel = tmp_path / "sub" / "rel.txt"
+    rel.parent.mkdir()
+    rel.write_text("../i2d::2\n../sets.txt::1\n")  # relative to the list file; nesting; weights
+    x, y = resolve_sources(f"{rel}::0.5")
+    assert (x.weight, x.num_samples) == (1.0, 5) and (y.weight, y.num_samples) == (0.5, 50)
+    # img2dataset without stats + demo with an index: data.num_samples fills only the unknown one.
+    nostats = img2dataset_folder(tmp_path / "nostats", shards=(2, 2, 2), stats=False)
+    d, n = resolve_sources([str(demo), str(nostats)], num_samples=600)
+    assert (d.num_samples, n.num_samples) == (50, 600)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{tmp}/nope", "no such folder"),
+    ("{tmp}/nope/{{000..002}}.tar", "3 of 3 shards do not exist"),
+    ("{tmp}/empty", "holds no .tar shards"),
+    ("{tmp}/missing.txt", "list file does not exist"),
+    ("{demo}::heavy", "must be a number"),
+    ("{demo}::-1", "positive"),
+    ("{tmp}/file.json", "not a folder of shards"),
+])
+def test_source_errors_are_one_line(tmp_path, demo, spec, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.json").write_text("{}")
+    with pytest.raises(DataSourceError) as e:
+        resolve_sources(spec.format(tmp=tmp_path, demo=demo))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sources_with_different_classes_do_not_mix(tmp_path, demo):
+    other = tmp_path / "other"
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        picture(seed=1).save(tmp_path / "src" / c / "x.jpg")
+    assert main(["folder", str(tmp_path / "src"), str(other), "--quiet", "--workers", "1"]) == 0
+    with pytest.raises(DataSourceError, match="class names"):
+        resolve_sources([str(demo), str(other)])
+    (other / "index.json").write_text("{not json")
+    with pytest.raises(DataSourceError, match="not valid JSON"):
+        resolve_sources(str(other))
+
+
+# ----------------------------------------------------------------------------------------------
+# verify / inspect
+
+
+def test_verify_good_set(demo, capsys):
+    assert main(["verify", str(demo), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "50 samples read (50 expected)" in out and "circle:5" in out and "warm:" in out and "OK" in out
+
+
+def test_inspect(demo, tmp_path, capsys):
+    assert main(["inspect", str(demo)]) == 0
+    out = capsys.readouterr().out
+    assert "50 in 3 shards" in out and "classes:      10: circle" in out and "16x16 RGB" in out
+    i2d = img2dataset_folder(tmp_path / "i2d")
+    assert main(["inspect", str(i2d), "--samples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "5 in 2 shards (count from: stats" in out and "caption 0" in out
+
+
+def _copy(demo, dst):
+    import shutil
+
+    shutil.copytree(demo, dst)
+    return dst
+
+
+def _rewrite_shard(path, change):
+    """Rewrite one of our shards, passing its samples through change(list) -> list."""
+    from shards.check import iter_samples
+
+    samples = [(s.pop("__key__"), s) for s in iter_samples(str(path))]
+    _tar(path, change(samples))
+
+
+def test_verify_finds_broken_samples(demo, tmp_path, capsys):
+    bad = _copy(demo, tmp_path / "bad")
+
+    def corrupt(samples):
+        samples[0][1]["jpg"] = samples[0][1]["jpg"][:100]  # truncated image
+        samples[1][1]["cls"] = b"42"  # class out of range
+        m = json.loads(samples[2][1]["json"])
+        m["labels"] = [0, 99]
+        samples[3][1]["json"] = b"{oops"
+        samples[2][1]["json"] = json.dumps(m).encode()
+        return samples
+
+    _rewrite_shard(bad / "000001.tar", corrupt)
+    assert main(["verify", str(bad), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "does not decode" in out and "cls 42 outside 0..9" in out and "outside 0..6" in out
+    assert "json does not parse" in out and "FAILED" in out
+
+
+def test_verify_finds_count_mismatch_and_truncated_tar(demo, tmp_path, capsys):
+    short = _copy(demo, tmp_path / "short")
+    _rewrite_shard(short / "000000.tar", lambda s: s[:-1])
+    assert main(["verify", str(short), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "000000.tar: 19 samples, index says 20" in out and "class_counts" in out
+
+    cut = _copy(demo, tmp_path / "cut")
+    data = (cut / "000002.tar").read_bytes()
+    (cut / "000002.tar").write_bytes(data[: len(data) // 2 + 100])
+    assert main(["verify", str(cut), "--workers", "2"]) == 1
+    assert "broken tar" in capsys.readouterr().out
+
+
+def test_verify_exit_code_from_a_fresh_process(demo, tmp_path):
+    from shards_helpers import run_cli
+
+    bad = _copy(demo, tmp_path / "bad")
+    _rewrite_shard(bad / "000000.tar", lambda s: s + [("extra", {"jpg": b"not a jpeg", "cls": b"1"})])
+    r = run_cli("verify", bad, "--workers", "1")
+    assert r.returncode == 1 and "extra: jpg does not decode" in r.stdout
+    assert read_index(bad)["num_samples"] == 50
