@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import make_seed
 
-from harness.sources import DataSourceError, ShardSource, resolve_sources
+from harness.sources import DataSourceError, ShardSource, resolve_sources  # noqa: F401 (re-exported)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # Errors that mean "this sample / shard is bad": skip and count. Anything else is a bug: raise.
@@ -242,15 +242,8 @@ class TrainLoader:
     """Infinite batches for one rank, replayable from any global batch index."""
 
     def __init__(self, cfg, *, rank: int, world_size: int, batch_size: int, pin_memory: bool = False):
-        sources = resolve_sources(cfg.train)
-        counts = [s.num_samples for s in sources]
-        if any(c is None for c in counts):
-            if not cfg.num_samples:
-                unknown = next(s.spec for s in sources if s.num_samples is None)
-                raise DataSourceError(f"{unknown}: no index.json or _stats.json to count samples; set data.num_samples")
-            total = cfg.num_samples
-        else:
-            total = sum(counts)
+        sources = resolve_sources(cfg.train, cfg.num_samples)
+        total = sum(s.num_samples for s in sources)
         first = sources[0]
         self.info = DataInfo(total, first.classes, first.label_names, sum(len(s.urls) for s in sources))
         epoch_samples = cfg.epoch_samples or total
@@ -283,7 +276,7 @@ class TrainLoader:
 
 def fixed_batch(spec, n: int, image_size: int) -> dict | None:
     """The first `n` samples of a source, center-cropped: the fixed inputs of reconstruction grids."""
-    sources = resolve_sources(spec)
+    sources = resolve_sources(spec, require_count=False)
     decoder = SampleDecoder(image_size, "center", False, num_labels=len(sources[0].label_names))
     handler = BadSampleCounter()
     samples = []

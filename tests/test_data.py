@@ -127,7 +127,7 @@ def test_any_mode_becomes_rgb(mode):
 def test_missing_sources_are_one_line_errors(tmp_path):
     with pytest.raises(DataSourceError, match="do not exist"):
         resolve_sources(str(tmp_path / "{000000..000003}.tar"))
-    with pytest.raises(DataSourceError, match="not a folder of shards"):
+    with pytest.raises(DataSourceError, match="no such folder or file"):
         resolve_sources(str(tmp_path / "nothing-here"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataSourceError, match="no .tar shards"):
