@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,6 +31,12 @@ from harness.losses import AutoencoderLoss, psnr
 from harness.signals import EXIT_PREEMPTED, StopFlag
 from harness.tracking import Tracker
 from models import NoPriorError, build_model
+
+
+# DDP on CPU warns that the gradient of a 1x1 conv has strides (C, 1, C, C) where its bucket view
+# has (C, 1, 1, 1). Both are contiguous layouts (size-1 dims have arbitrary strides): no copy is
+# wrong or slow, so the warning is only noise on every rank.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 class TrainingError(RuntimeError):

@@ -4,7 +4,8 @@
 #   2. build the generated demo shards (coloured shapes, 10 classes) into data/demo,
 #   3. train a small KL autoencoder with 2 processes through `accelerate launch` (gloo on CPU),
 #   4. print where the TensorBoard logs, image grids and checkpoints are.
-# Variables: NPROC (processes, default 2), STEPS (default 300), RUN_DIR (default runs/demo).
+# Variables: NPROC (processes, default 2), STEPS (default 300), RUN_DIR (default runs/demo),
+# PORT (rendezvous port, default 0 = any free one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +27,7 @@ RESUME=()
 # how accelerate starts several CPU processes (gloo); on GPUs drop ACCELERATE_USE_CPU.
 ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 "$PYTHON" -m accelerate.commands.launch \
   --multi_gpu --num_processes "$NPROC" --num_machines 1 --mixed_precision no --dynamo_backend no \
+  --main_process_port "${PORT:-0}" \
   launch/train.py --config launch/configs/demo.yaml run.dir="$RUN_DIR" train.max_steps="$STEPS" "${RESUME[@]}"
 
 echo
