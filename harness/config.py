@@ -50,7 +50,8 @@ class ModelConfig:
         "ldm", "encoder/decoder: ldm = latent-diffusion Encoder/Decoder (ch, ch_mult...), spec = model.encoder/decoder"
     )
     encoder: Union[str, list[str]] = F(
-        "", "arch=spec: encoder layer strings, or a .json/.yaml path (a list, or a mapping with an `encoder` list)"
+        "", "arch=spec: encoder layer strings, or a .json/.yaml path (a list, or a mapping with an `encoder` list; "
+        "replaced by its layers at load)"
     )
     decoder: Union[str, list[str]] = F(
         "", "arch=spec: decoder layer strings or path ('' = the layers after `Latent` in model.encoder)"
@@ -256,6 +257,11 @@ class Config:
                 side, msg = msg.split(": ", 1)
             where = f" (at data.image_size={self.data.image_size})" if isinstance(e, ShapeError) else ""
             raise ConfigError(f"model.{side}: {msg}{where}") from None
+        # A spec file is read once, here: the resolved config (run folder, checkpoints, model hash)
+        # then holds the layers themselves, so an edited file cannot silently change a resumed model.
+        m.encoder = list(enc)
+        if dec is not None:
+            m.decoder = list(dec)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import repeat
 from torch import nn
 
 from models.base import AutoencoderOutput
 from models.blocks import Downsample, Normalize, ResnetBlock, Upsample, exists, make_attn
 from models.common import LatentAutoencoder, build_backbone
-from models.conditioning import ConditionEmbedding
+from models.conditioning import ConditionEmbedding, concat_condition
 from models.distributions import DiagonalGaussianDistribution
 
 # ---------------------------------------------------------------------------------------------
@@ -43,13 +42,6 @@ def attn_levels(attn_resolutions, resolution: int | None, num_levels: int) -> se
                 f"its sizes are {', '.join(map(str, sizes))}"
             )
     return {i for i, s in enumerate(sizes) if s in attn_resolutions}
-
-
-def _concat_cond(x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
-    """Append the condition embedding to `x` as constant extra channels."""
-    if not exists(emb):
-        return x
-    return torch.cat([x, repeat(emb.to(x.dtype), "b e -> b e h w", h=x.shape[-2], w=x.shape[-1])], dim=1)
 
 
 class Encoder(nn.Module):
@@ -114,7 +106,7 @@ class Encoder(nn.Module):
         return (self.out_channels, size, size)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv_in(_concat_cond(x, emb if self.cond_dim else None))
+        h = self.conv_in(concat_condition(x, emb if self.cond_dim else None))
         for i_level, down in enumerate(self.down):
             for i_block in range(self.num_res_blocks):
                 h = down.block[i_block](h)
@@ -187,7 +179,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         emb = emb if self.cond_dim else None
-        h = self.conv_in(_concat_cond(z, emb))
+        h = self.conv_in(concat_condition(z, emb))
         h = self.mid.block_1(h, emb)
         h = self.mid.block_2(self.mid.attn_1(h), emb)
         for i_level in reversed(range(self.num_resolutions)):

@@ -1,6 +1,7 @@
 """Condition embeddings for conditional autoencoders.
 
-Axis letters: b batch, k label-vector length (multi-hot), e embedding width.
+Axis letters: b batch, k label-vector length (multi-hot), e embedding width, c channels,
+h height, w width, l length, d depth, f features.
 
 A condition is a class index per sample (`b`, long) or a multi-hot label vector (`b k`, float).
 Both become an embedding `b e` that the encoder reads as extra input channels and the decoder
@@ -12,9 +13,21 @@ training samples hit by condition dropout, so the same model also samples uncond
 from __future__ import annotations
 
 import torch
+from einops import repeat
 from torch import nn
 
 from models.blocks import exists
+
+
+def concat_condition(x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+    """Append the embedding `b e` to `x` along axis 1 as constant channels (or features when `x`
+    is flat `b f`): `b c ...` -> `b (c + e) ...`. Identity when emb is None."""
+    if not exists(emb):
+        return x
+    emb = emb.to(x.dtype)
+    patterns = {2: "b e -> b e", 3: "b e -> b e l", 4: "b e -> b e h w", 5: "b e -> b e d h w"}
+    sizes = dict(zip({3: "l", 4: "hw", 5: "dhw"}.get(x.ndim, ""), x.shape[2:]))
+    return torch.cat([x, repeat(emb, patterns[x.ndim], **sizes)], dim=1)
 
 
 class ConditionEmbedding(nn.Module):

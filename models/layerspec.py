@@ -37,11 +37,11 @@ from typing import Any, Callable
 
 import torch
 import yaml
-from einops import repeat
 from einops.layers.torch import Rearrange
 from torch import nn
 
 from models.blocks import Downsample, ResnetBlock, Upsample, exists, make_attn
+from models.conditioning import concat_condition
 
 LATENT = "Latent"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -246,6 +246,11 @@ def _check_gn(a):
         raise _Bad(f"GroupNorm needs channels divisible by groups; {a[1]} % {a[0]} != 0")
 
 
+def _check_output_padding(a):
+    if a[5] >= a[3]:
+        raise _Bad(f"ConvTranspose2d output_padding must be smaller than stride; {a[5]} >= {a[3]}")
+
+
 def _act(cls, title):
     return LayerDef(title, (), lambda a, ctx: cls(), _same, f"{title}()")
 
@@ -259,7 +264,8 @@ LAYERS: dict[str, LayerDef] = {
         _CONV + (Arg("output_padding", low=0, optional=True, default=0),),
         lambda a, ctx: nn.ConvTranspose2d(a[0], a[1], a[2], stride=a[3], padding=a[4], output_padding=a[5]),
         _conv_shape(2, transposed=True),
-        "ConvTranspose2d(in, out, kernel, stride, padding[, output_padding])",
+        "ConvTranspose2d(in, out, kernel, stride, padding[, output_padding < stride])",
+        check=_check_output_padding,
         widen=0,
     ),
     "VAERB": LayerDef(
@@ -350,10 +356,10 @@ LAYERS: dict[str, LayerDef] = {
     ),
     "Unflat": LayerDef(
         "Unflatten",
-        _fields("c,h") + (Arg("w", optional=True), Arg("d", optional=True)),
+        _fields("c,size") + (Arg("size", optional=True), Arg("size", optional=True)),
         lambda a, ctx: _unflatten([x for x in a if x is not None]),
         lambda a, s: _unflat_shape([x for x in a if x is not None], s),
-        "b (c h w) -> b c h w; 2 numbers give (c, l), 4 give (c, d, h, w)",
+        "Unflat_c_h_w: b (c h w) -> b c h w; Unflat_c_l gives (c, l), Unflat_c_d_h_w gives (c, d, h, w)",
     ),
 }
 LATENT_HELP = "marks where the latent sits (ends the encoder; splits a single list into encoder and decoder)"
@@ -470,14 +476,18 @@ def check_groups(items: list[Item], num_groups: int) -> None:
                     )
 
 
+def _is_latent(token: Any) -> bool:
+    return isinstance(token, str) and token.split("*")[-1].strip() == LATENT
+
+
 def split_at_latent(encoder: list, decoder: list | None = None) -> tuple[list, list]:
     """Encoder and decoder token lists, with the `Latent` marker resolved (see the module docstring)."""
     decoder = list(decoder or [])
-    enc_marks = [i for i, t in enumerate(encoder) if isinstance(t, str) and t.strip() == LATENT]
+    enc_marks = [i for i, t in enumerate(encoder) if _is_latent(t)]
     if len(enc_marks) > 1:
         where = ", ".join(str(i + 1) for i in enc_marks)
         raise SpecError(f"encoder: {LATENT} appears {len(enc_marks)} times (items {where}); one latent only")
-    dec_marks = [i + 1 for i, t in enumerate(decoder) if isinstance(t, str) and t.strip() == LATENT]
+    dec_marks = [i + 1 for i, t in enumerate(decoder) if _is_latent(t)]
     if dec_marks:
         raise SpecError(f"decoder: item {dec_marks[0]} \"{LATENT}\": the latent marker belongs in the encoder list")
     if enc_marks:
@@ -613,14 +623,6 @@ def check_autoencoder(
 # ---------------------------------------------------------------------------------------------
 
 
-def _broadcast_cond(emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The condition embedding `b e` laid out like `x` so it can be appended along axis 1."""
-    emb = emb.to(x.dtype)
-    patterns = {2: "b e -> b e", 3: "b e -> b e l", 4: "b e -> b e h w", 5: "b e -> b e d h w"}
-    sizes = dict(zip({3: "l", 4: "hw", 5: "dhw"}.get(x.ndim, ""), x.shape[2:]))
-    return repeat(emb, patterns[x.ndim], **sizes)
-
-
 class SpecNet(nn.Module):
     """An encoder or decoder built from a layer spec; `forward(x, emb=None)`.
 
@@ -671,7 +673,7 @@ class SpecNet(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         if self.cond_in:
-            x = torch.cat([x, _broadcast_cond(emb, x)], dim=1)
+            x = concat_condition(x, emb)
         for layer in self.layers:
             x = layer(x, emb) if getattr(layer, "takes_cond", False) else layer(x)
         return x
@@ -725,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             decoder = load_spec(_spec_from_cli(args.decoder), "decoder")
         elif both:
             decoder = load_spec(raw, "decoder")
-        has_marker = any(isinstance(t, str) and t.strip() == LATENT for t in encoder)
+        has_marker = any(_is_latent(t) for t in encoder)
         if decoder is None and not has_marker:
             run = dry_run(encoder, (args.in_channels, args.image_size, args.image_size))
             print(f"{fmt(run.in_shape)} -> {fmt(run.out_shape)}")

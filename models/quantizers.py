@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from einops import pack, rearrange, unpack
 from torch import nn
 
-from models.blocks import exists
 
 
 @dataclass
@@ -174,6 +173,20 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
 
+    _FP32_BUFFERS = ("embed", "cluster_size", "embed_sum")
+
+    def _apply(self, fn, recurse=True):
+        # `model.half()` / `.to(bfloat16)` (DeepSpeed's bf16 and fp16 modes cast the whole module)
+        # must not leave the EMA statistics in 16 bits: a 0.99 decay needs more mantissa than bf16
+        # has. They are cast back to fp32 right away; the lookup runs in fp32 anyway.
+        super()._apply(fn, recurse)
+        if self.ema:
+            for name in self._FP32_BUFFERS:
+                buf = self._buffers[name]
+                if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                    self._buffers[name] = buf.float()
+        return self
+
     # --- codebook maintenance (no grad, training only) ------------------------------------------
 
     @torch.no_grad()
@@ -183,7 +196,7 @@ class VectorQuantizer(nn.Module):
         else:
             embed = x[torch.randint(x.shape[0], (self.codebook_size,), device=x.device)]
         embed = _sync(embed.contiguous(), "broadcast", self.sync)
-        self.embed.data.copy_(embed)
+        self.embed.data.copy_(embed)  # copy_ converts to a bf16/fp16 gradient-trained codebook
         if self.ema:
             self.embed_sum.copy_(embed)
             self.cluster_size.fill_(1.0)
@@ -210,7 +223,7 @@ class VectorQuantizer(nn.Module):
             return
         samples = x[torch.randint(x.shape[0], (num,), device=x.device)]
         samples = _sync(samples.contiguous(), "broadcast", self.sync)
-        self.embed.data[dead] = samples
+        self.embed.data[dead] = samples.to(self.embed.dtype)
         if self.ema:
             self.embed_sum[dead] = samples
             self.cluster_size[dead] = 1.0

@@ -66,6 +66,11 @@ def test_config_model_trains_a_step(name):
         assert model.sample(10, s, cond=torch.arange(10)).shape == (10, 3, s, s)
 
 
+def test_spec_paths_are_resolved_into_the_config():
+    cfg = load_config([CONFIGS / "spec_basic.yaml"], ["data.train=x"])
+    assert cfg.model.encoder[0] == "C2d_3_128_3_1_1" and cfg.model.decoder[-1] == "C2d_128_3_3_1_1"
+
+
 def test_model_section_is_documented():
     lines = [line for line in describe() if line.startswith("model.")]
     assert len(lines) >= 30 and all("  # " in line and not line.endswith("# ") for line in lines)

@@ -144,3 +144,14 @@ def test_condition_errors_and_unconditional_models_ignore_cond():
     x = batch()
     with_cond = plain(x, cond=torch.tensor([1, 2]), sample_posterior=False).recon
     assert torch.equal(with_cond, plain(x, sample_posterior=False).recon)
+
+
+@pytest.mark.parametrize("name", ["kl", "kl_multilabel", "kl_spec_class", "vq", "vq_grad_cosine", "fsq"])
+def test_runs_cast_to_bf16_without_autocast(name):
+    # DeepSpeed's bf16 mode casts the whole module and feeds bf16 inputs: fp32 latents (posterior,
+    # quantizer) must be cast back before the decoder.
+    model = make(name).to(torch.bfloat16).train()
+    x = batch().to(torch.bfloat16)
+    out = model(x, cond=cond_for(model, 2))
+    assert out.recon.dtype == torch.bfloat16 and torch.isfinite(out.recon.float()).all()
+    (out.recon.float().square().mean() + sum(out.losses.values(), torch.zeros(()))).backward()

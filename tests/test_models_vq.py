@@ -120,6 +120,18 @@ def test_quantizer_runs_in_fp32_under_autocast():
     assert out.quantized.dtype == torch.bfloat16 and vq.embed.dtype == torch.float32 and out.loss.dtype == torch.float32
 
 
+def test_ema_statistics_stay_fp32_when_the_model_is_cast():
+    vq = VectorQuantizer(dim=4, codebook_size=8, restart_after=1).to(torch.bfloat16).train()
+    assert vq.embed.dtype == vq.cluster_size.dtype == vq.embed_sum.dtype == torch.float32
+    for s in range(3):
+        out = vq(vectors(4, seed=s).to(torch.bfloat16))  # 4 vectors, 8 codes: restarts
+    assert out.quantized.dtype == torch.bfloat16 and int(vq.restarts) > 0
+    grad = VectorQuantizer(dim=4, codebook_size=8, decay=0.0, restart_after=1).to(torch.bfloat16).train()
+    for s in range(3):
+        grad(vectors(4, seed=s).to(torch.bfloat16))
+    assert grad.embed.dtype == torch.bfloat16 and int(grad.restarts) > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # FSQ
 # ---------------------------------------------------------------------------------------------
