@@ -3,7 +3,9 @@
 Axis letters: b batch, c channels, h height, w width, e condition-embedding width.
 
 Parameter names follow latent diffusion's `Encoder` / `Decoder` / `AutoencoderKL` (conv_in,
-down.<i>.block.<j>, mid.attn_1, quant_conv, ...), so a state dict saved there loads here.
+down.<i>.block.<j>, mid.attn_1, quant_conv, ...) and kl-f8 built here has its 83.65M parameters,
+so its weights should load with `load_state_dict(strict=False)` once its `loss.*` (LPIPS and
+discriminator) entries are dropped -- not yet tried against a real checkpoint file.
 """
 
 from __future__ import annotations

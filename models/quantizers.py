@@ -26,7 +26,8 @@ from torch import nn
 class QuantizerOutput:
     """quantized: `b d ...` (straight-through: gradients reach the encoder as if it were identity);
     indices: `b ...` code per latent vector; loss: the term to optimise (None for FSQ);
-    metrics: detached scalars (perplexity, codes_used, dead_restarts)."""
+    metrics: detached scalars (perplexity, codes_used, dead_restarts = codes restarted by this
+    forward; the running total is the quantizer's `restarts` buffer)."""
 
     quantized: torch.Tensor
     indices: torch.Tensor
@@ -215,12 +216,13 @@ class VectorQuantizer(nn.Module):
         self.embed.copy_(l2norm(embed) if self.cosine else embed)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, x: torch.Tensor, bins: torch.Tensor) -> None:
+    def _restart_dead_codes(self, x: torch.Tensor, bins: torch.Tensor) -> int:
+        """Restart codes unused for `restart_after` steps; returns how many."""
         self.unused_steps.copy_(torch.where(bins > 0, torch.zeros_like(self.unused_steps), self.unused_steps + 1))
         dead = self.unused_steps >= self.restart_after
         num = int(dead.sum())  # identical on every rank: bins were reduced
         if not num:
-            return
+            return 0
         samples = x[torch.randint(x.shape[0], (num,), device=x.device)]
         samples = _sync(samples.contiguous(), "broadcast", self.sync)
         self.embed.data[dead] = samples.to(self.embed.dtype)
@@ -229,6 +231,7 @@ class VectorQuantizer(nn.Module):
             self.cluster_size[dead] = 1.0
         self.unused_steps[dead] = 0
         self.restarts += num
+        return num
 
     # --- lookup ---------------------------------------------------------------------------------
 
@@ -266,15 +269,18 @@ class VectorQuantizer(nn.Module):
         loss = self.beta * commitment if self.ema else F.mse_loss(q, x.detach()) + self.beta * commitment
 
         bins = torch.bincount(idx, minlength=self.codebook_size).float()
+        restarted = 0
         if update:
             _sync(bins, "sum", self.sync)
             if self.ema:
                 self._ema_update(x.detach(), idx, bins)
             if self.restart_after:
-                self._restart_dead_codes(x.detach(), bins)
+                restarted = self._restart_dead_codes(x.detach(), bins)
 
         quantized = x + (q - x).detach()  # straight-through estimator
-        metrics = {**_usage_metrics(bins), "dead_restarts": self.restarts.detach().float()}
+        # A count per forward (not the running total) so that averaging over a logging interval,
+        # as loggers do, gives restarts per step.
+        metrics = {**_usage_metrics(bins), "dead_restarts": torch.tensor(float(restarted), device=x.device)}
         (indices,) = unpack(idx, ps, "*")
         return QuantizerOutput(_from_vectors(quantized, ps).to(z.dtype), indices, loss, metrics)
 

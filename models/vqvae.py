@@ -19,7 +19,8 @@ class VQAutoencoder(LatentAutoencoder):
 
     losses: {"vq": codebook + beta * commitment} for a vector quantizer (weighted by
     `loss.vq_weight`), nothing for FSQ. metrics: perplexity, codes_used (fraction of the codebook
-    hit by this batch, all ranks while training), dead_restarts (codes restarted so far; VQ only).
+    hit by this batch, all ranks while training), dead_restarts (codes restarted by this step; VQ
+    only; the running total is `quantizer.restarts`).
     `encode` returns the quantized latent `b d h w`; `encode_indices` / `decode_indices` work with
     code indices `b h w` (what a prior would model). `sample` raises NoPriorError: there is no
     learnt prior over the codes yet.

@@ -97,9 +97,11 @@ def test_dead_codes_are_restarted_from_encoder_outputs():
     torch.manual_seed(0)
     vq = VectorQuantizer(dim=4, codebook_size=32, init="random", restart_after=2).train()
     z = vectors(8)  # 8 vectors: most of 32 codes go unused
+    counted = 0
     for _ in range(3):
         out = vq(z)
-    assert int(vq.restarts) > 0 and out.metrics["dead_restarts"] == vq.restarts.float()
+        counted += int(out.metrics["dead_restarts"])
+    assert int(vq.restarts) > 0 and counted == int(vq.restarts)
     flat = z.reshape(8, 4)
     assert torch.cdist(vq.embed, flat).min(-1).values.max() < 1e-2  # every code sits on an input (EMA drift aside)
     assert 0 < out.metrics["codes_used"] <= 8 / 32 and 1 <= out.metrics["perplexity"] <= 8
