@@ -42,22 +42,64 @@ def F(default: Any, help: str, *, ge: float | None = None, gt: float | None = No
 
 @dataclass
 class ModelConfig:
-    kind: Literal["kl"] = F("kl", "autoencoder family: kl = Gaussian VAE (AutoencoderKL)")
+    # --- what the latent is, and what builds encoder and decoder
+    kind: Literal["kl", "vq", "fsq"] = F(
+        "kl", "latent: kl = Gaussian VAE, vq = vector-quantized (codebook), fsq = finite scalar quantization"
+    )
+    arch: Literal["ldm", "spec"] = F(
+        "ldm", "encoder/decoder: ldm = latent-diffusion Encoder/Decoder (ch, ch_mult...), spec = model.encoder/decoder"
+    )
+    encoder: Union[str, list[str]] = F(
+        "", "arch=spec: encoder layer strings, or a .json/.yaml path (a list, or a mapping with an `encoder` list; "
+        "replaced by its layers at load)"
+    )
+    decoder: Union[str, list[str]] = F(
+        "", "arch=spec: decoder layer strings or path ('' = the layers after `Latent` in model.encoder)"
+    )
     in_channels: int = F(3, "image channels in", ge=1)
     out_ch: int = F(3, "image channels out", ge=1)
+    # --- arch=ldm
     ch: int = F(128, "base channel count of encoder/decoder", ge=1)
     ch_mult: list[int] = F([1, 2, 4, 4], "channel multiplier per resolution level; len-1 = number of 2x downsamplings")
     num_res_blocks: int = F(2, "residual blocks per resolution level", ge=1)
     attn_resolutions: list[int] = F([], "feature-map sizes (pixels) that get an attention block; [] = none")
     resolution: int = F(0, "image size attn_resolutions refer to (0 = data.image_size, filled in at load)", ge=0)
-    norm_groups: int = F(32, "GroupNorm groups in residual/attention blocks (channels must be divisible)", ge=1)
-    attn_type: Literal["vanilla", "linear", "none"] = F("vanilla", "attention kind in mid and attn_resolutions blocks")
     z_channels: int = F(4, "latent channels (before embed_dim projection)", ge=1)
-    double_z: bool = F(True, "encoder emits mean and log-variance (2*z_channels); false = deterministic")
-    embed_dim: int = F(4, "channels of the latent the decoder reads", ge=1)
+    # --- both archs
+    attn_type: Literal["vanilla", "linear", "none"] = F(
+        "vanilla", "attention kind in mid and attn_resolutions blocks (and VAEA spec items; none = identity)"
+    )
+    norm_groups: int = F(32, "GroupNorm groups in residual/attention blocks (channels must be divisible)", ge=1)
+    double_z: bool = F(True, "kind=kl: encoder emits mean and log-variance (2*z); false = deterministic (KL 0)")
+    embed_dim: int = F(4, "channels of the latent the decoder reads (kl; vq: codebook vector size)", ge=1)
     dropout: float = F(0.0, "dropout in residual blocks (0 = off)", ge=0.0, le=1.0)
     resamp_with_conv: bool = F(True, "strided conv / conv after nearest upsampling (false = pooling / plain)")
     gradient_checkpointing: bool = F(False, "recompute residual and attention blocks in backward")
+    # --- conditioning
+    condition: Literal["none", "class", "multilabel"] = F(
+        "none", "condition: class = class index (cls), multilabel = multi-hot vector (COCO categories)"
+    )
+    num_classes: int = F(0, "number of classes (class) or label-vector length (multilabel, 80 for COCO)", ge=0)
+    cond_dim: int = F(64, "condition embedding width: extra input channels of encoder/decoder, FiLM input", ge=1)
+    cond_dropout: float = F(
+        0.0, "share of training samples given the null condition, so the model also samples unconditionally (0 = off)",
+        ge=0.0, le=1.0,
+    )
+    # --- kind=vq
+    vq_codebook_size: int = F(1024, "codebook entries", ge=2)
+    vq_beta: float = F(0.25, "commitment weight on the encoder term |z_e - sg(e)|^2", ge=0.0)
+    vq_decay: float = F(0.99, "EMA decay of the codebook, < 1 (0 = codebook trained by gradient)", ge=0.0)
+    vq_eps: float = F(1e-5, "Laplace smoothing of EMA cluster sizes", gt=0.0)
+    vq_cosine: bool = F(False, "l2-normalise encoder outputs and codes (cosine-similarity lookup)")
+    vq_init: Literal["kmeans", "random", "none"] = F(
+        "kmeans", "codebook init from the first training batch: kmeans = k-means++ seeding + Lloyd steps, "
+        "random = random encoder outputs, none = random normal"
+    )
+    vq_restart_after: int = F(
+        100, "replace codes unused for this many training steps by recent encoder outputs (0 = never)", ge=0
+    )
+    # --- kind=fsq
+    fsq_levels: list[int] = F([8, 5, 5, 5], "FSQ levels per latent channel; codebook size = their product")
 
 
 @dataclass
@@ -81,6 +123,7 @@ class LossConfig:
     recon: Literal["l1", "l2"] = F("l1", "pixel reconstruction loss")
     recon_weight: float = F(1.0, "weight of the pixel reconstruction term", ge=0.0)
     kl_weight: float = F(1e-6, "weight of the KL term of a Gaussian posterior (0 = plain autoencoder)", ge=0.0)
+    vq_weight: float = F(1.0, "weight of the vector-quantizer term (codebook + vq_beta * commitment)", ge=0.0)
 
 
 @dataclass
@@ -145,18 +188,27 @@ class Config:
             raise ConfigError("data.train: missing; give a shard pattern, a folder of shards or a list")
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ConfigError(f"optim.betas: need two numbers in [0, 1); got {self.optim.betas}")
-        if not self.model.ch_mult or any(m < 1 for m in self.model.ch_mult):
-            raise ConfigError(f"model.ch_mult: need a non-empty list of positive integers; got {self.model.ch_mult}")
-        factor = 2 ** (len(self.model.ch_mult) - 1)
-        if self.data.image_size % factor:
-            raise ConfigError(
-                f"data.image_size: {self.data.image_size} is not divisible by {factor}, "
-                f"the downsampling factor of model.ch_mult={self.model.ch_mult}"
-            )
         self._validate_model()
 
     def _validate_model(self) -> None:
         m = self.model
+        if m.condition != "none" and m.num_classes < 1:
+            raise ConfigError(f"model.num_classes: model.condition={m.condition} needs the number of classes (>= 1)")
+        if m.kind == "vq" and m.vq_decay >= 1.0:
+            raise ConfigError(f"model.vq_decay: {m.vq_decay} would freeze the codebook; must be < 1 (0 = by gradient)")
+        if m.kind == "fsq" and (not m.fsq_levels or any(n < 2 for n in m.fsq_levels)):
+            raise ConfigError(f"model.fsq_levels: need a non-empty list of integers >= 2; got {m.fsq_levels}")
+        if m.arch == "spec":
+            self._validate_spec()
+            return
+        if not m.ch_mult or any(c < 1 for c in m.ch_mult):
+            raise ConfigError(f"model.ch_mult: need a non-empty list of positive integers; got {m.ch_mult}")
+        factor = 2 ** (len(m.ch_mult) - 1)
+        if self.data.image_size % factor:
+            raise ConfigError(
+                f"data.image_size: {self.data.image_size} is not divisible by {factor}, "
+                f"the downsampling factor of model.ch_mult={m.ch_mult}"
+            )
         for i, mult in enumerate(m.ch_mult):
             if (m.ch * mult) % m.norm_groups:
                 raise ConfigError(
@@ -174,6 +226,43 @@ class Config:
                     f"model.attn_resolutions: {bad[0]} is not a feature size at resolution {m.resolution}; "
                     f"the sizes are {', '.join(map(str, sizes))}"
                 )
+
+    def _validate_spec(self) -> None:
+        """Parse the layer specs and dry-run them at data.image_size: the first layer that does not
+        fit, an encoder/decoder pair that does not meet at the latent, or a decoder whose output is
+        not the image stops the run here, before any work."""
+        from models.layerspec import ShapeError, SpecError, check_autoencoder, load_spec
+
+        m = self.model
+        if not m.encoder:
+            raise ConfigError("model.encoder: missing; arch=spec needs a list of layer strings or a .json/.yaml path")
+        side = "encoder"
+        try:
+            enc = load_spec(m.encoder, "encoder")
+            side = "decoder"
+            dec = load_spec(m.decoder, "decoder") if m.decoder else None
+            latent_dim = {"vq": m.embed_dim, "fsq": len(m.fsq_levels)}.get(m.kind)
+            check_autoencoder(
+                enc,
+                dec,
+                image_size=self.data.image_size,
+                in_channels=m.in_channels,
+                out_channels=m.out_ch,
+                latent="gaussian" if m.kind == "kl" and m.double_z else "plain",
+                latent_dim=latent_dim,
+                num_groups=m.norm_groups,
+            )
+        except SpecError as e:
+            msg = str(e)
+            if msg.startswith(("encoder: ", "decoder: ")):
+                side, msg = msg.split(": ", 1)
+            where = f" (at data.image_size={self.data.image_size})" if isinstance(e, ShapeError) else ""
+            raise ConfigError(f"model.{side}: {msg}{where}") from None
+        # A spec file is read once, here: the resolved config (run folder, checkpoints, model hash)
+        # then holds the layers themselves, so an edited file cannot silently change a resumed model.
+        m.encoder = list(enc)
+        if dec is not None:
+            m.decoder = list(dec)
 
 
 # ---------------------------------------------------------------------------------------------

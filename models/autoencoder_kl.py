@@ -3,18 +3,21 @@
 Axis letters: b batch, c channels, h height, w width, e condition-embedding width.
 
 Parameter names follow latent diffusion's `Encoder` / `Decoder` / `AutoencoderKL` (conv_in,
-down.<i>.block.<j>, mid.attn_1, quant_conv, ...), so a state dict saved there loads here.
+down.<i>.block.<j>, mid.attn_1, quant_conv, ...) and kl-f8 built here has its 83.65M parameters,
+so its weights should load with `load_state_dict(strict=False)` once its `loss.*` (LPIPS and
+discriminator) entries are dropped -- not yet tried against a real checkpoint file.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import repeat
 from torch import nn
 
-from models.base import Autoencoder, AutoencoderOutput
-from models.blocks import Downsample, Normalize, ResnetBlock, Upsample, exists, make_attn, set_gradient_checkpointing
+from models.base import AutoencoderOutput
+from models.blocks import Downsample, Normalize, ResnetBlock, Upsample, exists, make_attn
+from models.common import LatentAutoencoder, build_backbone
+from models.conditioning import ConditionEmbedding, concat_condition
 from models.distributions import DiagonalGaussianDistribution
 
 # ---------------------------------------------------------------------------------------------
@@ -41,13 +44,6 @@ def attn_levels(attn_resolutions, resolution: int | None, num_levels: int) -> se
                 f"its sizes are {', '.join(map(str, sizes))}"
             )
     return {i for i, s in enumerate(sizes) if s in attn_resolutions}
-
-
-def _concat_cond(x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
-    """Append the condition embedding to `x` as constant extra channels."""
-    if not exists(emb):
-        return x
-    return torch.cat([x, repeat(emb.to(x.dtype), "b e -> b e h w", h=x.shape[-2], w=x.shape[-1])], dim=1)
 
 
 class Encoder(nn.Module):
@@ -112,7 +108,7 @@ class Encoder(nn.Module):
         return (self.out_channels, size, size)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv_in(_concat_cond(x, emb if self.cond_dim else None))
+        h = self.conv_in(concat_condition(x, emb if self.cond_dim else None))
         for i_level, down in enumerate(self.down):
             for i_block in range(self.num_res_blocks):
                 h = down.block[i_block](h)
@@ -185,7 +181,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         emb = emb if self.cond_dim else None
-        h = self.conv_in(_concat_cond(z, emb))
+        h = self.conv_in(concat_condition(z, emb))
         h = self.mid.block_1(h, emb)
         h = self.mid.block_2(self.mid.attn_1(h), emb)
         for i_level in reversed(range(self.num_resolutions)):
@@ -205,16 +201,20 @@ class Decoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class AutoencoderKL(Autoencoder):
+class AutoencoderKL(LatentAutoencoder):
     """Gaussian VAE: encoder -> quant_conv -> diagonal Gaussian posterior -> post_quant_conv -> decoder.
 
     KL scale (explicit, as latent diffusion): `losses["kl"]` is the KL to N(0, I) *summed* over every
     latent element (c, h, w) of a sample and *averaged* over the batch. Its weight (`loss.kl_weight`)
     is therefore relative to a pixel loss averaged over elements: the 1e-6 of latent diffusion.
+    metrics: posterior_std (mean std of the posterior), latent_std (std of the latent decoded;
+    latent diffusion scales latents by its inverse).
 
     `encode` returns the latent tensor the decoder reads (the posterior mean, or a draw with
     sample_posterior=True); `posterior(x)` returns the distribution itself.
     With double_z=False the encoder emits the latent directly: a plain autoencoder with KL 0.
+    A condition (see `ConditionEmbedding`) reaches encoder and decoder; `cond=None` on a
+    conditional model means the null (unconditioned) embedding.
     """
 
     def __init__(
@@ -226,33 +226,30 @@ class AutoencoderKL(Autoencoder):
         post_quant_conv: nn.Module | None = None,
         embed_dim: int = 4,
         double_z: bool = True,
+        cond_embed: ConditionEmbedding | None = None,
         gradient_checkpointing: bool = False,
     ):
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-        self.quant_conv, self.post_quant_conv = quant_conv, post_quant_conv
+        super().__init__(
+            encoder=encoder,
+            decoder=decoder,
+            quant_conv=quant_conv,
+            post_quant_conv=post_quant_conv,
+            cond_embed=cond_embed,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         self.embed_dim = embed_dim
         self.double_z = double_z
-        self.gradient_checkpointing = gradient_checkpointing
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self._gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, enabled: bool) -> None:
-        self._gradient_checkpointing = bool(enabled)
-        set_gradient_checkpointing(self, bool(enabled))
 
     # --- the interface ------------------------------------------------------------------------
 
-    def posterior(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> DiagonalGaussianDistribution:
-        h = self.encoder(x)
-        if exists(self.quant_conv):
-            h = self.quant_conv(h)
+    def _posterior(self, x: torch.Tensor, emb: torch.Tensor | None) -> DiagonalGaussianDistribution:
+        h = self._encode_features(x, emb)
         if not self.double_z:
             h = torch.cat([h, torch.zeros_like(h)], dim=1)
         return DiagonalGaussianDistribution(h, deterministic=not self.double_z)
+
+    def posterior(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> DiagonalGaussianDistribution:
+        return self._posterior(x, self.embed(cond, x.shape[0]))
 
     def encode(
         self,
@@ -266,26 +263,20 @@ class AutoencoderKL(Autoencoder):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return z.to(x.dtype)
 
-    def decode(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        z = z.to(self._dtype)  # the posterior is fp32; a bf16/fp16 model without autocast needs its own dtype
-        if exists(self.post_quant_conv):
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
-
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor | None = None, sample_posterior: bool = True
     ) -> AutoencoderOutput:
-        posterior = self.posterior(x, cond)
+        # One embedding (and one condition-dropout draw) for encoder and decoder alike.
+        emb = self.embed(cond, x.shape[0], drop=self.training)
+        posterior = self._posterior(x, emb)
         z = posterior.sample() if sample_posterior else posterior.mode()
-        recon = self.decode(z, cond)
+        recon = self._decode(z, emb)
         kl = posterior.kl().mean()
         metrics = {"posterior_std": posterior.std.mean().detach(), "latent_std": z.detach().std()}
         return AutoencoderOutput(recon=recon, losses={"kl": kl}, metrics=metrics, latent=z)
 
     def latent_shape(self, image_size: int) -> tuple[int, ...]:
-        shape = list(self.encoder.out_shape(image_size))
-        if exists(self.quant_conv):
-            shape[0] = self.quant_conv.out_channels
+        shape = list(super().latent_shape(image_size))
         if self.double_z:
             shape[0] //= 2
         return tuple(shape)
@@ -298,47 +289,28 @@ class AutoencoderKL(Autoencoder):
         cond: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Decode `n` latents drawn from N(0, I) (on the generator's device, then moved)."""
-        device = next(self.parameters()).device
-        noise_device = generator.device if exists(generator) else device
-        z = torch.randn((n, *self.latent_shape(image_size)), generator=generator, device=noise_device)
-        return self.decode(z.to(device), cond)
+        """Decode `n` latents drawn from N(0, I) (on the generator's device, then moved).
 
-    @property
-    def _dtype(self) -> torch.dtype:
-        return next(self.decoder.parameters()).dtype
+        cond: `n` class indices (-1 = unconditioned) or `n k` multi-hot rows; None = unconditioned.
+        """
+        self._check_sample_cond(n, cond)
+        noise_device = generator.device if exists(generator) else self._device
+        z = torch.randn((n, *self.latent_shape(image_size)), generator=generator, device=noise_device)
+        return self.decode(z.to(self._device), cond)
 
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, cfg) -> AutoencoderKL:
-        """Build from a `ModelConfig` (harness.config)."""
-        from harness.config import ConfigError
-
-        common = dict(
-            ch=cfg.ch,
-            ch_mult=tuple(cfg.ch_mult),
-            num_res_blocks=cfg.num_res_blocks,
-            attn_resolutions=tuple(cfg.attn_resolutions),
-            resolution=cfg.resolution or None,
-            z_channels=cfg.z_channels,
-            dropout=cfg.dropout,
-            resamp_with_conv=cfg.resamp_with_conv,
-            attn_type=cfg.attn_type,
-            num_groups=cfg.norm_groups,
-        )
-        try:
-            encoder = Encoder(in_channels=cfg.in_channels, double_z=cfg.double_z, **common)
-            decoder = Decoder(out_ch=cfg.out_ch, **common)
-        except ValueError as e:
-            raise ConfigError(f"model: {e}") from None
-        moments = 2 if cfg.double_z else 1
+        """Build from a `ModelConfig` (harness.config): arch ldm or spec, conditioned or not."""
+        parts = build_backbone(cfg, latent_dim=cfg.embed_dim, gaussian=cfg.double_z)
         return cls(
-            encoder=encoder,
-            decoder=decoder,
-            quant_conv=nn.Conv2d(moments * cfg.z_channels, moments * cfg.embed_dim, 1),
-            post_quant_conv=nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1),
+            encoder=parts.encoder,
+            decoder=parts.decoder,
+            quant_conv=parts.quant_conv,
+            post_quant_conv=parts.post_quant_conv,
             embed_dim=cfg.embed_dim,
             double_z=cfg.double_z,
+            cond_embed=parts.cond_embed,
             gradient_checkpointing=cfg.gradient_checkpointing,
         )
