@@ -63,17 +63,17 @@ def _cpus() -> int:
 
 def _common(p: argparse.ArgumentParser, *, shard_size: int = 1000, images: bool = True):
     g = p.add_argument_group("output")
-    g.add_argument("--workers", type=_positive, default=_cpus(),
+    g.add_argument("--workers", type=_positive, default=_cpus(), metavar="N",
                    help="encoding processes (default: all %(default)s usable cores); the writer runs in the main process")
-    g.add_argument("--shard-size", type=_positive, default=shard_size, help="samples per shard (default %(default)s)")
-    g.add_argument("--shard-bytes", type=_size, default=0,
+    g.add_argument("--shard-size", type=_positive, default=shard_size, metavar="N", help="samples per shard (default %(default)s)")
+    g.add_argument("--shard-bytes", type=_size, default=0, metavar="SIZE",
                    help="also start a new shard once one holds about this much image data, e.g. 500MB (default: no limit)")
-    g.add_argument("--quality", type=_quality, default=95, help="JPEG quality of re-encoded images (default %(default)s)")
+    g.add_argument("--quality", type=_quality, default=95, metavar="Q", help="JPEG quality of re-encoded images (default %(default)s)")
     if images:
         g.add_argument("--max-size", type=int, default=0, metavar="PIXELS",
                        help="re-encode images whose longest side is larger, down to this (e.g. 256; default 0 = keep "
                             "original bytes unless an image needs converting)")
-        g.add_argument("--shuffle-seed", type=int, default=0,
+        g.add_argument("--shuffle-seed", type=int, default=0, metavar="SEED",
                        help="seed of the sample order across shards (default %(default)s); --no-shuffle keeps sorted order")
         g.add_argument("--no-shuffle", action="store_true", help="write samples in sorted input order")
         g.add_argument("--max-samples", type=int, default=0, metavar="N",
@@ -199,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shards", description=__doc__, formatter_class=fmt)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    d = sub.add_parser("demo", formatter_class=fmt, help="a generated, labelled set: coloured shapes, 10 classes",
+    d = sub.add_parser("demo", help="a generated, labelled set: coloured shapes, 10 classes",
                        description="A deterministic generated set: coloured shapes (cls = shape, 10 classes) on "
                                    "textured backgrounds, with 7 multi-hot attributes in json.labels and a caption "
                                    "in txt. Same arguments -> byte-identical shards.")
@@ -211,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     _common(d, shard_size=500, images=False)
     d.set_defaults(func=cmd_demo)
 
-    f = sub.add_parser("folder", formatter_class=fmt, help="any tree of images (sub-folder names become classes)",
+    f = sub.add_parser("folder", help="any tree of images (sub-folder names become classes)",
                        description="Any tree of images. When every image lies inside a first-level sub-folder, "
                                    "the sub-folder names are the classes (sorted, or in --classes order) and each "
                                    "sample gets cls; otherwise the set is unlabelled.")
@@ -222,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
     _common(f)
     f.set_defaults(func=cmd_folder)
 
-    i = sub.add_parser("imagenet", formatter_class=fmt, help="ImageNet train/<synset>/ or the flat val/ folder",
+    i = sub.add_parser("imagenet", help="ImageNet train/<synset>/ or the flat val/ folder",
                        description="ImageNet (ILSVRC-2012). SRC is either train/ (train/<synset>/*.JPEG; cls = "
                                    "index of the synset in sorted order, the standard 1000-class order) or the flat "
                                    "val/ folder, labelled from --labels (LOC_val_solution.csv, found by itself "
@@ -236,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     _common(i)
     i.set_defaults(func=cmd_imagenet)
 
-    c = sub.add_parser("coco", formatter_class=fmt, help="COCO 2017 images + instances/captions annotations",
+    c = sub.add_parser("coco", help="COCO 2017 images + instances/captions annotations",
                        description="COCO (train2017 or val2017). json per sample: image_id, file_name, width, "
                                    "height, labels (the categories present, as indices 0..79 into label_names in "
                                    "category-id order), category_ids (original ids), captions; txt = first "
@@ -260,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
                                    "within the index's classes and label_names, counts per shard and per class "
                                    "match the index, keys are unique. Exit code 1 when anything is wrong.")
     v.add_argument("target", metavar="OUT", help="shard folder or pattern")
-    v.add_argument("--workers", type=_positive, default=_cpus(), help="processes (default %(default)s)")
+    v.add_argument("--workers", type=_positive, default=_cpus(), metavar="N", help="processes (default %(default)s)")
     v.set_defaults(func=cmd_verify)
     return p
 

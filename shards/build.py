@@ -307,6 +307,9 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     bad.sort()
     report = [(path, reason) for path, reason in skipped] + [(path, reason) for _, path, reason in bad]
     _atomic_write(bad_paths, "".join(f"{path}\t{reason}\n" for path, reason in report))
+    if not shards:
+        raise BuildError(f"{source.get('path', out)}: none of the {len(items)} inputs is a usable image "
+                         f"(reasons in {bad_paths})")
     save_progress(done=True)
     bad_pos = {b[0] for b in bad}
     extra = dict(index_extra or {})

@@ -336,3 +336,15 @@ def test_pickle_never_written(tmp_path):
         json.loads(s["json"])
         int(s["cls"])
         Image.open(io.BytesIO(s["jpg"])).verify()
+
+
+def test_all_inputs_bad_is_an_error_without_index(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_text("no")
+    (src / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "out"
+    assert main(["folder", str(src), str(out), *Q]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "none of the 2 inputs is a usable image" in err[-1]
+    assert not (out / "index.json").exists() and len((out / "bad_files.txt").read_text().splitlines()) == 2
