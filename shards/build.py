@@ -137,6 +137,24 @@ def _clean(out: Path):
             p.unlink()
 
 
+def _lock(out: Path):
+    """An exclusive lock on OUT/.lock: two builds writing one folder would corrupt each other."""
+    import fcntl
+
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise BuildError(f"{out}: another build is writing into this folder right now") from None
+    except OSError:  # a file system without flock (some NFS/Lustre setups): go on unlocked
+        pass
+    return f
+
+
 def _fingerprint(kind: str, items: list[Item], opts: BuildOptions, extra: dict) -> str:
     h = hashlib.sha256()
     settings = {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "progress")}
@@ -214,6 +232,7 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
         raise BuildError(f"{source.get('path', out)}: no images found")
     _check_keys(items)
     fingerprint = _fingerprint(source.get("kind", ""), items, opts, {"classes": list(classes), "labels": list(label_names)})
+    lock = _lock(out)  # noqa: F841  held until this function returns (or the process dies)
     state = _prepare(out, fingerprint, opts.overwrite)
     bad_paths = out / BAD_FILES_NAME
     if state["done"]:

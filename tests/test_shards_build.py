@@ -348,3 +348,15 @@ def test_all_inputs_bad_is_an_error_without_index(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "none of the 2 inputs is a usable image" in err[-1]
     assert not (out / "index.json").exists() and len((out / "bad_files.txt").read_text().splitlines()) == 2
+
+
+def test_two_builds_cannot_share_a_folder(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["demo", str(out), "--num-samples", "5", "--image-size", "8", *Q]) == 2
+        assert "another build" in capsys.readouterr().err
+    assert main(["demo", str(out), "--num-samples", "5", "--image-size", "8", *Q]) == 0
