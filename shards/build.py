@@ -25,6 +25,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -38,7 +39,7 @@ PROGRESS_NAME = ".progress.json"
 BAD_FILES_NAME = "bad_files.txt"
 SHARD_RE = re.compile(r"^\d{6}\.tar(\.tmp)?$")
 TAR_MTIME = 1_600_000_000  # fixed member mtime: same input -> byte-identical tars
-FAULT_ENV = "SHARDS_FAULT_AFTER"  # test hook: hard-exit after this many samples written
+FAULT_ENV = "SHARDS_FAULT_AFTER"  # test hook: "N" hard-exits after N samples written, "N:interrupt" raises Ctrl-C
 
 
 class BuildError(Exception):
@@ -247,7 +248,8 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     progress_path = out / PROGRESS_NAME
     bad = state["bad"]  # [position, path or key, reason]
     shards = state["shards"]
-    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    fault = os.environ.get(FAULT_ENV, "").partition(":")
+    fault_after, fault_interrupt = int(fault[0] or 0), fault[2] == "interrupt"
     last = {"end": start, "stream": None}
 
     def save_progress(done=False):
@@ -275,15 +277,27 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     from tqdm import tqdm
     from webdataset import ShardWriter
 
-    todo = ((pos, items[pos]) for pos in range(start, len(items)))
+    # Pool.imap keeps every finished result until it is consumed: with workers faster than the
+    # disk, all encoded images of the set would pile up in memory. A semaphore taken for each
+    # item handed out and given back for each one written keeps only `in_flight` images around.
+    in_flight = threading.Semaphore(max(64, 32 * opts.workers))
+    stop = threading.Event()
+
+    def todo():
+        for pos in range(start, len(items)):
+            while not in_flight.acquire(timeout=0.2):
+                if stop.is_set():  # the pool is being torn down: let its feeder thread finish
+                    return
+            yield pos, items[pos]
+
     pool = None
     if opts.workers > 1:
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=(produce,))
-        results = pool.imap(_work, todo, chunksize=8)
+        results = pool.imap(_work, todo(), chunksize=8)
     else:
         _init_worker_inline(produce)
-        results = map(_work, todo)
+        results = map(_work, ((pos, items[pos]) for pos in range(start, len(items))))
 
     t0 = time.perf_counter()
     written = 0
@@ -296,6 +310,7 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
                          encoder=False, mtime=TAR_MTIME)
     try:
         for pos, sample, reason in results:
+            in_flight.release()
             if sample is None:
                 bad.append([pos, items[pos].path or items[pos].key, reason])
                 bar.set_postfix(bad=len(bad), refresh=False)
@@ -304,14 +319,22 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
                 last["end"] = pos + 1
                 written += 1
                 if fault_after and written >= fault_after:
+                    if fault_interrupt:
+                        raise KeyboardInterrupt  # as Ctrl-C would
                     os._exit(75)  # as abrupt as kill -9: no cleanup, no finally
             bar.update(1)
         writer.close()
     except BaseException:
+        stop.set()
         if pool is not None:
             pool.terminate()
         bar.close()
         if last["stream"] is not None and not last["stream"].closed:  # drop the half-written shard
+            try:
+                writer.tarstream.close()  # (else tarfile flushes into the closed file when collected)
+            except Exception:
+                pass
+            writer.tarstream = None
             last["stream"].close()
             Path(last["stream"].name).unlink(missing_ok=True)
         raise

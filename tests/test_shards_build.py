@@ -360,3 +360,18 @@ def test_two_builds_cannot_share_a_folder(tmp_path, capsys):
         assert main(["demo", str(out), "--num-samples", "5", "--image-size", "8", *Q]) == 2
         assert "another build" in capsys.readouterr().err
     assert main(["demo", str(out), "--num-samples", "5", "--image-size", "8", *Q]) == 0
+
+
+def test_ctrl_c_leaves_no_partial_shard_and_resumes(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "src"
+    _folder_with_bad(src, n=20)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = ["--shard-size", "4", "--quiet"]
+    assert main(["folder", str(src), str(ref), *args]) == 0
+    monkeypatch.setenv("SHARDS_FAULT_AFTER", "10:interrupt")
+    assert main(["folder", str(src), str(out), "--workers", "2", *args]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*.tar*")) == ["000000.tar", "000001.tar"]
+    monkeypatch.delenv("SHARDS_FAULT_AFTER")
+    assert main(["folder", str(src), str(out), "--workers", "2", *args]) == 0
+    assert shard_bytes(out) == shard_bytes(ref)

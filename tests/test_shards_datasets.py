@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 from shards_helpers import SYNSETS, decode, jpeg_bytes, meta, picture, read_set, save, tiny_coco, tiny_imagenet
 
