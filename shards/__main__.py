@@ -212,8 +212,8 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     f = sub.add_parser("folder", help="any tree of images (sub-folder names become classes)",
-                       description="Any tree of images. When every image lies inside a first-level sub-folder, "
-                                   "the sub-folder names are the classes (sorted, or in --classes order) and each "
+                       description="Any tree of images. When every image lies inside a first-level sub-folder "
+                                   "and there are at least two of them, the sub-folder names are the classes (sorted, or in --classes order) and each "
                                    "sample gets cls; otherwise the set is unlabelled.")
     f.add_argument("src", metavar="SRC", help="folder of images")
     f.add_argument("out", metavar="OUT", help="output folder")

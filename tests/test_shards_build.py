@@ -375,3 +375,14 @@ def test_ctrl_c_leaves_no_partial_shard_and_resumes(tmp_path, capsys, monkeypatc
     monkeypatch.delenv("SHARDS_FAULT_AFTER")
     assert main(["folder", str(src), str(out), "--workers", "2", *args]) == 0
     assert shard_bytes(out) == shard_bytes(ref)
+
+
+def test_folder_single_subfolder_is_not_a_class(tmp_path):
+    src = tmp_path / "src"
+    save(picture(seed=1), src / "train" / "a" / "x.jpg")
+    save(picture(seed=2), src / "train" / "b" / "y.jpg")
+    out = tmp_path / "out"
+    assert main(["folder", str(src), str(out), *Q]) == 0
+    assert read_index(out)["classes"] == []
+    assert main(["folder", str(src / "train"), str(tmp_path / "o2"), *Q]) == 0
+    assert read_index(tmp_path / "o2")["classes"] == ["a", "b"]
