@@ -35,13 +35,13 @@ from PIL import Image
 DEFAULT_SRC = "/work/shared/data/imagenet-sample/train"
 
 
-def _plain(path: str, max_size: int = 0, quality: int = 95) -> int:
+def _plain(path: str, max_size: int = 0, resample: int = Image.BICUBIC, quality: int = 95) -> int:
     """What a straightforward script does per image: decode, to RGB, (resize), encode."""
     with Image.open(path) as im:
         im = im.convert("RGB")
         if max_size and max(im.size) > max_size:
             s = max_size / max(im.size)
-            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BICUBIC)
+            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), resample)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=quality)
         return len(buf.getvalue())
@@ -68,9 +68,11 @@ class Clock:
         return t.user + t.system + t.children_user + t.children_system
 
 
-def plain_rate(files: list[str], workers: int, max_size: int) -> tuple[float, float]:
+def plain_rate(files: list[str], workers: int, max_size: int, resize_filter: str) -> tuple[float, float]:
     """(images per wall second, CPU milliseconds per image)."""
-    jobs = [(f, max_size) for f in files]
+    from shards.images import RESIZE_FILTERS
+
+    jobs = [(f, max_size, RESIZE_FILTERS[resize_filter]) for f in files]
     with Clock() as c:
         if workers == 1:
             for j in jobs:
@@ -83,7 +85,7 @@ def plain_rate(files: list[str], workers: int, max_size: int) -> tuple[float, fl
     return len(files) / c.wall, 1000 * c.cpu / len(files)
 
 
-def builder_rate(src: Path, out: Path, workers: int, max_size: int) -> tuple[float, float, int]:
+def builder_rate(src: Path, out: Path, workers: int, max_size: int, resize_filter: str) -> tuple[float, float, int]:
     """(images per wall second, CPU milliseconds per image, bytes of shards)."""
     from shards.__main__ import main
 
@@ -91,7 +93,7 @@ def builder_rate(src: Path, out: Path, workers: int, max_size: int) -> tuple[flo
         shutil.rmtree(out)
     args = ["imagenet", str(src), str(out), "--workers", str(workers), "--quiet", "--shard-size", "500"]
     if max_size:
-        args += ["--max-size", str(max_size)]
+        args += ["--max-size", str(max_size), "--resize-filter", resize_filter]
     with open(os.devnull, "w") as null, Clock() as c:  # the builder's own summary line would clutter the table
         stderr, sys.stderr = sys.stderr, null
         try:
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=10, help="copies of the input (default %(default)s)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
     p.add_argument("--max-size", type=int, default=256, help="(default %(default)s)")
+    p.add_argument("--resize-filter", default="bicubic", help="for the --max-size runs, builder and plain PIL alike "
+                   "(default %(default)s)")
     p.add_argument("--trials", type=int, default=3, help="best of this many runs (default %(default)s)")
     p.add_argument("--json", help="also write the numbers here")
     a = p.parse_args(argv)
@@ -149,17 +153,17 @@ def main(argv=None) -> int:
             for w in a.workers:
                 plain, plain_ms, best, ms, size = 0.0, 1e9, 0.0, 1e9, 0
                 for _ in range(a.trials):  # interleaved, so drifting load hits both alike
-                    r, m = plain_rate(files, w, max_size)
+                    r, m = plain_rate(files, w, max_size, a.resize_filter)
                     plain, plain_ms = max(plain, r), min(plain_ms, m)
-                    r, m, size = builder_rate(src, tmp / "out", w, max_size)
+                    r, m, size = builder_rate(src, tmp / "out", w, max_size, a.resize_filter)
                     best, ms = max(best, r), min(ms, m)
                 sizes[max_size] = size
-                mode = f"--max-size {max_size}" if max_size else "original bytes"
+                mode = f"--max-size {max_size} ({a.resize_filter})" if max_size else "original bytes"
                 base = "decode+resize+encode" if max_size else "decode+encode"
                 rows.append({"mode": mode, "workers": w, "builder_img_s": round(best, 1), "builder_cpu_ms": round(ms, 2),
                              "plain_pil": base, "plain_img_s": round(plain, 1), "plain_cpu_ms": round(plain_ms, 2),
                              "ratio_wall": round(best / plain, 2), "ratio_cpu": round(plain_ms / ms, 2)})
-                print(f"{mode:>16s}  workers={w}:  builder {best:6.1f} img/s ({ms:5.2f} CPU ms/img)   "
+                print(f"{mode:>24s}  workers={w}:  builder {best:6.1f} img/s ({ms:5.2f} CPU ms/img)   "
                       f"plain PIL {base} {plain:6.1f} img/s ({plain_ms:5.2f} CPU ms/img)   "
                       f"ratio {best / plain:.2f} wall, {plain_ms / ms:.2f} CPU", flush=True)
         print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -62,6 +62,7 @@ class BuildOptions:
     workers: int = 1  # encoding processes (1 = encode in the writer process)
     max_size: int = 0  # longest side in pixels after re-encoding (0 = keep the original size)
     quality: int = 95  # JPEG quality of re-encoded images
+    resize_filter: str = "bicubic"  # downscaling filter for --max-size (see shards.images.RESIZE_FILTERS)
     shard_size: int = 1000  # samples per shard
     shard_bytes: int = 0  # close a shard once it holds about this many bytes (0 = no limit)
     shuffle_seed: int | None = 0  # order of samples across shards (None = sorted input order)
@@ -70,14 +71,16 @@ class BuildOptions:
     progress: bool = True  # tqdm progress bar
 
     def image_policy(self) -> str:
-        return f"max_side={self.max_size},quality={self.quality}" if self.max_size else "original"
+        if not self.max_size:
+            return "original"
+        return f"max_side={self.max_size},quality={self.quality},filter={self.resize_filter}"
 
 
 # ----------------------------------------------------------------------------------------------
 # producing one sample (runs in the worker processes)
 
 
-def produce_file(item: Item, *, max_size: int = 0, quality: int = 95):
+def produce_file(item: Item, *, max_size: int = 0, quality: int = 95, resize_filter: str = "bicubic"):
     """Read and normalize the image file an item names -> (bytes, ext, size info for the json)."""
     try:
         with open(item.path, "rb") as f:
@@ -86,7 +89,7 @@ def produce_file(item: Item, *, max_size: int = 0, quality: int = 95):
         raise BadImage(f"cannot read: {e.strerror or e}") from None
     if not data:
         raise BadImage("empty file")
-    enc = process_image(data, max_size=max_size, quality=quality)
+    enc = process_image(data, max_size=max_size, quality=quality, resize_filter=resize_filter)
     info = {"width": enc.width, "height": enc.height}
     if (enc.orig_width, enc.orig_height) != (enc.width, enc.height):
         info.update(orig_width=enc.orig_width, orig_height=enc.orig_height)

@@ -194,13 +194,19 @@ def test_max_size_reencodes_only_what_is_too_big(tmp_path):
     out = tmp_path / "out"
     assert main(["folder", str(src), str(out), "--max-size", "40", "--quality", "80", *Q]) == 0
     samples = read_set(out)
-    assert read_index(out)["image_policy"] == "max_side=40,quality=80"
+    assert read_index(out)["image_policy"] == "max_side=40,quality=80,filter=bicubic"
     bigs = [s for s in samples.values() if meta(s)["source"].startswith("big")]
     assert len(bigs) == 2
     for s in bigs:
         assert "jpg" in s and decode(s).size == (40, 27)
         assert meta(s)["orig_width"] == 120 and meta(s)["width"] == 40
     assert samples["small"]["jpg"] == (src / "small.jpg").read_bytes()
+    # The area filter gives the same sizes and other pixels.
+    out2 = tmp_path / "out2"
+    assert main(["folder", str(src), str(out2), "--max-size", "40", "--quality", "80", "--resize-filter", "area", *Q]) == 0
+    area = read_set(out2)
+    assert decode(area["small"]).size == (30, 20) and area["big"]["jpg"] != samples["big"]["jpg"]
+    assert decode(area["big"]).size == (40, 27)
 
 
 def test_shard_bytes_limit(tmp_path):
