@@ -94,7 +94,8 @@ def process_image(data: bytes, *, max_size: int = 0, quality: int = 95, resize_f
             rotated = orient in (5, 6, 7, 8)
             ow, oh = (h0, w0) if rotated else (w0, h0)
             tw, th = _fit(ow, oh, max_size)
-            keep = fmt in KEEP_FORMATS and mode == "RGB" and orient == 1 and (tw, th) == (ow, oh)
+            animated = getattr(im, "is_animated", False)  # stored as its first frame
+            keep = fmt in KEEP_FORMATS and mode == "RGB" and orient == 1 and (tw, th) == (ow, oh) and not animated
             if fmt == "JPEG":
                 # DCT-domain scaling: decoding at 1/8 still reads every byte (so a truncated file is
                 # still caught) at a fraction of the cost; when resizing, decode no larger than needed.
@@ -104,8 +105,6 @@ def process_image(data: bytes, *, max_size: int = 0, quality: int = 95, resize_f
                     dw, dh = (th, tw) if rotated else (tw, th)
                     im.draft(None, (dw, dh))
             im.load()
-    except BadImage:
-        raise
     except Image.DecompressionBombError as e:
         raise BadImage(f"too large: {e}") from None
     except Image.DecompressionBombWarning as e:
@@ -126,8 +125,3 @@ def process_image(data: bytes, *, max_size: int = 0, quality: int = 95, resize_f
     except (OSError, ValueError) as e:
         raise BadImage(f"cannot convert: {e}") from None
     return Encoded(out, "jpg", tw, th, ow, oh, reencoded=True)
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """Width and height from the header alone (no decode)."""
-    return Image.open(io.BytesIO(data)).size

@@ -158,6 +158,7 @@ def test_odd_images_are_converted_or_reported(tmp_path):
     exif[0x0112] = 6  # stored landscape, shown rotated by 90 degrees
     save(base, src / "rotated.jpg", exif=exif.tobytes())
     save(base, src / "plain.webp", fmt="WEBP", quality=90)
+    save(base, src / "anim.webp", fmt="WEBP", save_all=True, append_images=[base.rotate(90), base.rotate(180)])
     good = jpeg_bytes(base)
     (src / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (src / "notanimage.jpg").write_text("hello, I am text")
@@ -166,7 +167,7 @@ def test_odd_images_are_converted_or_reported(tmp_path):
     assert main(["folder", str(src), str(out), "--workers", "2", *Q]) == 0
 
     samples = read_set(out)
-    assert sorted(samples) == ["cmyk", "deep16", "gray", "palette", "plain", "rgba", "rotated"]
+    assert sorted(samples) == ["anim", "cmyk", "deep16", "gray", "palette", "plain", "rgba", "rotated"]
     for s in samples.values():
         assert decode(s).mode == "RGB"
     assert decode(samples["rotated"]).size == (24, 40)
@@ -177,6 +178,7 @@ def test_odd_images_are_converted_or_reported(tmp_path):
     a = np.asarray(decode(samples["rgba"])).astype(int)
     assert a[:, :8].min() > 245  # transparent -> white
     assert "webp" in samples["plain"]  # a WebP in RGB is kept as it is
+    assert "jpg" in samples["anim"]  # an animation becomes its first frame
 
     report = dict(line.split("\t") for line in (out / "bad_files.txt").read_text().splitlines())
     assert sorted(k.rsplit("/", 1)[1] for k in report) == ["empty.png", "notanimage.jpg", "truncated.jpg"]
