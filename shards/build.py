@@ -25,6 +25,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -38,7 +39,7 @@ PROGRESS_NAME = ".progress.json"
 BAD_FILES_NAME = "bad_files.txt"
 SHARD_RE = re.compile(r"^\d{6}\.tar(\.tmp)?$")
 TAR_MTIME = 1_600_000_000  # fixed member mtime: same input -> byte-identical tars
-FAULT_ENV = "SHARDS_FAULT_AFTER"  # test hook: hard-exit after this many samples written
+FAULT_ENV = "SHARDS_FAULT_AFTER"  # test hook: "N" hard-exits after N samples written, "N:interrupt" raises Ctrl-C
 
 
 class BuildError(Exception):
@@ -61,6 +62,7 @@ class BuildOptions:
     workers: int = 1  # encoding processes (1 = encode in the writer process)
     max_size: int = 0  # longest side in pixels after re-encoding (0 = keep the original size)
     quality: int = 95  # JPEG quality of re-encoded images
+    resize_filter: str = "bicubic"  # downscaling filter for --max-size (see shards.images.RESIZE_FILTERS)
     shard_size: int = 1000  # samples per shard
     shard_bytes: int = 0  # close a shard once it holds about this many bytes (0 = no limit)
     shuffle_seed: int | None = 0  # order of samples across shards (None = sorted input order)
@@ -69,14 +71,16 @@ class BuildOptions:
     progress: bool = True  # tqdm progress bar
 
     def image_policy(self) -> str:
-        return f"max_side={self.max_size},quality={self.quality}" if self.max_size else "original"
+        if not self.max_size:
+            return "original"
+        return f"max_side={self.max_size},quality={self.quality},filter={self.resize_filter}"
 
 
 # ----------------------------------------------------------------------------------------------
 # producing one sample (runs in the worker processes)
 
 
-def produce_file(item: Item, *, max_size: int = 0, quality: int = 95):
+def produce_file(item: Item, *, max_size: int = 0, quality: int = 95, resize_filter: str = "bicubic"):
     """Read and normalize the image file an item names -> (bytes, ext, size info for the json)."""
     try:
         with open(item.path, "rb") as f:
@@ -85,7 +89,7 @@ def produce_file(item: Item, *, max_size: int = 0, quality: int = 95):
         raise BadImage(f"cannot read: {e.strerror or e}") from None
     if not data:
         raise BadImage("empty file")
-    enc = process_image(data, max_size=max_size, quality=quality)
+    enc = process_image(data, max_size=max_size, quality=quality, resize_filter=resize_filter)
     info = {"width": enc.width, "height": enc.height}
     if (enc.orig_width, enc.orig_height) != (enc.width, enc.height):
         info.update(orig_width=enc.orig_width, orig_height=enc.orig_height)
@@ -135,6 +139,24 @@ def _clean(out: Path):
     for p in out.iterdir():
         if SHARD_RE.match(p.name) or p.name in (INDEX_NAME, INDEX_NAME + ".tmp", BAD_FILES_NAME, PROGRESS_NAME):
             p.unlink()
+
+
+def _lock(out: Path):
+    """An exclusive lock on OUT/.lock: two builds writing one folder would corrupt each other."""
+    import fcntl
+
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise BuildError(f"{out}: another build is writing into this folder right now") from None
+    except OSError:  # a file system without flock (some NFS/Lustre setups): go on unlocked
+        pass
+    return f
 
 
 def _fingerprint(kind: str, items: list[Item], opts: BuildOptions, extra: dict) -> str:
@@ -214,6 +236,7 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
         raise BuildError(f"{source.get('path', out)}: no images found")
     _check_keys(items)
     fingerprint = _fingerprint(source.get("kind", ""), items, opts, {"classes": list(classes), "labels": list(label_names)})
+    lock = _lock(out)  # noqa: F841  held until this function returns (or the process dies)
     state = _prepare(out, fingerprint, opts.overwrite)
     bad_paths = out / BAD_FILES_NAME
     if state["done"]:
@@ -228,7 +251,8 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     progress_path = out / PROGRESS_NAME
     bad = state["bad"]  # [position, path or key, reason]
     shards = state["shards"]
-    fault_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    fault = os.environ.get(FAULT_ENV, "").partition(":")
+    fault_after, fault_interrupt = int(fault[0] or 0), fault[2] == "interrupt"
     last = {"end": start, "stream": None}
 
     def save_progress(done=False):
@@ -256,15 +280,27 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     from tqdm import tqdm
     from webdataset import ShardWriter
 
-    todo = ((pos, items[pos]) for pos in range(start, len(items)))
+    # Pool.imap keeps every finished result until it is consumed: with workers faster than the
+    # disk, all encoded images of the set would pile up in memory. A semaphore taken for each
+    # item handed out and given back for each one written keeps only `in_flight` images around.
+    in_flight = threading.Semaphore(max(64, 32 * opts.workers))
+    stop = threading.Event()
+
+    def todo():
+        for pos in range(start, len(items)):
+            while not in_flight.acquire(timeout=0.2):
+                if stop.is_set():  # the pool is being torn down: let its feeder thread finish
+                    return
+            yield pos, items[pos]
+
     pool = None
     if opts.workers > 1:
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=(produce,))
-        results = pool.imap(_work, todo, chunksize=8)
+        results = pool.imap(_work, todo(), chunksize=8)
     else:
         _init_worker_inline(produce)
-        results = map(_work, todo)
+        results = map(_work, ((pos, items[pos]) for pos in range(start, len(items))))
 
     t0 = time.perf_counter()
     written = 0
@@ -277,6 +313,7 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
                          encoder=False, mtime=TAR_MTIME)
     try:
         for pos, sample, reason in results:
+            in_flight.release()
             if sample is None:
                 bad.append([pos, items[pos].path or items[pos].key, reason])
                 bar.set_postfix(bad=len(bad), refresh=False)
@@ -285,14 +322,22 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
                 last["end"] = pos + 1
                 written += 1
                 if fault_after and written >= fault_after:
+                    if fault_interrupt:
+                        raise KeyboardInterrupt  # as Ctrl-C would
                     os._exit(75)  # as abrupt as kill -9: no cleanup, no finally
             bar.update(1)
         writer.close()
     except BaseException:
+        stop.set()
         if pool is not None:
             pool.terminate()
         bar.close()
         if last["stream"] is not None and not last["stream"].closed:  # drop the half-written shard
+            try:
+                writer.tarstream.close()  # (else tarfile flushes into the closed file when collected)
+            except Exception:
+                pass
+            writer.tarstream = None
             last["stream"].close()
             Path(last["stream"].name).unlink(missing_ok=True)
         raise
@@ -307,6 +352,9 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     bad.sort()
     report = [(path, reason) for path, reason in skipped] + [(path, reason) for _, path, reason in bad]
     _atomic_write(bad_paths, "".join(f"{path}\t{reason}\n" for path, reason in report))
+    if not shards:
+        raise BuildError(f"{source.get('path', out)}: none of the {len(items)} inputs is a usable image "
+                         f"(reasons in {bad_paths})")
     save_progress(done=True)
     bad_pos = {b[0] for b in bad}
     extra = dict(index_extra or {})

@@ -88,11 +88,14 @@ def _class_index(found: list[str], classes_file: str | None, what: str) -> tuple
 
 
 def folder_items(src: Path, *, labels: bool = True, classes_file: str | None = None, exclude: Path | None = None):
-    """Any tree of images. Labelled by first-level sub-folder when every image lies in one."""
+    """Any tree of images. Labelled by first-level sub-folder when every image lies in one (of 2+)."""
     paths, other = list_images(src, exclude)
     if not paths:
         raise BuildError(f"{src}: no image files found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    labelled = labels and all("/" in p for p in paths)
+    # Labels when every image lies in a first-level sub-folder and there are at least two of them
+    # (one folder holding everything, like imagenet-sample/train/..., is not a class).
+    labelled = labels and all("/" in p for p in paths) and (
+        classes_file is not None or len({p.split("/", 1)[0] for p in paths}) > 1)
     if classes_file and not labelled:
         raise BuildError(f"{src}: --classes given but not every image lies in a class sub-folder")
     classes: list[str] = []

@@ -24,6 +24,9 @@ Image.MAX_IMAGE_PIXELS = 200_000_000
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # formats stored as they are
 EXIF_ORIENTATION = 0x0112
+# Downscaling filters. "area" (PIL's BOX: the average over each output pixel's footprint) is what
+# img2dataset uses by default (cv2.INTER_AREA) and costs about 40% of "bicubic" here.
+RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "area": Image.BOX, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
 
 
 class BadImage(Exception):
@@ -79,7 +82,7 @@ def encode_jpeg(im: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def process_image(data: bytes, *, max_size: int = 0, quality: int = 95) -> Encoded:
+def process_image(data: bytes, *, max_size: int = 0, quality: int = 95, resize_filter: str = "bicubic") -> Encoded:
     """Check and normalize one encoded image. Raises BadImage with a short reason."""
     try:
         with warnings.catch_warnings():
@@ -91,7 +94,8 @@ def process_image(data: bytes, *, max_size: int = 0, quality: int = 95) -> Encod
             rotated = orient in (5, 6, 7, 8)
             ow, oh = (h0, w0) if rotated else (w0, h0)
             tw, th = _fit(ow, oh, max_size)
-            keep = fmt in KEEP_FORMATS and mode == "RGB" and orient == 1 and (tw, th) == (ow, oh)
+            animated = getattr(im, "is_animated", False)  # stored as its first frame
+            keep = fmt in KEEP_FORMATS and mode == "RGB" and orient == 1 and (tw, th) == (ow, oh) and not animated
             if fmt == "JPEG":
                 # DCT-domain scaling: decoding at 1/8 still reads every byte (so a truncated file is
                 # still caught) at a fraction of the cost; when resizing, decode no larger than needed.
@@ -101,8 +105,6 @@ def process_image(data: bytes, *, max_size: int = 0, quality: int = 95) -> Encod
                     dw, dh = (th, tw) if rotated else (tw, th)
                     im.draft(None, (dw, dh))
             im.load()
-    except BadImage:
-        raise
     except Image.DecompressionBombError as e:
         raise BadImage(f"too large: {e}") from None
     except Image.DecompressionBombWarning as e:
@@ -118,13 +120,8 @@ def process_image(data: bytes, *, max_size: int = 0, quality: int = 95) -> Encod
             im = ImageOps.exif_transpose(im)
         im = to_rgb(im)
         if im.size != (tw, th):
-            im = im.resize((tw, th), Image.BICUBIC)
+            im = im.resize((tw, th), RESIZE_FILTERS[resize_filter])
         out = encode_jpeg(im, quality)
     except (OSError, ValueError) as e:
         raise BadImage(f"cannot convert: {e}") from None
     return Encoded(out, "jpg", tw, th, ow, oh, reencoded=True)
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """Width and height from the header alone (no decode)."""
-    return Image.open(io.BytesIO(data)).size

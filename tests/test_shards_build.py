@@ -158,6 +158,7 @@ def test_odd_images_are_converted_or_reported(tmp_path):
     exif[0x0112] = 6  # stored landscape, shown rotated by 90 degrees
     save(base, src / "rotated.jpg", exif=exif.tobytes())
     save(base, src / "plain.webp", fmt="WEBP", quality=90)
+    save(base, src / "anim.webp", fmt="WEBP", save_all=True, append_images=[base.rotate(90), base.rotate(180)])
     good = jpeg_bytes(base)
     (src / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (src / "notanimage.jpg").write_text("hello, I am text")
@@ -166,7 +167,7 @@ def test_odd_images_are_converted_or_reported(tmp_path):
     assert main(["folder", str(src), str(out), "--workers", "2", *Q]) == 0
 
     samples = read_set(out)
-    assert sorted(samples) == ["cmyk", "deep16", "gray", "palette", "plain", "rgba", "rotated"]
+    assert sorted(samples) == ["anim", "cmyk", "deep16", "gray", "palette", "plain", "rgba", "rotated"]
     for s in samples.values():
         assert decode(s).mode == "RGB"
     assert decode(samples["rotated"]).size == (24, 40)
@@ -177,6 +178,7 @@ def test_odd_images_are_converted_or_reported(tmp_path):
     a = np.asarray(decode(samples["rgba"])).astype(int)
     assert a[:, :8].min() > 245  # transparent -> white
     assert "webp" in samples["plain"]  # a WebP in RGB is kept as it is
+    assert "jpg" in samples["anim"]  # an animation becomes its first frame
 
     report = dict(line.split("\t") for line in (out / "bad_files.txt").read_text().splitlines())
     assert sorted(k.rsplit("/", 1)[1] for k in report) == ["empty.png", "notanimage.jpg", "truncated.jpg"]
@@ -194,13 +196,19 @@ def test_max_size_reencodes_only_what_is_too_big(tmp_path):
     out = tmp_path / "out"
     assert main(["folder", str(src), str(out), "--max-size", "40", "--quality", "80", *Q]) == 0
     samples = read_set(out)
-    assert read_index(out)["image_policy"] == "max_side=40,quality=80"
+    assert read_index(out)["image_policy"] == "max_side=40,quality=80,filter=bicubic"
     bigs = [s for s in samples.values() if meta(s)["source"].startswith("big")]
     assert len(bigs) == 2
     for s in bigs:
         assert "jpg" in s and decode(s).size == (40, 27)
         assert meta(s)["orig_width"] == 120 and meta(s)["width"] == 40
     assert samples["small"]["jpg"] == (src / "small.jpg").read_bytes()
+    # The area filter gives the same sizes and other pixels.
+    out2 = tmp_path / "out2"
+    assert main(["folder", str(src), str(out2), "--max-size", "40", "--quality", "80", "--resize-filter", "area", *Q]) == 0
+    area = read_set(out2)
+    assert decode(area["small"]).size == (30, 20) and area["big"]["jpg"] != samples["big"]["jpg"]
+    assert decode(area["big"]).size == (40, 27)
 
 
 def test_shard_bytes_limit(tmp_path):
@@ -336,3 +344,53 @@ def test_pickle_never_written(tmp_path):
         json.loads(s["json"])
         int(s["cls"])
         Image.open(io.BytesIO(s["jpg"])).verify()
+
+
+def test_all_inputs_bad_is_an_error_without_index(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_text("no")
+    (src / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "out"
+    assert main(["folder", str(src), str(out), *Q]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "none of the 2 inputs is a usable image" in err[-1]
+    assert not (out / "index.json").exists() and len((out / "bad_files.txt").read_text().splitlines()) == 2
+
+
+def test_two_builds_cannot_share_a_folder(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["demo", str(out), "--num-samples", "5", "--image-size", "8", *Q]) == 2
+        assert "another build" in capsys.readouterr().err
+    assert main(["demo", str(out), "--num-samples", "5", "--image-size", "8", *Q]) == 0
+
+
+def test_ctrl_c_leaves_no_partial_shard_and_resumes(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "src"
+    _folder_with_bad(src, n=20)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = ["--shard-size", "4", "--quiet"]
+    assert main(["folder", str(src), str(ref), *args]) == 0
+    monkeypatch.setenv("SHARDS_FAULT_AFTER", "10:interrupt")
+    assert main(["folder", str(src), str(out), "--workers", "2", *args]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*.tar*")) == ["000000.tar", "000001.tar"]
+    monkeypatch.delenv("SHARDS_FAULT_AFTER")
+    assert main(["folder", str(src), str(out), "--workers", "2", *args]) == 0
+    assert shard_bytes(out) == shard_bytes(ref)
+
+
+def test_folder_single_subfolder_is_not_a_class(tmp_path):
+    src = tmp_path / "src"
+    save(picture(seed=1), src / "train" / "a" / "x.jpg")
+    save(picture(seed=2), src / "train" / "b" / "y.jpg")
+    out = tmp_path / "out"
+    assert main(["folder", str(src), str(out), *Q]) == 0
+    assert read_index(out)["classes"] == []
+    assert main(["folder", str(src / "train"), str(tmp_path / "o2"), *Q]) == 0
+    assert read_index(tmp_path / "o2")["classes"] == ["a", "b"]

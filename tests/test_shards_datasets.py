@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from shards_helpers import decode, jpeg_bytes, meta, picture, read_set, save
+from shards_helpers import SYNSETS, decode, jpeg_bytes, meta, picture, read_set, save, tiny_coco, tiny_imagenet
 
 from shards.__main__ import main
 from shards.index import read_index
 
 Q = ["--quiet", "--workers", "1"]
-SYNSETS = ["n01440764", "n01443537", "n01484850"]
 
 
 # ----------------------------------------------------------------------------------------------
 # ImageNet
 
 
-def _imagenet(root):
-    """train/<synset>/ with 3 classes (the last one missing from train on purpose in one test) + flat val/."""
-    for c, syn in enumerate(SYNSETS):
-        for j in range(3):
-            save(picture(40, 30, seed=10 * c + j), root / "train" / syn / f"{syn}_{j}.JPEG")
-    (root / "train" / SYNSETS[0] / "readme.txt").write_text("stray non-image")
-    val_truth = {1: SYNSETS[2], 2: SYNSETS[0], 3: SYNSETS[1], 4: SYNSETS[2], 5: SYNSETS[0]}
-    for i in val_truth:
-        save(picture(36, 36, seed=100 + i), root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
-    save(picture(36, 36, seed=200), root / "val" / "ILSVRC2012_val_00000099.JPEG")  # not in the ground truth
-    rows = ["ImageId,PredictionString"] + [f"ILSVRC2012_val_{i:08d},{s} 10 20 30 40 {s} 1 2 3 4"
-                                           for i, s in sorted(val_truth.items(), key=lambda kv: -kv[0])]
-    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
-    (root / "LOC_synset_mapping.txt").write_text("\n".join(f"{s} fish number {k}" for k, s in enumerate(SYNSETS)) + "\n")
-    return val_truth
-
-
 def test_imagenet_train_and_val_agree(tmp_path):
-    truth = _imagenet(tmp_path)
+    truth = tiny_imagenet(tmp_path)
     train, val = tmp_path / "s" / "train", tmp_path / "s" / "val"
     assert main(["imagenet", str(tmp_path / "train"), str(train), *Q]) == 0
     assert main(["imagenet", str(tmp_path / "val"), str(val), *Q]) == 0  # finds LOC_val_solution.csv upwards
@@ -56,7 +36,7 @@ def test_imagenet_train_and_val_agree(tmp_path):
 
 
 def test_imagenet_classes_file_fixes_order(tmp_path):
-    _imagenet(tmp_path)
+    tiny_imagenet(tmp_path)
     import shutil
 
     shutil.rmtree(tmp_path / "train" / SYNSETS[1])  # a train split missing a class
@@ -76,7 +56,7 @@ def test_imagenet_classes_file_fixes_order(tmp_path):
 
 
 def test_imagenet_val_ground_truth_formats(tmp_path, capsys):
-    truth = _imagenet(tmp_path)
+    truth = tiny_imagenet(tmp_path)
     (tmp_path / "LOC_val_solution.csv").unlink()
     val = tmp_path / "val"
     # one synset per line, line i for ILSVRC2012_val_<i>
@@ -126,59 +106,8 @@ def test_imagenet_odd_images(tmp_path):
 # COCO
 
 
-# Non-contiguous category ids, as in COCO (1..90 with gaps), listed out of order.
-CATEGORIES = [{"supercategory": "animal", "id": 18, "name": "dog"},
-              {"supercategory": "person", "id": 1, "name": "person"},
-              {"supercategory": "vehicle", "id": 3, "name": "car"},
-              {"supercategory": "indoor", "id": 90, "name": "toothbrush"}]
-# contiguous index = rank of the id: person 0, car 1, dog 2, toothbrush 3
-
-
-def _coco(root):
-    images_dir = root / "train2017"
-    ids = [9, 25, 30, 34]
-    images = []
-    for k, image_id in enumerate(ids):
-        name = f"{image_id:012d}.jpg"
-        if image_id != 34:  # 34 is in the annotations but missing on disk
-            save(picture(64, 48, seed=k), images_dir / name)
-        images.append({"license": 1, "file_name": name, "coco_url": f"http://images.cocodataset.org/train2017/{name}",
-                       "height": 48, "width": 64, "date_captured": "2013-11-14 16:28:13",
-                       "flickr_url": "http://farm.example/x.jpg", "id": image_id})
-    save(picture(64, 48, seed=9), images_dir / "000000000099.jpg")  # on disk, not in the annotations
-    annotations = [  # image 9: person, dog (twice); 25: car, toothbrush; 30: none
-        {"segmentation": [[1.0, 1.0, 10.0, 1.0, 10.0, 10.0]], "area": 40.5, "iscrowd": 0, "image_id": 9,
-         "bbox": [1.0, 1.0, 9.0, 9.0], "category_id": 18, "id": 1001},
-        {"segmentation": [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0]], "area": 50.0, "iscrowd": 0, "image_id": 9,
-         "bbox": [2.0, 2.0, 10.0, 10.0], "category_id": 1, "id": 1002},
-        {"segmentation": {"counts": [0, 5, 10], "size": [48, 64]}, "area": 12.0, "iscrowd": 1, "image_id": 9,
-         "bbox": [3.0, 3.0, 4.0, 3.0], "category_id": 18, "id": 1003},
-        {"segmentation": [[5.0, 5.0, 20.0, 5.0, 20.0, 20.0]], "area": 99.0, "iscrowd": 0, "image_id": 25,
-         "bbox": [5.0, 5.0, 15.0, 15.0], "category_id": 90, "id": 1004},
-        {"segmentation": [[5.0, 5.0, 20.0, 5.0, 20.0, 20.0]], "area": 99.0, "iscrowd": 0, "image_id": 25,
-         "bbox": [5.0, 5.0, 15.0, 15.0], "category_id": 3, "id": 1005},
-        {"segmentation": [[1.0, 1.0, 2.0, 2.0, 3.0, 1.0]], "area": 1.0, "iscrowd": 0, "image_id": 34,
-         "bbox": [1.0, 1.0, 2.0, 1.0], "category_id": 1, "id": 1006},
-    ]
-    info = {"description": "COCO 2017 Dataset", "url": "http://cocodataset.org", "version": "1.0", "year": 2017,
-            "contributor": "COCO Consortium", "date_created": "2017/09/01"}
-    licenses = [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1, "name": "Attribution-NonCommercial-ShareAlike License"}]
-    instances = {"info": info, "licenses": licenses, "images": images, "annotations": annotations, "categories": CATEGORIES}
-    captions = {"info": info, "licenses": licenses, "images": images, "annotations": [
-        {"image_id": 9, "id": 48, "caption": "A man walks a dog. "},
-        {"image_id": 9, "id": 12, "caption": "Person and dog on a street."},
-        {"image_id": 25, "id": 70, "caption": "A car parked by a toothbrush."},
-        {"image_id": 30, "id": 80, "caption": "An empty room."},
-    ]}
-    ann = root / "annotations"
-    ann.mkdir()
-    (ann / "instances_train2017.json").write_text(json.dumps(instances))
-    (ann / "captions_train2017.json").write_text(json.dumps(captions))
-    return images_dir, ann / "instances_train2017.json", ann / "captions_train2017.json"
-
-
 def test_coco_labels_and_captions(tmp_path):
-    images, inst, caps = _coco(tmp_path)
+    images, inst, caps = tiny_coco(tmp_path)
     out = tmp_path / "out"
     assert main(["coco", "--images", str(images), "--instances", str(inst), "--captions", str(caps), str(out), *Q]) == 0
     index = read_index(out)
@@ -208,7 +137,7 @@ def test_coco_labels_and_captions(tmp_path):
 
 
 def test_coco_captions_only_and_images_only(tmp_path, capsys):
-    images, inst, caps = _coco(tmp_path)
+    images, inst, caps = tiny_coco(tmp_path)
     out = tmp_path / "c"
     assert main(["coco", "--images", str(images), "--captions", str(caps), str(out), *Q]) == 0
     index = read_index(out)
@@ -231,7 +160,7 @@ def test_coco_through_webdataset_multi_hot(tmp_path, workers):
     import torch
     import webdataset as wds
 
-    images, inst, caps = _coco(tmp_path)
+    images, inst, caps = tiny_coco(tmp_path)
     out = tmp_path / "out"
     assert main(["coco", "--images", str(images), "--instances", str(inst), str(out), "--quiet", "--workers", workers]) == 0
     index = read_index(out)

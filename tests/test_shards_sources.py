@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pytest
-from shards_helpers import jpeg_bytes, picture
+from shards_helpers import img2dataset_folder, picture, write_tar
 
 from harness.sources import DataSourceError, resolve_sources
 from shards.__main__ import main
@@ -21,37 +19,6 @@ def demo(tmp_path_factory):
     assert main(["demo", str(out), "--num-samples", "50", "--image-size", "16", "--shard-size", "20", "--quiet",
                  "--workers", "1"]) == 0
     return out
-
-
-def _tar(path, samples):
-    """A shard written the plain way: [(key, {ext: bytes})]."""
-    with tarfile.open(path, "w") as tf:
-        for key, fields in samples:
-            for ext, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-
-
-def img2dataset_folder(root, shards=(3, 2), stats=True):
-    """What img2dataset writes: 00000.tar (jpg/txt/json per sample), 00000.parquet, 00000_stats.json."""
-    root.mkdir(parents=True)
-    k = 0
-    for s, n in enumerate(shards):
-        samples = []
-        for _ in range(n):
-            key = f"{s:05d}{k:04d}"
-            samples.append((key, {"jpg": jpeg_bytes(picture(20, 20, seed=k)), "txt": f"caption {k}".encode(),
-                                  "json": json.dumps({"url": f"http://x/{k}.jpg", "key": key, "status": "success",
-                                                      "caption": f"caption {k}", "width": 20, "height": 20}).encode()}))
-            k += 1
-        _tar(root / f"{s:05d}.tar", samples)
-        (root / f"{s:05d}.parquet").write_bytes(b"PAR1")
-        if stats:
-            (root / f"{s:05d}_stats.json").write_text(json.dumps(
-                {"count": n + 1, "successes": n, "failed_to_download": 1, "failed_to_resize": 0,
-                 "duration": 1.0, "status_dict": {"success": n, "HTTP 404": 1}}))
-    return root
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +142,7 @@ def _rewrite_shard(path, change):
     from shards.check import iter_samples
 
     samples = [(s.pop("__key__"), s) for s in iter_samples(str(path))]
-    _tar(path, change(samples))
+    write_tar(path, change(samples))
 
 
 def test_verify_finds_broken_samples(demo, tmp_path, capsys):
@@ -197,7 +164,7 @@ def test_verify_finds_broken_samples(demo, tmp_path, capsys):
     assert "json does not parse" in out and "FAILED" in out
 
 
-def test_verify_finds_count_mismatch_and_truncated_tar(demo, tmp_path, capsys):
+def test_verify_finds_count_mismatch_and_truncatedwrite_tar(demo, tmp_path, capsys):
     short = _copy(demo, tmp_path / "short")
     _rewrite_shard(short / "000000.tar", lambda s: s[:-1])
     assert main(["verify", str(short), "--workers", "1"]) == 1
