@@ -155,10 +155,18 @@ class Trainer:
                           "with a deterministic but different sample order than an uninterrupted run")
 
     def _check_data_fits_model(self) -> None:
-        if self.cond_key == "cls" and not self.loader.info.classes:
-            raise ConfigError("model.condition: class conditioning needs shards with class labels (index.json classes)")
-        if self.cond_key == "labels" and not self.loader.info.label_names:
-            raise ConfigError("model.condition: multilabel conditioning needs shards with json labels (index.json label_names)")
+        info, num = self.loader.info, self.cfg.model.num_classes
+        if self.cond_key == "cls":
+            if not info.classes:
+                raise ConfigError("model.condition: class conditioning needs shards with class labels (index.json classes)")
+            if len(info.classes) > num:
+                raise ConfigError(f"model.num_classes: the shards have {len(info.classes)} classes, more than {num}")
+        if self.cond_key == "labels":
+            if not info.label_names:
+                raise ConfigError("model.condition: multilabel conditioning needs shards with json labels (index.json label_names)")
+            if len(info.label_names) != num:
+                raise ConfigError(f"model.num_classes: the shards have {len(info.label_names)} labels "
+                                  f"({', '.join(info.label_names[:3])}, ...); set model.num_classes={len(info.label_names)}")
 
     def _data_layout(self) -> dict:
         c = self.cfg
@@ -333,25 +341,50 @@ class Trainer:
 
     @torch.no_grad()
     def log_images(self) -> None:
-        """Inputs above reconstructions, and prior samples. Runs on every rank (under ZeRO-3 a
-        forward gathers parameters collectively); only the main process writes."""
+        """Inputs above reconstructions, prior samples, one row per class, latent interpolations.
+
+        Runs on every rank (under ZeRO-3 a forward gathers parameters collectively); only the main
+        process writes. Fixed inputs and a fixed generator make grids comparable across steps."""
         if self.grid_batch is None:
             return
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        n = self.cfg.log.num_images
+        n, size = self.cfg.log.num_images, self.cfg.data.image_size
         x = to_model_input(self.grid_batch["image"], self.device)
         cond = self._condition(self.grid_batch)
+        gen = lambda: torch.Generator(self.device).manual_seed(self.cfg.train.seed)  # noqa: E731
         with self.accelerator.autocast():
             recon = model(x, cond=cond, sample_posterior=False).recon
             self.tracker.grid("reconstruction", [x, recon], self.step)
             self.tracker.scalars({"eval/grid_psnr": float(psnr(x, recon))}, self.step)
             try:
-                g = torch.Generator(self.device).manual_seed(self.cfg.train.seed)
-                samples = model.sample(n, self.cfg.data.image_size, cond=cond[:n] if cond is not None else None, generator=g)
-                self.tracker.grid("prior_samples", [samples], self.step)
+                self.tracker.grid("prior_samples", [model.sample(n, size, cond=cond, generator=gen())], self.step)
+                rows = self._class_conditions(n)
+                if rows is not None:
+                    samples = model.sample(rows.shape[0], size, cond=rows, generator=gen())
+                    self.tracker.grid("class_samples", list(samples.split(n)), self.step)
             except NoPriorError:
-                pass
+                pass  # a VQ model without a learned prior: reconstructions and interpolations only
+            k = min(self.cfg.log.interpolation_rows, x.shape[0] // 2)
+            if k:
+                z = model.encode(x[: 2 * k], cond[: 2 * k] if cond is not None else None)
+                t = torch.linspace(0, 1, n, device=z.device)
+                za, zb = z[0::2], z[1::2]  # pairs of grid images
+                path = torch.lerp(za[:, None], zb[:, None], t.view(1, n, *[1] * (z.dim() - 1)))
+                pair_cond = cond[0::2].repeat_interleave(n, 0) if cond is not None else None
+                frames = model.decode(path.flatten(0, 1), pair_cond)
+                self.tracker.grid("interpolation", list(frames.split(n)), self.step)
         self.tracker.flush()
         model.train(was_training)
+
+    def _class_conditions(self, n: int) -> torch.Tensor | None:
+        """`rows * n` conditions: class c (or label c alone) for row c, for conditional models."""
+        rows = self.cfg.log.class_rows
+        if not rows or self.cond_key is None:
+            return None
+        num = self.cfg.model.num_classes
+        classes = torch.arange(min(rows, num), device=self.device).repeat_interleave(n)
+        if self.cond_key == "cls":
+            return classes
+        return torch.nn.functional.one_hot(classes, num).float()
