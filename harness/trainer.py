@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from harness import checkpoint as ckpt
+from harness import grids
 from harness.config import Config, ConfigError, section_hash, to_dict
 from harness.data import TrainLoader, fixed_batch, to_model_input
 from harness.dist import RankLogger, world
@@ -344,47 +345,30 @@ class Trainer:
         """Inputs above reconstructions, prior samples, one row per class, latent interpolations.
 
         Runs on every rank (under ZeRO-3 a forward gathers parameters collectively); only the main
-        process writes. Fixed inputs and a fixed generator make grids comparable across steps."""
+        process writes. Fixed inputs and a fixed seed make grids comparable across steps."""
         if self.grid_batch is None:
             return
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        n, size = self.cfg.log.num_images, self.cfg.data.image_size
+        c, step = self.cfg, self.step
+        n, size, seed = c.log.num_images, c.data.image_size, c.train.seed
         x = to_model_input(self.grid_batch["image"], self.device)
         cond = self._condition(self.grid_batch)
-        gen = lambda: torch.Generator(self.device).manual_seed(self.cfg.train.seed)  # noqa: E731
         with self.accelerator.autocast():
-            recon = model(x, cond=cond, sample_posterior=False).recon
-            self.tracker.grid("reconstruction", [x, recon], self.step)
-            self.tracker.scalars({"eval/grid_psnr": float(psnr(x, recon))}, self.step)
+            rows = grids.reconstruction_rows(model, x, cond)
+            self.tracker.grid("reconstruction", rows, step)
+            self.tracker.scalars({"eval/grid_psnr": float(psnr(*rows))}, step)
             try:
-                self.tracker.grid("prior_samples", [model.sample(n, size, cond=cond, generator=gen())], self.step)
-                rows = self._class_conditions(n)
-                if rows is not None:
-                    samples = model.sample(rows.shape[0], size, cond=rows, generator=gen())
-                    self.tracker.grid("class_samples", list(samples.split(n)), self.step)
+                samples = model.sample(n, size, cond=cond, generator=grids.generator(self.device, seed))
+                self.tracker.grid("prior_samples", [samples], step)
+                conds = grids.class_conditions(model.condition, c.model.num_classes, c.log.class_rows, n, self.device)
+                if conds is not None:
+                    self.tracker.grid("class_samples", grids.class_rows(model, size, conds, n, seed), step)
             except NoPriorError:
                 pass  # a VQ model without a learned prior: reconstructions and interpolations only
-            k = min(self.cfg.log.interpolation_rows, x.shape[0] // 2)
-            if k:
-                z = model.encode(x[: 2 * k], cond[: 2 * k] if cond is not None else None)
-                t = torch.linspace(0, 1, n, device=z.device)
-                za, zb = z[0::2], z[1::2]  # pairs of grid images
-                path = torch.lerp(za[:, None], zb[:, None], t.view(1, n, *[1] * (z.dim() - 1)))
-                pair_cond = cond[0::2].repeat_interleave(n, 0) if cond is not None else None
-                frames = model.decode(path.flatten(0, 1), pair_cond)
-                self.tracker.grid("interpolation", list(frames.split(n)), self.step)
+            rows = grids.interpolation_rows(model, x, cond, n, c.log.interpolation_rows)
+            if rows:
+                self.tracker.grid("interpolation", rows, step)
         self.tracker.flush()
         model.train(was_training)
-
-    def _class_conditions(self, n: int) -> torch.Tensor | None:
-        """`rows * n` conditions: class c (or label c alone) for row c, for conditional models."""
-        rows = self.cfg.log.class_rows
-        if not rows or self.cond_key is None:
-            return None
-        num = self.cfg.model.num_classes
-        classes = torch.arange(min(rows, num), device=self.device).repeat_interleave(n)
-        if self.cond_key == "cls":
-            return classes
-        return torch.nn.functional.one_hot(classes, num).float()

@@ -61,3 +61,26 @@ def test_multilabel_condition_on_demo_attributes(demo, tmp_path):
     assert main(args + ["model.num_classes=3"]) == 2  # the label count must match the shards
     assert main(args + [f"model.num_classes={len(labels)}"]) == 0
     assert any((run / "samples").glob("class_samples_*.png"))
+
+
+def test_sample_script_modes(demo, tmp_path):
+    """launch/sample.py on a trained conditional run: every mode writes a grid of the right shape."""
+    from PIL import Image
+
+    from launch.sample import main as sample_main
+
+    run = tmp_path / "cond"
+    assert main(["--config", str(CONFIGS / "cond_demo.yaml"), f"data.train={demo}", f"run.dir={run}", *FAST,
+                 "model.ch_mult=[1,2]", "data.image_size=32", "train.ema_decay=0.9"]) == 0
+    pad = 2  # make_grid pads every image by 2 on each side
+    cell = 32 + 2 * pad
+    expect = {"sample": (4 * cell, cell), "reconstruct": (4 * cell, 2 * cell),
+              "interpolate": (5 * cell, 2 * cell), "classes": (4 * cell, 3 * cell)}
+    for mode, size in expect.items():
+        out = tmp_path / f"{mode}.png"
+        args = [str(run), mode, "--out", str(out), "--n", "4", "--rows", "2" if mode != "classes" else "3",
+                "--steps", "5", "--data", str(demo), "--device", "cpu"]
+        assert sample_main(args + (["--ema"] if mode == "sample" else [])) == 0
+        assert Image.open(out).size == size, mode
+    assert sample_main([str(run), "sample", "--cls", "3", "--out", str(tmp_path / "c3.png"), "--device", "cpu"]) == 0
+    assert sample_main([str(tmp_path / "nope"), "sample"]) == 2

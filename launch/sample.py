@@ -1,0 +1,92 @@
+"""Use a trained autoencoder: prior samples, reconstructions, latent interpolations, per-class samples.
+
+    python launch/sample.py runs/demo sample --n 16 --out samples.png
+    python launch/sample.py runs/demo reconstruct --data data/demo --n 8 --out recon.png
+    python launch/sample.py runs/demo interpolate --data data/demo --rows 4 --steps 10 --out interp.png
+    python launch/sample.py runs/cond classes --rows 10 --n 8 --out classes.png
+    python launch/sample.py runs/cond sample --cls 3 --n 8                  # one class
+
+MODEL is a run folder (newest checkpoint), a checkpoint folder or an exported folder. `--ema` uses
+the EMA weights. Output: one PNG grid (inputs above reconstructions for `reconstruct`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from harness import grids  # noqa: E402
+from harness.data import DataSourceError, fixed_batch, to_model_input  # noqa: E402
+from harness.inference import LoadError, load_model  # noqa: E402
+from harness.tracking import make_grid, save_png  # noqa: E402
+from models import NoPriorError  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="run folder, checkpoint folder or exported folder")
+    p.add_argument("mode", choices=["sample", "reconstruct", "interpolate", "classes"])
+    p.add_argument("--out", default=None, help="PNG to write (default: <mode>.png)")
+    p.add_argument("--n", type=int, default=8, help="images per row")
+    p.add_argument("--rows", type=int, default=4, help="rows (interpolate, classes)")
+    p.add_argument("--steps", type=int, default=8, help="images along each interpolation")
+    p.add_argument("--data", default=None, help="shards for reconstruct/interpolate (default: the run's data.val or data.train)")
+    p.add_argument("--cls", type=int, default=None, help="class index for `sample` with a class-conditional model")
+    p.add_argument("--image-size", type=int, default=None, help="default: the training data.image_size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def run(args) -> Path:
+    model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device)
+    size = args.image_size or cfg.data.image_size
+    out = Path(args.out or f"{args.mode}.png")
+    cond_key = {"class": "cls", "multilabel": "labels"}.get(model.condition)
+    if args.mode == "sample":
+        cond = None
+        if args.cls is not None:
+            if model.condition != "class":
+                raise SystemExit("error: --cls needs a class-conditional model")
+            cond = torch.full((args.n,), args.cls, dtype=torch.long, device=args.device)
+        rows = [model.sample(args.n, size, cond=cond, generator=grids.generator(args.device, args.seed))]
+    elif args.mode == "classes":
+        conds = grids.class_conditions(model.condition, cfg.model.num_classes, args.rows, args.n, args.device)
+        if conds is None:
+            raise SystemExit("error: `classes` needs a conditional model (model.condition = class or multilabel)")
+        rows = grids.class_rows(model, size, conds, args.n, args.seed)
+    else:
+        need = args.n if args.mode == "reconstruct" else 2 * args.rows
+        batch = fixed_batch(args.data or cfg.data.val or cfg.data.train, need, size)
+        if batch is None:
+            raise SystemExit("error: no readable samples in the data")
+        x = to_model_input(batch["image"], args.device)
+        cond = batch[cond_key].to(args.device) if cond_key else None
+        if args.mode == "reconstruct":
+            rows = grids.reconstruction_rows(model, x, cond)
+        else:
+            rows = grids.interpolation_rows(model, x, cond, args.steps, args.rows)
+    save_png(make_grid(rows), out)
+    print(f"{out}: {args.mode} from {folder}")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        with torch.no_grad():
+            run(args)
+    except (LoadError, DataSourceError, NoPriorError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
