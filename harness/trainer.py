@@ -205,9 +205,15 @@ class Trainer:
         return t.tolist()
 
     def train_step(self, batches, stop: StopFlag, acc: dict) -> bool:
-        """One optimizer step over `grad_accum` micro-batches. Returns whether any rank asked to stop."""
+        """One optimizer step over `grad_accum` micro-batches. Returns whether any rank asked to stop.
+
+        Non-finite values are caught at the gradient norm, not at the loss: gradients are
+        all-reduced, so every rank sees the same norm and takes the same branch without another
+        collective (a NaN loss on one rank makes NaN gradients everywhere). With fp16 loss
+        scaling, an overflow is the scaler's business: it skips the step and lowers the scale."""
         cfg = self.cfg
-        skip, stop_now = False, False
+        scaler = self.accelerator.scaler
+        finite, overflow = True, False
         for _ in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
@@ -219,17 +225,16 @@ class Trainer:
             with self.accelerator.accumulate(self.model):
                 out = self.model(x, cond=self._condition(batch))
                 losses = self.loss_fn(x, out)
-                # Every rank must take the same branch (a skipped backward on one rank would hang
-                # the others in the gradient all-reduce), so finiteness and stop requests are agreed.
-                nonfinite, stop_any = self._all_ranks([float(not torch.isfinite(losses.total)), float(stop.requested)])
-                skip |= nonfinite > 0
-                stop_now |= stop_any > 0
-                if not skip:
-                    self.accelerator.backward(losses.total)
-                    if self.accelerator.sync_gradients:
-                        clip = cfg.optim.grad_clip or float("inf")
-                        acc["grad_norm"] += float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
+                self.accelerator.backward(losses.total)
+                if self.accelerator.sync_gradients:
+                    clip = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, change nothing
+                    norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
+                    finite = math.isfinite(norm)
+                    if finite or scaler is not None:
                         self.optimizer.step()
+                        overflow = self.optimizer.step_was_skipped
+                    if finite:
+                        acc["grad_norm"] += norm
                 self.optimizer.zero_grad(set_to_none=True)
             for k, v in losses.terms.items():
                 acc[f"loss/{k}"] += v.detach()
@@ -237,20 +242,27 @@ class Trainer:
             for k, v in out.metrics.items():
                 acc[f"model/{k}"] += v.detach().float()
             acc["micro"] += 1
-        if skip:
+        # With a scaler, non-finite gradients are overflows until the scale has collapsed below 1.
+        diverged = not finite and (scaler is None or scaler.get_scale() < 1.0)
+        if overflow:
+            self.totals["overflow_steps"] += 1
+        if diverged:
             self.nonfinite_in_a_row += 1
             self.totals["nonfinite_steps"] += 1
-            self.log.info(f"step {self.step + 1}: non-finite loss, step skipped ({self.nonfinite_in_a_row} in a row)")
+            self.log.info(f"step {self.step + 1}: non-finite loss or gradients, step skipped "
+                          f"({self.nonfinite_in_a_row} in a row)")
             if self.nonfinite_in_a_row >= cfg.train.max_nonfinite:
                 raise TrainingError(f"loss was not finite for {self.nonfinite_in_a_row} steps in a row "
                                     "(train.max_nonfinite): lower optim.lr, enable optim.grad_clip or check the data")
         else:
             self.nonfinite_in_a_row = 0
+        if finite and not overflow:
             acc["steps_taken"] += 1
             if self.ema is not None:
                 self.ema.update(self.accelerator.unwrap_model(self.model))
         self.scheduler.step()
-        return stop_now
+        # All ranks stop at the same step: a checkpoint is collective.
+        return self._all_ranks([float(stop.requested)])[0] > 0
 
     def train(self) -> int:
         """Run to `train.max_steps`; returns the process exit code (EXIT_PREEMPTED after a signal)."""
@@ -319,6 +331,7 @@ class Trainer:
             "train/data_wait_share": wait / n / max(elapsed, 1e-9),
             "train/bad_samples": self.totals["bad_samples"],
             "train/nonfinite_steps": self.totals["nonfinite_steps"],
+            "train/overflow_steps": self.totals["overflow_steps"],
             "train/samples_seen": self.samples_seen,
             "train/epoch": self.step * self.cfg.train.grad_accum / self.loader.batches_per_epoch,
             "system/peak_memory_gib": _peak_memory_gib(self.device),

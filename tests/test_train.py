@@ -118,7 +118,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(config, shards, tmp_path
     assert main(args(config, shards, run, "train.max_nonfinite=3", "train.max_steps=20")) == 1
     err = capsys.readouterr().err
     assert "loss was not finite for 3 steps in a row" in err
-    assert "step 3: non-finite loss, step skipped (1 in a row)" in err
+    assert "step 3: non-finite loss or gradients, step skipped (1 in a row)" in err
 
 
 def test_too_many_bad_samples_stop_the_run(tmp_path, config, capsys):
