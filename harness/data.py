@@ -30,7 +30,7 @@ import json
 import random
 import tarfile
 from dataclasses import dataclass
-from itertools import islice
+from itertools import count, islice
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import make_seed
 
+from harness import tario
 from harness.sources import DataSourceError, ShardSource, resolve_sources  # noqa: F401 (re-exported)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -72,7 +73,8 @@ def load_image(data: bytes, size: int, crop: str, hflip: bool, rng: random.Rando
     """Decode, square-crop (random or center), resize to `size`, maybe flip -> uint8 `h w c`."""
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale still >= size (much faster)
-    img = to_rgb(ImageOps.exif_transpose(img))
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image that is already upright
+    img = to_rgb(img)
     w, h = img.size
     side = min(w, h)
     if crop == "random":
@@ -179,34 +181,41 @@ class ShardStream(IterableDataset):
         """Infinite resampled raw samples from `urls` (webdataset's ResampledShards + tar reader)."""
         stages = [
             wds.ResampledShards(urls, worker_seed=lambda: seed, deterministic=True),
-            wds.tarfile_to_samples(handler=handler),
+            tario.tarfile_to_samples(handler=handler),  # webdataset's, with a faster header parser
         ]
         if self.sample_split:
             stages.append(wds.pipelinefilter(_take_every)(self.rank, self.world_size))
         return iter(wds.DataPipeline(*stages))
 
     def __iter__(self):
+        """Batches forever, from global batch index epoch * batches_per_epoch + skip_batches.
+
+        The DataLoader takes batches from its workers round-robin, starting at worker 0. Worker w
+        therefore produces global batches k+w, k+w+W, ... (k = the start); its *slot* is (k+w) % W.
+        batches_per_epoch is a multiple of W, so a slot owns the same positions in every epoch and
+        a worker streams epoch after epoch without restarting (no respawn, no refilled buffers)."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        # The DataLoader hands out batches round-robin starting at worker 0; after skipping k
-        # batches, worker w must produce global batches k+w, k+w+W, ... so its "slot" is (k+w) % W.
         k = self.skip_batches
         slot = (k + worker) % num_workers
-        already = len(range(slot, k, num_workers))  # this slot's batches consumed before k
-        todo = len(range(slot, self.batches_per_epoch, num_workers)) - already
-        seed = make_seed(self.seed, self.epoch, self.rank, slot)
+        per_epoch = self.batches_per_epoch // num_workers  # this slot's batches in one epoch
+        already = len(range(slot, k, num_workers))  # ... of which consumed before the start
         handler = BadSampleCounter()
-        rng = random.Random(seed)
+        for epoch in count(self.epoch):
+            yield from self._epoch(epoch, slot, per_epoch - already, already, handler)
+            already = 0
 
+    def _epoch(self, epoch: int, slot: int, todo: int, already: int, handler: BadSampleCounter):
+        seed = make_seed(self.seed, epoch, self.rank, slot)
         streams = [self._raw_samples(urls, make_seed(seed, i), handler) for i, (urls, _) in enumerate(self.parts)]
         weights = [w for _, w in self.parts]
-        raw = streams[0] if len(streams) == 1 else _mix(streams, weights, rng)
+        raw = streams[0] if len(streams) == 1 else _mix(streams, weights, random.Random(seed))
         if self.shuffle_buffer > 0:
             raw = wds.filters._shuffle(raw, self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed + 1))
         raw = islice(raw, already * self.batch_size, None)  # resume: skip without decoding
 
         index = already * self.batch_size
-        batch, reported = [], 0
+        batch, reported = [], handler.bad
         for sample in raw:
             if todo <= 0:
                 return
@@ -247,10 +256,12 @@ class TrainLoader:
         first = sources[0]
         self.info = DataInfo(total, first.classes, first.label_names, sum(len(s.urls) for s in sources))
         epoch_samples = cfg.epoch_samples or total
-        self.batches_per_epoch = epoch_samples // (world_size * batch_size)
+        # A multiple of the worker count, so that every worker owns whole positions of each epoch.
+        slots = max(1, cfg.num_workers)
+        self.batches_per_epoch = epoch_samples // (world_size * batch_size) // slots * slots
         if self.batches_per_epoch < 1:
-            raise DataSourceError(f"data.epoch_samples: {epoch_samples} samples is less than one batch per rank "
-                                  f"({world_size} ranks x {batch_size})")
+            raise DataSourceError(f"data.epoch_samples: {epoch_samples} samples make less than one batch per rank "
+                                  f"and worker ({world_size} ranks x {batch_size} x {slots} workers)")
         decoder = SampleDecoder(cfg.image_size, cfg.crop, cfg.hflip, num_labels=len(first.label_names))
         self.dataset = ShardStream(sources, rank=rank, world_size=world_size, batch_size=batch_size, decoder=decoder,
                                    shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, batches_per_epoch=self.batches_per_epoch)
@@ -263,15 +274,12 @@ class TrainLoader:
     def batches(self, start: int = 0):
         """Yield batches forever, starting at global (per-rank) batch index `start`."""
         epoch, offset = divmod(start, self.batches_per_epoch)
-        while True:
-            self.dataset.set_epoch(epoch, offset)
-            # Its own generator: creating an iterator must not draw from the global torch RNG,
-            # which the model uses (posterior noise) and a resume restores.
-            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, prefetch_factor=4 if self.num_workers else None,
-                                generator=torch.Generator().manual_seed(epoch))
-            yield from loader
-            epoch, offset = epoch + 1, 0
+        self.dataset.set_epoch(epoch, offset)
+        # Its own generator: creating the iterator must not draw from the global torch RNG, which
+        # the model uses (posterior noise) and a resume restores.
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=4 if self.num_workers else None, generator=torch.Generator().manual_seed(start))
+        yield from loader
 
 
 def fixed_batch(spec, n: int, image_size: int) -> dict | None:

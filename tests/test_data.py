@@ -135,6 +135,6 @@ def test_missing_sources_are_one_line_errors(tmp_path):
 
 
 def test_epoch_smaller_than_a_batch_is_refused(shards):
-    with pytest.raises(DataSourceError, match="less than one batch"):
+    with pytest.raises(DataSourceError, match="less than one batch per rank"):
         TrainLoader(cfg(shards, epoch_samples=10), rank=0, world_size=2, batch_size=8)
 

@@ -1,0 +1,202 @@
+"""Benchmarks that print ratios against a baseline measured in the same run (never timed tests).
+
+    # loader: harness TrainLoader vs plain PIL decode + crop + resize of the same JPEGs, same cores
+    python launch/benchmark.py loader --data data/imagenet-sample-shards --image-size 256 --workers 2
+    # step: one harness training step vs the same model in a plain PyTorch loop (data excluded)
+    python launch/benchmark.py step --config launch/configs/demo.yaml [key=value ...]
+
+Both print a small table and the ratio; add `--json FILE` to keep the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# loader
+# ---------------------------------------------------------------------------------------------
+
+
+def _raw_images(spec: str, limit: int) -> list[bytes]:
+    import webdataset as wds
+
+    from harness.data import IMAGE_KEYS
+    from harness.sources import resolve_sources
+
+    urls = [u for s in resolve_sources(spec, require_count=False) for u in s.urls]
+    out = []
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+        out.append(next(sample[k] for k in IMAGE_KEYS if k in sample))
+        if len(out) == limit:
+            break
+    return out
+
+
+def _decode_chunk(args) -> int:
+    import random
+
+    from harness.data import load_image
+
+    images, size = args
+    rng = random.Random(0)
+    for data in images:
+        load_image(data, size, "random", False, rng)
+    return len(images)
+
+
+def bench_loader(a) -> dict:
+    from harness.config import DataConfig
+    from harness.data import TrainLoader
+
+    images = _raw_images(a.data, a.images)
+    n_target = max(a.images, len(images))
+    reps = math.ceil(n_target / len(images))
+    work = (images * reps)[:n_target]
+    # Baseline: the same decode + crop + resize, on the same number of processes, bytes in memory.
+    chunks = [(work[i:: a.workers], a.image_size) for i in range(a.workers)]
+    t0 = time.perf_counter()
+    if a.workers == 1:
+        _decode_chunk(chunks[0])
+    else:
+        with mp.get_context("fork").Pool(a.workers) as pool:
+            pool.map(_decode_chunk, chunks)
+    raw = len(work) / (time.perf_counter() - t0)
+
+    cfg = DataConfig(train=a.data, image_size=a.image_size, num_workers=a.workers, shuffle_buffer=a.shuffle_buffer,
+                     num_samples=len(images))
+    loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=a.batch_size)
+    it = loader.batches()
+    # Warm up until every worker has started and filled its shuffle buffer: steady state only.
+    for _ in range((math.ceil(a.shuffle_buffer / a.batch_size) + 2) * max(a.workers, 1)):
+        next(it)
+    batches = max(1, n_target // a.batch_size)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    harness = batches * a.batch_size / (time.perf_counter() - t0)
+    res = {"bench": "loader", "image_size": a.image_size, "workers": a.workers, "images": n_target,
+           "raw_decode_img_s": round(raw, 1), "harness_loader_img_s": round(harness, 1),
+           "ratio": round(harness / raw, 3)}
+    print(f"loader  {a.workers} worker(s), {a.image_size}px: plain PIL decode {raw:.0f} img/s, "
+          f"harness TrainLoader {harness:.0f} img/s, ratio {harness / raw:.2f}")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# step
+# ---------------------------------------------------------------------------------------------
+
+
+def _timed(fn, steps: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_step(a) -> dict:
+    """Harness train_step (accelerate, loss terms, guards, EMA off) vs a hand-written loop, same model."""
+    import tempfile
+
+    from harness.config import load_config
+    from harness.data import to_model_input
+    from harness.losses import AutoencoderLoss
+    from harness.trainer import Trainer
+    from models import build_model
+    from shards.__main__ import main as shards_main
+
+    tmp = Path(tempfile.mkdtemp())
+    shards = tmp / "shards"  # a few demo shards, only so that the Trainer can start
+    shards_main(["demo", str(shards), "--num-samples", "64", "--image-size", str(a.image_size), "--quiet"])
+    cfg = load_config([a.config] if a.config else [], [f"data.train={shards}", f"run.dir={tmp / 'run'}",
+                                                       f"data.image_size={a.image_size}", f"train.batch_size={a.batch_size}",
+                                                       "log.progress=false", "data.num_workers=0", *a.overrides])
+    trainer = Trainer(cfg)
+    device = trainer.device
+    images = torch.randint(0, 255, (a.batch_size, a.image_size, a.image_size, 3), dtype=torch.uint8)
+    batch = {"image": images, "cls": torch.zeros(a.batch_size, dtype=torch.long), "bad": 0, "bad_error": "",
+             "labels": torch.zeros(a.batch_size, max(1, cfg.model.num_classes))}
+    batches = iter(lambda: batch, None)
+    from collections import defaultdict
+
+    from harness.signals import StopFlag
+
+    stop, acc = StopFlag(), defaultdict(float)
+    harness_step = lambda: trainer.train_step(batches, stop, acc)  # noqa: E731
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    loss_fn = AutoencoderLoss(cfg.loss).to(device)
+    cond = batch["cls"].to(device) if model.condition == "class" else None
+
+    def plain():
+        x = to_model_input(images, device)
+        out = model(x, cond=cond)
+        loss = loss_fn(x, out).total
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # Interleaved rounds, best of each: neither side profits from going second.
+    harness, base = float("inf"), float("inf")
+    for _ in range(a.rounds):
+        harness = min(harness, _timed(harness_step, a.steps, a.warmup, device))
+        base = min(base, _timed(plain, a.steps, a.warmup, device))
+    res = {"bench": "step", "device": str(device), "batch_size": a.batch_size, "image_size": a.image_size,
+           "plain_ms": round(base * 1e3, 2), "harness_ms": round(harness * 1e3, 2),
+           "overhead_pct": round(100 * (harness / base - 1), 2)}
+    print(f"step    {device}, batch {a.batch_size}, {a.image_size}px: plain PyTorch {base * 1e3:.1f} ms, "
+          f"harness {harness * 1e3:.1f} ms, overhead {100 * (harness / base - 1):+.1f}%")
+    trainer.tracker.close()
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="bench", required=True)
+    lo = sub.add_parser("loader", help="TrainLoader throughput vs plain PIL decoding on the same cores")
+    lo.add_argument("--data", required=True, help="shards (folder, pattern)")
+    lo.add_argument("--image-size", type=int, default=256)
+    lo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    lo.add_argument("--batch-size", type=int, default=32)
+    lo.add_argument("--images", type=int, default=2000, help="images decoded by each side")
+    lo.add_argument("--shuffle-buffer", type=int, default=500)
+    st = sub.add_parser("step", help="harness train_step vs a plain PyTorch loop (same model, no data loading)")
+    st.add_argument("--config", default=None)
+    st.add_argument("--image-size", type=int, default=64)
+    st.add_argument("--batch-size", type=int, default=16)
+    st.add_argument("--steps", type=int, default=20)
+    st.add_argument("--warmup", type=int, default=3)
+    st.add_argument("--rounds", type=int, default=3)
+    st.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    for s in (lo, st):
+        s.add_argument("--json", default=None, help="append the result as one JSON line")
+    a = p.parse_args(argv)
+    res = bench_loader(a) if a.bench == "loader" else bench_step(a)
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
