@@ -297,3 +297,43 @@ def fixed_batch(spec, n: int, image_size: int) -> dict | None:
         if len(samples) == n:
             break
     return collate(samples) if samples else None
+
+
+class EvalStream(IterableDataset):
+    """Every sample of some shards exactly once, center-cropped, shards split over workers."""
+
+    def __init__(self, urls: list[str], decoder: SampleDecoder, batch_size: int, max_samples: int = 0):
+        self.urls, self.decoder, self.batch_size, self.max_samples = urls, decoder, batch_size, max_samples
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        handler = BadSampleCounter()
+        urls = self.urls[worker::num_workers]
+        samples = wds.DataPipeline(wds.SimpleShardList(urls), tario.tarfile_to_samples(handler=handler))
+        rng = random.Random(0)
+        batch, limit, seen, reported = [], self.max_samples // num_workers if self.max_samples else 0, 0, 0
+        for sample in samples:
+            try:
+                batch.append(self.decoder(sample, rng))
+            except Exception as exn:  # noqa: BLE001
+                handler(exn)
+                continue
+            seen += 1
+            if len(batch) == self.batch_size or seen == limit:
+                yield {**collate(batch), "bad": handler.bad - reported}
+                batch, reported = [], handler.bad
+            if seen == limit:
+                return
+        if batch or handler.bad > reported:  # the tail, or the bad-sample count alone
+            yield {**(collate(batch) if batch else {"image": None}), "bad": handler.bad - reported}
+
+
+def eval_batches(spec, *, image_size: int, batch_size: int, num_workers: int = 0, max_samples: int = 0):
+    """Batches over every sample of `spec` once (no resampling, no shuffling): for evaluation."""
+    sources = resolve_sources(spec, require_count=False)
+    urls = [u for s in sources for u in s.urls]
+    decoder = SampleDecoder(image_size, "center", False, num_labels=len(sources[0].label_names))
+    workers = min(num_workers, len(urls))
+    loader = DataLoader(EvalStream(urls, decoder, batch_size, max_samples), batch_size=None, num_workers=workers)
+    return loader, sources
