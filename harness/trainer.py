@@ -140,9 +140,10 @@ class Trainer:
         )
         if self.loss_fn.perception is not None:
             info = self.loss_fn.perception.info
-            self.log.info(f"perceptual loss: frozen net {cfg.loss.perceptual_net} ({len(info.get('classes', []))} classes, "
-                          f"accuracy {info.get('accuracy', float('nan')):.3f} on {info.get('accuracy_on', '?')} "
-                          f"at {info.get('image_size', '?')} px)")
+            acc = info.get("accuracy")
+            acc = f"{acc:.3f}" if isinstance(acc, (int, float)) else "?"
+            self.log.info(f"perceptual loss: frozen net {cfg.loss.perceptual_net} ({len(info.get('classes', []))} "
+                          f"classes, accuracy {acc} on {info.get('accuracy_on', '?')} at {info.get('image_size', '?')} px)")
         if self.loader.sample_split:
             self.log.info(f"note: fewer shards than ranks ({self.loader.info.num_shards} < {self.world.world_size}): "
                           "every rank reads all shards and keeps 1/world_size of the samples; make more shards")

@@ -229,6 +229,13 @@ def test_vae_trains_with_every_term_through_launch_train(perception, colours, tm
     parts = [logged(run, f"loss/{t}") for t in ("recon", "kl", "perceptual", "ssim", "tv", "sparsity")]
     assert total[0] == pytest.approx(sum(p[0] for p in parts), rel=1e-3)
     assert "perceptual loss: frozen net" in (run / "train.log").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"loss/perceptual", "loss/ssim", "loss/tv", "loss/sparsity", "eval/grid_ssim", "eval/grid_psnr"} <= tags
+    assert 0 < ea.Scalars("eval/grid_ssim")[-1].value < 1
     assert net.read_bytes() == before
     # The checkpoint holds the autoencoder only: no perception weights anywhere in model.safetensors.
     ckpt = run / "checkpoints/step_3"
@@ -241,6 +248,14 @@ def test_vae_trains_with_every_term_through_launch_train(perception, colours, tm
         assert not any(v.shape == p.shape and torch.equal(v, p) for v in saved.values())
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert len(state["loss_files"]["perceptual_net"]) == 16
+    # The net is not in the checkpoint but is read again on resume; a different file is pointed out.
+    other, _ = load_perception(net)
+    torch.nn.init.normal_(other.head.weight)
+    save_perception(other, tmp_path / "other.safetensors")
+    args = ["--config", str(CONFIGS / "perceptual_demo.yaml"), f"data.train={colours}", f"run.dir={run}", *FAST,
+            "train.max_steps=4", "loss.ssim_weight=0.2", "loss.sparsity_weight=0.01"]
+    assert train_main([*args, f"loss.perceptual_net={tmp_path / 'other.safetensors'}", "--resume", "latest"]) == 0
+    assert "note: loss.perceptual_net is not the file this run was trained with" in (run / "train.log").read_text()
 
 
 def test_perception_net_stays_frozen_in_the_trainer(perception, colours, tmp_path):
