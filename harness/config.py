@@ -124,6 +124,19 @@ class LossConfig:
     recon_weight: float = F(1.0, "weight of the pixel reconstruction term", ge=0.0)
     kl_weight: float = F(1e-6, "weight of the KL term of a Gaussian posterior (0 = plain autoencoder)", ge=0.0)
     vq_weight: float = F(1.0, "weight of the vector-quantizer term (codebook + vq_beta * commitment)", ge=0.0)
+    ssim_weight: float = F(0.0, "weight of 1 - SSIM(recon, input) (11-tap Gaussian window, sigma 1.5; 0 = off)", ge=0.0)
+    tv_weight: float = F(
+        0.0, "weight of the reconstruction's total variation, mean |neighbour difference| rows + columns (0 = off)",
+        ge=0.0,
+    )
+    sparsity_weight: float = F(0.0, "weight of the L1 sparsity of the latent the decoder reads, mean |z| (0 = off)", ge=0.0)
+    perceptual_weight: float = F(
+        0.0, "weight of the LPIPS-like distance from the frozen net in loss.perceptual_net (0 = off)", ge=0.0
+    )
+    perceptual_net: str = F(
+        "", "perception network file from launch/train_perception.py (perception.safetensors); "
+        "needed when perceptual_weight > 0"
+    )
 
 
 @dataclass
@@ -191,6 +204,10 @@ class Config:
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ConfigError(f"optim.betas: need two numbers in [0, 1); got {self.optim.betas}")
         self._validate_model()
+        if self.loss.perceptual_weight > 0 and not self.loss.perceptual_net:
+            # The file itself is read when the loss is built (a stored config must load without it).
+            raise ConfigError("loss.perceptual_net: loss.perceptual_weight > 0 needs the file written by "
+                              "launch/train_perception.py (perception.safetensors)")
 
     def _validate_model(self) -> None:
         m = self.model

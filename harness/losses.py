@@ -1,18 +1,38 @@
-"""The training objective: pixel reconstruction plus the model's own weighted terms.
+"""The training objective: pixel reconstruction, the harness's own terms, and the model's terms.
 
-A model's `forward` returns its unweighted terms by name (`kl`, `vq`, ...); the weight of term
-`name` is `cfg.loss.<name>_weight`, so adding a term to a model needs no glue here beyond a
-config field. `LossTerms` keeps every term (weighted) for logging and their sum for backward.
+One weighting rule for every term: term `name` counts `cfg.loss.<name>_weight` times. A model's
+`forward` returns its unweighted terms by name (`kl`, `vq`, ...), so adding a term to a model needs
+no glue here beyond a config field. The harness adds, each only when its weight is > 0 (a term
+with weight 0 is not computed at all):
+
+    recon       |recon - x| (l1) or (recon - x)^2 (l2), mean        loss.recon_weight
+    ssim        1 - SSIM(recon, x)                                  loss.ssim_weight
+    tv          total variation of recon (mean |neighbour diff|)    loss.tv_weight
+    sparsity    mean |z| of the latent the decoder read (L1)        loss.sparsity_weight
+    perceptual  LPIPS-like distance from a frozen perception net    loss.perceptual_weight
+
+`LossTerms` keeps every term (weighted) for logging (`loss/<name>`) and their sum for backward.
+
+The perception network (models/perception.py, trained by launch/train_perception.py) lives inside
+this module: it is frozen, never given to the optimizer or to `accelerator.prepare`, and never part
+of a checkpoint (the run's config names its file, which is read again on resume).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from harness import metrics
+from harness.metrics import psnr  # noqa: F401 (re-exported: harness.losses.psnr was its old home)
 from models.base import AutoencoderOutput
+
+# The harness's own terms, in the order they are computed and logged (after recon).
+HARNESS_TERMS = ("ssim", "tv", "sparsity", "perceptual")
 
 
 @dataclass
@@ -21,16 +41,50 @@ class LossTerms:
     terms: dict[str, torch.Tensor]  # weighted, detached-for-logging copies are made by the caller
 
 
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation of `b c h w` images: mean |vertical neighbour difference| plus
+    mean |horizontal neighbour difference|."""
+    dh = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    dw = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    return dh + dw
+
+
 class AutoencoderLoss(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        self.enabled = [name for name in HARNESS_TERMS if self.weight(name) > 0]
+        self.perception = None
+        self._files = {}
+        if "perceptual" in self.enabled:
+            self.perception = load_perceptual(cfg.perceptual_net)
+            self._files["perceptual_net"] = hashlib.sha256(Path(cfg.perceptual_net).read_bytes()).hexdigest()[:16]
 
     def weight(self, name: str) -> float:
         try:
             return getattr(self.cfg, f"{name}_weight")
         except AttributeError:
             raise AttributeError(f"model returned loss term {name!r} but LossConfig has no {name}_weight") from None
+
+    def fingerprint(self) -> dict[str, str]:
+        """Short sha256 of the files the loss read (to notice a perception net replaced between resumes)."""
+        return dict(self._files)
+
+    # --- the harness's terms, unweighted ------------------------------------------------------
+
+    def ssim(self, x: torch.Tensor, out: AutoencoderOutput) -> torch.Tensor:
+        return 1 - metrics.ssim(out.recon, x)
+
+    def tv(self, x: torch.Tensor, out: AutoencoderOutput) -> torch.Tensor:
+        return total_variation(out.recon.float())
+
+    def sparsity(self, x: torch.Tensor, out: AutoencoderOutput) -> torch.Tensor:
+        if out.latent is None:
+            raise ValueError("loss.sparsity_weight > 0 but the model returned no latent (AutoencoderOutput.latent)")
+        return out.latent.float().abs().mean()
+
+    def perceptual(self, x: torch.Tensor, out: AutoencoderOutput) -> torch.Tensor:
+        return self.perception(out.recon, x)
 
     def forward(self, x: torch.Tensor, out: AutoencoderOutput) -> LossTerms:
         recon = out.recon.float()
@@ -40,13 +94,26 @@ class AutoencoderLoss(torch.nn.Module):
         else:
             pixel = F.mse_loss(recon, x)
         terms = {"recon": self.cfg.recon_weight * pixel}
+        for name in self.enabled:
+            terms[name] = self.weight(name) * getattr(self, name)(x, out)
         for name, value in out.losses.items():
+            if name in terms:
+                raise ValueError(f"model returned loss term {name!r}, a name the harness uses for its own term")
             terms[name] = self.weight(name) * value.float()
         total = torch.stack(list(terms.values())).sum()
         return LossTerms(total, terms)
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean PSNR in dB of images in [-1, 1]."""
-    mse = ((x.float() - y.float()) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(1.0 / mse)).mean()
+def load_perceptual(path: str):
+    """The frozen perceptual distance from `loss.perceptual_net`; a bad file is a one-line ConfigError."""
+    from harness.config import ConfigError
+    from models.perception import PerceptionFileError, PerceptualDistance
+
+    if not path:
+        raise ConfigError("loss.perceptual_net: loss.perceptual_weight > 0 needs the file written by "
+                          "launch/train_perception.py (perception.safetensors)")
+    try:
+        return PerceptualDistance.from_file(path)
+    except PerceptionFileError as e:
+        raise ConfigError(f"loss.perceptual_net: {e}; train one with `python launch/train_perception.py "
+                          f"--data SHARDS --out DIR` or set loss.perceptual_weight=0") from None

@@ -28,7 +28,8 @@ from harness.config import Config, ConfigError, section_hash, to_dict
 from harness.data import TrainLoader, fixed_batch, to_model_input
 from harness.dist import RankLogger, world
 from harness.ema import EMA
-from harness.losses import AutoencoderLoss, psnr
+from harness.losses import AutoencoderLoss
+from harness.metrics import psnr, ssim
 from harness.signals import EXIT_PREEMPTED, StopFlag
 from harness.tracking import Tracker
 from models import NoPriorError, build_model
@@ -74,6 +75,10 @@ class Trainer:
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mixed)
         self.world = world()  # from torch.distributed, now that accelerate has set it up
         self.device = self.accelerator.device
+        # Files the loss reads (a perception net) are checked first: a bad path stops the run
+        # before anything is written. The loss module is never prepared: nothing in it trains.
+        self.loss_fn = AutoencoderLoss(cfg.loss).to(self.device)
+        self._check_loss_fits_model()
         self.log = RankLogger(self.world.is_main, self.run_dir / "train.log")
         self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.accelerator, self.world.is_main)
 
@@ -89,7 +94,6 @@ class Trainer:
         set_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
         self.num_params = sum(p.numel() for p in model.parameters())
-        self.loss_fn = AutoencoderLoss(cfg.loss).to(self.device)
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         # The scheduler stays outside prepare(): accelerate would step it once per process.
@@ -116,6 +120,7 @@ class Trainer:
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             self.totals.update(state.get("totals", {}))
             self._warn_if_data_differs(state)
+            self._warn_if_loss_files_differ(state)
         else:
             set_seed(cfg.train.seed + self.world.rank)  # posterior noise differs per rank
         self.ckpt.clean_stale()
@@ -133,6 +138,12 @@ class Trainer:
             f"{self.loader.info.num_samples} samples in {self.loader.info.num_shards} shard(s), "
             f"{self.loader.batches_per_epoch} batches/epoch/rank, run folder {self.run_dir}"
         )
+        if self.loss_fn.perception is not None:
+            info = self.loss_fn.perception.info
+            acc = info.get("accuracy")
+            acc = f"{acc:.3f}" if isinstance(acc, (int, float)) else "?"
+            self.log.info(f"perceptual loss: frozen net {cfg.loss.perceptual_net} ({len(info.get('classes', []))} "
+                          f"classes, accuracy {acc} on {info.get('accuracy_on', '?')} at {info.get('image_size', '?')} px)")
         if self.loader.sample_split:
             self.log.info(f"note: fewer shards than ranks ({self.loader.info.num_shards} < {self.world.world_size}): "
                           "every rank reads all shards and keeps 1/world_size of the samples; make more shards")
@@ -169,6 +180,19 @@ class Trainer:
                 raise ConfigError(f"model.num_classes: the shards have {len(info.label_names)} labels "
                                   f"({', '.join(info.label_names[:3])}, ...); set model.num_classes={len(info.label_names)}")
 
+    def _check_loss_fits_model(self) -> None:
+        p = self.loss_fn.perception
+        if p is not None and p.in_channels != self.cfg.model.out_ch:
+            raise ConfigError(f"loss.perceptual_net: the network reads {p.in_channels}-channel images but the model "
+                              f"makes {self.cfg.model.out_ch} (model.out_ch)")
+
+    def _warn_if_loss_files_differ(self, state: dict) -> None:
+        then, now = state.get("loss_files", {}), self.loss_fn.fingerprint()
+        changed = [k for k in now if k in then and then[k] != now[k]]
+        if changed:
+            self.log.info(f"note: {', '.join(f'loss.{k}' for k in changed)} is not the file this run was trained with "
+                          "(its contents changed): the loss differs from before the checkpoint")
+
     def _data_layout(self) -> dict:
         c = self.cfg
         return {"world_size": self.world.world_size, "batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum,
@@ -183,6 +207,7 @@ class Trainer:
             "data_seed": self.cfg.data.seed,
             "data_layout": self._data_layout(),
             "model_hash": self.model_hash,
+            "loss_files": self.loss_fn.fingerprint(),
             "totals": dict(self.totals),
             "time": time.time(),
         }
@@ -371,7 +396,7 @@ class Trainer:
         with self.accelerator.autocast():
             rows = grids.reconstruction_rows(model, x, cond)
             self.tracker.grid("reconstruction", rows, step)
-            self.tracker.scalars({"eval/grid_psnr": float(psnr(*rows))}, step)
+            self.tracker.scalars({"eval/grid_psnr": float(psnr(*rows)), "eval/grid_ssim": float(ssim(*rows))}, step)
             try:
                 samples = model.sample(n, size, cond=cond, generator=grids.generator(self.device, seed))
                 self.tracker.grid("prior_samples", [samples], step)

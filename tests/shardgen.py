@@ -43,3 +43,36 @@ def make_shards(out: str | Path, num_samples: int = 64, per_shard: int = 16, siz
     write_index(out, source={"kind": "test"}, shards=shards, classes=[f"c{i}" for i in range(num_classes)],
                 label_names=list(label_names))
     return out
+
+
+def colour_image(cls: int, seed: int, size: int = 32) -> np.ndarray:
+    """An easy class: the dominant colour (red, green, blue, ...) under random texture and a bar."""
+    rng = np.random.default_rng([cls, seed])
+    base = np.full(3, 50.0)
+    base[cls % 3] = 200.0
+    if cls >= 3:  # classes 3.. mix two channels (yellow, cyan, magenta)
+        base[(cls + 1) % 3] = 200.0
+    arr = base + rng.normal(0, 25, (size, size, 3))
+    y0 = int(rng.integers(0, size - 6))
+    arr[y0:y0 + 5, :, :] = rng.uniform(0, 255, 3)  # a bar of a random colour at a random height
+    return arr.clip(0, 255).astype(np.uint8)
+
+
+def make_colour_shards(out: str | Path, num_samples: int = 96, per_shard: int = 24, size: int = 32,
+                       num_classes: int = 3) -> Path:
+    """Shards whose `cls` is easy to learn (the dominant colour): for perception-network tests."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for start in range(0, num_samples, per_shard):
+        name = f"{len(shards):06d}.tar"
+        count = min(per_shard, num_samples - start)
+        with wds.TarWriter(str(out / name)) as w:
+            for i in range(start, start + count):
+                buf = io.BytesIO()
+                Image.fromarray(colour_image(i % num_classes, i, size)).save(buf, format="PNG")
+                w.write({"__key__": f"c{i:05d}", "png": buf.getvalue(), "cls": str(i % num_classes)})
+        shards.append({"name": name, "num_samples": count, "bytes": (out / name).stat().st_size})
+    names = ["red", "green", "blue", "yellow", "cyan", "magenta"]
+    write_index(out, source={"kind": "test"}, shards=shards, classes=names[:num_classes])
+    return out

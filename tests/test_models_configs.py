@@ -13,6 +13,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
 EXPECTED = {
     "kl_f8.yaml": ("AutoencoderKL", (4, 32, 32), {"kl"}),
     "spec_basic.yaml": ("AutoencoderKL", (4, 16, 16), {"kl"}),
+    "spec_ssim.yaml": ("AutoencoderKL", (4, 16, 16), {"kl"}),  # + harness terms ssim, sparsity (test_losses.py)
+    "perceptual_demo.yaml": ("AutoencoderKL", (4, 16, 16), {"kl"}),  # + perceptual, tv (test_losses.py)
     "fc_latent.yaml": ("AutoencoderKL", (4096,), {"kl"}),
     "conv4.yaml": ("AutoencoderKL", (512, 4, 4), {"kl"}),
     "conv4_ae.yaml": ("AutoencoderKL", (512, 4, 4), {"kl"}),
@@ -24,6 +26,7 @@ EXPECTED = {
 SMALL = {
     "kl_f8.yaml": ["model.ch=32", "data.image_size=32"],
     "spec_basic.yaml": ["data.image_size=32"],
+    "spec_ssim.yaml": ["data.image_size=32"],
     "vq.yaml": ["model.ch=32", "data.image_size=16"],
     "fsq.yaml": ["model.ch=32", "data.image_size=16"],
     "cond_demo.yaml": ["data.image_size=16"],

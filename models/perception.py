@@ -1,0 +1,232 @@
+"""The perception network of the perceptual loss, and the distance over its features.
+
+Nothing can be downloaded here (no VGG / LPIPS weights), so the project trains its own: a small
+conv classifier (`PerceptionNet`) trained on the same shards with their `cls` labels by
+`launch/train_perception.py`. Its intermediate features then define an LPIPS-like distance
+(`PerceptualDistance`, Zhang et al. 2018 with uniform instead of learned layer weights):
+
+    d(x, y) = sum over stages s of  mean over (h, w) of  sum over c of  (f_s(x) - f_s(y))^2
+
+where f_s are stage-s features unit-normalised along the channel axis at every position (as
+LPIPS does), so each stage contributes a number in [0, 4] and no stage dominates by scale.
+
+Inputs are images in [-1, 1], like everything else the harness feeds a model. The network is
+fully convolutional with a global pool, so it runs at any resolution, also one it was not
+trained at (features are most meaningful near the training resolution).
+
+File format (`save_perception` / `load_perception`): one safetensors file whose metadata holds
+`format`, `arch` (the constructor arguments, JSON) and `info` (classes, accuracy, training
+details, JSON). Only safetensors is read: never pickle.
+
+Axis letters: b batch, c channels, h height, w width.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from einops import reduce
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "vae-harness-perception/1"
+
+
+class PerceptionFileError(ValueError):
+    """A perception network file is missing, unreadable or not one of ours: one line why."""
+
+
+@dataclass
+class PerceptionArch:
+    """What builds a `PerceptionNet` (stored in the file next to the weights)."""
+
+    in_channels: int = 3
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    num_classes: int = 10
+    norm_groups: int = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------------
+
+
+class ConvStage(nn.Sequential):
+    """conv3x3 (stride 1 or 2) -> GN -> SiLU -> conv3x3 -> GN -> SiLU."""
+
+    def __init__(self, c_in: int, c_out: int, *, stride: int, groups: int):
+        if c_out % groups:
+            raise ValueError(f"perception net: {c_out} channels are not divisible into {groups} GroupNorm groups")
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
+            nn.GroupNorm(groups, c_out),
+            nn.SiLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1),
+            nn.GroupNorm(groups, c_out),
+            nn.SiLU(),
+        )
+
+
+class PerceptionNet(nn.Module):
+    """A small classifier: one stage per entry of `channels` (the first at full resolution, each
+    later one halving it), a global average pool and a linear head."""
+
+    def __init__(self, *, in_channels: int = 3, channels: list[int] = (32, 64, 128, 256), num_classes: int = 10,
+                 norm_groups: int = 8):
+        super().__init__()
+        if not channels or num_classes < 1:
+            raise ValueError("perception net: need at least one stage and one class")
+        self.arch = PerceptionArch(in_channels, list(channels), num_classes, norm_groups)
+        widths = [in_channels, *channels]
+        self.stages = nn.ModuleList(
+            ConvStage(c_in, c_out, stride=1 if i == 0 else 2, groups=norm_groups)
+            for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:]))
+        )
+        self.head = nn.Linear(channels[-1], num_classes)
+
+    @property
+    def in_channels(self) -> int:
+        return self.arch.in_channels
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every stage, `b c h w` each, coarser with each stage."""
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits `b n` for images in [-1, 1]."""
+        pooled = reduce(self.features(x)[-1], "b c h w -> b c", "mean")
+        return self.head(pooled)
+
+
+# ---------------------------------------------------------------------------------------------
+# The distance
+# ---------------------------------------------------------------------------------------------
+
+
+def _unit(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Unit length along channels at every position (LPIPS' normalize_tensor)."""
+    return f / (reduce(f.pow(2), "b c h w -> b 1 h w", "sum").sqrt() + eps)
+
+
+def feature_distance(fx: list[torch.Tensor], fy: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image distance `b` between two lists of stage features (see the module docstring)."""
+    total = 0.0
+    for a, b in zip(fx, fy):
+        sq = reduce((_unit(a) - _unit(b)).pow(2), "b c h w -> b h w", "sum")
+        total = total + reduce(sq, "b h w -> b", "mean")
+    return total
+
+
+class PerceptualDistance(nn.Module):
+    """A frozen `PerceptionNet` and the LPIPS-like distance over its features.
+
+    Frozen means: no parameter requires grad (so no optimizer can hold it and no gradient is
+    kept for it, while gradients still flow through it into the reconstruction), and it stays
+    in eval mode even when a parent module is put into train mode.
+    """
+
+    def __init__(self, net: PerceptionNet, info: dict | None = None):
+        super().__init__()
+        self.net = net.requires_grad_(False)
+        self.info = info or {}
+        self.eval()
+
+    @property
+    def in_channels(self) -> int:
+        return self.net.in_channels
+
+    def train(self, mode: bool = True) -> PerceptualDistance:
+        return super().train(False)
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Distance of `recon` from `target` (both `b c h w` in [-1, 1]); gradients flow into `recon` only."""
+        with torch.no_grad():  # the target needs no graph: only its features are compared against
+            fy = self.net.features(target.float())
+        d = feature_distance(self.net.features(recon.float()), fy)
+        return d.mean() if reduction == "mean" else d
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> PerceptualDistance:
+        net, info = load_perception(path, device)
+        return cls(net, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# The file
+# ---------------------------------------------------------------------------------------------
+
+
+def save_perception(net: PerceptionNet, path: str | Path, info: dict | None = None) -> Path:
+    """Write `net` (weights + architecture + `info`) to `path`, atomically: a temporary file in
+    the same folder, fsynced, then renamed over `path`, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    meta = {"format": FORMAT, "arch": json.dumps(asdict(net.arch)), "info": json.dumps(info or {})}
+    save_file(state, str(tmp), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files private (0600); this one is a plain artifact
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_perception_meta(path: str | Path) -> tuple[PerceptionArch, dict]:
+    """Architecture and info of a perception file, without loading its weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise PerceptionFileError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for broken files
+        raise PerceptionFileError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT:
+        raise PerceptionFileError(f"{path}: not a perception network file (format {meta.get('format')!r}, "
+                                  f"expected {FORMAT!r}; write one with launch/train_perception.py)")
+    try:
+        arch = PerceptionArch(**json.loads(meta["arch"]))
+        info = json.loads(meta.get("info", "{}"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise PerceptionFileError(f"{path}: broken architecture metadata ({e})") from None
+    return arch, info
+
+
+def load_perception(path: str | Path, device: str | torch.device = "cpu") -> tuple[PerceptionNet, dict]:
+    """The network stored in `path` (frozen is up to the caller) and its info dict."""
+    arch, info = read_perception_meta(path)
+    try:
+        with torch.device("meta"):  # no random init that the weights would overwrite anyway
+            net = PerceptionNet(**asdict(arch))
+    except ValueError as e:
+        raise PerceptionFileError(f"{path}: {e}") from None
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as e:  # noqa: BLE001
+        raise PerceptionFileError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from None
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise PerceptionFileError(f"{path}: the weights do not fit the stored architecture "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
+    net.load_state_dict(state, assign=True)
+    return net.eval(), info
