@@ -8,7 +8,7 @@
 #
 # Needs root (apt-get, munge key, daemons). The config lives in $STATE, never in /etc/slurm,
 # so a machine that already has a SLURM keeps its own; clients find ours through SLURM_CONF.
-# Both commands are idempotent. Exit code 3 = cannot run here (not root, no apt-get, no packages).
+# Both commands are idempotent; a fresh start begins with an empty queue. Exit code 3 = cannot run here (not root, no apt-get, no packages).
 set -euo pipefail
 
 STATE=${SLURM_TEST_DIR:-/tmp/vae-harness-slurm}
@@ -47,6 +47,7 @@ start_munge() {
 
 write_conf() {
   mkdir -p "$STATE/ctld" "$STATE/d" "$STATE/log"
+  # getconf, not nproc: nproc obeys OMP_NUM_THREADS, and tests run with OMP_NUM_THREADS=1.
   cat >"$CONF" <<EOF
 # Written by tests/slurm/cluster.sh: a one-node test cluster.
 ClusterName=vaeharness
@@ -72,7 +73,7 @@ SlurmdLogFile=$STATE/log/slurmd.log
 MinJobAge=300
 KillWait=30
 SchedulerParameters=sched_interval=2
-NodeName=$NODE CPUs=$(nproc) RealMemory=$(($(free -m | awk '/^Mem:/{print $2}') * 3 / 4)) State=UNKNOWN
+NodeName=$NODE CPUs=$(getconf _NPROCESSORS_ONLN) RealMemory=$(($(free -m | awk '/^Mem:/{print $2}') * 3 / 4)) State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -84,15 +85,18 @@ cmd_start() {
   start_munge
   write_conf
   export SLURM_CONF=$CONF
-  alive "$STATE/slurmctld.pid" || slurmctld -f "$CONF"
+  # -c: a test cluster starts with an empty queue (no jobs recovered from an earlier run)
+  alive "$STATE/slurmctld.pid" || slurmctld -c -f "$CONF"
   alive "$STATE/slurmd.pid" || slurmd -f "$CONF"
   local t=0
-  until [ "$(sinfo -h -n "$NODE" -o %T 2>/dev/null)" = idle ]; do
+  until [[ "$(sinfo -h -n "$NODE" -o %T 2>/dev/null)" =~ ^(idle|mixed)$ ]]; do
     t=$((t + 1))
-    [ $t -le "$WAIT_S" ] || { log "node not idle after ${WAIT_S}s: $(sinfo 2>&1 | tail -1)"; exit 1; }
+    [ $t -le "$WAIT_S" ] || { log "node not up after ${WAIT_S}s: $(sinfo 2>&1 | tail -1)"; exit 1; }
     sleep 1
   done
-  log "node $NODE idle"
+  # Idle is not yet schedulable: run one tiny job step before saying the cluster is up.
+  timeout "$WAIT_S" srun -N1 -n1 true || { log "a test job step did not run within ${WAIT_S}s"; exit 1; }
+  log "node $NODE up, a job step ran"
   cmd_env
 }
 
