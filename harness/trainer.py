@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from harness import checkpoint as ckpt
-from harness import grids
+from harness import grids, scale
 from harness.config import Config, ConfigError, section_hash, to_dict
 from harness.data import TrainLoader, fixed_batch, to_model_input
 from harness.dist import RankLogger, world
@@ -72,7 +72,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         mixed = None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
-        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mixed)
+        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mixed,
+                                       **scale.accelerator_kwargs())
+        scale.check_world(self.accelerator)
         self.world = world()  # from torch.distributed, now that accelerate has set it up
         self.device = self.accelerator.device
         # Files the loss reads (a perception net) are checked first: a bad path stops the run
@@ -98,11 +100,18 @@ class Trainer:
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         # The scheduler stays outside prepare(): accelerate would step it once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        # DeepSpeed does accumulation and clipping itself; our loader is not prepared, so the
+        # micro batch must be told to it (a no-op without DeepSpeed).
+        scale.configure_deepspeed(self.accelerator, micro_batch=cfg.train.batch_size,
+                                  grad_accum=cfg.train.grad_accum, grad_clip=cfg.optim.grad_clip)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.deepspeed = scale.deepspeed_engine(self.model) is not None
+        self.input_dtype = scale.input_dtype(self.model)  # DeepSpeed bf16/fp16 casts the module, no autocast
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.ema = None
         if cfg.train.ema_decay > 0:
-            self.ema = EMA(self.accelerator.unwrap_model(self.model), cfg.train.ema_decay)
+            with scale.full_parameters(self.model):  # collective under ZeRO-3
+                self.ema = EMA(self.accelerator.unwrap_model(self.model), cfg.train.ema_decay)
             self.accelerator.register_for_checkpointing(self.ema)
 
         self.loader = TrainLoader(cfg.data, rank=self.world.rank, world_size=self.world.world_size,
@@ -235,10 +244,13 @@ class Trainer:
         Non-finite values are caught at the gradient norm, not at the loss: gradients are
         all-reduced, so every rank sees the same norm and takes the same branch without another
         collective (a NaN loss on one rank makes NaN gradients everywhere). With fp16 loss
-        scaling, an overflow is the scaler's business: it skips the step and lowers the scale."""
+        scaling, an overflow is the scaler's business: it skips the step and lowers the scale.
+        Under DeepSpeed the optimizer steps inside `backward`, so there the loss is checked
+        before it (one all-reduce per micro-batch) and DeepSpeed counts its own fp16 overflows."""
         cfg = self.cfg
         scaler = self.accelerator.scaler
         finite, overflow = True, False
+        skipped_before = scale.skipped_steps(self.model)
         for _ in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
@@ -248,25 +260,35 @@ class Trainer:
                 acc["bad_error"] = batch["bad_error"]
             x = to_model_input(batch["image"], self.device)
             with self.accelerator.accumulate(self.model):
-                out = self.model(x, cond=self._condition(batch))
+                out = self.model(x.to(self.input_dtype), cond=self._condition(batch))
                 losses = self.loss_fn(x, out)
-                self.accelerator.backward(losses.total)
-                if self.accelerator.sync_gradients:
-                    clip = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, change nothing
-                    norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
-                    finite = math.isfinite(norm)
-                    if finite or scaler is not None:
-                        self.optimizer.step()
-                        overflow = self.optimizer.step_was_skipped
+                if self.deepspeed:
+                    finite &= self._all_ranks([float(not torch.isfinite(losses.total))])[0] == 0
                     if finite:
-                        acc["grad_norm"] += norm
-                self.optimizer.zero_grad(set_to_none=True)
+                        self.accelerator.backward(losses.total)  # DeepSpeed clips and steps at the boundary
+                        if self.accelerator.sync_gradients:
+                            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                            acc["grad_norm"] += float(norm) if norm is not None and math.isfinite(norm) else 0.0
+                else:
+                    self.accelerator.backward(losses.total)
+                    if self.accelerator.sync_gradients:
+                        clip = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, change nothing
+                        norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
+                        finite = math.isfinite(norm)
+                        if finite or scaler is not None:
+                            self.optimizer.step()
+                            overflow = self.optimizer.step_was_skipped
+                        if finite:
+                            acc["grad_norm"] += norm
+                    self.optimizer.zero_grad(set_to_none=True)
             for k, v in losses.terms.items():
                 acc[f"loss/{k}"] += v.detach()
             acc["loss/total"] += losses.total.detach()
             for k, v in out.metrics.items():
                 acc[f"model/{k}"] += v.detach().float()
             acc["micro"] += 1
+        if self.deepspeed:
+            overflow = scale.skipped_steps(self.model) > skipped_before
         # With a scaler, non-finite gradients are overflows until the scale has collapsed below 1.
         diverged = not finite and (scaler is None or scaler.get_scale() < 1.0)
         if overflow:
@@ -284,7 +306,8 @@ class Trainer:
         if finite and not overflow:
             acc["steps_taken"] += 1
             if self.ema is not None:
-                self.ema.update(self.accelerator.unwrap_model(self.model))
+                with scale.full_parameters(self.model):  # collective under ZeRO-3: every rank enters
+                    self.ema.update(self.accelerator.unwrap_model(self.model))
         self.scheduler.step()
         # All ranks stop at the same step: a checkpoint is collective.
         return self._all_ranks([float(stop.requested)])[0] > 0
@@ -393,8 +416,10 @@ class Trainer:
         n, size, seed = c.log.num_images, c.data.image_size, c.train.seed
         x = to_model_input(self.grid_batch["image"], self.device)
         cond = self._condition(self.grid_batch)
-        with self.accelerator.autocast():
-            rows = grids.reconstruction_rows(model, x, cond)
+        # A module DeepSpeed cast to bf16/fp16 gets autocast here, so fp32 noise (prior samples) fits it.
+        low = self.input_dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.input_dtype) if low else self.accelerator.autocast():
+            rows = [r.float() for r in grids.reconstruction_rows(model, x, cond)]
             self.tracker.grid("reconstruction", rows, step)
             self.tracker.scalars({"eval/grid_psnr": float(psnr(*rows)), "eval/grid_ssim": float(ssim(*rows))}, step)
             try:

@@ -1,110 +1,46 @@
-"""Export one consolidated fp32 `model.safetensors` from a training checkpoint.
+"""Export one consolidated fp32 `model.safetensors` + `config.yaml` from a run or checkpoint.
 
-    python launch/export.py runs/kl/checkpoints/step_5000                # -> .../step_5000/export/
-    python launch/export.py runs/kl/checkpoints/step_5000 --out kl_f8/   # model.safetensors + config.yaml
+    python launch/export.py runs/kl                                       # newest checkpoint -> runs/kl/export/
+    python launch/export.py runs/kl/checkpoints/step_5000 --out kl_f8/    # also from a ZeRO-3 checkpoint
+    python launch/export.py runs/kl --ema --out kl_f8_ema/                # the EMA weights
 
-Works offline on one CPU process, whatever wrote the checkpoint:
-- a plain accelerate checkpoint (one process, DDP): `model.safetensors` or `pytorch_model.bin`;
-- a DeepSpeed ZeRO-1/2/3 checkpoint (`pytorch_model/` with one shard per rank): the fp32 master
-  weights are rebuilt from the optimizer shards by DeepSpeed's zero_to_fp32 (needs deepspeed).
+Works offline in one CPU process, whatever wrote the checkpoint (one process, DDP, ZeRO-1/2/3).
+The exported folder loads with launch/sample.py and launch/evaluate.py, or with
+`safetensors.torch.load_file` + `models.build_model(config.model)`. DeepSpeed's shards hold Python
+objects besides tensors and DeepSpeed loads them with pickle: export only checkpoints you trust.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PLAIN_FILES = ("model.safetensors", "pytorch_model.bin")  # accelerate's names for the first model
-DS_TAG = "pytorch_model"  # accelerate's DeepSpeed checkpoint tag for the first model
-
-
-class ExportError(ValueError):
-    """The folder is not a checkpoint this script can read (one line saying why)."""
-
-
-def _fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # float32 for floating tensors; integer buffers (counters, indices) keep their dtype.
-    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-
-
-def _deepspeed_tag(ckpt: Path) -> str | None:
-    latest = ckpt / "latest"  # written by DeepSpeed next to its tag folder
-    tag = latest.read_text().strip() if latest.is_file() else DS_TAG
-    return tag if (ckpt / tag).is_dir() and any((ckpt / tag).glob("*model_states.pt")) else None
-
-
-def consolidate(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model's whole fp32 state dict from a checkpoint folder (see the module docstring)."""
-    ckpt = Path(checkpoint_dir)
-    if not ckpt.is_dir():
-        raise ExportError(f"{ckpt} is not a folder")
-    for name in PLAIN_FILES:
-        if (ckpt / name).is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return _fp32(load_file(ckpt / name))
-            return _fp32(torch.load(ckpt / name, map_location="cpu", weights_only=True))
-    tag = _deepspeed_tag(ckpt)
-    if tag is not None:
-        try:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        except ImportError as e:
-            raise ExportError(f"{ckpt} is a DeepSpeed checkpoint: install deepspeed to export it ({e})") from None
-        # DeepSpeed's shards hold Python objects besides tensors: it loads them with
-        # weights_only=False, so export only checkpoints you trust.
-        return _fp32(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag))
-    raise ExportError(f"{ckpt} holds neither {' nor '.join(PLAIN_FILES)} nor a DeepSpeed {DS_TAG}/ folder")
-
-
-def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write `state` as safetensors (tied weights are stored once each: safetensors refuses shared storage)."""
-    from safetensors.torch import save_file
-
-    seen, out = {}, {}
-    for k, v in state.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        out[k] = v.clone() if key in seen else v
-        seen[key] = k
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(out, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-    return path
-
-
-def _find_config(ckpt: Path) -> Path | None:
-    # The checkpoint's own copy first, then the run folder's (runs/<name>/checkpoints/step_N).
-    for candidate in (ckpt / "config.yaml", ckpt.parent.parent / "config.yaml"):
-        if candidate.is_file():
-            return candidate
-    return None
+from harness import checkpoint as ckpt  # noqa: E402
+from harness.export import ExportError, consolidate, save_safetensors  # noqa: E402,F401 (consolidate: re-exported)
+from harness.inference import LoadError, find_weights_dir, load_model, state_dict_of  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="a checkpoint folder (runs/<name>/checkpoints/step_<N>)")
-    p.add_argument("--out", help="output folder (default: <checkpoint>/export)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", help="output folder (default: <run or checkpoint>/export)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
     args = p.parse_args(argv)
-    ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else ckpt / "export"
     try:
-        state = consolidate(ckpt)
-    except ExportError as e:
+        folder = find_weights_dir(args.model)
+        state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict_of(folder, args.ema).items()}
+        out = Path(args.out) if args.out else Path(args.model) / "export"
+        n = sum(v.numel() for v in state.values())
+        path = save_safetensors(state, out / "model.safetensors", {"source": folder.resolve(), "parameters": n, "ema": args.ema})
+        (out / ckpt.CONFIG_NAME).write_text((folder / ckpt.CONFIG_NAME).read_text())
+        load_model(out)  # the export must rebuild: fail here, not in the user's hands
+    except (ExportError, LoadError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
-    n = sum(v.numel() for v in state.values())
-    path = save_safetensors(state, out / "model.safetensors", {"source": ckpt.resolve(), "parameters": n})
-    config = _find_config(ckpt)
-    if config is not None:
-        shutil.copyfile(config, out / "config.yaml")
-    print(f"wrote {path} ({len(state)} tensors, {n / 1e6:.2f}M values){' and config.yaml' if config else ''}")
+    print(f"wrote {path} ({len(state)} tensors, {n / 1e6:.2f}M values) and {out / ckpt.CONFIG_NAME}")
     return 0
 
 
