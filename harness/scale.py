@@ -123,22 +123,3 @@ def full_parameters(model):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-# Options of `accelerate launch` that users put after the script name, where they reach our
-# argparse instead of accelerate (`accelerate launch launch/train.py --multi_gpu`).
-LAUNCHER_FLAGS = (
-    "--multi_gpu", "--cpu", "--use_deepspeed", "--use_fsdp", "--num_processes", "--num_machines",
-    "--machine_rank", "--main_process_ip", "--main_process_port", "--mixed_precision", "--config_file",
-    "--zero_stage", "--gpu_ids", "--deepspeed_config_file",
-)
-
-
-def misplaced_launcher_flags(argv: list[str]) -> str | None:
-    """A one-line explanation when argv holds `accelerate launch` options, else None."""
-    found = [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in LAUNCHER_FLAGS]
-    if not found:
-        return None
-    return (f"{' '.join(dict.fromkeys(found))} belongs to `accelerate launch`, before the script name: "
-            f"accelerate launch {' '.join(dict.fromkeys(found))} ... launch/train.py --config ... "
-            "(or pick a file: --config_file launch/accelerate/multi_gpu.yaml; see `accelerate config`)")

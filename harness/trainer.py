@@ -161,6 +161,10 @@ class Trainer:
 
     def _check_resumable(self, path: Path) -> None:
         state = ckpt.read_state(path)
+        shards = len(list(path.glob("pytorch_model*/*zero_pp_rank_*_optim_states.pt")))
+        if shards and shards != self.world.world_size:
+            raise ckpt.ResumeError(f"cannot resume {path} on {self.world.world_size} process(es): its DeepSpeed ZeRO "
+                                   f"optimizer state is partitioned over {shards} ranks; resume with {shards} processes")
         if state.get("model_hash") != self.model_hash:
             saved = yaml.safe_load((path / ckpt.CONFIG_NAME).read_text()).get("model", {})
             now = to_dict(self.cfg.model)

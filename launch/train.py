@@ -37,7 +37,6 @@ def parse_args(argv):
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
     p.add_argument("--resume", default=None, metavar="latest|PATH", help="continue from the newest or a given checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
-    p.add_argument("--multi_gpu", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p.parse_args(argv)
 
@@ -48,14 +47,44 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+# `accelerate launch launch/train.py --multi_gpu ...`: options of the launcher written after the
+# script name reach us, not accelerate. Flags that take a value, and those that do not.
+_LAUNCHER_VALUED = {"--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
+                    "--main_process_port", "--mixed_precision", "--config_file", "--zero_stage", "--gpu_ids",
+                    "--deepspeed_config_file"}
+_LAUNCHER_FLAGS = {"--multi_gpu", "--cpu", "--use_deepspeed", "--use_fsdp"}
+
+
+def split_launcher_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(our arguments, misplaced `accelerate launch` options)."""
+    ours, theirs, take_value = [], [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if take_value:
+            theirs.append(arg)
+            take_value = False
+        elif name in _LAUNCHER_FLAGS or name in _LAUNCHER_VALUED:
+            theirs.append(arg)
+            take_value = name in _LAUNCHER_VALUED and "=" not in arg
+        else:
+            ours.append(arg)
+    return ours, theirs
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv, launcher = split_launcher_options(sys.argv[1:] if argv is None else list(argv))
+    if launcher:
+        where = (f"`{' '.join(launcher)}` belongs to `accelerate launch`, before the script name: "
+                 f"accelerate launch {' '.join(launcher)} launch/train.py ...")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # already distributed: what was meant happened
+            _say(f"note: {where} (ignored here: this run already has {os.environ['WORLD_SIZE']} processes)")
+        else:
+            _say(f"error: {where} (or pick a config: --config_file launch/accelerate/multi_gpu.yaml)")
+            return 2
+    args = parse_args(argv)
     if args.help_config:
         print("\n".join(describe()))
         return 0
-    if args.multi_gpu and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        _say("note: --multi_gpu is an `accelerate launch` option; put it before the script "
-             "(accelerate launch --multi_gpu launch/train.py ...). Running one process.")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

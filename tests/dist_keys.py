@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accelerate import Accelerator  # noqa: E402
 
+from harness import scale  # noqa: E402
 from harness.config import DataConfig  # noqa: E402
 from harness.data import TrainLoader  # noqa: E402
 from harness.dist import world  # noqa: E402
@@ -23,7 +24,7 @@ def main():
     shards, out = sys.argv[1], Path(sys.argv[2])
     num_batches = int(sys.argv[3]) if len(sys.argv) > 3 else 6
     workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    accelerator = Accelerator()
+    accelerator = Accelerator(**scale.accelerator_kwargs())
     w = world()
     loader = TrainLoader(DataConfig(train=shards, image_size=16, num_workers=workers, shuffle_buffer=8),
                          rank=w.rank, world_size=w.world_size, batch_size=4)

@@ -67,3 +67,15 @@ def test_every_field_is_documented():
     lines = describe()
     assert any(line.startswith("train.max_steps (int) = 1000") for line in lines)
     assert all(line.split("# ", 1)[1].strip() for line in lines), "a config field has no help line"
+
+
+def test_launcher_options_after_the_script_are_explained(capsys, monkeypatch):
+    """`accelerate launch launch/train.py --multi_gpu`: one line saying where the option belongs."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["--multi_gpu", "--num_processes", "2", "data.train=x.tar"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "`--multi_gpu --num_processes 2` belongs to `accelerate launch`" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under a launcher that already started 2 processes: a note, then on
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--multi_gpu", "--help-config"]) == 0
+    assert "ignored here" in capsys.readouterr().err

@@ -1,9 +1,7 @@
-"""A real SLURM on this machine (tests/slurm/cluster.sh): jobs, tasks, and launch/slurm/train.sbatch's
-signal -> checkpoint -> requeue -> resume path.
-
-Until launch/train.py exists, train.sbatch runs tests/slurm/standin.py: the same command line
-through the same `accelerate launch`, the same signal contract (stop at an agreed step, save,
-exit 75). Skipped, with the reason, where the cluster cannot start (not root, no apt-get).
+"""A real SLURM on this machine (tests/slurm/cluster.sh): jobs, tasks, and launch/slurm/train.sbatch
+running launch/train.py with 2 tasks: train, checkpoint, then signal -> checkpoint -> requeue ->
+resume from `latest` -> finish. Skipped, with the reason, where the cluster cannot start (not root,
+no apt-get).
 """
 
 import os
@@ -12,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from harness import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -63,26 +63,31 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def events(run_dir: Path) -> list[str]:
-    f = run_dir / "events"
-    return f.read_text().splitlines() if f.exists() else []
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from shardgen import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("shards"), num_samples=128, per_shard=16, size=40)
 
 
-def train_job(env, tmp_path, max_steps, **extra):
+def log_of(run_dir: Path) -> str:
+    f = run_dir / "train.log"
+    return f.read_text() if f.exists() else ""
+
+
+def train_job(env, tmp_path, shards, max_steps, *overrides):
     run_dir = tmp_path / "run"
     out = tmp_path / "slurm.out"
     job = sbatch(
         env,
         ROOT / "launch" / "slurm" / "train.sbatch",
-        f"train.max_steps={max_steps}",
+        f"data.train={shards}", f"train.max_steps={max_steps}", "log.every_steps=1", *overrides,
         # the cluster has no GPUs and 2 cores: command-line options win over the #SBATCH lines
         opts=("--gpus-per-node=0", f"--output={out}"),
-        CONFIG="tests/slurm/none.yaml",
+        CONFIG="tests/configs/tiny.yaml",
         RUN_DIR=str(run_dir),
         ACCEL_CONFIG="launch/accelerate/cpu2.yaml",
         GPUS_PER_NODE="2",
-        TRAIN_SCRIPT="tests/slurm/standin.py",
-        **extra,
     )
     return job, run_dir, out
 
@@ -96,43 +101,38 @@ def test_two_tasks_get_their_ranks(slurm_env, tmp_path):
     assert sorted(out.read_text().split()) == ["procid=0", "procid=1"]
 
 
-def test_train_sbatch_runs_to_the_end(slurm_env, tmp_path):
-    job, run_dir, out = train_job(slurm_env, tmp_path, max_steps=10)
-    wait_for(lambda: job_state(slurm_env, job) == "", 120, f"job {job}")
-    ev = events(run_dir)
-    assert ev and "--resume latest" in ev[0] and f"run.dir={run_dir}" in ev[0], (ev, out.read_text())
-    assert "world=2" in ev[0]
-    assert ev[-1].startswith("done step=10"), (ev, out.read_text())
+def test_train_sbatch_runs_to_the_end(slurm_env, tmp_path, shards):
+    job, run_dir, out = train_job(slurm_env, tmp_path, shards, 10, "checkpoint.every_steps=5")
+    wait_for(lambda: job_state(slurm_env, job) == "", 240, f"job {job}")
+    log = log_of(run_dir)
+    assert "starting at step 0/10" in log and "2 process(es) (MULTI_CPU" in log, (log, out.read_text())
+    assert ckpt.read_state(ckpt.resolve(run_dir, "latest"))["step"] == 10
     assert "training exited with 0" in out.read_text()
 
 
-def test_usr1_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
-    job, run_dir, out = train_job(slurm_env, tmp_path, max_steps=60)
-    wait_for(lambda: any(e.startswith("step 5 ") for e in events(run_dir)), 120, "training to reach step 5")
+def test_usr1_checkpoints_requeues_and_resumes(slurm_env, tmp_path, shards):
+    job, run_dir, out = train_job(slurm_env, tmp_path, shards, 400, "checkpoint.every_steps=0")
+    wait_for(lambda: "step 5 " in log_of(run_dir), 240, "training to reach step 5")
     # What `#SBATCH --signal=B:USR1@300` does before the time limit, without waiting for it.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
-    wait_for(lambda: job_state(slurm_env, job).startswith("PENDING"), 120, "the job to be requeued")
+    wait_for(lambda: job_state(slurm_env, job).startswith("PENDING"), 180, "the job to be requeued")
+    stopped = ckpt.read_state(ckpt.resolve(run_dir, "latest"))["step"]
+    assert 5 <= stopped < 400
     # slurmctld holds a requeued job back (BeginTime, about 2 minutes); let it go now.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, check=True)
-    wait_for(lambda: job_state(slurm_env, job) == "", 180, f"job {job} to finish after the requeue")
-
-    ev, log = events(run_dir), out.read_text()
-    stop = [e for e in ev if e.startswith("preempted")]
-    assert len(stop) == 1 and "signal=SIGUSR1" in stop[0] and "restart=0" in stop[0], (ev, log)
-    step = int(stop[0].split("step=")[1].split()[0])
-    assert int((run_dir / "latest").read_text()) == 60
-    starts = [e for e in ev if e.startswith("start")]
-    assert [s.split()[1] for s in starts] == ["step=0", f"step={step}"], (ev, log)
-    assert "restart=1" in starts[1]
-    assert ev[-1].startswith("done step=60") and "restart=1" in ev[-1], (ev, log)
-    assert "requeueing job" in log
+    wait_for(lambda: job_state(slurm_env, job) == "", 400, f"job {job} to finish after the requeue")
+    log, slurm_log = log_of(run_dir), out.read_text()
+    assert f"checkpoint at step {stopped} saved, exiting with 75" in log, (log, slurm_log)
+    assert f"resuming from {run_dir}/checkpoints/step_{stopped} at step {stopped}/400" in log, (log, slurm_log)
+    assert ckpt.read_state(ckpt.resolve(run_dir, "latest"))["step"] == 400
+    assert "requeueing job" in slurm_log and "restart 1" in slurm_log
 
 
-def test_scancel_is_not_requeued(slurm_env, tmp_path):
-    job, run_dir, out = train_job(slurm_env, tmp_path, max_steps=600)
-    wait_for(lambda: any(e.startswith("step 5 ") for e in events(run_dir)), 120, "training to reach step 5")
+def test_scancel_is_not_requeued(slurm_env, tmp_path, shards):
+    job, run_dir, out = train_job(slurm_env, tmp_path, shards, 100000, "checkpoint.every_steps=0")
+    wait_for(lambda: "step 5 " in log_of(run_dir), 240, "training to reach step 5")
     subprocess.run(["scancel", job], env=slurm_env, check=True)
-    wait_for(lambda: job_state(slurm_env, job) == "", 90, f"job {job} to end")
+    wait_for(lambda: job_state(slurm_env, job) == "", 120, f"job {job} to end")
     time.sleep(2)
     assert job_state(slurm_env, job) == "", "a cancelled job must not come back"
     assert "requeueing" not in out.read_text()
