@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -33,12 +34,25 @@ def accelerator_kwargs() -> dict:
     if torch.cuda.is_available():
         return {}
     if using_deepspeed():
+        _skip_shm_comm_build()
         # cpu=True would switch DeepSpeed off; naming the backend makes accelerate read rank and
         # world size from the gloo group DeepSpeed creates.
         from accelerate.utils import InitProcessGroupKwargs
 
         return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
     return {"cpu": True}  # MULTI_CPU with gloo when launched with >1 process, plain CPU otherwise
+
+
+def _skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed compiles a shared-memory all-reduce (a C++ build of about a minute, needing a
+    compiler) when its comm backend starts. Only `inference_all_reduce` uses it; training collectives
+    go through torch.distributed (gloo). So we skip the build: same training, no compile."""
+    try:
+        import deepspeed.comm.torch  # noqa: F401
+    except ImportError:
+        return
+    # Not `import deepspeed.comm.torch as m`: that name resolves to the torch package itself.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
 def check_world(accelerator) -> None:

@@ -293,6 +293,14 @@ class Trainer:
             acc["micro"] += 1
         if self.deepspeed:
             overflow = scale.skipped_steps(self.model) > skipped_before
+            if not finite and cfg.train.grad_accum > 1:
+                # Micro-batches before the bad one already left gradients in the engine, and its
+                # zero_grad is a no-op: clear them through its optimizer (works under ZeRO-1/3;
+                # under ZeRO-2 they may carry into the next step, noted in the README).
+                try:
+                    self.model.optimizer.zero_grad(set_to_none=True)
+                except Exception:  # noqa: BLE001 - best effort: DeepSpeed's optimizers differ by stage
+                    pass
         # With a scaler, non-finite gradients are overflows until the scale has collapsed below 1.
         diverged = not finite and (scaler is None or scaler.get_scale() < 1.0)
         if overflow:
