@@ -98,6 +98,7 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.base_optimizer = optimizer  # under ZeRO it steps this rank's partition only (see launch/benchmark.py)
         # The scheduler stays outside prepare(): accelerate would step it once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         # DeepSpeed does accumulation and clipping itself; our loader is not prepared, so the

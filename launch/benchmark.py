@@ -4,6 +4,9 @@
     python launch/benchmark.py loader --data data/imagenet-sample-shards --image-size 256 --workers 2
     # step: one harness training step vs the same model in a plain PyTorch loop (data excluded)
     python launch/benchmark.py step --config launch/configs/demo.yaml [key=value ...]
+    # scale: per-rank state, activation memory, peak RSS and step time, DDP vs ZeRO-2 vs ZeRO-3,
+    # with and without gradient checkpointing, 2 processes (CPU here; GPUs where there are some)
+    python launch/benchmark.py scale --config launch/configs/kl_f8.yaml --image-size 64 model.ch=64
 
 Both print a small table and the ratio; add `--json FILE` to keep the numbers.
 """
@@ -170,6 +173,109 @@ def bench_step(a) -> dict:
     return res
 
 
+# ---------------------------------------------------------------------------------------------
+# scale
+# ---------------------------------------------------------------------------------------------
+
+SCALE_BACKENDS = {"ddp": "launch/accelerate/cpu2.yaml", "zero2": "launch/accelerate/zero2.yaml",
+                  "zero3": "launch/accelerate/zero3.yaml"}
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def scale_worker(a) -> None:
+    """Runs under `accelerate launch`: a Trainer on synthetic batches; writes one JSON per rank."""
+    import resource
+    import tempfile
+    from collections import defaultdict
+
+    from harness import scale
+    from harness.config import load_config
+    from harness.signals import StopFlag
+    from harness.trainer import Trainer
+    from shards.__main__ import main as shards_main
+
+    tmp = Path(tempfile.mkdtemp())
+    shards_main(["demo", str(tmp / "s"), "--num-samples", "64", "--image-size", str(a.image_size), "--quiet"])
+    cfg = load_config([a.config] if a.config else [], [f"data.train={tmp / 's'}", f"run.dir={tmp / 'run'}",
+                                                       f"data.image_size={a.image_size}", f"train.batch_size={a.batch_size}",
+                                                       "log.progress=false", "data.num_workers=0", *a.overrides])
+    tr = Trainer(cfg)
+    images = torch.randint(0, 255, (a.batch_size, a.image_size, a.image_size, 3), dtype=torch.uint8)
+    batch = {"image": images, "cls": torch.zeros(a.batch_size, dtype=torch.long), "bad": 0, "bad_error": ""}
+    batches = iter(lambda: batch, None)
+    stop, acc = StopFlag(), defaultdict(float)
+    step_s = _timed(lambda: tr.train_step(batches, stop, acc), a.steps, a.warmup, tr.device)
+
+    # What this rank holds: the optimizer's params (fp32 master partitions under ZeRO, the whole
+    # model under DDP) and their Adam moments; model parameters resident (ZeRO-3: its slice).
+    opt = tr.base_optimizer
+    master = _tensor_bytes(p for g in opt.param_groups for p in g["params"])
+    moments = _tensor_bytes(v for st in opt.state.values() for v in st.values())
+    resident = _tensor_bytes(getattr(p, "ds_tensor", p) for p in tr.model.parameters())
+    # Activations kept for backward in one forward (a saved-tensors hook sees what autograd keeps).
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    x = torch.zeros(a.batch_size, 3, a.image_size, a.image_size, dtype=tr.input_dtype, device=tr.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = tr.model(x)
+    out.recon.float().mean().backward()  # ZeRO-3 expects every forward to be followed by a backward
+    tr.model.zero_grad() if hasattr(tr.model, "zero_grad") else None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # MiB
+    res = {"rank": tr.world.rank, "zero": scale.zero_stage(tr.model), "step_ms": step_s * 1e3,
+           "optimizer_state_mib": (master + moments) / 2**20, "params_resident_mib": resident / 2**20,
+           "activations_mib": saved[0] / 2**20, "peak_rss_mib": rss, "num_params": tr.num_params}
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / f"rank{tr.world.rank}.json").write_text(json.dumps(res))
+    tr.tracker.close()
+
+
+def bench_scale(a) -> list[dict]:
+    import socket
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    rows = []
+    for name, config in SCALE_BACKENDS.items():
+        for ckpt in (False, True):
+            out = Path(tempfile.mkdtemp())
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+                   "--main_process_port", str(port), str(root / "launch/benchmark.py"), "_scale_worker",
+                   "--out", str(out), "--image-size", str(a.image_size), "--batch-size", str(a.batch_size),
+                   "--steps", str(a.steps), "--warmup", str(a.warmup), *(["--config", a.config] if a.config else []),
+                   *a.overrides, f"model.gradient_checkpointing={str(ckpt).lower()}"]
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
+            ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+            row = {"backend": name, "grad_ckpt": ckpt, **{k: max(rk[k] for rk in ranks) for k in ranks[0] if k != "rank"}}
+            rows.append(row)
+    base = rows[0]
+    print(f"scale   2 processes, batch {a.batch_size}/rank, {a.image_size}px, {base['num_params'] / 1e6:.2f}M parameters "
+          "(per rank, max over ranks; ratios against DDP without checkpointing)")
+    print(f"{'backend':<8}{'ckpt':<6}{'optimizer state MiB':>22}{'params MiB':>13}{'activations MiB':>18}"
+          f"{'peak RSS MiB':>15}{'step ms':>12}")
+    for r in rows:
+        print(f"{r['backend']:<8}{'yes' if r['grad_ckpt'] else 'no':<6}"
+              f"{r['optimizer_state_mib']:>12.1f} ({r['optimizer_state_mib'] / base['optimizer_state_mib']:.2f}x)"
+              f"{r['params_resident_mib']:>7.1f} ({r['params_resident_mib'] / base['params_resident_mib']:.2f}x)"
+              f"{r['activations_mib']:>9.1f} ({r['activations_mib'] / base['activations_mib']:.2f}x)"
+              f"{r['peak_rss_mib']:>9.0f} ({r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x)"
+              f"{r['step_ms']:>7.0f} ({r['step_ms'] / base['step_ms']:.2f}x)")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
@@ -188,10 +294,23 @@ def main(argv=None) -> int:
     st.add_argument("--warmup", type=int, default=3)
     st.add_argument("--rounds", type=int, default=3)
     st.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    for s in (lo, st):
+    sc = sub.add_parser("scale", help="DDP vs ZeRO-2 vs ZeRO-3, with/without gradient checkpointing, 2 processes")
+    wk = sub.add_parser("_scale_worker")  # what `scale` runs under accelerate launch
+    for x in (sc, wk):
+        x.add_argument("--config", default=None)
+        x.add_argument("--image-size", type=int, default=64)
+        x.add_argument("--batch-size", type=int, default=8)
+        x.add_argument("--steps", type=int, default=5)
+        x.add_argument("--warmup", type=int, default=2)
+        x.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    wk.add_argument("--out", required=True)
+    for s in (lo, st, sc):
         s.add_argument("--json", default=None, help="append the result as one JSON line")
     a = p.parse_args(argv)
-    res = bench_loader(a) if a.bench == "loader" else bench_step(a)
+    if a.bench == "_scale_worker":
+        scale_worker(a)
+        return 0
+    res = {"loader": bench_loader, "step": bench_step, "scale": bench_scale}[a.bench](a)
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps(res) + "\n")
