@@ -209,11 +209,10 @@ def scale_worker(a) -> None:
     stop, acc = StopFlag(), defaultdict(float)
     step_s = _timed(lambda: tr.train_step(batches, stop, acc), a.steps, a.warmup, tr.device)
 
-    # What this rank holds: the optimizer's params (fp32 master partitions under ZeRO, the whole
-    # model under DDP) and their Adam moments; model parameters resident (ZeRO-3: its slice).
+    # What this rank holds: Adam's moments (exp_avg, exp_avg_sq: the optimizer state ZeRO
+    # partitions; a whole copy under DDP) and the model parameters resident (ZeRO-3: its slice).
     opt = tr.base_optimizer
-    master = _tensor_bytes(p for g in opt.param_groups for p in g["params"])
-    moments = _tensor_bytes(v for st in opt.state.values() for v in st.values())
+    moments = _tensor_bytes(v for st in opt.state.values() for k, v in st.items() if k.startswith("exp_avg"))
     resident = _tensor_bytes(getattr(p, "ds_tensor", p) for p in tr.model.parameters())
     # Activations kept for backward in one forward (a saved-tensors hook sees what autograd keeps).
     saved = [0]
@@ -229,7 +228,7 @@ def scale_worker(a) -> None:
     tr.model.zero_grad() if hasattr(tr.model, "zero_grad") else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # MiB
     res = {"rank": tr.world.rank, "zero": scale.zero_stage(tr.model), "step_ms": step_s * 1e3,
-           "optimizer_state_mib": (master + moments) / 2**20, "params_resident_mib": resident / 2**20,
+           "optimizer_state_mib": moments / 2**20, "params_resident_mib": resident / 2**20,
            "activations_mib": saved[0] / 2**20, "peak_rss_mib": rss, "num_params": tr.num_params}
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"rank{tr.world.rank}.json").write_text(json.dumps(res))
@@ -264,7 +263,7 @@ def bench_scale(a) -> list[dict]:
     base = rows[0]
     print(f"scale   2 processes, batch {a.batch_size}/rank, {a.image_size}px, {base['num_params'] / 1e6:.2f}M parameters "
           "(per rank, max over ranks; ratios against DDP without checkpointing)")
-    print(f"{'backend':<8}{'ckpt':<6}{'optimizer state MiB':>22}{'params MiB':>13}{'activations MiB':>18}"
+    print(f"{'backend':<8}{'ckpt':<6}{'Adam state MiB':>22}{'params MiB':>13}{'activations MiB':>18}"
           f"{'peak RSS MiB':>15}{'step ms':>12}")
     for r in rows:
         print(f"{r['backend']:<8}{'yes' if r['grad_ckpt'] else 'no':<6}"
