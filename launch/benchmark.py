@@ -66,28 +66,31 @@ def bench_loader(a) -> dict:
     n_target = max(a.images, len(images))
     reps = math.ceil(n_target / len(images))
     work = (images * reps)[:n_target]
-    # Baseline: the same decode + crop + resize, on the same number of processes, bytes in memory.
     chunks = [(work[i:: a.workers], a.image_size) for i in range(a.workers)]
-    t0 = time.perf_counter()
-    if a.workers == 1:
-        _decode_chunk(chunks[0])
-    else:
-        with mp.get_context("fork").Pool(a.workers) as pool:
-            pool.map(_decode_chunk, chunks)
-    raw = len(work) / (time.perf_counter() - t0)
-
     cfg = DataConfig(train=a.data, image_size=a.image_size, num_workers=a.workers, shuffle_buffer=a.shuffle_buffer,
                      num_samples=len(images))
-    loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=a.batch_size)
-    it = loader.batches()
-    # Warm up until every worker has started and filled its shuffle buffer: steady state only.
-    for _ in range((math.ceil(a.shuffle_buffer / a.batch_size) + 2) * max(a.workers, 1)):
-        next(it)
     batches = max(1, n_target // a.batch_size)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    harness = batches * a.batch_size / (time.perf_counter() - t0)
+    raw, harness = 0.0, 0.0
+    for _ in range(a.rounds):  # interleaved rounds, best of each: machine noise hits both sides alike
+        # Baseline: the same decode + crop + resize, on the same number of processes, bytes in memory.
+        t0 = time.perf_counter()
+        if a.workers == 1:
+            _decode_chunk(chunks[0])
+        else:
+            with mp.get_context("fork").Pool(a.workers) as pool:
+                pool.map(_decode_chunk, chunks)
+        raw = max(raw, len(work) / (time.perf_counter() - t0))
+
+        loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=a.batch_size)
+        it = loader.batches()
+        # Warm up until every worker has started and filled its shuffle buffer: steady state only.
+        for _ in range((math.ceil(a.shuffle_buffer / a.batch_size) + 2) * max(a.workers, 1)):
+            next(it)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        harness = max(harness, batches * a.batch_size / (time.perf_counter() - t0))
+        del it
     res = {"bench": "loader", "image_size": a.image_size, "workers": a.workers, "images": n_target,
            "raw_decode_img_s": round(raw, 1), "harness_loader_img_s": round(harness, 1),
            "ratio": round(harness / raw, 3)}
@@ -285,6 +288,7 @@ def main(argv=None) -> int:
     lo.add_argument("--batch-size", type=int, default=32)
     lo.add_argument("--images", type=int, default=2000, help="images decoded by each side")
     lo.add_argument("--shuffle-buffer", type=int, default=500)
+    lo.add_argument("--rounds", type=int, default=3)
     st = sub.add_parser("step", help="harness train_step vs a plain PyTorch loop (same model, no data loading)")
     st.add_argument("--config", default=None)
     st.add_argument("--image-size", type=int, default=64)
