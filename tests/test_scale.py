@@ -19,7 +19,7 @@ from shardgen import make_shards
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 BACKENDS = {  # name -> accelerate config, extra overrides
-    "ddp": ("launch/accelerate/cpu2.yaml", []),
+    "ddp": ("launch/accelerate/cpu2.yaml", ["model.gradient_checkpointing=true"]),
     "zero2": ("launch/accelerate/zero2.yaml", []),
     "zero3": ("launch/accelerate/zero3.yaml", ["model.gradient_checkpointing=true", "train.ema_decay=0.9"]),
 }
@@ -109,6 +109,18 @@ def test_zero_checkpoint_refuses_another_process_count(shards, tmp_path):
     r = train("launch/accelerate/zero2.yaml", shards, run, "train.max_steps=4", "--resume", "latest", num_processes=1)
     assert r.returncode != 0  # the worker exits 2; torchrun reports any failure as 1
     assert "optimizer state is partitioned over 2 ranks; resume with 2 processes" in r.stderr
+
+
+def test_zero2_bf16_trains(shards, tmp_path):
+    """DeepSpeed casts the module to bf16 (no autocast): inputs follow, losses stay fp32 and finite."""
+    run = tmp_path / "run"
+    r = train("launch/accelerate/zero2.yaml", shards, run, "train.max_steps=6", "log.images_every_steps=6",
+              launcher=("--mixed_precision", "bf16"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(DEEPSPEED, bf16)" in r.stderr
+    seen = losses(run)
+    assert all(v == v for v in seen) and seen[-1] < seen[0], seen
+    assert any((run / "samples").glob("prior_samples_*.png"))  # grids under a bf16 module
 
 
 def test_zero3_offload_trains(shards, tmp_path):
