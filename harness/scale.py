@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -90,6 +93,60 @@ def configure_deepspeed(accelerator, *, micro_batch: int, grad_accum: int, grad_
     _fill(cfg, "gradient_accumulation_steps", grad_accum, "train.grad_accum")
     _fill(cfg, "train_batch_size", micro_batch * grad_accum * world, "batch_size x grad_accum x world size")
     _fill(cfg, "gradient_clipping", float(grad_clip), "optim.grad_clip")
+
+
+def zero_partitions(checkpoint: Path) -> int:
+    """Over how many ranks a checkpoint's DeepSpeed ZeRO optimizer state is split (0: not a ZeRO checkpoint)."""
+    return len(list(Path(checkpoint).glob("pytorch_model*/*zero_pp_rank_*_optim_states.pt")))
+
+
+def is_deepspeed_checkpoint(checkpoint: Path) -> bool:
+    return any(p.is_dir() for p in Path(checkpoint).glob("pytorch_model*"))
+
+
+def to_universal(checkpoint: Path, dest: Path) -> Path:
+    """A copy of `checkpoint` that any number of ranks can load: DeepSpeed's universal format.
+
+    Run on one rank, before prepare(). accelerate's small files (scheduler, EMA, RNG) are copied;
+    each engine folder (`pytorch_model*/`) goes through DeepSpeed's `ds_to_universal`, which
+    writes every parameter's fp32 weights and Adam moments whole, to be re-partitioned over the
+    new world size at load. `--inject_missing_state` supplies the metadata that only Megatron
+    records. Written under a temporary name and renamed, like a checkpoint."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in Path(checkpoint).iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    for engine_dir in sorted(Path(checkpoint).glob("pytorch_model*")):
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(engine_dir),
+               "--output_folder", str(tmp / engine_dir.name), "--inject_missing_state",
+               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"converting {engine_dir} to a universal checkpoint failed: {last}")
+    os.replace(tmp, dest)
+    return dest
+
+
+def load_universal_buffers(module: torch.nn.Module, checkpoint: Path) -> int:
+    """Buffers (BatchNorm statistics, EMA codebooks) from a universal checkpoint into `module`.
+
+    DeepSpeed's universal load restores parameters and optimizer state only, not the module's
+    state dict; buffers are whole on every rank, so the saved module state has them as they were.
+    Our own checkpoint: it holds DeepSpeed's config objects, so it is not weights-only loadable."""
+    files = sorted(Path(checkpoint).glob("pytorch_model/*model_states.pt"))
+    if not files:
+        return 0
+    saved = torch.load(files[0], map_location="cpu", weights_only=False).get("module") or {}
+    n = 0
+    for name, buf in module.named_buffers():
+        if name in saved and saved[name].shape == buf.shape:
+            buf.copy_(saved[name].to(buf.device, buf.dtype))
+            n += 1
+    return n
 
 
 def deepspeed_engine(model):

@@ -90,8 +90,9 @@ class Trainer:
             raise ckpt.ResumeError(f"run.dir {self.run_dir} already has checkpoints: pass --resume latest to continue "
                                    f"it, or choose another run.dir")
         self.model_hash = section_hash(cfg.model)
-        if self.resume_from is not None:
-            self._check_resumable(self.resume_from)
+        self.load_from = self.resume_from  # a universal copy when the process count changed under ZeRO
+        if self.resume_from is not None and self._check_resumable(self.resume_from):
+            self.load_from = self._universal_copy(self.resume_from)
 
         set_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
@@ -125,8 +126,15 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.totals = defaultdict(float)  # nonfinite_steps, bad_samples over the whole run
         if self.resume_from is not None:
-            self.accelerator.load_state(str(self.resume_from))
+            self.accelerator.load_state(str(self.load_from))
+            if self.load_from != self.resume_from:
+                with scale.full_parameters(self.model):
+                    scale.load_universal_buffers(self.accelerator.unwrap_model(self.model), self.load_from)
             state = ckpt.read_state(self.resume_from)
+            if not (self.load_from / f"random_states_{self.world.rank}.pkl").is_file():
+                set_seed(cfg.train.seed + self.world.rank + 7919 * state["step"])  # a rank the checkpoint did not have
+            norms = self._state_norms()
+            self.log.file_only("state at resume: " + " ".join(f"{k}={v:.10g}" for k, v in norms.items()))
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             self.totals.update(state.get("totals", {}))
             self._warn_if_data_differs(state)
@@ -160,17 +168,58 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- checks
 
-    def _check_resumable(self, path: Path) -> None:
+    def _check_resumable(self, path: Path) -> bool:
+        """Refuse what cannot resume (one line why); True when a ZeRO checkpoint must first become universal."""
         state = ckpt.read_state(path)
-        shards = len(list(path.glob("pytorch_model*/*zero_pp_rank_*_optim_states.pt")))
-        if shards and shards != self.world.world_size:
-            raise ckpt.ResumeError(f"cannot resume {path} on {self.world.world_size} process(es): its DeepSpeed ZeRO "
-                                   f"optimizer state is partitioned over {shards} ranks; resume with {shards} processes")
+        saved_ds, now_ds = scale.is_deepspeed_checkpoint(path), scale.using_deepspeed()
+        if saved_ds != now_ds:
+            how = ("a DeepSpeed accelerate config (launch/accelerate/zero*.yaml)" if saved_ds else
+                   "a non-DeepSpeed accelerate config (cpu2.yaml, multi_gpu.yaml, ...)")
+            raise ckpt.ResumeError(f"cannot resume {path}: it was written {'with' if saved_ds else 'without'} DeepSpeed; "
+                                   f"resume it under {how}, or start a new run from its weights "
+                                   "(python launch/export.py)")
         if state.get("model_hash") != self.model_hash:
             saved = yaml.safe_load((path / ckpt.CONFIG_NAME).read_text()).get("model", {})
             now = to_dict(self.cfg.model)
             diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
             raise ckpt.ResumeError(f"cannot resume {path}: the model config differs ({'; '.join(diff) or 'hash mismatch'})")
+        shards = scale.zero_partitions(path)
+        return bool(shards) and shards != self.world.world_size
+
+    def _universal_copy(self, path: Path) -> Path:
+        """Resume a ZeRO checkpoint on another process count: convert it (rank 0) into DeepSpeed's
+        universal format under checkpoints/.tmp-universal-*, which the engine then re-partitions.
+        Removed after loading (clean_stale) like any other temporary folder."""
+        shards = scale.zero_partitions(path)
+        dest = self.run_dir / "checkpoints" / f".tmp-universal-{path.name}"
+        error = [None]
+        if self.world.is_main:
+            self.log.info(f"{path} was saved by {shards} ranks, resuming on {self.world.world_size}: "
+                          f"converting it to a DeepSpeed universal checkpoint in {dest}")
+            try:
+                scale.to_universal(path, dest)
+            except Exception as e:  # noqa: BLE001 -- every rank must hear of it, or the others wait forever
+                error[0] = f"{type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e)
+        if self.world.world_size > 1:
+            tdist.broadcast_object_list(error, src=0)  # also the barrier: the copy is complete
+        if error[0]:
+            raise ckpt.ResumeError(f"cannot resume {path} on {self.world.world_size} process(es): {error[0]}")
+        self.accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
+        return dest
+
+    def _state_norms(self) -> dict:
+        """L2 norms of all weights, buffers (codebooks, BatchNorm statistics) and Adam's second moments,
+        whole over all ranks. Logged at resume: a resume on another process count must find the
+        same numbers as one on the same count."""
+        with scale.full_parameters(self.model):  # collective under ZeRO-3
+            weights = sum(float(p.detach().double().pow(2).sum()) for p in self.model.parameters())
+        buffers = sum(float(b.double().pow(2).sum()) for b in self.model.buffers() if b.is_floating_point())
+        engine = scale.deepspeed_engine(self.model)
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer) if engine is not None else self.base_optimizer
+        moments = sum(float(s["exp_avg_sq"].double().pow(2).sum()) for s in base.state.values() if "exp_avg_sq" in s)
+        if engine is not None and engine.zero_optimization():  # each rank holds its partition of the state
+            moments = self._all_ranks([moments])[0]
+        return {"weights_norm": math.sqrt(weights), "buffers_norm": math.sqrt(buffers), "adam_v_norm": math.sqrt(moments)}
 
     def _warn_if_data_differs(self, state: dict) -> None:
         now = self._data_layout()

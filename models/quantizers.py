@@ -12,7 +12,7 @@ every step (as lucidrains' vector-quantize-pytorch does). All of it goes through
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -22,17 +22,20 @@ from torch import nn
 
 
 
-@dataclass
-class QuantizerOutput:
+class QuantizerOutput(NamedTuple):
     """quantized: `b d ...` (straight-through: gradients reach the encoder as if it were identity);
     indices: `b ...` code per latent vector; loss: the term to optimise (None for FSQ);
     metrics: detached scalars (perplexity, codes_used, dead_restarts = codes restarted by this
-    forward; the running total is the quantizer's `restarts` buffer)."""
+    forward; the running total is the quantizer's `restarts` buffer).
+
+    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 hooks the tensors a submodule returns (tuples,
+    dicts, namedtuples) to gather and release its parameters around backward; tensors inside a
+    dataclass are invisible to it and backward fails ("active_backward_submodules is empty")."""
 
     quantized: torch.Tensor
     indices: torch.Tensor
     loss: torch.Tensor | None = None
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = {}
 
 
 def l2norm(t: torch.Tensor) -> torch.Tensor:
