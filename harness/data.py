@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import signal
 import tarfile
 from dataclasses import dataclass
 from itertools import count, islice
@@ -141,18 +142,44 @@ def to_model_input(images: torch.Tensor, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+BAD_IN_A_ROW_LIMIT = 1000  # unreadable samples or shards in a row before a stream gives up
+
+
+class DataStalledError(DataSourceError):
+    """Nothing readable comes out of the shards (every shard or image fails): one line, not a hang.
+
+    Raised in a loader worker, it reaches the main process rebuilt from the worker's whole
+    traceback text (torch's ExceptionWrapper); keep only the message, so the user sees one line."""
+
+    def __init__(self, msg: str):
+        if "Traceback" in msg:
+            msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(msg)
+
+
 class BadSampleCounter:
-    """A webdataset exception handler that counts data errors and re-raises bugs."""
+    """A webdataset exception handler that counts data errors and re-raises bugs.
+
+    A stream in which nothing can be read would otherwise skip forever (resampled shards never
+    run out) without producing the batch that carries its bad count to the trainer: after
+    BAD_IN_A_ROW_LIMIT failures with no good sample between them it stops with DataStalledError."""
 
     def __init__(self):
         self.bad = 0
+        self.in_a_row = 0
         self.last_error = ""
 
     def __call__(self, exn: Exception) -> bool:
-        if not isinstance(exn, DATA_ERRORS) or isinstance(exn, (NotImplementedError, RecursionError)):
+        if (not isinstance(exn, DATA_ERRORS) or isinstance(exn, (NotImplementedError, RecursionError))
+                or isinstance(exn, DataStalledError)):
             raise exn
         self.bad += 1
+        self.in_a_row += 1
         self.last_error = f"{type(exn).__name__}: {exn}"[:300]
+        if self.in_a_row >= BAD_IN_A_ROW_LIMIT:
+            raise DataStalledError(f"data: {self.in_a_row} samples or shards in a row could not be read (last: "
+                                   f"{self.last_error.splitlines()[0] if self.last_error else '?'}); check them with "
+                                   "`python -m shards verify DIR`")
         return True  # continue with the next sample / shard
 
 
@@ -232,6 +259,7 @@ class ShardStream(IterableDataset):
             except Exception as exn:  # noqa: BLE001 - the handler re-raises anything that is not a data error
                 handler(exn)
                 continue
+            handler.in_a_row = 0
             if len(batch) == self.batch_size:
                 out = collate(batch)
                 out["bad"] = handler.bad - reported
@@ -285,8 +313,19 @@ class TrainLoader:
         # Its own generator: creating the iterator must not draw from the global torch RNG, which
         # the model uses (posterior noise) and a resume restores.
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.num_workers else None, generator=torch.Generator().manual_seed(start))
+                            prefetch_factor=4 if self.num_workers else None, generator=torch.Generator().manual_seed(start),
+                            worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         yield from loader
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: SLURM (time limit, preemption, scancel) signals every process of the
+    job step, workers included. torch's worker handler lets SIGTERM kill a worker unless it came
+    from the parent, and SIGUSR1's default action is to terminate; either way the main process would
+    die with "DataLoader worker killed" instead of saving its checkpoint. The main process alone
+    decides; workers end when it closes the loader (or, if it dies, through torch's watchdog)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def fixed_batch(spec, n: int, image_size: int) -> dict | None:
@@ -319,7 +358,11 @@ class EvalStream(IterableDataset):
         urls = self.urls[worker::num_workers]
         samples = wds.DataPipeline(wds.SimpleShardList(urls), tario.tarfile_to_samples(handler=handler))
         rng = random.Random(0)
-        batch, limit, seen, reported = [], self.max_samples // num_workers if self.max_samples else 0, 0, 0
+        # max_samples split over workers with the remainder to the first ones (0 = every sample)
+        limit = self.max_samples // num_workers + (worker < self.max_samples % num_workers) if self.max_samples else -1
+        if limit == 0:
+            return
+        batch, seen, reported = [], 0, 0
         for sample in samples:
             try:
                 batch.append(self.decoder(sample, rng))

@@ -138,3 +138,28 @@ def test_epoch_smaller_than_a_batch_is_refused(shards):
     with pytest.raises(DataSourceError, match="less than one batch per rank"):
         TrainLoader(cfg(shards, epoch_samples=10), rank=0, world_size=2, batch_size=8)
 
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_nothing_readable_stops_with_one_line_instead_of_hanging(tmp_path, workers):
+    from harness.data import DataStalledError
+
+    out = tmp_path / "garbage"
+    out.mkdir()
+    for i in range(2):
+        (out / f"{i:06d}.tar").write_bytes(b"not a tar file at all " * 100)
+    write_index(out, source={"kind": "test"}, shards=[{"name": f"{i:06d}.tar", "num_samples": 8} for i in range(2)])
+    loader = TrainLoader(cfg(out, num_workers=workers), rank=0, world_size=1, batch_size=4)
+    with pytest.raises(DataStalledError) as e:
+        next(loader.batches())
+    msg = str(e.value)
+    assert "\n" not in msg and "in a row could not be read" in msg and "shards verify" in msg, msg
+
+
+@pytest.mark.parametrize("max_samples, workers", [(1, 2), (5, 2), (7, 3), (0, 2)])
+def test_eval_batches_read_exactly_max_samples(shards, max_samples, workers):
+    from harness.data import eval_batches
+
+    loader, _ = eval_batches(str(shards), image_size=32, batch_size=4, num_workers=workers, max_samples=max_samples)
+    keys = [k for b in loader if b["image"] is not None for k in b["key"]]
+    assert len(keys) == len(set(keys)) == (max_samples or 96)
