@@ -188,6 +188,49 @@ def test_odd_images_are_converted_or_reported(tmp_path):
     assert read_index(out)["num_bad"] == 3
 
 
+def _png16_rgb(a: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one): IHDR bit depth 16, colour type 2."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, _ = a.shape
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_and_transparent_colour_pngs_become_8_bit_rgb(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    deep = np.zeros((16, 24, 3), dtype=np.uint16)
+    deep[..., 0], deep[..., 1] = 65535, 32896  # 255 and 128 in 8 bits
+    (src / "rgb16.png").write_bytes(_png16_rgb(deep))
+    assert Image.open(src / "rgb16.png").mode == "RGB"  # what made the 16-bit bytes look keepable
+    dark = np.full((16, 24), 255, dtype=np.uint16)  # 16-bit samples that all fit in 8 bits: still 16-bit, ~1
+    save(Image.fromarray(dark), src / "dark16.png")
+    keyed = np.array(picture(24, 16, seed=3))
+    keyed[:, :8] = (10, 20, 30)
+    save(Image.fromarray(keyed), src / "keyed.png", transparency=(10, 20, 30))
+    save(picture(24, 16, seed=4), src / "plain.png")
+    out = tmp_path / "out"
+    assert main(["folder", str(src), str(out), *Q]) == 0
+    samples = read_set(out)
+
+    assert "jpg" in samples["rgb16"] and samples["rgb16"].get("png") != (src / "rgb16.png").read_bytes()
+    a = np.asarray(decode(samples["rgb16"])).astype(int)
+    assert decode(samples["rgb16"]).mode == "RGB"
+    assert abs(a[..., 0].mean() - 255) < 3 and abs(a[..., 1].mean() - 128) < 3 and a[..., 2].max() < 4
+    a = np.asarray(decode(samples["dark16"])).astype(int)
+    assert a.max() < 4  # dark stays dark (255 / 65535 of white), not white
+    assert "jpg" in samples["keyed"]
+    a = np.asarray(decode(samples["keyed"])).astype(int)
+    assert a[:, :6].min() > 245  # the transparent colour -> white, as for RGBA and palettes
+    assert samples["plain"]["png"] == (src / "plain.png").read_bytes()  # 8-bit RGB is still kept as it is
+
+
 def test_max_size_reencodes_only_what_is_too_big(tmp_path):
     src = tmp_path / "src"
     save(picture(120, 80, seed=1), src / "big.jpg", quality=95)
