@@ -331,6 +331,39 @@ def test_output_folder_safety(tmp_path, capsys):
     assert len(read_index(out)["shards"]) == 3
 
 
+def test_index_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    import os
+
+    from shards.index import write_index
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.stat(a).st_ino)) or replace(a, b))
+    write_index(tmp_path, source={"kind": "demo"}, shards=[{"name": "000000.tar", "num_samples": 1, "bytes": 10}])
+    inode = (tmp_path / "index.json").stat().st_ino
+    assert events == [("fsync", inode), ("replace", inode)]
+
+
+@pytest.mark.parametrize("content", ["", "{\"format\": \"vae-harness-shards/1\", \"shar"])
+def test_finished_build_with_a_broken_index_writes_it_again(tmp_path, capsys, content):
+    src = tmp_path / "src"
+    _folder_with_bad(src, n=12)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = ["--shard-size", "5", "--quiet"]
+    assert main(["folder", str(src), str(ref), *args]) == 0
+    assert main(["folder", str(src), str(out), *args]) == 0
+    (out / "index.json").write_text(content)  # as a crash right after an unsynced rename can leave it
+    capsys.readouterr()
+    assert main(["folder", str(src), str(out), *args]) == 0
+    err = capsys.readouterr().err
+    assert f"{out / 'index.json'}: " in err and "writing it again" in err and "Traceback" not in err
+    assert index_without_time(out) == index_without_time(ref) and shard_bytes(out) == shard_bytes(ref)
+    assert (out / "bad_files.txt").read_text() == (ref / "bad_files.txt").read_text() != ""
+    assert main(["folder", str(src), str(out), *args]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["folder", "{tmp}/nope", "{tmp}/out"], "no such folder"),
     (["imagenet", "{tmp}/nope", "{tmp}/out"], "no such folder"),
