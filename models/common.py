@@ -112,7 +112,7 @@ def build_backbone(cfg, *, latent_dim: int, gaussian: bool) -> Backbone:
     """
     from harness.config import ConfigError
     from models.autoencoder_kl import Decoder, Encoder
-    from models.layerspec import BuildContext, SpecError, SpecNet, load_spec, split_at_latent
+    from models.layerspec import BuildContext, SpecError, SpecNet, load_spec, spec_side, split_at_latent
 
     cond_embed = None
     cond_dim = 0
@@ -174,7 +174,7 @@ def build_backbone(cfg, *, latent_dim: int, gaussian: bool) -> Backbone:
     try:
         side = "encoder"
         encoder = SpecNet(enc, in_channels=cfg.in_channels, cond_in=cond_dim, ctx=BuildContext(**ctx))
-        side = "decoder"
+        side = spec_side(dec, "decoder")  # "encoder" when the decoder follows Latent there
         decoder = SpecNet(dec, cond_in=cond_dim, ctx=BuildContext(**ctx, cond_dim=cond_dim))
     except SpecError as e:
         raise ConfigError(f"model.{side}: {e}") from None

@@ -424,13 +424,29 @@ def parse_item(index: int, token: Any) -> Item:
     return Item(index, token.strip(), name, args, count)
 
 
+class SpecPart(list):
+    """Layer strings cut out of a longer list as the user wrote it (the decoder after `Latent` in
+    the encoder list): `side` names that list and `start` is the position of the first string in
+    it, so an error names the item where the user can find it."""
+
+    def __init__(self, tokens, side: str, start: int):
+        super().__init__(tokens)
+        self.side, self.start = side, start
+
+
+def spec_side(spec: list, default: str) -> str:
+    """The list a spec was written in: `default`, unless it was cut from another one."""
+    return spec.side if isinstance(spec, SpecPart) else default
+
+
 def parse_spec(spec: list) -> list[Item]:
     """Parse a list of layer strings; raises SpecError naming the first bad item."""
     if isinstance(spec, str) or not isinstance(spec, (list, tuple)):
         raise SpecError(f"a layer spec must be a list of strings; got {type(spec).__name__}")
     if not spec:
         raise SpecError("the layer spec is empty")
-    return [parse_item(i, tok) for i, tok in enumerate(spec, start=1)]
+    start = spec.start if isinstance(spec, SpecPart) else 1
+    return [parse_item(i, tok) for i, tok in enumerate(spec, start=start)]
 
 
 def load_spec(value: Any, side: str = "encoder") -> list:
@@ -481,18 +497,26 @@ def _is_latent(token: Any) -> bool:
 
 
 def split_at_latent(encoder: list, decoder: list | None = None) -> tuple[list, list]:
-    """Encoder and decoder token lists, with the `Latent` marker resolved (see the module docstring)."""
-    decoder = list(decoder or [])
+    """Encoder and decoder token lists, with the `Latent` marker resolved (see the module docstring).
+
+    A decoder cut from the encoder list comes back as a `SpecPart`: its errors name the items by
+    their place in model.encoder.
+    """
+    if not isinstance(decoder, SpecPart):
+        decoder = list(decoder or [])
     enc_marks = [i for i, t in enumerate(encoder) if _is_latent(t)]
     if len(enc_marks) > 1:
         where = ", ".join(str(i + 1) for i in enc_marks)
         raise SpecError(f"encoder: {LATENT} appears {len(enc_marks)} times (items {where}); one latent only")
+    for i in enc_marks:  # "2*Latent" would otherwise pass as the marker
+        if "*" in encoder[i]:
+            raise SpecError(f'encoder: item {i + 1} "{encoder[i].strip()}": {LATENT} takes no repetition')
     dec_marks = [i + 1 for i, t in enumerate(decoder) if _is_latent(t)]
     if dec_marks:
         raise SpecError(f"decoder: item {dec_marks[0]} \"{LATENT}\": the latent marker belongs in the encoder list")
     if enc_marks:
         cut = enc_marks[0]
-        rest = list(encoder[cut + 1 :])
+        rest = SpecPart(encoder[cut + 1 :], "encoder", cut + 2)
         encoder = list(encoder[:cut])
         if rest and decoder:
             raise SpecError(f"encoder: layers follow {LATENT} and a decoder is also given; use one or the other")
@@ -586,8 +610,10 @@ def check_autoencoder(
     VAERB/VAEA item. Errors start with "encoder:" or "decoder:".
     """
     encoder, decoder = split_at_latent(encoder, decoder)
+    dside = spec_side(decoder, "decoder")  # "encoder" when the decoder follows Latent there
+    dname = "" if dside == "decoder" else f"the layers after {LATENT}: "
     if exists(num_groups):
-        for side, spec in (("encoder", encoder), ("decoder", decoder)):
+        for side, spec in (("encoder", encoder), (dside, decoder)):
             try:
                 check_groups(parse_spec(spec), num_groups)
             except SpecError as e:
@@ -611,10 +637,10 @@ def check_autoencoder(
     try:
         dec = dry_run(decoder, tuple(lat))
     except SpecError as e:
-        raise type(e)(f"decoder: {e} (the latent is {fmt(tuple(lat))})") from None
+        raise type(e)(f"{dside}: {e} (the latent is {fmt(tuple(lat))})") from None
     want = (out_channels, image_size, image_size)
     if dec.out_shape != want:
-        raise ShapeError(f"decoder: output {fmt(dec.out_shape)} does not match the image {fmt(want)}")
+        raise ShapeError(f"{dside}: {dname}output {fmt(dec.out_shape)} does not match the image {fmt(want)}")
     return AutoencoderShapes(enc, dec, tuple(lat))
 
 

@@ -88,6 +88,7 @@ def plain_rate(files: list[str], workers: int, max_size: int, resize_filter: str
 def builder_rate(src: Path, out: Path, workers: int, max_size: int, resize_filter: str) -> tuple[float, float, int]:
     """(images per wall second, CPU milliseconds per image, bytes of shards)."""
     from shards.__main__ import main
+    from shards.index import read_index
 
     if out.exists():
         shutil.rmtree(out)
@@ -102,7 +103,7 @@ def builder_rate(src: Path, out: Path, workers: int, max_size: int, resize_filte
             sys.stderr = stderr
     if rc != 0:
         raise SystemExit(f"builder failed with exit code {rc}")
-    index = json.loads((out / "index.json").read_text())
+    index = read_index(out)
     n = index["num_samples"]
     return n / c.wall, 1000 * c.cpu / n, sum(s["bytes"] for s in index["shards"])
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from shards.images import BadImage, process_image
-from shards.index import INDEX_NAME, write_index
+from shards.index import INDEX_NAME, read_index, write_index
 
 PROGRESS_NAME = ".progress.json"
 BAD_FILES_NAME = "bad_files.txt"
@@ -168,6 +168,16 @@ def _fingerprint(kind: str, items: list[Item], opts: BuildOptions, extra: dict) 
     return h.hexdigest()
 
 
+def _index_readable(out: Path) -> bool:
+    """Whether OUT/index.json is there and sound. A broken one (a crash while it was written) is
+    only reported: the build then goes on from its last shard and writes the index again."""
+    try:
+        return read_index(out) is not None
+    except ValueError as e:
+        print(f"{e}; writing it again", file=sys.stderr)
+        return False
+
+
 def _prepare(out: Path, fingerprint: str, overwrite: bool) -> dict:
     """The progress to continue from: {"shards": [...], "bad": [...], "done": bool}."""
     if out.exists() and not out.is_dir():
@@ -196,7 +206,7 @@ def _prepare(out: Path, fingerprint: str, overwrite: bool) -> dict:
             break
         kept.append(rec)
     end = kept[-1]["end"] if kept else 0
-    done = progress.get("done") and len(kept) == len(progress["shards"]) and (out / INDEX_NAME).is_file()
+    done = progress.get("done") and len(kept) == len(progress["shards"]) and _index_readable(out)
     keep_names = {r["name"] for r in kept}
     for p in out.iterdir():  # a .tmp of a killed run, shards after a missing one
         if SHARD_RE.match(p.name) and p.name not in keep_names:
@@ -242,7 +252,7 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     if state["done"]:
         print(f"{out}: already complete ({sum(s['num_samples'] for s in state['shards'])} samples in "
               f"{len(state['shards'])} shards); nothing to do", file=sys.stderr)
-        return json.loads((out / INDEX_NAME).read_text())
+        return read_index(out)
     start = state["shards"][-1]["end"] if state["shards"] else 0
     if start:
         print(f"{out}: resuming after {len(state['shards'])} complete shards ({start} of {len(items)} inputs done)",

@@ -127,8 +127,9 @@ def _find_upwards(start: Path, name: str, levels: int = 4) -> Path | None:
     return None
 
 
-def read_val_labels(path: Path, files: list[str]) -> dict[str, str]:
-    """{relative file: synset} for a flat val folder, from one of the usual ground-truth files:
+def read_val_labels(path: Path, files: list[str]) -> tuple[dict[str, str], list[str]]:
+    """({file stem: synset}, every synset the file names, sorted) for a flat val folder, from one
+    of the usual ground-truth files:
 
     - LOC_val_solution.csv (Kaggle): `ImageId,PredictionString` with the synset first in the string;
     - `<file name> <synset>` per line;
@@ -138,6 +139,7 @@ def read_val_labels(path: Path, files: list[str]) -> dict[str, str]:
         raise BuildError(f"{path}: ground-truth file not found")
     text = path.read_text()
     by_stem: dict[str, str] = {}
+    synsets: list[str] = []  # a one-synset-per-line file: every line, whether its image is here or not
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     if lines and lines[0].replace(" ", "").lower().startswith("imageid,predictionstring"):
         for row in csv.reader(lines[1:]):
@@ -168,12 +170,15 @@ def read_val_labels(path: Path, files: list[str]) -> dict[str, str]:
         else:
             raise BuildError(f"{path}: not a ground-truth file (expected LOC_val_solution.csv, "
                              "'<file> <synset>' lines or one synset per line)")
-    bad = next((s for s in by_stem.values() if not SYNSET_RE.match(s)), None)
+    # Every synset of the file, not only those of the images present: a partial val folder then
+    # numbers its classes as the full one (and train) does.
+    every = sorted({*by_stem.values(), *synsets})
+    bad = next((s for s in every if not SYNSET_RE.match(s)), None)
     if bad is not None:
         raise BuildError(f"{path}: {bad!r} is not a WordNet synset id like n01440764")
     if not by_stem:
         raise BuildError(f"{path}: no labels found")
-    return by_stem
+    return by_stem, every
 
 
 def imagenet_items(src: Path, *, classes_file: str | None = None, labels_file: str | None = None,
@@ -206,7 +211,7 @@ def imagenet_items(src: Path, *, classes_file: str | None = None, labels_file: s
         if gt is None:
             raise BuildError(f"{src}: a flat folder of images needs its labels: pass --labels LOC_val_solution.csv "
                              "(or a file with one synset per line)")
-        by_stem = read_val_labels(gt, paths)
+        by_stem, every_synset = read_val_labels(gt, paths)
         synset_of = {}
         for p in paths:
             s = by_stem.get(os.path.splitext(os.path.basename(p))[0])
@@ -218,7 +223,7 @@ def imagenet_items(src: Path, *, classes_file: str | None = None, labels_file: s
         if not paths:
             raise BuildError(f"{gt}: labels none of the images in {src} (wrong ground-truth file?)")
         if classes_file is None:
-            classes, descriptions = sorted(set(by_stem.values())), []
+            classes, descriptions = every_synset, []
         else:
             classes, descriptions = _class_index(list(synset_of.values()), classes_file, "synsets")
         layout = "val"

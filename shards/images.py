@@ -2,9 +2,9 @@
 
 Every image in a shard decodes with plain PIL to an 8-bit RGB picture the right way up, so no
 reader has to care about grayscale, CMYK, palettes, alpha, 16-bit samples or EXIF orientation.
-The original bytes are kept when they already are that (JPEG/PNG/WebP, RGB, no rotation, within
-`max_size`): re-encoding would cost time and quality for nothing. Everything else is re-encoded as
-JPEG at `quality`.
+The original bytes are kept when they already are that (JPEG/PNG/WebP, 8-bit RGB, no transparent
+colour, no rotation, within `max_size`): re-encoding would cost time and quality for nothing.
+Everything else is re-encoded as JPEG at `quality`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ Image.MAX_IMAGE_PIXELS = 200_000_000
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # formats stored as they are
 EXIF_ORIENTATION = 0x0112
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit greyscale (PIL opens a 16-bit PNG as I;16 or I)
 # Downscaling filters. "area" (PIL's BOX: the average over each output pixel's footprint) is what
 # img2dataset uses by default (cv2.INTER_AREA) and costs about 40% of "bicubic" here.
 RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "area": Image.BOX, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
@@ -44,16 +46,28 @@ class Encoded:
     reencoded: bool
 
 
+def _is_png16(data: bytes) -> bool:
+    """A PNG with 16 bits per sample. PIL opens a 16-bit RGB PNG as mode "RGB" (it drops the low
+    bytes while decoding), so the mode alone cannot tell: the IHDR bit depth (byte 24) can."""
+    return data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 24 and data[24] == 16
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB from any PIL mode: alpha composited on white, 16-bit and float scaled, not clipped."""
-    if im.mode == "RGB":
+    transparent = "transparency" in im.info and im.mode in ("1", "L", "P", "RGB")  # a tRNS key colour
+    if im.mode == "RGB" and not transparent:
         return im
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if im.mode in INT_MODES or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
-        hi = 1.0 if im.mode == "F" and a.size and a.max() <= 1.0 else (255.0 if a.size and a.max() <= 255 else 65535.0)
+        # The scale follows the mode, never the pixel values: a dark 16-bit picture stays dark.
+        # Float has no fixed range: [0, 1] when it fits, else read as 8- or 16-bit numbers.
+        if im.mode == "F":
+            hi = 1.0 if a.size and a.max() <= 1.0 else (255.0 if a.size and a.max() <= 255 else 65535.0)
+        else:
+            hi = 65535.0
         a = np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
-    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if transparent or im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, im).convert("RGB")
@@ -95,7 +109,8 @@ def process_image(data: bytes, *, max_size: int = 0, quality: int = 95, resize_f
             ow, oh = (h0, w0) if rotated else (w0, h0)
             tw, th = _fit(ow, oh, max_size)
             animated = getattr(im, "is_animated", False)  # stored as its first frame
-            keep = fmt in KEEP_FORMATS and mode == "RGB" and orient == 1 and (tw, th) == (ow, oh) and not animated
+            plain = mode == "RGB" and "transparency" not in im.info and not (fmt == "PNG" and _is_png16(data))
+            keep = fmt in KEEP_FORMATS and plain and orient == 1 and (tw, th) == (ow, oh) and not animated
             if fmt == "JPEG":
                 # DCT-domain scaling: decoding at 1/8 still reads every byte (so a truncated file is
                 # still caught) at a fraction of the cost; when resizing, decode no larger than needed.

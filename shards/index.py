@@ -56,20 +56,32 @@ def write_index(out: str | Path, *, source: dict, shards: list[dict], classes: l
     }
     path = Path(out) / INDEX_NAME
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index, indent=1))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(index, indent=1))
+        f.flush()
+        os.fsync(f.fileno())  # else a crash soon after the rename can leave an empty index.json
     os.replace(tmp, path)
     return index
 
 
 def read_index(folder: str | Path) -> dict | None:
-    """The index of a shard folder, or None when it has none. A malformed index is an error."""
+    """The index of a shard folder, or None when it has none.
+
+    A malformed index (empty, not JSON, not our format) is a ValueError whose one-line message
+    names the file.
+    """
     path = Path(folder) / INDEX_NAME
     if not path.is_file():
         return None
     try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        text = path.read_text()
+        if not text.strip():
+            raise ValueError(f"{path}: empty file (a write cut short?)")
+        index = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{path}: not a {FORMAT} index (a JSON {type(index).__name__}, not an object)")
     if index.get("format") != FORMAT or not isinstance(index.get("shards"), list):
         raise ValueError(f"{path}: not a {FORMAT} index (format={index.get('format')!r})")
     return index

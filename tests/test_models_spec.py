@@ -92,6 +92,8 @@ def test_latent_marker_rules():
         L.split_at_latent(["SiLU", "Latent", "SiLU"], ["SiLU"])
     with pytest.raises(L.SpecError, match="decoder: missing"):
         L.split_at_latent(["SiLU"])
+    with pytest.raises(L.SpecError, match=r'encoder: item 2 "2 \* Latent": Latent takes no repetition'):
+        L.split_at_latent(["SiLU", "2 * Latent", "SiLU"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +179,37 @@ def test_inline_spec_from_the_command_line_and_config_errors():
         load_config([], base)
     with pytest.raises(ConfigError, match="must be C1d, C2d, C3d, CT2d, Lin"):  # the condition enters the first layer
         build_model(ModelConfig(arch="spec", encoder=["Flat", "Latent", "SiLU"], condition="class", num_classes=3))
+
+
+@pytest.mark.parametrize(
+    "encoder, message",
+    [
+        ("[C2d_3_8_3_2_1, Latent, UpS_2, C2d_5_3_3_1_1]",
+         r'^model.encoder: item 4 "C2d_5_3_3_1_1": input \(4, 16, 16\) does not fit Conv2d: expects 5 channels'),
+        ("[C2d_3_8_3_2_1, Latent, UpS_2, C2d_4_3_3]", r'^model.encoder: item 4 "C2d_4_3_3": Conv2d needs'),
+        ("[C2d_3_8_3_2_1, Latent, UpS_2, VAERB_4_6, C2d_6_3_3_1_1]",
+         r'^model.encoder: item 4 "VAERB_4_6": 4 channels are not divisible'),
+        ("[C2d_3_8_3_2_1, Latent, UpS_2]",
+         r"^model.encoder: the layers after Latent: output \(4, 16, 16\) does not match"),
+        ("[C2d_3_8_3_2_1, 2*Latent, UpS_2, C2d_4_3_3_1_1]",
+         r'^model.encoder: item 2 "2\*Latent": Latent takes no repetition'),
+    ],
+)
+def test_errors_after_latent_name_the_item_as_written(encoder, message):
+    base = ["data.train=x", "data.image_size=16", "model.arch=spec"]
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config([], base + [f"model.encoder={encoder}"])
+    assert "\n" not in str(e.value)
+
+
+def test_build_model_names_decoder_items_by_their_place_in_the_encoder_list():
+    with pytest.raises(ConfigError, match=r'^model.encoder: item 4 "C2d_4_3_3": Conv2d needs'):
+        build_model(ModelConfig(arch="spec", encoder=["C2d_3_8_3_2_1", "Latent", "UpS_2", "C2d_4_3_3"]))
+    with pytest.raises(ConfigError, match=r'^model.encoder: item 2 "2\*Latent"'):
+        build_model(ModelConfig(arch="spec", encoder=["C2d_3_8_3_2_1", "2*Latent", "UpS_2", "C2d_4_3_3_1_1"]))
+    # A separate decoder list still counts from its own first item.
+    with pytest.raises(ConfigError, match=r'^model.decoder: item 2 "C2d_4_3_3": Conv2d needs'):
+        build_model(ModelConfig(arch="spec", encoder=["C2d_3_8_3_2_1"], decoder=["UpS_2", "C2d_4_3_3"]))
 
 
 def test_command_line_dry_run(capsys):

@@ -188,6 +188,49 @@ def test_odd_images_are_converted_or_reported(tmp_path):
     assert read_index(out)["num_bad"] == 3
 
 
+def _png16_rgb(a: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one): IHDR bit depth 16, colour type 2."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, _ = a.shape
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_and_transparent_colour_pngs_become_8_bit_rgb(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    deep = np.zeros((16, 24, 3), dtype=np.uint16)
+    deep[..., 0], deep[..., 1] = 65535, 32896  # 255 and 128 in 8 bits
+    (src / "rgb16.png").write_bytes(_png16_rgb(deep))
+    assert Image.open(src / "rgb16.png").mode == "RGB"  # what made the 16-bit bytes look keepable
+    dark = np.full((16, 24), 255, dtype=np.uint16)  # 16-bit samples that all fit in 8 bits: still 16-bit, ~1
+    save(Image.fromarray(dark), src / "dark16.png")
+    keyed = np.array(picture(24, 16, seed=3))
+    keyed[:, :8] = (10, 20, 30)
+    save(Image.fromarray(keyed), src / "keyed.png", transparency=(10, 20, 30))
+    save(picture(24, 16, seed=4), src / "plain.png")
+    out = tmp_path / "out"
+    assert main(["folder", str(src), str(out), *Q]) == 0
+    samples = read_set(out)
+
+    assert "jpg" in samples["rgb16"] and samples["rgb16"].get("png") != (src / "rgb16.png").read_bytes()
+    a = np.asarray(decode(samples["rgb16"])).astype(int)
+    assert decode(samples["rgb16"]).mode == "RGB"
+    assert abs(a[..., 0].mean() - 255) < 3 and abs(a[..., 1].mean() - 128) < 3 and a[..., 2].max() < 4
+    a = np.asarray(decode(samples["dark16"])).astype(int)
+    assert a.max() < 4  # dark stays dark (255 / 65535 of white), not white
+    assert "jpg" in samples["keyed"]
+    a = np.asarray(decode(samples["keyed"])).astype(int)
+    assert a[:, :6].min() > 245  # the transparent colour -> white, as for RGBA and palettes
+    assert samples["plain"]["png"] == (src / "plain.png").read_bytes()  # 8-bit RGB is still kept as it is
+
+
 def test_max_size_reencodes_only_what_is_too_big(tmp_path):
     src = tmp_path / "src"
     save(picture(120, 80, seed=1), src / "big.jpg", quality=95)
@@ -286,6 +329,39 @@ def test_output_folder_safety(tmp_path, capsys):
     assert "other inputs or options" in capsys.readouterr().err
     assert main(["folder", str(src), str(out), "--shard-size", "2", "--overwrite", *Q]) == 0
     assert len(read_index(out)["shards"]) == 3
+
+
+def test_index_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    import os
+
+    from shards.index import write_index
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.stat(a).st_ino)) or replace(a, b))
+    write_index(tmp_path, source={"kind": "demo"}, shards=[{"name": "000000.tar", "num_samples": 1, "bytes": 10}])
+    inode = (tmp_path / "index.json").stat().st_ino
+    assert events == [("fsync", inode), ("replace", inode)]
+
+
+@pytest.mark.parametrize("content", ["", "{\"format\": \"vae-harness-shards/1\", \"shar"])
+def test_finished_build_with_a_broken_index_writes_it_again(tmp_path, capsys, content):
+    src = tmp_path / "src"
+    _folder_with_bad(src, n=12)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = ["--shard-size", "5", "--quiet"]
+    assert main(["folder", str(src), str(ref), *args]) == 0
+    assert main(["folder", str(src), str(out), *args]) == 0
+    (out / "index.json").write_text(content)  # as a crash right after an unsynced rename can leave it
+    capsys.readouterr()
+    assert main(["folder", str(src), str(out), *args]) == 0
+    err = capsys.readouterr().err
+    assert f"{out / 'index.json'}: " in err and "writing it again" in err and "Traceback" not in err
+    assert index_without_time(out) == index_without_time(ref) and shard_bytes(out) == shard_bytes(ref)
+    assert (out / "bad_files.txt").read_text() == (ref / "bad_files.txt").read_text() != ""
+    assert main(["folder", str(src), str(out), *args]) == 0
+    assert "nothing to do" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -83,6 +83,27 @@ def test_imagenet_val_ground_truth_formats(tmp_path, capsys):
     assert "build each split" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("gt", ["csv", "per_line", "pairs"])
+def test_imagenet_partial_val_keeps_every_synset_of_the_ground_truth(tmp_path, gt):
+    """A val folder holding only some images still numbers its classes by every synset of the
+    ground-truth file (sorted), so `cls` means the same as in train, whichever file format."""
+    truth = tiny_imagenet(tmp_path)
+    val = tmp_path / "val"
+    (val / "ILSVRC2012_val_00000003.JPEG").unlink()  # the only image of SYNSETS[1]
+    labels = {"csv": tmp_path / "LOC_val_solution.csv", "per_line": tmp_path / "gt_lines.txt",
+              "pairs": tmp_path / "gt_pairs.txt"}[gt]
+    if gt == "per_line":
+        labels.write_text("\n".join(truth[i] for i in sorted(truth)) + "\n")
+    elif gt == "pairs":
+        labels.write_text("\n".join(f"ILSVRC2012_val_{i:08d}.JPEG {s}" for i, s in truth.items()) + "\n")
+    out = tmp_path / "s"
+    assert main(["imagenet", str(val), str(out), "--labels", str(labels), *Q]) == 0
+    index = read_index(out)
+    assert index["classes"] == SYNSETS and index["class_counts"] == [2, 0, 2]
+    for key, s in read_set(out).items():
+        assert SYNSETS[int(s["cls"])] == truth[int(key[-8:])]
+
+
 def test_imagenet_odd_images(tmp_path):
     root = tmp_path / "train"
     save(picture(seed=1).convert("CMYK"), root / SYNSETS[0] / "cmyk.JPEG")

@@ -110,6 +110,23 @@ def test_sources_with_different_classes_do_not_mix(tmp_path, demo):
         resolve_sources(str(other))
 
 
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"[1, 2]", b'"text"'])
+def test_a_corrupt_index_is_a_one_line_error_naming_the_file(tmp_path, capsys, content):
+    out = tmp_path / "s"
+    assert main(["demo", str(out), "--num-samples", "4", "--image-size", "8", "--quiet", "--workers", "1"]) == 0
+    (out / "index.json").write_bytes(content)
+    with pytest.raises(DataSourceError) as e:
+        resolve_sources(str(out))
+    assert str(out / "index.json") in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DataSourceError, match="index.json"):
+        resolve_sources(str(out / "{000000..000000}.tar"))
+    capsys.readouterr()
+    for command in ("verify", "inspect"):
+        assert main([command, str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert str(out / "index.json") in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
 # ----------------------------------------------------------------------------------------------
 # verify / inspect
 
