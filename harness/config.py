@@ -96,7 +96,8 @@ class ModelConfig:
         "random = random encoder outputs, none = random normal"
     )
     vq_restart_after: int = F(
-        100, "replace codes unused for this many training steps by recent encoder outputs (0 = never)", ge=0
+        100, "replace codes unused for this many training forwards (micro-batches, not optimizer steps) "
+        "by recent encoder outputs (0 = never)", ge=0
     )
     # --- kind=fsq
     fsq_levels: list[int] = F([8, 5, 5, 5], "FSQ levels per latent channel; codebook size = their product")

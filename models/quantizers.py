@@ -7,6 +7,11 @@ Distributed training: with torch.distributed initialized, every statistic that m
 (EMA cluster sizes and embedding sums) is all-reduced, and the first-batch initialisation and the
 dead-code restart samples are broadcast from rank 0, so every rank holds the same codebook after
 every step (as lucidrains' vector-quantize-pytorch does). All of it goes through `_sync`.
+
+Non-finite encoder outputs: a batch with an inf or NaN on any rank leaves the codebook untouched on
+every rank (no init, no EMA update, no restart, no unused-code counting). Otherwise one bad batch
+would put a NaN code into the codebook that argmin then picks for every vector, so it is never
+restarted and every later loss is NaN. The trainer still sees the non-finite loss and skips the step.
 """
 
 from __future__ import annotations
@@ -131,8 +136,10 @@ class VectorQuantizer(nn.Module):
     cosine: l2-normalise encoder outputs and codes: nearest code by cosine similarity.
     init: "kmeans" | "random" (random first-batch vectors) | "none" (N(0, 1) codes), done on the
         first training forward (broadcast from rank 0 when distributed).
-    restart_after: a code that no vector chose for this many training steps (on any rank) is
-        replaced by a random encoder output of the current batch (0 = never).
+    restart_after: a code that no vector chose for this many training forwards (on any rank) is
+        replaced by a random encoder output of the current batch (0 = never). Counted per forward,
+        not per optimizer step: with gradient accumulation over A micro-batches that is
+        restart_after / A optimizer steps.
     sync: all-reduce / broadcast codebook updates across ranks when torch.distributed is initialized.
 
     The codebook only moves in training forwards with grad enabled; eval and no_grad forwards
@@ -220,7 +227,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, x: torch.Tensor, bins: torch.Tensor) -> int:
-        """Restart codes unused for `restart_after` steps; returns how many."""
+        """Restart codes unused for `restart_after` training forwards; returns how many."""
         self.unused_steps.copy_(torch.where(bins > 0, torch.zeros_like(self.unused_steps), self.unused_steps + 1))
         dead = self.unused_steps >= self.restart_after
         num = int(dead.sum())  # identical on every rank: bins were reduced
@@ -256,8 +263,12 @@ class VectorQuantizer(nn.Module):
         if self.cosine:
             x = l2norm(x)
         update = self.training and torch.is_grad_enabled()
+        nonfinite = (~torch.isfinite(x.detach())).any().float()[None]  # 1 where this rank's batch is bad
         if update and not bool(self.initted):
-            self._init_codebook(x.detach())
+            # An extra collective, but only until the codebook is initialised: the decision to skip
+            # must be the same on every rank, or one rank would wait alone in the broadcast.
+            if not bool(_sync(nonfinite.clone(), "sum", self.sync)):
+                self._init_codebook(x.detach())
 
         codebook = self.codebook().float()
         with torch.no_grad():
@@ -274,11 +285,15 @@ class VectorQuantizer(nn.Module):
         bins = torch.bincount(idx, minlength=self.codebook_size).float()
         restarted = 0
         if update:
-            _sync(bins, "sum", self.sync)
-            if self.ema:
-                self._ema_update(x.detach(), idx, bins)
-            if self.restart_after:
-                restarted = self._restart_dead_codes(x.detach(), bins)
+            # The non-finite flag rides on the bins all-reduce, so that every rank takes the same
+            # branch below (the EMA sums and restart samples are collectives too) at no extra cost.
+            stats = _sync(torch.cat([bins, nonfinite]), "sum", self.sync)
+            bins, any_nonfinite = stats[:-1], bool(stats[-1])
+            if not any_nonfinite:
+                if self.ema:
+                    self._ema_update(x.detach(), idx, bins)
+                if self.restart_after:
+                    restarted = self._restart_dead_codes(x.detach(), bins)
 
         quantized = x + (q - x).detach()  # straight-through estimator
         # A count per forward (not the running total) so that averaging over a logging interval,

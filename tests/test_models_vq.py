@@ -134,6 +134,40 @@ def test_ema_statistics_stay_fp32_when_the_model_is_cast():
     assert grad.embed.dtype == torch.bfloat16 and int(grad.restarts) > 0
 
 
+def _state(vq):
+    return {k: v.detach().clone() for k, v in [*vq.named_buffers(), *vq.named_parameters()]}
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(cosine=True), dict(decay=0.0)], ids=["ema", "cosine", "grad"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_a_non_finite_batch_leaves_the_codebook_alone(kw, bad):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(dim=4, codebook_size=16, init="random", restart_after=1, **kw).train()
+    vq(vectors(8))  # init; 8 vectors, 16 codes: restart_after=1 would restart codes on every forward
+    before = _state(vq)
+    z = vectors(8, seed=1)
+    z[3, 2] = bad  # a single bad value
+    out = vq(z)
+    after = _state(vq)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+        assert not after[k].is_floating_point() or torch.isfinite(after[k]).all(), k
+    assert int(out.metrics["dead_restarts"]) == 0 and not torch.isfinite(out.loss)  # the trainer sees it
+    out = vq(vectors(8, seed=2))
+    assert torch.isfinite(out.loss) and int(out.metrics["dead_restarts"]) > 0  # training goes on
+
+
+def test_a_non_finite_first_batch_defers_the_init():
+    vq = VectorQuantizer(dim=4, codebook_size=8, init="kmeans").train()
+    start = vq.embed.clone()
+    z = vectors(32)
+    z[0, 0] = float("inf")
+    vq(z)
+    assert not vq.initted and torch.equal(vq.embed, start)
+    out = vq(vectors(32, seed=1))
+    assert vq.initted and torch.isfinite(vq.embed).all() and torch.isfinite(out.loss)
+
+
 # ---------------------------------------------------------------------------------------------
 # FSQ
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +202,9 @@ VARIANTS = {
     "ema_cosine": dict(init="kmeans", cosine=True),
     "grad": dict(init="random", decay=0.0),  # init and restarts synced; the gradients are DDP's job
     "no_sync": dict(init="kmeans", sync=False),  # the control: must diverge
+    "ema_inf": dict(init="kmeans"),  # rank 1 alone gets an inf (POISONED): both ranks must skip
 }
+POISONED = {"ema_inf": (0, 3)}  # variant -> steps at which rank 1's batch holds an inf (0: before init)
 
 
 def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -179,13 +215,17 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for name, kw in VARIANTS.items():
             torch.manual_seed(100 + rank)  # every rank starts from a different random codebook
             vq = VectorQuantizer(dim=4, codebook_size=32, restart_after=2, **kw).train()
-            snapshots = []
+            snapshots, states = [], [{k: v.clone() for k, v in vq.named_buffers()}]
             for step in range(6):
                 # 8 vectors per rank and step, from a rank-specific distribution: many dead codes.
                 z = torch.randn(2, 4, 2, 2) * 0.5 + rank + 0.1 * step
+                if rank == 1 and step in POISONED.get(name, ()):
+                    z[1, 2, 0, 1] = float("inf")
                 vq(z.requires_grad_())
                 snapshots.append(vq.embed.detach().clone())
+                states.append({k: v.clone() for k, v in vq.named_buffers()})
             result[name] = {
+                "states": states,
                 "first": snapshots[0],
                 "embed": vq.embed.detach().clone(),
                 "buffers": {k: v.clone() for k, v in vq.named_buffers()},
@@ -200,7 +240,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_codebooks_identical_across_two_gloo_ranks(tmp_path):
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for name in ("ema", "ema_cosine", "grad"):
+    for name in ("ema", "ema_cosine", "grad", "ema_inf"):
         a, b = r0[name], r1[name]
         assert torch.equal(a["embed"], b["embed"]), name
         for k in a["buffers"]:
@@ -208,3 +248,11 @@ def test_codebooks_identical_across_two_gloo_ranks(tmp_path):
         assert not torch.equal(a["first"], a["embed"]), name  # the codebook did change while training
         assert a["restarts"] > 0, name  # the restart broadcast ran
     assert not torch.equal(r0["no_sync"]["embed"], r1["no_sync"]["embed"])
+    # One rank's inf: every rank skipped that step (rank 0's clean batch too), none deadlocked.
+    for r in (r0, r1):
+        states = r["ema_inf"]["states"]
+        for step in POISONED["ema_inf"]:
+            for k in states[step]:
+                assert torch.equal(states[step][k], states[step + 1][k]), (step, k)
+        assert all(torch.isfinite(v).all() for v in states[-1].values() if v.is_floating_point())
+        assert not states[1]["initted"] and states[2]["initted"]  # init deferred to the first clean step
