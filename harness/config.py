@@ -27,9 +27,10 @@ class ConfigError(ValueError):
     """A user error in the config: the message is one line that names the key path."""
 
 
-def F(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None):
+def F(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+      lt: float | None = None):
     """A config field with its help line and optional bounds (checked at load time)."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le}
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -161,7 +162,8 @@ class TrainConfig:
         "auto", "autocast precision; auto = what `accelerate launch` / its config says"
     )
     seed: int = F(0, "seed for weights init and posterior sampling")
-    ema_decay: float = F(0.0, "EMA of weights per optimizer step (0 = off; 0.999 typical)", ge=0.0, le=1.0)
+    ema_decay: float = F(0.0, "EMA of weights per optimizer step, warmed up as min(decay, (1+n)/(10+n)) "
+                                "(0 = off; 0.999 typical)", ge=0.0, lt=1.0)
     max_nonfinite: int = F(10, "consecutive non-finite losses before the run stops", ge=1)
     stop_after_steps: int = F(0, "end this invocation (with a checkpoint) after N steps, for time-sliced jobs (0 = off)", ge=0)
 
@@ -440,7 +442,8 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         value = _coerce(value, hints[key], where)
         meta = fields[key].metadata
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            for bound, ok, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"), ("le", lambda v, b: v <= b, "<=")):
+            for bound, ok, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"), ("le", lambda v, b: v <= b, "<="),
+                                    ("lt", lambda v, b: v < b, "<")):
                 b = meta.get(bound)
                 if b is not None and not ok(value, b):
                     raise ConfigError(f"{where}: {value} is out of range; must be {text} {b}")

@@ -7,7 +7,10 @@ from torch import nn
 
 
 class EMA:
-    """`shadow = decay * shadow + (1 - decay) * param` after every optimizer step.
+    """`shadow = d * shadow + (1 - d) * param` after every optimizer step, with
+    d = min(decay, (1 + n) / (10 + n)) after n updates: the latent-diffusion (LitEma) warm-up, so
+    that with decay 0.9999 the average is not mostly the random initial weights for thousands of
+    steps.
 
     Registered with `accelerator.register_for_checkpointing`, so it is saved and restored with
     the rest of the training state.
@@ -20,10 +23,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         self.num_updates += 1
         params = dict(model.named_parameters())
         names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - self.decay)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -35,7 +39,7 @@ class EMA:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
+        # The decay stays the configured one: a resume may change train.ema_decay on purpose.
         self.num_updates = state["num_updates"]
         for n, t in state["shadow"].items():
             self.shadow[n].copy_(t)

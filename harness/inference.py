@@ -28,6 +28,8 @@ def find_weights_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise LoadError(f"{path}: no such run, checkpoint or export folder")
+    if ckpt.is_complete(path):  # a step_N folder (DeepSpeed writes a `latest` file of its own into it)
+        return path
     if (path / "checkpoints").is_dir() or (path / ckpt.LATEST_NAME).is_file():
         found = ckpt.resolve(path, "latest")
         if found is None:

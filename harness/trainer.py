@@ -183,6 +183,12 @@ class Trainer:
             now = to_dict(self.cfg.model)
             diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
             raise ckpt.ResumeError(f"cannot resume {path}: the model config differs ({'; '.join(diff) or 'hash mismatch'})")
+        saved_ema = (path / "custom_checkpoint_1.pkl").is_file()
+        if saved_ema != (self.cfg.train.ema_decay > 0):  # the scheduler is custom object 0, the EMA 1
+            had = yaml.safe_load((path / ckpt.CONFIG_NAME).read_text()).get("train", {}).get("ema_decay", 0)
+            raise ckpt.ResumeError(f"cannot resume {path}: it was trained {'with' if saved_ema else 'without'} an EMA of "
+                                   f"the weights (train.ema_decay={had}) and this run asks for train.ema_decay="
+                                   f"{self.cfg.train.ema_decay}; keep it {'on' if saved_ema else 'off'} to resume")
         shards = scale.zero_partitions(path)
         return bool(shards) and shards != self.world.world_size
 

@@ -38,7 +38,7 @@ def parse_args(argv):
     p.add_argument("--resume", default=None, metavar="latest|PATH", help="continue from the newest or a given checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after --resume / --config
 
 
 def _say(msg: str) -> None:
@@ -71,6 +71,32 @@ def split_launcher_options(argv: list[str]) -> tuple[list[str], list[str]]:
     return ours, theirs
 
 
+def _can_relaunch(launcher: list[str]) -> bool:
+    """Whether the misplaced launcher options say enough to start the intended run ourselves: a GPU
+    machine (--multi_gpu takes every GPU), or a process count on CPU. Never twice."""
+    import torch
+
+    if os.environ.get("HARNESS_RELAUNCHED") or os.environ.get("HARNESS_NO_RELAUNCH"):
+        return False
+    named = {a.split("=", 1)[0] for a in launcher}
+    return torch.cuda.is_available() or "--num_processes" in named
+
+
+def _relaunch(launcher: list[str], argv: list[str]) -> None:
+    """`accelerate launch launch/train.py --multi_gpu ...` (the user's own spelling): start the
+    multi-process run it means, `accelerate launch --multi_gpu ... launch/train.py ...`, in place of
+    this process (exec: the outer launcher waits for the new one and gets its exit code)."""
+    import torch
+
+    env = dict(os.environ, HARNESS_RELAUNCHED="1")
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"  # MULTI_CPU with gloo
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(Path(__file__).resolve()), *argv]
+    _say(f"note: accelerate options after the script name; running: accelerate launch {' '.join(launcher)} "
+         f"launch/train.py {' '.join(argv)}")
+    os.execve(sys.executable, cmd, env)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, launcher = split_launcher_options(sys.argv[1:] if argv is None else list(argv))
     if launcher:
@@ -78,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"accelerate launch {' '.join(launcher)} launch/train.py ...")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # already distributed: what was meant happened
             _say(f"note: {where} (ignored here: this run already has {os.environ['WORLD_SIZE']} processes)")
+        elif _can_relaunch(launcher):
+            _relaunch(launcher, argv)  # does not return
         else:
             _say(f"error: {where} (or pick a config: --config_file launch/accelerate/multi_gpu.yaml)")
             return 2

@@ -70,12 +70,21 @@ def test_every_field_is_documented():
 
 
 def test_launcher_options_after_the_script_are_explained(capsys, monkeypatch):
-    """`accelerate launch launch/train.py --multi_gpu`: one line saying where the option belongs."""
+    """`accelerate launch launch/train.py --multi_gpu` on CPU with no process count: one line saying
+    where the option belongs (with a count it relaunches: tests/test_multiproc.py)."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main(["--multi_gpu", "--num_processes", "2", "data.train=x.tar"]) == 2
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["--multi_gpu", "--mixed_precision", "no", "data.train=x.tar"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [err] and "`--multi_gpu --num_processes 2` belongs to `accelerate launch`" in err
+    assert err.splitlines() == [err] and "`--multi_gpu --mixed_precision no` belongs to `accelerate launch`" in err
     monkeypatch.setenv("WORLD_SIZE", "2")  # under a launcher that already started 2 processes: a note, then on
     monkeypatch.setenv("RANK", "0")
     assert main(["--multi_gpu", "--help-config"]) == 0
     assert "ignored here" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_resume_and_config(tmp_path, monkeypatch):
+    from launch.train import parse_args
+
+    a = parse_args(["--config", "a.yaml", "x.y=1", "--resume", "latest", "train.max_steps=30", "--config", "b.yaml", "z=2"])
+    assert a.config == ["a.yaml", "b.yaml"] and a.resume == "latest" and a.overrides == ["x.y=1", "train.max_steps=30", "z=2"]

@@ -53,3 +53,19 @@ def test_two_process_training_checkpoints_and_resumes(shards, tmp_path):
     losses = [float(w.split("=")[1]) for line in (run / "train.log").read_text().splitlines()
               for w in line.split() if w.startswith("loss/recon=")]
     assert len(losses) == 7 and sum(losses[-2:]) < sum(losses[:2])
+
+
+def test_multi_gpu_after_the_script_name_runs_what_it_means(shards, tmp_path):
+    """The user's spelling: `accelerate launch launch/train.py --multi_gpu --num_processes 2 ...`
+    starts the 2-process run itself (accelerate alone would start one process)."""
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", ROOT / "launch/train.py", "--multi_gpu",
+           "--num_processes", "2", "--main_process_port", "0", "--config", ROOT / "tests/configs/tiny.yaml",
+           f"data.train={shards}", f"run.dir={run}", "train.max_steps=4"]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "running: accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 launch/train.py" in r.stderr
+    assert "2 process(es) (MULTI_CPU" in r.stderr
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["data_layout"]["world_size"] == 2

@@ -72,7 +72,9 @@ def test_train_checkpoint_resume_export(name, shards, tmp_path):
     assert len(seen) == 6 and sum(seen[-2:]) < sum(seen[:2]), seen
     # one fp32 state dict from the (sharded) checkpoint rebuilds the model; EMA too where trained
     model, _, _ = load_model(run)
-    assert sum(p.numel() for p in model.parameters()) > 0
+    step12 = state_dict_of(run / "checkpoints/step_12")  # a checkpoint folder loads as well as its run
+    assert all(torch.equal(v, step12[k]) for k, v in model.state_dict().items()) and step12.keys() == model.state_dict().keys()
+    assert load_model(run / "checkpoints/step_12")[0].state_dict().keys() == step12.keys()
     if "train.ema_decay=0.9" in extra:
         ema = state_dict_of(ckpt.resolve(run, "latest"), ema=True)
         assert all(v.numel() > 0 for v in ema.values())  # whole weights, gathered under ZeRO-3

@@ -96,6 +96,9 @@ def test_resume_refuses_a_different_model_and_fresh_start_refuses_used_folder(co
     assert "model config differs (z_channels: 4 -> 8)" in capsys.readouterr().err
     assert main(args(config, shards, run, "train.max_steps=4")) == 2
     assert "already has checkpoints: pass --resume latest" in capsys.readouterr().err
+    assert main(args(config, shards, run, "train.max_steps=4", "train.ema_decay=0.99", "--resume", "latest")) == 2
+    err = capsys.readouterr().err
+    assert "trained without an EMA of the weights (train.ema_decay=0.0)" in err and len(err.strip().splitlines()) == 1
     # and nothing was lost
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 2
 
