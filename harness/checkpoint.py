@@ -105,12 +105,15 @@ def resolve(run_dir: str | Path, resume: str | None) -> Path | None:
         return None
     run_dir = Path(run_dir)
     if resume == "latest":
+        # The newest complete step_N. `latest` names it, except after a kill between the rename of
+        # a new checkpoint and the update of `latest`: the complete folder is newer, and wins.
+        found = list_checkpoints(run_dir)
         pointer = run_dir / LATEST_NAME
         if pointer.is_file():
             target = run_dir / pointer.read_text().strip()
-            if is_complete(target):
+            m = _STEP_DIR.match(target.name)
+            if is_complete(target) and m and (not found or int(m.group(1)) >= found[-1][0]):
                 return target
-        found = list_checkpoints(run_dir)
         return found[-1][1] if found else None
     path = Path(resume)
     if not path.exists():
@@ -131,6 +134,23 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.accelerator = accelerator
         self.is_main = is_main
+
+    def set_aside_newer(self, resumed: Path, step: int) -> list[Path]:
+        """Resuming this run from an older checkpoint: its newer ones belong to the abandoned branch.
+        Renamed to `abandoned-step_N` (kept, never resumed or pruned) so that `latest` cannot pick
+        them up after a crash, and pruning counts only this branch. Main process."""
+        if not self.is_main or resumed.parent.resolve() != self.root.resolve():
+            return []
+        moved = []
+        for n, p in list_checkpoints(self.run_dir):
+            if n > step:
+                target = self.root / f"abandoned-{p.name}"
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(p, target)
+                moved.append(target)
+        if moved:
+            _write_atomic(self.run_dir / LATEST_NAME, f"checkpoints/{resumed.name}\n")
+        return moved
 
     def clean_stale(self) -> None:
         """Remove leftovers of saves or prunes that were killed (main process, at start-up)."""

@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from harness.config import ConfigError
+from harness.dist import DistEnvError
+
 
 def using_deepspeed() -> bool:
     """True inside `accelerate launch` with a DeepSpeed config (the launcher sets this variable)."""
@@ -61,7 +64,7 @@ def _skip_shm_comm_build() -> None:
 def check_world(accelerator) -> None:
     """Refuse to train when accelerate and torch.distributed disagree about the world size."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() != accelerator.num_processes:
-        raise RuntimeError(
+        raise DistEnvError(
             f"torch.distributed runs {dist.get_world_size()} processes but accelerate counts "
             f"{accelerator.num_processes} ({accelerator.distributed_type}): build the Accelerator with "
             "harness.scale.accelerator_kwargs() (or export ACCELERATE_USE_CPU=1 on a machine without GPU)"
@@ -73,7 +76,7 @@ def _fill(cfg: dict, key: str, value, source: str) -> None:
     if current == "auto":
         cfg[key] = value
     elif current != value:
-        raise ValueError(
+        raise ConfigError(
             f"the DeepSpeed config sets {key}={current} but {source} gives {value}: "
             f'write "auto" for {key} in the JSON so the training config decides'
         )

@@ -71,6 +71,10 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
+        if scale.using_deepspeed() and cfg.model.kind == "vq" and cfg.model.vq_decay == 0:
+            raise ConfigError("model.vq_decay=0 (a codebook trained by gradient) does not work under DeepSpeed: its "
+                              "first-batch init and dead-code restarts edit the weights outside the optimizer, and "
+                              "DeepSpeed's own fp32 copy overwrites them; use the EMA codebook (vq_decay 0.99)")
         mixed = None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mixed,
                                        **scale.accelerator_kwargs())
@@ -142,6 +146,10 @@ class Trainer:
         else:
             set_seed(cfg.train.seed + self.world.rank)  # posterior noise differs per rank
         self.ckpt.clean_stale()
+        if self.resume_from is not None:
+            for p in self.ckpt.set_aside_newer(self.resume_from, self.step):
+                self.log.info(f"note: resumed from an older checkpoint; the newer {p.name[len('abandoned-'):]} "
+                              f"is kept as {p} and no longer resumed or pruned")
 
         self.tracker = Tracker(self.run_dir, self.world.is_main)
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -37,8 +37,11 @@ def test_resolve_latest_pointer_and_fallbacks(tmp_path):
     s20 = make(tmp_path, 20)
     make(tmp_path, 30, complete=False)  # never complete folders are ignored
     assert ckpt.resolve(tmp_path, "latest") == s20  # no pointer: newest complete
+    (tmp_path / "latest").write_text("checkpoints/step_20\n")
+    assert ckpt.resolve(tmp_path, "latest") == s20  # the pointer names the newest
     (tmp_path / "latest").write_text("checkpoints/step_10\n")
-    assert ckpt.resolve(tmp_path, "latest").name == "step_10"  # the pointer wins
+    # killed after step_20 was renamed into place but before `latest` moved: the newer one wins
+    assert ckpt.resolve(tmp_path, "latest") == s20
     (tmp_path / "latest").write_text("checkpoints/step_99\n")
     assert ckpt.resolve(tmp_path, "latest") == s20  # a dangling pointer falls back
     assert ckpt.resolve(tmp_path, str(s20)) == s20
@@ -74,3 +77,18 @@ def test_clean_stale_removes_partial_saves(tmp_path):
     (tmp_path / "checkpoints/.trash-step_0").mkdir()
     ckpt.CheckpointManager(tmp_path, 3, FakeAccelerator(), True).clean_stale()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1"]
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    s10 = make(tmp_path, 10)
+    make(tmp_path, 20)
+    make(tmp_path, 30)
+    m = ckpt.CheckpointManager(tmp_path, 2, FakeAccelerator(), True)
+    moved = m.set_aside_newer(s10, 10)
+    assert sorted(p.name for p in moved) == ["abandoned-step_20", "abandoned-step_30"]
+    assert ckpt.resolve(tmp_path, "latest") == s10  # a crash now resumes this branch, not the old one
+    m.save(11, {"step": 11}, "")
+    m.save(12, {"step": 12}, "")
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["abandoned-step_20", "abandoned-step_30", "step_11", "step_12"]
+    assert m.set_aside_newer(tmp_path / "elsewhere" / "step_5", 5) == []  # another run's checkpoint: nothing moves

@@ -88,3 +88,22 @@ def test_overrides_may_follow_resume_and_config(tmp_path, monkeypatch):
 
     a = parse_args(["--config", "a.yaml", "x.y=1", "--resume", "latest", "train.max_steps=30", "--config", "b.yaml", "z=2"])
     assert a.config == ["a.yaml", "b.yaml"] and a.resume == "latest" and a.overrides == ["x.y=1", "train.max_steps=30", "z=2"]
+
+
+def test_deepspeed_json_disagreeing_with_the_config_is_a_config_error():
+    from harness.config import ConfigError
+    from harness.scale import _fill
+
+    cfg = {"train_micro_batch_size_per_gpu": 8}
+    with pytest.raises(ConfigError, match='sets train_micro_batch_size_per_gpu=8 but train.batch_size gives 4'):
+        _fill(cfg, "train_micro_batch_size_per_gpu", 4, "train.batch_size")
+    _fill(cfg, "gradient_clipping", 1.0, "optim.grad_clip")  # "auto" (absent) is filled
+    assert cfg["gradient_clipping"] == 1.0
+
+
+def test_gradient_trained_codebook_is_refused_under_deepspeed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    code = main(["--config", str(ROOT / "launch/configs/vq.yaml"), "model.vq_decay=0", f"data.train={tmp_path}",
+                 f"run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "model.vq_decay=0" in err and len(err.splitlines()) == 1, err

@@ -102,16 +102,20 @@ def test_two_tasks_get_their_ranks(slurm_env, tmp_path):
 
 
 def test_train_sbatch_runs_to_the_end(slurm_env, tmp_path, shards):
-    job, run_dir, out = train_job(slurm_env, tmp_path, shards, 10, "checkpoint.every_steps=5")
+    # A brace pattern reaches launch/train.py as written (not expanded into 8 overrides by a shell).
+    pattern = f"data.train={shards}/{{000000..000007}}.tar"
+    job, run_dir, out = train_job(slurm_env, tmp_path, shards, 10, "checkpoint.every_steps=5", pattern)
     wait_for(lambda: job_state(slurm_env, job) == "", 240, f"job {job}")
     log = log_of(run_dir)
     assert "starting at step 0/10" in log and "2 process(es) (MULTI_CPU" in log, (log, out.read_text())
+    assert "128 samples in 8 shard(s)" in log, log
     assert ckpt.read_state(ckpt.resolve(run_dir, "latest"))["step"] == 10
     assert "training exited with 0" in out.read_text()
 
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm_env, tmp_path, shards):
-    job, run_dir, out = train_job(slurm_env, tmp_path, shards, 400, "checkpoint.every_steps=0")
+    # Loader workers on: SLURM signals them too, and they must leave the checkpointing to training.
+    job, run_dir, out = train_job(slurm_env, tmp_path, shards, 400, "checkpoint.every_steps=0", "data.num_workers=2")
     wait_for(lambda: "step 5 " in log_of(run_dir), 240, "training to reach step 5")
     # What `#SBATCH --signal=B:USR1@300` does before the time limit, without waiting for it.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
@@ -129,10 +133,14 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_env, tmp_path, shards):
 
 
 def test_scancel_is_not_requeued(slurm_env, tmp_path, shards):
-    job, run_dir, out = train_job(slurm_env, tmp_path, shards, 100000, "checkpoint.every_steps=0")
+    # scancel sends SIGTERM to every process of the job, the loader workers included: training
+    # still checkpoints (the workers ignore it), and the job is not requeued.
+    job, run_dir, out = train_job(slurm_env, tmp_path, shards, 100000, "checkpoint.every_steps=0", "data.num_workers=2")
     wait_for(lambda: "step 5 " in log_of(run_dir), 240, "training to reach step 5")
     subprocess.run(["scancel", job], env=slurm_env, check=True)
     wait_for(lambda: job_state(slurm_env, job) == "", 120, f"job {job} to end")
     time.sleep(2)
     assert job_state(slurm_env, job) == "", "a cancelled job must not come back"
     assert "requeueing" not in out.read_text()
+    assert "saved, exiting with 75" in log_of(run_dir), (log_of(run_dir), out.read_text())
+    assert ckpt.read_state(ckpt.resolve(run_dir, "latest"))["step"] >= 5
