@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import signal
 import tarfile
+import threading
 from dataclasses import dataclass
 from itertools import count, islice
 
@@ -322,10 +324,20 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker init: SLURM (time limit, preemption, scancel) signals every process of the
     job step, workers included. torch's worker handler lets SIGTERM kill a worker unless it came
     from the parent, and SIGUSR1's default action is to terminate; either way the main process would
-    die with "DataLoader worker killed" instead of saving its checkpoint. The main process alone
-    decides; workers end when it closes the loader (or, if it dies, through torch's watchdog)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    die with "DataLoader worker killed" instead of saving its checkpoint. So the worker blocks both
+    and a thread takes them with sigwaitinfo, which tells who sent them: SIGTERM from the parent
+    (multiprocessing's terminate, at its exit) ends the worker as torch's own handler would; from
+    anyone else, and SIGUSR1, they are dropped. The main process alone decides, and checkpoints."""
+    stop = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # inherited by the thread below
+    threading.Thread(target=_drop_stop_signals, args=(os.getppid(), stop), daemon=True, name="stop-signals").start()
+
+
+def _drop_stop_signals(parent: int, stop: set) -> None:
+    while True:
+        info = signal.sigwaitinfo(stop)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
 
 
 def fixed_batch(spec, n: int, image_size: int) -> dict | None:

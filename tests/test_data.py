@@ -1,6 +1,7 @@
 """The WebDataset pipeline: shapes, labels, rank split, replay for resume, bad samples."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -163,3 +164,48 @@ def test_eval_batches_read_exactly_max_samples(shards, max_samples, workers):
     loader, _ = eval_batches(str(shards), image_size=32, batch_size=4, num_workers=workers, max_samples=max_samples)
     keys = [k for b in loader if b["image"] is not None for k in b["key"]]
     assert len(keys) == len(set(keys)) == (max_samples or 96)
+
+
+LEAKY = """
+import os, signal, subprocess, sys, time
+sys.path[:0] = [{root!r}, {root!r} + "/tests"]
+from harness.config import DataConfig
+from harness.data import TrainLoader
+loader = TrainLoader(DataConfig(train={shards!r}, image_size=32, num_workers=2, shuffle_buffer=8),
+                     rank=0, world_size=1, batch_size=4)
+it = loader.batches()
+next(it)
+workers = [int(p) for t in os.listdir("/proc/self/task") for p in open(f"/proc/self/task/{{t}}/children").read().split()]
+print("workers", *workers, flush=True)
+for w in workers:  # what SLURM does: a signal to every process, sent by someone other than the parent
+    subprocess.run(["kill", "-TERM", str(w)], check=True)
+    subprocess.run(["kill", "-USR1", str(w)], check=True)
+time.sleep(1)
+for _ in range(3):
+    next(it)  # the workers are still serving
+print("served", flush=True)
+# exits with the iterator still open: multiprocessing terminates the workers (SIGTERM from the parent)
+"""
+
+
+def test_workers_drop_outside_stop_signals_but_end_with_their_parent(shards, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "leaky.py"
+    script.write_text(LEAKY.format(root=root, shards=str(shards)))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "served" in r.stdout, r.stderr[-2000:]
+    workers = [int(w) for w in r.stdout.split("\n")[0].split()[1:]]
+    assert len(workers) >= 2
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    assert not any(alive(w) for w in workers)  # no leftover workers after the parent exited
