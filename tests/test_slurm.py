@@ -49,9 +49,17 @@ def sbatch(env, script, *args, opts=(), **extra_env) -> str:
     return r.stdout.strip().split(";")[0]
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
 def job_state(env, job) -> str:
-    r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True, text=True)
-    return r.stdout.strip()  # "" once the job has left the queue
+    """"STATE reason" while the job lives (requeued included), "" once it has ended or left the queue,
+    "?" when squeue could not answer (a busy slurmctld must not read as "ended")."""
+    r = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T %r"], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        return "" if "Invalid job id" in r.stderr else "?"
+    state = r.stdout.strip()
+    return "" if not state or state.split()[0] in ENDED else state
 
 
 def wait_for(predicate, timeout, what):
