@@ -113,7 +113,7 @@ def test_train_sbatch_runs_to_the_end(slurm_env, tmp_path, shards):
     # A brace pattern reaches launch/train.py as written (not expanded into 8 overrides by a shell).
     pattern = f"data.train={shards}/{{000000..000007}}.tar"
     job, run_dir, out = train_job(slurm_env, tmp_path, shards, 10, "checkpoint.every_steps=5", pattern)
-    wait_for(lambda: job_state(slurm_env, job) == "", 240, f"job {job}")
+    wait_for(lambda: "done: 10 steps" in log_of(run_dir) and job_state(slurm_env, job) == "", 240, f"job {job}")
     log = log_of(run_dir)
     assert "starting at step 0/10" in log and "2 process(es) (MULTI_CPU" in log, (log, out.read_text())
     assert "128 samples in 8 shard(s)" in log, log
@@ -132,7 +132,9 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_env, tmp_path, shards):
     assert 5 <= stopped < 400
     # slurmctld holds a requeued job back (BeginTime, about 2 minutes); let it go now.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, check=True)
-    wait_for(lambda: job_state(slurm_env, job) == "", 400, f"job {job} to finish after the requeue")
+    # Finished = the log says so and the job has left (squeue alone has been seen to blink during a requeue).
+    wait_for(lambda: "done: 400 steps" in log_of(run_dir) and job_state(slurm_env, job) == "", 400,
+             f"job {job} to finish after the requeue")
     log, slurm_log = log_of(run_dir), out.read_text()
     assert f"checkpoint at step {stopped} saved, exiting with 75" in log, (log, slurm_log)
     assert f"resuming from {run_dir}/checkpoints/step_{stopped} at step {stopped}/400" in log, (log, slurm_log)
