@@ -24,10 +24,8 @@ def image_bytes(seed: int, size: int = 48, fmt: str = "JPEG", mode: str = "RGB")
     return buf.getvalue()
 
 
-def make_shards(out: str | Path, num_samples: int = 64, per_shard: int = 16, size: int = 48,
-                num_classes: int = 4, label_names: list[str] = ()) -> Path:
-    """`out/000000.tar ...` plus index.json; sample i has key `s{i:05d}` and cls i % num_classes."""
-    out = Path(out)
+def _write_shards(out: Path, num_samples: int, per_shard: int, sample) -> list[dict]:
+    """`out/000000.tar ...` holding sample(0), sample(1), ...; the index entries of the shards."""
     out.mkdir(parents=True, exist_ok=True)
     shards = []
     for start in range(0, num_samples, per_shard):
@@ -35,11 +33,22 @@ def make_shards(out: str | Path, num_samples: int = 64, per_shard: int = 16, siz
         count = min(per_shard, num_samples - start)
         with wds.TarWriter(str(out / name)) as w:
             for i in range(start, start + count):
-                sample = {"__key__": f"s{i:05d}", "jpg": image_bytes(i, size), "cls": str(i % num_classes)}
-                if label_names:
-                    sample["json"] = json.dumps({"labels": [i % len(label_names)]})
-                w.write(sample)
+                w.write(sample(i))
         shards.append({"name": name, "num_samples": count, "bytes": (out / name).stat().st_size})
+    return shards
+
+
+def make_shards(out: str | Path, num_samples: int = 64, per_shard: int = 16, size: int = 48,
+                num_classes: int = 4, label_names: list[str] = ()) -> Path:
+    """`out/000000.tar ...` plus index.json; sample i has key `s{i:05d}` and cls i % num_classes."""
+    def sample(i: int) -> dict:
+        s = {"__key__": f"s{i:05d}", "jpg": image_bytes(i, size), "cls": str(i % num_classes)}
+        if label_names:
+            s["json"] = json.dumps({"labels": [i % len(label_names)]})
+        return s
+
+    out = Path(out)
+    shards = _write_shards(out, num_samples, per_shard, sample)
     write_index(out, source={"kind": "test"}, shards=shards, classes=[f"c{i}" for i in range(num_classes)],
                 label_names=list(label_names))
     return out
@@ -61,18 +70,13 @@ def colour_image(cls: int, seed: int, size: int = 32) -> np.ndarray:
 def make_colour_shards(out: str | Path, num_samples: int = 96, per_shard: int = 24, size: int = 32,
                        num_classes: int = 3) -> Path:
     """Shards whose `cls` is easy to learn (the dominant colour): for perception-network tests."""
+    def sample(i: int) -> dict:
+        buf = io.BytesIO()
+        Image.fromarray(colour_image(i % num_classes, i, size)).save(buf, format="PNG")
+        return {"__key__": f"c{i:05d}", "png": buf.getvalue(), "cls": str(i % num_classes)}
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for start in range(0, num_samples, per_shard):
-        name = f"{len(shards):06d}.tar"
-        count = min(per_shard, num_samples - start)
-        with wds.TarWriter(str(out / name)) as w:
-            for i in range(start, start + count):
-                buf = io.BytesIO()
-                Image.fromarray(colour_image(i % num_classes, i, size)).save(buf, format="PNG")
-                w.write({"__key__": f"c{i:05d}", "png": buf.getvalue(), "cls": str(i % num_classes)})
-        shards.append({"name": name, "num_samples": count, "bytes": (out / name).stat().st_size})
+    shards = _write_shards(out, num_samples, per_shard, sample)
     names = ["red", "green", "blue", "yellow", "cyan", "magenta"]
     write_index(out, source={"kind": "test"}, shards=shards, classes=names[:num_classes])
     return out
