@@ -62,13 +62,29 @@ def job_state(env, job) -> str:
     return "" if not state or state.split()[0] in ENDED else state
 
 
-def wait_for(predicate, timeout, what):
+def wait_for(predicate, timeout, what, show=None):
+    """Poll until predicate() is true; on timeout fail with `what` and what show() returns (logs)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if predicate():
             return
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f"\n{show()}" if show else ""))
+
+
+def tail(path: Path, lines=40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else f"({path} missing)"
+
+
+def job_report(env, job, run_dir: Path, out: Path) -> str:
+    """What a person would look at when a job does not do what the test waits for."""
+    show = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True)
+    return "\n".join([
+        f"--- scontrol show job {job}:\n{show.stdout or show.stderr}",
+        f"--- {run_dir}/train.log:\n{tail(run_dir / 'train.log')}",
+        f"--- {out}:\n{tail(out)}",
+        f"--- slurmctld.log:\n{tail(STATE / 'log' / 'slurmctld.log', 25)}",
+    ])
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +116,30 @@ def train_job(env, tmp_path, shards, max_steps, *overrides):
     return job, run_dir, out
 
 
+def wait_until_done(env, job, run_dir: Path, out: Path, steps: int, timeout: float):
+    """Wait for the job to leave the queue with "done: <steps> steps" in its training log. A requeued
+    job held for its BeginTime is released (again and again: slurmctld may set the hold after our
+    first release). Fails at once, with the logs, when the job ended without finishing."""
+    end, ended_at, released_at = time.monotonic() + timeout, None, 0.0
+    while time.monotonic() < end:
+        state, now = job_state(env, job), time.monotonic()
+        if state == "":
+            if f"done: {steps} steps" in log_of(run_dir):
+                return
+            # squeue has been seen to blink during a requeue: ended means ended for a while
+            ended_at = ended_at or now
+            if now - ended_at > 10:
+                raise AssertionError(f"job {job} ended without finishing {steps} steps\n{job_report(env, job, run_dir, out)}")
+        else:
+            ended_at = None
+        if state.startswith("PENDING") and "BeginTime" in state and now - released_at > 3:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+            released_at = now
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for job {job} to finish {steps} steps\n"
+                         f"{job_report(env, job, run_dir, out)}")
+
+
 def test_two_tasks_get_their_ranks(slurm_env, tmp_path):
     script = tmp_path / "ranks.sbatch"
     script.write_text('#!/bin/bash\n#SBATCH -N1 -n2\nsrun bash -c \'echo "procid=$SLURM_PROCID"\'\n')
@@ -113,7 +153,7 @@ def test_train_sbatch_runs_to_the_end(slurm_env, tmp_path, shards):
     # A brace pattern reaches launch/train.py as written (not expanded into 8 overrides by a shell).
     pattern = f"data.train={shards}/{{000000..000007}}.tar"
     job, run_dir, out = train_job(slurm_env, tmp_path, shards, 10, "checkpoint.every_steps=5", pattern)
-    wait_for(lambda: "done: 10 steps" in log_of(run_dir) and job_state(slurm_env, job) == "", 240, f"job {job}")
+    wait_until_done(slurm_env, job, run_dir, out, 10, 240)
     log = log_of(run_dir)
     assert "starting at step 0/10" in log and "2 process(es) (MULTI_CPU" in log, (log, out.read_text())
     assert "128 samples in 8 shard(s)" in log, log
@@ -124,17 +164,16 @@ def test_train_sbatch_runs_to_the_end(slurm_env, tmp_path, shards):
 def test_usr1_checkpoints_requeues_and_resumes(slurm_env, tmp_path, shards):
     # Loader workers on: SLURM signals them too, and they must leave the checkpointing to training.
     job, run_dir, out = train_job(slurm_env, tmp_path, shards, 400, "checkpoint.every_steps=0", "data.num_workers=2")
-    wait_for(lambda: "step 5 " in log_of(run_dir), 240, "training to reach step 5")
+    wait_for(lambda: "step 5 " in log_of(run_dir), 240, "training to reach step 5",
+             lambda: job_report(slurm_env, job, run_dir, out))
     # What `#SBATCH --signal=B:USR1@300` does before the time limit, without waiting for it.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
-    wait_for(lambda: job_state(slurm_env, job).startswith("PENDING"), 180, "the job to be requeued")
+    wait_for(lambda: job_state(slurm_env, job).startswith("PENDING"), 180, "the job to be requeued",
+             lambda: job_report(slurm_env, job, run_dir, out))
     stopped = ckpt.read_state(ckpt.resolve(run_dir, "latest"))["step"]
     assert 5 <= stopped < 400
-    # slurmctld holds a requeued job back (BeginTime, about 2 minutes); let it go now.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, check=True)
-    # Finished = the log says so and the job has left (squeue alone has been seen to blink during a requeue).
-    wait_for(lambda: "done: 400 steps" in log_of(run_dir) and job_state(slurm_env, job) == "", 400,
-             f"job {job} to finish after the requeue")
+    # slurmctld holds a requeued job back (BeginTime, about 2 minutes): let it go, and finish.
+    wait_until_done(slurm_env, job, run_dir, out, 400, 400)
     log, slurm_log = log_of(run_dir), out.read_text()
     assert f"checkpoint at step {stopped} saved, exiting with 75" in log, (log, slurm_log)
     assert f"resuming from {run_dir}/checkpoints/step_{stopped} at step {stopped}/400" in log, (log, slurm_log)
@@ -146,9 +185,11 @@ def test_scancel_is_not_requeued(slurm_env, tmp_path, shards):
     # scancel sends SIGTERM to every process of the job, the loader workers included: training
     # still checkpoints (the workers ignore it), and the job is not requeued.
     job, run_dir, out = train_job(slurm_env, tmp_path, shards, 100000, "checkpoint.every_steps=0", "data.num_workers=2")
-    wait_for(lambda: "step 5 " in log_of(run_dir), 240, "training to reach step 5")
+    wait_for(lambda: "step 5 " in log_of(run_dir), 240, "training to reach step 5",
+             lambda: job_report(slurm_env, job, run_dir, out))
     subprocess.run(["scancel", job], env=slurm_env, check=True)
-    wait_for(lambda: job_state(slurm_env, job) == "", 120, f"job {job} to end")
+    wait_for(lambda: job_state(slurm_env, job) == "", 120, f"job {job} to end",
+             lambda: job_report(slurm_env, job, run_dir, out))
     time.sleep(2)
     assert job_state(slurm_env, job) == "", "a cancelled job must not come back"
     assert "requeueing" not in out.read_text()
