@@ -117,10 +117,14 @@ def train_job(env, tmp_path, shards, max_steps, *overrides):
 
 
 def wait_until_done(env, job, run_dir: Path, out: Path, steps: int, timeout: float):
-    """Wait for the job to leave the queue with "done: <steps> steps" in its training log. A requeued
-    job held for its BeginTime is released (again and again: slurmctld may set the hold after our
-    first release). Fails at once, with the logs, when the job ended without finishing."""
-    end, ended_at, released_at = time.monotonic() + timeout, None, 0.0
+    """Wait for the job to leave the queue with "done: <steps> steps" in its training log. Fails at
+    once, with the logs, when the job ended without finishing.
+
+    A requeued job is held for its BeginTime (the credential lifetime, 2 minutes): it is released
+    to start a few seconds from now, not at once. slurmd revoked the first run's credential when it
+    killed it, to the second, and a run started within that second is killed as "non-startable
+    batch job: Job credential revoked" (seen in CI). Released again if the hold is still there."""
+    end, ended_at, released_at = time.monotonic() + timeout, None, -1e9
     while time.monotonic() < end:
         state, now = job_state(env, job), time.monotonic()
         if state == "":
@@ -132,8 +136,8 @@ def wait_until_done(env, job, run_dir: Path, out: Path, steps: int, timeout: flo
                 raise AssertionError(f"job {job} ended without finishing {steps} steps\n{job_report(env, job, run_dir, out)}")
         else:
             ended_at = None
-        if state.startswith("PENDING") and "BeginTime" in state and now - released_at > 3:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+        if state.startswith("PENDING") and "BeginTime" in state and now - released_at > 15:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=env, capture_output=True)
             released_at = now
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout}s waiting for job {job} to finish {steps} steps\n"
@@ -172,7 +176,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_env, tmp_path, shards):
              lambda: job_report(slurm_env, job, run_dir, out))
     stopped = ckpt.read_state(ckpt.resolve(run_dir, "latest"))["step"]
     assert 5 <= stopped < 400
-    # slurmctld holds a requeued job back (BeginTime, about 2 minutes): let it go, and finish.
+    # slurmctld holds a requeued job back (BeginTime, 2 minutes): wait_until_done lets it go sooner.
     wait_until_done(slurm_env, job, run_dir, out, 400, 400)
     log, slurm_log = log_of(run_dir), out.read_text()
     assert f"checkpoint at step {stopped} saved, exiting with 75" in log, (log, slurm_log)
