@@ -166,6 +166,9 @@ class TrainConfig:
                                 "(0 = off; 0.999 typical)", ge=0.0, lt=1.0)
     max_nonfinite: int = F(10, "consecutive non-finite losses before the run stops", ge=1)
     stop_after_steps: int = F(0, "end this invocation (with a checkpoint) after N steps, for time-sliced jobs (0 = off)", ge=0)
+    init_from: str = F("", "start a new run from these weights: a run, step_N or export folder, or a .safetensors/"
+                           ".ckpt/.pt/.pth/.bin file (latent-diffusion checkpoints: first_stage_model. and loss. "
+                           "handled); every tensor must fit the model; ignored when resuming")
 
 
 @dataclass

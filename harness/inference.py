@@ -73,6 +73,59 @@ def state_dict_of(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     return state
 
 
+WEIGHT_FILES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+LDM_PREFIX = "first_stage_model."  # the autoencoder inside a latent-diffusion / Stable Diffusion checkpoint
+
+
+def weights_from(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights from a folder `load_model` accepts, or from a single weights file.
+
+    A file is read with safetensors or `torch.load(weights_only=True)` (never our trainer's pickle):
+    a plain state dict, or a latent-diffusion checkpoint (`state_dict`, the autoencoder under
+    `first_stage_model.` in a full Stable Diffusion one). The training loss's tensors (`loss.*`:
+    LPIPS, discriminator) are not model weights and are dropped."""
+    path = Path(path)
+    if path.is_dir():
+        return state_dict_of(find_weights_dir(path))
+    if not path.is_file():
+        raise LoadError(f"{path}: no such weights file or folder")
+    if path.suffix not in WEIGHT_FILES:
+        raise LoadError(f"{path}: expected a run, checkpoint or export folder, or a {'/'.join(WEIGHT_FILES)} file")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LoadError(f"{path}: cannot read weights ({type(e).__name__}: {first[:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise LoadError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    if any(k.startswith(LDM_PREFIX) for k in state):
+        state = {k[len(LDM_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith("loss.")}
+
+
+def init_weights(model: torch.nn.Module, path: str | Path) -> int:
+    """Load `path`'s weights into `model`, all of them and exactly: a name or shape that does not fit
+    is a one-line LoadError naming it (a silent partial load would train something else)."""
+    state, own = weights_from(path), model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        what = [f"{len(missing)} missing (e.g. {', '.join(missing[:2])})" if missing else "",
+                f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})" if unexpected else "",
+                f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]
+        raise LoadError(f"train.init_from {path}: the weights do not fit this model config: "
+                        f"{'; '.join(w for w in what if w)}")
+    model.load_state_dict(state)
+    return len(state)
+
+
 def load_model(path: str | Path, *, ema: bool = False, device: str | torch.device = "cpu") -> tuple[Autoencoder, Config, Path]:
     folder = find_weights_dir(path)
     cfg = load_config_of(folder)

@@ -28,6 +28,7 @@ from harness.config import Config, ConfigError, section_hash, to_dict
 from harness.data import TrainLoader, fixed_batch, to_model_input
 from harness.dist import RankLogger, world
 from harness.ema import EMA
+from harness.inference import init_weights
 from harness.losses import AutoencoderLoss
 from harness.metrics import psnr, ssim
 from harness.signals import EXIT_PREEMPTED, StopFlag
@@ -101,6 +102,11 @@ class Trainer:
         set_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
         self.num_params = sum(p.numel() for p in model.parameters())
+        if cfg.train.init_from and self.resume_from is None:  # before prepare: every rank, whole tensors
+            n = init_weights(model, cfg.train.init_from)
+            self.log.info(f"initialised {n} tensors from {cfg.train.init_from}")
+        elif cfg.train.init_from:
+            self.log.info(f"train.init_from ignored: resuming from {self.resume_from}")
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.base_optimizer = optimizer  # under ZeRO it steps this rank's partition only (see launch/benchmark.py)

@@ -123,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would warn on every rank that it guessed
-    from harness.trainer import Trainer, TrainingError  # heavy imports after the config is known good
+    from harness.inference import LoadError  # heavy imports after the config is known good
+    from harness.trainer import Trainer, TrainingError
 
     trainer = None
     try:
         trainer = Trainer(cfg, resume=args.resume)
         return trainer.train()
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, LoadError) as e:
         _say(f"error: {e}")
         return 2
     except TrainingError as e:

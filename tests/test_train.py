@@ -103,6 +103,59 @@ def test_resume_refuses_a_different_model_and_fresh_start_refuses_used_folder(co
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 2
 
 
+def test_init_from_starts_a_new_run_from_trained_or_latent_diffusion_weights(config, shards, tmp_path, capsys):
+    from harness.config import load_config
+    from harness.inference import state_dict_of
+    from harness.trainer import Trainer
+
+    src = tmp_path / "src"
+    assert main(args(config, shards, src, "train.max_steps=3")) == 0
+    trained = state_dict_of(ckpt.resolve(src, "latest"))
+    # The same tensors as a latent-diffusion checkpoint: under first_stage_model., beside the
+    # diffusion model and the autoencoder's loss (LPIPS, discriminator), neither of which is ours.
+    ldm = tmp_path / "sd.ckpt"
+    torch.save({"global_step": 3, "state_dict": {**{f"first_stage_model.{k}": v for k, v in trained.items()},
+                                                 "first_stage_model.loss.discriminator.w": torch.ones(2),
+                                                 "model.diffusion_model.w": torch.ones(2)}}, ldm)
+    for source in (src, ldm):
+        run = tmp_path / f"from-{source.name}"
+        trainer = Trainer(load_config([config], [f"data.train={shards}", f"run.dir={run}", f"train.init_from={source}"]))
+        try:
+            started = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+        finally:
+            trainer.tracker.close()
+            trainer.log.close()
+        assert started.keys() == trained.keys()
+        assert all(torch.equal(started[k], trained[k]) for k in trained), source
+        assert f"initialised {len(trained)} tensors from {source}" in (run / "train.log").read_text()
+        # and through launch/train.py, to a checkpoint
+        assert main(args(config, shards, run, "train.max_steps=1", f"train.init_from={source}")) == 0
+    # A resumed run continues from its own checkpoint; init_from no longer matters.
+    run = tmp_path / f"from-{src.name}"
+    assert main(args(config, shards, run, "train.max_steps=2", f"train.init_from={tmp_path / 'gone'}", "--resume", "latest")) == 0
+    assert "train.init_from ignored: resuming from" in (run / "train.log").read_text()
+
+
+def test_init_from_that_does_not_fit_is_one_line_and_starts_nothing(config, shards, tmp_path, capsys):
+    src = tmp_path / "src"
+    assert main(args(config, shards, src, "train.max_steps=1", "model.ch=8")) == 0
+    capsys.readouterr()
+    for source, says in [(src, "the weights do not fit this model config: 98 of another shape (e.g. encoder.conv_in.weight "
+                               "(8, 3, 3, 3) vs model (16, 3, 3, 3))"),
+                         (tmp_path / "missing.safetensors", "no such weights file or folder"),
+                         (config, "expected a run, checkpoint or export folder, or a .safetensors")]:
+        run = tmp_path / "run"
+        assert main(args(config, shards, run, "train.max_steps=1", f"train.init_from={source}")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+        assert not (run / "checkpoints").exists() or not ckpt.list_checkpoints(run)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(args(config, shards, tmp_path / "run", "train.max_steps=1", f"train.init_from={bad}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}: cannot read weights (UnpicklingError" in err[0], err
+
+
 def test_nonfinite_losses_are_skipped_then_stop_the_run(config, shards, tmp_path, monkeypatch, capsys):
     from harness.losses import AutoencoderLoss
 
