@@ -8,6 +8,8 @@ so a spec file edited since training cannot change it.
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -75,43 +77,101 @@ def state_dict_of(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
 
 WEIGHT_FILES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LDM_PREFIX = "first_stage_model."  # the autoencoder inside a latent-diffusion / Stable Diffusion checkpoint
+NOT_WEIGHTS = ("loss.", "model_ema.")  # latent-diffusion's LPIPS + discriminator, and LitEma's counters
 
 
-def weights_from(path: str | Path) -> dict[str, torch.Tensor]:
-    """Model weights from a folder `load_model` accepts, or from a single weights file.
+class _Inert:
+    """Stands in for a class a foreign checkpoint pickled beside its tensors (PyTorch Lightning's
+    ModelCheckpoint callback, optimizer or hyper-parameter objects): built and filled, never run."""
 
-    A file is read with safetensors or `torch.load(weights_only=True)` (never our trainer's pickle):
-    a plain state dict, or a latent-diffusion checkpoint (`state_dict`, the autoencoder under
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _torch_load(path: Path):
+    """`torch.load(weights_only=True)`, where the globals it would refuse load as inert stand-ins.
+
+    Latent-diffusion and Stable Diffusion `.ckpt` files are Lightning checkpoints: next to the
+    state dict they pickle a callback object, which weights_only refuses. We never need those
+    objects, so each refused global becomes an _Inert subclass; the unpickler stays weights_only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not a torch.save file at all: the first error says so
+            names = []
+        if not names:
+            raise e from None
+    stand_ins = [(type(name.rsplit(".", 1)[-1], (_Inert,), {"__module__": __name__}), name) for name in names]
+    with torch.serialization.safe_globals(stand_ins):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _one_line(e: Exception) -> str:
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    first = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def weights_from(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """Model weights from a folder `load_model` accepts, or from a single weights file, and the
+    folder or file they came from (a run folder resolves to its newest checkpoint).
+
+    A folder gives the trained weights (export with --ema for the EMA ones). A file is read with
+    safetensors, or `torch.load(weights_only=True)` (never our trainer's pickle): a plain state
+    dict, or a latent-diffusion checkpoint (`state_dict`, the autoencoder under
     `first_stage_model.` in a full Stable Diffusion one). The training loss's tensors (`loss.*`:
-    LPIPS, discriminator) are not model weights and are dropped."""
+    LPIPS, discriminator) and LitEma's counters (`model_ema.*`) are not model weights: dropped."""
+    from harness.export import ExportError
+
     path = Path(path)
     if path.is_dir():
-        return state_dict_of(find_weights_dir(path))
+        folder = find_weights_dir(path)
+        try:
+            return state_dict_of(folder), folder
+        except (ExportError, OSError) as e:
+            raise LoadError(f"{folder}: cannot read its weights ({_one_line(e)})") from None
     if not path.is_file():
         raise LoadError(f"{path}: no such weights file or folder")
     if path.suffix not in WEIGHT_FILES:
         raise LoadError(f"{path}: expected a run, checkpoint or export folder, or a {'/'.join(WEIGHT_FILES)} file")
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_file(path) if path.suffix == ".safetensors" else _torch_load(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise LoadError(f"{path}: cannot read weights ({type(e).__name__}: {first[:200]})") from None
+        raise LoadError(f"{path}: cannot read weights ({_one_line(e)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise LoadError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     if any(k.startswith(LDM_PREFIX) for k in state):
         state = {k[len(LDM_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
-    return {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith("loss.")}
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith(NOT_WEIGHTS)}, path
 
 
-def init_weights(model: torch.nn.Module, path: str | Path) -> int:
+def weights_source(path: str | Path) -> Path:
+    """Where `weights_from(path)` would read: a run folder's newest checkpoint, else the path."""
+    path = Path(path)
+    if path.is_dir():
+        return find_weights_dir(path).resolve()
+    if not path.is_file():
+        raise LoadError(f"{path}: no such weights file or folder")
+    return path.resolve()
+
+
+def init_weights(model: torch.nn.Module, path: str | Path) -> tuple[int, Path]:
     """Load `path`'s weights into `model`, all of them and exactly: a name or shape that does not fit
-    is a one-line LoadError naming it (a silent partial load would train something else)."""
-    state, own = weights_from(path), model.state_dict()
+    is a one-line LoadError naming it (a silent partial load would train something else).
+    Returns the number of tensors and where they came from."""
+    try:
+        state, source = weights_from(path)
+    except LoadError as e:
+        raise LoadError(f"train.init_from: {e}") from None
+    own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
@@ -120,10 +180,10 @@ def init_weights(model: torch.nn.Module, path: str | Path) -> int:
         what = [f"{len(missing)} missing (e.g. {', '.join(missing[:2])})" if missing else "",
                 f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})" if unexpected else "",
                 f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]
-        raise LoadError(f"train.init_from {path}: the weights do not fit this model config: "
+        raise LoadError(f"train.init_from: {source}: the weights do not fit this model config: "
                         f"{'; '.join(w for w in what if w)}")
     model.load_state_dict(state)
-    return len(state)
+    return len(state), source
 
 
 def load_model(path: str | Path, *, ema: bool = False, device: str | torch.device = "cpu") -> tuple[Autoencoder, Config, Path]:

@@ -28,7 +28,7 @@ from harness.config import Config, ConfigError, section_hash, to_dict
 from harness.data import TrainLoader, fixed_batch, to_model_input
 from harness.dist import RankLogger, world
 from harness.ema import EMA
-from harness.inference import init_weights
+from harness.inference import LoadError, init_weights, weights_source
 from harness.losses import AutoencoderLoss
 from harness.metrics import psnr, ssim
 from harness.signals import EXIT_PREEMPTED, StopFlag
@@ -103,8 +103,8 @@ class Trainer:
         model = build_model(cfg.model)
         self.num_params = sum(p.numel() for p in model.parameters())
         if cfg.train.init_from and self.resume_from is None:  # before prepare: every rank, whole tensors
-            n = init_weights(model, cfg.train.init_from)
-            self.log.info(f"initialised {n} tensors from {cfg.train.init_from}")
+            n, source = init_weights(model, self._init_source(cfg.train.init_from))
+            self.log.info(f"initialised {n} tensors from {source}")
         elif cfg.train.init_from:
             self.log.info(f"train.init_from ignored: resuming from {self.resume_from}")
         o = cfg.optim
@@ -304,6 +304,21 @@ class Trainer:
 
     def _condition(self, batch: dict):
         return batch[self.cond_key].to(self.device, non_blocking=True) if self.cond_key else None
+
+    def _init_source(self, path: str) -> Path:
+        """The main rank resolves train.init_from (a run that is still training may write a newer
+        checkpoint between two ranks' looks) and tells the others; or tells them why it cannot."""
+        found = [None, None]
+        if self.world.is_main:
+            try:
+                found[0] = str(weights_source(path))
+            except LoadError as e:
+                found[1] = f"train.init_from: {e}"
+        if self.world.world_size > 1:
+            tdist.broadcast_object_list(found, src=0)
+        if found[1]:
+            raise LoadError(found[1])
+        return Path(found[0])
 
     def _all_ranks(self, values: list[float], op=tdist.ReduceOp.SUM) -> list[float]:
         if self.world.world_size == 1:

@@ -14,6 +14,7 @@ Both print a small table and the ratio; add `--json FILE` to keep the numbers.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import multiprocessing as mp
@@ -36,7 +37,7 @@ def _raw_images(spec: str, limit: int) -> list[bytes]:
     import webdataset as wds
 
     from harness.data import IMAGE_KEYS
-    from harness.sources import resolve_sources
+    from harness.sources import DataSourceError, resolve_sources
 
     urls = [u for s in resolve_sources(spec, require_count=False) for u in s.urls]
     out = []
@@ -44,6 +45,8 @@ def _raw_images(spec: str, limit: int) -> list[bytes]:
         out.append(next(sample[k] for k in IMAGE_KEYS if k in sample))
         if len(out) == limit:
             break
+    if not out:
+        raise DataSourceError(f"{spec}: no images in these shards")
     return out
 
 
@@ -124,6 +127,14 @@ def bench_step(a) -> dict:
     """Harness train_step (accelerate, loss terms, guards, EMA off) vs a hand-written loop, same model."""
     import tempfile
 
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        return _bench_step(a, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench_step(a, tmp: Path) -> dict:
     from harness.config import load_config
     from harness.data import to_model_input
     from harness.losses import AutoencoderLoss
@@ -131,7 +142,6 @@ def bench_step(a) -> dict:
     from models import build_model
     from shards.__main__ import main as shards_main
 
-    tmp = Path(tempfile.mkdtemp())
     shards = tmp / "shards"  # a few demo shards, only so that the Trainer can start
     shards_main(["demo", str(shards), "--num-samples", "64", "--image-size", str(a.image_size), "--quiet"])
     cfg = load_config([a.config] if a.config else [], [f"data.train={shards}", f"run.dir={tmp / 'run'}",
@@ -176,7 +186,6 @@ def bench_step(a) -> dict:
     print(f"step    {device}, batch {a.batch_size}, {a.image_size}px: plain PyTorch {base * 1e3:.1f} ms, "
           f"harness {harness * 1e3:.1f} ms, overhead {100 * (harness / base - 1):+.1f}%")
     trainer.tracker.close()
-    shutil.rmtree(tmp, ignore_errors=True)
     return res
 
 
@@ -205,6 +214,7 @@ def scale_worker(a) -> None:
     from shards.__main__ import main as shards_main
 
     tmp = Path(tempfile.mkdtemp())
+    atexit.register(shutil.rmtree, tmp, True)
     shards_main(["demo", str(tmp / "s"), "--num-samples", "64", "--image-size", str(a.image_size), "--quiet"])
     cfg = load_config([a.config] if a.config else [], [f"data.train={tmp / 's'}", f"run.dir={tmp / 'run'}",
                                                        f"data.image_size={a.image_size}", f"train.batch_size={a.batch_size}",
@@ -265,6 +275,7 @@ def bench_scale(a) -> list[dict]:
             if r.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
             ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+            shutil.rmtree(out, ignore_errors=True)
             row = {"backend": name, "grad_ckpt": ckpt, **{k: max(rk[k] for rk in ranks) for k in ranks[0] if k != "rank"}}
             rows.append(row)
     base = rows[0]

@@ -103,7 +103,37 @@ def test_resume_refuses_a_different_model_and_fresh_start_refuses_used_folder(co
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 2
 
 
-def test_init_from_starts_a_new_run_from_trained_or_latent_diffusion_weights(config, shards, tmp_path, capsys):
+class ModelCheckpoint:
+    """Pickled like PyTorch Lightning's callback inside latent-diffusion / SD `.ckpt` files."""
+
+    def __init__(self):
+        self.monitor, self.best_model_path = "val/rec_loss", "/somewhere/epoch=3.ckpt"
+
+
+def lightning_checkpoint(path: Path, weights: dict, monkeypatch) -> Path:
+    """A latent-diffusion checkpoint as Lightning writes it: the autoencoder under
+    first_stage_model., beside the diffusion model, the loss (LPIPS, discriminator), LitEma's
+    counters, and callback objects (the class itself as a dict key, as older Lightning did)."""
+    import types
+
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+    for i, part in enumerate(name.split(".")):
+        monkeypatch.setitem(sys.modules, ".".join(name.split(".")[: i + 1]), types.ModuleType(part))
+    monkeypatch.setattr(ModelCheckpoint, "__module__", name)
+    monkeypatch.setattr(sys.modules[name], "ModelCheckpoint", ModelCheckpoint, raising=False)
+    state = {**{f"first_stage_model.{k}": v for k, v in weights.items()},
+             "first_stage_model.loss.discriminator.main.0.weight": torch.ones(2),
+             "first_stage_model.model_ema.decay": torch.tensor(0.9999),
+             "first_stage_model.model_ema.num_updates": torch.tensor(840000),
+             "model.diffusion_model.input_blocks.0.0.weight": torch.ones(2)}
+    torch.save({"epoch": 3, "global_step": 840000, "state_dict": state, "hparams": ModelCheckpoint(),
+                "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.1)}}}, path)
+    return path
+
+
+def test_init_from_starts_a_new_run_from_trained_or_latent_diffusion_weights(config, shards, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
     from harness.config import load_config
     from harness.inference import state_dict_of
     from harness.trainer import Trainer
@@ -111,13 +141,14 @@ def test_init_from_starts_a_new_run_from_trained_or_latent_diffusion_weights(con
     src = tmp_path / "src"
     assert main(args(config, shards, src, "train.max_steps=3")) == 0
     trained = state_dict_of(ckpt.resolve(src, "latest"))
-    # The same tensors as a latent-diffusion checkpoint: under first_stage_model., beside the
-    # diffusion model and the autoencoder's loss (LPIPS, discriminator), neither of which is ours.
-    ldm = tmp_path / "sd.ckpt"
-    torch.save({"global_step": 3, "state_dict": {**{f"first_stage_model.{k}": v for k, v in trained.items()},
-                                                 "first_stage_model.loss.discriminator.w": torch.ones(2),
-                                                 "model.diffusion_model.w": torch.ones(2)}}, ldm)
-    for source in (src, ldm):
+    ldm = lightning_checkpoint(tmp_path / "sd.ckpt", trained, monkeypatch)
+    with pytest.raises(Exception, match="Unsupported global"):  # what plain weights_only makes of it
+        torch.load(ldm, weights_only=True)
+    half = tmp_path / "vae-fp16.safetensors"  # SD VAEs are often shared in fp16
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in trained.items()}, half)
+    expected = {src: trained, ldm: trained, half: {k: v.half().float() if v.is_floating_point() else v
+                                                   for k, v in trained.items()}}
+    for source, weights in expected.items():
         run = tmp_path / f"from-{source.name}"
         trainer = Trainer(load_config([config], [f"data.train={shards}", f"run.dir={run}", f"train.init_from={source}"]))
         try:
@@ -125,9 +156,11 @@ def test_init_from_starts_a_new_run_from_trained_or_latent_diffusion_weights(con
         finally:
             trainer.tracker.close()
             trainer.log.close()
-        assert started.keys() == trained.keys()
-        assert all(torch.equal(started[k], trained[k]) for k in trained), source
-        assert f"initialised {len(trained)} tensors from {source}" in (run / "train.log").read_text()
+        assert started.keys() == weights.keys()
+        assert all(torch.equal(started[k], weights[k]) for k in weights), source
+        # the log names what was loaded: a run folder's checkpoint, not the folder
+        where = ckpt.resolve(src, "latest").resolve() if source == src else source.resolve()
+        assert f"initialised {len(weights)} tensors from {where}" in (run / "train.log").read_text()
         # and through launch/train.py, to a checkpoint
         assert main(args(config, shards, run, "train.max_steps=1", f"train.init_from={source}")) == 0
     # A resumed run continues from its own checkpoint; init_from no longer matters.
@@ -137,23 +170,29 @@ def test_init_from_starts_a_new_run_from_trained_or_latent_diffusion_weights(con
 
 
 def test_init_from_that_does_not_fit_is_one_line_and_starts_nothing(config, shards, tmp_path, capsys):
+    import shutil
+
     src = tmp_path / "src"
     assert main(args(config, shards, src, "train.max_steps=1", "model.ch=8")) == 0
     capsys.readouterr()
+    # a checkpoint folder whose DeepSpeed shards are unreadable (here: a shard folder without a tag)
+    broken = tmp_path / "broken" / "step_1"
+    shutil.copytree(ckpt.resolve(src, "latest"), broken)
+    (broken / "model.safetensors").unlink()
+    (broken / "pytorch_model").mkdir()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
     for source, says in [(src, "the weights do not fit this model config: 98 of another shape (e.g. encoder.conv_in.weight "
                                "(8, 3, 3, 3) vs model (16, 3, 3, 3))"),
                          (tmp_path / "missing.safetensors", "no such weights file or folder"),
-                         (config, "expected a run, checkpoint or export folder, or a .safetensors")]:
+                         (config, "expected a run, checkpoint or export folder, or a .safetensors"),
+                         (broken, "cannot read its weights (ExportError: "),
+                         (bad, f"{bad}: cannot read weights (UnpicklingError")]:
         run = tmp_path / "run"
         assert main(args(config, shards, run, "train.max_steps=1", f"train.init_from={source}")) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and says in err[0], err
-        assert not (run / "checkpoints").exists() or not ckpt.list_checkpoints(run)
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    assert main(args(config, shards, tmp_path / "run", "train.max_steps=1", f"train.init_from={bad}")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{bad}: cannot read weights (UnpicklingError" in err[0], err
+        assert len(err) == 1 and says in err[0] and err[0].startswith("error: train.init_from: "), err
+        assert not ckpt.list_checkpoints(run)
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(config, shards, tmp_path, monkeypatch, capsys):
