@@ -139,6 +139,16 @@ class LossConfig:
         "", "perception network file from launch/train_perception.py (perception.safetensors); "
         "needed when perceptual_weight > 0"
     )
+    disc_weight: float = F(0.0, "weight of the adversarial term from a patch discriminator, as in latent-diffusion "
+                                "(0 = no discriminator; 0.5 typical); DDP or one process, not DeepSpeed", ge=0.0)
+    disc_start: int = F(0, "optimizer step at which the discriminator starts training and judging (latent-"
+                           "diffusion waits until the reconstructions are decent, e.g. 50001)", ge=0)
+    disc_loss: Literal["hinge", "vanilla"] = F("hinge", "discriminator loss: hinge or vanilla (softplus)")
+    disc_layers: int = F(3, "strided layers of the PatchGAN discriminator (3 = 70x70-pixel patches)", ge=1, le=6)
+    disc_channels: int = F(64, "channels of the discriminator's first layer (doubling, at most 8x)", ge=1)
+    disc_lr: float = F(0.0, "discriminator learning rate, Adam betas (0.5, 0.9), constant (0 = optim.lr)", ge=0.0)
+    disc_adaptive: bool = F(True, "scale the adversarial term by |grad of the other terms| / |grad of it| at the "
+                                  "decoder's last layer (latent-diffusion's adaptive weight)")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from harness.metrics import psnr, ssim
 from harness.signals import EXIT_PREEMPTED, StopFlag
 from harness.tracking import Tracker
 from models import NoPriorError, build_model
+from models.discriminator import D_LOSSES, PatchDiscriminator, last_decoder_layer
 
 
 # DDP on CPU warns that the gradient of a 1x1 conv has strides (C, 1, C, C) where its bucket view
@@ -76,12 +77,19 @@ class Trainer:
             raise ConfigError("model.vq_decay=0 (a codebook trained by gradient) does not work under DeepSpeed: its "
                               "first-batch init and dead-code restarts edit the weights outside the optimizer, and "
                               "DeepSpeed's own fp32 copy overwrites them; use the EMA codebook (vq_decay 0.99)")
+        if cfg.loss.disc_weight > 0 and scale.using_deepspeed():
+            raise ConfigError("loss.disc_weight > 0 (a patch discriminator) runs under DDP or in one process, not "
+                              "DeepSpeed: accelerate gives DeepSpeed one model; use launch/accelerate/multi_gpu.yaml "
+                              "(or cpu2.yaml), or set loss.disc_weight=0")
         mixed = None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mixed,
                                        **scale.accelerator_kwargs())
         scale.check_world(self.accelerator)
         self.world = world()  # from torch.distributed, now that accelerate has set it up
         self.device = self.accelerator.device
+        if cfg.loss.disc_weight > 0 and self.accelerator.mixed_precision == "fp16":
+            raise ConfigError("loss.disc_weight > 0 with fp16: one loss scaler for two optimizers is not supported "
+                              "here; use bf16 (train.mixed_precision=bf16) or fp32")
         # Files the loss reads (a perception net) are checked first: a bad path stops the run
         # before anything is written. The loss module is never prepared: nothing in it trains.
         self.loss_fn = AutoencoderLoss(cfg.loss).to(self.device)
@@ -120,6 +128,14 @@ class Trainer:
         self.deepspeed = scale.deepspeed_engine(self.model) is not None
         self.input_dtype = scale.input_dtype(self.model)  # DeepSpeed bf16/fp16 casts the module, no autocast
         self.accelerator.register_for_checkpointing(self.scheduler)
+        self.disc = self.disc_optimizer = self.last_layer = None
+        if cfg.loss.disc_weight > 0:  # prepared after the autoencoder: model_1 / optimizer_1 in checkpoints
+            with torch.random.fork_rng(devices=[]):  # the autoencoder's random stream stays as without D
+                torch.manual_seed(cfg.train.seed + 1)
+                disc = PatchDiscriminator(cfg.model.out_ch, cfg.loss.disc_channels, cfg.loss.disc_layers)
+            d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr or o.lr, betas=(0.5, 0.9), weight_decay=0.0)
+            self.disc, self.disc_optimizer = self.accelerator.prepare(disc, d_opt)
+            self.last_layer = last_decoder_layer(self.accelerator.unwrap_model(self.model))
         self.ema = None
         if cfg.train.ema_decay > 0:
             with scale.full_parameters(self.model):  # collective under ZeRO-3
@@ -203,6 +219,11 @@ class Trainer:
             raise ckpt.ResumeError(f"cannot resume {path}: it was trained {'with' if saved_ema else 'without'} an EMA of "
                                    f"the weights (train.ema_decay={had}) and this run asks for train.ema_decay="
                                    f"{self.cfg.train.ema_decay}; keep it {'on' if saved_ema else 'off'} to resume")
+        saved_disc = any((path / f).is_file() for f in ("model_1.safetensors", "pytorch_model_1.bin"))
+        if saved_disc != (self.cfg.loss.disc_weight > 0):
+            raise ckpt.ResumeError(f"cannot resume {path}: it was trained {'with' if saved_disc else 'without'} a "
+                                   f"discriminator and this run sets loss.disc_weight={self.cfg.loss.disc_weight}; keep "
+                                   f"it {'> 0' if saved_disc else '0'} to resume, or start a new run with train.init_from")
         shards = scale.zero_partitions(path)
         return bool(shards) and shards != self.world.world_size
 
@@ -305,6 +326,48 @@ class Trainer:
     def _condition(self, batch: dict):
         return batch[self.cond_key].to(self.device, non_blocking=True) if self.cond_key else None
 
+    def _add_adversarial_term(self, recon: torch.Tensor, losses, acc: dict) -> None:
+        """The generator's side (latent-diffusion's LPIPSWithDiscriminator): -mean D(recon), scaled
+        by loss.disc_weight and, when adaptive, by |grad of the other terms| / |grad of this one| at
+        the decoder's last layer, so neither side drowns the other whatever their scales.
+
+        D runs unwrapped and frozen: no gradient reaches it from here, and DDP sees one forward and
+        one backward of it per step, in _discriminator_step."""
+        cfg = self.cfg.loss
+        disc = self.accelerator.unwrap_model(self.disc)
+        disc.requires_grad_(False)
+        try:
+            g_loss = -disc(recon).float().mean()
+        finally:
+            disc.requires_grad_(True)
+        weight = torch.ones((), device=recon.device)
+        if cfg.disc_adaptive:
+            (g_rec,) = torch.autograd.grad(losses.total, self.last_layer, retain_graph=True)
+            (g_adv,) = torch.autograd.grad(g_loss, self.last_layer, retain_graph=True)
+            weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+        term = cfg.disc_weight * weight * g_loss
+        losses.terms["adv"] = term
+        losses.total = losses.total + term
+        acc["disc/adaptive_weight"] += weight.float()
+
+    def _discriminator_step(self, x: torch.Tensor, recon: torch.Tensor, finite: bool, acc: dict) -> None:
+        """One update of D on real inputs and the (detached) reconstructions, in one batch: one DDP
+        forward, so BatchNorm sees both. Skipped with the autoencoder's step when that was not
+        finite, or when D's own gradients are not (all-reduced: every rank agrees)."""
+        logits = self.disc(torch.cat([x.to(self.input_dtype), recon])).float()
+        real, fake = logits.chunk(2)
+        d_loss = D_LOSSES[self.cfg.loss.disc_loss](real, fake)
+        self.accelerator.backward(d_loss)
+        if self.accelerator.sync_gradients:
+            clip = self.cfg.optim.grad_clip or float("inf")
+            norm = float(self.accelerator.clip_grad_norm_(self.disc.parameters(), clip))
+            if finite and math.isfinite(norm):
+                self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        acc["disc/loss"] += d_loss.detach()
+        acc["disc/logits_real"] += real.detach().mean()
+        acc["disc/logits_fake"] += fake.detach().mean()
+
     def _init_source(self, path: str) -> Path:
         """The main rank resolves train.init_from (a run that is still training may write a newer
         checkpoint between two ranks' looks) and tells the others; or tells them why it cannot."""
@@ -359,6 +422,9 @@ class Trainer:
                             norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                             acc["grad_norm"] += float(norm) if norm is not None and math.isfinite(norm) else 0.0
                 else:
+                    judged = self.disc is not None and self.step >= cfg.loss.disc_start
+                    if judged:
+                        self._add_adversarial_term(out.recon, losses, acc)
                     self.accelerator.backward(losses.total)
                     if self.accelerator.sync_gradients:
                         clip = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, change nothing
@@ -370,6 +436,8 @@ class Trainer:
                         if finite:
                             acc["grad_norm"] += norm
                     self.optimizer.zero_grad(set_to_none=True)
+                    if judged:
+                        self._discriminator_step(x, out.recon.detach(), finite, acc)
             for k, v in losses.terms.items():
                 acc[f"loss/{k}"] += v.detach()
             acc["loss/total"] += losses.total.detach()
@@ -460,7 +528,7 @@ class Trainer:
 
     def _log_scalars(self, acc: dict, elapsed: float, global_batch: int, bar) -> None:
         micro = max(acc["micro"], 1)
-        names = sorted(k for k in acc if k.startswith(("loss/", "model/")))
+        names = sorted(k for k in acc if k.startswith(("loss/", "model/", "disc/")))
         local = [float(acc[k]) / micro for k in names]
         steps = micro / self.cfg.train.grad_accum
         # One all-reduce for everything: means of the terms, sums of the counts.

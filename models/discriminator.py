@@ -1,0 +1,59 @@
+"""The optional patch discriminator of latent-diffusion / taming-transformers autoencoders.
+
+A PatchGAN (pix2pix's NLayerDiscriminator): strided 4x4 convolutions, each followed by BatchNorm
+and LeakyReLU(0.2), ending in one logit per overlapping patch (70x70 pixels at 3 layers), so the
+adversarial loss judges local texture, which L1/L2 and perceptual losses leave blurry.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PatchDiscriminator(nn.Module):
+    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        mult = 1
+        for n in range(1, num_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < num_layers else 1  # the last hidden layer keeps the resolution
+            layers += [nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
+                       nn.BatchNorm2d(channels * mult), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(channels * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        self.apply(_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], `b c h w` -> patch logits `b 1 h' w'`."""
+        return self.main(x)
+
+
+def _init(m: nn.Module) -> None:
+    """pix2pix's initialisation: N(0, 0.02) convolutions, N(1, 0.02) BatchNorm scales."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (torch.relu(1.0 - logits_real).mean() + torch.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (nn.functional.softplus(-logits_real).mean() + nn.functional.softplus(logits_fake).mean())
+
+
+D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
+
+
+def last_decoder_layer(model: nn.Module) -> nn.Parameter:
+    """The weight of the decoder's last layer with one (the output convolution of an `ldm` or a
+    layer-spec decoder): where the adaptive weight compares the two gradients."""
+    weights = [p for name, p in model.named_parameters() if name.startswith("decoder.") and p.ndim >= 2]
+    if not weights:
+        raise ValueError("loss.disc_adaptive needs a decoder with a weight layer (model.decoder...)")
+    return weights[-1]
