@@ -136,6 +136,8 @@ class Trainer:
             d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr or o.lr, betas=(0.5, 0.9), weight_decay=0.0)
             self.disc, self.disc_optimizer = self.accelerator.prepare(disc, d_opt)
             self.last_layer = last_decoder_layer(self.accelerator.unwrap_model(self.model))
+            self._check_disc_fits(cfg)
+        self.trained_models = [m for m in (self.model, self.disc) if m is not None]  # accumulate() keeps both in no_sync
         self.ema = None
         if cfg.train.ema_decay > 0:
             with scale.full_parameters(self.model):  # collective under ZeRO-3
@@ -153,6 +155,9 @@ class Trainer:
         self.totals = defaultdict(float)  # nonfinite_steps, bad_samples over the whole run
         if self.resume_from is not None:
             self.accelerator.load_state(str(self.load_from))
+            if self.disc_optimizer is not None:  # the configured learning rate wins over the saved one
+                for group in self.disc_optimizer.param_groups:
+                    group["lr"] = cfg.loss.disc_lr or cfg.optim.lr
             if self.load_from != self.resume_from:
                 with scale.full_parameters(self.model):
                     scale.load_universal_buffers(self.accelerator.unwrap_model(self.model), self.load_from)
@@ -224,8 +229,15 @@ class Trainer:
             raise ckpt.ResumeError(f"cannot resume {path}: it was trained {'with' if saved_disc else 'without'} a "
                                    f"discriminator and this run sets loss.disc_weight={self.cfg.loss.disc_weight}; keep "
                                    f"it {'> 0' if saved_disc else '0'} to resume, or start a new run with train.init_from")
+        if saved_disc and state.get("disc") != self._disc_layout():
+            raise ckpt.ResumeError(f"cannot resume {path}: its discriminator was built as {state.get('disc')} and this run "
+                                   f"asks for {self._disc_layout()}; keep loss.disc_layers/disc_channels to resume")
         shards = scale.zero_partitions(path)
         return bool(shards) and shards != self.world.world_size
+
+    def _disc_layout(self) -> dict | None:
+        c = self.cfg.loss
+        return {"layers": c.disc_layers, "channels": c.disc_channels} if c.disc_weight > 0 else None
 
     def _universal_copy(self, path: Path) -> Path:
         """Resume a ZeRO checkpoint on another process count: convert it (rank 0) into DeepSpeed's
@@ -311,6 +323,7 @@ class Trainer:
             "data_seed": self.cfg.data.seed,
             "data_layout": self._data_layout(),
             "model_hash": self.model_hash,
+            "disc": self._disc_layout(),
             "loss_files": self.loss_fn.fingerprint(),
             "totals": dict(self.totals),
             "time": time.time(),
@@ -325,6 +338,20 @@ class Trainer:
 
     def _condition(self, batch: dict):
         return batch[self.cond_key].to(self.device, non_blocking=True) if self.cond_key else None
+
+    def _check_disc_fits(self, cfg: Config) -> None:
+        """A discriminator too deep for the images would fail at loss.disc_start, maybe days in: try it now."""
+        disc = self.accelerator.unwrap_model(self.disc)
+        size = cfg.data.image_size
+        disc.eval()
+        try:
+            with torch.no_grad():
+                disc(torch.zeros(1, cfg.model.out_ch, size, size, device=self.device))
+        except RuntimeError as e:
+            raise ConfigError(f"loss.disc_layers: {cfg.loss.disc_layers} layers do not fit {size}px images "
+                              f"(the patches shrink below the kernel); use fewer") from None
+        finally:
+            disc.train()
 
     def _add_adversarial_term(self, recon: torch.Tensor, losses, acc: dict) -> None:
         """The generator's side (latent-diffusion's LPIPSWithDiscriminator): -mean D(recon), scaled
@@ -351,11 +378,11 @@ class Trainer:
         acc["disc/adaptive_weight"] += weight.float()
 
     def _discriminator_step(self, x: torch.Tensor, recon: torch.Tensor, finite: bool, acc: dict) -> None:
-        """One update of D on real inputs and the (detached) reconstructions, in one batch: one DDP
-        forward, so BatchNorm sees both. Skipped with the autoencoder's step when that was not
-        finite, or when D's own gradients are not (all-reduced: every rank agrees)."""
-        logits = self.disc(torch.cat([x.to(self.input_dtype), recon])).float()
-        real, fake = logits.chunk(2)
+        """One update of D on real inputs and the (detached) reconstructions: one DDP forward, each
+        batch with its own BatchNorm statistics (as the generator's pass sees the fakes alone).
+        Skipped with the autoencoder's step when that was not finite, or when D's own gradients
+        are not (all-reduced: every rank agrees)."""
+        real, fake = (t.float() for t in self.disc(x.to(self.input_dtype), recon))
         d_loss = D_LOSSES[self.cfg.loss.disc_loss](real, fake)
         self.accelerator.backward(d_loss)
         if self.accelerator.sync_gradients:
@@ -363,7 +390,11 @@ class Trainer:
             norm = float(self.accelerator.clip_grad_norm_(self.disc.parameters(), clip))
             if finite and math.isfinite(norm):
                 self.disc_optimizer.step()
+            elif finite:
+                self.totals["nonfinite_disc_steps"] += 1
+                self.log.info(f"step {self.step + 1}: non-finite discriminator gradients, its step skipped")
         self.disc_optimizer.zero_grad(set_to_none=True)
+        acc["judged"] += 1
         acc["disc/loss"] += d_loss.detach()
         acc["disc/logits_real"] += real.detach().mean()
         acc["disc/logits_fake"] += fake.detach().mean()
@@ -411,7 +442,7 @@ class Trainer:
             if batch["bad"]:
                 acc["bad_error"] = batch["bad_error"]
             x = to_model_input(batch["image"], self.device)
-            with self.accelerator.accumulate(self.model):
+            with self.accelerator.accumulate(*self.trained_models):
                 out = self.model(x.to(self.input_dtype), cond=self._condition(batch))
                 losses = self.loss_fn(x, out)
                 if self.deepspeed:
@@ -529,7 +560,8 @@ class Trainer:
     def _log_scalars(self, acc: dict, elapsed: float, global_batch: int, bar) -> None:
         micro = max(acc["micro"], 1)
         names = sorted(k for k in acc if k.startswith(("loss/", "model/", "disc/")))
-        local = [float(acc[k]) / micro for k in names]
+        judged = max(acc["judged"], 1)  # the discriminator's numbers: over the micro-steps it judged (from disc_start)
+        local = [float(acc[k]) / (judged if k.startswith("disc/") or k == "loss/adv" else micro) for k in names]
         steps = micro / self.cfg.train.grad_accum
         # One all-reduce for everything: means of the terms, sums of the counts.
         reduced = self._all_ranks(local + [acc["bad"], acc["data_wait"], acc["grad_norm"], acc["steps_taken"]])

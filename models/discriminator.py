@@ -25,9 +25,12 @@ class PatchDiscriminator(nn.Module):
         self.main = nn.Sequential(*layers)
         self.apply(_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], `b c h w` -> patch logits `b 1 h' w'`."""
-        return self.main(x)
+    def forward(self, *images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Images in [-1, 1], `b c h w` -> patch logits `b 1 h' w'`. Several batches (real, fake)
+        are judged one after the other in one call: each has its own BatchNorm statistics, as when
+        D judges the fakes alone for the generator, and DDP still sees a single forward."""
+        out = tuple(self.main(x) for x in images)
+        return out[0] if len(out) == 1 else out
 
 
 def _init(m: nn.Module) -> None:

@@ -35,6 +35,17 @@ def test_patch_discriminator_judges_patches():
     assert [c.out_channels for c in convs] == [8, 16, 32, 64, 1]
 
 
+def test_real_and_fake_are_normalised_as_separate_batches():
+    # D judges the fakes alone for the generator, so it must learn on them alone too: batched with
+    # the reals, BatchNorm would hand it statistics (a colour or contrast shift) it never sees there.
+    torch.manual_seed(0)
+    d = PatchDiscriminator(3, channels=8, num_layers=2)
+    real, fake = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32) * 0.2 + 0.5
+    lr, lf = d(real, fake)
+    assert torch.allclose(lf, d(fake)) and torch.allclose(lr, d(real))
+    assert not torch.allclose(lf, d(torch.cat([real, fake]))[4:])
+
+
 def test_discriminator_losses():
     sure = torch.full((4,), 3.0)
     assert hinge_d_loss(sure, -sure) == 0  # confident and right: nothing to learn
@@ -99,6 +110,18 @@ def test_what_the_discriminator_does_not_support_is_one_line(config, shards, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trained without a discriminator and this run sets loss.disc_weight=0.5" in err[0], err
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 2
+    # another discriminator than the checkpoint's
+    assert main(args(config, shards, tmp_path / "d", "train.max_steps=2", "loss.disc_weight=0.5")) == 0
+    capsys.readouterr()
+    assert main(args(config, shards, tmp_path / "d", "train.max_steps=4", "loss.disc_weight=0.5", "loss.disc_channels=8",
+                     "--resume", "latest")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its discriminator was built as {'layers': 3, 'channels': 64}" in err[0], err
+    # a discriminator too deep for the images: at start, not at disc_start
+    assert main(args(config, shards, tmp_path / "deep", "loss.disc_weight=0.5", "loss.disc_layers=5",
+                     "loss.disc_start=50000")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss.disc_layers: 5 layers do not fit 32px images" in err[0], err
     # DeepSpeed: refused before anything starts (accelerate launch sets this variable)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert main(args(config, shards, tmp_path / "ds", "loss.disc_weight=0.5")) == 2
