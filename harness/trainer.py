@@ -348,6 +348,8 @@ class Trainer:
             with torch.no_grad():
                 disc(torch.zeros(1, cfg.model.out_ch, size, size, device=self.device))
         except RuntimeError as e:
+            if "size" not in str(e):  # only "the input is smaller than the kernel" is the config's fault
+                raise
             raise ConfigError(f"loss.disc_layers: {cfg.loss.disc_layers} layers do not fit {size}px images "
                               f"(the patches shrink below the kernel); use fewer") from None
         finally:
