@@ -487,10 +487,6 @@ def from_dict(raw: dict) -> Config:
     return cfg
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
 def section_hash(section: Any) -> str:
     """A short stable hash of one config section (the model's, to refuse mismatched resumes)."""
     blob = json.dumps(dataclasses.asdict(section), sort_keys=True)

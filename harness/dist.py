@@ -33,10 +33,6 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def is_local_main(self) -> bool:
-        return self.local_rank == 0
-
 
 class DistEnvError(RuntimeError):
     """The launcher left an inconsistent environment."""
@@ -91,11 +87,6 @@ def all_reduce_sum(values: list[float], device=None) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     tdist.all_reduce(t)
     return t.tolist()
-
-
-def barrier() -> None:
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
 
 
 class RankLogger:

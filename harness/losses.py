@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from harness import metrics
-from harness.metrics import psnr  # noqa: F401 (re-exported: harness.losses.psnr was its old home)
 from models.base import AutoencoderOutput
 
 # The harness's own terms, in the order they are computed and logged (after recon).

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import checkpoint as ckpt  # noqa: E402
-from harness.export import ExportError, consolidate, save_safetensors  # noqa: E402,F401 (consolidate: re-exported)
+from harness.export import ExportError, save_safetensors  # noqa: E402
 from harness.inference import LoadError, find_weights_dir, load_model, state_dict_of  # noqa: E402
 
 
