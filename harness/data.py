@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import make_seed
 
 from harness import tario
-from harness.sources import DataSourceError, ShardSource, resolve_sources  # noqa: F401 (re-exported)
+from shards.sources import DataSourceError, ShardSource, resolve_sources
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # Errors that mean "this sample / shard is bad": skip and count. Anything else is a bug: raise.

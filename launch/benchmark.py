@@ -37,7 +37,7 @@ def _raw_images(spec: str, limit: int) -> list[bytes]:
     import webdataset as wds
 
     from harness.data import IMAGE_KEYS
-    from harness.sources import DataSourceError, resolve_sources
+    from shards.sources import DataSourceError, resolve_sources
 
     urls = [u for s in resolve_sources(spec, require_count=False) for u in s.urls]
     out = []
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
         scale_worker(a)
         return 0
     from harness.config import ConfigError
-    from harness.sources import DataSourceError
+    from shards.sources import DataSourceError
 
     try:
         res = {"loader": bench_loader, "step": bench_step, "scale": bench_scale}[a.bench](a)

@@ -21,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from harness.data import DataSourceError, eval_batches, to_model_input  # noqa: E402
+from harness.data import eval_batches, to_model_input  # noqa: E402
 from harness.inference import LoadError, load_model  # noqa: E402
 from harness.metrics import psnr, ssim  # noqa: E402
+from shards.sources import DataSourceError  # noqa: E402
 
 
 def parse_args(argv):

@@ -21,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from harness import grids  # noqa: E402
-from harness.data import DataSourceError, fixed_batch, to_model_input  # noqa: E402
+from harness.data import fixed_batch, to_model_input  # noqa: E402
 from harness.inference import LoadError, load_model  # noqa: E402
 from harness.tracking import make_grid, save_png  # noqa: E402
 from models import NoPriorError  # noqa: E402
+from shards.sources import DataSourceError  # noqa: E402
 
 
 def parse_args(argv):

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from harness.checkpoint import ResumeError  # noqa: E402
 from harness.config import ConfigError, describe, load_config  # noqa: E402
-from harness.data import DataSourceError  # noqa: E402
 from harness.dist import DistEnvError  # noqa: E402
+from shards.sources import DataSourceError  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataSourceError, ResumeError, DistEnvError)
 

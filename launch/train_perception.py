@@ -35,8 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from harness.config import DataConfig  # noqa: E402
-from harness.data import DataSourceError  # noqa: E402
 from harness.dist import DistEnvError  # noqa: E402
+from shards.sources import DataSourceError  # noqa: E402
 
 
 class PerceptionDataError(ValueError):

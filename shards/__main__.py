@@ -273,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from harness.sources import DataSourceError
+    from shards.sources import DataSourceError
 
     try:
         return args.func(args)

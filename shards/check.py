@@ -21,8 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from harness.sources import resolve_sources
 from shards.index import read_index
+from shards.sources import resolve_sources
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext

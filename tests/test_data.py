@@ -10,7 +10,7 @@ from PIL import Image
 
 from harness.config import DataConfig
 from harness.data import TrainLoader, load_image, to_model_input, to_rgb
-from harness.sources import DataSourceError, resolve_sources
+from shards.sources import DataSourceError, resolve_sources
 from shardgen import image_bytes, make_shards
 from shards.index import write_index
 

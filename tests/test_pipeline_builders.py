@@ -61,7 +61,7 @@ def test_folder_with_subfolders_labels(tmp_path):
 def test_img2dataset_like_folder_needs_a_count(tmp_path, num_samples):
     import webdataset as wds
 
-    from harness.sources import DataSourceError
+    from shards.sources import DataSourceError
 
     out = tmp_path / "i2d"
     out.mkdir()

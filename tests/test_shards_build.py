@@ -290,7 +290,7 @@ def test_interrupted_build_resumes_to_identical_result(tmp_path, capsys):
     names = sorted(p.name for p in out.iterdir())
     assert "000003.tar.tmp" in names and "000003.tar" not in names and "index.json" not in names
     assert [n for n in names if n.endswith(".tar")] == ["000000.tar", "000001.tar", "000002.tar"]
-    from harness.sources import DataSourceError, resolve_sources
+    from shards.sources import DataSourceError, resolve_sources
 
     with pytest.raises(DataSourceError, match="not finished"):
         resolve_sources(str(out))

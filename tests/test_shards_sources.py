@@ -1,4 +1,4 @@
-"""harness.sources.resolve_sources (folders, patterns, img2dataset output, list files, weights) and
+"""shards.sources.resolve_sources (folders, patterns, img2dataset output, list files, weights) and
 `python -m shards verify / inspect` on good and broken sets."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 import pytest
 from shards_helpers import img2dataset_folder, picture, write_tar
 
-from harness.sources import DataSourceError, resolve_sources
 from shards.__main__ import main
 from shards.index import read_index
+from shards.sources import DataSourceError, resolve_sources
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +203,18 @@ def test_verify_exit_code_from_a_fresh_process(demo, tmp_path):
     r = run_cli("verify", bad, "--workers", "1")
     assert r.returncode == 1 and "extra: jpg does not decode" in r.stdout
     assert read_index(bad)["num_samples"] == 50
+
+
+def test_shards_imports_nothing_from_harness():
+    """The floors point down: harness reads shards, never the other way round (fresh interpreter,
+    so modules other tests imported do not count)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    names = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "shards").glob("*.py"))
+    code = (f"import importlib, sys\nfor n in {names!r}: importlib.import_module('shards.' + n)\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'harness')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(names) > 5 and r.stdout.strip() == ""
