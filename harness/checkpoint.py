@@ -27,6 +27,8 @@ import shutil
 import time
 from pathlib import Path
 
+from shards.atomic import fsync_dir, fsync_tree, is_temp_of, write_atomic
+
 STATE_NAME = "trainer_state.json"
 CONFIG_NAME = "config.yaml"
 LATEST_NAME = "latest"
@@ -46,35 +48,6 @@ def _pause(stage: str) -> None:
 
 class ResumeError(RuntimeError):
     """The resume request cannot be honoured: one line saying why."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
 
 
 def is_complete(path: Path) -> bool:
@@ -149,7 +122,7 @@ class CheckpointManager:
                 os.rename(p, target)
                 moved.append(target)
         if moved:
-            _write_atomic(self.run_dir / LATEST_NAME, f"checkpoints/{resumed.name}\n")
+            write_atomic(self.run_dir / LATEST_NAME, f"checkpoints/{resumed.name}\n")
         return moved
 
     def clean_stale(self) -> None:
@@ -158,6 +131,10 @@ class CheckpointManager:
             for p in self.root.iterdir():
                 if p.name.startswith((".tmp-", ".trash-")):
                     shutil.rmtree(p, ignore_errors=True)
+        if self.is_main and self.run_dir.is_dir():  # a `latest` whose write was killed before its rename
+            for p in self.run_dir.iterdir():
+                if is_temp_of(p.name, LATEST_NAME):
+                    p.unlink(missing_ok=True)
 
     def save(self, step: int, state: dict, config_yaml: str) -> Path:
         """Collective: every rank must call this at the same step."""
@@ -172,16 +149,16 @@ class CheckpointManager:
         if self.is_main:
             (tmp / CONFIG_NAME).write_text(config_yaml)
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             _pause("written")
             if final.exists():  # re-saving a step (resumed from an older checkpoint): swap out the old one
                 trash = self.root / f".trash-step_{step}"
                 shutil.rmtree(trash, ignore_errors=True)
                 os.rename(final, trash)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             _pause("renamed")
-            _write_atomic(self.run_dir / LATEST_NAME, f"checkpoints/{final.name}\n")
+            write_atomic(self.run_dir / LATEST_NAME, f"checkpoints/{final.name}\n")
             self._prune(keep=final)
         self.accelerator.wait_for_everyone()
         return final

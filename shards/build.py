@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from shards.atomic import commit, is_temp_of, write_atomic
 from shards.images import BadImage, process_image
 from shards.index import INDEX_NAME, read_index, write_index
 
@@ -126,18 +127,14 @@ def _work(job):
 # output folder state
 
 
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _stale_temp(name: str) -> bool:
+    """The temporary of an index / progress / bad-files write that a killed run left behind."""
+    return any(is_temp_of(name, n) for n in (INDEX_NAME, BAD_FILES_NAME, PROGRESS_NAME))
 
 
 def _clean(out: Path):
     for p in out.iterdir():
-        if SHARD_RE.match(p.name) or p.name in (INDEX_NAME, INDEX_NAME + ".tmp", BAD_FILES_NAME, PROGRESS_NAME):
+        if SHARD_RE.match(p.name) or p.name in (INDEX_NAME, BAD_FILES_NAME, PROGRESS_NAME) or _stale_temp(p.name):
             p.unlink()
 
 
@@ -209,7 +206,7 @@ def _prepare(out: Path, fingerprint: str, overwrite: bool) -> dict:
     done = progress.get("done") and len(kept) == len(progress["shards"]) and _index_readable(out)
     keep_names = {r["name"] for r in kept}
     for p in out.iterdir():  # a .tmp of a killed run, shards after a missing one
-        if SHARD_RE.match(p.name) and p.name not in keep_names:
+        if (SHARD_RE.match(p.name) and p.name not in keep_names) or _stale_temp(p.name):
             p.unlink()
     bad = progress["bad"] if done else [b for b in progress["bad"] if b[0] < end]
     return {"fingerprint": fingerprint, "shards": kept, "bad": bad, "done": bool(done)}
@@ -266,23 +263,22 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     last = {"end": start, "stream": None}
 
     def save_progress(done=False):
-        _atomic_write(progress_path, json.dumps({"fingerprint": fingerprint, "shards": shards, "bad": bad,
-                                                 "done": done}))
+        write_atomic(progress_path, json.dumps({"fingerprint": fingerprint, "shards": shards, "bad": bad,
+                                                "done": done}))
 
+    # A shard's temporary name is the fixed NNNNNN.tar.tmp (not shards.atomic.temp_path): the folder
+    # lock makes this the only writer, and a re-run must find and delete what a killed run left.
     def open_tmp(fname):
         last["stream"] = open(fname + ".tmp", "wb")
         return last["stream"]
 
     def shard_done(fname):
-        f = last["stream"]
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
+        last["stream"].close()
         count = writer.count
         if count == 0:  # the writer opens a shard before knowing whether anything follows
             os.unlink(fname + ".tmp")
             return
-        os.replace(fname + ".tmp", fname)
+        commit(fname + ".tmp", fname)
         shards.append({"name": os.path.basename(fname), "num_samples": count,
                        "bytes": os.path.getsize(fname), "end": last["end"]})
         save_progress()
@@ -361,7 +357,7 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     # Report, then index last: index.json present <=> the set is complete.
     bad.sort()
     report = [(path, reason) for path, reason in skipped] + [(path, reason) for _, path, reason in bad]
-    _atomic_write(bad_paths, "".join(f"{path}\t{reason}\n" for path, reason in report))
+    write_atomic(bad_paths, "".join(f"{path}\t{reason}\n" for path, reason in report))
     if not shards:
         raise BuildError(f"{source.get('path', out)}: none of the {len(items)} inputs is a usable image "
                          f"(reasons in {bad_paths})")

@@ -29,9 +29,10 @@ length `len(label_names)` from it.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from shards.atomic import write_atomic
 
 INDEX_NAME = "index.json"
 FORMAT = "vae-harness-shards/1"
@@ -39,7 +40,7 @@ FORMAT = "vae-harness-shards/1"
 
 def write_index(out: str | Path, *, source: dict, shards: list[dict], classes: list[str] = (),
                 label_names: list[str] = (), image_policy: str = "original", **extra) -> dict:
-    """Write `out/index.json` atomically (temporary file + rename) and return it.
+    """Write `out/index.json` atomically (shards.atomic: a crash never leaves half an index) and return it.
 
     `extra` adds optional fields (see the module docstring); readers must ignore fields they do not know.
     """
@@ -54,13 +55,7 @@ def write_index(out: str | Path, *, source: dict, shards: list[dict], classes: l
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
     }
-    path = Path(out) / INDEX_NAME
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(index, indent=1))
-        f.flush()
-        os.fsync(f.fileno())  # else a crash soon after the rename can leave an empty index.json
-    os.replace(tmp, path)
+    write_atomic(Path(out) / INDEX_NAME, json.dumps(index, indent=1))
     return index
 
 

@@ -58,6 +58,7 @@ def test_save_renames_points_latest_and_prunes(tmp_path):
         m.save(step, {"step": step}, "model: {}\n")
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_2", "step_3"]  # pruned to keep_last, no .tmp or .trash left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "latest"]  # no temporary of `latest`
     assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_3"
     assert acc.saves[-1].endswith(".tmp-step_3")  # accelerate wrote under the temporary name
     assert ckpt.read_state(ckpt.resolve(tmp_path, "latest")) == {"step": 3}
@@ -75,8 +76,11 @@ def test_clean_stale_removes_partial_saves(tmp_path):
     make(tmp_path, 1)
     (tmp_path / "checkpoints/.tmp-step_2").mkdir()
     (tmp_path / "checkpoints/.trash-step_0").mkdir()
+    (tmp_path / ".latest.4242.0123abcd.tmp").write_text("checkpoints/step_2\n")  # a `latest` write killed
+    (tmp_path / ".notes.4242.0123abcd.tmp").write_text("not ours")
     ckpt.CheckpointManager(tmp_path, 3, FakeAccelerator(), True).clean_stale()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.4242.0123abcd.tmp", "checkpoints"]
 
 
 def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):

@@ -1,0 +1,66 @@
+"""shards/atomic.py: the one atomic-write recipe (temporary in the same folder, fsync, rename, fsync folder)."""
+
+import os
+import threading
+
+import pytest
+
+from shards import atomic
+
+
+def test_write_replaces_whole_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "latest"
+    atomic.write_atomic(target, "one\n")
+    atomic.write_atomic(target, b"two\n")
+    assert target.read_text() == "two\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_an_error_keeps_the_old_file_and_removes_the_temporary(tmp_path):
+    target = tmp_path / "index.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic.atomic_open(target) as f:
+        f.write("half of the new")
+        raise RuntimeError("killed while writing")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["index.json"]
+
+
+def test_atomic_path_for_writers_that_take_a_file_name(tmp_path):
+    target = tmp_path / "w.bin"
+    with atomic.atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target and atomic.is_temp_of(tmp.name, "w.bin")
+        tmp.write_bytes(b"\x00" * 10)
+        assert not target.exists()  # nothing under the final name before the commit
+    assert target.read_bytes() == b"\x00" * 10
+
+
+def test_temporary_names_are_unique_and_recognised(tmp_path):
+    names = {atomic.temp_path(tmp_path / "latest").name for _ in range(50)}
+    assert len(names) == 50 and all(str(os.getpid()) in n for n in names)
+    assert all(atomic.is_temp_of(n, "latest") for n in names)
+    assert not atomic.is_temp_of(next(iter(names)), "lates")
+    assert not atomic.is_temp_of(".latest.tmp", "latest") and not atomic.is_temp_of("latest", "latest")
+
+
+def test_concurrent_writers_never_mix(tmp_path):
+    """Many threads of one process write one target: each result is one writer's whole content."""
+    target = tmp_path / "shared.txt"
+    contents = [str(i) * 20000 for i in range(8)]
+    errors = []
+
+    def write(text):
+        try:
+            for _ in range(10):
+                atomic.write_atomic(target, text)
+        except Exception as e:  # noqa: BLE001 - a thread's exception would not reach the test otherwise
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(c,)) for c in contents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert target.read_text() in contents
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.txt"]
