@@ -152,9 +152,9 @@ def test_init_from_starts_a_new_run_from_trained_or_latent_diffusion_weights(con
         run = tmp_path / f"from-{source.name}"
         trainer = Trainer(load_config([config], [f"data.train={shards}", f"run.dir={run}", f"train.init_from={source}"]))
         try:
-            started = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+            started = trainer.engine.unwrapped().state_dict()
         finally:
-            trainer.tracker.close()
+            trainer.monitor.close()
             trainer.log.close()
         assert started.keys() == weights.keys()
         assert all(torch.equal(started[k], weights[k]) for k in weights), source

@@ -1,0 +1,69 @@
+"""Things that plug into the training step without a branch inside it.
+
+A hook sees the step at three points: `on_loss` (may add a term before backward), `after_backward`
+(once per micro-batch, inside accelerate's `accumulate`), `after_step` (once per optimizer step,
+with the step's outcome). It owns its own checkpointed state and says what a resume must keep
+(`check_resume`). The EMA of the weights and the discriminator (harness/discriminator.py) are hooks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from harness import scale
+from harness.checkpoint import CONFIG_NAME, ResumeError
+from harness.ema import EMA
+
+
+class Hook:
+    """Does nothing at every point; subclasses override what they need."""
+
+    trained_models: tuple = ()  # prepared models it trains: kept in accumulate()'s no_sync with the autoencoder
+
+    def on_loss(self, trainer, x, out, losses, stats) -> None:
+        pass
+
+    def after_backward(self, trainer, x, out, stats) -> None:
+        pass
+
+    def after_step(self, trainer, outcome, stats) -> None:
+        pass
+
+    def check_resume(self, path: Path, state: dict) -> None:
+        """Raise ResumeError (one line) when the checkpoint at `path` cannot resume with this hook."""
+
+    def after_resume(self, trainer) -> None:
+        pass
+
+    def state(self) -> dict:
+        """Entries for trainer_state.json."""
+        return {}
+
+
+class EMAHook(Hook):
+    """An EMA of the weights (harness/ema.py), updated after every applied optimizer step.
+    Registered for checkpointing after the scheduler: it is accelerate's custom object 1."""
+
+    def __init__(self, trainer, decay: float):
+        self.decay = decay
+        with scale.full_parameters(trainer.engine.model):  # collective under ZeRO-3
+            self.ema = EMA(trainer.engine.unwrapped(), decay)
+        trainer.accelerator.register_for_checkpointing(self.ema)
+
+    def after_step(self, trainer, outcome, stats) -> None:
+        if outcome.applied:
+            with scale.full_parameters(trainer.engine.model):  # collective under ZeRO-3: every rank enters
+                self.ema.update(trainer.engine.unwrapped())
+
+
+def check_ema_matches(path: Path, decay: float) -> None:
+    """An EMA saved and none asked for (or the reverse) cannot resume: accelerate's custom objects
+    are numbered, and the scheduler is 0, the EMA 1."""
+    saved = (path / "custom_checkpoint_1.pkl").is_file()
+    if saved != (decay > 0):
+        had = yaml.safe_load((path / CONFIG_NAME).read_text()).get("train", {}).get("ema_decay", 0)
+        raise ResumeError(f"cannot resume {path}: it was trained {'with' if saved else 'without'} an EMA of "
+                          f"the weights (train.ema_decay={had}) and this run asks for train.ema_decay="
+                          f"{decay}; keep it {'on' if saved else 'off'} to resume")

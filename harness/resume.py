@@ -1,0 +1,151 @@
+"""Where a run starts: fresh, from `train.init_from` weights, or resumed from a checkpoint.
+
+`plan()` decides before anything is written into the run folder (and refuses, in one line, what
+cannot resume: another backend, another model, EMA or discriminator switched on or off); when a
+ZeRO checkpoint meets another process count it becomes a DeepSpeed universal copy first.
+`restore()` loads the state once the model, optimizer and hooks exist.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as tdist
+import yaml
+from accelerate.utils import set_seed
+
+from harness import checkpoint as ckpt
+from harness import discriminator, scale
+from harness.config import to_dict
+from harness.dist import all_reduce_sum
+from harness.hooks import check_ema_matches
+from harness.inference import LoadError, weights_source
+
+
+@dataclass
+class Start:
+    resume_from: Path | None  # the checkpoint resumed (None: a new run)
+    load_from: Path | None  # what is loaded: the same, or its universal copy under ZeRO on another count
+
+
+def plan(trainer, resume: str | None) -> Start:
+    run_dir, world = trainer.run_dir, trainer.world
+    resume_from = ckpt.resolve(run_dir, resume)
+    if resume is None and ckpt.list_checkpoints(run_dir):
+        raise ckpt.ResumeError(f"run.dir {run_dir} already has checkpoints: pass --resume latest to continue "
+                               f"it, or choose another run.dir")
+    if resume_from is None:
+        return Start(None, None)
+    if check_resumable(trainer, resume_from):
+        return Start(resume_from, universal_copy(run_dir, resume_from, world, trainer.log, trainer.accelerator))
+    return Start(resume_from, resume_from)
+
+
+def check_resumable(trainer, path: Path) -> bool:
+    """Refuse what cannot resume (one line why); True when a ZeRO checkpoint must first become universal."""
+    cfg = trainer.cfg
+    state = ckpt.read_state(path)
+    saved_ds, now_ds = scale.is_deepspeed_checkpoint(path), scale.using_deepspeed()
+    if saved_ds != now_ds:
+        how = ("a DeepSpeed accelerate config (launch/accelerate/zero*.yaml)" if saved_ds else
+               "a non-DeepSpeed accelerate config (cpu2.yaml, multi_gpu.yaml, ...)")
+        raise ckpt.ResumeError(f"cannot resume {path}: it was written {'with' if saved_ds else 'without'} DeepSpeed; "
+                               f"resume it under {how}, or start a new run from its weights "
+                               "(python launch/export.py)")
+    if state.get("model_hash") != trainer.model_hash:
+        saved = yaml.safe_load((path / ckpt.CONFIG_NAME).read_text()).get("model", {})
+        now = to_dict(cfg.model)
+        diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        raise ckpt.ResumeError(f"cannot resume {path}: the model config differs ({'; '.join(diff) or 'hash mismatch'})")
+    check_ema_matches(path, cfg.train.ema_decay)
+    discriminator.check_resume_layout(path, state, cfg)
+    shards = scale.zero_partitions(path)
+    return bool(shards) and shards != trainer.world.world_size
+
+
+def universal_copy(run_dir: Path, path: Path, world, log, accelerator) -> Path:
+    """Resume a ZeRO checkpoint on another process count: convert it (rank 0) into DeepSpeed's
+    universal format under checkpoints/.tmp-universal-*, which the engine then re-partitions.
+    Removed after loading (clean_stale) like any other temporary folder."""
+    shards = scale.zero_partitions(path)
+    dest = run_dir / "checkpoints" / f".tmp-universal-{path.name}"
+    error = [None]
+    if world.is_main:
+        log.info(f"{path} was saved by {shards} ranks, resuming on {world.world_size}: "
+                 f"converting it to a DeepSpeed universal checkpoint in {dest}")
+        try:
+            scale.to_universal(path, dest)
+        except Exception as e:  # noqa: BLE001 -- every rank must hear of it, or the others wait forever
+            error[0] = f"{type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e)
+    if world.world_size > 1:
+        tdist.broadcast_object_list(error, src=0)  # also the barrier: the copy is complete
+    if error[0]:
+        raise ckpt.ResumeError(f"cannot resume {path} on {world.world_size} process(es): {error[0]}")
+    accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
+    return dest
+
+
+def init_source(path: str, world) -> Path:
+    """The main rank resolves train.init_from (a run that is still training may write a newer
+    checkpoint between two ranks' looks) and tells the others; or tells them why it cannot."""
+    found = [None, None]
+    if world.is_main:
+        try:
+            found[0] = str(weights_source(path))
+        except LoadError as e:
+            found[1] = f"train.init_from: {e}"
+    if world.world_size > 1:
+        tdist.broadcast_object_list(found, src=0)
+    if found[1]:
+        raise LoadError(found[1])
+    return Path(found[0])
+
+
+def restore(trainer, start: Start) -> dict:
+    """Load model, optimizer, scheduler, scaler, EMA, RNG (accelerate) and return the trainer state."""
+    accelerator, world = trainer.accelerator, trainer.world
+    accelerator.load_state(str(start.load_from))
+    for hook in trainer.hooks:
+        hook.after_resume(trainer)
+    if start.load_from != start.resume_from:
+        with scale.full_parameters(trainer.engine.model):
+            scale.load_universal_buffers(trainer.engine.unwrapped(), start.load_from)
+    state = ckpt.read_state(start.resume_from)
+    if not (start.load_from / f"random_states_{world.rank}.pkl").is_file():
+        set_seed(trainer.cfg.train.seed + world.rank + 7919 * state["step"])  # a rank the checkpoint did not have
+    norms = state_norms(trainer)
+    trainer.log.file_only("state at resume: " + " ".join(f"{k}={v:.10g}" for k, v in norms.items()))
+    _warn_if_changed(trainer, state)
+    return state
+
+
+def state_norms(trainer) -> dict:
+    """L2 norms of all weights, buffers (codebooks, BatchNorm statistics) and Adam's second moments,
+    whole over all ranks. Logged at resume: a resume on another process count must find the
+    same numbers as one on the same count."""
+    model = trainer.engine.model
+    with scale.full_parameters(model):  # collective under ZeRO-3
+        weights = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters())
+    buffers = sum(float(b.double().pow(2).sum()) for b in model.buffers() if b.is_floating_point())
+    engine = scale.deepspeed_engine(model)
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer) if engine is not None else trainer.base_optimizer
+    moments = sum(float(s["exp_avg_sq"].double().pow(2).sum()) for s in base.state.values() if "exp_avg_sq" in s)
+    if engine is not None and engine.zero_optimization():  # each rank holds its partition of the state
+        moments = all_reduce_sum([moments], trainer.device)[0]
+    return {"weights_norm": math.sqrt(weights), "buffers_norm": math.sqrt(buffers), "adam_v_norm": math.sqrt(moments)}
+
+
+def _warn_if_changed(trainer, state: dict) -> None:
+    now, then = trainer.data_layout(), state.get("data_layout", {})
+    changed = [f"{k} {then.get(k)} -> {v}" for k, v in now.items() if then.get(k) != v]
+    if changed:
+        trainer.log.info(f"note: data layout changed since the checkpoint ({', '.join(changed)}): training goes on "
+                         "with a deterministic but different sample order than an uninterrupted run")
+    then, now = state.get("loss_files", {}), trainer.task.fingerprint()
+    changed = [k for k in now if k in then and then[k] != now[k]]
+    if changed:
+        trainer.log.info(f"note: {', '.join(f'loss.{k}' for k in changed)} is not the file this run was trained with "
+                         "(its contents changed): the loss differs from before the checkpoint")
+

@@ -1,0 +1,164 @@
+"""What the Trainer trains a model *for*: the loss of one micro-batch, what the data must carry,
+what is drawn and what is written at the end. The Trainer holds one task and never asks which.
+
+- `AutoencoderTask` (every autoencoder kind): the weighted loss of harness/losses.py; image grids.
+- `ClassifierTask` (`model.kind: classifier`): cross-entropy on the shards' `cls` labels; at the
+  end it measures accuracy and writes `perception.safetensors` + `perception.json`, the frozen
+  network the perceptual loss reads (`loss.perceptual_net`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from harness.config import Config, ConfigError
+from harness.data import fixed_batch, to_model_input
+from harness.losses import AutoencoderLoss, LossTerms
+
+
+class AutoencoderTask:
+    draws_images = True
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg = cfg
+        # Files the loss reads (a perception net) are checked first: a bad path stops the run
+        # before anything is written. The loss module is never prepared: nothing in it trains.
+        self.loss_fn = AutoencoderLoss(cfg.loss).to(device)
+        self.cond_key = {"class": "cls", "multilabel": "labels"}.get(cfg.model.condition)
+        p = self.loss_fn.perception
+        if p is not None and p.in_channels != cfg.model.out_ch:
+            raise ConfigError(f"loss.perceptual_net: the network reads {p.in_channels}-channel images but the model "
+                              f"makes {cfg.model.out_ch} (model.out_ch)")
+
+    def check_data(self, info) -> None:
+        num = self.cfg.model.num_classes
+        if self.cond_key == "cls":
+            if not info.classes:
+                raise ConfigError("model.condition: class conditioning needs shards with class labels (index.json classes)")
+            if len(info.classes) > num:
+                raise ConfigError(f"model.num_classes: the shards have {len(info.classes)} classes, more than {num}")
+        if self.cond_key == "labels":
+            if not info.label_names:
+                raise ConfigError("model.condition: multilabel conditioning needs shards with json labels "
+                                  "(index.json label_names)")
+            if len(info.label_names) != num:
+                raise ConfigError(f"model.num_classes: the shards have {len(info.label_names)} labels "
+                                  f"({', '.join(info.label_names[:3])}, ...); set model.num_classes={len(info.label_names)}")
+
+    def forward(self, model, x: torch.Tensor, batch: dict, cond):
+        out = model(x, cond=cond)
+        return out, self.loss_fn(x, out)
+
+    def fingerprint(self) -> dict[str, str]:
+        return self.loss_fn.fingerprint()
+
+    def describe(self) -> str | None:
+        if self.loss_fn.perception is None:
+            return None
+        info = self.loss_fn.perception.info
+        acc = info.get("accuracy")
+        acc = f"{acc:.3f}" if isinstance(acc, (int, float)) else "?"
+        return (f"perceptual loss: frozen net {self.cfg.loss.perceptual_net} ({len(info.get('classes', []))} "
+                f"classes, accuracy {acc} on {info.get('accuracy_on', '?')} at {info.get('image_size', '?')} px)")
+
+    def finish(self, trainer) -> None:
+        pass
+
+
+@dataclass
+class ClassifierOutput:
+    logits: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ClassifierTask:
+    draws_images = False
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg = cfg
+        self.cond_key = None
+        self.classes: list[str] = []
+        if cfg.loss.disc_weight > 0:
+            raise ConfigError("loss.disc_weight: a discriminator judges reconstructions; model.kind=classifier has none")
+
+    def check_data(self, info) -> None:
+        if len(info.classes) < 2:
+            raise ConfigError(f"data.train: the shards name {len(info.classes)} class(es) in index.json; a classifier "
+                              "needs `cls` labels of at least 2 classes")
+        num = self.cfg.model.num_classes
+        if num and num != len(info.classes):
+            raise ConfigError(f"model.num_classes: the shards have {len(info.classes)} classes; set "
+                              f"model.num_classes={len(info.classes)} (or 0: from the shards)")
+        self.classes = list(info.classes)
+        self.cfg.model.num_classes = len(info.classes)  # before the model is built and its config hashed
+
+    def forward(self, model, x: torch.Tensor, batch: dict, cond):
+        y = batch["cls"].to(x.device, non_blocking=True)
+        if (y < 0).any() or (y >= len(self.classes)).any():
+            raise ConfigError(f"data.train: a sample has no `cls` label or one outside the {len(self.classes)} "
+                              f"classes of index.json (keys {batch['key'][:2]})")
+        logits = model(x).float()
+        loss = F.cross_entropy(logits, y)
+        accuracy = (logits.argmax(1) == y).float().mean()
+        return ClassifierOutput(logits, {"accuracy": accuracy}), LossTerms(loss, {"ce": loss})
+
+    def fingerprint(self) -> dict[str, str]:
+        return {}
+
+    def describe(self) -> str | None:
+        return f"classifier over {len(self.classes)} classes: {', '.join(self.classes[:5])}"
+
+    @torch.no_grad()
+    def finish(self, trainer) -> None:
+        """Measure accuracy on held-out shards (data.val) or the training shards, and write the
+        perception network file the perceptual loss reads, atomically, into the run folder."""
+        from harness.perception_file import FORMAT, save_perception
+        from shards.atomic import write_text_atomic
+
+        if not trainer.world.is_main:
+            return
+        cfg = self.cfg
+        net = trainer.engine.unwrapped()
+        was_training = net.training
+        net.eval()
+        eval_on = cfg.data.val or cfg.data.train
+        ref = fixed_batch(eval_on, cfg.log.eval_samples, cfg.data.image_size)
+        if ref is None:
+            raise ConfigError(f"{eval_on}: no readable samples to measure the accuracy on")
+        correct = 0
+        for images, labels in zip(ref["image"].split(cfg.train.batch_size), ref["cls"].split(cfg.train.batch_size)):
+            pred = net(to_model_input(images, trainer.device)).float().argmax(1).cpu()
+            correct += int((pred == labels).sum())
+        net.train(was_training)
+        n = len(ref["cls"])
+        info = {
+            "classes": self.classes,
+            "num_classes": len(self.classes),
+            "accuracy": correct / n,
+            "accuracy_on": "val" if cfg.data.val else "train",
+            "eval_samples": n,
+            "chance": 1 / len(self.classes),
+            "final_train_loss": trainer.last_loss,
+            "image_size": cfg.data.image_size,
+            "steps": trainer.step,
+            "batch_size": cfg.train.batch_size,
+            "world_size": trainer.world.world_size,
+            "data": cfg.data.train,
+            "val": cfg.data.val,
+        }
+        net = net.float() if next(net.parameters()).dtype != torch.float32 else net
+        path = save_perception(net, trainer.run_dir / "perception.safetensors", info)
+        write_text_atomic(trainer.run_dir / "perception.json",
+                          json.dumps({"format": FORMAT, "arch": asdict(net.arch), **info}, indent=1))
+        trainer.log.info(f"accuracy {info['accuracy']:.3f} on {n} {info['accuracy_on']} samples "
+                         f"(chance {info['chance']:.3f}); wrote {path} and {trainer.run_dir / 'perception.json'}")
+        trainer.log.info("use it: python launch/train.py --config launch/configs/perceptual_demo.yaml "
+                         f"loss.perceptual_net={path}")
+
+
+def make_task(cfg: Config, device: torch.device):
+    return ClassifierTask(cfg, device) if cfg.model.kind == "classifier" else AutoencoderTask(cfg, device)
