@@ -117,7 +117,7 @@ class ClassifierTask:
         """Measure accuracy on held-out shards (data.val) or the training shards, and write the
         perception network file the perceptual loss reads, atomically, into the run folder."""
         from harness.perception_file import FORMAT, save_perception
-        from shards.atomic import write_text_atomic
+        from shards.atomic import write_atomic
 
         if not trainer.world.is_main:
             return
@@ -152,7 +152,7 @@ class ClassifierTask:
         }
         net = net.float() if next(net.parameters()).dtype != torch.float32 else net
         path = save_perception(net, trainer.run_dir / "perception.safetensors", info)
-        write_text_atomic(trainer.run_dir / "perception.json",
+        write_atomic(trainer.run_dir / "perception.json",
                           json.dumps({"format": FORMAT, "arch": asdict(net.arch), **info}, indent=1))
         trainer.log.info(f"accuracy {info['accuracy']:.3f} on {n} {info['accuracy_on']} samples "
                          f"(chance {info['chance']:.3f}); wrote {path} and {trainer.run_dir / 'perception.json'}")

@@ -40,7 +40,7 @@ from harness.monitor import Monitor, StepStats
 from harness.resume import init_source, plan, restore
 from harness.signals import EXIT_PREEMPTED, StopFlag
 from harness.tasks import make_task
-from models import build_model
+from models.registry import build_model, deepspeed_unsupported
 
 # DDP on CPU warns that the gradient of a 1x1 conv has strides (C, 1, C, C) where its bucket view
 # has (C, 1, 1, 1). Both are contiguous layouts (size-1 dims have arbitrary strides): no copy is
@@ -72,7 +72,8 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
-        _refuse_unsupported_model(cfg, deepspeed=scale.using_deepspeed())
+        if scale.using_deepspeed() and (why := deepspeed_unsupported(cfg.model)):
+            raise ConfigError(why)
         discriminator.refuse_unsupported(cfg, deepspeed=scale.using_deepspeed(), mixed_precision=None)
         mixed = None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mixed,
@@ -303,9 +304,3 @@ class Trainer:
         path = self.ckpt.save(self.step, self.state_dict(), self.config_yaml)
         self.log.info(f"checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
 
-
-def _refuse_unsupported_model(cfg: Config, *, deepspeed: bool) -> None:
-    if deepspeed and cfg.model.kind == "vq" and cfg.model.vq_decay == 0:
-        raise ConfigError("model.vq_decay=0 (a codebook trained by gradient) does not work under DeepSpeed: its "
-                          "first-batch init and dead-code restarts edit the weights outside the optimizer, and "
-                          "DeepSpeed's own fp32 copy overwrites them; use the EMA codebook (vq_decay 0.99)")
