@@ -1,0 +1,106 @@
+"""Finding and reading the weight files of the reference networks (LPIPS's VGG16 and linear heads,
+the FID Inception). Nothing is downloaded: the user's files are looked for in the places the
+upstream packages would have put them, and a missing file is one line that names every place
+looked at.
+
+Files are read with `torch.load(weights_only=True)`: tensors only, never arbitrary pickle.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+
+class WeightsNotFoundError(ValueError):
+    """A reference network's weight file is missing or unreadable: one line, naming the file and where
+    it was looked for."""
+
+
+def hub_checkpoint_dirs() -> list[Path]:
+    """Where `torch.hub` keeps downloaded checkpoints: $TORCH_HOME/hub/checkpoints, else
+    $XDG_CACHE_HOME/torch/hub/checkpoints, else ~/.cache/torch/hub/checkpoints (all that apply, in
+    that order, so a file cached under a different setting is still found)."""
+    dirs = []
+    if os.environ.get("TORCH_HOME"):
+        dirs.append(Path(os.environ["TORCH_HOME"]).expanduser() / "hub" / "checkpoints")
+    if os.environ.get("XDG_CACHE_HOME"):
+        dirs.append(Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "torch" / "hub" / "checkpoints")
+    dirs.append(Path("~/.cache/torch/hub/checkpoints").expanduser())
+    return list(dict.fromkeys(dirs))
+
+
+def installed_package_file(package: str, relative: str) -> tuple[Path | None, list[str]]:
+    """`relative` inside an installed package, found WITHOUT importing it (lpips imports torchvision,
+    which may not import beside this torch). Returns (path or None, the places looked at)."""
+    looked = []
+    try:
+        spec = importlib.util.find_spec(package)  # a top-level name: locates, does not execute
+    except (ImportError, ValueError):
+        spec = None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(root) / relative
+        looked.append(str(candidate))
+        if candidate.is_file():
+            return candidate, looked
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    wanted = f"{package}/{relative}"
+    for f in files:
+        if str(f).replace("\\", "/") == wanted:
+            candidate = Path(f.locate())
+            looked.append(str(candidate))
+            if candidate.is_file():
+                return candidate, looked
+    if not looked:
+        looked.append(f"the installed '{package}' package (not installed)")
+    return None, looked
+
+
+def find_weights(what: str, path: str | os.PathLike | None, filename: str, places: list[Path] = (),
+                 hint: str = "") -> Path:
+    """The file to read: `path` when given (it must exist), else `filename` in the first of `places`
+    that has it. Raises WeightsNotFoundError naming every place looked at."""
+    if path:
+        p = Path(path).expanduser()
+        if p.is_file():
+            return p
+        raise WeightsNotFoundError(f"{what}: {p}: no such file{hint}")
+    looked = [Path(d) / filename for d in places]
+    for p in looked:
+        if p.is_file():
+            return p
+    where = ", ".join(str(p) for p in looked) or "nowhere (no path given)"
+    raise WeightsNotFoundError(f"{what}: {filename} not found; looked in {where}{hint}")
+
+
+def read_state_dict(what: str, path: Path) -> dict[str, torch.Tensor]:
+    """A flat name -> tensor dict from a torch checkpoint file (tensors only, CPU)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for broken or pickled files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise WeightsNotFoundError(f"{what}: {path}: not a readable weights-only torch file "
+                                   f"({type(e).__name__}: {msg[:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsNotFoundError(f"{what}: {path}: not a state dict of tensors")
+    return state
+
+
+def check_keys(what: str, path: Path, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Every expected tensor present with its shape (extra keys are the caller's business)."""
+    missing = [k for k in expected if k not in state]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or wrong:
+        raise WeightsNotFoundError(f"{what}: {path}: does not fit the network "
+                                   f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                                   f"wrong shape {wrong[:3]})")

@@ -1,0 +1,212 @@
+"""LPIPS(vgg) equals the `lpips` package on golden values, loads the user's files offline, says in one line
+what is missing, and stays frozen.
+
+The golden file was made by tests/reference/make_lpips_golden.py in a venv with torch 2.14.1,
+torchvision 0.29.1 and lpips 0.1.4, on a backbone filled by tests/reference/recipe.py.
+"""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reference.recipe import SEED_LIN, SEED_VGG, checksum, fill, shapes_of
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from models.lpips import (
+    LIN_RELATIVE,
+    LPIPS,
+    VGG16_FILE,
+    find_lpips_lin,
+    find_vgg16,
+    normalize_channels,
+)
+from models.weights import WeightsNotFoundError
+
+GOLDEN = Path(__file__).parent / "reference" / "lpips_golden.safetensors"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with safe_open(str(GOLDEN), framework="pt") as f:
+        meta = f.metadata()
+    return load_file(str(GOLDEN)), meta
+
+
+@pytest.fixture(scope="module")
+def recipe_state():
+    net = LPIPS()
+    feats = {k: v for k, v in net.state_dict().items() if k.startswith("features.")}
+    lins = {k: v for k, v in net.state_dict().items() if k.startswith("lin")}
+    return fill(shapes_of(feats), SEED_VGG), fill(shapes_of(lins), SEED_LIN)
+
+
+@pytest.fixture(scope="module")
+def net(recipe_state):
+    vgg, lin = recipe_state
+    net = LPIPS()
+    net.load_state_dict({**vgg, **lin})
+    return net
+
+
+def to_pm1(img: torch.Tensor) -> torch.Tensor:
+    return img.float() / 127.5 - 1
+
+
+def test_recipe_reproduces_the_golden_backbone_bitwise(golden, recipe_state):
+    tensors, meta = golden
+    vgg, lin = recipe_state
+    assert checksum(vgg) == meta["vgg_checksum"], "the recipe drew other VGG16 weights than the golden script"
+    assert checksum(lin) == meta["lin_checksum"]
+    for k, v in lin.items():
+        assert torch.equal(tensors[k], v), k
+
+
+def test_matches_lpips_package(golden, net):
+    tensors, _ = golden
+    with torch.no_grad():
+        d = net(to_pm1(tensors["img0"]), to_pm1(tensors["img1"]))
+    assert d.shape == (3,)
+    torch.testing.assert_close(d, tensors["distance"], rtol=1e-5, atol=1e-6)
+    assert (d - tensors["distance"]).abs().max() < 1e-5
+
+
+def net_scale(x: torch.Tensor) -> torch.Tensor:
+    """LPIPS's ScalingLayer, written out independently of models/lpips.py."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    return (x - shift) / scale
+
+
+def test_per_layer_terms_match(golden, net):
+    tensors, _ = golden
+    x, y = to_pm1(tensors["img0"]), to_pm1(tensors["img1"])
+    with torch.no_grad():
+        sx, sy = net.taps(net_scale(x)), net.taps(net_scale(y))
+        per_layer = torch.stack([lin((normalize_channels(a) - normalize_channels(b)) ** 2).mean(dim=(1, 2, 3))
+                                 for a, b, lin in zip(sx, sy, net.lins)])
+    assert [t.shape[1] for t in sx] == [64, 128, 256, 512, 512]
+    torch.testing.assert_close(per_layer, tensors["per_layer"], rtol=1e-5, atol=1e-7)
+
+
+def test_closer_image_is_closer(golden, net):
+    tensors, _ = golden
+    x = to_pm1(tensors["img0"])
+    with torch.no_grad():
+        same = net(x, x)
+        slight = net(x, (x + 0.02 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1))
+        strong = net(x, (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1))
+    assert torch.all(same.abs() < 1e-6)
+    assert torch.all(slight < strong)
+    # the golden pairs are ordered too: mild noise < a strong change < an unrelated image
+    d = tensors["distance"]
+    assert d[0] < d[1] < d[2]
+
+
+def test_frozen_and_always_eval(net, golden):
+    tensors, _ = golden
+    assert not any(p.requires_grad for p in net.parameters())
+    net.train()
+    assert not net.training and not any(m.training for m in net.modules())
+    # gradients still reach the images (the perceptual loss needs them), never the weights
+    x = to_pm1(tensors["img0"][:1]).requires_grad_(True)
+    net(x, to_pm1(tensors["img1"][:1])).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.parameters())
+    assert len(list(net.buffers())) == 0
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def fake_lpips_package(root: Path, lin_state: dict) -> Path:
+    """An installed-looking `lpips` package whose import fails (the real one imports torchvision)."""
+    pkg = root / "lpips"
+    (pkg / "weights" / "v0.1").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('lpips must be located, not imported')\n")
+    torch.save(lin_state, pkg / LIN_RELATIVE)
+    return pkg / LIN_RELATIVE
+
+
+@pytest.fixture
+def clean_env(tmp_path, monkeypatch):
+    """No torch hub cache and no lpips package anywhere we would look."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p) / "lpips").exists()])
+    importlib.invalidate_caches()
+    return tmp_path
+
+
+def test_lin_heads_found_in_installed_package_without_importing_it(clean_env, monkeypatch, recipe_state):
+    _, lin = recipe_state
+    site = clean_env / "site"
+    expected = fake_lpips_package(site, lin)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    assert find_lpips_lin().resolve() == expected.resolve()
+    assert "lpips" not in sys.modules
+    # an explicit path wins over the package
+    other = clean_env / "mine.pth"
+    torch.save(lin, other)
+    assert find_lpips_lin(other) == other
+
+
+def test_loads_files_from_hub_cache_and_package(clean_env, monkeypatch, recipe_state, golden):
+    vgg, lin = recipe_state
+    hub = clean_env / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    # torchvision's file also holds the classifier: ignored
+    torch.save({**vgg, "classifier.0.weight": torch.zeros(2, 2)}, hub / VGG16_FILE)
+    site = clean_env / "site"
+    fake_lpips_package(site, lin)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    net = LPIPS.from_files()
+    assert not any(p.requires_grad for p in net.parameters()) and not net.training
+    tensors, _ = golden
+    with torch.no_grad():
+        d = net(to_pm1(tensors["img0"]), to_pm1(tensors["img1"]))
+    torch.testing.assert_close(d, tensors["distance"], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_vgg_names_every_place(clean_env):
+    with pytest.raises(WeightsNotFoundError) as e:
+        find_vgg16()
+    msg = str(e.value)
+    assert "\n" not in msg and VGG16_FILE in msg
+    for place in (clean_env / "torch_home" / "hub" / "checkpoints", clean_env / "xdg" / "torch" / "hub" / "checkpoints",
+                  clean_env / "home" / ".cache" / "torch" / "hub" / "checkpoints"):
+        assert str(place / VGG16_FILE) in msg
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(WeightsNotFoundError, match="nope.pth: no such file"):
+        LPIPS.from_files(vgg=clean_env / "nope.pth")
+
+
+def test_missing_lin_heads_one_line(clean_env):
+    with pytest.raises(WeightsNotFoundError) as e:
+        find_lpips_lin()
+    assert "\n" not in str(e.value) and "lpips" in str(e.value) and LIN_RELATIVE in str(e.value)
+    with pytest.raises(WeightsNotFoundError, match="heads.pth: no such file"):
+        find_lpips_lin(clean_env / "heads.pth")
+
+
+def test_bad_files_one_line(clean_env, recipe_state):
+    vgg, _ = recipe_state
+    text = clean_env / "vgg.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(WeightsNotFoundError) as e:
+        LPIPS.from_files(vgg=text, lin=text)
+    assert "not a readable weights-only torch file" in str(e.value) and "\n" not in str(e.value)
+    partial = clean_env / "partial.pth"
+    torch.save({k: v for k, v in vgg.items() if k != "features.28.bias"}, partial)
+    with pytest.raises(WeightsNotFoundError, match=r"missing \['features.28.bias'\]"):
+        LPIPS.from_files(vgg=partial, lin=text)
+    # a pickled object that is not plain tensors is refused by weights_only loading
+    pickled = clean_env / "pickled.pth"
+    torch.save({"x": object()}, pickled)
+    with pytest.raises(WeightsNotFoundError, match="not a readable weights-only"):
+        LPIPS.from_files(vgg=pickled, lin=text)
