@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from shards.atomic import atomic_path
+
 PLAIN_FILES = ("model.safetensors", "pytorch_model.bin")  # accelerate's names for the first model
 DS_TAG = "pytorch_model"  # accelerate's DeepSpeed checkpoint tag for the first model
 
@@ -68,7 +70,6 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, me
         seen[key] = k
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(out, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     return path

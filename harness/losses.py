@@ -106,13 +106,13 @@ class AutoencoderLoss(torch.nn.Module):
 def load_perceptual(path: str):
     """The frozen perceptual distance from `loss.perceptual_net`; a bad file is a one-line ConfigError."""
     from harness.config import ConfigError
-    from models.perception import PerceptionFileError, PerceptualDistance
+    from harness.perception_file import PerceptionFileError, load_distance
 
     if not path:
         raise ConfigError("loss.perceptual_net: loss.perceptual_weight > 0 needs the file written by "
                           "launch/train_perception.py (perception.safetensors)")
     try:
-        return PerceptualDistance.from_file(path)
+        return load_distance(path)
     except PerceptionFileError as e:
         raise ConfigError(f"loss.perceptual_net: {e}; train one with `python launch/train_perception.py "
                           f"--data SHARDS --out DIR` or set loss.perceptual_weight=0") from None

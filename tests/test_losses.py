@@ -15,16 +15,11 @@ from harness import losses as losses_mod
 from harness import metrics
 from harness.config import ConfigError, LossConfig, describe, load_config
 from harness.losses import AutoencoderLoss, total_variation
+from harness.perception_file import PerceptionFileError, load_distance, load_perception, save_perception
 from launch.train import main as train_main
 from launch.train_perception import main as perception_main
 from models.base import AutoencoderOutput
-from models.perception import (
-    PerceptionFileError,
-    PerceptionNet,
-    PerceptualDistance,
-    load_perception,
-    save_perception,
-)
+from models.perception import PerceptionNet
 from shardgen import make_colour_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +80,7 @@ def test_each_term_adds_its_weighted_value(perception):
         "ssim": 1 - metrics.ssim(out.recon, x),
         "tv": total_variation(out.recon),
         "sparsity": out.latent.abs().mean(),
-        "perceptual": PerceptualDistance.from_file(net)(out.recon, x),
+        "perceptual": load_distance(net)(out.recon, x),
     }
     for name, value in expected.items():
         assert value.item() > 0.01, name  # each term is far from zero in this case
@@ -140,7 +135,7 @@ def test_terms_are_documented_and_validated():
 
 
 def test_perceptual_distance_is_zero_for_identical_images_and_grows_with_distortion(perception):
-    dist = PerceptualDistance.from_file(perception / "perception.safetensors")
+    dist = load_distance(perception / "perception.safetensors")
     x = images(n=4, seed=2)
     assert dist(x, x).item() == pytest.approx(0.0, abs=1e-6)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
@@ -153,7 +148,7 @@ def test_perceptual_distance_is_zero_for_identical_images_and_grows_with_distort
 
 
 def test_gradients_reach_the_reconstruction_not_the_net(perception):
-    dist = PerceptualDistance.from_file(perception / "perception.safetensors")
+    dist = load_distance(perception / "perception.safetensors")
     x = images()
     recon = (x + 0.2).requires_grad_(True)
     dist(recon, x).backward()
