@@ -73,7 +73,7 @@ class Monitor:
         reduced = all_reduce_sum([*local.values(), stats.bad, stats.data_wait, stats.grad_norm, stats.steps_taken],
                                  t.device)
         n = t.world.world_size
-        values = {k: v / n for k, v in zip(names, reduced[: len(names)])}
+        values = {k: v / n for k, v in zip(names, reduced[: len(names)], strict=True)}
         bad, wait, grad_norm, taken = reduced[len(names):]
         t.totals["bad_samples"] += bad
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * n

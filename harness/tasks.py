@@ -38,7 +38,8 @@ class AutoencoderTask:
         num = self.cfg.model.num_classes
         if self.cond_key == "cls":
             if not info.classes:
-                raise ConfigError("model.condition: class conditioning needs shards with class labels (index.json classes)")
+                raise ConfigError("model.condition: class conditioning needs shards with class labels "
+                                  "(index.json classes)")
             if len(info.classes) > num:
                 raise ConfigError(f"model.num_classes: the shards have {len(info.classes)} classes, more than {num}")
         if self.cond_key == "labels":
@@ -46,8 +47,9 @@ class AutoencoderTask:
                 raise ConfigError("model.condition: multilabel conditioning needs shards with json labels "
                                   "(index.json label_names)")
             if len(info.label_names) != num:
-                raise ConfigError(f"model.num_classes: the shards have {len(info.label_names)} labels "
-                                  f"({', '.join(info.label_names[:3])}, ...); set model.num_classes={len(info.label_names)}")
+                n = len(info.label_names)
+                raise ConfigError(f"model.num_classes: the shards have {n} labels "
+                                  f"({', '.join(info.label_names[:3])}, ...); set model.num_classes={n}")
 
     def forward(self, model, x: torch.Tensor, batch: dict, cond):
         out = model(x, cond=cond)
@@ -83,7 +85,8 @@ class ClassifierTask:
         self.cond_key = None
         self.classes: list[str] = []
         if cfg.loss.disc_weight > 0:
-            raise ConfigError("loss.disc_weight: a discriminator judges reconstructions; model.kind=classifier has none")
+            raise ConfigError("loss.disc_weight: a discriminator judges reconstructions, and model.kind=classifier "
+                              "makes none; set loss.disc_weight=0")
 
     def check_data(self, info) -> None:
         if len(info.classes) < 2:
@@ -130,7 +133,8 @@ class ClassifierTask:
         if ref is None:
             raise ConfigError(f"{eval_on}: no readable samples to measure the accuracy on")
         correct = 0
-        for images, labels in zip(ref["image"].split(cfg.train.batch_size), ref["cls"].split(cfg.train.batch_size)):
+        chunks = cfg.train.batch_size
+        for images, labels in zip(ref["image"].split(chunks), ref["cls"].split(chunks), strict=True):
             pred = net(to_model_input(images, trainer.device)).float().argmax(1).cpu()
             correct += int((pred == labels).sum())
         net.train(was_training)

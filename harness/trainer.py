@@ -281,8 +281,9 @@ class Trainer:
 
     def data_layout(self) -> dict:
         c = self.cfg
-        return {"world_size": self.world.world_size, "batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum,
-                "num_workers": c.data.num_workers, "seed": c.data.seed, "batches_per_epoch": self.loader.batches_per_epoch}
+        return {"world_size": self.world.world_size, "batch_size": c.train.batch_size,
+                "grad_accum": c.train.grad_accum, "num_workers": c.data.num_workers, "seed": c.data.seed,
+                "batches_per_epoch": self.loader.batches_per_epoch}
 
     def state_dict(self) -> dict:
         state = {

@@ -38,7 +38,8 @@ from launch.train import main as train_main  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="training shards with `cls` labels (pattern, folder or comma list)")
     p.add_argument("--val", default="", help="held-out shards for the accuracy in perception.json ('' = --data)")
     p.add_argument("--out", default="runs/perception", help="output folder (the run folder)")
