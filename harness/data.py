@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import make_seed
 
 from harness import tario
+from shards.images import to_rgb
 from shards.sources import DataSourceError, ShardSource, resolve_sources
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -55,29 +56,12 @@ DATA_ERRORS = (OSError, EOFError, tarfile.TarError, KeyError, ValueError, Image.
 # ---------------------------------------------------------------------------------------------
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode (L, P, CMYK, RGBA, LA, I;16, ...) to RGB; transparency over white."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.uint32)
-        arr = (arr >> 8) if arr.max() > 255 else arr
-        img = Image.fromarray(arr.astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
-        return background
-    return img.convert("RGB")
-
-
 def load_image(data: bytes, size: int, crop: str, hflip: bool, rng: random.Random) -> np.ndarray:
     """Decode, square-crop (random or center), resize to `size`, maybe flip -> uint8 `h w c`."""
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale still >= size (much faster)
     ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image that is already upright
-    img = to_rgb(img)
+    img = to_rgb(img)  # the shard builders' conversion: img2dataset's or anyone's shards decode the same way
     w, h = img.size
     side = min(w, h)
     if crop == "random":

@@ -9,7 +9,8 @@ import webdataset as wds
 from PIL import Image
 
 from harness.config import DataConfig
-from harness.data import TrainLoader, load_image, to_model_input, to_rgb
+from harness.data import TrainLoader, load_image, to_model_input
+from shards.images import to_rgb
 from shards.sources import DataSourceError, resolve_sources
 from shardgen import image_bytes, make_shards
 from shards.index import write_index
@@ -123,6 +124,25 @@ def test_any_mode_becomes_rgb(mode):
     img.save(buf, format="PNG" if mode != "CMYK" else "JPEG")
     arr = load_image(buf.getvalue(), 16, "center", False, None)
     assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
+
+
+@pytest.mark.parametrize("level", [200, 4096])
+def test_16_bit_images_scale_by_the_mode_range_not_the_pixel_max(level):
+    """A dark 16-bit picture stays dark: 200/65535 is black, 4096/65535 is 1/16 grey, whatever the max."""
+    a = np.full((20, 30), level, dtype=np.uint16)
+    a[:, :10] = level // 2
+    img = Image.fromarray(a)
+    assert img.mode == "I;16"
+    expected = round(level * 255 / 65535)
+    assert expected < 20
+    for im in (img, img.convert("I")):  # PIL opens 16-bit PNGs as I;16 or I
+        rgb = np.asarray(to_rgb(im))
+        assert rgb.shape == (20, 30, 3) and rgb[:, 10:].max() == expected and rgb[:, 10:].min() == expected
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")  # a real 16-bit greyscale PNG through the training decoder
+    arr = load_image(buf.getvalue(), 16, "center", False, None)
+    assert arr.max() <= expected + 1
+
 
 
 def test_missing_sources_are_one_line_errors(tmp_path):
