@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from harness import checkpoint as ckpt
+from harness import diffusers_io
 from harness.config import Config, from_dict
 from models import Autoencoder, build_model
 
@@ -126,10 +127,18 @@ def weights_from(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     safetensors, or `torch.load(weights_only=True)` (never our trainer's pickle): a plain state
     dict, or a latent-diffusion checkpoint (`state_dict`, the autoencoder under
     `first_stage_model.` in a full Stable Diffusion one). The training loss's tensors (`loss.*`:
-    LPIPS, discriminator) and LitEma's counters (`model_ema.*`) are not model weights: dropped."""
+    LPIPS, discriminator) and LitEma's counters (`model_ema.*`) are not model weights: dropped.
+    A diffusers AutoencoderKL / VQModel folder (or a pipeline, its vae/) or a lone
+    diffusion_pytorch_model file is converted to our names (harness/diffusers_io.py)."""
     from harness.export import ExportError
 
     path = Path(path)
+    if diffusers_io.is_diffusers_folder(path):  # config.json (or a pipeline's vae/): converted to our names
+        try:
+            state, _, folder = diffusers_io.load_folder(path)
+        except diffusers_io.DiffusersError as e:
+            raise LoadError(str(e)) from None
+        return state, folder
     if path.is_dir():
         folder = find_weights_dir(path)
         try:
@@ -150,17 +159,38 @@ def weights_from(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
         raise LoadError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     if any(k.startswith(LDM_PREFIX) for k in state):
         state = {k[len(LDM_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
+    if diffusers_io.is_diffusers_state(state):  # a lone diffusion_pytorch_model.safetensors
+        try:
+            state = diffusers_io.state_from_diffusers({k: v for k, v in state.items() if torch.is_tensor(v)})
+        except diffusers_io.DiffusersError as e:
+            raise LoadError(f"{path}: {e}") from None
     return {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith(NOT_WEIGHTS)}, path
 
 
 def weights_source(path: str | Path) -> Path:
     """Where `weights_from(path)` would read: a run folder's newest checkpoint, else the path."""
     path = Path(path)
+    if diffusers_io.is_diffusers_folder(path):
+        try:
+            return diffusers_io.resolve_folder(path).resolve()
+        except diffusers_io.DiffusersError as e:
+            raise LoadError(str(e)) from None
     if path.is_dir():
         return find_weights_dir(path).resolve()
     if not path.is_file():
         raise LoadError(f"{path}: no such weights file or folder")
     return path.resolve()
+
+
+def _diffusers_hint(source: Path) -> str:
+    """For a diffusers folder: the model keys that build its network, to put on the command line."""
+    if not diffusers_io.is_diffusers_folder(source):
+        return ""
+    try:
+        keys = diffusers_io.model_keys(diffusers_io.read_config(source))
+        return f"; its config.json builds {diffusers_io.overrides(keys)}"
+    except diffusers_io.DiffusersError as e:
+        return f"; {e}"
 
 
 def init_weights(model: torch.nn.Module, path: str | Path) -> tuple[int, Path]:
@@ -172,6 +202,8 @@ def init_weights(model: torch.nn.Module, path: str | Path) -> tuple[int, Path]:
     except LoadError as e:
         raise LoadError(f"train.init_from: {e}") from None
     own = model.state_dict()
+    if "quantizer.embed" in state and "quantizer.initted" not in state:  # from diffusers' VQModel: no training state
+        state = diffusers_io.fill_training_state(state, own)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
@@ -181,7 +213,7 @@ def init_weights(model: torch.nn.Module, path: str | Path) -> tuple[int, Path]:
                 f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2])})" if unexpected else "",
                 f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]
         raise LoadError(f"train.init_from: {source}: the weights do not fit this model config: "
-                        f"{'; '.join(w for w in what if w)}")
+                        f"{'; '.join(w for w in what if w)}{_diffusers_hint(source)}")
     model.load_state_dict(state)
     return len(state), source
 
