@@ -5,6 +5,9 @@ what is drawn and what is written at the end. The Trainer holds one task and nev
 - `ClassifierTask` (`model.kind: classifier`): cross-entropy on the shards' `cls` labels; at the
   end it measures accuracy and writes `perception.safetensors` + `perception.json`, the frozen
   network the perceptual loss reads (`loss.perceptual_net`).
+- The same task without labels (`model.kind: rotnet`): every image is shown in its four rotations
+  and the net predicts which (Gidaris et al. 2018, "Unsupervised representation learning by
+  predicting image rotations"), so any shards train it: img2dataset/LAION shards have no `cls`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from harness.config import Config, ConfigError
 from harness.data import fixed_batch, to_model_input
 from harness.losses import AutoencoderLoss, LossTerms
+from models.registry import model_class
 
 
 class AutoencoderTask:
@@ -77,18 +81,31 @@ class ClassifierOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+ROTATIONS = ["0", "90", "180", "270"]  # degrees counter-clockwise: torch.rot90's k = 0..3
+
+
+def rotations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`b c h w` square images -> their four rotations `(4 b) c h w` and the label of each."""
+    views = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
+    labels = torch.arange(4, device=x.device).repeat_interleave(len(x))
+    return views, labels
+
+
 class ClassifierTask:
     draws_images = False
 
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config, device: torch.device, labels: str = "cls"):
         self.cfg = cfg
         self.cond_key = None
-        self.classes: list[str] = []
+        self.labels = labels  # "cls": the shards' class labels; "rotation": made from the images themselves
+        self.classes: list[str] = list(ROTATIONS) if labels == "rotation" else []
         if cfg.loss.disc_weight > 0:
             raise ConfigError("loss.disc_weight: a discriminator judges reconstructions, and model.kind=classifier "
                               "makes none; set loss.disc_weight=0")
 
     def check_data(self, info) -> None:
+        if self.labels == "rotation":
+            return
         if len(info.classes) < 2:
             raise ConfigError(f"data.train: the shards name {len(info.classes)} class(es) in index.json; a classifier "
                               "needs `cls` labels of at least 2 classes")
@@ -99,8 +116,14 @@ class ClassifierTask:
         self.classes = list(info.classes)
         self.cfg.model.num_classes = len(info.classes)  # before the model is built and its config hashed
 
+    def inputs(self, x: torch.Tensor, cls: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the net sees and what it must answer."""
+        if self.labels == "rotation":
+            return rotations(x)
+        return x, cls.to(x.device, non_blocking=True)
+
     def forward(self, model, x: torch.Tensor, batch: dict, cond):
-        y = batch["cls"].to(x.device, non_blocking=True)
+        x, y = self.inputs(x, batch.get("cls"))
         if (y < 0).any() or (y >= len(self.classes)).any():
             raise ConfigError(f"data.train: a sample has no `cls` label or one outside the {len(self.classes)} "
                               f"classes of index.json (keys {batch['key'][:2]})")
@@ -113,7 +136,8 @@ class ClassifierTask:
         return {}
 
     def describe(self) -> str | None:
-        return f"classifier over {len(self.classes)} classes: {', '.join(self.classes[:5])}"
+        what = "rotation (no labels needed)" if self.labels == "rotation" else "class"
+        return f"{what} classifier over {len(self.classes)} classes: {', '.join(self.classes[:5])}"
 
     @torch.no_grad()
     def finish(self, trainer) -> None:
@@ -132,14 +156,15 @@ class ClassifierTask:
         ref = fixed_batch(eval_on, cfg.log.eval_samples, cfg.data.image_size)
         if ref is None:
             raise ConfigError(f"{eval_on}: no readable samples to measure the accuracy on")
-        correct = 0
+        correct = n = 0
         chunks = cfg.train.batch_size
-        for images, labels in zip(ref["image"].split(chunks), ref["cls"].split(chunks), strict=True):
-            pred = net(to_model_input(images, trainer.device)).float().argmax(1).cpu()
-            correct += int((pred == labels).sum())
+        for images, cls in zip(ref["image"].split(chunks), ref["cls"].split(chunks), strict=True):
+            x, labels = self.inputs(to_model_input(images, trainer.device), cls)
+            correct += int((net(x).float().argmax(1) == labels).sum())
+            n += len(labels)
         net.train(was_training)
-        n = len(ref["cls"])
         info = {
+            "labels": self.labels,
             "classes": self.classes,
             "num_classes": len(self.classes),
             "accuracy": correct / n,
@@ -157,7 +182,7 @@ class ClassifierTask:
         net = net.float() if next(net.parameters()).dtype != torch.float32 else net
         path = save_perception(net, trainer.run_dir / "perception.safetensors", info)
         write_atomic(trainer.run_dir / "perception.json",
-                          json.dumps({"format": FORMAT, "arch": asdict(net.arch), **info}, indent=1))
+                     json.dumps({"format": FORMAT, "arch": asdict(net.arch), **info}, indent=1))
         trainer.log.info(f"accuracy {info['accuracy']:.3f} on {n} {info['accuracy_on']} samples "
                          f"(chance {info['chance']:.3f}); wrote {path} and {trainer.run_dir / 'perception.json'}")
         trainer.log.info("use it: python launch/train.py --config launch/configs/perceptual_demo.yaml "
@@ -165,4 +190,8 @@ class ClassifierTask:
 
 
 def make_task(cfg: Config, device: torch.device):
-    return ClassifierTask(cfg, device) if cfg.model.kind == "classifier" else AutoencoderTask(cfg, device)
+    """The task the model kind's class asks for (`task` attribute; autoencoders have none)."""
+    task = getattr(model_class(cfg.model.kind), "task", "autoencoder")
+    if task == "autoencoder":
+        return AutoencoderTask(cfg, device)
+    return ClassifierTask(cfg, device, labels={"classifier": "cls", "rotation": "rotation"}[task])

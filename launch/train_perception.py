@@ -8,6 +8,9 @@ like every other run. These two commands do the same:
     python launch/train_perception.py --data data/demo --out runs/perception --channels 32,64,128,256
     python launch/train.py --config launch/configs/perception.yaml data.train=data/demo run.dir=runs/perception
 
+    # no class labels (img2dataset / LAION shards): learn to tell the four rotations of each image apart
+    python launch/train_perception.py --data shards/laion --labels rotation --out runs/perception-rot
+
     # two CPU processes (gloo), or N GPUs with DDP: only the launcher changes
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 launch/train_perception.py --data data/demo
 
@@ -40,7 +43,11 @@ from launch.train import main as train_main  # noqa: E402
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="training shards with `cls` labels (pattern, folder or comma list)")
+    p.add_argument("--data", required=True, help="training shards (pattern, folder or comma list); with `cls` labels "
+                   "unless --labels rotation")
+    p.add_argument("--labels", choices=["cls", "rotation"], default="cls",
+                   help="cls: classify the shards' classes; rotation: predict the rotation of each image (no labels "
+                        "needed: any shards, img2dataset/LAION included)")
     p.add_argument("--val", default="", help="held-out shards for the accuracy in perception.json ('' = --data)")
     p.add_argument("--out", default="runs/perception", help="output folder (the run folder)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
@@ -75,7 +82,8 @@ def overrides(a) -> list[str]:
     """The command line above as config overrides of launch/configs/perception.yaml."""
     data = f"[{a.data}]" if "," in a.data and "{" not in a.data else a.data
     val = f"[{a.val}]" if "," in a.val and "{" not in a.val else a.val
-    return [f"data.train={data}", f"data.val={val}", f"run.dir={a.out}", f"train.max_steps={a.steps}",
+    kind = {"cls": "classifier", "rotation": "rotnet"}[a.labels]
+    return [f"model.kind={kind}", f"data.train={data}", f"data.val={val}", f"run.dir={a.out}", f"train.max_steps={a.steps}",
             f"train.batch_size={a.batch_size}", f"data.image_size={a.image_size}", f"optim.lr={a.lr}",
             f"optim.weight_decay={a.weight_decay}", f"optim.warmup_steps={a.warmup}", f"model.ch={a.ch}",
             f"model.ch_mult={a.ch_mult}", f"model.norm_groups={a.norm_groups}", f"data.hflip={str(a.hflip).lower()}",

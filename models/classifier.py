@@ -5,6 +5,9 @@ DDP, SLURM); harness/tasks.py's ClassifierTask gives it its loss and writes its 
 Its keys are the autoencoders' where they mean the same: stage s has `ch * ch_mult[s]` channels
 (the first at full resolution, each later one halving it), `norm_groups` GroupNorm groups,
 `in_channels` image channels, `num_classes` classes (0 = as many as the shards name).
+
+`model.kind: rotnet` is the same network trained without labels: it predicts which of four
+rotations it was shown (harness/tasks.py), so `num_classes` is 4 whatever the config says.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from models.perception import PerceptionNet
 
 
 class Classifier(PerceptionNet):
+    task = "classifier"  # harness/tasks.py: cross-entropy on the shards' `cls` labels
     config_keys = ("ch", "ch_mult", "norm_groups", "num_classes", "in_channels")
 
     @classmethod
@@ -31,3 +35,21 @@ class Classifier(PerceptionNet):
                                        f"divisible into {m.norm_groups} groups")
         if m.condition != "none":
             raise ModelConfigError("model.condition: a classifier reads no condition; set model.condition=none")
+
+
+class RotationClassifier(Classifier):
+    task = "rotation"
+    config_keys = ("ch", "ch_mult", "norm_groups", "in_channels")
+
+    @classmethod
+    def from_config(cls, m) -> RotationClassifier:
+        return cls(in_channels=m.in_channels, channels=[m.ch * k for k in m.ch_mult], num_classes=4,
+                   norm_groups=m.norm_groups)
+
+    @classmethod
+    def check_config(cls, m, image_size: int) -> None:
+        super().check_config(m, image_size)
+        if m.num_classes not in (0, 4):
+            raise ModelConfigError(f"model.num_classes: a rotation classifier has 4 classes (0, 90, 180, 270 "
+                                   f"degrees); got {m.num_classes} (set 0 or 4)")
+        m.num_classes = 4

@@ -1,0 +1,81 @@
+"""The perception network trains through the one Trainer: class labels (`model.kind: classifier`)
+or none at all (`model.kind: rotnet`), with checkpoints and resume like any run."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from harness.perception_file import load_distance
+from launch.train import main as train_main
+from launch.train_perception import main as perception_main
+from shards.index import write_index
+from shardgen import make_colour_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--channels", "8,16,32", "--norm-groups", "4", "--image-size", "32", "--num-workers", "0",
+        "--shuffle-buffer", "32", "--eval-samples", "48", "--warmup", "5", "--batch-size", "8"]
+
+
+def make_unlabelled_shards(out: Path, num_samples: int = 96, size: int = 32) -> Path:
+    """Shards with no `cls` and no classes in index.json (as img2dataset writes them): a bright
+    lower half under noise and a random bar, so the upright direction can be learned."""
+    out.mkdir(parents=True)
+    with wds.TarWriter(str(out / "000000.tar")) as w:
+        for i in range(num_samples):
+            rng = np.random.default_rng(i)
+            arr = np.linspace(30, 220, size)[:, None, None] + rng.normal(0, 20, (size, size, 3))
+            x0 = int(rng.integers(0, size - 4))
+            arr[:, x0:x0 + 3] = rng.uniform(0, 255, 3)
+            buf = io.BytesIO()
+            Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
+            w.write({"__key__": f"u{i:05d}", "png": buf.getvalue()})
+    write_index(out, source={"kind": "test"}, shards=[{"name": "000000.tar", "num_samples": num_samples,
+                                                       "bytes": (out / "000000.tar").stat().st_size}])
+    return out
+
+
+def test_rotation_net_trains_without_labels_and_serves_the_perceptual_loss(tmp_path):
+    shards = make_unlabelled_shards(tmp_path / "unlabelled")
+    out = tmp_path / "rot"
+    assert perception_main(["--data", str(shards), "--labels", "rotation", "--out", str(out), "--steps", "40",
+                            "--log-every", "10", "--lr", "3e-3", *TINY]) == 0
+    meta = json.loads((out / "perception.json").read_text())
+    assert meta["labels"] == "rotation" and meta["classes"] == ["0", "90", "180", "270"]
+    assert meta["eval_samples"] == 4 * 48 and meta["chance"] == 0.25
+    assert meta["accuracy"] >= 0.6, meta  # the upright direction is easy here; chance is 0.25
+    dist = load_distance(out / "perception.safetensors")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert dist(x, x).item() == pytest.approx(0.0, abs=1e-6) and dist(x, x.flip(-1)).item() > 0
+    assert (out / "checkpoints").is_dir() and (out / "tb").is_dir()
+
+
+def test_classifier_run_resumes_like_any_run(tmp_path):
+    shards = make_colour_shards(tmp_path / "colours", num_samples=48, per_shard=24, size=32, num_classes=3)
+    run = tmp_path / "run"
+    args = ["--config", str(ROOT / "launch/configs/perception.yaml"), f"data.train={shards}", f"run.dir={run}",
+            "model.ch=8", "model.ch_mult=[1,2]", "model.norm_groups=4", "data.image_size=32", "train.batch_size=8",
+            "train.max_steps=6", "log.every_steps=1", "log.eval_samples=16", "data.num_workers=0",
+            "data.shuffle_buffer=8", "log.progress=false", "checkpoint.every_steps=3"]
+    assert train_main([*args, "train.stop_after_steps=3"]) == 0
+    assert not (run / "perception.safetensors").exists()  # only a finished run writes the net
+    assert train_main([*args, "--resume", "latest"]) == 0
+    log = (run / "train.log").read_text()
+    assert "resuming from" in log and "step_3" in log
+    meta = json.loads((run / "perception.json").read_text())
+    assert meta["steps"] == 6 and meta["classes"] == ["red", "green", "blue"] and meta["labels"] == "cls"
+
+
+def test_rotation_net_refuses_a_class_count_other_than_four(tmp_path, capsys):
+    shards = make_unlabelled_shards(tmp_path / "u", num_samples=16)
+    code = train_main(["--config", str(ROOT / "launch/configs/perception.yaml"), "model.kind=rotnet",
+                       "model.num_classes=10", f"data.train={shards}", f"run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "model.num_classes" in err[0] and "4" in err[0]
