@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh --test
 PYTHON=${PYTHON:-python3}
+"$PYTHON" -m ruff check .  # lint first (settings in pyproject.toml); any finding stops the run here
 exec "$PYTHON" -m pytest -q -ra --durations=15 "$@"
