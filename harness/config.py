@@ -43,9 +43,14 @@ def F(default: Any, help: str, *, ge: float | None = None, gt: float | None = No
 
 @dataclass
 class ModelConfig:
+    """Read by the class models/registry.py registers for `kind`, which also checks it. The keys stay
+    flat, one section for every kind: checkpoints hash this section, so renaming or nesting a key
+    would refuse every earlier run's resume."""
+
     # --- what the latent is, and what builds encoder and decoder
-    kind: Literal["kl", "vq", "fsq"] = F(
-        "kl", "latent: kl = Gaussian VAE, vq = vector-quantized (codebook), fsq = finite scalar quantization"
+    kind: str = F(
+        "kl", "model kind (models/registry.py): kl = Gaussian VAE, vq = vector-quantized (codebook), "
+        "fsq = finite scalar quantization"
     )
     arch: Literal["ldm", "spec"] = F(
         "ldm", "encoder/decoder: ldm = latent-diffusion Encoder/Decoder (ch, ch_mult...), spec = model.encoder/decoder"
@@ -226,78 +231,15 @@ class Config:
                               "launch/train_perception.py (perception.safetensors)")
 
     def _validate_model(self) -> None:
-        m = self.model
-        if m.condition != "none" and m.num_classes < 1:
-            raise ConfigError(f"model.num_classes: model.condition={m.condition} needs the number of classes (>= 1)")
-        if m.kind == "vq" and m.vq_decay >= 1.0:
-            raise ConfigError(f"model.vq_decay: {m.vq_decay} would freeze the codebook; must be < 1 (0 = by gradient)")
-        if m.kind == "fsq" and (not m.fsq_levels or any(n < 2 for n in m.fsq_levels)):
-            raise ConfigError(f"model.fsq_levels: need a non-empty list of integers >= 2; got {m.fsq_levels}")
-        if m.arch == "spec":
-            self._validate_spec()
-            return
-        if not m.ch_mult or any(c < 1 for c in m.ch_mult):
-            raise ConfigError(f"model.ch_mult: need a non-empty list of positive integers; got {m.ch_mult}")
-        factor = 2 ** (len(m.ch_mult) - 1)
-        if self.data.image_size % factor:
-            raise ConfigError(
-                f"data.image_size: {self.data.image_size} is not divisible by {factor}, "
-                f"the downsampling factor of model.ch_mult={m.ch_mult}"
-            )
-        for i, mult in enumerate(m.ch_mult):
-            if (m.ch * mult) % m.norm_groups:
-                raise ConfigError(
-                    f"model.norm_groups: {m.ch * mult} channels (model.ch * ch_mult[{i}]) are not divisible "
-                    f"into {m.norm_groups} groups"
-                )
-        if m.attn_resolutions:
-            # Attention is placed per level at build time; the sizes refer to this resolution.
-            if not m.resolution:
-                m.resolution = self.data.image_size
-            sizes = [m.resolution // 2**i for i in range(len(m.ch_mult))]
-            bad = [r for r in m.attn_resolutions if r not in sizes]
-            if bad:
-                raise ConfigError(
-                    f"model.attn_resolutions: {bad[0]} is not a feature size at resolution {m.resolution}; "
-                    f"the sizes are {', '.join(map(str, sizes))}"
-                )
+        """The model kind's own checks (models/registry.py), which may fill in derived keys
+        (model.resolution, spec files read into layer lists). The one place where a model's
+        `ModelConfigError` becomes a `ConfigError`."""
+        from models import ModelConfigError, check_config  # here, not on top: --help-config needs no torch
 
-    def _validate_spec(self) -> None:
-        """Parse the layer specs and dry-run them at data.image_size: the first layer that does not
-        fit, an encoder/decoder pair that does not meet at the latent, or a decoder whose output is
-        not the image stops the run here, before any work."""
-        from models.layerspec import ShapeError, SpecError, check_autoencoder, load_spec
-
-        m = self.model
-        if not m.encoder:
-            raise ConfigError("model.encoder: missing; arch=spec needs a list of layer strings or a .json/.yaml path")
-        side = "encoder"
         try:
-            enc = load_spec(m.encoder, "encoder")
-            side = "decoder"
-            dec = load_spec(m.decoder, "decoder") if m.decoder else None
-            latent_dim = {"vq": m.embed_dim, "fsq": len(m.fsq_levels)}.get(m.kind)
-            check_autoencoder(
-                enc,
-                dec,
-                image_size=self.data.image_size,
-                in_channels=m.in_channels,
-                out_channels=m.out_ch,
-                latent="gaussian" if m.kind == "kl" and m.double_z else "plain",
-                latent_dim=latent_dim,
-                num_groups=m.norm_groups,
-            )
-        except SpecError as e:
-            msg = str(e)
-            if msg.startswith(("encoder: ", "decoder: ")):
-                side, msg = msg.split(": ", 1)
-            where = f" (at data.image_size={self.data.image_size})" if isinstance(e, ShapeError) else ""
-            raise ConfigError(f"model.{side}: {msg}{where}") from None
-        # A spec file is read once, here: the resolved config (run folder, checkpoints, model hash)
-        # then holds the layers themselves, so an edited file cannot silently change a resumed model.
-        m.encoder = list(enc)
-        if dec is not None:
-            m.decoder = list(dec)
+            check_config(self.model, self.data.image_size)
+        except ModelConfigError as e:
+            raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------

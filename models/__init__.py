@@ -1,21 +1,29 @@
 """Plain nn.Modules: building blocks, autoencoders, quantizers, perception networks. No data,
-distribution or logging here."""
+distribution or logging here, and no import from `harness` or `shards` (tests/test_layering.py).
 
-from models.base import Autoencoder, AutoencoderOutput, NoPriorError
+`build_model(m)` builds the kind `m.kind` names through models/registry.py; config mistakes raise
+`ModelConfigError`, a `ValueError` whose one-line message starts with the key path.
+"""
 
+from models.base import Autoencoder, AutoencoderOutput, ModelConfigError, NoPriorError
+from models.registry import (
+    build_model,
+    check_config,
+    deepspeed_unsupported,
+    kinds,
+    model_class,
+    register,
+)
 
-def build_model(cfg) -> Autoencoder:
-    """Build the autoencoder a `ModelConfig` describes (model.kind picks the latent, model.arch the
-    encoder/decoder, model.condition the conditioning)."""
-    if cfg.kind == "kl":
-        from models.autoencoder_kl import AutoencoderKL
-
-        return AutoencoderKL.from_config(cfg)
-    if cfg.kind in ("vq", "fsq"):
-        from models.vqvae import VQAutoencoder
-
-        return VQAutoencoder.from_config(cfg)
-    raise ValueError(f"model.kind: unknown kind {cfg.kind!r}")
-
-
-__all__ = ["Autoencoder", "AutoencoderOutput", "NoPriorError", "build_model"]
+__all__ = [
+    "Autoencoder",
+    "AutoencoderOutput",
+    "ModelConfigError",
+    "NoPriorError",
+    "build_model",
+    "check_config",
+    "deepspeed_unsupported",
+    "kinds",
+    "model_class",
+    "register",
+]

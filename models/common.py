@@ -1,6 +1,6 @@
 """What every latent kind (kl, vq, fsq) shares: the encoder/decoder built from the config (the
-latent-diffusion `Encoder`/`Decoder` or layer specs, conditioned or not) and a base class that
-owns the condition embedding and the gradient-checkpointing switch.
+latent-diffusion `Encoder`/`Decoder` or layer specs, conditioned or not), the checks of those
+settings, and a base class that owns the condition embedding and the gradient-checkpointing switch.
 
 Axis letters: b batch, c channels, h height, w width, e condition-embedding width.
 """
@@ -12,9 +12,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.base import Autoencoder
+from models.base import Autoencoder, ModelConfigError
 from models.blocks import exists, set_gradient_checkpointing
 from models.conditioning import ConditionEmbedding
+from models.layerspec import (
+    LATENT,
+    BuildContext,
+    ShapeError,
+    SpecError,
+    SpecNet,
+    check_autoencoder,
+    check_condition_input,
+    load_spec,
+    parse_spec,
+    spec_side,
+    split_at_latent,
+)
+from models.ldm import Decoder, Encoder, check_ldm_config
 
 
 class LatentAutoencoder(Autoencoder):
@@ -88,6 +102,26 @@ class LatentAutoencoder(Autoencoder):
     def _dtype(self) -> torch.dtype:
         return next(self.decoder.parameters()).dtype
 
+    # --- settings ------------------------------------------------------------------------------
+
+    config_keys = (
+        "arch", "encoder", "decoder", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+        "resolution", "z_channels", "attn_type", "norm_groups", "dropout", "resamp_with_conv", "gradient_checkpointing",
+        "condition", "num_classes", "cond_dim", "cond_dropout",
+    )  # fmt: skip
+
+    @classmethod
+    def latent_layout(cls, m) -> tuple[bool, int | None]:
+        """(gaussian, dim) for a `ModelConfig`: whether the encoder emits mean and log-variance halves,
+        and the channels of the latent the decoder reads (None = whatever a spec encoder emits)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, m, image_size: int) -> None:
+        """The condition and the encoder/decoder (arch ldm or spec) at `image_size`. A subclass checks
+        its latent's own keys first, then calls this."""
+        check_backbone(m, image_size, *cls.latent_layout(m))
+
 
 # ---------------------------------------------------------------------------------------------
 # Construction from a ModelConfig
@@ -103,79 +137,135 @@ class Backbone:
     cond_embed: ConditionEmbedding | None
 
 
-def build_backbone(cfg, *, latent_dim: int, gaussian: bool) -> Backbone:
-    """Encoder, decoder, 1x1 latent projections and condition embedding for a `ModelConfig`.
+def check_backbone(m, image_size: int, gaussian: bool, latent_dim: int | None) -> None:
+    """`ModelConfigError` for a condition, ldm or spec setting of `m` that cannot build at `image_size`."""
+    if m.condition != "none" and m.num_classes < 1:
+        raise ModelConfigError(f"model.num_classes: model.condition={m.condition} needs the number of classes (>= 1)")
+    if m.arch == "ldm":
+        check_ldm_config(m, image_size)
+    elif m.arch == "spec":
+        check_spec_config(m, image_size, gaussian=gaussian, latent_dim=latent_dim)
+    else:
+        raise ModelConfigError(f"model.arch: {m.arch!r} is not one of ldm, spec")
+
+
+def check_spec_config(m, image_size: int, *, gaussian: bool, latent_dim: int | None) -> None:
+    """Parse the layer specs and dry-run them at `image_size`: the first layer that does not fit, an
+    encoder/decoder pair that does not meet at the latent, a decoder whose output is not the image or a
+    first layer a condition cannot enter is a `ModelConfigError` here, before any work.
+
+    A spec file is read once, here: the config (and so the run folder, checkpoints and model hash)
+    then holds the layers themselves, so an edited file cannot silently change a resumed model.
+    """
+    enc, dec = _load_specs(m)
+    try:
+        check_autoencoder(
+            enc,
+            dec,
+            image_size=image_size,
+            in_channels=m.in_channels,
+            out_channels=m.out_ch,
+            latent="gaussian" if gaussian else "plain",
+            latent_dim=latent_dim,
+            num_groups=m.norm_groups,
+        )
+    except SpecError as e:
+        where = f" (at data.image_size={image_size})" if isinstance(e, ShapeError) else ""
+        raise _spec_error(e, "encoder", where) from None
+    if m.condition != "none":
+        encoder, decoder = split_at_latent(enc, dec)
+        for side, spec in (("encoder", encoder), (spec_side(decoder, "decoder"), decoder)):
+            try:
+                check_condition_input([it for it in parse_spec(spec) if it.name != LATENT])
+            except SpecError as e:
+                raise _spec_error(e, side) from None
+    m.encoder = list(enc)
+    if dec is not None:
+        m.decoder = list(dec)
+
+
+def _load_specs(m) -> tuple[list, list | None]:
+    """model.encoder and model.decoder as layer lists (read from their files when paths)."""
+    if not m.encoder:
+        raise ModelConfigError("model.encoder: missing; arch=spec needs a list of layer strings or a .json/.yaml path")
+    side = "encoder"
+    try:
+        enc = load_spec(m.encoder, "encoder")
+        side = "decoder"
+        return enc, (load_spec(m.decoder, "decoder") if m.decoder else None)
+    except SpecError as e:
+        raise _spec_error(e, side) from None
+
+
+def _spec_error(e: SpecError, side: str, where: str = "") -> ModelConfigError:
+    """`model.<side>: ...` for a spec error; one that names its own side ("decoder: ...") keeps it."""
+    msg = str(e)
+    if msg.startswith(("encoder: ", "decoder: ")):
+        side, msg = msg.split(": ", 1)
+    return ModelConfigError(f"model.{side}: {msg}{where}")
+
+
+def build_backbone(m, *, latent_dim: int, gaussian: bool) -> Backbone:
+    """Encoder, decoder, 1x1 latent projections and condition embedding for a `ModelConfig` `m`.
 
     latent_dim: channels of the latent the decoder reads (embed_dim, or the FSQ dimension).
     gaussian: the encoder emits mean and log-variance (2 * latent channels).
-    Config mistakes raise `ConfigError` naming the key.
+    Config mistakes raise `ModelConfigError` naming the key (`check_config` finds them earlier).
     """
-    from harness.config import ConfigError
-    from models.autoencoder_kl import Decoder, Encoder
-    from models.layerspec import BuildContext, SpecError, SpecNet, load_spec, spec_side, split_at_latent
-
     cond_embed = None
     cond_dim = 0
-    if cfg.condition != "none":
+    if m.condition != "none":
         try:
             cond_embed = ConditionEmbedding(
-                kind=cfg.condition, num_classes=cfg.num_classes, dim=cfg.cond_dim, dropout=cfg.cond_dropout
+                kind=m.condition, num_classes=m.num_classes, dim=m.cond_dim, dropout=m.cond_dropout
             )
         except ValueError as e:
-            raise ConfigError(f"model.num_classes: {e}") from None
-        cond_dim = cfg.cond_dim
+            raise ModelConfigError(f"model.num_classes: {e}") from None
+        cond_dim = m.cond_dim
 
-    if cfg.arch == "ldm":
+    if m.arch == "ldm":
         common = dict(
-            ch=cfg.ch,
-            ch_mult=tuple(cfg.ch_mult),
-            num_res_blocks=cfg.num_res_blocks,
-            attn_resolutions=tuple(cfg.attn_resolutions),
-            resolution=cfg.resolution or None,
-            z_channels=cfg.z_channels,
-            dropout=cfg.dropout,
-            resamp_with_conv=cfg.resamp_with_conv,
-            attn_type=cfg.attn_type,
-            num_groups=cfg.norm_groups,
+            ch=m.ch,
+            ch_mult=tuple(m.ch_mult),
+            num_res_blocks=m.num_res_blocks,
+            attn_resolutions=tuple(m.attn_resolutions),
+            resolution=m.resolution or None,
+            z_channels=m.z_channels,
+            dropout=m.dropout,
+            resamp_with_conv=m.resamp_with_conv,
+            attn_type=m.attn_type,
+            num_groups=m.norm_groups,
             cond_dim=cond_dim,
         )
         try:
-            encoder = Encoder(in_channels=cfg.in_channels, double_z=gaussian, **common)
-            decoder = Decoder(out_ch=cfg.out_ch, **common)
-        except ValueError as e:
-            raise ConfigError(f"model: {e}") from None
+            encoder = Encoder(in_channels=m.in_channels, double_z=gaussian, **common)
+            decoder = Decoder(out_ch=m.out_ch, **common)
+        except ModelConfigError:
+            raise
+        except ValueError as e:  # a block's own check, e.g. channels not divisible into norm_groups
+            raise ModelConfigError(f"model: {e}") from None
         moments = 2 if gaussian else 1
         return Backbone(
             encoder=encoder,
             decoder=decoder,
-            quant_conv=nn.Conv2d(moments * cfg.z_channels, moments * latent_dim, 1),
-            post_quant_conv=nn.Conv2d(latent_dim, cfg.z_channels, 1),
+            quant_conv=nn.Conv2d(moments * m.z_channels, moments * latent_dim, 1),
+            post_quant_conv=nn.Conv2d(latent_dim, m.z_channels, 1),
             cond_embed=cond_embed,
         )
 
-    if cfg.arch != "spec":
-        raise ConfigError(f"model.arch: {cfg.arch!r} is not one of ldm, spec")
-    if not cfg.encoder:
-        raise ConfigError("model.encoder: missing; arch=spec needs a list of layer strings or a .json/.yaml path")
-    side = "encoder"
+    if m.arch != "spec":
+        raise ModelConfigError(f"model.arch: {m.arch!r} is not one of ldm, spec")
+    enc, dec = _load_specs(m)
     try:
-        enc = load_spec(cfg.encoder, "encoder")
-        side = "decoder"
-        dec = load_spec(cfg.decoder, "decoder") if cfg.decoder else None
         enc, dec = split_at_latent(enc, dec)
     except SpecError as e:
-        msg = str(e)
-        if msg.startswith(("encoder: ", "decoder: ")):
-            side, msg = msg.split(": ", 1)
-        raise ConfigError(f"model.{side}: {msg}") from None
-    ctx = dict(
-        dropout=cfg.dropout, attn_type=cfg.attn_type, num_groups=cfg.norm_groups, resamp_with_conv=cfg.resamp_with_conv
-    )
+        raise _spec_error(e, "encoder") from None
+    ctx = dict(dropout=m.dropout, attn_type=m.attn_type, num_groups=m.norm_groups, resamp_with_conv=m.resamp_with_conv)
     try:
         side = "encoder"
-        encoder = SpecNet(enc, in_channels=cfg.in_channels, cond_in=cond_dim, ctx=BuildContext(**ctx))
+        encoder = SpecNet(enc, in_channels=m.in_channels, cond_in=cond_dim, ctx=BuildContext(**ctx))
         side = spec_side(dec, "decoder")  # "encoder" when the decoder follows Latent there
         decoder = SpecNet(dec, cond_in=cond_dim, ctx=BuildContext(**ctx, cond_dim=cond_dim))
     except SpecError as e:
-        raise ConfigError(f"model.{side}: {e}") from None
+        raise _spec_error(e, side) from None
     return Backbone(encoder=encoder, decoder=decoder, quant_conv=None, post_quant_conv=None, cond_embed=cond_embed)

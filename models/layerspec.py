@@ -90,7 +90,7 @@ def _parse_args(title: str, spec: tuple[Arg, ...], raw: list[str]) -> tuple:
     if not len(required) <= len(raw) <= len(spec):
         raise _Bad(f"{title} needs {names}; got {len(raw)} {unit if len(raw) != 1 else unit[:-1]}")
     out = []
-    for a, text in zip(spec, raw):
+    for a, text in zip(spec, raw, strict=False):  # optional trailing arguments may be left out
         if a.kind == "choice":
             if text not in a.choices:
                 raise _Bad(f"{title} {a.name} must be one of {', '.join(a.choices)}; got {text!r}")
@@ -492,6 +492,17 @@ def check_groups(items: list[Item], num_groups: int) -> None:
                     )
 
 
+def check_condition_input(items: list[Item]) -> None:
+    """A condition enters a conditioned network as extra inputs of its first layer: that layer must
+    be one whose input width can grow."""
+    first = items[0]
+    if LAYERS[first.name].widen is None:
+        raise SpecError(
+            f"{first.label}: a condition enters as extra inputs of the first layer, which must be "
+            f"{', '.join(k for k, v in LAYERS.items() if v.widen is not None)}"
+        )
+
+
 def _is_latent(token: Any) -> bool:
     return isinstance(token, str) and token.split("*")[-1].strip() == LATENT
 
@@ -667,11 +678,8 @@ class SpecNet(nn.Module):
             raise SpecError("the layer spec has no layers")
         self.cond_in = cond_in
         first = self.items[0]
-        if cond_in and LAYERS[first.name].widen is None:
-            raise SpecError(
-                f"{first.label}: a condition enters as extra inputs of the first layer, which must be "
-                f"{', '.join(k for k, v in LAYERS.items() if v.widen is not None)}"
-            )
+        if cond_in:
+            check_condition_input(self.items)
         if not exists(in_channels) and LAYERS[first.name].widen is not None:
             in_channels = first.args[0]  # a conv or Lin first: its input width is the network's
         self.in_channels = in_channels

@@ -1,4 +1,5 @@
-"""The quantized autoencoders: VQ-VAE (a learnt codebook) and FSQ (a fixed scalar grid).
+"""The quantized autoencoders: model.kind=vq (VQ-VAE, a learnt codebook) and model.kind=fsq (a
+fixed scalar grid), one class told apart by its quantizer.
 
 Axis letters: b batch, d latent dimension, h height, w width.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import AutoencoderOutput, NoPriorError
+from models.base import AutoencoderOutput, ModelConfigError, NoPriorError
 from models.common import LatentAutoencoder, build_backbone
 from models.conditioning import ConditionEmbedding
 from models.quantizers import FSQ, QuantizerOutput, VectorQuantizer
@@ -81,28 +82,57 @@ class VQAutoencoder(LatentAutoencoder):
             "Train a prior over encode_indices() first; reconstructions (decode(encode(x))) work."
         )
 
-    @classmethod
-    def from_config(cls, cfg) -> VQAutoencoder:
-        """Build from a `ModelConfig` with kind vq or fsq (arch ldm or spec)."""
-        from harness.config import ConfigError
+    # --- settings ------------------------------------------------------------------------------
 
+    config_keys = (
+        *LatentAutoencoder.config_keys, "embed_dim", "vq_codebook_size", "vq_beta", "vq_decay", "vq_eps", "vq_cosine",
+        "vq_init", "vq_restart_after", "fsq_levels",
+    )  # fmt: skip
+
+    @classmethod
+    def latent_layout(cls, m) -> tuple[bool, int | None]:
+        return False, (len(m.fsq_levels) if m.kind == "fsq" else m.embed_dim)
+
+    @classmethod
+    def check_config(cls, m, image_size: int) -> None:
+        if m.kind == "vq" and m.vq_decay >= 1.0:
+            raise ModelConfigError(
+                f"model.vq_decay: {m.vq_decay} would freeze the codebook; must be < 1 (0 = by gradient)"
+            )
+        if m.kind == "fsq" and (not m.fsq_levels or any(n < 2 for n in m.fsq_levels)):
+            raise ModelConfigError(f"model.fsq_levels: need a non-empty list of integers >= 2; got {m.fsq_levels}")
+        super().check_config(m, image_size)
+
+    @classmethod
+    def deepspeed_unsupported(cls, m) -> str | None:
+        if m.kind == "vq" and m.vq_decay == 0:
+            return (
+                "model.vq_decay=0 (a codebook trained by gradient) does not work under DeepSpeed: its "
+                "first-batch init and dead-code restarts edit the weights outside the optimizer, and "
+                "DeepSpeed's own fp32 copy overwrites them; use the EMA codebook (vq_decay 0.99)"
+            )
+        return None
+
+    @classmethod
+    def from_config(cls, m) -> VQAutoencoder:
+        """Build from a `ModelConfig` with kind vq or fsq (arch ldm or spec)."""
         try:
-            if cfg.kind == "fsq":
-                quantizer = FSQ(levels=tuple(cfg.fsq_levels))
+            if m.kind == "fsq":
+                quantizer = FSQ(levels=tuple(m.fsq_levels))
             else:
                 quantizer = VectorQuantizer(
-                    dim=cfg.embed_dim,
-                    codebook_size=cfg.vq_codebook_size,
-                    beta=cfg.vq_beta,
-                    decay=cfg.vq_decay,
-                    eps=cfg.vq_eps,
-                    cosine=cfg.vq_cosine,
-                    init=cfg.vq_init,
-                    restart_after=cfg.vq_restart_after,
+                    dim=m.embed_dim,
+                    codebook_size=m.vq_codebook_size,
+                    beta=m.vq_beta,
+                    decay=m.vq_decay,
+                    eps=m.vq_eps,
+                    cosine=m.vq_cosine,
+                    init=m.vq_init,
+                    restart_after=m.vq_restart_after,
                 )
         except ValueError as e:
-            raise ConfigError(f"model.{'fsq_levels' if cfg.kind == 'fsq' else 'vq'}: {e}") from None
-        parts = build_backbone(cfg, latent_dim=quantizer.dim, gaussian=False)
+            raise ModelConfigError(f"model.{'fsq_levels' if m.kind == 'fsq' else 'vq'}: {e}") from None
+        parts = build_backbone(m, latent_dim=quantizer.dim, gaussian=False)
         return cls(
             encoder=parts.encoder,
             decoder=parts.decoder,
@@ -110,5 +140,5 @@ class VQAutoencoder(LatentAutoencoder):
             quant_conv=parts.quant_conv,
             post_quant_conv=parts.post_quant_conv,
             cond_embed=parts.cond_embed,
-            gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing=m.gradient_checkpointing,
         )

@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from harness.config import ConfigError, ModelConfig, load_config
-from models import build_model
+from models import ModelConfigError, build_model
 from models import blocks as B
-from models.autoencoder_kl import AutoencoderKL, Decoder, Encoder
+from models.autoencoder_kl import AutoencoderKL
 from models.distributions import DiagonalGaussianDistribution
+from models.ldm import Decoder, Encoder
 
 TINY = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, embed_dim=4)
 
@@ -190,7 +191,7 @@ def test_attention_levels_and_errors():
     assert len(m.encoder.down[0].attn) == 1 and len(m.encoder.down[1].attn) == 0
     assert len(tiny_kl(attn_type="none").encoder.down[0].attn) == 0
     assert isinstance(tiny_kl(attn_type="linear").encoder.mid.attn_1, B.LinearAttnBlock)
-    with pytest.raises(ConfigError, match="attn_resolutions: 12 is not a feature size"):
+    with pytest.raises(ModelConfigError, match="attn_resolutions: 12 is not a feature size"):
         tiny_kl(attn_resolutions=[12], resolution=32)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness.config import ConfigError, ModelConfig, load_config
-from models import build_model
+from models import ModelConfigError, build_model
 from models import layerspec as L
 
 BASIC = "launch/configs/specs/basic.json"
@@ -177,8 +177,16 @@ def test_inline_spec_from_the_command_line_and_config_errors():
         load_config([], base + ["model.encoder=[C2d_3_8_3_2_1]", "model.decoder=[C2d_8_3_3_1_1]"])
     with pytest.raises(ConfigError, match="^model.encoder: missing"):
         load_config([], base)
-    with pytest.raises(ConfigError, match="must be C1d, C2d, C3d, CT2d, Lin"):  # the condition enters the first layer
+    # The condition enters the first layer, which must take extra inputs.
+    with pytest.raises(ModelConfigError, match="must be C1d, C2d, C3d, CT2d, Lin"):
         build_model(ModelConfig(arch="spec", encoder=["Flat", "Latent", "SiLU"], condition="class", num_classes=3))
+    cond = ["model.condition=class", "model.num_classes=3"]  # the config check finds it before any build
+    with pytest.raises(ConfigError, match=r'^model.encoder: item 1 "SiLU": a condition enters .* must be C1d, C2d'):
+        load_config([], base + cond + ["model.encoder=[SiLU, C2d_3_8_3_2_1, Latent, UpS_2, C2d_4_3_3_1_1]"])
+    with pytest.raises(ConfigError, match=r'^model.encoder: item 3 "SiLU": a condition enters .* must be C1d, C2d'):
+        load_config([], base + cond + ["model.encoder=[C2d_3_8_3_2_1, Latent, SiLU, UpS_2, C2d_4_3_3_1_1]"])
+    ok = load_config([], base + cond + ["model.encoder=[C2d_3_8_3_2_1, Latent, C2d_4_12_3_1_1, UpS_2, C2d_12_3_3_1_1]"])
+    assert build_model(ok.model)(torch.randn(2, 3, 16, 16), cond=torch.tensor([0, 2])).recon.shape == (2, 3, 16, 16)
 
 
 @pytest.mark.parametrize(
@@ -203,12 +211,12 @@ def test_errors_after_latent_name_the_item_as_written(encoder, message):
 
 
 def test_build_model_names_decoder_items_by_their_place_in_the_encoder_list():
-    with pytest.raises(ConfigError, match=r'^model.encoder: item 4 "C2d_4_3_3": Conv2d needs'):
+    with pytest.raises(ModelConfigError, match=r'^model.encoder: item 4 "C2d_4_3_3": Conv2d needs'):
         build_model(ModelConfig(arch="spec", encoder=["C2d_3_8_3_2_1", "Latent", "UpS_2", "C2d_4_3_3"]))
-    with pytest.raises(ConfigError, match=r'^model.encoder: item 2 "2\*Latent"'):
+    with pytest.raises(ModelConfigError, match=r'^model.encoder: item 2 "2\*Latent"'):
         build_model(ModelConfig(arch="spec", encoder=["C2d_3_8_3_2_1", "2*Latent", "UpS_2", "C2d_4_3_3_1_1"]))
     # A separate decoder list still counts from its own first item.
-    with pytest.raises(ConfigError, match=r'^model.decoder: item 2 "C2d_4_3_3": Conv2d needs'):
+    with pytest.raises(ModelConfigError, match=r'^model.decoder: item 2 "C2d_4_3_3": Conv2d needs'):
         build_model(ModelConfig(arch="spec", encoder=["C2d_3_8_3_2_1"], decoder=["UpS_2", "C2d_4_3_3"]))
 
 
