@@ -23,11 +23,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import lpips
-import torch
-import torch.nn.functional as F
-from recipe import SEED_LIN, SEED_VGG, checksum, fill, shapes_of
-from safetensors.torch import save_file
+import lpips  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from recipe import SEED_LIN, SEED_VGG, checksum, fill, shapes_of  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 OUT = HERE / "lpips_golden.safetensors"
 
