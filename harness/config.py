@@ -49,8 +49,8 @@ class ModelConfig:
 
     # --- what the latent is, and what builds encoder and decoder
     kind: str = F(
-        "kl", "model kind (models/registry.py): kl = Gaussian VAE, vq = vector-quantized (codebook), "
-        "fsq = finite scalar quantization"
+        "kl", "what to build, a kind models/registry.py registers: kl = Gaussian VAE, vq = vector-quantized "
+        "(codebook), fsq = finite scalar quantization, classifier / rotnet = the perception network"
     )
     arch: Literal["ldm", "spec"] = F(
         "ldm", "encoder/decoder: ldm = latent-diffusion Encoder/Decoder (ch, ch_mult...), spec = model.encoder/decoder"
