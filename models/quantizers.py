@@ -26,7 +26,6 @@ from einops import pack, rearrange, unpack
 from torch import nn
 
 
-
 class QuantizerOutput(NamedTuple):
     """quantized: `b d ...` (straight-through: gradients reach the encoder as if it were identity);
     indices: `b ...` code per latent vector; loss: the term to optimise (None for FSQ);
