@@ -29,11 +29,36 @@ def default(x, d):
 # ---------------------------------------------------------------------------------------------
 
 
+def _fp16_active(t: torch.Tensor) -> bool:
+    """True when `t` is fp16 or fp16 autocast is on for its device (bf16 has fp32's range: no need)."""
+    device = t.device.type
+    return t.dtype == torch.float16 or (
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    )
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm whose statistics are computed in fp32 whenever it runs in fp16.
+
+    The variance sums squares: activations of a few hundred (well inside fp16) square past 65504, a
+    known NaN source of the latent-diffusion / SD VAE decoder in fp16. Kernels that happen to
+    accumulate in fp32 are not relied on: under fp16 (autocast, DeepSpeed fp16, `.half()`) the norm
+    runs in fp32 by construction and returns the input's dtype. Parameter names are nn.GroupNorm's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fp16_active(x):
+            return super().forward(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            weight, bias = (p.float() if exists(p) else None for p in (self.weight, self.bias))
+            return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm as latent-diffusion uses it (32 groups, eps 1e-6, affine)."""
+    """GroupNorm as latent-diffusion uses it (32 groups, eps 1e-6, affine; fp32 statistics under fp16)."""
     if in_channels % num_groups:
         raise ValueError(f"GroupNorm: {in_channels} channels are not divisible into {num_groups} groups")
-    return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+    return GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
 class AdaGroupNorm(nn.Module):
@@ -151,13 +176,6 @@ class ResnetBlock(Checkpointed):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fp16_active(t: torch.Tensor) -> bool:
-    device = t.device.type
-    return t.dtype == torch.float16 or (
-        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
-    )
-
-
 class AttnBlock(Checkpointed):
     """Single-head spatial self-attention with a residual (latent diffusion's "vanilla" block)."""
 
@@ -174,8 +192,9 @@ class AttnBlock(Checkpointed):
         h, w = h_.shape[-2:]
         q, k, v = (rearrange(f(h_), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
         if _fp16_active(q):
-            # Softmax over thousands of tokens overflows fp16: latent-diffusion users saw NaNs in this
-            # block under fp16 autocast. The attention itself runs in fp32; the 1x1 convs stay fp16.
+            # Scores q.k of activations in the hundreds pass 65504 and softmax over thousands of tokens
+            # loses fp16's range: latent-diffusion users saw NaNs here under fp16. The attention runs in
+            # fp32 whatever kernel SDPA picks (not all accumulate in fp32); the 1x1 convs stay fp16.
             dtype = q.dtype
             with torch.autocast(device_type=q.device.type, enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype)
@@ -198,12 +217,22 @@ class LinearAttnBlock(Checkpointed):
         self.to_qkv = nn.Conv2d(in_channels, 3 * in_channels, 1, bias=False)
         self.to_out = nn.Conv2d(in_channels, in_channels, 1)
 
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Not softmax(q k^T) v, so scaled_dot_product_attention does not apply; each einsum runs as one bmm.
+        k = k.float().softmax(dim=-1).to(v.dtype)
+        context = einsum(k, v, "b d n, b e n -> b d e")
+        return einsum(context, q, "b d e, b d n -> b e n")
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         q, k, v = rearrange(self.to_qkv(self.norm(x)), "b (three c) h w -> three b c (h w)", three=3)
-        k = k.float().softmax(dim=-1).to(v.dtype)
-        context = einsum(k, v, "b d n, b e n -> b d e")
-        out = einsum(context, q, "b d e, b d n -> b e n")
+        if _fp16_active(v):
+            # The sums over n tokens (context) and c channels (out) overflow fp16 like the softmax: all fp32.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out = self._attend(q.float(), k.float(), v.float()).to(v.dtype)
+        else:
+            out = self._attend(q, k, v)
         return x + self.to_out(rearrange(out, "b c (h w) -> b c h w", h=h, w=w))
 
 
