@@ -29,14 +29,16 @@ from shards.sources import DataSourceError  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run folder, checkpoint folder or exported folder")
     p.add_argument("mode", choices=["sample", "reconstruct", "interpolate", "classes"])
     p.add_argument("--out", default=None, help="PNG to write (default: <mode>.png)")
     p.add_argument("--n", type=int, default=8, help="images per row")
     p.add_argument("--rows", type=int, default=4, help="rows (interpolate, classes)")
     p.add_argument("--steps", type=int, default=8, help="images along each interpolation")
-    p.add_argument("--data", default=None, help="shards for reconstruct/interpolate (default: the run's data.val or data.train)")
+    p.add_argument("--data", default=None,
+                   help="shards for reconstruct/interpolate (default: the run's data.val or data.train)")
     p.add_argument("--cls", type=int, default=None, help="class index for `sample` with a class-conditional model")
     p.add_argument("--image-size", type=int, default=None, help="default: the training data.image_size")
     p.add_argument("--seed", type=int, default=0)

@@ -1,10 +1,11 @@
-"""Train an autoencoder. The same command runs on one CPU, one GPU, many GPUs and many nodes:
+r"""Train an autoencoder. The same command runs on one CPU, one GPU, many GPUs and many nodes:
 only the accelerate config changes.
 
     # one process (CPU or one GPU)
     python launch/train.py --config launch/configs/demo.yaml run.dir=runs/demo
     # two CPU processes (gloo)
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 launch/train.py --config launch/configs/demo.yaml
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 launch/train.py \
+        --config launch/configs/demo.yaml
     # 8 GPUs, DDP or DeepSpeed ZeRO
     accelerate launch --config_file launch/accelerate/multi_gpu.yaml launch/train.py --config launch/configs/kl_f8.yaml
     # SLURM, many nodes, requeued on preemption
@@ -12,7 +13,9 @@ only the accelerate config changes.
 
 Options: `--config FILE` (repeatable; later files override earlier ones), `key.sub=value` overrides,
 `--resume latest|PATH`, `--help-config` (every key with its default and meaning).
-Exit codes: 0 done, 2 bad config or input, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint.
+Exit codes: 0 done, 1 training stopped (non-finite losses, too many bad samples, a checkpoint that could
+not be written), 2 bad config or input (run.dir held by another job, a checkpoint that fails verification),
+75 stopped by SIGTERM/SIGUSR1 after a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,18 +27,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from harness.checkpoint import ResumeError  # noqa: E402
+from harness.checkpoint import CheckpointError, ResumeError  # noqa: E402
 from harness.config import ConfigError, describe, load_config  # noqa: E402
 from harness.dist import DistEnvError  # noqa: E402
+from harness.runlock import RunDirError, release_all  # noqa: E402
 from shards.sources import DataSourceError  # noqa: E402
 
-USER_ERRORS = (ConfigError, DataSourceError, ResumeError, DistEnvError)
+USER_ERRORS = (ConfigError, DataSourceError, ResumeError, DistEnvError, RunDirError)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
-    p.add_argument("--resume", default=None, metavar="latest|PATH", help="continue from the newest or a given checkpoint")
+    p.add_argument("--resume", default=None, metavar="latest|PATH",
+                   help="continue from the newest or a given checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p.parse_intermixed_args(argv)  # overrides may come before or after --resume / --config
@@ -136,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:
         _say(f"training stopped: {e}")
         return 1
+    except CheckpointError as e:  # disk full during a save: the previous checkpoint is intact
+        _say(f"error: {e}")
+        return 1
     finally:
         if trainer is not None:
             trainer.log.close()
+        release_all()  # the run folder's lock (the kernel drops it at exit anyway; tests call main() twice)
         import torch.distributed as tdist
 
         if tdist.is_available() and tdist.is_initialized():

@@ -65,11 +65,15 @@ def _cpus() -> int:
 def _common(p: argparse.ArgumentParser, *, shard_size: int = 1000, images: bool = True):
     g = p.add_argument_group("output")
     g.add_argument("--workers", type=_positive, default=_cpus(), metavar="N",
-                   help="encoding processes (default: all %(default)s usable cores); the writer runs in the main process")
-    g.add_argument("--shard-size", type=_positive, default=shard_size, metavar="N", help="samples per shard (default %(default)s)")
+                   help="encoding processes (default: all %(default)s usable cores); "
+                        "the writer runs in the main process")
+    g.add_argument("--shard-size", type=_positive, default=shard_size, metavar="N",
+                   help="samples per shard (default %(default)s)")
     g.add_argument("--shard-bytes", type=_size, default=0, metavar="SIZE",
-                   help="also start a new shard once one holds about this much image data, e.g. 500MB (default: no limit)")
-    g.add_argument("--quality", type=_quality, default=95, metavar="Q", help="JPEG quality of re-encoded images (default %(default)s)")
+                   help="also start a new shard once one holds about this much image data, e.g. 500MB "
+                        "(default: no limit)")
+    g.add_argument("--quality", type=_quality, default=95, metavar="Q",
+                   help="JPEG quality of re-encoded images (default %(default)s)")
     if images:
         g.add_argument("--max-size", type=int, default=0, metavar="PIXELS",
                        help="re-encode images whose longest side is larger, down to this (e.g. 256; default 0 = keep "
@@ -78,7 +82,8 @@ def _common(p: argparse.ArgumentParser, *, shard_size: int = 1000, images: bool 
                        help="downscaling filter for --max-size (default %(default)s; area = img2dataset's "
                             "default, about 2x faster)")
         g.add_argument("--shuffle-seed", type=int, default=0, metavar="SEED",
-                       help="seed of the sample order across shards (default %(default)s); --no-shuffle keeps sorted order")
+                       help="seed of the sample order across shards (default %(default)s); "
+                            "--no-shuffle keeps sorted order")
         g.add_argument("--no-shuffle", action="store_true", help="write samples in sorted input order")
         g.add_argument("--max-samples", type=int, default=0, metavar="N",
                        help="use only the first N images after shuffling (a quick trial; default: all)")
@@ -219,8 +224,9 @@ def parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("folder", help="any tree of images (sub-folder names become classes)",
                        description="Any tree of images. When every image lies inside a first-level sub-folder "
-                                   "and there are at least two of them, the sub-folder names are the classes (sorted, or in --classes order) and each "
-                                   "sample gets cls; otherwise the set is unlabelled.")
+                                   "and there are at least two of them, the sub-folder names are the classes "
+                                   "(sorted, or in --classes order) and each sample gets cls; otherwise the set is "
+                                   "unlabelled.")
     f.add_argument("src", metavar="SRC", help="folder of images")
     f.add_argument("out", metavar="OUT", help="output folder")
     f.add_argument("--classes", metavar="FILE", help="class order: one sub-folder name per line")

@@ -138,8 +138,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the numbers here")
     a = p.parse_args(argv)
 
-    import shards.__main__  # noqa: F401  import webdataset (and torch with it) before any timing
+    # Import webdataset (and torch with it) and the builders before any timing.
     import webdataset  # noqa: F401
+
+    import shards.__main__  # noqa: F401
 
     tmp = Path(tempfile.mkdtemp(prefix="shards-bench-"))
     try:
@@ -161,7 +163,8 @@ def main(argv=None) -> int:
                 sizes[max_size] = size
                 mode = f"--max-size {max_size} ({a.resize_filter})" if max_size else "original bytes"
                 base = "decode+resize+encode" if max_size else "decode+encode"
-                rows.append({"mode": mode, "workers": w, "builder_img_s": round(best, 1), "builder_cpu_ms": round(ms, 2),
+                rows.append({"mode": mode, "workers": w, "builder_img_s": round(best, 1),
+                             "builder_cpu_ms": round(ms, 2),
                              "plain_pil": base, "plain_img_s": round(plain, 1), "plain_cpu_ms": round(plain_ms, 2),
                              "ratio_wall": round(best / plain, 2), "ratio_cpu": round(plain_ms / ms, 2)})
                 print(f"{mode:>24s}  workers={w}:  builder {best:6.1f} img/s ({ms:5.2f} CPU ms/img)   "
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
                       f"ratio {best / plain:.2f} wall, {plain_ms / ms:.2f} CPU", flush=True)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
         reduction = 1 - sizes[a.max_size] / sizes[0]
-        print(f"shard bytes: original {sizes[0] / 1e6:.1f} MB, --max-size {a.max_size} {sizes[a.max_size] / 1e6:.1f} MB "
+        print(f"shard bytes: original {sizes[0] / 1e6:.1f} MB, "
+              f"--max-size {a.max_size} {sizes[a.max_size] / 1e6:.1f} MB "
               f"({reduction:.0%} smaller, {sizes[0] / sizes[a.max_size]:.1f}x)")
         if a.json:
             Path(a.json).write_text(json.dumps({"images": len(files), "cores": os.cpu_count(), "rows": rows,

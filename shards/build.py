@@ -28,9 +28,9 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from shards.atomic import commit, is_temp_of, write_atomic
 from shards.images import BadImage, process_image
@@ -242,7 +242,8 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     if not items:
         raise BuildError(f"{source.get('path', out)}: no images found")
     _check_keys(items)
-    fingerprint = _fingerprint(source.get("kind", ""), items, opts, {"classes": list(classes), "labels": list(label_names)})
+    fingerprint = _fingerprint(source.get("kind", ""), items, opts,
+                               {"classes": list(classes), "labels": list(label_names)})
     lock = _lock(out)  # noqa: F841  held until this function returns (or the process dies)
     state = _prepare(out, fingerprint, opts.overwrite)
     bad_paths = out / BAD_FILES_NAME
@@ -371,8 +372,9 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     if label_names:
         counts = Counter(j for pos, it in enumerate(items) if pos not in bad_pos for j in it.meta.get("labels", ()))
         extra["label_counts"] = [counts.get(i, 0) for i in range(len(label_names))]
-    index = write_index(out, source=source, shards=[{k: s[k] for k in ("name", "num_samples", "bytes")} for s in shards],
-                        classes=classes, label_names=label_names, image_policy=opts.image_policy(), **extra)
+    records = [{k: s[k] for k in ("name", "num_samples", "bytes")} for s in shards]
+    index = write_index(out, source=source, shards=records, classes=classes, label_names=label_names,
+                        image_policy=opts.image_policy(), **extra)
     rate = (len(items) - start) / elapsed if elapsed > 0 else 0.0
     print(f"{out}: {index['num_samples']} samples in {len(shards)} shards ({rate:.0f} img/s)"
           + (f"; {len(report)} bad inputs skipped, listed in {bad_paths}" if report else ""), file=sys.stderr)

@@ -79,7 +79,8 @@ def _class_index(found: list[str], classes_file: str | None, what: str) -> tuple
     known = set(classes)
     missing = sorted({f for f in found if f not in known})
     if missing:
-        raise BuildError(f"{classes_file}: does not list {len(missing)} {what} found in the input (first: {missing[0]})")
+        raise BuildError(f"{classes_file}: does not list {len(missing)} {what} found in the input "
+                         f"(first: {missing[0]})")
     return classes, descriptions if any(descriptions) else []
 
 
@@ -317,7 +318,8 @@ def coco_items(images: Path, *, instances: str | None = None, captions: str | No
             meta["category_ids"] = cids
         if caps is not None:
             meta["captions"] = captions_
-        items.append(Item(key="", path=str(images / rec["file_name"]), meta=meta, txt=captions_[0] if captions_ else ""))
+        items.append(Item(key="", path=str(images / rec["file_name"]), meta=meta,
+                          txt=captions_[0] if captions_ else ""))
     keys = unique_keys([f"{it.meta['image_id']:012d}" for it in items])
     for it, k in zip(items, keys):
         it.key = k

@@ -192,7 +192,8 @@ def verify(target: str, workers: int = 1, max_listed: int = 50, out=None) -> int
     if index is not None:
         if index.get("class_counts") and index["class_counts"] != [cls_counts.get(i, 0) for i in range(len(classes))]:
             bad.append("per-class counts differ from the index's class_counts")
-        if index.get("label_counts") and index["label_counts"] != [label_counts.get(i, 0) for i in range(len(label_names))]:
+        counted = [label_counts.get(i, 0) for i in range(len(label_names))]
+        if index.get("label_counts") and index["label_counts"] != counted:
             bad.append("per-label counts differ from the index's label_counts")
     if want is not None and want != total:
         bad.append(f"{total} samples read, {want} expected ({sources[0].count_from or 'given'})")

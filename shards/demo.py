@@ -149,7 +149,8 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, angle: fl
         d.polygon(_polygon(5, r, cx, cy, angle, inner=0.42), fill=255)
     elif shape == "cross":
         w = r * 0.32
-        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w),
+               (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
         d.polygon(_rotate([(cx + x, cy + y) for x, y in pts], cx, cy, angle), fill=255)
     elif shape == "ring":
         d.ellipse(box(r * 0.9), fill=255)

@@ -121,7 +121,8 @@ def _from_folder(folder: Path, spec: str) -> ShardSource:
         urls = [str(folder / s["name"]) for s in index["shards"]]
         missing = [u for u in urls if not os.path.isfile(u)]
         if missing:
-            raise DataSourceError(f"{spec}: index.json names {len(missing)} shards that do not exist (first: {missing[0]})")
+            raise DataSourceError(f"{spec}: index.json names {len(missing)} shards that do not exist "
+                                  f"(first: {missing[0]})")
         return ShardSource(urls, index["num_samples"], classes=index.get("classes", []),
                            label_names=index.get("label_names", []), spec=spec, count_from="index")
     urls = sorted(glob.glob(glob.escape(str(folder)) + "/*.tar"))

@@ -110,7 +110,8 @@ def tiny_imagenet(root):
     rows = ["ImageId,PredictionString"] + [f"ILSVRC2012_val_{i:08d},{s} 10 20 30 40 {s} 1 2 3 4"
                                            for i, s in sorted(val_truth.items(), key=lambda kv: -kv[0])]
     (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
-    (root / "LOC_synset_mapping.txt").write_text("\n".join(f"{s} fish number {k}" for k, s in enumerate(SYNSETS)) + "\n")
+    mapping = "\n".join(f"{s} fish number {k}" for k, s in enumerate(SYNSETS)) + "\n"
+    (root / "LOC_synset_mapping.txt").write_text(mapping)
     return val_truth
 
 
@@ -150,8 +151,10 @@ def tiny_coco(root):
     ]
     info = {"description": "COCO 2017 Dataset", "url": "http://cocodataset.org", "version": "1.0", "year": 2017,
             "contributor": "COCO Consortium", "date_created": "2017/09/01"}
-    licenses = [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1, "name": "Attribution-NonCommercial-ShareAlike License"}]
-    instances = {"info": info, "licenses": licenses, "images": images, "annotations": annotations, "categories": CATEGORIES}
+    licenses = [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1,
+                 "name": "Attribution-NonCommercial-ShareAlike License"}]
+    instances = {"info": info, "licenses": licenses, "images": images, "annotations": annotations,
+                 "categories": CATEGORIES}
     captions = {"info": info, "licenses": licenses, "images": images, "annotations": [
         {"image_id": 9, "id": 48, "caption": "A man walks a dog. "},
         {"image_id": 9, "id": 12, "caption": "Person and dog on a street."},

@@ -31,8 +31,8 @@ def test_loader_bench_reports_both_sides_and_their_ratio(tmp_path):
 
 
 def test_step_bench_compares_the_harness_with_a_plain_loop(tmp_path):
-    r, rows = bench("step", "--config", str(ROOT / "tests/configs/tiny.yaml"), "--image-size", "32", "--batch-size", "4",
-                    "--steps", "2", "--warmup", "1", "--rounds", "1", tmp_path=tmp_path)
+    r, rows = bench("step", "--config", str(ROOT / "tests/configs/tiny.yaml"), "--image-size", "32",
+                    "--batch-size", "4", "--steps", "2", "--warmup", "1", "--rounds", "1", tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (row,) = rows
     assert row["bench"] == "step", row
@@ -44,4 +44,5 @@ def test_bad_input_is_one_line(tmp_path):
     assert r.returncode == 2 and rows == []
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no such folder or file"], r.stderr
     r, _ = bench("step", "--config", str(ROOT / "tests/configs/tiny.yaml"), "model.colour=1", tmp_path=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: model.colour: unknown key"), r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error: model.colour: unknown key"), r.stderr

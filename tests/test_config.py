@@ -27,7 +27,8 @@ def test_yaml_composes_and_cli_wins(tmp_path):
     [
         ("train.max_stepz=3", "train.max_stepz: unknown key; did you mean 'max_steps'?"),
         ("train.max_steps=abc", "train.max_steps: expected int, got 'abc'"),
-        ("model.attn_type=fancy", "model.attn_type: 'fancy' is not allowed; choose one of 'vanilla' | 'linear' | 'none'"),
+        ("model.attn_type=fancy",
+         "model.attn_type: 'fancy' is not allowed; choose one of 'vanilla' | 'linear' | 'none'"),
         ("train.batch_size=0", "train.batch_size: 0 is out of range; must be >= 1"),
         ("data.image_size=30", "data.image_size: 30 is not divisible by 8"),
         ("trainn.max_steps=3", "trainn: unknown key; did you mean 'train'?"),
@@ -86,8 +87,10 @@ def test_launcher_options_after_the_script_are_explained(capsys, monkeypatch):
 def test_overrides_may_follow_resume_and_config(tmp_path, monkeypatch):
     from launch.train import parse_args
 
-    a = parse_args(["--config", "a.yaml", "x.y=1", "--resume", "latest", "train.max_steps=30", "--config", "b.yaml", "z=2"])
-    assert a.config == ["a.yaml", "b.yaml"] and a.resume == "latest" and a.overrides == ["x.y=1", "train.max_steps=30", "z=2"]
+    a = parse_args(["--config", "a.yaml", "x.y=1", "--resume", "latest", "train.max_steps=30", "--config", "b.yaml",
+                    "z=2"])
+    assert a.config == ["a.yaml", "b.yaml"] and a.resume == "latest"
+    assert a.overrides == ["x.y=1", "train.max_steps=30", "z=2"]
 
 
 def test_deepspeed_json_disagreeing_with_the_config_is_a_config_error():

@@ -5,12 +5,12 @@ the combinations it does not support are one-line refusals."""
 import pytest
 import torch
 from safetensors.torch import load_file
+from shardgen import make_shards
+from test_train import args, logged
 
 from harness import checkpoint as ckpt
 from launch.train import main
 from models.discriminator import PatchDiscriminator, hinge_d_loss, last_decoder_layer, vanilla_d_loss
-from shardgen import make_shards
-from test_train import args, logged
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_training_with_a_discriminator_starts_at_disc_start_and_checkpoints_it(c
     common = ["train.max_steps=8", "log.every_steps=1", "checkpoint.every_steps=4", "checkpoint.keep_last=2"]
     assert main(args(config, shards, run, *common, "loss.disc_weight=0.5", "loss.disc_start=4")) == 0
     log = (run / "train.log").read_text().splitlines()
-    judged = [line.startswith(f"[") and "loss/adv=" in line for line in log if " step " in line and "loss/recon" in line]
+    judged = [line.startswith("[") and "loss/adv=" in line for line in log if " step " in line and "loss/recon" in line]
     assert judged == [False] * 4 + [True] * 4, log  # steps 1-4 without, 5-8 with the adversarial term
     assert all(w > 0 for w in logged(run, "disc/adaptive_weight"))
     assert len(logged(run, "disc/loss")) == 4
@@ -113,8 +113,8 @@ def test_what_the_discriminator_does_not_support_is_one_line(config, shards, tmp
     # another discriminator than the checkpoint's
     assert main(args(config, shards, tmp_path / "d", "train.max_steps=2", "loss.disc_weight=0.5")) == 0
     capsys.readouterr()
-    assert main(args(config, shards, tmp_path / "d", "train.max_steps=4", "loss.disc_weight=0.5", "loss.disc_channels=8",
-                     "--resume", "latest")) == 2
+    assert main(args(config, shards, tmp_path / "d", "train.max_steps=4", "loss.disc_weight=0.5",
+                     "loss.disc_channels=8", "--resume", "latest")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "its discriminator was built as {'layers': 3, 'channels': 64}" in err[0], err
     # a discriminator too deep for the images: at start, not at disc_start

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardgen import make_shards
 
 from harness import checkpoint as ckpt
 from launch.train import main
-from shardgen import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
@@ -31,8 +31,8 @@ def logged(run: Path, key: str) -> list[float]:
 def test_mixed_precision_one_gpu(precision, shards, tmp_path):
     run = tmp_path / "run"
     args = ["--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}",
-            f"train.mixed_precision={precision}", "train.max_steps=30", "model.attn_resolutions=[16]", "model.norm_groups=8",
-            "model.attn_type=vanilla"]
+            f"train.mixed_precision={precision}", "train.max_steps=30", "model.attn_resolutions=[16]",
+            "model.norm_groups=8", "model.attn_type=vanilla"]
     assert main(args) == 0
     recon = logged(run, "loss/recon")
     assert all(v == v for v in recon) and recon[-1] < recon[0]  # finite and falling

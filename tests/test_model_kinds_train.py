@@ -28,7 +28,8 @@ KINDS = {
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    assert shards_main(["demo", str(out), "--num-samples", "24", "--image-size", "64", "--shard-size", "8", "--quiet"]) == 0
+    assert shards_main(["demo", str(out), "--num-samples", "24", "--image-size", "64", "--shard-size", "8",
+                        "--quiet"]) == 0
     return out
 
 

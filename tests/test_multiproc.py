@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from shardgen import make_shards
 
 from harness import checkpoint as ckpt
-from shardgen import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -46,7 +46,8 @@ def test_two_process_training_checkpoints_and_resumes(shards, tmp_path):
     state = ckpt.read_state(ckpt.resolve(run, "latest"))
     assert state["step"] == 10 and state["samples_seen"] == 10 * 4 * 2 and state["data_layout"]["world_size"] == 2
     assert (run / "checkpoints/step_10/random_states_1.pkl").is_file()  # every rank saved its RNG
-    r = accelerate_launch(ROOT / "launch/train.py", *cfg, "train.max_steps=14", "checkpoint.every_steps=5", "--resume", "latest")
+    r = accelerate_launch(ROOT / "launch/train.py", *cfg, "train.max_steps=14", "checkpoint.every_steps=5",
+                          "--resume", "latest")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 10/14" in r.stderr
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 14

@@ -24,7 +24,8 @@ def write_images(root, layout: dict[str, int], size=(40, 30)):
 
 
 def test_demo_shards_train(tmp_path):
-    assert shards_main(["demo", str(tmp_path / "demo"), "--num-samples", "60", "--image-size", "32", "--shard-size", "16"]) == 0
+    assert shards_main(["demo", str(tmp_path / "demo"), "--num-samples", "60", "--image-size", "32",
+                        "--shard-size", "16"]) == 0
     loader = loader_for(tmp_path / "demo", num_workers=2)
     assert loader.info.num_samples == 60 and loader.info.num_shards == 4 and len(loader.info.classes) == 10
     batch = next(loader.batches())
@@ -84,9 +85,10 @@ def test_conditional_vae_trains_on_coco_multi_hot_labels(tmp_path):
     import json
     from pathlib import Path
 
+    from shards_helpers import tiny_coco
+
     from harness import checkpoint as ckpt
     from launch.train import main as train_main
-    from shards_helpers import tiny_coco
 
     images, instances, captions = tiny_coco(tmp_path / "coco")
     args = ["coco", "--images", str(images), "--instances", str(instances), "--captions", str(captions),
@@ -107,9 +109,10 @@ def test_conditional_vae_trains_on_coco_multi_hot_labels(tmp_path):
     root = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
     code = train_main(["--config", str(root / "launch/configs/cond_demo.yaml"), f"data.train={tmp_path / 'shards'}",
-                       f"run.dir={run}", "model.condition=multilabel", f"model.num_classes={num}", "model.ch_mult=[1,2]",
-                       "data.image_size=32", "train.batch_size=2", "train.max_steps=3", "log.progress=false",
-                       "data.num_workers=0", "log.images_every_steps=3", "log.class_rows=3", "log.num_images=2"])
+                       f"run.dir={run}", "model.condition=multilabel", f"model.num_classes={num}",
+                       "model.ch_mult=[1,2]", "data.image_size=32", "train.batch_size=2", "train.max_steps=3",
+                       "log.progress=false", "data.num_workers=0", "log.images_every_steps=3", "log.class_rows=3",
+                       "log.num_images=2"])
     assert code == 0 and ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 3
     assert any((run / "samples").glob("class_samples_*.png"))
 
@@ -118,9 +121,10 @@ def test_img2dataset_output_trains_as_it_is(tmp_path):
     """An img2dataset folder (tars + parquet + *_stats.json, no index) trains without conversion."""
     from pathlib import Path
 
+    from shards_helpers import img2dataset_folder
+
     from harness import checkpoint as ckpt
     from launch.train import main as train_main
-    from shards_helpers import img2dataset_folder
 
     folder = img2dataset_folder(tmp_path / "i2d", shards=(6, 6))
     loader = loader_for(folder, batch_size=4)

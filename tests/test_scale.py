@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardgen import make_shards
 
 from harness import checkpoint as ckpt
 from harness.inference import load_model, state_dict_of
-from shardgen import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -73,7 +73,8 @@ def test_train_checkpoint_resume_export(name, shards, tmp_path):
     # one fp32 state dict from the (sharded) checkpoint rebuilds the model; EMA too where trained
     model, _, _ = load_model(run)
     step12 = state_dict_of(run / "checkpoints/step_12")  # a checkpoint folder loads as well as its run
-    assert all(torch.equal(v, step12[k]) for k, v in model.state_dict().items()) and step12.keys() == model.state_dict().keys()
+    assert step12.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, step12[k]) for k, v in model.state_dict().items())
     assert load_model(run / "checkpoints/step_12")[0].state_dict().keys() == step12.keys()
     if "train.ema_decay=0.9" in extra:
         ema = state_dict_of(ckpt.resolve(run, "latest"), ema=True)

@@ -8,8 +8,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from shards_helpers import (decode, index_without_time, jpeg_bytes, meta, picture, read_set, run_cli, save,
-                            shard_bytes)
+from shards_helpers import decode, index_without_time, jpeg_bytes, meta, picture, read_set, run_cli, save, shard_bytes
 
 from shards.__main__ import main
 from shards.demo import ATTRIBUTES, SHAPES
@@ -248,7 +247,8 @@ def test_max_size_reencodes_only_what_is_too_big(tmp_path):
     assert samples["small"]["jpg"] == (src / "small.jpg").read_bytes()
     # The area filter gives the same sizes and other pixels.
     out2 = tmp_path / "out2"
-    assert main(["folder", str(src), str(out2), "--max-size", "40", "--quality", "80", "--resize-filter", "area", *Q]) == 0
+    assert main(["folder", str(src), str(out2), "--max-size", "40", "--quality", "80", "--resize-filter", "area",
+                 *Q]) == 0
     area = read_set(out2)
     assert decode(area["small"]).size == (30, 20) and area["big"]["jpg"] != samples["big"]["jpg"]
     assert decode(area["big"]).size == (40, 27)

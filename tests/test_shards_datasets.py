@@ -43,11 +43,12 @@ def test_imagenet_classes_file_fixes_order(tmp_path):
     order = [SYNSETS[2], SYNSETS[0], SYNSETS[1], "n09999999"]
     (tmp_path / "classes.txt").write_text("# my order\n" + "\n".join(order) + "\n")
     out = tmp_path / "s"
-    assert main(["imagenet", str(tmp_path / "train"), str(out / "train"), "--classes", str(tmp_path / "classes.txt"), *Q]) == 0
-    assert main(["imagenet", str(tmp_path / "val"), str(out / "val"), "--classes", str(tmp_path / "classes.txt"), *Q]) == 0
+    classes = ["--classes", str(tmp_path / "classes.txt")]
+    assert main(["imagenet", str(tmp_path / "train"), str(out / "train"), *classes, *Q]) == 0
+    assert main(["imagenet", str(tmp_path / "val"), str(out / "val"), *classes, *Q]) == 0
     for split in ("train", "val"):
         assert read_index(out / split)["classes"] == order
-        for key, s in read_set(out / split).items():
+        for s in read_set(out / split).values():
             assert order[int(s["cls"])] == meta(s)["synset"]
     assert read_index(out / "train")["class_counts"] == [3, 3, 0, 0]
     # Without the file the train split alone would number its two classes 0, 1: the file is the fix.
@@ -169,7 +170,8 @@ def test_coco_captions_only_and_images_only(tmp_path, capsys):
     assert sorted(read_set(out)) == ["000000000009", "000000000025", "000000000030", "000000000099"]
     capsys.readouterr()
     (tmp_path / "broken.json").write_text('{"images": [}')
-    assert main(["coco", "--images", str(images), "--instances", str(tmp_path / "broken.json"), str(tmp_path / "x"), *Q]) == 2
+    assert main(["coco", "--images", str(images), "--instances", str(tmp_path / "broken.json"), str(tmp_path / "x"),
+                 *Q]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert main(["coco", "--images", str(images), "--instances", str(caps), str(tmp_path / "x"), *Q]) == 2
     assert "not a COCO instances file" in capsys.readouterr().err
@@ -183,7 +185,8 @@ def test_coco_through_webdataset_multi_hot(tmp_path, workers):
 
     images, inst, caps = tiny_coco(tmp_path)
     out = tmp_path / "out"
-    assert main(["coco", "--images", str(images), "--instances", str(inst), str(out), "--quiet", "--workers", workers]) == 0
+    assert main(["coco", "--images", str(images), "--instances", str(inst), str(out), "--quiet",
+                 "--workers", workers]) == 0
     index = read_index(out)
     n = len(index["label_names"])
     urls = [str(out / s["name"]) for s in index["shards"]]

@@ -133,7 +133,8 @@ def wait_until_done(env, job, run_dir: Path, out: Path, steps: int, timeout: flo
             # squeue has been seen to blink during a requeue: ended means ended for a while
             ended_at = ended_at or now
             if now - ended_at > 10:
-                raise AssertionError(f"job {job} ended without finishing {steps} steps\n{job_report(env, job, run_dir, out)}")
+                report = job_report(env, job, run_dir, out)
+                raise AssertionError(f"job {job} ended without finishing {steps} steps\n{report}")
         else:
             ended_at = None
         if state.startswith("PENDING") and "BeginTime" in state and now - released_at > 15:

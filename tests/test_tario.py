@@ -5,9 +5,10 @@ import tarfile
 
 import pytest
 import webdataset as wds
+from shardgen import image_bytes
 
 from harness import tario
-from shardgen import image_bytes
+from shards.decode import BadSample
 
 
 def write_tar(path, members, fmt=tarfile.PAX_FORMAT):
@@ -38,12 +39,58 @@ def test_same_samples_as_webdataset(tmp_path, fmt):
     assert ours == theirs and len(ours) == 3 and ours[1]["__key__"] == long
 
 
-def test_truncated_tar_raises_read_error_to_the_handler(tmp_path):
+def test_truncated_tar_yields_what_it_can_then_one_bad_sample(tmp_path):
     write_tar(tmp_path / "a.tar", [(f"k{i}.jpg", image_bytes(i)) for i in range(4)])
     data = (tmp_path / "a.tar").read_bytes()
     (tmp_path / "b.tar").write_bytes(data[: len(data) // 2])
-    errors = []
-    got = samples(lambda: tario.tarfile_to_samples(handler=lambda e: errors.append(e) or True), tmp_path / "b.tar")
-    assert 0 < len(got) < 4 and isinstance(errors[0], tarfile.ReadError)
-    with pytest.raises(tarfile.ReadError):
-        samples(tario.tarfile_to_samples, tmp_path / "b.tar")
+    got = list(tario.shard_samples(str(tmp_path / "b.tar")))
+    good, bad = got[:-1], got[-1]
+    assert 0 < len(good) < 4 and all(isinstance(s, dict) for s in good)
+    assert isinstance(bad, BadSample) and bad.shard == str(tmp_path / "b.tar") and "runs past the end" in bad.reason
+
+
+def hostile_header(name: bytes, size_field: bytes) -> bytes:
+    """A ustar header with a valid checksum around any size field (what a forger would write)."""
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:108] = b"0000644\0"
+    h[124:136] = size_field
+    h[156:157] = b"0"
+    h[257:263] = b"ustar\0"
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+@pytest.mark.parametrize("size_field, reason", [
+    (b"\x80" + b"\xff" * 11, "runs past the end"),  # base-256: 2**88 bytes (OverflowError/MemoryError before)
+    (b"77777777777\0", "runs past the end"),  # 8 GiB in octal, in a 1 KB file
+    (b"12x45\0      ", "not an octal number"),
+    (b"\xff" + b"\0" * 11, "negative size"),
+])
+def test_absurd_size_fields_are_one_bad_sample_not_a_crash(tmp_path, size_field, reason):
+    path = tmp_path / "forged.tar"
+    path.write_bytes(hostile_header(b"k0.jpg", size_field) + b"x" * 512 + b"\0" * 1024)
+    got = list(tario.shard_samples(str(path)))
+    assert len(got) == 1 and isinstance(got[0], BadSample) and reason in got[0].reason, got
+
+
+@pytest.mark.parametrize("content", [b"", b"\0" * 1024, b"not a tar file at all " * 50])
+def test_empty_or_foreign_files_are_one_bad_sample_each(tmp_path, content):
+    path = tmp_path / "x.tar"
+    path.write_bytes(content)
+    got = list(tario.shard_samples(str(path)))
+    assert len(got) == 1 and isinstance(got[0], BadSample), got
+    assert ("empty" in got[0].reason) if content.strip(b"\0") == b"" else ("checksum" in got[0].reason)
+
+
+def test_a_pax_record_of_length_zero_does_not_loop(tmp_path):
+    pax = b"0 path=x\n"
+    h = bytearray(hostile_header(b"PaxHeader", b"%011o\0" % len(pax)))
+    h[156:157] = b"x"
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    path = tmp_path / "pax.tar"
+    path.write_bytes(bytes(h) + pax.ljust(512, b"\0") + b"\0" * 1024)
+    got = list(tario.shard_samples(str(path)))
+    assert len(got) == 1 and "malformed pax" in got[0].reason
