@@ -131,3 +131,11 @@ def test_check_config_fills_in_what_is_derived(tmp_path):
 def test_models_errors_are_value_errors_not_the_harness_one():
     assert issubclass(ModelConfigError, ValueError) and not issubclass(ModelConfigError, ConfigError)
     assert models.ModelConfigError is ModelConfigError
+
+
+def test_every_registered_autoencoder_kind_goes_through_the_interface_tests():
+    from test_models_kinds import KINDS
+
+    tested = {settings.get("kind", "kl") for settings in KINDS.values()}
+    autoencoders = {k for k in kinds() if issubclass(model_class(k), models.Autoencoder)}
+    assert autoencoders == tested, "add the new kind to KINDS in tests/test_models_kinds.py"
