@@ -1,30 +1,50 @@
-"""Atomic, resumable checkpoints on top of `accelerator.save_state`.
+"""Atomic, verified, resumable checkpoints on top of `accelerator.save_state`.
 
 Layout inside the run folder:
 
-    checkpoints/step_<N>/      accelerate's state (sharded by DeepSpeed where it runs),
-                               trainer_state.json and config.yaml (written last)
-    checkpoints/.tmp-step_<N>  a checkpoint being written (never read)
-    checkpoints/.trash-...     an old checkpoint being pruned (never read)
-    latest                     one line naming the newest complete checkpoint
+    checkpoints/step_<N>/            accelerate's state (sharded by DeepSpeed where it runs),
+                                     trainer_state.json, config.yaml, then manifest.json (last)
+    checkpoints/.tmp-step_<N>.<tag>  a checkpoint being written (never read); <tag> is unique to
+                                     the run's life, so two writers never share one
+    checkpoints/.trash-...           an old checkpoint being pruned (never read)
+    latest                           one line naming the newest complete checkpoint
 
 The order of a save is what makes a kill at any moment safe:
-1. every rank writes into `.tmp-step_N` (save_state is collective under DeepSpeed: a rank that
-   skipped it would deadlock the others);
-2. all ranks wait; rank 0 writes trainer_state.json + config.yaml, fsyncs, renames the folder to
-   `step_N` (atomic), then replaces `latest` (write + fsync + os.replace, atomic);
+1. every rank writes into `.tmp-step_N.<tag>` (save_state is collective under DeepSpeed: a rank
+   that skipped it would deadlock the others);
+2. all ranks wait (and learn whether any failed: a full disk is one line, not a hang); rank 0
+   writes trainer_state.json + config.yaml, then manifest.json (size and sha256 of every file),
+   fsyncs, renames the folder to `step_N` (atomic), then replaces `latest` (write + fsync +
+   os.replace, atomic);
 3. only then are old checkpoints pruned: renamed into `.trash-*` first (atomic), then deleted.
 So a `step_*` folder is always complete, and `latest` always names one. `resolve` is the one
-function that finds where to resume from, for `--resume latest`, a path, and requeued SLURM jobs.
+function that finds where to resume from, for `--resume latest`, a path, and requeued SLURM jobs;
+it checks the manifest, so flipped bytes or a truncated file send `latest` back to the newest
+step that verifies (saying so) and make `--resume PATH` an error.
+
+Resuming never unpickles arbitrary objects: `check_pickles` runs torch's weights-only unpickler
+(plus a short allow-list for the numpy types of the RNG states) over every pickle-based file
+before anything loads, and `weights_only_loads` forces the same unpickler on every `torch.load`
+that accelerate and DeepSpeed make while loading (both would otherwise pass `weights_only=False`
+for the scheduler, the EMA and the ZeRO shards). A checksum is no defence against a crafted file
+(its maker can rewrite the manifest); the unpickler is.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from shards.atomic import fsync_dir, fsync_tree, is_temp_of, write_atomic
@@ -32,6 +52,7 @@ from shards.atomic import fsync_dir, fsync_tree, is_temp_of, write_atomic
 STATE_NAME = "trainer_state.json"
 CONFIG_NAME = "config.yaml"
 LATEST_NAME = "latest"
+MANIFEST_NAME = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -48,6 +69,10 @@ def _pause(stage: str) -> None:
 
 class ResumeError(RuntimeError):
     """The resume request cannot be honoured: one line saying why."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, folder gone): one line; the previous one is intact."""
 
 
 def is_complete(path: Path) -> bool:
@@ -67,32 +92,103 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve(run_dir: str | Path, resume: str | None) -> Path | None:
+# ---------------------------------------------------------------------------------------------
+# Manifest: size and sha256 of every file, written last
+# ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()  # reads in C, without the GIL
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def _hash_all(folder: Path, names: list[str]) -> list[str]:
+    # Threads: hashlib releases the GIL, and a sharded checkpoint has one large file per rank.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, max(1, len(names)))) as pool:
+        return list(pool.map(lambda n: _sha256(folder / n), names))
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: {"files": {relative path: {"size", "sha256"}}} of everything in `folder`."""
+    names = _files(folder)
+    digests = _hash_all(folder, names)
+    files = {n: {"size": (folder / n).stat().st_size, "sha256": h} for n, h in zip(names, digests)}
+    (folder / MANIFEST_NAME).write_text(json.dumps({"version": 1, "files": files}, indent=1))
+
+
+def verify(folder: Path) -> str | None:
+    """Why `folder` does not match its manifest (a missing, resized, changed or unlisted file), or None."""
+    try:
+        listed = json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST_NAME}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST_NAME} is unreadable ({type(e).__name__})"
+    present = set(_files(folder))
+    if missing := sorted(set(listed) - present):
+        return f"{missing[0]} is missing"
+    if extra := sorted(present - set(listed)):
+        return f"{extra[0]} is not in its manifest"
+    for name, entry in listed.items():
+        if (size := (folder / name).stat().st_size) != entry.get("size"):
+            return f"{name} has {size} bytes, its manifest says {entry.get('size')}"
+    names = sorted(listed)
+    for name, digest in zip(names, _hash_all(folder, names)):
+        if digest != listed[name].get("sha256"):
+            return f"{name} does not match its sha256 (corrupted on disk or edited)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Where to resume from
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve(run_dir: str | Path, resume: str | None, say: Callable[[str], None] | None = None) -> Path | None:
     """Where to resume from: None = start fresh.
 
-    `latest` reads the run's `latest` file and falls back to the newest complete `step_*` folder
-    (a run killed before its first checkpoint, or a requeued job, then simply starts fresh).
-    Anything else is a path that must be a complete checkpoint.
+    `latest` takes the newest complete `step_*` folder that verifies against its manifest (the one
+    the run's `latest` file names, unless a newer one was renamed into place just before a kill);
+    each newer one that fails is skipped with one line through `say`. A run with no checkpoint yet
+    (killed before its first, or a requeued job) starts fresh; one whose `latest` names a
+    checkpoint while `checkpoints/` holds none, or where nothing verifies, is a ResumeError: a
+    silent restart from step 0 would overwrite the run. Anything else is a path that must be a
+    complete checkpoint that verifies.
     """
     if resume is None:
         return None
     run_dir = Path(run_dir)
     if resume == "latest":
-        # The newest complete step_N. `latest` names it, except after a kill between the rename of
-        # a new checkpoint and the update of `latest`: the complete folder is newer, and wins.
         found = list_checkpoints(run_dir)
         pointer = run_dir / LATEST_NAME
-        if pointer.is_file():
-            target = run_dir / pointer.read_text().strip()
-            m = _STEP_DIR.match(target.name)
-            if is_complete(target) and m and (not found or int(m.group(1)) >= found[-1][0]):
-                return target
-        return found[-1][1] if found else None
+        if not found:
+            if pointer.is_file():
+                raise ResumeError(f"{pointer} names {pointer.read_text().strip()!r} but {run_dir / 'checkpoints'} "
+                                  "holds no complete checkpoint (deleted or moved?): put them back, or start over "
+                                  "in a new run.dir")
+            return None
+        # Newest first. `latest` names the newest, except after a kill between the rename of a new
+        # checkpoint and the update of `latest`: the complete folder is newer, and wins.
+        failed = []
+        for _, path in reversed(found):
+            why = verify(path)
+            if why is None:
+                if failed and say is not None:
+                    say(f"note: {'; '.join(failed)}: resuming from {path.name}, the newest checkpoint that verifies")
+                return path
+            failed.append(f"{path.name} fails verification ({why})")
+        raise ResumeError(f"no checkpoint in {run_dir / 'checkpoints'} verifies: {'; '.join(failed)}")
     path = Path(resume)
     if not path.exists():
         raise ResumeError(f"--resume {resume}: no such checkpoint folder")
     if not is_complete(path):
         raise ResumeError(f"--resume {resume}: not a complete checkpoint (no {STATE_NAME})")
+    if (why := verify(path)) is not None:
+        raise ResumeError(f"--resume {resume}: the checkpoint fails verification ({why})")
     return path
 
 
@@ -100,13 +196,114 @@ def read_state(path: Path) -> dict:
     return json.loads((path / STATE_NAME).read_text())
 
 
+# ---------------------------------------------------------------------------------------------
+# Loading without unpickling
+# ---------------------------------------------------------------------------------------------
+
+# What torch.load writes besides .pt: accelerate's .bin/.pkl, DeepSpeed's .pt, a user's .pth.
+PICKLED = (".pkl", ".pt", ".bin", ".pth", ".ckpt")
+
+
+# DeepSpeed classes found in its ZeRO shards (0.19): plain records, built by setting their attributes
+# (no __setstate__ / __reduce__ of their own), so allowing them runs none of their code.
+_DEEPSPEED_GLOBALS = {
+    "deepspeed.runtime.zero.config": ("ZeroStageEnum",),
+    "deepspeed.utils.tensor_fragment": ("fragment_address",),
+    "deepspeed.runtime.fp16.loss_scaler": ("LossScaler", "DynamicLossScaler", "LossScaleConfig", "LossScaleProfile"),
+}
+
+
+@functools.cache
+def allowed_globals(deepspeed: bool = True) -> list:
+    """The few non-tensor types our checkpoints hold: numpy arrays and dtypes inside the RNG states
+    (accelerate's own list) and, for a DeepSpeed checkpoint, its records above. Anything else is
+    refused by name."""
+    import importlib
+
+    allowed = []
+    try:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+        allowed += TORCH_SAFE_GLOBALS
+    except ImportError:
+        pass
+    for module, names in _DEEPSPEED_GLOBALS.items() if deepspeed else ():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:  # DeepSpeed not installed: none of its shards to read
+            continue
+        allowed += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return allowed
+
+
+def _refusal(name: str, error: Exception) -> str:
+    text = str(error)
+    m = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand (\d+)", text)
+    what = f"a pickled {m.group(1)}" if m and not m.group(1).isdigit() else "pickled objects"
+    return f"{name} holds {what}, outside the allow-list of plain data: refusing to unpickle it"
+
+
+def check_pickles(folder: Path) -> None:
+    """Run torch's weights-only unpickler (with `allowed_globals`) over every pickle-based file in a
+    checkpoint, storages memory-mapped (so a large ZeRO shard costs little); ResumeError naming the
+    first file that holds anything else. Nothing in a refused file is ever executed."""
+    import torch
+
+    folder = Path(folder)
+    deepspeed = any(p.is_dir() for p in folder.glob("pytorch_model*"))  # else DeepSpeed need not be imported
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in PICKLED):
+        try:
+            with torch.serialization.safe_globals(allowed_globals(deepspeed)):
+                try:
+                    torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:  # an old (non-zip) torch.save format cannot be memory-mapped
+                    if "mmap" not in str(e):
+                        raise
+                    torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ResumeError(f"cannot resume {folder}: {_refusal(f.relative_to(folder), e)}") from None
+        except Exception as e:  # noqa: BLE001 -- a file the unpickler cannot even parse: one line
+            raise ResumeError(f"cannot resume {folder}: {f.relative_to(folder)} is unreadable "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+@contextmanager
+def weights_only_loads(folder: Path) -> Iterator[list[str]]:
+    """Within the block, every `torch.load` (accelerate's `load_state`, DeepSpeed's engine) runs the
+    weights-only unpickler with `allowed_globals`, whatever `weights_only` its caller passed.
+
+    Yields a list of refusals: accelerate swallows any error while loading the RNG states ("Could
+    not load random states"), so the caller must check it after the block as well."""
+    import torch
+
+    real, refused = torch.load, []
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(allowed_globals("deepspeed" in sys.modules)):
+                return real(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            name = Path(f).name if isinstance(f, (str, os.PathLike)) else "a file"
+            refused.append(_refusal(name, e))
+            raise ResumeError(f"cannot resume {folder}: {refused[-1]}") from None
+
+    torch.load = load
+    try:
+        yield refused
+    finally:
+        torch.load = real
+
+
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep_last: int, accelerator, is_main: bool):
+    def __init__(self, run_dir: str | Path, keep_last: int, accelerator, is_main: bool, tag: str | None = None):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.keep_last = keep_last
         self.accelerator = accelerator
         self.is_main = is_main
+        # The same on every rank (rank 0 chose it when it locked the run folder): names this run's temporaries.
+        self.tag = tag or f"{os.getpid()}"
 
     def set_aside_newer(self, resumed: Path, step: int) -> list[Path]:
         """Resuming this run from an older checkpoint: its newer ones belong to the abandoned branch.
@@ -126,7 +323,8 @@ class CheckpointManager:
         return moved
 
     def clean_stale(self) -> None:
-        """Remove leftovers of saves or prunes that were killed (main process, at start-up)."""
+        """Remove leftovers of saves or prunes that were killed (main process, at start-up, while
+        holding the run folder's lock: no other live writer can own them)."""
         if self.is_main and self.root.is_dir():
             for p in self.root.iterdir():
                 if p.name.startswith((".tmp-", ".trash-")):
@@ -136,23 +334,52 @@ class CheckpointManager:
                 if is_temp_of(p.name, LATEST_NAME):
                     p.unlink(missing_ok=True)
 
+    def _agree(self, error: str | None) -> str | None:
+        """Collective: every rank learns whether any rank failed (one float each; also the barrier).
+        A rank that raised alone would leave the others waiting in the next collective forever."""
+        from harness.dist import all_reduce_sum
+
+        failed = all_reduce_sum([float(error is not None)], getattr(self.accelerator, "device", None))[0] > 0
+        return (error or "another rank could not write its part") if failed else None
+
     def save(self, step: int, state: dict, config_yaml: str) -> Path:
-        """Collective: every rank must call this at the same step."""
+        """Collective: every rank must call this at the same step. A failed write (disk full, folder
+        gone) raises CheckpointError on every rank after the partial folder is removed; the
+        previous checkpoint and `latest` are untouched."""
         final = self.root / f"step_{step}"
-        tmp = self.root / f".tmp-step_{step}"
-        if self.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.accelerator.wait_for_everyone()  # every rank's shard is on disk
-        if self.is_main:
+        tmp = self.root / f".tmp-step_{step}.{self.tag}"
+        error = bug = None
+        try:
+            if self.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self.accelerator.save_state(str(tmp))
+        except Exception as e:  # noqa: BLE001 -- the other ranks must hear of it (re-raised below if a bug)
+            error = _describe(e) or f"{type(e).__name__} on this rank"
+            bug = None if _describe(e) else e
+        if (error := self._agree(error)) is None:  # every rank's shard is on disk
+            error = self._commit(step, tmp, final, state, config_yaml) if self.is_main else None
+        if (error := self._agree(error)) is not None:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if bug is not None:
+                raise bug
+            previous = resolve_quietly(self.run_dir)
+            kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint"
+            raise CheckpointError(f"could not write checkpoint step_{step} in {self.root}: {error}; {kept}")
+        return final
+
+    def _commit(self, step: int, tmp: Path, final: Path, state: dict, config_yaml: str) -> str | None:
+        """Main process: trainer state, manifest (last), rename, `latest`, prune. The error, or None."""
+        try:
             (tmp / CONFIG_NAME).write_text(config_yaml)
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+            write_manifest(tmp)
             fsync_tree(tmp)
             _pause("written")
             if final.exists():  # re-saving a step (resumed from an older checkpoint): swap out the old one
-                trash = self.root / f".trash-step_{step}"
+                trash = self.root / f".trash-step_{step}.{self.tag}"
                 shutil.rmtree(trash, ignore_errors=True)
                 os.rename(final, trash)
             os.rename(tmp, final)
@@ -160,14 +387,36 @@ class CheckpointManager:
             _pause("renamed")
             write_atomic(self.run_dir / LATEST_NAME, f"checkpoints/{final.name}\n")
             self._prune(keep=final)
-        self.accelerator.wait_for_everyone()
-        return final
+        except Exception as e:
+            if (why := _describe(e)) is None:
+                raise
+            return why
+        return None
 
     def _prune(self, keep: Path) -> None:
         found = list_checkpoints(self.run_dir)
         old = [p for _, p in found if p != keep][: max(0, len(found) - self.keep_last)]
         for p in old:
-            trash = self.root / f".trash-{p.name}"
+            trash = self.root / f".trash-{p.name}.{self.tag}"
             os.rename(p, trash)
             _pause("pruning")
             shutil.rmtree(trash, ignore_errors=True)
+
+
+def _describe(e: Exception) -> str | None:
+    """One line for a failed write, or None when `e` is not about writing (a bug: raised as it is).
+    torch.save and safetensors report a full disk as a RuntimeError from their C++ writers."""
+    if isinstance(e, OSError):
+        if e.errno == errno.ENOSPC:
+            return "no space left on device (ENOSPC)"
+        return f"{e.strerror or type(e).__name__}{' (' + str(e.filename) + ')' if e.filename else ''}"
+    text = str(e).splitlines()[0] if str(e) else ""
+    if "write" in text.lower() and ("fail" in text.lower() or "error" in text.lower()):
+        return f"{text} (disk full?)"
+    return None
+
+
+def resolve_quietly(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, unverified (for messages)."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None

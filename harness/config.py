@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -365,12 +366,18 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        else:
+            number = float(value)
+        # inf and nan pass every bound check (nan compares false both ways) and would only show up as a
+        # non-finite loss later; no field gives them a meaning.
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: {value!r} is not a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad

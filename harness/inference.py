@@ -34,7 +34,10 @@ def find_weights_dir(path: str | Path) -> Path:
     if ckpt.is_complete(path):  # a step_N folder (DeepSpeed writes a `latest` file of its own into it)
         return path
     if (path / "checkpoints").is_dir() or (path / ckpt.LATEST_NAME).is_file():
-        found = ckpt.resolve(path, "latest")
+        try:
+            found = ckpt.resolve(path, "latest")
+        except ckpt.ResumeError as e:  # `latest` without checkpoints, or none that verifies
+            raise LoadError(str(e)) from None
         if found is None:
             raise LoadError(f"{path}: the run has no complete checkpoint yet")
         return found

@@ -32,7 +32,7 @@ class Start:
 
 def plan(trainer, resume: str | None) -> Start:
     run_dir, world = trainer.run_dir, trainer.world
-    resume_from = ckpt.resolve(run_dir, resume)
+    resume_from = resolve_on_main(run_dir, resume, world, trainer.log)
     if resume is None and ckpt.list_checkpoints(run_dir):
         raise ckpt.ResumeError(f"run.dir {run_dir} already has checkpoints: pass --resume latest to continue "
                                f"it, or choose another run.dir")
@@ -41,6 +41,26 @@ def plan(trainer, resume: str | None) -> Start:
     if check_resumable(trainer, resume_from):
         return Start(resume_from, universal_copy(run_dir, resume_from, world, trainer.log, trainer.accelerator))
     return Start(resume_from, resume_from)
+
+
+def resolve_on_main(run_dir: Path, resume: str | None, world, log) -> Path | None:
+    """Rank 0 finds the checkpoint, verifies its manifest and runs the weights-only unpickler over
+    its pickled files (reading it once, not once per rank), then tells the others: the path, or
+    the one line why not."""
+    found = [None, None]
+    if world.is_main:
+        try:
+            path = ckpt.resolve(run_dir, resume, say=log.info)
+            if path is not None:
+                ckpt.check_pickles(path)
+            found[0] = None if path is None else str(path)
+        except ckpt.ResumeError as e:
+            found[1] = str(e)
+    if world.world_size > 1:
+        tdist.broadcast_object_list(found, src=0)
+    if found[1]:
+        raise ckpt.ResumeError(found[1])
+    return None if found[0] is None else Path(found[0])
 
 
 def check_resumable(trainer, path: Path) -> bool:
@@ -106,12 +126,16 @@ def init_source(path: str, world) -> Path:
 def restore(trainer, start: Start) -> dict:
     """Load model, optimizer, scheduler, scaler, EMA, RNG (accelerate) and return the trainer state."""
     accelerator, world = trainer.accelerator, trainer.world
-    accelerator.load_state(str(start.load_from))
+    # accelerate and DeepSpeed would unpickle the scheduler, EMA and ZeRO shards with weights_only=False.
+    with ckpt.weights_only_loads(start.load_from) as refused:
+        accelerator.load_state(str(start.load_from))
+        if start.load_from != start.resume_from:
+            with scale.full_parameters(trainer.engine.model):
+                scale.load_universal_buffers(trainer.engine.unwrapped(), start.load_from)
+    if refused:  # accelerate swallows errors while loading the RNG states
+        raise ckpt.ResumeError(f"cannot resume {start.load_from}: {refused[0]}")
     for hook in trainer.hooks:
         hook.after_resume(trainer)
-    if start.load_from != start.resume_from:
-        with scale.full_parameters(trainer.engine.model):
-            scale.load_universal_buffers(trainer.engine.unwrapped(), start.load_from)
     state = ckpt.read_state(start.resume_from)
     if not (start.load_from / f"random_states_{world.rank}.pkl").is_file():
         set_seed(trainer.cfg.train.seed + world.rank + 7919 * state["step"])  # a rank the checkpoint did not have

@@ -38,6 +38,7 @@ from harness.hooks import EMAHook
 from harness.inference import init_weights
 from harness.monitor import Monitor, StepStats
 from harness.resume import init_source, plan, restore
+from harness.runlock import hold as hold_run_dir
 from harness.signals import EXIT_PREEMPTED, StopFlag
 from harness.tasks import make_task
 from models.registry import build_model, deepspeed_unsupported
@@ -80,6 +81,7 @@ class Trainer:
                                        **scale.accelerator_kwargs())
         scale.check_world(self.accelerator)
         self.world = world()  # from torch.distributed, now that accelerate has set it up
+        self.run_tag = hold_run_dir(self.run_dir, self.world)  # one job per run.dir, before anything is written
         self.device = self.accelerator.device
         discriminator.refuse_unsupported(cfg, deepspeed=False, mixed_precision=self.accelerator.mixed_precision)
         self.task = make_task(cfg, self.device)
@@ -88,7 +90,8 @@ class Trainer:
                                   batch_size=cfg.train.batch_size, pin_memory=self.device.type == "cuda")
         self.task.check_data(self.loader.info)
         self.log = RankLogger(self.world.is_main, self.run_dir / "train.log")
-        self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.accelerator, self.world.is_main)
+        self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.accelerator, self.world.is_main,
+                                           tag=self.run_tag)
         self.model_hash = section_hash(cfg.model)
         self.start = plan(self, resume)  # decided before anything is written into the run folder
 

@@ -1,4 +1,8 @@
-"""Checkpoint resolution and atomic save order (unit level; crash tests are in test_train.py)."""
+"""Checkpoint resolution, manifests and atomic save order (unit level; crash tests are in test_train.py,
+whole-run hardening in test_hardening_run.py)."""
+
+import errno
+import json
 
 import pytest
 
@@ -25,8 +29,10 @@ class FakeAccelerator:
 def make(run, step, complete=True):
     p = run / "checkpoints" / f"step_{step}"
     p.mkdir(parents=True)
+    (p / "model.safetensors").write_bytes(b"weights %d" % step)
     if complete:
-        (p / ckpt.STATE_NAME).write_text('{"step": %d}' % step)
+        (p / ckpt.STATE_NAME).write_text(f'{{"step": {step}}}')
+        ckpt.write_manifest(p)
     return p
 
 
@@ -60,7 +66,7 @@ def test_save_renames_points_latest_and_prunes(tmp_path):
     assert names == ["step_2", "step_3"]  # pruned to keep_last, no .tmp or .trash left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "latest"]  # no temporary of `latest`
     assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_3"
-    assert acc.saves[-1].endswith(".tmp-step_3")  # accelerate wrote under the temporary name
+    assert ".tmp-step_3." in acc.saves[-1]  # accelerate wrote under the temporary name
     assert ckpt.read_state(ckpt.resolve(tmp_path, "latest")) == {"step": 3}
     assert (tmp_path / "checkpoints/step_3/config.yaml").read_text() == "model: {}\n"
 
@@ -96,3 +102,102 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["abandoned-step_20", "abandoned-step_30", "step_11", "step_12"]
     assert m.set_aside_newer(tmp_path / "elsewhere" / "step_5", 5) == []  # another run's checkpoint: nothing moves
+
+
+def test_manifest_lists_every_file_and_verify_names_what_changed(tmp_path):
+    m = ckpt.CheckpointManager(tmp_path, keep_last=3, accelerator=FakeAccelerator(), is_main=True)
+    p = m.save(1, {"step": 1}, "model: {}\n")
+    listed = json.loads((p / ckpt.MANIFEST_NAME).read_text())["files"]
+    assert sorted(listed) == ["config.yaml", "model.safetensors", "trainer_state.json"]
+    assert listed["model.safetensors"]["size"] == len(b"weights")
+    assert ckpt.verify(p) is None
+    (p / "model.safetensors").write_bytes(b"weightz")  # same size, one byte changed
+    assert "model.safetensors does not match its sha256" in ckpt.verify(p)
+    (p / "model.safetensors").write_bytes(b"weight")
+    assert "model.safetensors has 6 bytes, its manifest says 7" in ckpt.verify(p)
+    (p / "model.safetensors").unlink()
+    assert ckpt.verify(p) == "model.safetensors is missing"
+    (p / "model.safetensors").write_bytes(b"weights")
+    (p / "custom_checkpoint_9.pkl").write_bytes(b"planted")
+    assert ckpt.verify(p) == "custom_checkpoint_9.pkl is not in its manifest"
+    (p / ckpt.MANIFEST_NAME).write_text("{not json")
+    assert "manifest.json is unreadable" in ckpt.verify(p)
+    (p / ckpt.MANIFEST_NAME).unlink()
+    assert ckpt.verify(p) == "no manifest.json"
+
+
+def test_latest_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
+    make(tmp_path, 10)
+    s20 = make(tmp_path, 20)
+    s30 = make(tmp_path, 30)
+    (tmp_path / "latest").write_text("checkpoints/step_30\n")
+    (s30 / "model.safetensors").write_bytes(b"weights 31")
+    said = []
+    assert ckpt.resolve(tmp_path, "latest", say=said.append) == s20
+    assert said == ["note: step_30 fails verification (model.safetensors does not match its sha256 (corrupted on disk "
+                    "or edited)): resuming from step_20, the newest checkpoint that verifies"]
+    with pytest.raises(ckpt.ResumeError, match=r"^--resume .*step_30: the checkpoint fails verification \(model"):
+        ckpt.resolve(tmp_path, str(s30))
+    for p in (tmp_path / "checkpoints").iterdir():
+        (p / ckpt.MANIFEST_NAME).unlink()
+    with pytest.raises(ckpt.ResumeError, match="no checkpoint in .* verifies: step_30 fails verification .no manifest"):
+        ckpt.resolve(tmp_path, "latest")
+
+
+def test_latest_without_checkpoints_is_an_error_not_a_fresh_start(tmp_path):
+    import shutil
+
+    make(tmp_path, 10)
+    (tmp_path / "latest").write_text("checkpoints/step_10\n")
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.raises(ckpt.ResumeError, match="names 'checkpoints/step_10' but .* holds no complete checkpoint"):
+        ckpt.resolve(tmp_path, "latest")
+    (tmp_path / "latest").unlink()
+    assert ckpt.resolve(tmp_path, "latest") is None  # a run that never checkpointed starts fresh
+
+
+def test_two_writers_never_share_a_temporary_folder(tmp_path):
+    a, b = FakeAccelerator(), FakeAccelerator()
+    ckpt.CheckpointManager(tmp_path, 3, a, True, tag="111-aaaa").save(4, {"step": 4}, "")
+    ckpt.CheckpointManager(tmp_path, 3, b, True, tag="222-bbbb").save(4, {"step": 4}, "")
+    assert a.saves[0].endswith(".tmp-step_4.111-aaaa") and b.saves[0].endswith(".tmp-step_4.222-bbbb")
+
+
+class FullDisk(FakeAccelerator):
+    """save_state writes part of a file, then the disk is full."""
+
+    def save_state(self, path):
+        from pathlib import Path
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "optimizer.bin").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["save_state", "manifest"])
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
+    m = ckpt.CheckpointManager(tmp_path, keep_last=1, accelerator=FakeAccelerator(), is_main=True, tag="1-ab")
+    s1 = m.save(1, {"step": 1}, "")
+    if where == "save_state":
+        m.accelerator = FullDisk()
+    else:
+        def full(folder):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(ckpt, "write_manifest", full)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        m.save(2, {"step": 2}, "")
+    assert str(e.value) == (f"could not write checkpoint step_2 in {tmp_path / 'checkpoints'}: no space left on "
+                            "device (ENOSPC); the previous checkpoint step_1 is intact")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1"]  # partial folder removed
+    assert ckpt.resolve(tmp_path, "latest") == s1 and ckpt.verify(s1) is None
+    assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_1"
+
+
+def test_a_bug_during_a_save_is_not_dressed_up_as_a_full_disk(tmp_path):
+    class Buggy(FakeAccelerator):
+        def save_state(self, path):
+            raise KeyError("model_3")
+
+    with pytest.raises(KeyError):
+        ckpt.CheckpointManager(tmp_path, 1, Buggy(), True).save(1, {"step": 1}, "")

@@ -1,0 +1,109 @@
+"""One job per run folder: an OS lock on `run.dir/.lock`, held for the life of the run.
+
+Two jobs on one run folder (a requeued SLURM job while the old one still lives, a second launch
+by hand) would interleave checkpoints of two runs. So the global rank 0 takes `fcntl.flock`
+(non-blocking) on `run.dir/.lock` before anything is written there, and keeps the descriptor
+open until the run ends. Why flock:
+- the kernel releases it when the process dies, however it dies (kill -9, OOM): no stale lock
+  to clear by hand, unlike a "pid file exists" check;
+- it works across nodes on NFS (Linux emulates flock with POSIX byte-range locks there, which
+  the server arbitrates) and on Lustre / GPFS mounted with locking on. One lock taken by global
+  rank 0 is enough: every rank of a run writes into the same folder on shared storage, and rank 0
+  alone decides, then tells the others (a collective), so no rank starts work the lock refused.
+The file records the holder's host and pid, so the job that is refused can say who holds it.
+
+A lock is per process here: taking it again in the process that holds it (tests that run
+`launch/train.py`'s `main()` twice) reuses the held descriptor; `release_all()` lets it go.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import torch.distributed as tdist
+
+LOCK_NAME = ".lock"
+_held: dict[Path, int] = {}  # run folder (resolved) -> open descriptor holding its lock
+
+
+class RunDirError(RuntimeError):
+    """The run folder cannot be used (held by another job, a file, not writable): one line why."""
+
+
+def _holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 4096).decode(errors="replace").split()
+    info = dict(w.split("=", 1) for w in text if "=" in w)
+    if not info:
+        return "a process that has not written its name yet"
+    return f"host {info.get('host', '?')} pid {info.get('pid', '?')}"
+
+
+def acquire(run_dir: str | Path) -> None:
+    """Take the run folder's lock for this process, or raise RunDirError saying who holds it."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunDirError(f"run.dir {run_dir} exists and is not a folder") from None
+    except OSError as e:
+        raise RunDirError(f"run.dir {run_dir} cannot be created: {e.strerror or e}") from None
+    if not run_dir.is_dir():
+        raise RunDirError(f"run.dir {run_dir} exists and is not a folder")
+    key = run_dir.resolve()
+    if key in _held:
+        return
+    path = run_dir / LOCK_NAME
+    try:
+        # O_RDWR without O_TRUNC: a job that is refused must not erase the holder's name.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunDirError(f"run.dir {run_dir} is not writable ({path}: {e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        who = _holder(fd)
+        os.close(fd)
+        raise RunDirError(f"run.dir {run_dir} is in use by another job ({who}; {path}): wait for it to end, "
+                          "or choose another run.dir") from None
+    except OSError as e:
+        os.close(fd)
+        raise RunDirError(f"run.dir {run_dir}: cannot lock {path} ({e.strerror or e}); "
+                          "a file system without locks cannot host a run folder") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise RunDirError(f"run.dir {run_dir} is not writable ({path}: {e.strerror or e})") from None
+    _held[key] = fd
+
+
+def release_all() -> None:
+    """Let go of every run folder this process holds (the kernel would at exit anyway)."""
+    while _held:
+        _, fd = _held.popitem()
+        os.close(fd)  # closing the last descriptor of the open file drops the flock
+
+
+def hold(run_dir: str | Path, world) -> str:
+    """Collective: the global rank 0 locks the run folder and every rank learns the outcome.
+
+    Returns a tag unique to this run's life (rank 0's pid and a random part, the same on every
+    rank) for naming temporary checkpoint folders; raises RunDirError on every rank when refused."""
+    found = [None, None]
+    if world.is_main:
+        try:
+            acquire(run_dir)
+            found[0] = f"{os.getpid()}-{secrets.token_hex(4)}"
+        except RunDirError as e:
+            found[1] = str(e)
+    if world.world_size > 1 and tdist.is_available() and tdist.is_initialized():
+        tdist.broadcast_object_list(found, src=0)
+    if found[1]:
+        raise RunDirError(found[1])
+    return found[0]

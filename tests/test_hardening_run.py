@@ -1,0 +1,329 @@
+"""What a second job, a crafted or corrupted checkpoint, a full disk or a bad run folder gets: one line
+and an exit code, never a traceback, a hang, a silent restart or code run from a checkpoint.
+
+Each test builds its bad input itself from one small trained run (two checkpoints, EMA on, so the
+checkpoint holds every pickled file accelerate writes: scheduler and EMA custom objects, RNG state,
+optimizer)."""
+
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import checkpoint as ckpt
+from launch.train import main
+from shardgen import make_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "tests/configs/tiny.yaml"
+
+
+def args(shards, run, *extra):
+    return ["--config", str(CONFIG), f"data.train={shards}", f"run.dir={run}", "train.ema_decay=0.9", *extra]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), num_samples=32, per_shard=8, size=32)
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    """A run folder with step_1 and step_2 (read only: tests copy it)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(args(shards, run, "train.max_steps=2", "checkpoint.every_steps=1", "log.images_every_steps=0")) == 0
+    return run
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+def one_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if "[WARNING]" not in line]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("override", ["optim.lr=inf", "optim.lr=nan", "loss.kl_weight=-inf", "optim.betas=[0.9,.inf]"])
+def test_non_finite_floats_are_refused_by_the_config(shards, tmp_path, capsys, override):
+    assert main(args(shards, tmp_path / "run", override)) == 2
+    assert one_line(capsys).endswith("is not a finite number")
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------- the run folder
+
+
+HOLDER = """
+import sys, time
+from harness.runlock import acquire
+acquire(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_job_is_refused_naming_the_holder_and_writes_nothing(run, shards, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert (run / ".lock").read_text() == f"host={socket.gethostname()} pid={holder.pid}\n"
+        before = snapshot(run)
+        assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 2
+        line = one_line(capsys)
+        assert line == (f"error: run.dir {run} is in use by another job (host {socket.gethostname()} pid {holder.pid}; "
+                        f"{run / '.lock'}): wait for it to end, or choose another run.dir")
+        assert snapshot(run) == before  # no log line, no checkpoint, not even the holder's name erased
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock with the process
+        holder.wait()
+    assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 0
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 3
+    assert (run / ".lock").read_text() == f"host={socket.gethostname()} pid={os.getpid()}\n"
+
+
+@pytest.mark.slow
+def test_two_training_jobs_on_one_run_dir(shards, tmp_path):
+    """Real processes both ways: a requeued job starting while the old one still trains."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch/train.py"), *args(shards, run, "train.max_steps=100000",
+                                                                 "checkpoint.every_steps=0", "log.every_steps=1")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 180
+        while not ((run / "train.log").is_file() and "step 2 " in (run / "train.log").read_text()):
+            assert first.poll() is None and time.monotonic() < end, "the first job did not start training"
+            time.sleep(0.5)
+        second = subprocess.run([*cmd, "--resume", "latest"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=180)
+        assert second.returncode == 2, second.stderr
+        err = [line for line in second.stderr.splitlines() if "[WARNING]" not in line]
+        assert len(err) == 1 and f"is in use by another job (host {socket.gethostname()} pid {first.pid};" in err[0]
+        assert first.poll() is None  # the first job trains on, undisturbed
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 75
+    finally:
+        first.kill()
+        first.wait()
+    assert ckpt.resolve(run, "latest") is not None and not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_run_dir_that_is_a_file_is_one_line(shards, tmp_path, capsys):
+    f = tmp_path / "run"
+    f.write_text("not a folder")
+    assert main(args(shards, f, "train.max_steps=1")) == 2
+    assert one_line(capsys) == f"error: run.dir {f} exists and is not a folder"
+
+
+def test_run_dir_that_is_not_writable_is_one_line(shards, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    if os.geteuid() != 0:  # root writes anywhere: there, the refusal of the file system is simulated
+        run.chmod(0o555)
+    else:
+        real_open = os.open
+
+        def refusing_open(path, *a, **kw):
+            if Path(path).parent == run:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, *a, **kw)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    try:
+        assert main(args(shards, run, "train.max_steps=1")) == 2
+    finally:
+        run.chmod(0o755)
+    assert one_line(capsys) == f"error: run.dir {run} is not writable ({run / '.lock'}: Permission denied)"
+
+
+# ----------------------------------------------------------------------------------------- never unpickle
+
+
+class Payload:
+    """Unpickling this creates `marker` (what a crafted checkpoint would do with os.system)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path: Path, marker: Path) -> None:
+    """Replace a pickled checkpoint file by one with a payload, and re-write the manifest so that it
+    verifies: whoever crafts a file can write a manifest too, so only the unpickler stands in the way."""
+    with torch.serialization.safe_globals(ckpt.allowed_globals(False)):
+        original = torch.load(path, weights_only=True)
+    payload = {**original, "x": Payload(marker)} if isinstance(original, dict) else Payload(marker)
+    torch.save(payload, path)
+    ckpt.write_manifest(path.parent)
+    assert ckpt.verify(path.parent) is None
+
+
+def test_the_payload_is_live(tmp_path):
+    """Guards the tests below: unpickled the usual way, the payload does create its marker."""
+    f, marker = tmp_path / "x.pkl", tmp_path / "pwned"
+    torch.save({"x": Payload(marker)}, f)
+    torch.load(f, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl",
+                                  "optimizer.bin"])
+def test_resume_refuses_a_pickled_payload(run, shards, tmp_path, capsys, name):
+    marker = tmp_path / "pwned"
+    plant(run / "checkpoints/step_2" / name, marker)
+    before = snapshot(run / "checkpoints")
+    assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"error: cannot resume {run}/checkpoints/step_2: {name} holds a pickled ") and \
+        line.endswith("outside the allow-list of plain data: refusing to unpickle it"), line
+    assert not marker.exists()
+    assert snapshot(run / "checkpoints") == before  # no fall-back to step_1 either: a crafted file is no accident
+
+
+@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "random_states_0.pkl"])
+def test_accelerates_own_loaders_are_held_to_weights_only(run, tmp_path, name):
+    """Behind the scan: accelerate's loaders (weights_only=False for custom objects; errors swallowed for
+    the RNG states) run torch's weights-only unpickler inside `weights_only_loads`."""
+    from accelerate.checkpointing import load_custom_state
+    from accelerate.utils.other import load
+
+    marker = tmp_path / "pwned"
+    folder = run / "checkpoints/step_2"
+    plant(folder / name, marker)
+    with ckpt.weights_only_loads(folder) as refused, pytest.raises(ckpt.ResumeError, match="refusing to unpickle"):
+        if name.startswith("custom"):
+            load_custom_state(torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1), lambda s: 1),
+                              str(folder), 0)
+        else:
+            load(folder / name)
+    assert refused and not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------- verification
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["tensor data", "header"])
+def test_corrupt_weights_fall_back_to_the_previous_step(run, shards, capsys, where):
+    weights = run / "checkpoints/step_2/model.safetensors"
+    flip(weights, weights.stat().st_size - 3 if where == "tensor data" else 2)  # header: its length field
+    assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 0
+    log = (run / "train.log").read_text()
+    assert ("note: step_2 fails verification (model.safetensors does not match its sha256 (corrupted on disk or "
+            "edited)): resuming from step_1, the newest checkpoint that verifies") in log
+    assert f"resuming from {run}/checkpoints/step_1 at step 1/3" in log
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 3
+    # the corrupt one is kept aside for a look, never resumed; named by path it is refused in one line
+    kept = run / "checkpoints/abandoned-step_2"
+    assert kept.is_dir()
+    capsys.readouterr()
+    assert main(args(shards, run, "train.max_steps=4", "--resume", str(kept))) == 2
+    assert one_line(capsys) == (f"error: --resume {kept}: the checkpoint fails verification (model.safetensors "
+                                "does not match its sha256 (corrupted on disk or edited))")
+
+
+def test_nothing_verifies_is_one_line(run, shards, capsys):
+    for step in (1, 2):
+        flip(run / f"checkpoints/step_{step}/optimizer.bin", 100)
+    assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 2
+    assert one_line(capsys).startswith(f"error: no checkpoint in {run / 'checkpoints'} verifies: step_2 fails "
+                                       "verification (optimizer.bin does not match its sha256")
+
+
+def test_latest_without_checkpoints_is_exit_2_not_a_restart(run, shards, capsys):
+    shutil.rmtree(run / "checkpoints")
+    assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 2
+    assert one_line(capsys) == (f"error: {run / 'latest'} names 'checkpoints/step_2' but {run / 'checkpoints'} holds "
+                                "no complete checkpoint (deleted or moved?): put them back, or start over in a new "
+                                "run.dir")
+    assert not (run / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------- a full disk
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(run, shards, capsys, monkeypatch):
+    import accelerate.utils.other as acc_other
+
+    real = acc_other.safe_save_file
+
+    def full_disk(obj, path, **kw):
+        if ".tmp-step_4" in str(path):  # the second save of this run: half a file, then no space
+            Path(path).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(obj, path, **kw)
+
+    monkeypatch.setattr(acc_other, "safe_save_file", full_disk)
+    assert main(args(shards, run, "train.max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=1",
+                     "--resume", "latest")) == 1
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the run's own log lines
+    assert "Traceback" not in err
+    assert line == (f"error: could not write checkpoint step_4 in {run / 'checkpoints'}: no space left on device "
+                    "(ENOSPC); the previous checkpoint step_3 is intact")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3"]  # no partial folder, nothing pruned
+    assert (run / "latest").read_text().strip() == "checkpoints/step_3" and ckpt.verify(run / "checkpoints/step_3") is None
+    monkeypatch.undo()
+    assert main(args(shards, run, "train.max_steps=4", "--resume", "latest")) == 0
+
+
+# ----------------------------------------------------------------------------------------- sbatch arguments
+
+
+def sbatch(tmp_path, *argv):
+    """launch/slurm/train.sbatch run by bash, with srun / scontrol stand-ins that print what they got."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NAME="t",
+               SLURM_NNODES="1", SLURM_JOB_NODELIST="node1", SLURM_SUBMIT_DIR=str(ROOT), RUN_DIR=str(tmp_path / "r"))
+    return subprocess.run(["bash", str(ROOT / "launch/slurm/train.sbatch"), *argv], env=env, capture_output=True,
+                          text=True, timeout=30)
+
+
+@pytest.mark.parametrize("argv", [["--resume"], ["data.train=/d", "--resume"], ["--resume", "train.max_steps=5"],
+                                  ["--resume", "--config"], ["--resume="]])
+def test_sbatch_resume_without_a_value_is_refused_at_once(tmp_path, argv):
+    r = sbatch(tmp_path, *argv)  # used to loop forever (`shift 2` with one argument left shifts nothing)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: train.sbatch: --resume needs a value: latest or a checkpoint folder (runs/<name>/checkpoints/step_N)"]
+    assert "[sbatch]" not in r.stdout  # nothing started
+
+
+def test_sbatch_passes_a_resume_path_and_overrides_through(tmp_path):
+    r = sbatch(tmp_path, "data.train=/d/{0..3}.tar", "--resume", "/runs/lr=1e-4/checkpoints/step_5", "train.max_steps=9")
+    assert r.returncode == 0, r.stderr
+    words = r.stdout.splitlines()
+    i = words.index("--resume")
+    assert words[i + 1] == "/runs/lr=1e-4/checkpoints/step_5"
+    assert "data.train=/d/{0..3}.tar" in words and "train.max_steps=9" in words
