@@ -124,37 +124,71 @@ class DataConfig:
     seed: int = F(0, "data seed: shard order, shuffling and crops are deterministic in it")
     max_bad_fraction: float = F(0.1, "stop when more than this share of samples read are bad (1 = never)", ge=0.0, le=1.0)
     min_bad_samples: int = F(100, "bad samples tolerated before max_bad_fraction is applied", ge=0)
+    max_pixels: int = F(64_000_000, "images with more pixels (width x height, read from the header before "
+                                     "decoding) are bad samples (0 = no limit)", ge=0)
 
 
 @dataclass
 class LossConfig:
-    recon: Literal["l1", "l2"] = F("l1", "pixel reconstruction loss")
+    recon: Literal["l1", "l2", "bce"] = F(
+        "l1", "pixel reconstruction loss: l1, l2, or bce (binary cross-entropy of images mapped to [0, 1])"
+    )
     recon_weight: float = F(1.0, "weight of the pixel reconstruction term", ge=0.0)
+    learned_logvar: bool = F(False, "latent-diffusion's learned scalar log-variance: (recon + perceptual) becomes the "
+                                    "NLL rec / exp(logvar) + logvar, logvar trained with the model (loss.logvar)")
+    logvar_init: float = F(0.0, "initial value of the learned log-variance (loss.learned_logvar)")
     kl_weight: float = F(1e-6, "weight of the KL term of a Gaussian posterior (0 = plain autoencoder)", ge=0.0)
+    kl_anneal_steps: int = F(0, "KL warm-up: the KL weight rises linearly from 0 to kl_weight over this many "
+                                "optimizer steps (0 = full weight from the start)", ge=0)
+    kl_anneal_cycle: int = F(0, "cyclical KL annealing: restart the warm-up every this many steps (0 = warm up "
+                                "once; must be >= kl_anneal_steps)", ge=0)
+    kl_free_bits: float = F(0.0, "free bits: KL floor in nats per latent channel (batch mean, summed over positions), "
+                                 "as in Kingma et al. 2016 (0 = off)", ge=0.0)
     vq_weight: float = F(1.0, "weight of the vector-quantizer term (codebook + vq_beta * commitment)", ge=0.0)
     ssim_weight: float = F(0.0, "weight of 1 - SSIM(recon, input) (11-tap Gaussian window, sigma 1.5; 0 = off)", ge=0.0)
+    msssim_weight: float = F(0.0, "weight of 1 - MS-SSIM(recon, input): 5 scales, Wang et al. 2003 weights; "
+                                  "fewer scales (weights renormalised) on images under 176 px (0 = off)", ge=0.0)
     tv_weight: float = F(
         0.0, "weight of the reconstruction's total variation, mean |neighbour difference| rows + columns (0 = off)",
         ge=0.0,
     )
     sparsity_weight: float = F(0.0, "weight of the L1 sparsity of the latent the decoder reads, mean |z| (0 = off)", ge=0.0)
     perceptual_weight: float = F(
-        0.0, "weight of the LPIPS-like distance from the frozen net in loss.perceptual_net (0 = off)", ge=0.0
+        0.0, "weight of the perceptual distance from the frozen network loss.perceptual picks (0 = off)", ge=0.0
+    )
+    perceptual: Literal["net", "lpips"] = F(
+        "net", "perceptual network: net = the project's own (loss.perceptual_net), lpips = LPIPS(vgg) from "
+        "loss.lpips_vgg and loss.lpips_lin"
     )
     perceptual_net: str = F(
         "", "perception network file from launch/train_perception.py (perception.safetensors); "
-        "needed when perceptual_weight > 0"
+        "needed when perceptual_weight > 0 and perceptual=net"
+    )
+    lpips_vgg: str = F(
+        "", "torchvision's VGG16 weights (vgg16-397923af.pth) for LPIPS ('' = look in $TORCH_HOME/hub/checkpoints "
+        "and ~/.cache/torch/hub/checkpoints)"
+    )
+    lpips_lin: str = F(
+        "", "LPIPS v0.1 linear heads (lpips/weights/v0.1/vgg.pth) ('' = the installed lpips package's file, "
+        "found without importing it)"
     )
     disc_weight: float = F(0.0, "weight of the adversarial term from a patch discriminator, as in latent-diffusion "
-                                "(0 = no discriminator; 0.5 typical); DDP or one process, not DeepSpeed", ge=0.0)
+                                "(0 = no discriminator; 0.5 typical)", ge=0.0)
     disc_start: int = F(0, "optimizer step at which the discriminator starts training and judging (latent-"
                            "diffusion waits until the reconstructions are decent, e.g. 50001)", ge=0)
     disc_loss: Literal["hinge", "vanilla"] = F("hinge", "discriminator loss: hinge or vanilla (softplus)")
     disc_layers: int = F(3, "strided layers of the PatchGAN discriminator (3 = 70x70-pixel patches)", ge=1, le=6)
     disc_channels: int = F(64, "channels of the discriminator's first layer (doubling, at most 8x)", ge=1)
     disc_lr: float = F(0.0, "discriminator learning rate, Adam betas (0.5, 0.9), constant (0 = optim.lr)", ge=0.0)
-    disc_adaptive: bool = F(True, "scale the adversarial term by |grad of the other terms| / |grad of it| at the "
-                                  "decoder's last layer (latent-diffusion's adaptive weight)")
+    disc_adaptive: bool = F(True, "scale the adversarial term by |grad of the reconstruction terms| / |grad of it| "
+                                  "at the decoder's last layer (latent-diffusion's adaptive weight)")
+    disc_norm: Literal["batch", "sync_batch", "group"] = F(
+        "batch", "discriminator normalisation: batch (per rank), sync_batch (statistics over all DDP ranks), "
+        "group (GroupNorm, no batch statistics)"
+    )
+    lecam_weight: float = F(0.0, "LeCAM regularisation of the discriminator (Tseng et al. 2021), 0.001 typical "
+                                 "(0 = off)", ge=0.0)
+    lecam_decay: float = F(0.999, "EMA decay of the mean real/fake logits LeCAM anchors to", ge=0.0, lt=1.0)
 
 
 @dataclass
@@ -201,6 +235,25 @@ class LogConfig:
     class_rows: int = F(10, "rows (classes or labels) in the per-class sample grid of conditional models (0 = none)", ge=0)
     interpolation_rows: int = F(2, "rows of latent interpolations between grid images (0 = none)", ge=0)
     progress: bool = F(True, "progress bar on rank 0")
+    eval_samples: int = F(512, "model.kind=classifier: samples of data.val (else data.train) the final accuracy "
+                               "in perception.json is measured on", ge=1)
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = F(0, "validate on data.val every N optimizer steps (0 = off): val/* in TensorBoard", ge=0)
+    samples: int = F(512, "held-out samples per validation, over all ranks (the first N of data.val; 0 = all)",
+                     ge=0)
+    batch_size: int = F(0, "samples per process per validation batch (0 = train.batch_size)", ge=0)
+    ema: bool = F(True, "validate the EMA weights when train.ema_decay > 0 (false = the trained weights)")
+    best_metric: str = F("psnr", "keep checkpoints/best by this val metric (psnr, ssim: higher is better; l1, mse, "
+                                 "lpips, rfid, fd_<net>: lower) ('' = no best checkpoint)")
+    lpips: bool = F(False, "also measure val/lpips with LPIPS(vgg) (weights: loss.lpips_vgg / loss.lpips_lin, "
+                           "else the torch hub cache and the installed lpips package)")
+    fid_weights: str = F("", "pytorch-fid's pt_inception-2015-12-05-6726825d.pth: val/rfid, FID of reconstructions "
+                             "against their inputs ('' = off)")
+    fd_net: str = F("", "a perception.safetensors (launch/train_perception.py): val/fd_<file stem>, the Frechet "
+                        "distance in its feature space (never called FID; '' = off)")
 
 
 @dataclass
@@ -217,16 +270,25 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
         """Cross-field checks (single fields are checked while loading)."""
         if not self.data.train:
             raise ConfigError("data.train: missing; give a shard pattern, a folder of shards or a list")
+        if self.eval.every_steps and not self.data.val:
+            raise ConfigError("eval.every_steps: validation needs held-out shards in data.val")
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ConfigError(f"optim.betas: need two numbers in [0, 1); got {self.optim.betas}")
         self._validate_model()
-        if self.loss.perceptual_weight > 0 and not self.loss.perceptual_net:
+        if 0 < self.loss.kl_anneal_cycle < self.loss.kl_anneal_steps:
+            raise ConfigError(f"loss.kl_anneal_cycle: {self.loss.kl_anneal_cycle} is shorter than loss.kl_anneal_steps="
+                              f"{self.loss.kl_anneal_steps}; the warm-up would never finish")
+        if self.loss.perceptual_weight > 0 and self.loss.perceptual == "lpips" and self.model.out_ch != 3:
+            raise ConfigError(f"loss.perceptual: lpips compares RGB images but the model makes {self.model.out_ch} "
+                              "channels (model.out_ch); use loss.perceptual=net with a net trained on them")
+        if self.loss.perceptual_weight > 0 and self.loss.perceptual == "net" and not self.loss.perceptual_net:
             # The file itself is read when the loss is built (a stored config must load without it).
             raise ConfigError("loss.perceptual_net: loss.perceptual_weight > 0 needs the file written by "
                               "launch/train_perception.py (perception.safetensors)")

@@ -29,7 +29,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from harness import checkpoint as ckpt
-from harness import discriminator, scale
+from harness import discriminator, losses, scale
 from harness.config import Config, ConfigError, section_hash, to_dict
 from harness.data import TrainLoader, to_model_input
 from harness.dist import RankLogger, all_reduce_sum, world
@@ -41,6 +41,7 @@ from harness.resume import init_source, plan, restore
 from harness.runlock import hold as hold_run_dir
 from harness.signals import EXIT_PREEMPTED, StopFlag
 from harness.tasks import make_task
+from harness.validation import Validator
 from models.registry import build_model, deepspeed_unsupported
 
 # DDP on CPU warns that the gradient of a 1x1 conv has strides (C, 1, C, C) where its bucket view
@@ -75,7 +76,6 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         if scale.using_deepspeed() and (why := deepspeed_unsupported(cfg.model)):
             raise ConfigError(why)
-        discriminator.refuse_unsupported(cfg, deepspeed=scale.using_deepspeed(), mixed_precision=None)
         mixed = None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mixed,
                                        **scale.accelerator_kwargs())
@@ -83,7 +83,7 @@ class Trainer:
         self.world = world()  # from torch.distributed, now that accelerate has set it up
         self.run_tag = hold_run_dir(self.run_dir, self.world)  # one job per run.dir, before anything is written
         self.device = self.accelerator.device
-        discriminator.refuse_unsupported(cfg, deepspeed=False, mixed_precision=self.accelerator.mixed_precision)
+        discriminator.refuse_unsupported(cfg, device=self.device, world_size=self.world.world_size)
         self.task = make_task(cfg, self.device)
         # Not passed through accelerator.prepare(): the loader already splits shards by rank.
         self.loader = TrainLoader(cfg.data, rank=self.world.rank, world_size=self.world.world_size,
@@ -103,6 +103,7 @@ class Trainer:
             self.log.info(f"initialised {n} tensors from {source}")
         elif cfg.train.init_from:
             self.log.info(f"train.init_from ignored: resuming from {self.start.resume_from}")
+        losses.attach(model, self.task, step=lambda: self.step)  # loss.logvar joins the model after init_from
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay)
@@ -116,13 +117,14 @@ class Trainer:
         self.engine = make_engine(self.accelerator, *self.accelerator.prepare(model, optimizer),
                                   grad_clip=o.grad_clip, grad_accum=cfg.train.grad_accum)
         self.accelerator.register_for_checkpointing(self.scheduler)  # custom object 0
-        # Hooks, in checkpoint order: the discriminator is model_1/optimizer_1, the EMA custom object 1.
+        # Hooks, in checkpoint order: the EMA is custom object 1, the discriminator the next one.
         self.hooks = []
-        if cfg.loss.disc_weight > 0:
-            self.hooks.append(discriminator.DiscriminatorHook(self))
         if cfg.train.ema_decay > 0:
             self.hooks.append(EMAHook(self, cfg.train.ema_decay))
+        if cfg.loss.disc_weight > 0:
+            self.hooks.append(discriminator.DiscriminatorHook(self))
         self.trained = [self.engine.model, *(m for h in self.hooks for m in h.trained_models)]
+        self.validator = Validator(self) if cfg.eval.every_steps else None
 
         self.step = self.samples_seen = self.nonfinite_in_a_row = 0
         self.last_loss = float("nan")
@@ -131,9 +133,13 @@ class Trainer:
             state = restore(self, self.start)
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             self.totals.update(state.get("totals", {}))
+            if self.validator is not None:
+                self.validator.best = state.get("best")
         else:
             set_seed(cfg.train.seed + self.world.rank)  # posterior noise differs per rank
         self.ckpt.clean_stale()
+        if self.validator is not None:
+            self.validator.reconcile(self.run_dir / "checkpoints", self.world.is_main)
         if self.start.resume_from is not None:
             for p in self.ckpt.set_aside_newer(self.start.resume_from, self.step):
                 self.log.info(f"note: resumed from an older checkpoint; the newer {p.name[len('abandoned-'):]} "
@@ -247,9 +253,12 @@ class Trainer:
                     stats, t_log = StepStats(), time.perf_counter()
                 if images_every and self.step % images_every == 0:
                     self.monitor.images()
-                if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or stop_now:
-                    self.save()
-                    saved_at = self.step
+                improved = (self.validator is not None and self.step % cfg.eval.every_steps == 0
+                            and self.validator.improved(self.validator.run(self), self.step))
+                if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or stop_now or improved:
+                    path, saved_at = self.save(), self.step
+                    if improved:
+                        self.validator.keep_best(path, self.world.is_main)
                 if stop_now:
                     self.log.info(f"stop requested by signal: checkpoint at step {self.step} saved, "
                                   f"exiting with {EXIT_PREEMPTED}")
@@ -299,12 +308,13 @@ class Trainer:
             "totals": dict(self.totals),
             "time": time.time(),
         }
-        for hook in self.hooks:
-            state.update(hook.state())
+        for part in (*self.hooks, *([self.validator] if self.validator else [])):
+            state.update(part.state())
         return state
 
-    def save(self) -> None:
+    def save(self) -> Path:
         t0 = time.perf_counter()
         path = self.ckpt.save(self.step, self.state_dict(), self.config_yaml)
         self.log.info(f"checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
+        return path
 

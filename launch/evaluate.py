@@ -1,8 +1,11 @@
-"""Evaluate a trained autoencoder on held-out shards: PSNR, SSIM, L1, KL, codebook use.
+"""Evaluate a trained autoencoder on held-out shards: PSNR, SSIM, L1, KL, codebook use, and with
+reference weights LPIPS, rFID and fd_<net> (harness/evaluation.py: the code validation runs).
 
     python launch/evaluate.py runs/demo                          # the run's data.val
     python launch/evaluate.py runs/demo --data data/demo-val --max-samples 2000 --json eval.json
     python launch/evaluate.py runs/vq/checkpoints/step_5000 --ema --data data/imagenet/val
+    python launch/evaluate.py runs/kl --fid-weights pt_inception-2015-12-05-6726825d.pth --lpips \
+        --fd-net runs/perception/perception.safetensors
 
 Every sample is read once (center crop at the training resolution), reconstructed from the
 posterior mean (VQ: the quantized latent). Prints a table; `--json` also writes the numbers.
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,14 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from harness.data import eval_batches, to_model_input  # noqa: E402
+from harness.data import eval_batches  # noqa: E402
+from harness.evaluation import Evaluator, fid_net, perception_fd_net  # noqa: E402
+from harness.fid import load_stats  # noqa: E402
 from harness.inference import LoadError, load_model  # noqa: E402
-from harness.metrics import psnr, ssim  # noqa: E402
+from models.lpips import LPIPS  # noqa: E402
 from shards.sources import DataSourceError  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run folder, checkpoint folder or exported folder")
     p.add_argument("--data", default=None, help="held-out shards (default: the run's data.val)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -37,6 +42,16 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--fid-weights", default=None, metavar="PTH",
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth: adds rfid (FID of reconstructions)")
+    p.add_argument("--ref-stats", default=None, metavar="NPZ",
+                   help="reference statistics for rfid (pytorch-fid .npz or ours) instead of the inputs' own")
+    p.add_argument("--save-ref-stats", default=None, metavar="NPZ", help="write the inputs' Inception statistics")
+    p.add_argument("--fd-net", default=None, metavar="FILE",
+                   help="a perception.safetensors: adds fd_<stem>, the Frechet distance in its feature space")
+    p.add_argument("--lpips", action="store_true", help="add LPIPS(vgg) (weights: --lpips-vgg/--lpips-lin or defaults)")
+    p.add_argument("--lpips-vgg", default=None, help="torchvision's vgg16-397923af.pth (default: torch hub cache)")
+    p.add_argument("--lpips-lin", default=None, help="lpips' weights/v0.1/vgg.pth (default: the installed package)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -48,42 +63,28 @@ def evaluate(args) -> dict:
     if not data:
         raise DataSourceError("no held-out data: give --data SHARDS (the run has no data.val)")
     size = args.image_size or cfg.data.image_size
-    loader, _ = eval_batches(data, image_size=size, batch_size=args.batch_size, num_workers=args.workers,
-                             max_samples=args.max_samples)
+    loader, sources = eval_batches(data, image_size=size, batch_size=args.batch_size, num_workers=args.workers,
+                                   max_samples=args.max_samples)
     cond_key = {"class": "cls", "multilabel": "labels"}.get(model.condition)
-    sums = {"psnr": 0.0, "ssim": 0.0, "l1": 0.0, "mse": 0.0}
-    model_terms: dict[str, float] = {}
-    codes = None
-    n, bad, t0 = 0, 0, time.perf_counter()
+    try:  # the reference networks, read before any image
+        nets = [fid_net(args.fid_weights, args.device)] if args.fid_weights else []
+        nets += [perception_fd_net(args.fd_net, args.device)] if args.fd_net else []
+        lpips = LPIPS.from_files(args.lpips_vgg, args.lpips_lin, device=args.device) if args.lpips else None
+        ref = {"rfid": load_stats(args.ref_stats)} if args.ref_stats else None
+    except (ValueError, OSError) as e:
+        raise LoadError(str(e)) from None
+    quantizer = getattr(model, "quantizer", None)
+    ev = Evaluator(device=args.device, class_names=sources[0].classes if cond_key == "cls" else [], lpips=lpips,
+                   feature_nets=nets, ref_stats=ref, codebook_size=getattr(quantizer, "codebook_size", 0))
+    t0 = time.perf_counter()
     for batch in loader:
-        bad += batch["bad"]
-        if batch["image"] is None:
-            continue
-        x = to_model_input(batch["image"], args.device)
-        cond = batch[cond_key].to(args.device) if cond_key else None
-        out = model(x, cond=cond, sample_posterior=False)
-        b = x.shape[0]
-        recon = out.recon.float().clamp(-1, 1)
-        sums["psnr"] += float(psnr(x, recon, reduction="none").sum())
-        sums["ssim"] += float(ssim(x, recon, reduction="none").sum())
-        sums["l1"] += float((recon - x).abs().flatten(1).mean(1).sum())
-        sums["mse"] += float((recon - x).pow(2).flatten(1).mean(1).sum())
-        for k, v in out.losses.items():
-            model_terms[k] = model_terms.get(k, 0.0) + float(v) * b
-        if hasattr(model, "encode_indices"):
-            idx = model.encode_indices(x, cond).flatten()
-            size_ = model.quantizer.codebook_size
-            counts = torch.bincount(idx, minlength=size_).cpu()
-            codes = counts if codes is None else codes + counts
-        n += b
-    if n == 0:
+        ev.update(model, batch, cond_key)
+    metrics = ev.result()
+    if metrics["samples"] == 0:
         raise DataSourceError(f"{data}: no readable samples")
-    result = {"checkpoint": str(folder), "data": data, "samples": n, "bad_samples": bad, "image_size": size,
-              "ema": args.ema, **{k: v / n for k, v in sums.items()}, **{k: v / n for k, v in model_terms.items()}}
-    if codes is not None:
-        p = codes.double() / codes.sum()
-        result["codebook_perplexity"] = math.exp(-float((p[p > 0] * p[p > 0].log()).sum()))
-        result["codebook_used"] = float((codes > 0).double().mean())
+    if args.save_ref_stats and "rfid" in ev.real:
+        ev.real_stats()["rfid"].save(args.save_ref_stats)
+    result = {"checkpoint": str(folder), "data": data, "image_size": size, "ema": args.ema, **metrics}
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
