@@ -235,7 +235,10 @@ def attention_levels(m) -> set[int]:
 
 def diffusers_config(m, *, sample_size: int, scaling_factor: float = 1.0, shift_factor: float | None = None,
                      latents_mean: list[float] | None = None, latents_std: list[float] | None = None) -> dict:
-    """The `config.json` of the diffusers model equivalent to `ModelConfig` m (check_exportable first)."""
+    """The `config.json` of the diffusers model equivalent to `ModelConfig` m (check_exportable first).
+
+    scaling_factor stays 1.0 unless measured (harness/latents.py): diffusers' default 0.18215 is
+    SD's VAE's. VQModel's config has no shift_factor or latents_mean/std: they are left out there."""
     check_exportable(m)
     levels = attention_levels(m)
     n = len(m.ch_mult)

@@ -4,6 +4,8 @@
     python launch/export.py runs/kl/checkpoints/step_5000 --out kl_f8/    # also from a ZeRO-3 checkpoint
     python launch/export.py runs/kl --ema --out kl_f8_ema/                # the EMA weights
     python launch/export.py runs/kl --format diffusers --out kl_f8_diffusers/   # AutoencoderKL / VQModel folder
+    python launch/export.py runs/kl --format diffusers --latent-stats 10000      # + scaling_factor, shift_factor
+    torchrun --nproc_per_node 8 launch/export.py runs/kl --latent-stats 100000  # the statistics on 8 ranks
 
 Works offline in one CPU process, whatever wrote the checkpoint (one process, DDP, ZeRO-1/2/3).
 The exported folder loads with launch/sample.py and launch/evaluate.py, or with
@@ -14,62 +16,131 @@ objects besides tensors and DeepSpeed loads them with pickle: export only checkp
 `diffusers.AutoencoderKL.from_pretrained(OUT)` (kind=kl) or `VQModel.from_pretrained(OUT)` (kind=vq)
 loads; a model diffusers cannot express is refused in one line (harness/diffusers_io.py). Where
 diffusers is installed, the export is loaded with it and its reconstruction compared with ours.
+
+--latent-stats N measures the latent over the first N images of the training data (or --data;
+center crop at the training size): per-channel mean and std, shift_factor (the mean) and
+scaling_factor (1 / std), as diffusion training normalises latents (harness/latents.py). They are
+printed, written into config.json (diffusers) or latent_stats.json (ours). Under torchrun every
+rank measures its share and the sums are all-reduced; rank 0 writes the export.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+import torch.distributed as tdist  # noqa: E402
+
 from harness import checkpoint as ckpt  # noqa: E402
 from harness import diffusers_io  # noqa: E402
+from harness.data import DataSourceError, eval_batches  # noqa: E402
+from harness.dist import world  # noqa: E402
 from harness.export import ExportError, save_safetensors  # noqa: E402
 from harness.inference import LoadError, find_weights_dir, load_model, state_dict_of  # noqa: E402
+from harness.latents import latent_stats  # noqa: E402
+
+STATS_NAME = "latent_stats.json"  # beside our own export's model.safetensors
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a run folder (its newest checkpoint) or a checkpoint folder")
     p.add_argument("--out", help="output folder (default: <run or checkpoint>/export)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
                    help="safetensors: ours (model.safetensors + config.yaml); diffusers: config.json + "
                         "diffusion_pytorch_model.safetensors (default --out: <model>/diffusers)")
+    p.add_argument("--latent-stats", type=int, default=0, metavar="N",
+                   help="measure latent mean/std and scaling_factor over N training images (0 = off)")
+    p.add_argument("--data", help="--latent-stats: images to measure on (default: the run's data.train)")
+    p.add_argument("--batch-size", type=int, default=32, help="--latent-stats: images per batch and rank")
+    p.add_argument("--workers", type=int, default=2,
+                   help="--latent-stats: loader workers (at most one per rank under torchrun)")
     args = p.parse_args(argv)
+    if args.latent_stats < 0:
+        p.error("--latent-stats: need N >= 0 images")
+    stats = None
+    if args.latent_stats:
+        try:
+            stats = measure_latents(args)
+        except (LoadError, DataSourceError, ValueError) as e:
+            print(f"export: {e}", file=sys.stderr)
+            return 2
+        finally:
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+        if not world().is_main:
+            return 0
+        print(stats)
     if args.format == "diffusers":
-        return export_diffusers(args)
+        return export_diffusers(args, stats)
     try:
         folder = find_weights_dir(args.model)
-        state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict_of(folder, args.ema).items()}
+        state = {k: (v.float() if v.is_floating_point() else v).contiguous()
+                 for k, v in state_dict_of(folder, args.ema).items()}
         out = Path(args.out) if args.out else Path(args.model) / "export"
         n = sum(v.numel() for v in state.values())
-        path = save_safetensors(state, out / "model.safetensors", {"source": folder.resolve(), "parameters": n, "ema": args.ema})
+        meta = {"source": folder.resolve(), "parameters": n, "ema": args.ema}
+        path = save_safetensors(state, out / "model.safetensors", meta)
         (out / ckpt.CONFIG_NAME).write_text((folder / ckpt.CONFIG_NAME).read_text())
         load_model(out)  # the export must rebuild: fail here, not in the user's hands
+        if stats is not None:
+            (out / STATS_NAME).write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
     except (ExportError, LoadError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({len(state)} tensors, {n / 1e6:.2f}M values) and {out / ckpt.CONFIG_NAME}")
+    print(f"wrote {path} ({len(state)} tensors, {n / 1e6:.2f}M values) and {out / ckpt.CONFIG_NAME}"
+          + (f" and {out / STATS_NAME}" if stats is not None else ""))
     return 0
 
 
-def export_diffusers(args) -> int:
+def measure_latents(args):
+    """Latent statistics over the first --latent-stats images, each rank its share (see harness/latents.py)."""
+    w = world()
+    if w.world_size > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{w.local_rank}" if torch.cuda.is_available() else "cpu")
+    model, cfg, _ = load_model(args.model, ema=args.ema, device=device)
+    data = args.data or cfg.data.train
+    size = cfg.data.image_size
+    shares = {"rank": w.rank, "world_size": w.world_size} if w.world_size > 1 else {}
+    batches, _ = eval_batches(data, image_size=size, batch_size=args.batch_size, num_workers=args.workers,
+                              max_samples=args.latent_stats, **shares)
+    cond_key = {"class": "cls", "multilabel": "labels"}.get(model.condition)
+    stats = latent_stats(model, batches, image_size=size, device=device, cond_key=cond_key)
+    if stats.num_images < args.latent_stats and w.is_main:
+        print(f"export: {data} holds {stats.num_images} readable images, fewer than --latent-stats "
+              f"{args.latent_stats}: measured on those", file=sys.stderr)
+    return stats
+
+
+def export_diffusers(args, stats=None) -> int:
     try:
         model, cfg, folder = load_model(args.model, ema=args.ema)
         out = Path(args.out) if args.out else Path(args.model) / "diffusers"
         size = cfg.model.resolution or cfg.data.image_size
-        out, dcfg = diffusers_io.save_folder(model, cfg.model, out, sample_size=size)
+        # diffusers_config writes what the class has: VQModel knows scaling_factor only
+        norm = {k: v for k, v in stats.to_dict().items() if k != "num_images"} if stats is not None else {}
+        out, dcfg = diffusers_io.save_folder(model, cfg.model, out, sample_size=size, **norm)
         # a small image: the check is about names and layouts, not about the model's resolution
         diff = diffusers_io.check_loads(out, model, 2 ** (len(cfg.model.ch_mult) - 1) * 4)
+        if diff is not None and diff > 1e-3:
+            raise diffusers_io.DiffusersError(f"{out}: diffusers reconstructs differently from ours (largest "
+                                              f"difference {diff:.2e}): a mapping error, please report it")
     except (ExportError, LoadError, diffusers_io.DiffusersError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
     n = sum(v.numel() for v in diffusers_io.state_to_diffusers(model.state_dict()).values())
     print(f"wrote {out / diffusers_io.WEIGHTS_NAME} ({n / 1e6:.2f}M values) and {out / diffusers_io.CONFIG_NAME} "
           f"({dcfg['_class_name']}, from {folder})")
+    if stats is None:
+        print("scaling_factor 1.0 written: measure the latents with --latent-stats N for the real one")
     if diff is None:
         print("diffusers is not installed here: the export was not loaded back (pip install diffusers to check)")
     else:
