@@ -210,3 +210,126 @@ def test_bad_files_one_line(clean_env, recipe_state):
     torch.save({"x": object()}, pickled)
     with pytest.raises(WeightsNotFoundError, match="not a readable weights-only"):
         LPIPS.from_files(vgg=pickled, lin=text)
+
+
+# -- LPIPS as the perceptual loss -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory, recipe_state):
+    """A random VGG16 in torchvision's layout and random heads, written as the user's files."""
+    vgg, lin = recipe_state
+    root = tmp_path_factory.mktemp("lpips_weights")
+    torch.save(vgg, root / VGG16_FILE)
+    torch.save(lin, root / "vgg.pth")
+    return root / VGG16_FILE, root / "vgg.pth"
+
+
+def lpips_loss_cfg(weight_files, **kw):
+    from harness.config import LossConfig
+
+    vgg, lin = weight_files
+    return LossConfig(perceptual_weight=0.5, perceptual="lpips", lpips_vgg=str(vgg), lpips_lin=str(lin), **kw)
+
+
+def test_config_keys_and_validation():
+    from harness.config import ConfigError, describe, load_config
+
+    text = "\n".join(describe())
+    for line in ("loss.perceptual ('net' | 'lpips') = 'net'  # ", "loss.lpips_vgg (str) = ''  # ",
+                 "loss.lpips_lin (str) = ''  # "):
+        assert line in text
+    cfg = load_config([], ["data.train=x", "loss.perceptual_weight=0.5", "loss.perceptual=lpips"])
+    assert cfg.loss.perceptual == "lpips" and cfg.loss.perceptual_net == ""  # no own net needed
+    assert load_config([], ["data.train=x"]).loss.perceptual == "net"
+    with pytest.raises(ConfigError, match=r"^loss\.perceptual: lpips compares RGB images .* 1 channels"):
+        load_config([], ["data.train=x", "loss.perceptual_weight=0.5", "loss.perceptual=lpips", "model.out_ch=1"])
+    with pytest.raises(ConfigError, match=r"^loss\.perceptual: "):
+        load_config([], ["data.train=x", "loss.perceptual=vgg"])
+
+
+def test_autoencoder_loss_uses_lpips(weight_files, net):
+    from harness.losses import AutoencoderLoss
+    from models.base import AutoencoderOutput
+
+    loss = AutoencoderLoss(lpips_loss_cfg(weight_files))
+    assert loss.perception is None and isinstance(loss.lpips, LPIPS)
+    assert not any(p.requires_grad for p in loss.lpips.parameters()) and not loss.lpips.training
+    assert set(loss.fingerprint()) == {"lpips_vgg", "lpips_lin"}
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    recon = (x + 0.2 * torch.randn(x.shape, generator=g)).requires_grad_(True)
+    terms = loss(x, AutoencoderOutput(recon=recon, losses={}))
+    with torch.no_grad():
+        expected = 0.5 * net(recon, x).mean()
+    torch.testing.assert_close(terms.terms["perceptual"], expected, rtol=1e-6, atol=1e-7)
+    terms.total.backward()
+    assert recon.grad is not None and recon.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loss.lpips.parameters())
+
+
+def test_autoencoder_loss_missing_lpips_files_is_one_config_line(tmp_path, weight_files, monkeypatch):
+    from harness.config import ConfigError, LossConfig
+    from harness.losses import AutoencoderLoss
+
+    for var, value in (("TORCH_HOME", tmp_path / "th"), ("XDG_CACHE_HOME", tmp_path / "xdg"), ("HOME", tmp_path)):
+        monkeypatch.setenv(var, str(value))
+    with pytest.raises(ConfigError, match=r"^loss\.lpips_vgg: LPIPS VGG16 weights: .*nope\.pth: no such file"):
+        AutoencoderLoss(LossConfig(perceptual_weight=1.0, perceptual="lpips", lpips_vgg=str(tmp_path / "nope.pth")))
+    with pytest.raises(ConfigError, match=r"^loss\.lpips_vgg: .*vgg16-397923af\.pth not found; looked in"):
+        AutoencoderLoss(LossConfig(perceptual_weight=1.0, perceptual="lpips"))  # not in the (empty) hub cache
+    with pytest.raises(ConfigError, match=r"^loss\.lpips_lin: .*heads\.pth: no such file"):
+        AutoencoderLoss(LossConfig(perceptual_weight=1.0, perceptual="lpips", lpips_vgg=str(weight_files[0]),
+                                   lpips_lin=str(tmp_path / "heads.pth")))
+    # weight 0: nothing is read
+    assert AutoencoderLoss(LossConfig(perceptual="lpips", lpips_vgg="/nope")).lpips is None
+
+
+def test_lpips_runs_in_the_input_dtype_with_fp32_fallback(net):
+    from harness.losses import lpips_distance
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    with torch.no_grad():
+        full = lpips_distance(net, y, x)
+        half = lpips_distance(net, y.bfloat16(), x)
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    assert half == pytest.approx(full.item(), rel=0.05)
+
+    class OverflowsInLowPrecision(torch.nn.Module):
+        """Stands for an fp16 overflow: inf whenever the convs would not run in fp32."""
+
+        def forward(self, a, b):
+            low = a.dtype != torch.float32 or torch.is_autocast_enabled(a.device.type)
+            return torch.full((a.shape[0],), float("inf") if low else 0.25)
+
+    assert lpips_distance(OverflowsInLowPrecision(), y.bfloat16(), x).item() == 0.25
+
+
+def test_lpips_stays_frozen_in_the_trainer(weight_files, tmp_path):
+    from shardgen import make_colour_shards
+
+    from harness.config import load_config
+    from harness.trainer import Trainer
+
+    shards = make_colour_shards(tmp_path / "shards", num_samples=24, per_shard=12, size=32, num_classes=3)
+    vgg, lin = weight_files
+    cfg = load_config([Path(__file__).parent / "configs/tiny.yaml"],
+                      [f"data.train={shards}", f"run.dir={tmp_path / 'run'}", "train.max_steps=2",
+                       "checkpoint.every_steps=2", "log.images_every_steps=0", "loss.perceptual_weight=1.0",
+                       "loss.perceptual=lpips", f"loss.lpips_vgg={vgg}", f"loss.lpips_lin={lin}"])
+    trainer = Trainer(cfg)
+    net = trainer.task.loss_fn.lpips
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert trainer.train() == 0
+    assert all(not p.requires_grad and p.grad is None for p in net.parameters()) and not net.training
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    model = trainer.engine.unwrapped()
+    in_optimizer = {id(p) for g in trainer.engine.optimizer.param_groups for p in g["params"]}
+    assert not in_optimizer & {id(p) for p in net.parameters()}
+    saved = load_file(tmp_path / "run/checkpoints/step_2/model.safetensors")
+    assert set(saved) == set(model.state_dict())
+    logged = [float(w.split("=", 1)[1]) for line in (tmp_path / "run/train.log").read_text().splitlines()
+              for w in line.split() if w.startswith("loss/perceptual=")]
+    assert logged and all(v > 0 for v in logged), logged
