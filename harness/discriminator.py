@@ -2,74 +2,126 @@
 LPIPSWithDiscriminator split into the generator's term and the discriminator's own update.
 
 - `on_loss`: the generator's side, -mean D(recon), scaled by loss.disc_weight and, when adaptive, by
-  |grad of the other terms| / |grad of this one| at the decoder's last layer, so neither side
-  drowns the other whatever their scales. D runs unwrapped and frozen there: no gradient reaches
-  it, and DDP sees one forward and one backward of D per micro-batch (in `after_backward`).
+  |grad of the reconstruction part| / |grad of this one| at the decoder's last layer (the
+  reconstruction part is latent-diffusion's nll: recon + perceptual, under the learned variance),
+  so neither side drowns the other whatever their scales. D runs unwrapped and frozen there: no
+  gradient reaches it, and DDP sees one forward and one backward of D per micro-batch.
 - `after_backward`: D on real inputs and the detached reconstructions, in one DDP forward, each
-  batch with its own BatchNorm statistics (as the generator's pass sees the fakes alone).
+  batch with its own normalisation statistics (as the generator's pass sees the fakes alone),
+  plus LeCAM's regulariser against EMAs of the mean logits when loss.lecam_weight > 0.
 - `after_step`: D's optimizer step, skipped with the autoencoder's step when that was not finite,
   or when D's own gradients are not (all-reduced: every rank agrees).
 
-Checkpoint layout: D is prepared after the autoencoder, so it is accelerate's `model_1` /
-`optimizer_1`; its shape is recorded in trainer_state.json (`disc`) and must match at resume.
+Why D is not given to accelerate: accelerate gives DeepSpeed one model, and has one fp16 loss
+scaler for all its optimizers (a D overflow would skip the autoencoder's step and move its scale).
+So D lives beside whatever runs the autoencoder: fp32 weights, torch DDP when there is more than
+one process (under DeepSpeed too, whose process group is torch.distributed's), a plain AdamW, its
+own `torch.amp.GradScaler` (enabled under fp16, as LlamaGen does), and autocast to the run's
+precision. Accumulation is D's own `no_sync` (accelerate skips no_sync under ZeRO-2/3).
+
+Checkpoint layout: D, its optimizer, its scaler and the LeCAM EMAs are one accelerate custom object
+(`DiscriminatorState`), registered after the scheduler and the EMA; D's shape is recorded in
+trainer_state.json (`disc`) and must match at resume. Checkpoints of the earlier layout (D as
+accelerate's model_1/optimizer_1) are refused in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 from harness.checkpoint import ResumeError
 from harness.config import Config, ConfigError
+from harness.dist import all_reduce_sum
 from harness.hooks import Hook
-from models.discriminator import D_LOSSES, PatchDiscriminator, last_decoder_layer
+from models.discriminator import D_LOSSES, PatchDiscriminator, last_decoder_layer, lecam_reg
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def refuse_unsupported(cfg: Config, *, deepspeed: bool, mixed_precision: str | None) -> None:
+def refuse_unsupported(cfg: Config, *, device: torch.device, world_size: int) -> None:
     """What cannot run with a discriminator, in one line (before any work)."""
     if cfg.loss.disc_weight <= 0:
         return
-    if deepspeed:
-        raise ConfigError("loss.disc_weight > 0 (a patch discriminator) runs under DDP or in one process, not "
-                          "DeepSpeed: accelerate gives DeepSpeed one model; use launch/accelerate/multi_gpu.yaml "
-                          "(or cpu2.yaml), or set loss.disc_weight=0")
-    if mixed_precision == "fp16":
-        raise ConfigError("loss.disc_weight > 0 with fp16: one loss scaler for two optimizers is not supported "
-                          "here; use bf16 (train.mixed_precision=bf16) or fp32")
+    if cfg.loss.disc_norm == "sync_batch" and world_size > 1 and device.type == "cpu":
+        raise ConfigError("loss.disc_norm=sync_batch: torch's SyncBatchNorm runs on GPUs only; on CPU use "
+                          "loss.disc_norm=batch (per rank) or group")
 
 
 def layout(cfg: Config) -> dict | None:
     c = cfg.loss
-    return {"layers": c.disc_layers, "channels": c.disc_channels} if c.disc_weight > 0 else None
+    if c.disc_weight <= 0:
+        return None
+    # sync_batch and batch hold the same tensors: a run may switch between them at resume
+    return {"layers": c.disc_layers, "channels": c.disc_channels, "norm": "group" if c.disc_norm == "group" else "batch"}
 
 
 def check_resume_layout(path: Path, state: dict, cfg: Config) -> None:
     """A checkpoint with a D resumes only with the same D; one without, only without."""
-    saved = any((path / f).is_file() for f in ("model_1.safetensors", "pytorch_model_1.bin"))
+    if any((path / f).is_file() for f in ("model_1.safetensors", "pytorch_model_1.bin")):
+        raise ResumeError(f"cannot resume {path}: its discriminator was saved as accelerate's model_1 (an earlier "
+                          "layout); resume it with that version, or start a new run from it with train.init_from")
+    saved = state.get("disc") is not None
     if saved != (cfg.loss.disc_weight > 0):
         raise ResumeError(f"cannot resume {path}: it was trained {'with' if saved else 'without'} a "
                           f"discriminator and this run sets loss.disc_weight={cfg.loss.disc_weight}; keep "
                           f"it {'> 0' if saved else '0'} to resume, or start a new run with train.init_from")
     if saved and state.get("disc") != layout(cfg):
         raise ResumeError(f"cannot resume {path}: its discriminator was built as {state.get('disc')} and this run "
-                          f"asks for {layout(cfg)}; keep loss.disc_layers/disc_channels to resume")
+                          f"asks for {layout(cfg)}; keep loss.disc_layers/disc_channels/disc_norm to resume")
+
+
+class DiscriminatorState:
+    """D's weights, optimizer, loss scaler and LeCAM EMAs as one accelerate custom object."""
+
+    def __init__(self, hook: DiscriminatorHook):
+        self.hook = hook
+
+    def state_dict(self) -> dict:
+        h = self.hook
+        return {"model": h.module.state_dict(), "optimizer": h.optimizer.state_dict(), "scaler": h.scaler.state_dict(),
+                "lecam_ema": h.lecam_ema.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        h = self.hook
+        h.module.load_state_dict(state["model"])
+        h.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:  # empty when it was saved disabled
+            h.scaler.load_state_dict(state["scaler"])
+        h.lecam_ema.copy_(state["lecam_ema"])
 
 
 class DiscriminatorHook(Hook):
     def __init__(self, trainer):
         cfg, self.cfg, self.trainer_cfg = trainer.cfg, trainer.cfg.loss, trainer.cfg
-        self.accelerator = trainer.accelerator
+        device = trainer.device
         with torch.random.fork_rng(devices=[]):  # the autoencoder's random stream stays as without D
             torch.manual_seed(cfg.train.seed + 1)
-            disc = PatchDiscriminator(cfg.model.out_ch, self.cfg.disc_channels, self.cfg.disc_layers)
-        opt = torch.optim.AdamW(disc.parameters(), lr=self.lr(cfg), betas=(0.5, 0.9), weight_decay=0.0)
-        # Prepared after the autoencoder: model_1 / optimizer_1 in checkpoints.
-        self.disc, self.optimizer = self.accelerator.prepare(disc, opt)
-        self.trained_models = (self.disc,)
+            norm = "group" if self.cfg.disc_norm == "group" else "batch"
+            disc = PatchDiscriminator(cfg.model.out_ch, self.cfg.disc_channels, self.cfg.disc_layers, norm=norm)
+        distributed = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+        if self.cfg.disc_norm == "sync_batch" and distributed:
+            disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+        self.module = disc.to(device)
+        self._check_fits(cfg, device)
+        self.disc = self.module
+        if distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            self.disc = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.lr(cfg), betas=(0.5, 0.9), weight_decay=0.0)
+        precision = trainer.accelerator.mixed_precision
+        self.amp_dtype = AMP_DTYPES.get(precision)
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.lecam_ema = torch.zeros(2, device=device)  # EMAs of the mean real and fake logits (all ranks)
         self.last_layer = last_decoder_layer(trainer.engine.unwrapped())
-        self._check_fits(cfg, trainer.device)
+        self.ae_scaler = trainer.engine.scaler  # accelerate's fp16 scaler of the autoencoder, or None
+        # After the scheduler (0) and the EMA (1, when on): custom object 1 or 2.
+        trainer.accelerator.register_for_checkpointing(DiscriminatorState(self))
 
     @staticmethod
     def lr(cfg: Config) -> float:
@@ -77,8 +129,7 @@ class DiscriminatorHook(Hook):
 
     def _check_fits(self, cfg: Config, device) -> None:
         """A discriminator too deep for the images would fail at loss.disc_start, maybe days in: try it now."""
-        disc = self.accelerator.unwrap_model(self.disc)
-        size = cfg.data.image_size
+        disc, size = self.module, cfg.data.image_size
         disc.eval()
         try:
             with torch.no_grad():
@@ -91,6 +142,12 @@ class DiscriminatorHook(Hook):
         finally:
             disc.train()
 
+    def autocast(self):
+        """D's forward in the run's precision (its weights stay fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
     def judging(self, trainer) -> bool:
         return trainer.step >= self.cfg.disc_start
 
@@ -101,43 +158,73 @@ class DiscriminatorHook(Hook):
     def on_loss(self, trainer, x, out, losses, stats) -> None:
         if not self.judging(trainer):
             return
-        disc = self.accelerator.unwrap_model(self.disc)
-        disc.requires_grad_(False)
+        self.module.requires_grad_(False)
         try:
-            g_loss = -disc(out.recon).float().mean()
+            with self.autocast():
+                g_loss = -self.module(out.recon.float()).float().mean()
         finally:
-            disc.requires_grad_(True)
+            self.module.requires_grad_(True)
         weight = torch.ones((), device=out.recon.device)
         if self.cfg.disc_adaptive:
-            (g_rec,) = torch.autograd.grad(losses.total, self.last_layer, retain_graph=True)
-            (g_adv,) = torch.autograd.grad(g_loss, self.last_layer, retain_graph=True)
-            weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+            weight = self.adaptive_weight(losses.rec if losses.rec is not None else losses.total, g_loss)
         term = self.cfg.disc_weight * weight * g_loss
         losses.total = losses.total + term
         stats.add_judged("loss/adv", term)
         stats.add_judged("disc/adaptive_weight", weight)
 
+    def adaptive_weight(self, rec: torch.Tensor, g_loss: torch.Tensor) -> torch.Tensor:
+        """|grad rec| / (|grad g_loss| + 1e-4) at the decoder's last layer, clamped to [0, 1e4].
+        Under fp16 both losses are multiplied by the autoencoder's loss scale first (the ratio is the
+        same, 1e-4 scaled too), so small gradients do not underflow in fp16 activations."""
+        s = self.ae_scaler.get_scale() if self.ae_scaler is not None and self.ae_scaler.is_enabled() else 1.0
+        (g_rec,) = torch.autograd.grad(rec * s, self.last_layer, retain_graph=True)
+        (g_adv,) = torch.autograd.grad(g_loss * s, self.last_layer, retain_graph=True)
+        return (g_rec.float().norm() / (g_adv.float().norm() + 1e-4 * s)).clamp(0.0, 1e4).detach()
+
     def after_backward(self, trainer, x, out, stats) -> None:
         if not self.judging(trainer):
             return
-        real, fake = (t.float() for t in self.disc(x.to(trainer.engine.input_dtype), out.recon.detach()))
-        d_loss = D_LOSSES[self.cfg.disc_loss](real, fake)
-        self.accelerator.backward(d_loss)
+        # Accumulation: D's gradients are all-reduced only on the micro-batch that steps (no_sync
+        # must hold over D's forward too: DDP decides at forward time).
+        sync = trainer.accelerator.sync_gradients or not isinstance(self.disc, torch.nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else self.disc.no_sync():
+            with self.autocast():
+                real, fake = self.disc(x.float(), out.recon.detach().float())
+            real, fake = real.float(), fake.float()
+            d_loss = D_LOSSES[self.cfg.disc_loss](real, fake)
+            if self.cfg.lecam_weight > 0:
+                reg = lecam_reg(real, fake, self.lecam_ema[0], self.lecam_ema[1])
+                d_loss = d_loss + self.cfg.lecam_weight * reg
+                stats.add_judged("disc/lecam", reg)
+                self._update_lecam(trainer, real, fake)
+            self.scaler.scale(d_loss / trainer.cfg.train.grad_accum).backward()
         stats.judged_micro += 1
         stats.add_judged("disc/loss", d_loss)
         stats.add_judged("disc/logits_real", real.mean())
         stats.add_judged("disc/logits_fake", fake.mean())
 
+    def _update_lecam(self, trainer, real: torch.Tensor, fake: torch.Tensor) -> None:
+        """EMAs of the mean logits over all ranks (one all-reduce), so every rank holds the same
+        anchors and the one rank 0 checkpoints resumes them exactly."""
+        means = all_reduce_sum([float(real.detach().mean()), float(fake.detach().mean())], trainer.device)
+        means = torch.tensor(means, device=self.lecam_ema.device) / trainer.world.world_size
+        self.lecam_ema.mul_(self.cfg.lecam_decay).add_(means, alpha=1 - self.cfg.lecam_decay)
+
     def after_step(self, trainer, outcome, stats) -> None:
         if not self.judging(trainer):
             return
+        self.scaler.unscale_(self.optimizer)
         clip = trainer.cfg.optim.grad_clip or float("inf")
-        norm = float(self.accelerator.clip_grad_norm_(self.disc.parameters(), clip))
-        if outcome.finite and math.isfinite(norm):
-            self.optimizer.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        if outcome.finite and (math.isfinite(norm) or self.scaler.is_enabled()):
+            self.scaler.step(self.optimizer)  # skips the step itself on inf/nan under fp16
         elif outcome.finite:
             trainer.totals["nonfinite_disc_steps"] += 1
             trainer.log.info(f"step {trainer.step + 1}: non-finite discriminator gradients, its step skipped")
+        self.scaler.update()
+        if scale_before is not None and self.scaler.get_scale() < scale_before:
+            trainer.totals["disc_overflow_steps"] += 1
         self.optimizer.zero_grad(set_to_none=True)
 
     def state(self) -> dict:

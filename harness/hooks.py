@@ -61,9 +61,10 @@ class EMAHook(Hook):
 def check_ema_matches(path: Path, decay: float) -> None:
     """An EMA saved and none asked for (or the reverse) cannot resume: accelerate's custom objects
     are numbered, and the scheduler is 0, the EMA 1."""
-    saved = (path / "custom_checkpoint_1.pkl").is_file()
+    # The config saved with it, not custom_checkpoint_1's presence: without an EMA, that is the discriminator's.
+    had = yaml.safe_load((path / CONFIG_NAME).read_text()).get("train", {}).get("ema_decay", 0)
+    saved = had > 0
     if saved != (decay > 0):
-        had = yaml.safe_load((path / CONFIG_NAME).read_text()).get("train", {}).get("ema_decay", 0)
         raise ResumeError(f"cannot resume {path}: it was trained {'with' if saved else 'without'} an EMA of "
                           f"the weights (train.ema_decay={had}) and this run asks for train.ema_decay="
                           f"{decay}; keep it {'on' if saved else 'off'} to resume")

@@ -71,6 +71,7 @@ def state_dict_of(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
         state = consolidate(folder)
     else:
         raise LoadError(f"{folder}: no model weights (model.safetensors, pytorch_model.bin or DeepSpeed shards)")
+    state = {k: v for k, v in state.items() if not k.startswith(NOT_WEIGHTS)}  # the learned loss.logvar
     if ema:
         shadow = _ema_state(folder)
         if shadow is None:

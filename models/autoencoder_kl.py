@@ -96,7 +96,7 @@ class AutoencoderKL(LatentAutoencoder):
         recon = self._decode(z, emb)
         kl = posterior.kl().mean()
         metrics = {"posterior_std": posterior.std.mean().detach(), "latent_std": z.detach().std()}
-        return AutoencoderOutput(recon=recon, losses={"kl": kl}, metrics=metrics, latent=z)
+        return AutoencoderOutput(recon=recon, losses={"kl": kl}, metrics=metrics, latent=z, posterior=posterior)
 
     def latent_shape(self, image_size: int) -> tuple[int, ...]:
         shape = list(super().latent_shape(image_size))

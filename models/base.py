@@ -28,12 +28,14 @@ class AutoencoderOutput:
              weights term `name` with `cfg.loss.<name>_weight` and adds the pixel/perceptual terms.
     metrics: scalars that are logged but not optimised ("perplexity", "codes_used", ...).
     latent:  the latent the decoder read (for sparsity penalties, grids, interpolation).
+    posterior: the latent's distribution, where there is one (KL free bits read its channels).
     """
 
     recon: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     latent: torch.Tensor | None = None
+    posterior: object | None = None
 
 
 class ModelConfigError(ValueError):

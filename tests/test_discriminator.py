@@ -1,6 +1,7 @@
 """The optional patch discriminator (loss.disc_weight > 0): the model, its losses, and training with
-it through launch/train.py: it starts at loss.disc_start, trains, checkpoints, resumes bitwise, and
-the combinations it does not support are one-line refusals."""
+it through launch/train.py: it starts at loss.disc_start, trains, checkpoints, resumes bitwise (one
+process here; 2-process DDP, ZeRO-2 and bf16 in the slow tests), keeps its own fp16 loss scaler, and
+what it cannot do is a one-line refusal."""
 
 import pytest
 import torch
@@ -10,7 +11,16 @@ from test_train import args, logged
 
 from harness import checkpoint as ckpt
 from launch.train import main
-from models.discriminator import PatchDiscriminator, hinge_d_loss, last_decoder_layer, vanilla_d_loss
+from models.discriminator import PatchDiscriminator, hinge_d_loss, last_decoder_layer, lecam_reg, vanilla_d_loss
+
+
+def disc_state(checkpoint) -> dict:
+    """The discriminator's custom object in a checkpoint folder (model, optimizer, scaler, lecam_ema)."""
+    for f in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "lecam_ema" in state:
+            return state
+    raise AssertionError(f"no discriminator state in {checkpoint}")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +56,24 @@ def test_real_and_fake_are_normalised_as_separate_batches():
     assert not torch.allclose(lf, d(torch.cat([real, fake]))[4:])
 
 
+def test_group_norm_judges_each_image_on_its_own():
+    torch.manual_seed(0)
+    d = PatchDiscriminator(3, channels=8, num_layers=2, norm="group")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules())
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(d(x[:1]), d(x)[:1], atol=1e-6)  # no batch statistics
+    # sync_batch is batch converted: the same tensors, so checkpoints move between the two
+    sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(PatchDiscriminator(3, channels=8, num_layers=2))
+    assert sync.state_dict().keys() == PatchDiscriminator(3, channels=8, num_layers=2).state_dict().keys()
+
+
+def test_lecam_regulariser():
+    real, fake = torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 0.5])
+    # relu(real - ema_fake)^2: (1 - 0)^2, (3 - 0)^2 -> mean 5; relu(ema_real - fake)^2: (2 + 1)^2, (2 - 0.5)^2 -> 5.625
+    assert float(lecam_reg(real, fake, torch.tensor(2.0), torch.tensor(0.0))) == pytest.approx(5 + 5.625)
+    assert float(lecam_reg(real, fake, torch.tensor(-5.0), torch.tensor(5.0))) == 0  # inside the anchors
+
+
 def test_discriminator_losses():
     sure = torch.full((4,), 3.0)
     assert hinge_d_loss(sure, -sure) == 0  # confident and right: nothing to learn
@@ -72,7 +100,7 @@ def test_training_with_a_discriminator_starts_at_disc_start_and_checkpoints_it(c
     assert judged == [False] * 4 + [True] * 4, log  # steps 1-4 without, 5-8 with the adversarial term
     assert all(w > 0 for w in logged(run, "disc/adaptive_weight"))
     assert len(logged(run, "disc/loss")) == 4
-    before, after = (load_file(run / f"checkpoints/step_{n}/model_1.safetensors") for n in (4, 8))
+    before, after = (disc_state(run / f"checkpoints/step_{n}")["model"] for n in (4, 8))
     assert before.keys() == after.keys() and any(k.endswith("running_mean") for k in after)
     assert not all(torch.equal(before[k], after[k]) for k in before), "the discriminator did not train"
     # the autoencoder's own weights stay where inference, export and init_from read them
@@ -91,15 +119,20 @@ def test_training_with_a_discriminator_starts_at_disc_start_and_checkpoints_it(c
 
 
 def test_resume_with_a_discriminator_is_bitwise(config, shards, tmp_path):
-    common = ["loss.disc_weight=0.5", "loss.disc_start=2", "checkpoint.every_steps=0", "train.max_steps=8"]
+    common = ["loss.disc_weight=0.5", "loss.disc_start=2", "checkpoint.every_steps=0", "train.max_steps=8",
+              "loss.lecam_weight=0.1", "loss.lecam_decay=0.9", "train.ema_decay=0.9", "loss.learned_logvar=true"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(args(config, shards, straight, *common)) == 0
     assert main(args(config, shards, split, *common, "train.stop_after_steps=4")) == 0
     assert main(args(config, shards, split, *common, "--resume", "latest")) == 0
-    for name in ("model.safetensors", "model_1.safetensors"):
-        wa, wb = (load_file(r / "checkpoints/step_8" / name) for r in (straight, split))
-        assert wa.keys() == wb.keys()
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{name} differs after resume"
+    wa, wb = (load_file(r / "checkpoints/step_8/model.safetensors") for r in (straight, split))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "the autoencoder differs"
+    da, db = (disc_state(r / "checkpoints/step_8") for r in (straight, split))
+    for part in ("model",):
+        assert all(torch.equal(da[part][k], db[part][k]) for k in da[part]), "the discriminator differs after resume"
+    assert torch.equal(da["lecam_ema"], db["lecam_ema"]) and da["lecam_ema"].abs().sum() > 0
+    moments = lambda s: [v["exp_avg_sq"] for v in s["optimizer"]["state"].values()]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(moments(da), moments(db), strict=True))
 
 
 def test_what_the_discriminator_does_not_support_is_one_line(config, shards, tmp_path, capsys, monkeypatch):
@@ -116,15 +149,50 @@ def test_what_the_discriminator_does_not_support_is_one_line(config, shards, tmp
     assert main(args(config, shards, tmp_path / "d", "train.max_steps=4", "loss.disc_weight=0.5",
                      "loss.disc_channels=8", "--resume", "latest")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "its discriminator was built as {'layers': 3, 'channels': 64}" in err[0], err
+    assert len(err) == 1 and "its discriminator was built as {'layers': 3, 'channels': 64, 'norm': 'batch'}" in err[0], err
     # a discriminator too deep for the images: at start, not at disc_start
     assert main(args(config, shards, tmp_path / "deep", "loss.disc_weight=0.5", "loss.disc_layers=5",
                      "loss.disc_start=50000")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "loss.disc_layers: 5 layers do not fit 32px images" in err[0], err
-    # DeepSpeed: refused before anything starts (accelerate launch sets this variable)
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    assert main(args(config, shards, tmp_path / "ds", "loss.disc_weight=0.5")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "runs under DDP or in one process, not DeepSpeed" in err[0], err
-    assert not (tmp_path / "ds").exists()
+    # a checkpoint of the earlier layout (D as accelerate's model_1)
+    from harness.config import ConfigError, load_config
+    from harness.discriminator import check_resume_layout, refuse_unsupported
+
+    cfg = load_config([config], ["data.train=x", "loss.disc_weight=0.5", "loss.disc_norm=sync_batch"])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old/model_1.safetensors").write_bytes(b"")
+    with pytest.raises(ckpt.ResumeError, match="its discriminator was saved as accelerate's model_1 \\(an earlier"):
+        check_resume_layout(tmp_path / "old", {"disc": {"layers": 3, "channels": 64}}, cfg)
+    # SyncBatchNorm needs GPUs; one process is plain BatchNorm and runs anywhere
+    refuse_unsupported(cfg, device=torch.device("cpu"), world_size=1)
+    with pytest.raises(ConfigError, match="loss.disc_norm=sync_batch: torch's SyncBatchNorm runs on GPUs only"):
+        refuse_unsupported(cfg, device=torch.device("cpu"), world_size=2)
+
+
+def test_the_discriminator_keeps_its_own_fp16_scaler(config, shards, tmp_path):
+    """Two scalers, as LlamaGen: a D overflow skips D's step and halves D's scale only; the
+    autoencoder steps on. On CPU with fp16 autocast for D (accelerate's fp16 needs CUDA)."""
+    from harness.config import load_config
+    from harness.trainer import Trainer
+
+    cfg = load_config([config], [f"data.train={shards}", f"run.dir={tmp_path / 'run'}", "loss.disc_weight=0.5",
+                                 "train.max_steps=3", "checkpoint.every_steps=0", "optim.grad_clip=0"])
+    trainer = Trainer(cfg)
+    hook = trainer.hooks[-1]
+    hook.amp_dtype = torch.float16
+    hook.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # sure to overflow fp16 gradients
+    d0 = {k: v.clone() for k, v in hook.module.state_dict().items()}
+    ae0 = {k: v.clone() for k, v in trainer.engine.unwrapped().state_dict().items()}
+    assert trainer.train() == 0
+    assert trainer.engine.scaler is None  # the autoencoder has none here: its steps were never skipped
+    assert trainer.totals["disc_overflow_steps"] == 3 and hook.scaler.get_scale() == 2.0**57
+    assert all(torch.equal(v, d0[k]) for k, v in hook.module.state_dict().items() if k.endswith("weight"))
+    assert any(not torch.equal(v, ae0[k]) for k, v in trainer.engine.unwrapped().state_dict().items())
+    # the scaler is checkpointed with D
+    assert disc_state(ckpt.resolve(tmp_path / "run", "latest"))["scaler"]["scale"] == 2.0**57
+    # a sane scale: D steps under fp16 autocast
+    hook.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    trainer.cfg.train.max_steps = 5
+    assert trainer.train() == 0
+    assert any(not torch.equal(v, d0[k]) for k, v in hook.module.state_dict().items() if k.endswith("weight"))
