@@ -124,6 +124,8 @@ class DataConfig:
     seed: int = F(0, "data seed: shard order, shuffling and crops are deterministic in it")
     max_bad_fraction: float = F(0.1, "stop when more than this share of samples read are bad (1 = never)", ge=0.0, le=1.0)
     min_bad_samples: int = F(100, "bad samples tolerated before max_bad_fraction is applied", ge=0)
+    max_pixels: int = F(64_000_000, "images with more pixels (width x height, read from the header before "
+                                     "decoding) are bad samples (0 = no limit)", ge=0)
 
 
 @dataclass
@@ -152,11 +154,23 @@ class LossConfig:
     )
     sparsity_weight: float = F(0.0, "weight of the L1 sparsity of the latent the decoder reads, mean |z| (0 = off)", ge=0.0)
     perceptual_weight: float = F(
-        0.0, "weight of the LPIPS-like distance from the frozen net in loss.perceptual_net (0 = off)", ge=0.0
+        0.0, "weight of the perceptual distance from the frozen network loss.perceptual picks (0 = off)", ge=0.0
+    )
+    perceptual: Literal["net", "lpips"] = F(
+        "net", "perceptual network: net = the project's own (loss.perceptual_net), lpips = LPIPS(vgg) from "
+        "loss.lpips_vgg and loss.lpips_lin"
     )
     perceptual_net: str = F(
         "", "perception network file from launch/train_perception.py (perception.safetensors); "
-        "needed when perceptual_weight > 0"
+        "needed when perceptual_weight > 0 and perceptual=net"
+    )
+    lpips_vgg: str = F(
+        "", "torchvision's VGG16 weights (vgg16-397923af.pth) for LPIPS ('' = look in $TORCH_HOME/hub/checkpoints "
+        "and ~/.cache/torch/hub/checkpoints)"
+    )
+    lpips_lin: str = F(
+        "", "LPIPS v0.1 linear heads (lpips/weights/v0.1/vgg.pth) ('' = the installed lpips package's file, "
+        "found without importing it)"
     )
     disc_weight: float = F(0.0, "weight of the adversarial term from a patch discriminator, as in latent-diffusion "
                                 "(0 = no discriminator; 0.5 typical)", ge=0.0)
@@ -221,6 +235,25 @@ class LogConfig:
     class_rows: int = F(10, "rows (classes or labels) in the per-class sample grid of conditional models (0 = none)", ge=0)
     interpolation_rows: int = F(2, "rows of latent interpolations between grid images (0 = none)", ge=0)
     progress: bool = F(True, "progress bar on rank 0")
+    eval_samples: int = F(512, "model.kind=classifier: samples of data.val (else data.train) the final accuracy "
+                               "in perception.json is measured on", ge=1)
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = F(0, "validate on data.val every N optimizer steps (0 = off): val/* in TensorBoard", ge=0)
+    samples: int = F(512, "held-out samples per validation, over all ranks (the first N of data.val; 0 = all)",
+                     ge=0)
+    batch_size: int = F(0, "samples per process per validation batch (0 = train.batch_size)", ge=0)
+    ema: bool = F(True, "validate the EMA weights when train.ema_decay > 0 (false = the trained weights)")
+    best_metric: str = F("psnr", "keep checkpoints/best by this val metric (psnr, ssim: higher is better; l1, mse, "
+                                 "lpips, rfid, fd_<net>: lower) ('' = no best checkpoint)")
+    lpips: bool = F(False, "also measure val/lpips with LPIPS(vgg) (weights: loss.lpips_vgg / loss.lpips_lin, "
+                           "else the torch hub cache and the installed lpips package)")
+    fid_weights: str = F("", "pytorch-fid's pt_inception-2015-12-05-6726825d.pth: val/rfid, FID of reconstructions "
+                             "against their inputs ('' = off)")
+    fd_net: str = F("", "a perception.safetensors (launch/train_perception.py): val/fd_<file stem>, the Frechet "
+                        "distance in its feature space (never called FID; '' = off)")
 
 
 @dataclass
@@ -237,19 +270,25 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
         """Cross-field checks (single fields are checked while loading)."""
         if not self.data.train:
             raise ConfigError("data.train: missing; give a shard pattern, a folder of shards or a list")
+        if self.eval.every_steps and not self.data.val:
+            raise ConfigError("eval.every_steps: validation needs held-out shards in data.val")
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ConfigError(f"optim.betas: need two numbers in [0, 1); got {self.optim.betas}")
         self._validate_model()
         if 0 < self.loss.kl_anneal_cycle < self.loss.kl_anneal_steps:
             raise ConfigError(f"loss.kl_anneal_cycle: {self.loss.kl_anneal_cycle} is shorter than loss.kl_anneal_steps="
                               f"{self.loss.kl_anneal_steps}; the warm-up would never finish")
-        if self.loss.perceptual_weight > 0 and not self.loss.perceptual_net:
+        if self.loss.perceptual_weight > 0 and self.loss.perceptual == "lpips" and self.model.out_ch != 3:
+            raise ConfigError(f"loss.perceptual: lpips compares RGB images but the model makes {self.model.out_ch} "
+                              "channels (model.out_ch); use loss.perceptual=net with a net trained on them")
+        if self.loss.perceptual_weight > 0 and self.loss.perceptual == "net" and not self.loss.perceptual_net:
             # The file itself is read when the loss is built (a stored config must load without it).
             raise ConfigError("loss.perceptual_net: loss.perceptual_weight > 0 needs the file written by "
                               "launch/train_perception.py (perception.safetensors)")

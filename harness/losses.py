@@ -12,6 +12,7 @@ with weight 0 is not computed at all):
     tv          total variation of recon (mean |neighbour diff|)    loss.tv_weight
     sparsity    mean |z| of the latent the decoder read (L1)        loss.sparsity_weight
     perceptual  LPIPS-like distance from a frozen perception net    loss.perceptual_weight
+                (loss.perceptual: net = our own, lpips = LPIPS(vgg))
 
 `LossTerms` keeps every term (weighted) for logging (`loss/<name>`) and their sum for backward.
 
@@ -34,6 +35,8 @@ under ZeRO-3 partitioned and gathered by its own forward; loading weights for us
 The perception network (models/perception.py, trained by launch/train_perception.py) lives inside
 this module: it is frozen, never given to the optimizer or to `accelerator.prepare`, and never part
 of a checkpoint (the run's config names its file, which is read again on resume).
+So does LPIPS(vgg) (models/lpips.py) with `loss.perceptual=lpips`: it holds no buffers and runs in
+the reconstruction's dtype (autocast for fp16/bf16), again in fp32 when that result is not finite.
 """
 
 from __future__ import annotations
@@ -116,10 +119,14 @@ class AutoencoderLoss(torch.nn.Module):
         self.cfg = cfg
         self.enabled = [name for name in HARNESS_TERMS if self.weight(name) > 0]
         self.perception = None
+        self.lpips = None  # LPIPS(vgg) with loss.perceptual=lpips, frozen like the perception net
         self.variance: LearnedLogVariance | None = None  # bound by attach() with loss.learned_logvar
         self.step: Callable[[], int] = lambda: 0  # optimizer steps done, bound by attach()
         self._files = {}
-        if "perceptual" in self.enabled:
+        if "perceptual" in self.enabled and cfg.perceptual == "lpips":
+            self.lpips, files = load_lpips(cfg.lpips_vgg, cfg.lpips_lin)
+            self._files.update({key: file_digest(path) for key, path in files.items()})
+        elif "perceptual" in self.enabled:
             self.perception = load_perceptual(cfg.perceptual_net)
             self._files["perceptual_net"] = hashlib.sha256(Path(cfg.perceptual_net).read_bytes()).hexdigest()[:16]
 
@@ -150,6 +157,8 @@ class AutoencoderLoss(torch.nn.Module):
         return out.latent.float().abs().mean()
 
     def perceptual(self, x: torch.Tensor, out: AutoencoderOutput) -> torch.Tensor:
+        if self.lpips is not None:
+            return lpips_distance(self.lpips, out.recon, x)
         return self.perception(out.recon, x)
 
     def pixel(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -279,3 +288,39 @@ def load_perceptual(path: str):
     except PerceptionFileError as e:
         raise ConfigError(f"loss.perceptual_net: {e}; train one with `python launch/train_perception.py "
                           f"--data SHARDS --out DIR` or set loss.perceptual_weight=0") from None
+
+
+def load_lpips(vgg: str, lin: str):
+    """LPIPS(vgg) from `loss.lpips_vgg` / `loss.lpips_lin` (or the torch hub cache / the installed lpips
+    package), frozen; and the files it read. A missing or bad file is a one-line ConfigError."""
+    from harness.config import ConfigError
+    from models.lpips import LPIPS, find_lpips_lin, find_vgg16
+    from models.weights import WeightsNotFoundError
+
+    try:
+        files = {"lpips_vgg": find_vgg16(vgg or None), "lpips_lin": find_lpips_lin(lin or None)}
+        return LPIPS.from_files(files["lpips_vgg"], files["lpips_lin"]), files
+    except WeightsNotFoundError as e:
+        key = "loss.lpips_vgg" if str(e).startswith("LPIPS VGG16") else "loss.lpips_lin"
+        raise ConfigError(f"{key}: {e}; or set loss.perceptual=net / loss.perceptual_weight=0") from None
+
+
+def lpips_distance(net: torch.nn.Module, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean LPIPS(recon, x), computed in recon's dtype (fp16/bf16 under autocast, whatever the outer
+    context) and again in fp32 if that result is not finite (fp16 overflow in the VGG features)."""
+    low = recon.dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(recon.device.type, dtype=recon.dtype if low else torch.bfloat16, enabled=low):
+        d = net(recon, x.to(recon.dtype))
+    if not torch.isfinite(d).all():
+        with torch.autocast(recon.device.type, enabled=False):
+            d = net(recon.float(), x.float())
+    return d.float().mean()
+
+
+def file_digest(path) -> str:
+    """Short sha256 of a file, read in chunks (torchvision's VGG16 file is 528 MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:16]

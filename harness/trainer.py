@@ -41,6 +41,7 @@ from harness.resume import init_source, plan, restore
 from harness.runlock import hold as hold_run_dir
 from harness.signals import EXIT_PREEMPTED, StopFlag
 from harness.tasks import make_task
+from harness.validation import Validator
 from models.registry import build_model, deepspeed_unsupported
 
 # DDP on CPU warns that the gradient of a 1x1 conv has strides (C, 1, C, C) where its bucket view
@@ -123,6 +124,7 @@ class Trainer:
         if cfg.loss.disc_weight > 0:
             self.hooks.append(discriminator.DiscriminatorHook(self))
         self.trained = [self.engine.model, *(m for h in self.hooks for m in h.trained_models)]
+        self.validator = Validator(self) if cfg.eval.every_steps else None
 
         self.step = self.samples_seen = self.nonfinite_in_a_row = 0
         self.last_loss = float("nan")
@@ -131,9 +133,13 @@ class Trainer:
             state = restore(self, self.start)
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             self.totals.update(state.get("totals", {}))
+            if self.validator is not None:
+                self.validator.best = state.get("best")
         else:
             set_seed(cfg.train.seed + self.world.rank)  # posterior noise differs per rank
         self.ckpt.clean_stale()
+        if self.validator is not None:
+            self.validator.reconcile(self.run_dir / "checkpoints", self.world.is_main)
         if self.start.resume_from is not None:
             for p in self.ckpt.set_aside_newer(self.start.resume_from, self.step):
                 self.log.info(f"note: resumed from an older checkpoint; the newer {p.name[len('abandoned-'):]} "
@@ -247,9 +253,12 @@ class Trainer:
                     stats, t_log = StepStats(), time.perf_counter()
                 if images_every and self.step % images_every == 0:
                     self.monitor.images()
-                if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or stop_now:
-                    self.save()
-                    saved_at = self.step
+                improved = (self.validator is not None and self.step % cfg.eval.every_steps == 0
+                            and self.validator.improved(self.validator.run(self), self.step))
+                if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or stop_now or improved:
+                    path, saved_at = self.save(), self.step
+                    if improved:
+                        self.validator.keep_best(path, self.world.is_main)
                 if stop_now:
                     self.log.info(f"stop requested by signal: checkpoint at step {self.step} saved, "
                                   f"exiting with {EXIT_PREEMPTED}")
@@ -299,12 +308,13 @@ class Trainer:
             "totals": dict(self.totals),
             "time": time.time(),
         }
-        for hook in self.hooks:
-            state.update(hook.state())
+        for part in (*self.hooks, *([self.validator] if self.validator else [])):
+            state.update(part.state())
         return state
 
-    def save(self) -> None:
+    def save(self) -> Path:
         t0 = time.perf_counter()
         path = self.ckpt.save(self.step, self.state_dict(), self.config_yaml)
         self.log.info(f"checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
+        return path
 
