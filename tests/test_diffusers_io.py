@@ -240,3 +240,45 @@ def test_the_key_table_maps_every_tensor_both_ways_and_back():
     assert dio.rename("decoder.up.0.upsample.conv.weight", 3) == "decoder.up_blocks.2.upsamplers.0.conv.weight"
     assert dio.rename("decoder.up_blocks.0.attentions.1.query.weight", 3, to_diffusers=False) == \
         "decoder.up.2.attn.1.q.weight"  # diffusers' pre-0.14 attention names are read too
+
+
+def test_train_init_from_a_diffusers_pipeline_starts_a_run(tmp_path):
+    from shardgen import make_shards
+
+    from launch.train import main as train_main
+
+    shards = make_shards(tmp_path / "shards", num_samples=16, per_shard=8, size=40)
+    theirs = tiny_diffusers(block_out_channels=[16, 32], mid_block_add_attention=False,
+                            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    theirs.save_pretrained(tmp_path / "pipe" / "vae")
+    run = tmp_path / "run"
+    assert train_main(["--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}",
+                       "train.max_steps=1", f"train.init_from={tmp_path / 'pipe'}"]) == 0
+    assert f"initialised 104 tensors from {(tmp_path / 'pipe' / 'vae').resolve()}" in (run / "train.log").read_text()
+
+
+def test_latent_stats_reach_the_diffusers_config(tmp_path):
+    from shardgen import make_shards
+
+    shards = make_shards(tmp_path / "shards", num_samples=12, per_shard=6, size=40)
+    _, folder = our_export(tmp_path, config(f"data.train={shards}"))
+    out = tmp_path / "d"
+    assert export_main([str(folder), "--format", "diffusers", "--out", str(out), "--latent-stats", "12",
+                        "--workers", "0"]) == 0
+    theirs, said = from_pretrained(diffusers.AutoencoderKL, out)
+    assert not said, said
+    with torch.no_grad():  # the factors normalise the latents diffusers' own encoder draws
+        dists = [theirs.encode(x).latent_dist for x in batches_of(shards, 12)]
+    mean, var = torch.cat([d.mean for d in dists]).double(), torch.cat([d.var for d in dists]).double()
+    shift, scale = theirs.config.shift_factor, theirs.config.scaling_factor
+    # a draw z = mean + std * eps: E[(z - shift) * scale] = 0 and E[((z - shift) * scale)^2] = 1
+    assert abs((mean - shift).mean().item() * scale) < 1e-5
+    assert abs((((mean - shift) ** 2 + var).mean().item()) * scale**2 - 1) < 1e-5
+    assert len(theirs.config.latents_mean) == len(theirs.config.latents_std) == 4
+
+
+def batches_of(shards, n):
+    from harness.data import eval_batches, to_model_input
+
+    loader, _ = eval_batches(str(shards), image_size=32, batch_size=5, max_samples=n)
+    return [to_model_input(b["image"], "cpu") for b in loader if b["image"] is not None]
