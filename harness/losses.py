@@ -75,11 +75,12 @@ class LearnedLogVariance(torch.nn.Module):
 
     def __init__(self, init: float = 0.0):
         super().__init__()
-        self.logvar = torch.nn.Parameter(torch.full((), float(init)))
+        # Shape (1,), not latent-diffusion's (): DeepSpeed cannot broadcast or partition a 0-d parameter.
+        self.logvar = torch.nn.Parameter(torch.full((1,), float(init)))
 
     def forward(self, rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Called as a module (not by reading .logvar): under ZeRO-3 its forward hook gathers the parameter.
-        logvar = self.logvar.float()
+        logvar = self.logvar.float().squeeze(0)
         return rec / torch.exp(logvar) + logvar, logvar
 
 

@@ -80,7 +80,9 @@ def lecam_reg(logits_real: torch.Tensor, logits_fake: torch.Tensor, ema_real: to
 def last_decoder_layer(model: nn.Module) -> nn.Parameter:
     """The weight of the decoder's last layer with one (the output convolution of an `ldm` or a
     layer-spec decoder): where the adaptive weight compares the two gradients."""
-    weights = [p for name, p in model.named_parameters() if name.startswith("decoder.") and p.ndim >= 2]
+    # ds_shape: under DeepSpeed ZeRO-3 a parameter is a flat partition outside forward; its real shape is kept there
+    weights = [p for name, p in model.named_parameters()
+               if name.startswith("decoder.") and len(getattr(p, "ds_shape", p.shape)) >= 2]
     if not weights:
         raise ValueError("loss.disc_adaptive needs a decoder with a weight layer (model.decoder...)")
     return weights[-1]

@@ -64,3 +64,42 @@ def test_attention_stays_finite_in_fp16():
     with torch.autocast("cuda", dtype=torch.float16):
         y = block(x)
     assert torch.isfinite(y).all()
+
+
+def test_fp16_gan_keeps_two_loss_scalers(shards, tmp_path):
+    """fp16 with a discriminator: accelerate's GradScaler for the autoencoder, D's own (LlamaGen's
+    two scalers); both train, both are checkpointed, and the run resumes."""
+    from harness.config import load_config
+    from harness.trainer import Trainer
+
+    run = tmp_path / "run"
+    common = ["--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}",
+              "train.mixed_precision=fp16", "loss.disc_weight=0.5", "loss.lecam_weight=0.01", "log.every_steps=1",
+              "checkpoint.every_steps=10", "loss.learned_logvar=true"]
+    cfg = load_config([common[1]], [*common[2:], "train.max_steps=20"])
+    trainer = Trainer(cfg)
+    hook = trainer.hooks[-1]
+    assert trainer.engine.scaler is not None and trainer.engine.scaler.is_enabled()
+    assert hook.scaler.is_enabled() and hook.scaler is not trainer.engine.scaler
+    assert trainer.train() == 0
+    d = logged(run, "disc/loss")
+    assert len(d) == 20 and all(v == v for v in d + logged(run, "loss/total"))
+    state = next(s for f in sorted(ckpt.resolve(run, "latest").glob("custom_checkpoint_*.pkl"))
+                 if "lecam_ema" in (s := torch.load(f, map_location="cpu", weights_only=True)))
+    assert state["scaler"]["scale"] > 0
+    assert main([*common, "train.max_steps=24", "--resume", "latest"]) == 0
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 24
+
+
+def test_zero2_fp16_gan_one_gpu(shards, tmp_path):
+    """DeepSpeed's fp16 loss scaling for the autoencoder, D beside the engine with its own scaler."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/zero2.yaml",
+           "--num_processes", "1", "--mixed_precision", "fp16", str(ROOT / "launch/train.py"),
+           "--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}",
+           "train.max_steps=12", "checkpoint.every_steps=6", "loss.disc_weight=0.5", "log.every_steps=1"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(DEEPSPEED, fp16)" in r.stderr
+    d = logged(run, "disc/loss")
+    assert len(d) == 12 and all(v == v for v in d)
