@@ -51,7 +51,8 @@ class ModelConfig:
     # --- what the latent is, and what builds encoder and decoder
     kind: str = F(
         "kl", "what to build, a kind models/registry.py registers: kl = Gaussian VAE, vq = vector-quantized "
-        "(codebook), fsq = finite scalar quantization, classifier / rotnet = the perception network"
+        "(codebook), fsq = finite scalar quantization, classifier / rotnet = the perception network, prior = a "
+        "transformer over a VQ/FSQ run's codes (model.prior_vq)"
     )
     arch: Literal["ldm", "spec"] = F(
         "ldm", "encoder/decoder: ldm = latent-diffusion Encoder/Decoder (ch, ch_mult...), spec = model.encoder/decoder"
@@ -108,6 +109,18 @@ class ModelConfig:
     )
     # --- kind=fsq
     fsq_levels: list[int] = F([8, 5, 5, 5], "FSQ levels per latent channel; codebook size = their product")
+    # --- kind=prior (an autoregressive transformer over a frozen VQ/FSQ model's codes)
+    prior_vq: str = F("", "kind=prior: the frozen VQ or FSQ run, checkpoint or export folder whose codes are modelled "
+                          "(its EMA weights when it kept an EMA); read again at every start and resume")
+    prior_layers: int = F(6, "kind=prior: transformer blocks", ge=1)
+    prior_dim: int = F(256, "kind=prior: transformer width (token, position and condition embeddings)", ge=8)
+    prior_heads: int = F(8, "kind=prior: attention heads (prior_dim must be divisible)", ge=1)
+    prior_dropout: float = F(0.0, "kind=prior: dropout on embeddings, attention and MLP outputs (0 = off)",
+                             ge=0.0, lt=1.0)
+    prior_codebook_size: int = F(0, "kind=prior: codes per position, derived from prior_vq (0 = not yet; FSQ: the "
+                                    "product of its levels)", ge=0)
+    prior_grid: list[int] = F([], "kind=prior: the [h, w] code grid at data.image_size, derived from prior_vq "
+                                  "([] = not yet)")
 
 
 @dataclass

@@ -102,6 +102,9 @@ class Monitor:
     def images(self) -> None:
         """Runs on every rank (under ZeRO-3 a forward gathers parameters collectively); only the
         main process writes. Fixed inputs and a fixed seed make grids comparable across steps."""
+        if hasattr(self.t.task, "images"):  # a task that draws its own grids (a prior: decoded samples)
+            self.t.task.images(self.t, self.tracker)
+            return
         if self.grid_batch is None:
             return
         t, c = self.t, self.t.cfg

@@ -8,19 +8,27 @@ what is drawn and what is written at the end. The Trainer holds one task and nev
 - The same task without labels (`model.kind: rotnet`): every image is shown in its four rotations
   and the net predicts which (Gidaris et al. 2018, "Unsupervised representation learning by
   predicting image rotations"), so any shards train it: img2dataset/LAION shards have no `cls`.
+- `PriorTask` (`model.kind: prior`): next-code cross-entropy of a transformer over the codes a
+  frozen VQ/FSQ model (`model.prior_vq`) gives each batch; grids of decoded prior samples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
+from harness import grids, scale
 from harness.config import Config, ConfigError
 from harness.data import fixed_batch, to_model_input
 from harness.losses import AutoencoderLoss, LossTerms
+from models.prior import VQWithPrior
 from models.registry import model_class
 
 
@@ -189,9 +197,145 @@ class ClassifierTask:
                          f"loss.perceptual_net={path}")
 
 
+# ---------------------------------------------------------------------------------------------
+# A prior over a frozen VQ model's codes (model.kind: prior)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PriorOutput:
+    logits: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def frozen_vq(path: str, device) -> tuple[torch.nn.Module, Config, Path, bool]:
+    """The VQ/FSQ model at `path` (run, checkpoint or export folder), frozen in eval mode, its config,
+    the folder its weights came from, and whether they are its EMA weights: those when its run kept an
+    EMA (what evaluation judges it by), else the trained ones. The same choice at every start, resume
+    and in launch/sample.py, so the prior always sees the codes it was trained on."""
+    from harness.inference import LoadError, find_weights_dir, load_config_of, load_model
+
+    try:
+        folder = find_weights_dir(path)
+        vq_cfg = load_config_of(folder)
+    except (LoadError, ConfigError) as e:
+        raise ConfigError(f"model.prior_vq: {e}") from None
+    if vq_cfg.model.kind not in ("vq", "fsq"):
+        raise ConfigError(f"model.prior_vq: {path} holds a model.kind={vq_cfg.model.kind} model; a prior models the "
+                          "codes of a vq or fsq run")
+    ema = vq_cfg.train.ema_decay > 0
+    try:
+        vq, _, _ = load_model(folder, ema=ema, device=device)
+    except LoadError:
+        if not ema:  # an export folder holds one set of weights, EMA or not: take it
+            raise
+        vq, _, _, ema = *load_model(folder, device=device), False
+    return vq.requires_grad_(False).eval(), vq_cfg, folder, ema
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class PriorTask:
+    """Next-code cross-entropy of `model.kind: prior` over the codes the frozen VQ model
+    (`model.prior_vq`) gives each batch. The VQ model is no part of the trained model: not in the
+    optimizer, not in checkpoints; it is read from `prior_vq` again at resume (a changed file is
+    noted). Grids: prior samples (and one row per class), decoded by the VQ model."""
+
+    draws_images = False  # no fixed batch of inputs: `images` draws samples only
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, m = cfg, cfg.model
+        if cfg.loss.disc_weight > 0:
+            raise ConfigError("loss.disc_weight: a discriminator judges reconstructions, and model.kind=prior makes "
+                              "none; set loss.disc_weight=0")
+        if cfg.eval.every_steps:
+            raise ConfigError("eval.every_steps: validation measures reconstructions, and model.kind=prior makes none; "
+                              "set eval.every_steps=0 (loss/ce and model/bits_per_code are logged)")
+        self.vq, self.vq_cfg, self.vq_folder, self.vq_ema = frozen_vq(m.prior_vq, device)
+        _, h, w = self.vq.latent_shape(cfg.data.image_size)
+        derived = {"prior_codebook_size": self.vq.quantizer.codebook_size, "prior_grid": [h, w],
+                   "condition": self.vq_cfg.model.condition, "num_classes": self.vq_cfg.model.num_classes}
+        unset = {"prior_codebook_size": 0, "prior_grid": [], "condition": "none", "num_classes": 0}
+        for key, value in derived.items():  # before the model is built and its config hashed
+            given = getattr(m, key)
+            if given != unset[key] and given != value:
+                raise ConfigError(f"model.{key}: {given} here, but the model in model.prior_vq gives {value} "
+                                  f"({self.vq_folder}); leave it unset, it is derived")
+            setattr(m, key, value)
+        self.cond_key = {"class": "cls", "multilabel": "labels"}.get(m.condition)
+        self._digest = weights_digest(self.vq)
+
+    def check_data(self, info) -> None:
+        AutoencoderTask.check_data(self, info)  # the VQ model's condition needs the same labels
+
+    def forward(self, model, x: torch.Tensor, batch: dict, cond):
+        with torch.no_grad():
+            codes = self.vq.encode_indices(x.float(), cond)
+        logits = model(codes, cond=cond).float()
+        ce = F.cross_entropy(rearrange(logits, "b l k -> b k l"), rearrange(codes, "b h w -> b (h w)"))
+        return PriorOutput(logits, {"bits_per_code": ce.detach() / math.log(2)}), LossTerms(ce, {"ce": ce})
+
+    def fingerprint(self) -> dict[str, str]:
+        return {"prior_vq": self._digest}
+
+    def describe(self) -> str | None:
+        m = self.cfg.model
+        cond = {"class": f"class-conditional ({m.num_classes} classes)",
+                "multilabel": f"label-conditional ({m.num_classes} labels)"}.get(m.condition, "unconditional")
+        return (f"{cond} prior over {m.prior_codebook_size} codes on a {m.prior_grid[0]}x{m.prior_grid[1]} grid of "
+                f"the frozen model.kind={self.vq_cfg.model.kind} model {self.vq_folder} "
+                f"({'EMA' if self.vq_ema else 'trained'} weights); uniform = "
+                f"{math.log2(m.prior_codebook_size):.2f} bits per code")
+
+    def sampler(self, prior: torch.nn.Module) -> VQWithPrior:
+        return VQWithPrior(self.vq, prior)
+
+    @torch.no_grad()
+    def images(self, trainer, tracker) -> None:
+        """Prior samples and one row per class, decoded. Every rank samples (under ZeRO-3 the
+        parameters are gathered collectively); only the main process writes."""
+        c = self.cfg
+        prior = trainer.engine.unwrapped()
+        was_training = prior.training
+        prior.eval()
+        n, size, seed, step = c.log.num_images, c.data.image_size, c.train.seed, trainer.step
+        with scale.full_parameters(trainer.engine.model):
+            model = self.sampler(prior)
+            tracker.grid("prior_samples", [model.sample(n, size, generator=grids.generator(trainer.device, seed))],
+                         step)
+            conds = grids.class_conditions(model.condition, c.model.num_classes, c.log.class_rows, n, trainer.device)
+            if conds is not None:
+                tracker.grid("class_samples", grids.class_rows(model, size, conds, n, seed), step)
+        tracker.flush()
+        prior.train(was_training)
+
+    def finish(self, trainer) -> None:
+        pass
+
+
+def prior_sampler(prior_path: str | Path, *, ema: bool = False, device="cpu", temperature: float = 1.0,
+                  top_k: int = 0) -> tuple[VQWithPrior, Config, Path]:
+    """A prior run (or checkpoint, or export) and its VQ model as one model that samples images."""
+    from harness.inference import load_model
+
+    prior, cfg, folder = load_model(prior_path, ema=ema, device=device)
+    if cfg.model.kind != "prior":
+        raise ConfigError(f"{prior_path}: a model.kind={cfg.model.kind} model, not a prior")
+    vq = frozen_vq(cfg.model.prior_vq, device)[0]
+    return VQWithPrior(vq, prior, temperature=temperature, top_k=top_k), cfg, folder
+
+
 def make_task(cfg: Config, device: torch.device):
     """The task the model kind's class asks for (`task` attribute; autoencoders have none)."""
     task = getattr(model_class(cfg.model.kind), "task", "autoencoder")
     if task == "autoencoder":
         return AutoencoderTask(cfg, device)
+    if task == "prior":
+        return PriorTask(cfg, device)
     return ClassifierTask(cfg, device, labels={"classifier": "cls", "rotation": "rotation"}[task])

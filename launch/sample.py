@@ -5,9 +5,12 @@
     python launch/sample.py runs/demo interpolate --data data/demo --rows 4 --steps 10 --out interp.png
     python launch/sample.py runs/cond classes --rows 10 --n 8 --out classes.png
     python launch/sample.py runs/cond sample --cls 3 --n 8                  # one class
+    python launch/sample.py runs/vq_prior sample --temperature 0.9 --top-k 50  # a VQ model's prior run
 
 MODEL is a run folder (newest checkpoint), a checkpoint folder or an exported folder. `--ema` uses
 the EMA weights. Output: one PNG grid (inputs above reconstructions for `reconstruct`).
+A VQ/FSQ model samples through a prior trained on its codes (launch/configs/vq_prior.yaml): give the
+prior's run; its VQ model is read from the prior's `model.prior_vq`.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from harness import grids  # noqa: E402
+from harness.config import ConfigError  # noqa: E402
 from harness.data import fixed_batch, to_model_input  # noqa: E402
 from harness.inference import LoadError, load_model  # noqa: E402
+from harness.tasks import prior_sampler  # noqa: E402
 from harness.tracking import make_grid, save_png  # noqa: E402
 from models import NoPriorError  # noqa: E402
 from shards.sources import DataSourceError  # noqa: E402
@@ -43,12 +48,44 @@ def parse_args(argv):
     p.add_argument("--image-size", type=int, default=None, help="default: the training data.image_size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="a VQ prior run: softmax temperature of each code draw (default 1; 0 = most likely code)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="a VQ prior run: draw each code among the k most likely (default 0 = all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
 
-def run(args) -> Path:
+def load(args):
+    """The model to sample from: a prior run comes with its VQ model, as one model that samples."""
     model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device)
+    if cfg.model.kind == "prior":
+        temperature, top_k = 1.0 if args.temperature is None else args.temperature, args.top_k or 0
+        if temperature < 0 or top_k < 0:
+            raise SystemExit(f"error: --temperature ({temperature}) and --top-k ({top_k}) must be >= 0")
+        if args.image_size and args.image_size != cfg.data.image_size:
+            raise SystemExit(f"error: --image-size: the prior models the code grid at {cfg.data.image_size} px "
+                             f"(its data.image_size); leave it out")
+        model, cfg, folder = prior_sampler(args.model, ema=args.ema, device=args.device, temperature=temperature,
+                                           top_k=top_k)
+    elif args.temperature is not None or args.top_k is not None:
+        raise SystemExit(f"error: --temperature/--top-k apply to a prior run (model.kind=prior); {args.model} is a "
+                         f"model.kind={cfg.model.kind} model")
+    return model, cfg, folder
+
+
+def no_prior_hint(args, error: NoPriorError) -> str:
+    """What to do when a VQ/FSQ model is asked for samples: train a prior over its codes."""
+    cfg = load_model(args.model, device="cpu")[1]
+    if cfg.model.kind not in ("vq", "fsq"):
+        return str(error)
+    return (f"{args.model}: a model.kind={cfg.model.kind} run samples through a prior over its codes; train one: "
+            f"python launch/train.py --config launch/configs/vq_prior.yaml model.prior_vq={args.model} "
+            f"data.train=SHARDS data.image_size={cfg.data.image_size} run.dir=runs/prior, then sample from runs/prior")
+
+
+def run(args) -> Path:
+    model, cfg, folder = load(args)
     size = args.image_size or cfg.data.image_size
     out = Path(args.out or f"{args.mode}.png")
     cond_key = {"class": "cls", "multilabel": "labels"}.get(model.condition)
@@ -85,7 +122,10 @@ def main(argv=None) -> int:
     try:
         with torch.no_grad():
             run(args)
-    except (LoadError, DataSourceError, NoPriorError) as e:
+    except NoPriorError as e:
+        print(f"error: {no_prior_hint(args, e)}", file=sys.stderr)
+        return 2
+    except (LoadError, DataSourceError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -19,6 +19,7 @@ from torch import nn
 from models.autoencoder_kl import AutoencoderKL
 from models.base import ModelConfigError
 from models.classifier import Classifier, RotationClassifier
+from models.prior import CodePrior
 from models.vqvae import VQAutoencoder
 
 _KINDS: dict[str, type[nn.Module]] = {}
@@ -77,3 +78,4 @@ register("vq", VQAutoencoder)
 register("fsq", VQAutoencoder)
 register("classifier", Classifier)
 register("rotnet", RotationClassifier)
+register("prior", CodePrior)
