@@ -17,21 +17,24 @@ Why it looks like this:
   IterableDataset, and we already split by rank here.
 - Images leave the workers as uint8 `b h w c` (4x less to copy between processes than float32);
   `to_model_input` makes the `b c h w` float in [-1, 1] on the training device.
-- Bad samples (corrupt image, truncated tar, missing image) are skipped and counted in the worker;
-  counts ride along in each batch so the trainer can log them and stop when too many are bad.
-  Programming errors (TypeError, AttributeError, ...) are re-raised, never swallowed. Pickle is
-  never decoded: only image, `cls`, `json` and `txt` fields are read.
+- Bad samples (anything the data does wrong: see shards/decode.py for the one boundary between bad
+  data and bugs) travel as BadSample records: the tar reader emits one for a shard that breaks off
+  or is empty, the decoder one for a sample that does not decode. They are counted in the worker
+  and ride along in each batch, so the trainer can log them and stop when too many are bad; a
+  stream with nothing readable stops with DataStalledError instead of spinning. Bugs propagate.
+  Pickle is never decoded: only image, `cls`, `json` and `txt` fields are read.
+- Bad samples do not shift the stream: batch j is made from the raw positions [j*B, (j+1)*B) of
+  its slot, a bad one replaced by a good one of the same window (ShardStream._epoch), so a resume
+  skips raw items by count, before decoding, and still replays exactly.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import random
 import signal
-import tarfile
 import threading
+from collections import deque
 from dataclasses import dataclass
 from itertools import count, islice
 
@@ -39,64 +42,21 @@ import numpy as np
 import torch
 import webdataset as wds
 from einops import rearrange
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import make_seed
 
 from harness import tario
-from shards.images import to_rgb
+from shards.decode import BadSample, DecodeSpec, guarded
 from shards.sources import DataSourceError, ShardSource, resolve_sources
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-# Errors that mean "this sample / shard is bad": skip and count. Anything else is a bug: raise.
-DATA_ERRORS = (OSError, EOFError, tarfile.TarError, KeyError, ValueError, Image.DecompressionBombError, SyntaxError)
-
 # ---------------------------------------------------------------------------------------------
-# Decoding one sample (runs in the workers)
+# Decoding one sample (runs in the workers): shards/decode.py, shared with `shards verify`
 # ---------------------------------------------------------------------------------------------
 
 
-def load_image(data: bytes, size: int, crop: str, hflip: bool, rng: random.Random) -> np.ndarray:
-    """Decode, square-crop (random or center), resize to `size`, maybe flip -> uint8 `h w c`."""
-    img = Image.open(io.BytesIO(data))
-    img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale still >= size (much faster)
-    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image that is already upright
-    img = to_rgb(img)  # the shard builders' conversion: img2dataset's or anyone's shards decode the same way
-    w, h = img.size
-    side = min(w, h)
-    if crop == "random":
-        x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
-    else:
-        x0, y0 = (w - side) // 2, (h - side) // 2
-    img = img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side))
-    if hflip and rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(img, dtype=np.uint8)
-
-
-@dataclass
-class SampleDecoder:
-    image_size: int
-    crop: str = "random"
-    hflip: bool = False
-    num_labels: int = 0
-
-    def __call__(self, sample: dict, rng: random.Random) -> dict:
-        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        if data is None:
-            raise KeyError(f"sample {sample.get('__key__')!r} has no image ({', '.join(IMAGE_KEYS)})")
-        out = {
-            "image": load_image(data, self.image_size, self.crop, self.hflip, rng),
-            "key": sample["__key__"],
-            "cls": int(sample["cls"]) if "cls" in sample else -1,
-        }
-        if self.num_labels:
-            labels = np.zeros(self.num_labels, dtype=np.float32)
-            if "json" in sample:
-                idx = json.loads(sample["json"]).get("labels", [])
-                labels[[i for i in idx if 0 <= i < self.num_labels]] = 1.0
-            out["labels"] = labels
-        return out
+def decode(item: dict | BadSample, spec: DecodeSpec, rng: random.Random) -> dict | BadSample:
+    """A raw item of the stream (a sample, or the reader's BadSample) -> a decoded sample or a BadSample."""
+    return item if isinstance(item, BadSample) else guarded(item, spec, rng)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -143,30 +103,63 @@ class DataStalledError(DataSourceError):
         super().__init__(msg)
 
 
-class BadSampleCounter:
-    """A webdataset exception handler that counts data errors and re-raises bugs.
+class BadCounter:
+    """The bad samples of one stream: how many, the last one, and how many in a row.
 
     A stream in which nothing can be read would otherwise skip forever (resampled shards never
     run out) without producing the batch that carries its bad count to the trainer: after
-    BAD_IN_A_ROW_LIMIT failures with no good sample between them it stops with DataStalledError."""
+    BAD_IN_A_ROW_LIMIT bad items (samples, or reads of an empty or unreadable shard) with no good
+    sample between them it stops with DataStalledError."""
 
     def __init__(self):
         self.bad = 0
         self.in_a_row = 0
         self.last_error = ""
 
-    def __call__(self, exn: Exception) -> bool:
-        if (not isinstance(exn, DATA_ERRORS) or isinstance(exn, (NotImplementedError, RecursionError))
-                or isinstance(exn, DataStalledError)):
-            raise exn
-        self.bad += 1
+    def see(self, out: dict | BadSample) -> None:
+        """Every item of the stream, once, in order: the stall check."""
+        if not isinstance(out, BadSample):
+            self.in_a_row = 0
+            return
         self.in_a_row += 1
-        self.last_error = f"{type(exn).__name__}: {exn}"[:300]
         if self.in_a_row >= BAD_IN_A_ROW_LIMIT:
             raise DataStalledError(f"data: {self.in_a_row} samples or shards in a row could not be read (last: "
-                                   f"{self.last_error.splitlines()[0] if self.last_error else '?'}); check them with "
-                                   "`python -m shards verify DIR`")
-        return True  # continue with the next sample / shard
+                                   f"{out}); check them with `python -m shards verify DIR`")
+
+    def count(self, bad: BadSample) -> None:
+        self.bad += 1
+        self.last_error = str(bad)
+
+
+class _Positions:
+    """A slot's raw stream decoded position by position, each exactly once and in order.
+
+    A window that holds no good sample looks ahead for one (`peek_good`); what it decoded there
+    stays queued for the windows that follow, so every position is still decoded once, with the
+    crop randomness of its own index."""
+
+    def __init__(self, raw, first_index: int, spec: DecodeSpec, seed: int, counter: BadCounter):
+        self.raw, self.index, self.spec, self.seed, self.counter = raw, first_index, spec, seed, counter
+        self.ahead: deque = deque()
+
+    def _decode_next(self) -> dict | BadSample:
+        self.index += 1
+        out = decode(next(self.raw), self.spec, random.Random(make_seed(self.seed, self.index)))
+        self.counter.see(out)
+        return out
+
+    def take(self) -> dict | BadSample:
+        return self.ahead.popleft() if self.ahead else self._decode_next()
+
+    def peek_good(self) -> dict:
+        for out in self.ahead:
+            if not isinstance(out, BadSample):
+                return out
+        while True:
+            out = self._decode_next()
+            self.ahead.append(out)
+            if not isinstance(out, BadSample):
+                return out
 
 
 def _mix(streams: list, weights: list[float], rng: random.Random):
@@ -184,7 +177,7 @@ class ShardStream(IterableDataset):
     """One epoch of batches for this rank; see the module docstring."""
 
     def __init__(self, sources: list[ShardSource], *, rank: int, world_size: int, batch_size: int,
-                 decoder: SampleDecoder, shuffle_buffer: int, seed: int, batches_per_epoch: int):
+                 decoder: DecodeSpec, shuffle_buffer: int, seed: int, batches_per_epoch: int):
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.decoder = batch_size, decoder
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -197,11 +190,12 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip_batches = epoch, skip_batches
 
-    def _raw_samples(self, urls: list[str], seed: int, handler):
-        """Infinite resampled raw samples from `urls` (webdataset's ResampledShards + tar reader)."""
+    def _raw_samples(self, urls: list[str], seed: int):
+        """Infinite resampled raw items from `urls`: samples, and a BadSample for each shard read that
+        breaks off or holds nothing (webdataset's ResampledShards + our tar reader)."""
         stages = [
             wds.ResampledShards(urls, worker_seed=lambda: seed, deterministic=True),
-            tario.tarfile_to_samples(handler=handler),  # webdataset's, with a faster header parser
+            tario.tarfile_to_samples(),
         ]
         if self.sample_split:
             stages.append(wds.pipelinefilter(_take_every)(self.rank, self.world_size))
@@ -220,39 +214,38 @@ class ShardStream(IterableDataset):
         slot = (k + worker) % num_workers
         per_epoch = self.batches_per_epoch // num_workers  # this slot's batches in one epoch
         already = len(range(slot, k, num_workers))  # ... of which consumed before the start
-        handler = BadSampleCounter()
+        counter = BadCounter()
         for epoch in count(self.epoch):
-            yield from self._epoch(epoch, slot, per_epoch - already, already, handler)
+            yield from self._epoch(epoch, slot, per_epoch - already, already, counter)
             already = 0
 
-    def _epoch(self, epoch: int, slot: int, todo: int, already: int, handler: BadSampleCounter):
+    def _epoch(self, epoch: int, slot: int, todo: int, already: int, counter: BadCounter):
+        """This slot's batches `already` .. `already + todo` of one epoch.
+
+        Batch j is made from the raw positions [j*B, (j+1)*B) of the slot's stream, whatever they
+        hold: a bad one is replaced by a good sample of the same window (repeated in turn; an
+        all-bad window takes the next good sample after it). So batch j starts at position j*B even
+        after bad samples, and a resume skips already*B raw items without decoding any: exact."""
         seed = make_seed(self.seed, epoch, self.rank, slot)
-        streams = [self._raw_samples(urls, make_seed(seed, i), handler) for i, (urls, _) in enumerate(self.parts)]
+        streams = [self._raw_samples(urls, make_seed(seed, i)) for i, (urls, _) in enumerate(self.parts)]
         weights = [w for _, w in self.parts]
         raw = streams[0] if len(streams) == 1 else _mix(streams, weights, random.Random(seed))
         if self.shuffle_buffer > 0:
-            raw = wds.filters._shuffle(raw, self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed + 1))
+            raw = wds.filters._shuffle(raw, self.shuffle_buffer, initial=self.shuffle_buffer,
+                                       rng=random.Random(seed + 1))
         raw = islice(raw, already * self.batch_size, None)  # resume: skip without decoding
-
-        index = already * self.batch_size
-        batch, reported = [], handler.bad
-        for sample in raw:
-            if todo <= 0:
-                return
-            index += 1
-            try:
-                batch.append(self.decoder(sample, random.Random(make_seed(seed, index))))
-            except Exception as exn:  # noqa: BLE001 - the handler re-raises anything that is not a data error
-                handler(exn)
-                continue
-            handler.in_a_row = 0
-            if len(batch) == self.batch_size:
-                out = collate(batch)
-                out["bad"] = handler.bad - reported
-                out["bad_error"] = handler.last_error
-                reported = handler.bad
-                yield out
-                batch, todo = [], todo - 1
+        positions = _Positions(raw, already * self.batch_size, self.decoder, seed, counter)
+        for _ in range(todo):
+            window = [positions.take() for _ in range(self.batch_size)]
+            good = [s for s in window if not isinstance(s, BadSample)]
+            bad = [s for s in window if isinstance(s, BadSample)]
+            for b in bad:
+                counter.count(b)
+            fill = good or [positions.peek_good()]
+            out = collate(good + [fill[i % len(fill)] for i in range(len(bad))])
+            out["bad"] = len(bad)
+            out["bad_error"] = str(bad[-1]) if bad else ""
+            yield out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +264,10 @@ class DataInfo:
 class TrainLoader:
     """Infinite batches for one rank, replayable from any global batch index."""
 
-    def __init__(self, cfg, *, rank: int, world_size: int, batch_size: int, pin_memory: bool = False):
+    def __init__(self, cfg, *, rank: int, world_size: int, batch_size: int, pin_memory: bool = False,
+                 num_classes: int = 0):
+        """num_classes: the model's classes when it is class-conditional (0 = not): a sample without
+        `cls` or with one outside them is bad here, on the CPU, never an index error in the model."""
         sources = resolve_sources(cfg.train, cfg.num_samples)
         total = sum(s.num_samples for s in sources)
         first = sources[0]
@@ -283,9 +279,11 @@ class TrainLoader:
         if self.batches_per_epoch < 1:
             raise DataSourceError(f"data.epoch_samples: {epoch_samples} samples make less than one batch per rank "
                                   f"and worker ({world_size} ranks x {batch_size} x {slots} workers)")
-        decoder = SampleDecoder(cfg.image_size, cfg.crop, cfg.hflip, num_labels=len(first.label_names))
+        decoder = DecodeSpec(cfg.image_size, cfg.crop, cfg.hflip, num_classes=num_classes or len(first.classes),
+                             need_cls=num_classes > 0, num_labels=len(first.label_names), max_pixels=cfg.max_pixels)
         self.dataset = ShardStream(sources, rank=rank, world_size=world_size, batch_size=batch_size, decoder=decoder,
-                                   shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, batches_per_epoch=self.batches_per_epoch)
+                                   shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                                   batches_per_epoch=self.batches_per_epoch)
         self.num_workers, self.pin_memory = cfg.num_workers, pin_memory
 
     @property
@@ -299,7 +297,8 @@ class TrainLoader:
         # Its own generator: creating the iterator must not draw from the global torch RNG, which
         # the model uses (posterior noise) and a resume restores.
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.num_workers else None, generator=torch.Generator().manual_seed(start),
+                            prefetch_factor=4 if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(start),
                             worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         yield from loader
 
@@ -327,59 +326,71 @@ def _drop_stop_signals(parent: int, stop: set) -> None:
 def fixed_batch(spec, n: int, image_size: int) -> dict | None:
     """The first `n` samples of a source, center-cropped: the fixed inputs of reconstruction grids."""
     sources = resolve_sources(spec, require_count=False)
-    decoder = SampleDecoder(image_size, "center", False, num_labels=len(sources[0].label_names))
-    handler = BadSampleCounter()
+    decoder = DecodeSpec(image_size, num_labels=len(sources[0].label_names))
     samples = []
-    pipeline = wds.DataPipeline(wds.SimpleShardList(sources[0].urls), wds.tarfile_to_samples(handler=handler))
-    for sample in pipeline:
-        try:
-            samples.append(decoder(sample, random.Random(0)))
-        except Exception as exn:  # noqa: BLE001
-            handler(exn)
+    for item in wds.DataPipeline(wds.SimpleShardList(sources[0].urls), tario.tarfile_to_samples()):
+        out = decode(item, decoder, random.Random(0))
+        if not isinstance(out, BadSample):
+            samples.append(out)
         if len(samples) == n:
             break
     return collate(samples) if samples else None
 
 
 class EvalStream(IterableDataset):
-    """Every sample of some shards exactly once, center-cropped, shards split over workers."""
+    """Every sample of some shards exactly once, center-cropped, shards split over workers.
 
-    def __init__(self, urls: list[str], decoder: SampleDecoder, batch_size: int, max_samples: int = 0):
+    Split over ranks (`world_size` > 1, one worker): the samples are read in shard order and
+    sample i goes to rank i % world_size, so the ranks together see the same `max_samples` samples
+    as one process does (validation on 2 ranks equals validation on 1)."""
+
+    def __init__(self, urls: list[str], decoder: DecodeSpec, batch_size: int, max_samples: int = 0,
+                 rank: int = 0, world_size: int = 1):
         self.urls, self.decoder, self.batch_size, self.max_samples = urls, decoder, batch_size, max_samples
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        handler = BadSampleCounter()
+        bad = 0
         urls = self.urls[worker::num_workers]
-        samples = wds.DataPipeline(wds.SimpleShardList(urls), tario.tarfile_to_samples(handler=handler))
+        samples = wds.DataPipeline(wds.SimpleShardList(urls), tario.tarfile_to_samples())
+        if self.world_size > 1:  # eval_batches reads with at most one worker then: the order is global
+            mine = self.max_samples // self.world_size + (self.rank < self.max_samples % self.world_size)
+            samples = islice(samples, self.rank, self.max_samples or None, self.world_size)
+            num_workers, worker, max_samples = 1, 0, mine if self.max_samples else 0
+        else:
+            max_samples = self.max_samples
         rng = random.Random(0)
         # max_samples split over workers with the remainder to the first ones (0 = every sample)
-        limit = self.max_samples // num_workers + (worker < self.max_samples % num_workers) if self.max_samples else -1
+        limit = max_samples // num_workers + (worker < max_samples % num_workers) if max_samples else -1
         if limit == 0:
             return
         batch, seen, reported = [], 0, 0
         for sample in samples:
-            try:
-                batch.append(self.decoder(sample, rng))
-            except Exception as exn:  # noqa: BLE001
-                handler(exn)
+            out = decode(sample, self.decoder, rng)
+            if isinstance(out, BadSample):
+                bad += 1
                 continue
+            batch.append(out)
             seen += 1
             if len(batch) == self.batch_size or seen == limit:
-                yield {**collate(batch), "bad": handler.bad - reported}
-                batch, reported = [], handler.bad
+                yield {**collate(batch), "bad": bad - reported}
+                batch, reported = [], bad
             if seen == limit:
                 return
-        if batch or handler.bad > reported:  # the tail, or the bad-sample count alone
-            yield {**(collate(batch) if batch else {"image": None}), "bad": handler.bad - reported}
+        if batch or bad > reported:  # the tail, or the bad-sample count alone
+            yield {**(collate(batch) if batch else {"image": None}), "bad": bad - reported}
 
 
-def eval_batches(spec, *, image_size: int, batch_size: int, num_workers: int = 0, max_samples: int = 0):
-    """Batches over every sample of `spec` once (no resampling, no shuffling): for evaluation."""
+def eval_batches(spec, *, image_size: int, batch_size: int, num_workers: int = 0, max_samples: int = 0,
+                 rank: int = 0, world_size: int = 1):
+    """Batches over every sample of `spec` once (no resampling, no shuffling): for evaluation.
+    With `world_size` > 1, this rank's share of the first `max_samples` (see EvalStream)."""
     sources = resolve_sources(spec, require_count=False)
     urls = [u for s in sources for u in s.urls]
-    decoder = SampleDecoder(image_size, "center", False, num_labels=len(sources[0].label_names))
-    workers = min(num_workers, len(urls))
-    loader = DataLoader(EvalStream(urls, decoder, batch_size, max_samples), batch_size=None, num_workers=workers)
+    decoder = DecodeSpec(image_size, num_labels=len(sources[0].label_names))
+    workers = min(num_workers, len(urls), 1 if world_size > 1 else num_workers)
+    stream = EvalStream(urls, decoder, batch_size, max_samples, rank=rank, world_size=world_size)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
     return loader, sources

@@ -87,7 +87,8 @@ class Trainer:
         self.task = make_task(cfg, self.device)
         # Not passed through accelerator.prepare(): the loader already splits shards by rank.
         self.loader = TrainLoader(cfg.data, rank=self.world.rank, world_size=self.world.world_size,
-                                  batch_size=cfg.train.batch_size, pin_memory=self.device.type == "cuda")
+                                  batch_size=cfg.train.batch_size, pin_memory=self.device.type == "cuda",
+                                  num_classes=cfg.model.num_classes if cfg.model.condition == "class" else 0)
         self.task.check_data(self.loader.info)
         self.log = RankLogger(self.world.is_main, self.run_dir / "train.log")
         self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.accelerator, self.world.is_main,

@@ -53,7 +53,7 @@ def _raw_images(spec: str, limit: int) -> list[bytes]:
 def _decode_chunk(args) -> int:
     import random
 
-    from harness.data import load_image
+    from shards.decode import load_image
 
     images, size = args
     rng = random.Random(0)

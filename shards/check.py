@@ -9,9 +9,9 @@ base name form one sample, extensions lower-cased.
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing
 import os
+import random
 import re
 import statistics
 import sys
@@ -19,8 +19,10 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
+from shards.decode import MAX_PIXELS, BadData, BadSample, DecodeSpec, guarded, is_data_error, one_line
 from shards.index import read_index
 from shards.sources import resolve_sources
 
@@ -29,7 +31,7 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_e
 
 
 def iter_samples(url: str):
-    """Samples of one tar as dicts {"__key__": ..., ext: bytes}. Raises tarfile/OSError on a broken tar.
+    """Samples of one tar as dicts {"__key__": ..., ext: bytes}. Raises tarfile/OSError/BadData on a broken tar.
 
     Unlike a plain tarfile loop (and webdataset, which stops quietly at a cut), a shard that ends
     without tar's end-of-archive blocks is reported as truncated.
@@ -54,7 +56,7 @@ def iter_samples(url: str):
             f.seek(end)
             tail = f.read(1024)
             if len(tail) < 1024 or tail.strip(b"\0"):
-                raise tarfile.ReadError(f"truncated: no end-of-archive marker after byte {end}")
+                raise BadData(f"truncated: no end-of-archive marker after byte {end}")
     if current is not None:
         yield current
 
@@ -87,64 +89,51 @@ def _load(target: str):
 # verify
 
 
+VERIFY_SIZE = 32  # decode size: whether a sample decodes does not depend on it, the time does
+
+
 def _verify_shard(job) -> dict:
-    url, n_classes, n_labels, strict = job
+    """Every sample of one shard through the training loader's own decoder (shards/decode.py):
+    what it would skip is a problem here, with the same reason; plus what only a check can see."""
+    url, n_classes, n_labels, strict, max_pixels = job
     res = {"url": url, "n": 0, "cls": Counter(), "labels": Counter(), "bad": [], "keys": [], "not_rgb": 0}
     name = os.path.basename(url)
+    spec = DecodeSpec(VERIFY_SIZE, num_classes=n_classes, need_cls=n_classes > 0, num_labels=n_labels,
+                      max_pixels=max_pixels)
     try:
         for sample in iter_samples(url):
             key = sample["__key__"]
             res["n"] += 1
             res["keys"].append(key)
-            problems = []
+            out = guarded(sample, spec, random.Random(0))
+            if isinstance(out, BadSample):
+                res["bad"].append(f"{name} {key}: {out.reason}")
+                continue
+            if out["cls"] >= 0:
+                res["cls"][out["cls"]] += 1
+            if "labels" in out:
+                res["labels"].update(int(j) for j in np.flatnonzero(out["labels"]))
             ext, data = _image_of(sample)
-            if ext is None:
-                problems.append(f"no image ({', '.join(sorted(k for k in sample if k != '__key__')) or 'empty'})")
-            else:
-                try:
-                    with Image.open(io.BytesIO(data)) as im:
-                        im.load()
-                        if im.mode != "RGB":
-                            res["not_rgb"] += 1
-                            if strict:
-                                problems.append(f"image mode {im.mode}, not RGB")
-                except Exception as e:  # any decoder failure is a finding here, not a crash
-                    problems.append(f"{ext} does not decode: {' '.join(str(e).split())}")
-            if "cls" in sample:
-                try:
-                    c = int(sample["cls"].decode().strip())
-                    if n_classes and not 0 <= c < n_classes:
-                        problems.append(f"cls {c} outside 0..{n_classes - 1}")
-                    else:
-                        res["cls"][c] += 1
-                except (ValueError, UnicodeDecodeError):
-                    problems.append(f"cls is not an integer: {sample['cls'][:20]!r}")
-            elif n_classes:
-                problems.append("no cls, but the index has classes")
-            meta = None
-            if "json" in sample:
-                try:
-                    meta = json.loads(sample["json"])
-                except (ValueError, UnicodeDecodeError) as e:
-                    problems.append(f"json does not parse: {e}")
-            if n_labels:
-                labels = meta.get("labels") if isinstance(meta, dict) else None
-                if not isinstance(labels, list) or not all(isinstance(j, int) for j in labels):
-                    problems.append("no json.labels list, but the index has label_names")
-                elif any(not 0 <= j < n_labels for j in labels):
-                    problems.append(f"json.labels {labels} outside 0..{n_labels - 1}")
-                else:
-                    res["labels"].update(labels)
-            if "txt" in sample:
-                try:
-                    sample["txt"].decode("utf-8")
-                except UnicodeDecodeError:
-                    problems.append("txt is not UTF-8")
-            for p in problems:
-                res["bad"].append(f"{name} {key}: {p}")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        res["bad"].append(f"{name}: broken tar after {res['n']} samples: {' '.join(str(e).split())}")
+            with Image.open(io.BytesIO(data)) as im:  # decoded above: only the header is read here
+                if im.mode != "RGB":
+                    res["not_rgb"] += 1
+                    if strict:
+                        res["bad"].append(f"{name} {key}: image mode {im.mode}, not RGB")
+            if "txt" in sample and not _is_utf8(sample["txt"]):
+                res["bad"].append(f"{name} {key}: txt is not UTF-8")
+    except Exception as e:  # the loader's boundary: what the data does wrong is a finding, a bug raises
+        if not is_data_error(e):
+            raise
+        res["bad"].append(f"{name}: broken tar after {res['n']} samples: {one_line(e)}")
     return res
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _columns(pairs: list[str], width: int = 100) -> str:
@@ -159,12 +148,13 @@ def _columns(pairs: list[str], width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def verify(target: str, workers: int = 1, max_listed: int = 50, out=None) -> int:
-    """Read every sample; print counts and problems. Returns the number of problems (0 = all good)."""
+def verify(target: str, workers: int = 1, max_listed: int = 50, out=None, max_pixels: int = MAX_PIXELS) -> int:
+    """Read every sample; print counts and problems. Returns the number of problems (0 = all good).
+    max_pixels: as the loader's data.max_pixels (0 = no limit)."""
     out = out or sys.stdout
     urls, expected, index, sources = _load(target)
     classes, label_names = _label_names(index, sources)
-    jobs = [(u, len(classes), len(label_names), index is not None) for u in urls]
+    jobs = [(u, len(classes), len(label_names), index is not None, max_pixels) for u in urls]
     if workers > 1 and len(jobs) > 1:
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         with ctx.Pool(min(workers, len(jobs))) as pool:

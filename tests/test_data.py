@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+from shardgen import image_bytes, make_shards
 
 from harness.config import DataConfig
-from harness.data import TrainLoader, load_image, to_model_input
+from harness.data import TrainLoader, to_model_input
+from shards.decode import load_image
 from shards.images import to_rgb
-from shards.sources import DataSourceError, resolve_sources
-from shardgen import image_bytes, make_shards
 from shards.index import write_index
+from shards.sources import DataSourceError, resolve_sources
 
 
 def keys_of(loader, n, start=0):
@@ -104,12 +105,12 @@ def test_corrupt_image_and_truncated_tar_are_skipped_and_counted(tmp_path):
 
 
 def test_programming_errors_are_not_swallowed(shards, monkeypatch):
-    import harness.data as data
+    import shards.decode as decode
 
     def broken(*args, **kwargs):
         raise TypeError("a bug, not bad data")
 
-    monkeypatch.setattr(data, "load_image", broken)
+    monkeypatch.setattr(decode, "load_image", broken)
     loader = TrainLoader(cfg(shards), rank=0, world_size=1, batch_size=4)
     with pytest.raises(TypeError, match="a bug"):
         next(loader.batches())
@@ -195,7 +196,8 @@ loader = TrainLoader(DataConfig(train={shards!r}, image_size=32, num_workers=2, 
                      rank=0, world_size=1, batch_size=4)
 it = loader.batches()
 next(it)
-workers = [int(p) for t in os.listdir("/proc/self/task") for p in open(f"/proc/self/task/{{t}}/children").read().split()]
+tasks = os.listdir("/proc/self/task")
+workers = [int(p) for t in tasks for p in open(f"/proc/self/task/{{t}}/children").read().split()]
 print("workers", *workers, flush=True)
 for w in workers:  # what SLURM does: a signal to every process, sent by someone other than the parent
     subprocess.run(["kill", "-TERM", str(w)], check=True)

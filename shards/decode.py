@@ -1,0 +1,192 @@
+"""One sample's bytes -> a training sample, and the one boundary between bad data and bugs.
+
+The training loader (harness/data.py), evaluation and `python -m shards verify` all call
+`decode_sample` through `guarded`, so what the loader would skip is exactly what verify reports.
+
+The boundary (`is_data_error`), defined here once and applied at two places only (the tar reader,
+per shard, and `guarded`, per sample):
+- `BadData`: one of our parsers rejected a value (a `cls` that is no integer or outside the
+  model's classes, malformed multi-label `json`, an image over `data.max_pixels`, a tar header
+  whose size runs past the end of the shard ...);
+- `OSError`: the storage did not deliver the bytes;
+- anything raised *inside a library* while it read the bytes (PIL's EXIF parser raising
+  `struct.error`, zlib, json, webdataset's openers ...), whatever its type.
+An exception raised by a line of this repository's own code is a bug and propagates: our own
+parsing of untrusted values therefore checks explicitly and raises `BadData`, never relies on a
+builtin's ValueError. No list of exception types to grow: a library may fail on hostile bytes in
+any way it likes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from shards.images import to_rgb
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MAX_PIXELS = 64_000_000  # default pixel limit (data.max_pixels, `shards verify --max-pixels`)
+# Our own code: a venv inside the checkout must not make PIL "ours".
+_OURS = tuple(f"{Path(__file__).resolve().parents[1] / p}/" for p in ("models", "shards", "harness", "launch", "tests"))
+_INT = re.compile(rb"\s*-?[0-9]{1,18}\s*")
+
+
+class BadData(ValueError):
+    """The data, not our code, is wrong: a one-line reason."""
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A sample (or the rest of a shard) that could not be read: what the stream carries instead."""
+
+    key: str  # "" when the problem is the shard itself (empty, unreadable from the start)
+    shard: str
+    reason: str  # one line
+
+    def __str__(self) -> str:
+        where = f"{Path(self.shard).name} {self.key}".strip() if self.shard else self.key
+        return f"{where}: {self.reason}"
+
+
+def is_data_error(exn: BaseException) -> bool:
+    """True when `exn` is the data's fault (see the module docstring), False for a bug of ours."""
+    if isinstance(exn, (BadData, OSError)):
+        return True
+    if not isinstance(exn, Exception):
+        return False  # KeyboardInterrupt, SystemExit, GeneratorExit
+    tb = exn.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and not tb.tb_frame.f_code.co_filename.startswith(_OURS)
+
+
+def one_line(exn: BaseException, limit: int = 200) -> str:
+    """The reason of a bad sample: our own message as it is, a library's with its exception type."""
+    text = " ".join(str(exn).split())
+    what = getattr(exn, "__notes__", None)
+    if not isinstance(exn, BadData):
+        kind = type(exn).__qualname__ if type(exn).__module__ == "builtins" else \
+            f"{type(exn).__module__}.{type(exn).__qualname__}"  # struct.error, not "error"
+        text = f"{kind}: {text}" if text else kind
+        text = f"{what[-1]}: {text}" if what else text
+    return text[:limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder
+# ---------------------------------------------------------------------------------------------
+
+
+def load_image(data: bytes, size: int, crop: str, hflip: bool, rng: random.Random, max_pixels: int = MAX_PIXELS
+               ) -> np.ndarray:
+    """Decode, square-crop (random or center), resize to `size`, maybe flip -> uint8 `h w c`."""
+    img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before any pixel
+    w, h = img.size
+    if max_pixels and w * h > max_pixels:
+        raise BadData(f"image {w}x{h} has {w * h / 1e6:.0f} megapixels, over data.max_pixels={max_pixels}")
+    img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale still >= size (much faster)
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image that is already upright
+    img.load()  # every pixel decoded here, inside PIL: a corrupt stream fails as a library error
+    img = to_rgb(img)  # the shard builders' conversion: img2dataset's or anyone's shards decode the same way
+    w, h = img.size
+    side = min(w, h)
+    if crop == "random":
+        x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
+    else:
+        x0, y0 = (w - side) // 2, (h - side) // 2
+    img = img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side))
+    if hflip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def parse_cls(raw: bytes, num_classes: int) -> int:
+    """A `cls` field: an integer, inside 0..num_classes-1 when num_classes is known."""
+    if not _INT.fullmatch(raw):
+        raise BadData(f"cls {raw[:20]!r} is not an integer")
+    c = int(raw)
+    if num_classes and not 0 <= c < num_classes:
+        raise BadData(f"cls {c} outside 0..{num_classes - 1} (the classes of the model or the index)")
+    return c
+
+
+def parse_labels(raw: bytes | None, num_labels: int) -> np.ndarray:
+    """Multi-hot labels from a `json` field {"labels": [i, ...]}, every i inside 0..num_labels-1."""
+    if raw is None:
+        raise BadData(f"no json, but the shards have {num_labels} label names")
+    with _reading("json does not parse"):
+        meta = json.loads(raw)
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(labels, list) or not all(type(i) is int for i in labels):
+        raise BadData("json has no labels list of integers")
+    if any(not 0 <= i < num_labels for i in labels):
+        raise BadData(f"json labels {labels[:8]} outside 0..{num_labels - 1}")
+    out = np.zeros(num_labels, dtype=np.float32)
+    out[labels] = 1.0
+    return out
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What decoding one sample needs; the same for the loader, evaluation and verify."""
+
+    image_size: int
+    crop: str = "center"
+    hflip: bool = False
+    num_classes: int = 0  # a cls outside 0..num_classes-1 is bad (0 = not checked)
+    need_cls: bool = False  # a sample without cls is bad (class-conditional models)
+    num_labels: int = 0  # multi-hot length from json labels (0 = no labels)
+    max_pixels: int = MAX_PIXELS  # images with more pixels are bad, checked before decoding (0 = no limit)
+
+
+def decode_sample(sample: dict, spec: DecodeSpec, rng: random.Random) -> dict:
+    """One raw sample -> {"image": uint8 h w c, "key", "cls" (-1 = none)[, "labels"]}; raises on bad data."""
+    ext = next((k for k in IMAGE_KEYS if k in sample), None)
+    if ext is None:
+        found = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "nothing"
+        raise BadData(f"no image ({'/'.join(IMAGE_KEYS)}); has {found}")
+    with _reading(f"{ext} does not decode"):
+        image = load_image(sample[ext], spec.image_size, spec.crop, spec.hflip, rng, spec.max_pixels)
+    if "cls" in sample:
+        cls = parse_cls(sample["cls"], spec.num_classes)
+    elif spec.need_cls:
+        raise BadData("no cls, but the model is class-conditional")
+    else:
+        cls = -1
+    out = {"key": sample["__key__"], "cls": cls}
+    if spec.num_labels:
+        out["labels"] = parse_labels(sample.get("json"), spec.num_labels)
+    elif "json" in sample:
+        with _reading("json does not parse"):
+            json.loads(sample["json"])  # json is never malformed silently
+    out["image"] = image
+    return out
+
+
+@contextmanager
+def _reading(what: str):
+    """Name the field a library failed on ("jpg does not decode: struct.error: ..."); changes nothing
+    else (the exception and where it was raised stay as they are: the boundary reads that)."""
+    try:
+        yield
+    except Exception as exn:
+        exn.add_note(what)
+        raise
+
+
+def guarded(sample: dict, spec: DecodeSpec, rng: random.Random) -> dict | BadSample:
+    """`decode_sample`, with bad data turned into a BadSample; a bug of ours propagates."""
+    try:
+        return decode_sample(sample, spec, rng)
+    except Exception as exn:
+        if not is_data_error(exn):
+            raise
+        return BadSample(str(sample.get("__key__", "")), str(sample.get("__url__", "")), one_line(exn))
