@@ -139,8 +139,6 @@ class DataConfig:
     min_bad_samples: int = F(100, "bad samples tolerated before max_bad_fraction is applied", ge=0)
     max_pixels: int = F(64_000_000, "images with more pixels (width x height, read from the header before "
                                      "decoding) are bad samples (0 = no limit)", ge=0)
-    max_pixels: int = F(64_000_000, "images with more pixels (width x height, read from the header before "
-                                     "decoding) are bad samples (0 = no limit)", ge=0)
 
 
 @dataclass
