@@ -196,3 +196,61 @@ def test_the_discriminator_keeps_its_own_fp16_scaler(config, shards, tmp_path):
     trainer.cfg.train.max_steps = 5
     assert trainer.train() == 0
     assert any(not torch.equal(v, d0[k]) for k, v in hook.module.state_dict().items() if k.endswith("weight"))
+
+
+def test_bf16_trains_with_a_discriminator(config, shards, tmp_path):
+    """accelerate's bf16 autocast for the autoencoder, D under the same autocast with fp32 weights."""
+    run = tmp_path / "run"
+    assert main(args(config, shards, run, "train.mixed_precision=bf16", "loss.disc_weight=0.5", "train.max_steps=4",
+                     "log.every_steps=1", "loss.lecam_weight=0.01")) == 0
+    assert "(NO, bf16)" in (run / "train.log").read_text()
+    d = logged(run, "disc/loss")
+    assert len(d) == 4 and all(v == v for v in d + logged(run, "loss/total"))
+    assert all(v.dtype == torch.float32 for v in disc_state(ckpt.resolve(run, "latest"))["model"].values()
+               if v.is_floating_point())
+
+
+# ------------------------------------------------------------------------------------------ at scale (slow)
+
+GAN = ["loss.disc_weight=0.5", "loss.disc_start=1", "loss.lecam_weight=0.1", "loss.learned_logvar=true",
+       "loss.disc_channels=16", "checkpoint.every_steps=0", "log.every_steps=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_the_gan_resumes_bitwise_in_two_processes(backend, shards, tmp_path):
+    """2-process DDP and DeepSpeed ZeRO-2 (D beside the engine, under torch DDP): 6 steps straight
+    and 3 + 3 with a resume end with the same autoencoder, D, D's Adam moments and LeCAM anchors."""
+    from harness.inference import state_dict_of
+    from test_scale import BACKENDS, train
+
+    # DDP with accumulation (D's own no_sync), ZeRO-2 with GroupNorm
+    extra = ["loss.disc_norm=group"] if backend == "zero2" else ["loss.disc_norm=batch", "train.grad_accum=2"]
+    common = [*GAN, "train.max_steps=6", *extra]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for run, extra in ((straight, []), (split, ["train.stop_after_steps=3"]), (split, ["--resume", "latest"])):
+        r = train(BACKENDS[backend][0], shards, run, *common, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (state_dict_of(ckpt.resolve(r, "latest")) for r in (straight, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the autoencoder differs after resume"
+    da, db = (disc_state(ckpt.resolve(r, "latest")) for r in (straight, split))
+    assert all(torch.equal(da["model"][k], db["model"][k]) for k in da["model"]), "D differs after resume"
+    assert torch.equal(da["lecam_ema"], db["lecam_ema"])
+    moments = lambda s: [v["exp_avg_sq"] for v in s["optimizer"]["state"].values()]  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(moments(da), moments(db), strict=True))
+    assert len(logged(straight, "disc/loss")) == 5  # judged from step 2 (disc_start=1) on
+
+
+@pytest.mark.slow
+def test_zero3_takes_the_adaptive_weight_from_the_partitioned_last_layer(shards, tmp_path):
+    """Under ZeRO-3 the decoder's last layer is partitioned; autograd.grad through the engine's
+    gathering hooks still gives the whole gradient: step 1's adaptive weight equals DDP's."""
+    from test_scale import BACKENDS, train
+
+    weights = {}
+    for backend in ("ddp", "zero3"):
+        run = tmp_path / backend
+        r = train(BACKENDS[backend][0], shards, run, *GAN, "loss.disc_start=0", "train.max_steps=2")
+        assert r.returncode == 0, r.stderr[-3000:]
+        weights[backend] = logged(run, "disc/adaptive_weight")
+    assert weights["zero3"][0] == pytest.approx(weights["ddp"][0], rel=1e-4) and weights["ddp"][0] > 0
