@@ -20,6 +20,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -144,21 +145,19 @@ def _bench_step(a, tmp: Path) -> dict:
 
     shards = tmp / "shards"  # a few demo shards, only so that the Trainer can start
     shards_main(["demo", str(shards), "--num-samples", "64", "--image-size", str(a.image_size), "--quiet"])
-    cfg = load_config([a.config] if a.config else [], [f"data.train={shards}", f"run.dir={tmp / 'run'}",
-                                                       f"data.image_size={a.image_size}", f"train.batch_size={a.batch_size}",
-                                                       "log.progress=false", "data.num_workers=0", *a.overrides])
+    overrides = [f"data.train={shards}", f"run.dir={tmp / 'run'}", f"data.image_size={a.image_size}",
+                 f"train.batch_size={a.batch_size}", "log.progress=false", "data.num_workers=0", *a.overrides]
+    cfg = load_config([a.config] if a.config else [], overrides)
     trainer = Trainer(cfg)
     device = trainer.device
     images = torch.randint(0, 255, (a.batch_size, a.image_size, a.image_size, 3), dtype=torch.uint8)
     batch = {"image": images, "cls": torch.zeros(a.batch_size, dtype=torch.long), "bad": 0, "bad_error": "",
              "labels": torch.zeros(a.batch_size, max(1, cfg.model.num_classes))}
     batches = iter(lambda: batch, None)
-    from collections import defaultdict
+    from harness.monitor import StepStats
 
-    from harness.signals import StopFlag
-
-    stop, acc = StopFlag(), defaultdict(float)
-    harness_step = lambda: trainer.train_step(batches, stop, acc)  # noqa: E731
+    stats = StepStats()
+    harness_step = lambda: trainer.train_step(batches, stats)  # noqa: E731
 
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).train()
@@ -185,7 +184,7 @@ def _bench_step(a, tmp: Path) -> dict:
            "overhead_pct": round(100 * (harness / base - 1), 2)}
     print(f"step    {device}, batch {a.batch_size}, {a.image_size}px: plain PyTorch {base * 1e3:.1f} ms, "
           f"harness {harness * 1e3:.1f} ms, overhead {100 * (harness / base - 1):+.1f}%")
-    trainer.tracker.close()
+    trainer.monitor.close()
     return res
 
 
@@ -205,32 +204,31 @@ def scale_worker(a) -> None:
     """Runs under `accelerate launch`: a Trainer on synthetic batches; writes one JSON per rank."""
     import resource
     import tempfile
-    from collections import defaultdict
 
     from harness import scale
     from harness.config import load_config
-    from harness.signals import StopFlag
+    from harness.monitor import StepStats
     from harness.trainer import Trainer
     from shards.__main__ import main as shards_main
 
     tmp = Path(tempfile.mkdtemp())
     atexit.register(shutil.rmtree, tmp, True)
     shards_main(["demo", str(tmp / "s"), "--num-samples", "64", "--image-size", str(a.image_size), "--quiet"])
-    cfg = load_config([a.config] if a.config else [], [f"data.train={tmp / 's'}", f"run.dir={tmp / 'run'}",
-                                                       f"data.image_size={a.image_size}", f"train.batch_size={a.batch_size}",
-                                                       "log.progress=false", "data.num_workers=0", *a.overrides])
+    overrides = [f"data.train={tmp / 's'}", f"run.dir={tmp / 'run'}", f"data.image_size={a.image_size}",
+                 f"train.batch_size={a.batch_size}", "log.progress=false", "data.num_workers=0", *a.overrides]
+    cfg = load_config([a.config] if a.config else [], overrides)
     tr = Trainer(cfg)
     images = torch.randint(0, 255, (a.batch_size, a.image_size, a.image_size, 3), dtype=torch.uint8)
     batch = {"image": images, "cls": torch.zeros(a.batch_size, dtype=torch.long), "bad": 0, "bad_error": ""}
     batches = iter(lambda: batch, None)
-    stop, acc = StopFlag(), defaultdict(float)
-    step_s = _timed(lambda: tr.train_step(batches, stop, acc), a.steps, a.warmup, tr.device)
+    stats = StepStats()
+    step_s = _timed(lambda: tr.train_step(batches, stats), a.steps, a.warmup, tr.device)
 
     # What this rank holds: Adam's moments (exp_avg, exp_avg_sq: the optimizer state ZeRO
     # partitions; a whole copy under DDP) and the model parameters resident (ZeRO-3: its slice).
     opt = tr.base_optimizer
     moments = _tensor_bytes(v for st in opt.state.values() for k, v in st.items() if k.startswith("exp_avg"))
-    resident = _tensor_bytes(getattr(p, "ds_tensor", p) for p in tr.model.parameters())
+    resident = _tensor_bytes(getattr(p, "ds_tensor", p) for p in tr.engine.model.parameters())
     # Activations kept for backward in one forward (a saved-tensors hook sees what autograd keeps).
     saved = [0]
 
@@ -240,16 +238,16 @@ def scale_worker(a) -> None:
 
     x = torch.zeros(a.batch_size, 3, a.image_size, a.image_size, dtype=tr.input_dtype, device=tr.device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = tr.model(x)
+        out = tr.engine.model(x)
     out.recon.float().mean().backward()  # ZeRO-3 expects every forward to be followed by a backward
-    tr.model.zero_grad() if hasattr(tr.model, "zero_grad") else None
+    tr.engine.model.zero_grad() if hasattr(tr.engine.model, "zero_grad") else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # MiB
-    res = {"rank": tr.world.rank, "zero": scale.zero_stage(tr.model), "step_ms": step_s * 1e3,
+    res = {"rank": tr.world.rank, "zero": scale.zero_stage(tr.engine.model), "step_ms": step_s * 1e3,
            "optimizer_state_mib": moments / 2**20, "params_resident_mib": resident / 2**20,
            "activations_mib": saved[0] / 2**20, "peak_rss_mib": rss, "num_params": tr.num_params}
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"rank{tr.world.rank}.json").write_text(json.dumps(res))
-    tr.tracker.close()
+    tr.monitor.close()
 
 
 def bench_scale(a) -> list[dict]:
@@ -276,10 +274,12 @@ def bench_scale(a) -> list[dict]:
                 raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
             ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
             shutil.rmtree(out, ignore_errors=True)
-            row = {"backend": name, "grad_ckpt": ckpt, **{k: max(rk[k] for rk in ranks) for k in ranks[0] if k != "rank"}}
+            worst = {k: max(rk[k] for rk in ranks) for k in ranks[0] if k != "rank"}
+            row = {"backend": name, "grad_ckpt": ckpt, **worst}
             rows.append(row)
     base = rows[0]
-    print(f"scale   2 processes, batch {a.batch_size}/rank, {a.image_size}px, {base['num_params'] / 1e6:.2f}M parameters "
+    print(f"scale   2 processes, batch {a.batch_size}/rank, {a.image_size}px, "
+          f"{base['num_params'] / 1e6:.2f}M parameters "
           "(per rank, max over ranks; ratios against DDP without checkpointing)")
     print(f"{'backend':<8}{'ckpt':<6}{'Adam state MiB':>22}{'params MiB':>13}{'activations MiB':>18}"
           f"{'peak RSS MiB':>15}{'step ms':>12}")
@@ -293,8 +293,193 @@ def bench_scale(a) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# peer
+# ---------------------------------------------------------------------------------------------
+
+PEER_PRESETS = {
+    # CPU-sized: three levels of 64/128/256 channels, 2 residual blocks each, mid-block attention.
+    "small": dict(ch=64, ch_mult=(1, 2, 4), layers=2, image_size=64, batch_size=8),
+    # latent diffusion's kl-f8 (the Stable Diffusion VAE's shape): 83.65M parameters, 256 px -> 4x32x32.
+    "kl-f8": dict(ch=128, ch_mult=(1, 2, 4, 4), layers=2, image_size=256, batch_size=8),
+}
+# Dense bf16 tensor-core peak (TFLOP/s) by device name, from the vendors' data sheets; unknown -> n/a.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+PEER_OPTIONS = ("channels_last", "compile", "foreach", "fused")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bf16_peak(name: str) -> float | None:
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def _peer_models(a, device):
+    """Ours (models.AutoencoderKL, arch ldm) and diffusers.AutoencoderKL of the same architecture, same seed."""
+    from harness.config import ModelConfig
+    from models import build_model
+
+    def ours():
+        torch.manual_seed(0)
+        cfg = ModelConfig(kind="kl", arch="ldm", ch=a.ch, ch_mult=list(a.ch_mult), num_res_blocks=a.layers,
+                          z_channels=a.latent_channels, embed_dim=a.latent_channels, attn_type="vanilla",
+                          norm_groups=32)
+        with device:  # built where it runs (on meta: shapes only, for FLOP counting)
+            return build_model(cfg)
+
+    def peer():
+        from diffusers import AutoencoderKL as DiffusersKL
+
+        torch.manual_seed(0)
+        n = len(a.ch_mult)
+        # diffusers' decoder has layers_per_block + 1 resnets per up block, as latent diffusion's.
+        return DiffusersKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                           up_block_types=("UpDecoderBlock2D",) * n,
+                           block_out_channels=tuple(a.ch * m for m in a.ch_mult),
+                           layers_per_block=a.layers, latent_channels=a.latent_channels, norm_num_groups=32,
+                           sample_size=a.image_size, mid_block_add_attention=True).to(device)
+
+    return ours, peer
+
+
+def _peer_side(name: str, build, device, dtype, kl_weight: float):
+    """One side of the comparison: (step function, model). `name` is ours|diffusers, then +option..."""
+    kind, *opts = name.split("+")
+    model = build().train()
+    memory_format = torch.channels_last if "channels_last" in opts else torch.preserve_format
+    model = model.to(memory_format=memory_format)
+    extra = {"foreach": True} if "foreach" in opts else {"fused": True} if "fused" in opts else {"foreach": False}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, **extra)
+    fwd = torch.compile(model) if "compile" in opts else model
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def losses(x):
+        if kind == "ours":
+            out = fwd(x)
+            return out.recon, out.losses["kl"]
+        posterior = fwd.encode(x).latent_dist  # the calls diffusers' own training examples make
+        return fwd.decode(posterior.sample()).sample, posterior.kl().mean()
+
+    def step(x):
+        x = x.contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            recon, kl = losses(x)
+            loss = (recon.float() - x).abs().mean() + kl_weight * kl.float()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return step, model
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_peer(a) -> dict:
+    """Our AutoencoderKL against diffusers' of the same architecture: fwd + bwd + AdamW on one batch."""
+    preset = PEER_PRESETS[a.preset]
+    for k, v in preset.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    device = torch.device(a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and a.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = DTYPES[a.dtype]
+    flags = [o for o in PEER_OPTIONS if getattr(a, o)]
+    sides = [s if "+" in s or not flags else "+".join([s, *flags]) for s in a.sides.split(",")]
+    for s in sides:
+        kind, *opts = s.split("+")
+        if kind not in ("ours", "diffusers") or any(o not in PEER_OPTIONS for o in opts):
+            raise ValueError(f"--sides: {s!r} is not ours|diffusers[+{'|+'.join(PEER_OPTIONS)}]")
+    if a.clock == "cpu" and device.type != "cpu":
+        raise ValueError("--clock cpu: process time measures CPU runs only; use --clock wall on a GPU")
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        if any(s.startswith("diffusers") for s in sides):
+            msg = "the peer benchmark needs diffusers: pip install 'diffusers>=0.30' (or -e '.[peer]')"
+            raise ValueError(msg) from None
+    ours, peer = _peer_models(a, device)
+    n_ours = sum(p.numel() for p in ours().parameters())
+    n_peer = sum(p.numel() for p in peer().parameters()) if any(s.startswith("diffusers") for s in sides) else None
+    print(f"peer    parameters: ours {n_ours:,}" + (f", diffusers {n_peer:,}" if n_peer else ""))
+    if n_peer and n_ours != n_peer:
+        raise SystemExit(f"error: parameter counts differ (ours {n_ours:,}, diffusers {n_peer:,}): "
+                         "not the same architecture")
+
+    torch.manual_seed(1)
+    x = torch.rand(a.batch_size, 3, a.image_size, a.image_size, device=device) * 2 - 1
+    steps, first = {}, {}
+    for s in sides:  # build and warm up each side; the first step of a compiled side is its compile time
+        steps[s], _ = _peer_side(s, ours if s.startswith("ours") else peer, device, dtype, a.kl_weight)
+        _sync(device)
+        t0 = time.perf_counter()
+        steps[s](x)
+        _sync(device)
+        first[s] = time.perf_counter() - t0
+        for _ in range(a.warmup):
+            steps[s](x)
+    times, cpu_times = {s: [] for s in sides}, {s: [] for s in sides}
+    for r in range(a.rounds):  # alternating rounds, order reversed every other round: neither side goes second
+        for s in sides if r % 2 == 0 else sides[::-1]:
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(a.steps):
+                steps[s](x)
+            _sync(device)
+            times[s].append((time.perf_counter() - t0) / a.steps)
+            cpu_times[s].append((time.process_time() - c0) / a.steps)
+    wall = {s: statistics.median(v) for s, v in times.items()}
+    cpu = {s: statistics.median(v) for s, v in cpu_times.items()}
+    # On a shared CPU, process time of a one-thread run (OMP_NUM_THREADS=1) is what other jobs disturb least.
+    med = cpu if a.clock == "cpu" else wall
+
+    flops = None
+    if a.flops:  # model FLOPs of one forward + backward (convolutions and matmuls), counted on our model
+        from torch.utils.flop_counter import FlopCounterMode
+
+        # On the meta device: shapes only, no arithmetic (FLOPs do not depend on the dtype).
+        ours_meta, _ = _peer_models(a, torch.device("meta"))
+        xm = torch.empty_like(x, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            out = ours_meta().train()(xm)
+            ((out.recon - xm).abs().mean() + a.kl_weight * out.losses["kl"]).backward()
+        flops = counter.get_total_flops()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = bf16_peak(name) if device.type == "cuda" else None
+    base = next((s for s in sides if s.split("+")[0] == "diffusers"), sides[0])
+    rows = []
+    print(f"peer    {name}, {a.dtype}, batch {a.batch_size}, {a.image_size}px, ch {a.ch} x {list(a.ch_mult)}, "
+          f"{a.layers} layers, {a.rounds} rounds x {a.steps} steps "
+          f"(median {a.clock} ms/step; ratio = {base} ms / side ms)")
+    for s in sides:
+        row = {"side": s, "ms": round(med[s] * 1e3, 2), "wall_ms": round(wall[s] * 1e3, 2),
+               "cpu_ms": round(cpu[s] * 1e3, 2), "img_s": round(a.batch_size / med[s], 2),
+               "ratio": round(med[base] / med[s], 3), "first_step_s": round(first[s], 2)}
+        if "compile" in s:  # the first step (wall) less a compiled step: tracing, lowering, C++/Triton builds
+            row["compile_s"] = round(first[s] - wall[s], 2)
+        if flops:
+            row["tflops"] = round(flops / med[s] / 1e12, 3)
+            row["peak_fraction"] = round(row["tflops"] / peak, 3) if peak else None
+        rows.append(row)
+        extra = (f", compile {row['compile_s']:.1f} s" if "compile_s" in row else "") + (
+            f", {row['tflops']:.2f} TFLOP/s" + (f" ({100 * row['peak_fraction']:.0f}% of {peak:.0f} bf16 peak)"
+                                                 if peak else " (peak n/a)") if flops else "")
+        print(f"  {s:<32} {row['ms']:>10.1f} ms {row['img_s']:>9.1f} img/s   ratio {row['ratio']:.2f}   "
+              f"(wall {row['wall_ms']:.1f} ms, cpu {row['cpu_ms']:.1f} ms){extra}")
+    return {"bench": "peer", "device": name, "dtype": a.dtype, "clock": a.clock, "threads": torch.get_num_threads(),
+            "preset": a.preset, "batch_size": a.batch_size,
+            "image_size": a.image_size, "ch": a.ch, "ch_mult": list(a.ch_mult), "layers": a.layers,
+            "params_ours": n_ours, "params_diffusers": n_peer, "flops_per_step": flops, "bf16_peak_tflops": peak,
+            "rows": rows, "ratio": rows[0]["ratio"]}
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
     lo = sub.add_parser("loader", help="TrainLoader throughput vs plain PIL decoding on the same cores")
     lo.add_argument("--data", required=True, help="shards (folder, pattern)")
@@ -322,7 +507,36 @@ def main(argv=None) -> int:
         x.add_argument("--warmup", type=int, default=2)
         x.add_argument("overrides", nargs="*", metavar="key.sub=value")
     wk.add_argument("--out", required=True)
-    for s in (lo, st, sc):
+    pe = sub.add_parser("peer", help="our AutoencoderKL vs diffusers.AutoencoderKL, same architecture, same step")
+    pe.add_argument("--preset", choices=sorted(PEER_PRESETS), default="small",
+                    help="small: 64/128/256 channels, 64 px, batch 8; kl-f8: 128 x 1,2,4,4, 256 px")
+    pe.add_argument("--ch", type=int, default=None, help="base channels (preset)")
+    pe.add_argument("--ch-mult", type=lambda v: tuple(int(c) for c in v.split(",")), default=None, help="e.g. 1,2,4")
+    pe.add_argument("--layers", type=int, default=None, help="residual blocks per level (preset)")
+    pe.add_argument("--latent-channels", type=int, default=4)
+    pe.add_argument("--image-size", type=int, default=None)
+    pe.add_argument("--batch-size", type=int, default=None)
+    pe.add_argument("--kl-weight", type=float, default=1e-6)
+    pe.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median is reported")
+    pe.add_argument("--steps", type=int, default=1, help="steps per side per round")
+    pe.add_argument("--warmup", type=int, default=1, help="untimed steps per side after the first")
+    pe.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    pe.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process time (steadier on a shared machine with OMP_NUM_THREADS=1; CPU runs only)")
+    pe.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="bf16/fp16: autocast (fp16 with GradScaler)")
+    pe.add_argument("--sides", default="ours,diffusers",
+                    help=f"comma list of ours|diffusers[+{'|+'.join(PEER_OPTIONS)}]; ratios against the first "
+                    "diffusers side")
+    pe.add_argument("--compile", action="store_true",
+                    help="torch.compile every side (the first step reports compile time)")
+    pe.add_argument("--channels-last", dest="channels_last", action="store_true", help="channels_last on every side")
+    pe.add_argument("--foreach", action="store_true", help="AdamW(foreach=True) on every side (default: foreach=False)")
+    pe.add_argument("--fused", action="store_true", help="AdamW(fused=True) on every side")
+    pe.add_argument("--no-tf32", dest="tf32", action="store_false", help="CUDA: keep matmuls/convs in full fp32")
+    pe.add_argument("--flops", action="store_true",
+                    help="count model FLOPs (torch.utils.flop_counter): TFLOP/s, peak share")
+    for s in (lo, st, sc, pe):
         s.add_argument("--json", default=None, help="append the result as one JSON line")
     a = p.parse_args(argv)
     if a.bench == "_scale_worker":
@@ -332,8 +546,8 @@ def main(argv=None) -> int:
     from shards.sources import DataSourceError
 
     try:
-        res = {"loader": bench_loader, "step": bench_step, "scale": bench_scale}[a.bench](a)
-    except (ConfigError, DataSourceError) as e:
+        res = {"loader": bench_loader, "step": bench_step, "scale": bench_scale, "peer": bench_peer}[a.bench](a)
+    except (ConfigError, DataSourceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.json:

@@ -32,8 +32,13 @@ def default(x, d):
 def _fp16_active(t: torch.Tensor) -> bool:
     """True when `t` is fp16 or fp16 autocast is on for its device (bf16 has fp32's range: no need)."""
     device = t.device.type
-    return t.dtype == torch.float16 or (
-        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    if t.dtype == torch.float16:
+        return True
+    # meta tensors (shape inference, FLOP counting) have no autocast state to ask for
+    return (
+        torch.amp.is_autocast_available(device)
+        and torch.is_autocast_enabled(device)
+        and torch.get_autocast_dtype(device) == torch.float16
     )
 
 

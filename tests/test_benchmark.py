@@ -2,10 +2,12 @@
 in the README; no timing is asserted here), and a bad input is one line."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from shardgen import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,3 +48,51 @@ def test_bad_input_is_one_line(tmp_path):
     r, _ = bench("step", "--config", str(ROOT / "tests/configs/tiny.yaml"), "model.colour=1", tmp_path=tmp_path)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith("error: model.colour: unknown key"), r.stderr
+
+
+TINY_PEER = ["--ch", "32", "--ch-mult", "1,2", "--layers", "1", "--image-size", "32", "--batch-size", "2",
+             "--rounds", "1", "--warmup", "0", "--device", "cpu"]
+
+
+def test_peer_bench_matches_diffusers_parameter_for_parameter(tmp_path):
+    pytest.importorskip("diffusers")
+    r, rows = bench("peer", *TINY_PEER, "--sides", "ours,diffusers,ours+channels_last", "--flops", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = rows
+    assert row["params_ours"] == row["params_diffusers"] > 0
+    assert f"ours {row['params_ours']:,}, diffusers {row['params_diffusers']:,}" in r.stdout
+    sides = {s["side"]: s for s in row["rows"]}
+    assert set(sides) == {"ours", "diffusers", "ours+channels_last"} and sides["diffusers"]["ratio"] == 1.0
+    assert abs(sides["ours"]["ratio"] - sides["diffusers"]["ms"] / sides["ours"]["ms"]) < 0.01
+    assert row["ratio"] == sides["ours"]["ratio"] and "ratio" in r.stdout
+    assert row["flops_per_step"] > 0 and sides["ours"]["tflops"] > 0 and sides["ours"]["peak_fraction"] is None
+
+
+def test_peer_bench_bad_input_is_one_line(tmp_path):
+    r, rows = bench("peer", *TINY_PEER, "--sides", "ours,keras", tmp_path=tmp_path)
+    assert r.returncode == 2 and rows == []
+    assert r.stderr.strip().splitlines() == ["error: --sides: 'keras' is not ours|diffusers[+channels_last|+compile"
+                                             "|+foreach|+fused]"], r.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """launch/gpu_check.sh --cpu: every part runs (or is skipped on purpose) within its budget, one JSON.
+    (About 30 s on an idle 2-core machine; the budget here leaves room for a busy one.)"""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "check"
+    r = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), "--cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OUT=str(out), BUDGET_S="240"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["mode"] == "cpu" and res["ok"] and res["env"]["device"] == "cpu"
+    status = {k: v["status"] for k, v in res["parts"].items()}
+    assert status == {"install": "ok", "gpu_tests": "ok", "peer_bf16": "ok", "peer_fp16": "ok", "klf8_step": "skipped",
+                      "compile": "skipped"}, res["parts"]
+    assert res["gpu_tests"]["skipped"] >= 4 and "failed" not in res["gpu_tests"]
+    for dtype in ("bf16", "fp16"):
+        peer = res[f"peer_{dtype}"]
+        assert peer["dtype"] == dtype and peer["params_ours"] == peer["params_diffusers"]
+        assert [row["side"] for row in peer["rows"]] == ["ours", "diffusers"] and peer["rows"][0]["img_s"] > 0
+    assert res["peer_bf16"]["flops_per_step"] > 0
+    assert (out / "summary.txt").read_text().startswith("gpu_check (cpu)")

@@ -39,8 +39,8 @@ def test_sdpa_attention_equals_the_latent_diffusion_math():
     x = torch.randn(2, 64, 12, 10, requires_grad=True)
     ours, ref = block(x), ldm_attention(block, x)
     assert (ours - ref).abs().max() < 1e-5 * ref.abs().max()
-    g_ours, = torch.autograd.grad(ours.square().sum(), x)
-    g_ref, = torch.autograd.grad(ref.square().sum(), x)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
     assert (g_ours - g_ref).abs().max() < 1e-5 * g_ref.abs().max()
 
 
@@ -118,14 +118,26 @@ def test_linear_attention_products_run_in_fp32_under_fp16(monkeypatch):
 def test_kl_model_stays_finite_under_fp16_autocast(spy):
     """A small KL autoencoder fed large inputs: every GroupNorm input and attention score passes fp16 in its
     squares/products, yet the reconstruction under CPU fp16 autocast is finite and close to fp32."""
-    cfg = ModelConfig(kind="kl", ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], resolution=16,
-                      z_channels=4, embed_dim=4, norm_groups=8)
+    cfg = ModelConfig(
+        kind="kl",
+        ch=32,
+        ch_mult=[1, 2],
+        num_res_blocks=1,
+        attn_resolutions=[8],
+        resolution=16,
+        z_channels=4,
+        embed_dim=4,
+        norm_groups=8,
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     x = torch.randn(2, 3, 16, 16) * 3000
     peaks = []
-    hooks = [m.register_forward_pre_hook(lambda m, a: peaks.append(a[0].abs().max().item()))
-             for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a: peaks.append(a[0].abs().max().item()))
+        for m in model.modules()
+        if isinstance(m, torch.nn.GroupNorm)
+    ]
     with torch.no_grad():
         ref = model.decode(model.encode(x))
         for h in hooks:

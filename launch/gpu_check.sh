@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# One-shot GPU check, written to be run blind by whoever gets a GPU for a few minutes (about 8 on one GPU):
+#
+#   bash launch/gpu_check.sh              # GPU: install what is missing, tests/test_gpu.py, peer + kl-f8 benchmarks
+#   bash launch/gpu_check.sh --cpu        # the same script on CPU, tiny sizes, GPU parts skipped (< 60 s): CI
+#   OUT=my-folder BUDGET_S=600 WHEELS=wheels/ bash launch/gpu_check.sh
+#
+# Parts, each under `timeout` and inside the total budget (a part that would not fit is skipped, never started):
+#   install   imports checked; if missing: launch/install.sh --test, then diffusers (from $WHEELS when set: offline);
+#             env.json: device name, torch / CUDA / cuDNN versions, bf16 peak from the table in launch/benchmark.py
+#   gpu_tests pytest tests/test_gpu.py (fp16 loss scaling + overflow recovery, bf16, ZeRO-2 fp16, fp16 attention)
+#   peer_bf16 / peer_fp16  ours vs diffusers.AutoencoderKL, kl-f8 at 256 px, autocast (fp16 with GradScaler)
+#   klf8_step our kl-f8 step at 256 px: images/s and model TFLOP/s (torch.utils.flop_counter) against bf16 peak
+#   compile   torch.compile of our kl-f8 step: compile seconds and the step ratio
+# Writes $OUT/gpu_check.json (everything), $OUT/summary.txt (a short table) and one log per part.
+# Exit status 0 when every part that ran passed, 1 otherwise (the JSON is written either way).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=gpu
+case "${1:-}" in
+  --cpu) MODE=cpu ;;
+  "") ;;
+  *) echo "error: unknown argument ${1} (usage: bash launch/gpu_check.sh [--cpu])" >&2; exit 2 ;;
+esac
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}
+if [ "$MODE" = cpu ]; then BUDGET_S=${BUDGET_S:-60}; else BUDGET_S=${BUDGET_S:-480}; fi
+BATCH=${BATCH:-8}               # peer batch at 256 px
+STEP_BATCH=${STEP_BATCH:-32}    # kl-f8 throughput batch
+mkdir -p "$OUT" || { echo "error: cannot create $OUT" >&2; exit 2; }
+START=$(date +%s)
+: > "$OUT/parts.tsv"
+echo "[gpu_check] mode $MODE, budget ${BUDGET_S}s, writing $OUT/"
+
+# run_part NAME LIMIT_S CMD...: runs CMD under timeout (capped by what is left of the budget), log in $OUT/NAME.log
+run_part() {
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET_S - ($(date +%s) - START)))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 5 ]; then
+    printf '%s\tskipped\t0\tbudget spent\n' "$name" >> "$OUT/parts.tsv"; echo "[gpu_check] $name: skipped (budget)"; return
+  fi
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$? status=ok
+  [ $rc -ne 0 ] && status=failed
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && status=timeout
+  printf '%s\t%s\t%s\trc %s, limit %ss\n' "$name" "$status" "$(($(date +%s) - t0))" "$rc" "$limit" >> "$OUT/parts.tsv"
+  echo "[gpu_check] $name: $status ($(($(date +%s) - t0)) s)"
+}
+skip_part() { printf '%s\tskipped\t0\t%s\n' "$1" "$2" >> "$OUT/parts.tsv"; echo "[gpu_check] $1: skipped ($2)"; }
+
+# Installs only what is missing (the GPU machine may be offline: then WHEELS=<folder of wheels>), then env.json.
+install_deps() {
+  if ! "$PYTHON" -c "import torch, accelerate, webdataset, einops, pytest, harness" 2>/dev/null; then
+    bash launch/install.sh --test || return 1
+  fi
+  if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
+    if [ -n "${WHEELS:-}" ]; then
+      "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" "diffusers>=0.30" || true
+    else
+      "$PYTHON" -m pip install -q "diffusers>=0.30" || true
+    fi
+  fi
+  "$PYTHON" - "$OUT/env.json" <<'PY'
+import importlib.util, json, platform, sys
+import torch
+sys.path.insert(0, "launch")
+from benchmark import bf16_peak
+cuda = torch.cuda.is_available()
+name = torch.cuda.get_device_name(0) if cuda else "cpu"
+env = {"device": name, "cuda_available": cuda, "device_count": torch.cuda.device_count(), "torch": torch.__version__,
+       "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
+       "python": platform.python_version(), "bf16_peak_tflops": bf16_peak(name) if cuda else None,
+       "diffusers": importlib.util.find_spec("diffusers") is not None}
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+print(env)
+PY
+}
+export -f install_deps
+export PYTHON OUT
+run_part install 240 bash -c install_deps
+
+if [ "$MODE" = gpu ] && ! grep -q '"cuda_available": true' "$OUT/env.json" 2>/dev/null; then
+  echo "error: no CUDA device visible (torch.cuda.is_available() is False); use --cpu for the dry run" >&2
+  printf 'cuda\tfailed\t0\tno CUDA device visible\n' >> "$OUT/parts.tsv"
+fi
+SIDES=ours,diffusers
+grep -q '"diffusers": true' "$OUT/env.json" 2>/dev/null || SIDES=ours  # no diffusers (offline, no wheels): ours alone
+
+# The GPU tests skip themselves without a GPU: on CPU this checks that they still collect and import.
+run_part gpu_tests 240 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
+
+BENCH=("$PYTHON" launch/benchmark.py peer)
+if [ "$MODE" = cpu ]; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a CI machine is shared: one thread is not oversubscribed
+  SIZE=(--ch 32 --ch-mult 1,2 --layers 1 --image-size 16 --batch-size 1 --rounds 1 --warmup 0 --device cpu)
+  run_part peer_bf16 60 "${BENCH[@]}" "${SIZE[@]}" --dtype bf16 --sides "$SIDES" --flops --json "$OUT/peer_bf16.jsonl"
+  run_part peer_fp16 60 "${BENCH[@]}" "${SIZE[@]}" --dtype fp16 --sides "$SIDES" --json "$OUT/peer_fp16.jsonl"
+  skip_part klf8_step "cpu mode"
+  skip_part compile "cpu mode"
+else
+  run_part peer_bf16 90 "${BENCH[@]}" --preset kl-f8 --batch-size "$BATCH" --dtype bf16 --rounds 5 --steps 3 \
+    --sides "$SIDES,ours+channels_last" --flops --json "$OUT/peer_bf16.jsonl"
+  run_part peer_fp16 90 "${BENCH[@]}" --preset kl-f8 --batch-size "$BATCH" --dtype fp16 --rounds 5 --steps 3 \
+    --sides "$SIDES" --flops --json "$OUT/peer_fp16.jsonl"
+  run_part klf8_step 60 "${BENCH[@]}" --preset kl-f8 --batch-size "$STEP_BATCH" --dtype bf16 --rounds 5 --steps 3 \
+    --sides ours,ours+channels_last --flops --json "$OUT/klf8_step.jsonl"
+  run_part compile 150 "${BENCH[@]}" --preset kl-f8 --batch-size "$BATCH" --dtype bf16 --rounds 3 --steps 3 \
+    --sides ours,ours+compile --json "$OUT/compile.jsonl"
+fi
+
+# One JSON and a short table from what the parts left behind.
+"$PYTHON" - "$OUT" "$MODE" "$BUDGET_S" "$(($(date +%s) - START))" <<'EOF'
+import json, re, sys
+from pathlib import Path
+out, mode, budget, elapsed = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+parts = {}
+for line in (out / "parts.tsv").read_text().splitlines():
+    name, status, seconds, note = line.split("\t")
+    parts[name] = {"status": status, "seconds": int(seconds), "note": note, "log": f"{name}.log"}
+res = {"mode": mode, "budget_s": budget, "elapsed_s": elapsed, "parts": parts,
+       "env": json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else None}
+log = out / "gpu_tests.log"
+if log.exists():
+    tail = log.read_text().strip().splitlines()[-1:] or [""]
+    res["gpu_tests"] = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail[0])}
+for name in ("peer_bf16", "peer_fp16", "klf8_step", "compile"):
+    f = out / f"{name}.jsonl"
+    if f.exists() and f.read_text().strip():
+        res[name] = json.loads(f.read_text().strip().splitlines()[-1])
+res["ok"] = all(p["status"] in ("ok", "skipped") for p in parts.values())
+(out / "gpu_check.json").write_text(json.dumps(res, indent=1))
+lines = [f"gpu_check ({mode}) on {(res['env'] or {}).get('device', '?')}, {elapsed} s of {budget} s"]
+lines += [f"  {n:<10} {p['status']:<8} {p['seconds']:>4} s  {p['note']}" for n, p in parts.items()]
+if "gpu_tests" in res:
+    lines.append(f"  tests/test_gpu.py: {res['gpu_tests']}")
+for name in ("peer_bf16", "peer_fp16", "klf8_step", "compile"):
+    if name in res:
+        r = res[name]
+        lines.append(f"  {name}: {r['dtype']}, batch {r['batch_size']}, {r['image_size']} px")
+        for row in r["rows"]:
+            extra = (f", {row['tflops']:.1f} TFLOP/s" if row.get("tflops") is not None else "") + (
+                f" = {100 * row['peak_fraction']:.0f}% of bf16 peak" if row.get("peak_fraction") else "") + (
+                f", compile {row['compile_s']:.0f} s" if "compile_s" in row else "")
+            lines.append(f"    {row['side']:<28} {row['ms']:>9.1f} ms {row['img_s']:>8.1f} img/s  ratio {row['ratio']:.2f}{extra}")
+(out / "summary.txt").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+sys.exit(0 if res["ok"] else 1)
+EOF
