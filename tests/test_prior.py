@@ -1,0 +1,215 @@
+"""model.kind=prior: a transformer over a frozen VQ/FSQ model's codes, trained through launch/train.py,
+sampled through launch/sample.py."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness import checkpoint as ckpt
+from harness.config import ConfigError, ModelConfig, load_config
+from launch.sample import main as sample_main
+from launch.train import main as train_main
+from models import ModelConfigError, build_model, check_config
+from models.prior import CodePrior, VQWithPrior
+from shardgen import make_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests/configs/tiny.yaml"
+PRIOR = ROOT / "launch/configs/vq_prior.yaml"
+# A class-conditional VQ model small enough to train in seconds: 16 px -> an 8x8 grid of 16 codes.
+VQ = ["model.kind=vq", "model.vq_codebook_size=16", "model.ch=8", "model.ch_mult=[1,2]", "model.condition=class",
+      "model.num_classes=4", "model.cond_dim=8", "data.image_size=16", "log.images_every_steps=0"]
+SMALL_PRIOR = ["model.prior_layers=2", "model.prior_dim=32", "model.prior_heads=2", "data.image_size=16",
+               "train.batch_size=8", "optim.lr=3e-3", "optim.warmup_steps=2", "log.every_steps=2",
+               "data.num_workers=0", "data.shuffle_buffer=32", "log.num_images=4", "log.class_rows=4",
+               "checkpoint.every_steps=0"]
+
+
+def prior(**kw) -> CodePrior:
+    return CodePrior(**{"codebook_size": 16, "grid": (3, 4), "dim": 32, "layers": 2, "heads": 2, **kw}).eval()
+
+
+# ------------------------------------------------------------------------------------- the model
+
+
+def test_causal_each_position_sees_only_earlier_codes():
+    torch.manual_seed(0)
+    p = prior()
+    codes = torch.randint(16, (2, 3, 4))
+    other = codes.clone()
+    other[:, 1, 2] = (other[:, 1, 2] + 1) % 16  # raster position 6
+    a, b = p(codes), p(other)
+    assert a.shape == (2, 12, 16)
+    assert torch.equal(a[:, :7], b[:, :7])  # position i predicts code i from codes < i: 0..6 unchanged
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_cached_sampling_is_the_full_forward():
+    """Greedy codes from the KV-cached sampler are those a full forward picks at every position."""
+    torch.manual_seed(0)
+    p = prior(condition="class", num_classes=3)
+    cond = torch.tensor([0, 1, 2])
+    codes = p.sample(3, cond=cond, temperature=0)
+    assert codes.shape == (3, 3, 4) and codes.dtype == torch.long
+    assert torch.equal(p(codes, cond).argmax(-1), codes.flatten(1))
+
+
+def test_temperature_and_top_k_are_deterministic_with_a_seed():
+    torch.manual_seed(0)
+    p = prior()
+
+    def draw(seed, **kw):
+        return p.sample(6, generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+    assert not torch.equal(draw(1, temperature=1.0), draw(1, temperature=0.3))
+    assert torch.equal(draw(1, top_k=1), draw(5, temperature=0))  # top-1 is the most likely code, whatever the seed
+    assert torch.equal(draw(3, top_k=4), draw(3, top_k=4)) and not torch.equal(draw(3, top_k=4), draw(3))
+    with pytest.raises(ValueError, match="temperature"):
+        p.sample(2, temperature=-1)
+
+
+def test_a_class_conditional_prior_learns_its_classes():
+    """Codes that are the class (class c: every code c, one noisy position) are learnt in a few
+    steps; samples per class then hold that class's code, and the null class samples too."""
+    torch.manual_seed(0)
+    p = prior(condition="class", num_classes=4, cond_dropout=0.2).train()
+    opt = torch.optim.AdamW(p.parameters(), lr=3e-3)
+    for _ in range(60):
+        cls = torch.randint(4, (32,))
+        codes = cls[:, None, None].expand(32, 3, 4).clone()
+        codes[:, 2, 3] = torch.randint(16, (32,))
+        loss = torch.nn.functional.cross_entropy(p(codes, cls).transpose(1, 2), codes.flatten(1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p.eval()
+    cls = torch.arange(4).repeat_interleave(5)
+    codes = p.sample(20, cond=cls, generator=torch.Generator().manual_seed(0)).flatten(1)[:, :-1]
+    assert torch.equal(codes.mode(-1).values, cls), codes  # every sample mostly its class's code
+    assert (codes == cls[:, None]).float().mean() > 0.85
+    greedy = p.sample(20, cond=cls, temperature=0).flatten(1)[:, :-1]
+    assert torch.equal(greedy, cls[:, None].expand_as(greedy))
+    unconditioned = p.sample(8, generator=torch.Generator().manual_seed(0))  # the null class: some class's codes
+    assert ((unconditioned.flatten(1)[:, :-1] < 4).float().mean()) > 0.9
+
+
+def test_vq_and_fsq_models_sample_through_a_prior():
+    for kind, codebook in (("vq", 32), ("fsq", 8 * 5 * 5 * 5)):
+        m = ModelConfig(kind=kind, ch=8, ch_mult=[1, 2], num_res_blocks=1, norm_groups=8, attn_type="none",
+                        vq_codebook_size=32)
+        check_config(m, 16)
+        vq = build_model(m).eval()
+        x = torch.rand(2, 3, 16, 16) * 2 - 1
+        indices = vq.encode_indices(x)
+        assert indices.shape == (2, 8, 8) and int(indices.max()) < codebook == vq.quantizer.codebook_size
+        model = VQWithPrior(vq, prior(codebook_size=codebook, grid=(8, 8)), top_k=5)
+        images = model.sample(3, 16, generator=torch.Generator().manual_seed(0))
+        assert images.shape == (3, 3, 16, 16) and torch.isfinite(images).all()
+        with pytest.raises(ValueError, match="code grid"):
+            model.sample(1, 32)
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+def test_config_errors_are_one_line(tmp_path):
+    base = ["data.train=x", "model.kind=prior"]
+    with pytest.raises(ConfigError, match=r"^model.prior_vq: missing"):
+        load_config([], base)
+    with pytest.raises(ConfigError, match=r"^model.prior_vq: .*nope: no such run"):
+        load_config([], [*base, f"model.prior_vq={tmp_path / 'nope'}"])
+    kl = tmp_path / "kl"
+    kl.mkdir()
+    with pytest.raises(ConfigError, match=r"^model.prior_vq: .*no config.yaml"):
+        load_config([], [*base, f"model.prior_vq={kl}"])
+    (kl / "config.yaml").write_text("model: {kind: kl}\n")
+    with pytest.raises(ConfigError, match=r"^model.prior_vq: .* holds a model.kind=kl model"):
+        load_config([], [*base, f"model.prior_vq={kl}"])
+    (kl / "config.yaml").write_text("model: {kind: vq}\n")
+    with pytest.raises(ConfigError, match=r"^model.prior_heads: 256 \(model.prior_dim\) is not divisible into 7"):
+        load_config([], [*base, f"model.prior_vq={kl}", "model.prior_heads=7"])
+    with pytest.raises(ModelConfigError, match="not filled in yet"):
+        build_model(ModelConfig(kind="prior", prior_vq=str(kl)))
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), num_samples=48, per_shard=12, size=20)
+
+
+@pytest.fixture(scope="module")
+def vq_run(shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("vq") / "vq"
+    assert train_main(["--config", str(TINY), f"data.train={shards}", f"run.dir={run}", *VQ, "train.max_steps=4",
+                       "checkpoint.every_steps=0"]) == 0
+    return run
+
+
+def prior_args(shards, vq_run, run, *extra):
+    return ["--config", str(TINY), "--config", str(PRIOR), f"data.train={shards}", f"run.dir={run}",
+            f"model.prior_vq={vq_run}", *SMALL_PRIOR, *extra]
+
+
+def logged(run: Path, key: str) -> list[float]:
+    return [float(w.split("=", 1)[1]) for line in (run / "train.log").read_text().splitlines()
+            for w in line.split() if w.startswith(key + "=")]
+
+
+def test_prior_trains_on_a_vq_run_and_samples(shards, vq_run, tmp_path, capsys):
+    run = tmp_path / "prior"
+    assert train_main(prior_args(shards, vq_run, run, "train.max_steps=24", "log.images_every_steps=24")) == 0
+    ce, bits = logged(run, "loss/ce"), logged(run, "model/bits_per_code")
+    assert len(ce) == 12 and sum(ce[-3:]) < 0.9 * sum(ce[:3]), f"loss did not fall: {ce}"
+    assert bits[-1] == pytest.approx(ce[-1] / 0.6931471805599453, rel=1e-3)
+    log = (run / "train.log").read_text()
+    assert "class-conditional (4 classes) prior over 16 codes on a 8x8 grid" in log
+    grids = {p.name for p in (run / "samples").glob("*.png")}
+    assert {"prior_samples_step0000024.png", "class_samples_step0000024.png"} <= grids
+    # the checkpoint holds the prior alone: the VQ model is read from model.prior_vq
+    weights = load_file(ckpt.resolve(run, "latest") / "model.safetensors")
+    assert weights and not any(k.startswith(("encoder.", "decoder.", "quantizer.", "vq.")) for k in weights)
+
+    out = tmp_path / "s.png"
+    assert sample_main([str(run), "sample", "--n", "3", "--out", str(out), "--temperature", "0.8", "--top-k", "4"]) == 0
+    assert out.is_file()
+    assert sample_main([str(run), "classes", "--rows", "4", "--n", "2", "--out", str(tmp_path / "c.png")]) == 0
+    assert sample_main([str(run), "sample", "--cls", "2", "--n", "2", "--out", str(tmp_path / "c2.png")]) == 0
+    capsys.readouterr()
+    # a VQ run alone: one line on how to train its prior; sampling knobs on a non-prior run: one line
+    assert sample_main([str(vq_run), "sample", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--config launch/configs/vq_prior.yaml model.prior_vq={vq_run}" in err
+    with pytest.raises(SystemExit, match="--temperature/--top-k apply to a prior run"):
+        sample_main([str(vq_run), "sample", "--top-k", "3"])
+
+
+def test_prior_resume_is_bitwise(shards, vq_run, tmp_path):
+    common = ["train.ema_decay=0.9", "model.prior_dropout=0.1", "model.cond_dropout=0.2", "train.max_steps=8",
+              "log.images_every_steps=0"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train_main(prior_args(shards, vq_run, straight, *common)) == 0
+    assert train_main(prior_args(shards, vq_run, split, *common, "train.stop_after_steps=4")) == 0
+    assert ckpt.read_state(ckpt.resolve(split, "latest"))["step"] == 4
+    assert train_main(prior_args(shards, vq_run, split, *common, "--resume", "latest")) == 0
+    a, b = straight / "checkpoints/step_8", split / "checkpoints/step_8"
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ema_a = torch.load(a / "custom_checkpoint_1.pkl", weights_only=True)["shadow"]
+    ema_b = torch.load(b / "custom_checkpoint_1.pkl", weights_only=True)["shadow"]
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_prior_run_errors(shards, vq_run, tmp_path, capsys):
+    run = tmp_path / "p"
+    assert train_main(prior_args(shards, vq_run, run, "model.prior_codebook_size=99", "train.max_steps=1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model.prior_codebook_size: 99 here, but the model in model.prior_vq gives 16")
+    assert train_main(prior_args(shards, vq_run, run, "loss.disc_weight=0.5", "train.max_steps=1")) == 2
+    assert "error: loss.disc_weight: a discriminator judges reconstructions" in capsys.readouterr().err
