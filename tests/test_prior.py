@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from shardgen import make_shards
 
 from harness import checkpoint as ckpt
 from harness.config import ConfigError, ModelConfig, load_config
@@ -13,7 +14,6 @@ from launch.sample import main as sample_main
 from launch.train import main as train_main
 from models import ModelConfigError, build_model, check_config
 from models.prior import CodePrior, VQWithPrior
-from shardgen import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests/configs/tiny.yaml"
