@@ -107,8 +107,13 @@ def _files(folder: Path) -> list[str]:
 
 
 def _hash_all(folder: Path, names: list[str]) -> list[str]:
-    # Threads: hashlib releases the GIL, and a sharded checkpoint has one large file per rank.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, max(1, len(names)))) as pool:
+    """sha256 of each file. The files were just written, so they are read from the page cache.
+    Threads: hashlib releases the GIL, and a checkpoint has a few large files (weights, optimizer,
+    EMA; one optimizer shard per rank under ZeRO); below 64 MB a pool costs more than it saves."""
+    workers = min(8, os.cpu_count() or 1, len(names))
+    if workers < 2 or sum((folder / n).stat().st_size for n in names) < 64 << 20:
+        return [_sha256(folder / n) for n in names]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda n: _sha256(folder / n), names))
 
 

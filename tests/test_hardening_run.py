@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardgen import make_shards
 
 from harness import checkpoint as ckpt
 from launch.train import main
-from shardgen import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "tests/configs/tiny.yaml"
@@ -169,15 +169,17 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def plant(path: Path, marker: Path) -> None:
-    """Replace a pickled checkpoint file by one with a payload, and re-write the manifest so that it
-    verifies: whoever crafts a file can write a manifest too, so only the unpickler stands in the way."""
-    with torch.serialization.safe_globals(ckpt.allowed_globals(False)):
+def plant(folder: Path, name: str, marker: Path) -> None:
+    """Replace a pickled file of the checkpoint `folder` by one with a payload, and re-write the manifest
+    so that it verifies: whoever crafts a file can write a manifest too, so only the unpickler stands
+    in the way."""
+    path = folder / name
+    with torch.serialization.safe_globals(ckpt.allowed_globals(path.suffix == ".pt")):  # .pt: DeepSpeed's
         original = torch.load(path, weights_only=True)
     payload = {**original, "x": Payload(marker)} if isinstance(original, dict) else Payload(marker)
     torch.save(payload, path)
-    ckpt.write_manifest(path.parent)
-    assert ckpt.verify(path.parent) is None
+    ckpt.write_manifest(folder)
+    assert ckpt.verify(folder) is None
 
 
 def test_the_payload_is_live(tmp_path):
@@ -192,12 +194,12 @@ def test_the_payload_is_live(tmp_path):
                                   "optimizer.bin"])
 def test_resume_refuses_a_pickled_payload(run, shards, tmp_path, capsys, name):
     marker = tmp_path / "pwned"
-    plant(run / "checkpoints/step_2" / name, marker)
+    plant(run / "checkpoints/step_2", name, marker)
     before = snapshot(run / "checkpoints")
     assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 2
     line = one_line(capsys)
-    assert line.startswith(f"error: cannot resume {run}/checkpoints/step_2: {name} holds a pickled ") and \
-        line.endswith("outside the allow-list of plain data: refusing to unpickle it"), line
+    assert line == (f"error: cannot resume {run}/checkpoints/step_2: {name} holds a pickled io.open, outside the "
+                    "allow-list of plain data: refusing to unpickle it")
     assert not marker.exists()
     assert snapshot(run / "checkpoints") == before  # no fall-back to step_1 either: a crafted file is no accident
 
@@ -211,7 +213,7 @@ def test_accelerates_own_loaders_are_held_to_weights_only(run, tmp_path, name):
 
     marker = tmp_path / "pwned"
     folder = run / "checkpoints/step_2"
-    plant(folder / name, marker)
+    plant(folder, name, marker)
     with ckpt.weights_only_loads(folder) as refused, pytest.raises(ckpt.ResumeError, match="refusing to unpickle"):
         if name.startswith("custom"):
             load_custom_state(torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1), lambda s: 1),
@@ -219,6 +221,57 @@ def test_accelerates_own_loaders_are_held_to_weights_only(run, tmp_path, name):
         else:
             load(folder / name)
     assert refused and not marker.exists()
+
+
+def test_deepspeeds_engine_loader_is_held_to_weights_only(tmp_path):
+    """DeepSpeed's checkpoint engine passes weights_only=False for every ZeRO shard it reads."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    marker = tmp_path / "pwned"
+    shard = tmp_path / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.parent.mkdir()
+    torch.save({"optimizer_state_dict": {"x": Payload(marker)}}, shard)
+    with ckpt.weights_only_loads(tmp_path) as refused, pytest.raises(ckpt.ResumeError, match="refusing to unpickle"):
+        TorchCheckpointEngine().load(str(shard))
+    assert refused and not marker.exists()
+    with pytest.raises(ckpt.ResumeError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt holds a pickled"):
+        ckpt.check_pickles(tmp_path)
+    assert not marker.exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def zero2(shards, run, *extra):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/zero2.yaml",
+           "--num_processes", "2", "--main_process_port", str(free_port()), "launch/train.py",
+           *args(shards, run, *extra)]
+    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                  "pytorch_model/mp_rank_00_model_states.pt"])
+def test_zero_checkpoint_with_a_payload_is_refused(shards, tmp_path, name):
+    """ZeRO-2 on 2 CPU processes: a clean resume loads every shard through the weights-only unpickler
+    (the allow-list is complete); a planted payload in a shard is refused on every rank, in one line."""
+    run = tmp_path / "run"
+    r = zero2(shards, run, "train.max_steps=2", "checkpoint.every_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = zero2(shards, run, "train.max_steps=3", "checkpoint.every_steps=3", "--resume", "latest")
+    assert r.returncode == 0 and "at step 2/3" in r.stderr, r.stderr[-3000:]
+    marker = tmp_path / "pwned"
+    plant(run / "checkpoints/step_3", name, marker)
+    r = zero2(shards, run, "train.max_steps=4", "--resume", "latest")
+    assert r.returncode != 0  # the workers exit 2; torchrun reports any failure as 1
+    refusals = [line for line in r.stderr.splitlines() if "refusing to unpickle" in line]
+    assert refusals == [f"error: cannot resume {run}/checkpoints/step_3: {name} holds a pickled io.open, outside "
+                        "the allow-list of plain data: refusing to unpickle it"], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not marker.exists()
 
 
 # ----------------------------------------------------------------------------------------- verification
@@ -289,7 +342,8 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(r
     assert line == (f"error: could not write checkpoint step_4 in {run / 'checkpoints'}: no space left on device "
                     "(ENOSPC); the previous checkpoint step_3 is intact")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3"]  # no partial folder, nothing pruned
-    assert (run / "latest").read_text().strip() == "checkpoints/step_3" and ckpt.verify(run / "checkpoints/step_3") is None
+    assert (run / "latest").read_text().strip() == "checkpoints/step_3"
+    assert ckpt.verify(run / "checkpoints/step_3") is None
     monkeypatch.undo()
     assert main(args(shards, run, "train.max_steps=4", "--resume", "latest")) == 0
 
@@ -321,9 +375,10 @@ def test_sbatch_resume_without_a_value_is_refused_at_once(tmp_path, argv):
 
 
 def test_sbatch_passes_a_resume_path_and_overrides_through(tmp_path):
-    r = sbatch(tmp_path, "data.train=/d/{0..3}.tar", "--resume", "/runs/lr=1e-4/checkpoints/step_5", "train.max_steps=9")
+    path = "/runs/lr=1e-4/checkpoints/step_5"  # a "=" in a path is no override
+    r = sbatch(tmp_path, "data.train=/d/{0..3}.tar", "--resume", path, "train.max_steps=9")
     assert r.returncode == 0, r.stderr
     words = r.stdout.splitlines()
     i = words.index("--resume")
-    assert words[i + 1] == "/runs/lr=1e-4/checkpoints/step_5"
+    assert words[i + 1] == path
     assert "data.train=/d/{0..3}.tar" in words and "train.max_steps=9" in words
