@@ -56,6 +56,7 @@ from shards.sources import DataSourceError, ShardSource, resolve_sources
 
 def decode(item: dict | BadSample, spec: DecodeSpec, rng: random.Random) -> dict | BadSample:
     """A raw item of the stream (a sample, or the reader's BadSample) -> a decoded sample or a BadSample."""
+    item = tario.materialize(item)  # a sample a fast-forward passed over by its headers
     return item if isinstance(item, BadSample) else guarded(item, spec, rng)
 
 
@@ -190,12 +191,12 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip_batches = epoch, skip_batches
 
-    def _raw_samples(self, urls: list[str], seed: int):
+    def _raw_samples(self, urls: list[str], seed: int, skipping: tario.Skipping):
         """Infinite resampled raw items from `urls`: samples, and a BadSample for each shard read that
         breaks off or holds nothing (webdataset's ResampledShards + our tar reader)."""
         stages = [
             wds.ResampledShards(urls, worker_seed=lambda: seed, deterministic=True),
-            tario.tarfile_to_samples(),
+            tario.tarfile_to_samples(skipping),
         ]
         if self.sample_split:
             stages.append(wds.pipelinefilter(_take_every)(self.rank, self.world_size))
@@ -227,13 +228,17 @@ class ShardStream(IterableDataset):
         all-bad window takes the next good sample after it). So batch j starts at position j*B even
         after bad samples, and a resume skips already*B raw items without decoding any: exact."""
         seed = make_seed(self.seed, epoch, self.rank, slot)
-        streams = [self._raw_samples(urls, make_seed(seed, i)) for i, (urls, _) in enumerate(self.parts)]
+        skipping = tario.Skipping(on=already > 0)
+        streams = [self._raw_samples(urls, make_seed(seed, i), skipping) for i, (urls, _) in enumerate(self.parts)]
         weights = [w for _, w in self.parts]
         raw = streams[0] if len(streams) == 1 else _mix(streams, weights, random.Random(seed))
         if self.shuffle_buffer > 0:
             raw = wds.filters._shuffle(raw, self.shuffle_buffer, initial=self.shuffle_buffer,
                                        rng=random.Random(seed + 1))
-        raw = islice(raw, already * self.batch_size, None)  # resume: skip without decoding
+        # Resume: pass the raw items consumed before, by count, without decoding them; local
+        # shards are read by their headers alone meanwhile (tario.Skipping).
+        deque(islice(raw, already * self.batch_size), maxlen=0)
+        skipping.on = False
         positions = _Positions(raw, already * self.batch_size, self.decoder, seed, counter)
         for _ in range(todo):
             window = [positions.take() for _ in range(self.batch_size)]

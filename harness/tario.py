@@ -18,8 +18,11 @@ stream over empty or unreadable shards is seen to stall instead of spinning fore
 
 from __future__ import annotations
 
+import io
+import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import webdataset as wds
 from webdataset.gopen import gopen
@@ -30,20 +33,19 @@ BLOCK = 512
 CHUNK = 1 << 24  # a member is read in pieces of at most this: a forged size allocates nothing
 _SKIP_META = re.compile(r"__[^/]*__($|/)")
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
-_OCTAL = re.compile(rb" *[0-7]+ *")
 
 
 def _octal(field: bytes, what: str) -> int:
     if field[:1] == b"\x80":  # GNU base-256 for sizes >= 8 GiB
         return int.from_bytes(field[1:], "big")
-    if field[:1] == b"\xff":
-        raise BadData(f"negative {what} in a tar header")
-    text = field.split(b"\0", 1)[0]
-    if not text.strip():
-        return 0
-    if not _OCTAL.fullmatch(text):
-        raise BadData(f"tar header {what} {text[:12]!r} is not an octal number")
-    return int(text, 8)
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        n = int(text, 8) if text else 0  # the fast path: 4 headers a sample (pax + file, twice)
+    except ValueError:
+        n = -1
+    if n < 0 or not text.isdigit() and text:  # "-7", "+7", "7_7" parse as numbers too
+        raise BadData(f"tar header {what} {field[:12]!r} is not an octal number")
+    return n
 
 
 def _read(read, n: int, what: str) -> bytes:
@@ -59,8 +61,12 @@ def _read(read, n: int, what: str) -> bytes:
             left -= len(part)
         data = b"".join(parts)
     if len(data) < n:
-        raise BadData(f"{what} of {n} bytes runs past the end of the shard (truncated, or a forged size)")
+        raise _past_end(what, n)
     return data
+
+
+def _past_end(what: str, n: int) -> BadData:
+    return BadData(f"{what} of {n} bytes runs past the end of the shard (truncated, or a forged size)")
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -78,20 +84,56 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def tar_members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of every regular file in a tar stream, in order; BadData on what is not tar."""
+@dataclass(frozen=True)
+class Ref:
+    """Where a member's bytes are, read only if needed: what a fast-forward carries instead of data."""
+
+    url: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.url, "rb") as f:
+            f.seek(self.offset)
+            return _read(f.read, self.size, "tar member")
+
+
+@dataclass
+class Skipping:
+    """The reader's switch for a resume: while `on`, members of local shards are passed by their
+    headers alone (seek, no read) and come out as Refs; a sample that is still in the shuffle
+    buffer when the fast-forward ends is read then (`materialize`). The items, and so the stream,
+    are the same either way."""
+
+    on: bool = False
+
+
+def tar_members(stream, skipping: Skipping | None = None, url: str = "") -> Iterator[tuple[str, bytes | Ref]]:
+    """(name, data) of every regular file in a tar stream, in order; BadData on what is not tar.
+    With `skipping` on (a local file), regular members are Refs, checked against the file's size."""
     long_name: str | None = None
     read = stream.read
+    end = os.fstat(stream.fileno()).st_size if skipping is not None else 0
+    first = True
     while True:
         header = read(BLOCK)
         if not header or header == b"\0" * BLOCK:
             return  # end of archive (two zero blocks, or a tar without them)
         if len(header) < BLOCK:
             raise BadData("unexpected end of data (truncated header)")
-        if _octal(header[148:156], "checksum") != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+        if first and _octal(header[148:156], "checksum") != sum(header[:148]) + 8 * 32 + sum(header[156:]):
             raise BadData("tar header checksum mismatch (not a tar file, or corrupt)")
+        first = False  # checking every header costs more than parsing it; the first tells a foreign file
         size, kind = _octal(header[124:136], "size"), header[156:157]
-        data = _read(read, (size + BLOCK - 1) // BLOCK * BLOCK, "tar member")[:size]
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        if skipping is not None and skipping.on and kind in (b"0", b"\0", b"7"):
+            offset = stream.tell()
+            if offset + padded > end:  # what reading would find, without reading
+                raise _past_end("tar member", padded)
+            stream.seek(padded, os.SEEK_CUR)
+            data = Ref(url, offset, size)
+        else:
+            data = _read(read, padded, "tar member")[:size]
         if kind in (b"x", b"g"):  # pax header: may rename the next member
             long_name = _pax_path(data) if kind == b"x" else long_name
             continue
@@ -112,17 +154,20 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
 
 
 def _open(url: str):
-    return open(url, "rb") if "://" not in url and not url.startswith("pipe:") else gopen(url)
+    # Unbuffered for local files: a header is one 512-byte read and a member one read of its size;
+    # a buffer would read ahead 8 KB at every header, also past members a fast-forward seeks over.
+    return open(url, "rb", buffering=0) if "://" not in url and not url.startswith("pipe:") else gopen(url)
 
 
-def shard_samples(url: str) -> Iterator[dict | BadSample]:
+def shard_samples(url: str, skipping: Skipping | None = None) -> Iterator[dict | BadSample]:
     """The samples of one shard as webdataset groups them ({"__key__", "__url__", ext: bytes}), then
     one BadSample for the rest of a shard that breaks off (a tar cannot be resynchronised) or for a
     shard without any sample."""
     current, n = None, 0
     try:
         with _open(url) as stream:
-            for name, data in tar_members(stream):
+            local = skipping if isinstance(stream, io.FileIO) else None  # pipes and URLs cannot seek
+            for name, data in tar_members(stream, local, url):
                 if "/" not in name and name.startswith("__") and name.endswith("__") or _SKIP_META.match(name):
                     continue
                 match = _KEY.match(name)
@@ -148,9 +193,21 @@ def shard_samples(url: str) -> Iterator[dict | BadSample]:
         yield BadSample("", url, "no samples (empty tar)")
 
 
-def _tarfile_samples(src: Iterable[dict]) -> Iterator[dict | BadSample]:
+def materialize(item: dict | BadSample) -> dict | BadSample:
+    """A sample whose members are Refs (passed over by a fast-forward) with its bytes read."""
+    if isinstance(item, BadSample) or not any(isinstance(v, Ref) for v in item.values()):
+        return item
+    try:
+        return {k: v.read() if isinstance(v, Ref) else v for k, v in item.items()}
+    except Exception as exn:
+        if not is_data_error(exn):
+            raise
+        return BadSample(item["__key__"], item["__url__"], f"tar member unreadable: {one_line(exn)}")
+
+
+def _tarfile_samples(src: Iterable[dict], skipping: Skipping | None = None) -> Iterator[dict | BadSample]:
     for shard in src:
-        yield from shard_samples(shard["url"])
+        yield from shard_samples(shard["url"], skipping)
 
 
 tarfile_to_samples = wds.pipelinefilter(_tarfile_samples)  # a webdataset stage over {"url": ...} dicts

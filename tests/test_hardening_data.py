@@ -236,7 +236,7 @@ def test_sigterm_ends_a_run_over_empty_shards(tmp_path):
     if p.poll() is None:
         p.send_signal(signal.SIGTERM)
     p.communicate(timeout=120)  # a hang fails here
-    assert p.returncode in (2, 75), p.returncode
+    assert p.returncode in (2, 75, -signal.SIGTERM), p.returncode  # gave up, stopped, or killed while starting
 
 
 # ---------------------------------------------------------------------------------------------
