@@ -65,6 +65,21 @@ class Monitor:
         if trainer.task.draws_images:
             self.grid_batch = fixed_batch(cfg.data.val or cfg.data.train, cfg.log.num_images, cfg.data.image_size)
 
+    def start_message(self) -> None:
+        t = self.t
+        a, info = t.accelerator, t.loader.info
+        t.log.info(
+            f"{'resuming from ' + str(t.start.resume_from) if t.start.resume_from else 'starting'} at step "
+            f"{t.step}/{t.cfg.train.max_steps}: {t.num_params / 1e6:.2f}M parameters, "
+            f"{t.world.world_size} process(es) ({a.distributed_type.value}, {a.mixed_precision}), "
+            f"{info.num_samples} samples in {info.num_shards} shard(s), {t.loader.batches_per_epoch} "
+            f"batches/epoch/rank, run folder {t.run_dir}")
+        if (line := t.task.describe()) is not None:
+            t.log.info(line)
+        if t.loader.sample_split:
+            t.log.info(f"note: fewer shards than ranks ({info.num_shards} < {t.world.world_size}): every "
+                       "rank reads all shards and keeps 1/world_size of the samples; make more shards")
+
     def scalars(self, stats: StepStats, elapsed: float, bar) -> None:
         t, cfg = self.t, self.t.cfg
         local = stats.averages()

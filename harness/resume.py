@@ -123,6 +123,25 @@ def init_source(path: str, world) -> Path:
     return Path(found[0])
 
 
+def begin(trainer, start: Start) -> None:
+    """Restore the checkpoint (or seed a new run), then tidy the run folder (main process)."""
+    if start.resume_from is not None:
+        state = restore(trainer, start)
+        trainer.step, trainer.samples_seen = state["step"], state["samples_seen"]
+        trainer.totals.update(state.get("totals", {}))
+        if trainer.validator is not None:
+            trainer.validator.best = state.get("best")
+    else:
+        set_seed(trainer.cfg.train.seed + trainer.world.rank)  # posterior noise differs per rank
+    trainer.ckpt.clean_stale()
+    if trainer.validator is not None:
+        trainer.validator.reconcile(trainer.run_dir / "checkpoints", trainer.world.is_main)
+    if start.resume_from is not None:
+        for p in trainer.ckpt.set_aside_newer(start.resume_from, trainer.step):
+            trainer.log.info(f"note: resumed from an older checkpoint; the newer {p.name[len('abandoned-'):]} "
+                             f"is kept as {p} and no longer resumed or pruned")
+
+
 def restore(trainer, start: Start) -> dict:
     """Load model, optimizer, scheduler, scaler, EMA, RNG (accelerate) and return the trainer state."""
     accelerator, world = trainer.accelerator, trainer.world

@@ -37,7 +37,7 @@ from harness.engine import StepOutcome, make_engine
 from harness.hooks import EMAHook
 from harness.inference import init_weights
 from harness.monitor import Monitor, StepStats
-from harness.resume import init_source, plan, restore
+from harness.resume import begin, init_source, plan
 from harness.runlock import hold as hold_run_dir
 from harness.signals import EXIT_PREEMPTED, StopFlag
 from harness.tasks import make_task
@@ -81,7 +81,6 @@ class Trainer:
                                        **scale.accelerator_kwargs())
         scale.check_world(self.accelerator)
         self.world = world()  # from torch.distributed, now that accelerate has set it up
-        self.run_tag = hold_run_dir(self.run_dir, self.world)  # one job per run.dir, before anything is written
         self.device = self.accelerator.device
         discriminator.refuse_unsupported(cfg, device=self.device, world_size=self.world.world_size)
         self.task = make_task(cfg, self.device)
@@ -90,6 +89,8 @@ class Trainer:
                                   batch_size=cfg.train.batch_size, pin_memory=self.device.type == "cuda",
                                   num_classes=cfg.model.num_classes if cfg.model.condition == "class" else 0)
         self.task.check_data(self.loader.info)
+        # One job per run.dir, taken before anything is written (and after what can be refused without it).
+        self.run_tag = hold_run_dir(self.run_dir, self.world)
         self.log = RankLogger(self.world.is_main, self.run_dir / "train.log")
         self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.accelerator, self.world.is_main,
                                            tag=self.run_tag)
@@ -130,41 +131,13 @@ class Trainer:
         self.step = self.samples_seen = self.nonfinite_in_a_row = 0
         self.last_loss = float("nan")
         self.totals = defaultdict(float)  # nonfinite_steps, bad_samples over the whole run
-        if self.start.resume_from is not None:
-            state = restore(self, self.start)
-            self.step, self.samples_seen = state["step"], state["samples_seen"]
-            self.totals.update(state.get("totals", {}))
-            if self.validator is not None:
-                self.validator.best = state.get("best")
-        else:
-            set_seed(cfg.train.seed + self.world.rank)  # posterior noise differs per rank
-        self.ckpt.clean_stale()
-        if self.validator is not None:
-            self.validator.reconcile(self.run_dir / "checkpoints", self.world.is_main)
-        if self.start.resume_from is not None:
-            for p in self.ckpt.set_aside_newer(self.start.resume_from, self.step):
-                self.log.info(f"note: resumed from an older checkpoint; the newer {p.name[len('abandoned-'):]} "
-                              f"is kept as {p} and no longer resumed or pruned")
+        begin(self, self.start)  # restore a checkpoint (or seed a new run), then tidy the run folder
         self.monitor = Monitor(self)
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         if self.world.is_main:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             self.monitor.tracker.text("config", f"```\n{self.config_yaml}\n```")
-        self._log_start()
-
-    def _log_start(self) -> None:
-        a, info = self.accelerator, self.loader.info
-        self.log.info(
-            f"{'resuming from ' + str(self.start.resume_from) if self.start.resume_from else 'starting'} at step "
-            f"{self.step}/{self.cfg.train.max_steps}: {self.num_params / 1e6:.2f}M parameters, "
-            f"{self.world.world_size} process(es) ({a.distributed_type.value}, {a.mixed_precision}), "
-            f"{info.num_samples} samples in {info.num_shards} shard(s), {self.loader.batches_per_epoch} "
-            f"batches/epoch/rank, run folder {self.run_dir}")
-        if (line := self.task.describe()) is not None:
-            self.log.info(line)
-        if self.loader.sample_split:
-            self.log.info(f"note: fewer shards than ranks ({info.num_shards} < {self.world.world_size}): every "
-                          "rank reads all shards and keeps 1/world_size of the samples; make more shards")
+        self.monitor.start_message()
 
     # ----------------------------------------------------------------------------------------- the step
 
