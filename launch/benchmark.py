@@ -462,11 +462,11 @@ def bench_peer(a) -> dict:
         if "compile" in s:  # the first step (wall) less a compiled step: tracing, lowering, C++/Triton builds
             row["compile_s"] = round(first[s] - wall[s], 2)
         if flops:
-            row["tflops"] = round(flops / med[s] / 1e12, 3)
+            row["tflops"] = float(f"{flops / med[s] / 1e12:.4g}")
             row["peak_fraction"] = round(row["tflops"] / peak, 3) if peak else None
         rows.append(row)
         extra = (f", compile {row['compile_s']:.1f} s" if "compile_s" in row else "") + (
-            f", {row['tflops']:.2f} TFLOP/s" + (f" ({100 * row['peak_fraction']:.0f}% of {peak:.0f} bf16 peak)"
+            f", {row['tflops']:.3g} TFLOP/s" + (f" ({100 * row['peak_fraction']:.0f}% of {peak:.0f} bf16 peak)"
                                                  if peak else " (peak n/a)") if flops else "")
         print(f"  {s:<32} {row['ms']:>10.1f} ms {row['img_s']:>9.1f} img/s   ratio {row['ratio']:.2f}   "
               f"(wall {row['wall_ms']:.1f} ms, cpu {row['cpu_ms']:.1f} ms){extra}")
