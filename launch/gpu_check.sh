@@ -8,7 +8,8 @@
 # Parts, each under `timeout` and inside the total budget (a part that would not fit is skipped, never started):
 #   install   imports checked; if missing: launch/install.sh --test, then diffusers (from $WHEELS when set: offline);
 #             env.json: device name, torch / CUDA / cuDNN versions, bf16 peak from the table in launch/benchmark.py
-#   gpu_tests pytest tests/test_gpu.py (fp16 loss scaling + overflow recovery, bf16, ZeRO-2 fp16, fp16 attention)
+#   gpu_tests pytest tests/test_gpu.py (fp16 loss scaling + overflow recovery, bf16, ZeRO-2 fp16, fp16 attention,
+#             the discriminator's two loss scalers)
 #   peer_bf16 / peer_fp16  ours vs diffusers.AutoencoderKL, kl-f8 at 256 px, autocast (fp16 with GradScaler)
 #   klf8_step our kl-f8 step at 256 px: images/s and model TFLOP/s (torch.utils.flop_counter) against bf16 peak
 #   compile   torch.compile of our kl-f8 step: compile seconds and the step ratio
@@ -82,9 +83,11 @@ export -f install_deps
 export PYTHON OUT
 run_part install 120 bash -c install_deps
 
+NO_CUDA=0
 if [ "$MODE" = gpu ] && ! grep -q '"cuda_available": true' "$OUT/env.json" 2>/dev/null; then
   echo "error: no CUDA device visible (torch.cuda.is_available() is False); use --cpu for the dry run" >&2
   printf 'cuda\tfailed\t0\tno CUDA device visible\n' >> "$OUT/parts.tsv"
+  NO_CUDA=1
 fi
 SIDES=ours,diffusers
 grep -q '"diffusers": true' "$OUT/env.json" 2>/dev/null || SIDES=ours  # no diffusers (offline, no wheels): ours alone
@@ -100,6 +103,8 @@ if [ "$MODE" = cpu ]; then
   run_part peer_fp16 60 "${BENCH[@]}" "${SIZE[@]}" --dtype fp16 --sides "$SIDES" --json "$OUT/peer_fp16.jsonl"
   skip_part klf8_step "cpu mode"
   skip_part compile "cpu mode"
+elif [ "$NO_CUDA" = 1 ]; then  # kl-f8 at 256 px on a CPU would only burn the budget
+  for part in peer_bf16 klf8_step peer_fp16 compile; do skip_part $part "no CUDA device"; done
 else
   # Most telling first: when the budget runs short, compile (the slowest to learn anything from) is skipped.
   run_part peer_bf16 75 "${BENCH[@]}" --preset kl-f8 --batch-size "$BATCH" --dtype bf16 --rounds 5 --steps 3 \
