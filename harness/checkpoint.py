@@ -370,7 +370,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
             if bug is not None:
                 raise bug
-            previous = resolve_quietly(self.run_dir)
+            previous = next((p for n, p in reversed(list_checkpoints(self.run_dir)) if n < step), None)
             kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint"
             raise CheckpointError(f"could not write checkpoint step_{step} in {self.root}: {error}; {kept}")
         return final
@@ -419,9 +419,3 @@ def _describe(e: Exception) -> str | None:
     if "write" in text.lower() and ("fail" in text.lower() or "error" in text.lower()):
         return f"{text} (disk full?)"
     return None
-
-
-def resolve_quietly(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint, unverified (for messages)."""
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None

@@ -271,7 +271,8 @@ def test_zero_checkpoint_with_a_payload_is_refused(shards, tmp_path, name):
     refusals = [line for line in r.stderr.splitlines() if "refusing to unpickle" in line]
     assert refusals == [f"error: cannot resume {run}/checkpoints/step_3: {name} holds a pickled io.open, outside "
                         "the allow-list of plain data: refusing to unpickle it"], r.stderr[-3000:]
-    assert "Traceback" not in r.stderr and not marker.exists()
+    # (the launcher prints a traceback of its own for a failed worker; the workers print none)
+    assert "harness/" not in r.stderr and "UnpicklingError" not in r.stderr and not marker.exists()
 
 
 # ----------------------------------------------------------------------------------------- verification
