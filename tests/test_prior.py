@@ -213,3 +213,29 @@ def test_prior_run_errors(shards, vq_run, tmp_path, capsys):
     assert err.startswith("error: model.prior_codebook_size: 99 here, but the model in model.prior_vq gives 16")
     assert train_main(prior_args(shards, vq_run, run, "loss.disc_weight=0.5", "train.max_steps=1")) == 2
     assert "error: loss.disc_weight: a discriminator judges reconstructions" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cpu2", "zero3"])
+def test_prior_trains_under_ddp_and_zero3(backend, shards, vq_run, tmp_path):
+    """Two processes: the frozen VQ model on every rank outside the engine; under ZeRO-3 the grids
+    gather the prior's parameters collectively; sample.py reads the (sharded) checkpoint."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / backend
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{backend}.yaml",
+           "--num_processes", "2", "--main_process_port", str(port), "launch/train.py",
+           *prior_args(shards, vq_run, run, "train.max_steps=4", "log.images_every_steps=4", "train.ema_decay=0.9")]
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stderr and ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 4
+    assert {"prior_samples_step0000004.png", "class_samples_step0000004.png"} <= {p.name for p in
+                                                                                  (run / "samples").glob("*.png")}
+    assert sample_main([str(run), "classes", "--rows", "2", "--n", "2", "--ema", "--out", str(tmp_path / "c.png")]) == 0
