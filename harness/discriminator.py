@@ -57,7 +57,8 @@ def layout(cfg: Config) -> dict | None:
     if c.disc_weight <= 0:
         return None
     # sync_batch and batch hold the same tensors: a run may switch between them at resume
-    return {"layers": c.disc_layers, "channels": c.disc_channels, "norm": "group" if c.disc_norm == "group" else "batch"}
+    norm = "group" if c.disc_norm == "group" else "batch"
+    return {"layers": c.disc_layers, "channels": c.disc_channels, "norm": norm}
 
 
 def check_resume_layout(path: Path, state: dict, cfg: Config) -> None:
@@ -112,7 +113,8 @@ class DiscriminatorHook(Hook):
         if distributed:
             ids = [device.index] if device.type == "cuda" else None
             self.disc = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.lr(cfg), betas=(0.5, 0.9), weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.lr(cfg), betas=(0.5, 0.9),
+                                           weight_decay=0.0)
         precision = trainer.accelerator.mixed_precision
         self.amp_dtype = AMP_DTYPES.get(precision)
         self.device_type = device.type
@@ -186,7 +188,8 @@ class DiscriminatorHook(Hook):
             return
         # Accumulation: D's gradients are all-reduced only on the micro-batch that steps (no_sync
         # must hold over D's forward too: DDP decides at forward time).
-        sync = trainer.accelerator.sync_gradients or not isinstance(self.disc, torch.nn.parallel.DistributedDataParallel)
+        ddp = isinstance(self.disc, torch.nn.parallel.DistributedDataParallel)
+        sync = trainer.accelerator.sync_gradients or not ddp
         with contextlib.nullcontext() if sync else self.disc.no_sync():
             with self.autocast():
                 real, fake = self.disc(x.float(), out.recon.detach().float())

@@ -71,13 +71,12 @@ def state_dict_of(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
         state = consolidate(folder)
     else:
         raise LoadError(f"{folder}: no model weights (model.safetensors, pytorch_model.bin or DeepSpeed shards)")
-    state = {k: v for k, v in state.items() if not k.startswith(NOT_WEIGHTS)}  # the learned loss.logvar
     if ema:
         shadow = _ema_state(folder)
         if shadow is None:
             raise LoadError(f"{folder}: no EMA weights (was train.ema_decay > 0?)")
         state.update(shadow)  # EMA covers trainable parameters; buffers (codebooks, norms) stay as saved
-    return state
+    return {k: v for k, v in state.items() if not k.startswith(NOT_WEIGHTS)}  # the learned loss.logvar
 
 
 WEIGHT_FILES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")

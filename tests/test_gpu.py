@@ -69,9 +69,12 @@ def test_attention_stays_finite_in_fp16():
 def test_fp16_gan_keeps_two_loss_scalers(shards, tmp_path):
     """fp16 with a discriminator: accelerate's GradScaler for the autoencoder, D's own (LlamaGen's
     two scalers); both train, both are checkpointed, and the run resumes."""
+    from accelerate.state import AcceleratorState
+
     from harness.config import load_config
     from harness.trainer import Trainer
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # in-process tests before may have fixed another precision
     run = tmp_path / "run"
     common = ["--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}",
               "train.mixed_precision=fp16", "loss.disc_weight=0.5", "loss.lecam_weight=0.01", "log.every_steps=1",

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from shardgen import make_shards
+from test_train import args, logged
 
 from harness.config import ConfigError, LossConfig, load_config
-from harness.losses import (AutoencoderLoss, LearnedLogVariance, bce, free_bits_kl, ms_ssim, ms_ssim_scales)
+from harness.losses import AutoencoderLoss, LearnedLogVariance, bce, free_bits_kl, ms_ssim, ms_ssim_scales
 from launch.train import main
 from models.base import AutoencoderOutput
 from models.distributions import DiagonalGaussianDistribution
-from shardgen import make_shards
-from test_train import args, logged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,8 @@ def perception_file(tmp_path_factory):
     torch.manual_seed(0)
     path = save_perception(PerceptionNet(channels=[8, 16], num_classes=3, norm_groups=4),
                            tmp_path_factory.mktemp("perception") / "perception.safetensors")
-    return lambda name: [f"loss.perceptual_net={path}"] if "perceptual" in (ROOT / "launch/configs" / name).read_text() else []
+    uses = lambda name: "perceptual" in (ROOT / "launch/configs" / name).read_text()  # noqa: E731
+    return lambda name: [f"loss.perceptual_net={path}"] if uses(name) else []
 
 
 def loss_fn(**kw) -> AutoencoderLoss:
@@ -155,7 +156,7 @@ def test_new_options_are_validated():
 
 def test_learned_logvar_trains_with_the_model_and_resumes_bitwise(config, shards, tmp_path):
     common = ["loss.learned_logvar=true", "loss.logvar_init=0.25", "loss.kl_anneal_steps=4", "loss.kl_free_bits=0.01",
-              "checkpoint.every_steps=0", "train.max_steps=6", "log.every_steps=1"]
+              "checkpoint.every_steps=0", "train.max_steps=6", "log.every_steps=1", "train.ema_decay=0.9"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(args(config, shards, straight, *common)) == 0
     assert main(args(config, shards, split, *common, "train.stop_after_steps=3")) == 0
@@ -171,6 +172,7 @@ def test_learned_logvar_trains_with_the_model_and_resumes_bitwise(config, shards
     from harness.inference import state_dict_of
 
     assert "loss.logvar" not in state_dict_of(straight / "checkpoints/step_6")
+    assert "loss.logvar" not in state_dict_of(straight / "checkpoints/step_6", ema=True)
 
 
 def test_learned_logvar_is_in_the_optimizer(config, shards, tmp_path):
