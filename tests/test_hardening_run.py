@@ -83,6 +83,8 @@ time.sleep(600)
 
 
 def test_a_second_job_is_refused_naming_the_holder_and_writes_nothing(run, shards, capsys):
+    stale = run / "checkpoints/.tmp-step_3.999-0badcafe"  # the holder's save in progress: not ours to clean
+    stale.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -99,6 +101,7 @@ def test_a_second_job_is_refused_naming_the_holder_and_writes_nothing(run, shard
     assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 0
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 3
     assert (run / ".lock").read_text() == f"host={socket.gethostname()} pid={os.getpid()}\n"
+    assert not stale.exists()  # a dead writer's temporary goes once the lock is ours
 
 
 @pytest.mark.slow
@@ -347,6 +350,45 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(r
     assert ckpt.verify(run / "checkpoints/step_3") is None
     monkeypatch.undo()
     assert main(args(shards, run, "train.max_steps=4", "--resume", "latest")) == 0
+
+
+FULL_ON_RANK_1 = """
+import errno, os, sys
+import torch
+sys.path.insert(0, {root!r})
+real_save = torch.save
+
+
+def save(obj, f, *args, **kwargs):  # rank 1's disk fills up during the second save
+    if os.environ.get("RANK") == "1" and ".tmp-step_4" in str(f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = save
+from launch.train import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_disk_full_on_one_rank_stops_every_rank_without_a_hang(shards, tmp_path):
+    """2-process DDP: rank 1 cannot write its RNG state. Every rank learns it (one all-reduce), none
+    waits forever in the next collective, rank 0 says it in one line, step_2 stays the checkpoint."""
+    script = tmp_path / "train_full_disk.py"
+    script.write_text(FULL_ON_RANK_1.format(root=str(ROOT)))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/cpu2.yaml",
+           "--num_processes", "2", "--main_process_port", str(free_port()), str(script),
+           *args(shards, run, "train.max_steps=6", "checkpoint.every_steps=2")]
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: could not write checkpoint step_4 in {run / 'checkpoints'}: another rank could not "
+                      "write its part; the previous checkpoint step_2 is intact"], r.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2"]
+    assert (run / "latest").read_text().strip() == "checkpoints/step_2"
 
 
 # ----------------------------------------------------------------------------------------- sbatch arguments
