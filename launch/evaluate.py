@@ -59,6 +59,9 @@ def parse_args(argv):
 @torch.no_grad()
 def evaluate(args) -> dict:
     model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device)
+    if cfg.model.kind == "prior":  # no reconstructions of its own: its loss/ce is in the run's log
+        raise LoadError(f"{folder}: a model.kind=prior run has no reconstructions to evaluate; evaluate its VQ model "
+                        f"({cfg.model.prior_vq})")
     data = args.data or cfg.data.val
     if not data:
         raise DataSourceError("no held-out data: give --data SHARDS (the run has no data.val)")

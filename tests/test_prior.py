@@ -10,6 +10,7 @@ from shardgen import make_shards
 
 from harness import checkpoint as ckpt
 from harness.config import ConfigError, ModelConfig, load_config
+from launch.evaluate import main as evaluate_main
 from launch.sample import main as sample_main
 from launch.train import main as train_main
 from models import ModelConfigError, build_model, check_config
@@ -188,6 +189,8 @@ def test_prior_trains_on_a_vq_run_and_samples(shards, vq_run, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and f"--config launch/configs/vq_prior.yaml model.prior_vq={vq_run}" in err
     with pytest.raises(SystemExit, match="--temperature/--top-k apply to a prior run"):
         sample_main([str(vq_run), "sample", "--top-k", "3"])
+    assert evaluate_main([str(run), "--data", str(shards)]) == 2
+    assert "a model.kind=prior run has no reconstructions to evaluate" in capsys.readouterr().err
 
 
 def test_prior_resume_is_bitwise(shards, vq_run, tmp_path):
