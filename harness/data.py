@@ -331,7 +331,7 @@ def _drop_stop_signals(parent: int, stop: set) -> None:
 def fixed_batch(spec, n: int, image_size: int) -> dict | None:
     """The first `n` samples of a source, center-cropped: the fixed inputs of reconstruction grids."""
     sources = resolve_sources(spec, require_count=False)
-    decoder = DecodeSpec(image_size, num_labels=len(sources[0].label_names))
+    decoder = DecodeSpec(image_size, num_classes=len(sources[0].classes), num_labels=len(sources[0].label_names))
     samples = []
     for item in wds.DataPipeline(wds.SimpleShardList(sources[0].urls), tario.tarfile_to_samples()):
         out = decode(item, decoder, random.Random(0))
@@ -394,7 +394,7 @@ def eval_batches(spec, *, image_size: int, batch_size: int, num_workers: int = 0
     With `world_size` > 1, this rank's share of the first `max_samples` (see EvalStream)."""
     sources = resolve_sources(spec, require_count=False)
     urls = [u for s in sources for u in s.urls]
-    decoder = DecodeSpec(image_size, num_labels=len(sources[0].label_names))
+    decoder = DecodeSpec(image_size, num_classes=len(sources[0].classes), num_labels=len(sources[0].label_names))
     workers = min(num_workers, len(urls), 1 if world_size > 1 else num_workers)
     stream = EvalStream(urls, decoder, batch_size, max_samples, rank=rank, world_size=world_size)
     loader = DataLoader(stream, batch_size=None, num_workers=workers)

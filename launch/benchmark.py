@@ -37,7 +37,7 @@ import torch  # noqa: E402
 def _raw_images(spec: str, limit: int) -> list[bytes]:
     import webdataset as wds
 
-    from harness.data import IMAGE_KEYS
+    from shards.decode import IMAGE_KEYS
     from shards.sources import DataSourceError, resolve_sources
 
     urls = [u for s in resolve_sources(spec, require_count=False) for u in s.urls]
