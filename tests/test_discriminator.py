@@ -229,16 +229,16 @@ GAN = ["loss.disc_weight=0.5", "loss.disc_start=1", "loss.lecam_weight=0.1", "lo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
 def test_the_gan_resumes_bitwise_in_two_processes(backend, shards, tmp_path):
-    """2-process DDP and DeepSpeed ZeRO-2 (D beside the engine, under torch DDP): 6 steps straight
+    """2-process DDP and DeepSpeed ZeRO-2/3 (D beside the engine, under torch DDP): 6 steps straight
     and 3 + 3 with a resume end with the same autoencoder, D, D's Adam moments and LeCAM anchors."""
     from test_scale import BACKENDS, train
 
     from harness.inference import state_dict_of
 
-    # DDP with accumulation (D's own no_sync), ZeRO-2 with GroupNorm
-    extra = ["loss.disc_norm=group"] if backend == "zero2" else ["loss.disc_norm=batch", "train.grad_accum=2"]
+    # DDP with accumulation (D's own no_sync), ZeRO with GroupNorm
+    extra = ["loss.disc_norm=batch", "train.grad_accum=2"] if backend == "ddp" else ["loss.disc_norm=group"]
     common = [*GAN, "train.max_steps=6", *extra]
     straight, split = tmp_path / "straight", tmp_path / "split"
     for run, extra in ((straight, []), (split, ["train.stop_after_steps=3"]), (split, ["--resume", "latest"])):
