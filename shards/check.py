@@ -3,7 +3,9 @@
 Both take a shard folder (ours with index.json, or img2dataset output) or anything else
 `data.train` accepts (a brace pattern, a list file). Shards are read with `tarfile` and grouped
 into samples exactly as webdataset does it: members with the same name up to the first dot of the
-base name form one sample, extensions lower-cased.
+base name form one sample, extensions lower-cased. `verify` decodes every sample with the training
+loader's own `shards.decode.decode_sample` (same boundary, same reasons), so it fails on everything
+the loader would skip.
 """
 
 from __future__ import annotations
