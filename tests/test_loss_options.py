@@ -211,3 +211,18 @@ def small_model(cfg) -> list[str]:
         return []
     return ["model.ch=16", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.norm_groups=8",
             "model.attn_resolutions=[]", "loss.disc_channels=8", "loss.disc_layers=2"]
+
+
+def test_what_the_new_knobs_cannot_do_is_one_line(config, shards, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from harness.losses import attach
+
+    assert main(args(config, shards, tmp_path / "vq", "model.kind=vq", "model.vq_codebook_size=16",
+                     "loss.kl_free_bits=0.5")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss.kl_free_bits: needs a Gaussian posterior" in err[0], err
+    classifier = SimpleNamespace(cfg=SimpleNamespace(loss=SimpleNamespace(learned_logvar=True),
+                                                     model=SimpleNamespace(kind="classifier")))
+    with pytest.raises(ConfigError, match="loss.learned_logvar: model.kind=classifier has no reconstruction"):
+        attach(torch.nn.Linear(1, 1), classifier, step=lambda: 0)
