@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
 from contextlib import contextmanager
@@ -65,7 +66,7 @@ def is_data_error(exn: BaseException) -> bool:
     tb = exn.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and not tb.tb_frame.f_code.co_filename.startswith(_OURS)
+    return tb is not None and not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_OURS)
 
 
 def one_line(exn: BaseException, limit: int = 200) -> str:
