@@ -285,13 +285,14 @@ class PriorTask:
         return {"prior_vq": self._digest}
 
     def describe(self) -> str | None:
-        m = self.cfg.model
+        m, size, vq_size = self.cfg.model, self.cfg.data.image_size, self.vq_cfg.data.image_size
+        note = f"; note: data.image_size={size} but the VQ model trained at {vq_size} px" if size != vq_size else ""
         cond = {"class": f"class-conditional ({m.num_classes} classes)",
                 "multilabel": f"label-conditional ({m.num_classes} labels)"}.get(m.condition, "unconditional")
         return (f"{cond} prior over {m.prior_codebook_size} codes on a {m.prior_grid[0]}x{m.prior_grid[1]} grid of "
                 f"the frozen model.kind={self.vq_cfg.model.kind} model {self.vq_folder} "
                 f"({'EMA' if self.vq_ema else 'trained'} weights); uniform = "
-                f"{math.log2(m.prior_codebook_size):.2f} bits per code")
+                f"{math.log2(m.prior_codebook_size):.2f} bits per code{note}")
 
     def sampler(self, prior: torch.nn.Module) -> VQWithPrior:
         return VQWithPrior(self.vq, prior)
