@@ -125,8 +125,19 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps({"version": 1, "files": files}, indent=1))
 
 
+def _predates_manifests(folder: Path) -> bool:
+    try:
+        return "manifest" not in json.loads((folder / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def verify(folder: Path) -> str | None:
     """Why `folder` does not match its manifest (a missing, resized, changed or unlisted file), or None."""
+    if not (folder / MANIFEST_NAME).exists() and _predates_manifests(folder):
+        # Written before checkpoints had manifests (its trainer state does not name one): resumed
+        # unverified (the pickle scan still runs), with a note where the caller can say one.
+        return None
     try:
         listed = json.loads((folder / MANIFEST_NAME).read_text())["files"]
     except FileNotFoundError:
@@ -182,6 +193,9 @@ def resolve(run_dir: str | Path, resume: str | None, say: Callable[[str], None] 
         for _, path in reversed(found):
             why = verify(path)
             if why is None:
+                if not (path / MANIFEST_NAME).exists() and say is not None:  # an old checkpoint
+                    say(f"note: {path.name} has no {MANIFEST_NAME} (written before checkpoints had one): "
+                        "resumed without checking its files")
                 if failed and say is not None:
                     say(f"note: {'; '.join(failed)}: resuming from {path.name}, the newest checkpoint that verifies")
                 return path
@@ -379,7 +393,7 @@ class CheckpointManager:
         """Main process: trainer state, manifest (last), rename, `latest`, prune. The error, or None."""
         try:
             (tmp / CONFIG_NAME).write_text(config_yaml)
-            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+            (tmp / STATE_NAME).write_text(json.dumps({**state, "manifest": MANIFEST_NAME}, indent=1))
             write_manifest(tmp)
             fsync_tree(tmp)
             _pause("written")

@@ -53,9 +53,16 @@ def consolidate(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         except ImportError as e:
             raise ExportError(f"{ckpt} is a DeepSpeed checkpoint: install deepspeed to export it ({e})") from None
-        # DeepSpeed's shards hold Python objects besides tensors: it loads them with
-        # weights_only=False, so export only checkpoints you trust.
-        return _fp32(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag))
+        # DeepSpeed's shards hold Python objects besides tensors and it loads them with
+        # weights_only=False: every load runs the weights-only unpickler with the allow-list of
+        # harness/checkpoint.py instead, so a crafted shard is refused, never executed.
+        from harness.checkpoint import ResumeError, weights_only_loads
+
+        try:
+            with weights_only_loads(ckpt):
+                return _fp32(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag))
+        except ResumeError as e:
+            raise ExportError(str(e).replace("cannot resume", "cannot read", 1)) from None
     raise ExportError(f"{ckpt} holds neither {' nor '.join(PLAIN_FILES)} nor a DeepSpeed {DS_TAG}/ folder")
 
 

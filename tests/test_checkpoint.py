@@ -31,7 +31,7 @@ def make(run, step, complete=True):
     p.mkdir(parents=True)
     (p / "model.safetensors").write_bytes(b"weights %d" % step)
     if complete:
-        (p / ckpt.STATE_NAME).write_text(f'{{"step": {step}}}')
+        (p / ckpt.STATE_NAME).write_text(json.dumps({"step": step, "manifest": ckpt.MANIFEST_NAME}))
         ckpt.write_manifest(p)
     return p
 
@@ -67,7 +67,7 @@ def test_save_renames_points_latest_and_prunes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "latest"]  # no temporary of `latest`
     assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_3"
     assert ".tmp-step_3." in acc.saves[-1]  # accelerate wrote under the temporary name
-    assert ckpt.read_state(ckpt.resolve(tmp_path, "latest")) == {"step": 3}
+    assert ckpt.read_state(ckpt.resolve(tmp_path, "latest")) == {"step": 3, "manifest": ckpt.MANIFEST_NAME}
     assert (tmp_path / "checkpoints/step_3/config.yaml").read_text() == "model: {}\n"
 
 
@@ -124,6 +124,13 @@ def test_manifest_lists_every_file_and_verify_names_what_changed(tmp_path):
     assert "manifest.json is unreadable" in ckpt.verify(p)
     (p / ckpt.MANIFEST_NAME).unlink()
     assert ckpt.verify(p) == "no manifest.json"
+    # a checkpoint from before manifests (its trainer state names none) resumes unverified, with a note
+    state = json.loads((p / ckpt.STATE_NAME).read_text())
+    (p / ckpt.STATE_NAME).write_text(json.dumps({k: v for k, v in state.items() if k != "manifest"}))
+    assert ckpt.verify(p) is None
+    said = []
+    assert ckpt.resolve(tmp_path, "latest", say=said.append) == p
+    assert len(said) == 1 and "has no manifest.json (written before checkpoints had one)" in said[0]
 
 
 def test_latest_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):

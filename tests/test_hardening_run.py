@@ -276,6 +276,11 @@ def test_zero_checkpoint_with_a_payload_is_refused(shards, tmp_path, name):
                         "the allow-list of plain data: refusing to unpickle it"], r.stderr[-3000:]
     # (the launcher prints a traceback of its own for a failed worker; the workers print none)
     assert "harness/" not in r.stderr and "UnpicklingError" not in r.stderr and not marker.exists()
+    # export (and sample/evaluate/init_from, which read weights the same way) refuses it as well
+    from launch.export import main as export_main
+
+    assert export_main([str(run / "checkpoints/step_3"), "--out", str(tmp_path / "exported")]) == 2
+    assert not marker.exists() and not (tmp_path / "exported" / "model.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------------------- verification
