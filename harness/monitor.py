@@ -105,6 +105,9 @@ class Monitor:
             "train/epoch": t.step * cfg.train.grad_accum / t.loader.batches_per_epoch,
             "system/peak_memory_gib": peak_memory_gib(t.device),
         })
+        for name in ("disc_overflow_steps", "nonfinite_disc_steps"):  # the discriminator's own skips, once any
+            if name in t.totals:
+                values[f"disc/{name}"] = t.totals[name]
         self.tracker.scalars(values, t.step)
         loss = values.get("loss/total", float("nan"))
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{values['train/images_per_s']:.0f}", refresh=False)
