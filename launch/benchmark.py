@@ -457,7 +457,7 @@ def bench_peer(a) -> dict:
           f"(median {a.clock} ms/step; ratio = {base} ms / side ms)")
     for s in sides:
         row = {"side": s, "ms": round(med[s] * 1e3, 2), "wall_ms": round(wall[s] * 1e3, 2),
-               "cpu_ms": round(cpu[s] * 1e3, 2), "img_s": round(a.batch_size / med[s], 2),
+               "cpu_ms": round(cpu[s] * 1e3, 2), "img_s": float(f"{a.batch_size / med[s]:.4g}"),
                "ratio": round(med[base] / med[s], 3), "first_step_s": round(first[s], 2)}
         if "compile" in s:  # the first step (wall) less a compiled step: tracing, lowering, C++/Triton builds
             row["compile_s"] = round(first[s] - wall[s], 2)
@@ -468,7 +468,7 @@ def bench_peer(a) -> dict:
         extra = (f", compile {row['compile_s']:.1f} s" if "compile_s" in row else "") + (
             f", {row['tflops']:.3g} TFLOP/s" + (f" ({100 * row['peak_fraction']:.0f}% of {peak:.0f} bf16 peak)"
                                                  if peak else " (peak n/a)") if flops else "")
-        print(f"  {s:<32} {row['ms']:>10.1f} ms {row['img_s']:>9.1f} img/s   ratio {row['ratio']:.2f}   "
+        print(f"  {s:<32} {row['ms']:>10.1f} ms {row['img_s']:>9.3g} img/s   ratio {row['ratio']:.2f}   "
               f"(wall {row['wall_ms']:.1f} ms, cpu {row['cpu_ms']:.1f} ms){extra}")
     return {"bench": "peer", "device": name, "dtype": a.dtype, "clock": a.clock, "threads": torch.get_num_threads(),
             "preset": a.preset, "batch_size": a.batch_size,
