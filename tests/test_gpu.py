@@ -66,6 +66,29 @@ def test_attention_stays_finite_in_fp16():
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("direct_half", [False, True])
+def test_kl_model_stays_finite_in_fp16_on_cuda(direct_half):
+    """tests/test_blocks_numerics.py on CUDA kernels: GroupNorm inputs whose squares pass 65504, under fp16
+    autocast and as a .half() model (DeepSpeed fp16's case): finite and close to fp32."""
+    from harness.config import ModelConfig
+    from models import build_model
+
+    cfg = ModelConfig(kind="kl", ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], resolution=16,
+                      z_channels=4, embed_dim=4, norm_groups=8)
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda().eval()
+    x = torch.randn(2, 3, 16, 16, device="cuda") * 3000
+    with torch.no_grad():
+        ref = model.decode(model.encode(x))
+        if direct_half:
+            y = model.half().decode(model.encode(x.half()))
+        else:
+            with torch.autocast("cuda", dtype=torch.float16):
+                y = model.decode(model.encode(x))
+    assert torch.isfinite(y).all()
+    assert (y.float() - ref).abs().max() < 5e-2 * ref.abs().max()
+
+
 def test_fp16_gan_keeps_two_loss_scalers(shards, tmp_path):
     """fp16 with a discriminator: accelerate's GradScaler for the autoencoder, D's own (LlamaGen's
     two scalers); both train, both are checkpointed, and the run resumes."""
