@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from harness.config import ModelConfig
 from models import build_model
-from models.blocks import AttnBlock, LinearAttnBlock, Normalize
+from models.blocks import AttnBlock, LinearAttnBlock, Normalize, Upsample
 
 FP16_MAX = torch.finfo(torch.float16).max
 
@@ -150,3 +150,18 @@ def test_kl_model_stays_finite_under_fp16_autocast(spy):
     assert (y.float() - ref).abs().max() < 5e-2 * ref.abs().max()
     assert spy["sdpa"] and set(spy["sdpa"]) == {torch.float32}
     assert spy["group_norm"] and set(spy["group_norm"]) == {torch.float32}
+
+
+def test_fused_upsample_conv_equals_upsample_then_conv():
+    """NearestUpConv2d (2x2 phase kernels on the small input) = nearest 2x upsampling + 3x3 conv."""
+    up = randomize(Upsample(in_channels=32), scale=2.0)
+    x = torch.randn(2, 32, 7, 5, requires_grad=True)
+    ours = up(x)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
+    assert ours.shape == ref.shape == (2, 32, 14, 10)
+    assert (ours - ref).abs().max() < 1e-5 * ref.abs().max()
+    g = torch.randn_like(ref)
+    grads = [torch.autograd.grad(y, (x, up.conv.weight, up.conv.bias), g) for y in (ours, ref)]
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-5 * b.abs().max()
+    assert list(dict(up.named_parameters())) == ["conv.weight", "conv.bias"]  # latent diffusion's names
