@@ -270,9 +270,11 @@ class TrainLoader:
     """Infinite batches for one rank, replayable from any global batch index."""
 
     def __init__(self, cfg, *, rank: int, world_size: int, batch_size: int, pin_memory: bool = False,
-                 num_classes: int = 0):
+                 num_classes: int = 0, need_cls: bool | None = None):
         """num_classes: the model's classes when it is class-conditional (0 = not): a sample without
-        `cls` or with one outside them is bad here, on the CPU, never an index error in the model."""
+        `cls` or with one outside them is bad here, on the CPU, never an index error in the model.
+        need_cls: the same for a model that reads `cls` otherwise (a classifier: num_classes 0 = the
+        index's classes); default: num_classes > 0."""
         sources = resolve_sources(cfg.train, cfg.num_samples)
         total = sum(s.num_samples for s in sources)
         first = sources[0]
@@ -285,7 +287,8 @@ class TrainLoader:
             raise DataSourceError(f"data.epoch_samples: {epoch_samples} samples make less than one batch per rank "
                                   f"and worker ({world_size} ranks x {batch_size} x {slots} workers)")
         decoder = DecodeSpec(cfg.image_size, cfg.crop, cfg.hflip, num_classes=num_classes or len(first.classes),
-                             need_cls=num_classes > 0, num_labels=len(first.label_names), max_pixels=cfg.max_pixels)
+                             need_cls=num_classes > 0 if need_cls is None else need_cls,
+                             num_labels=len(first.label_names), max_pixels=cfg.max_pixels)
         self.dataset = ShardStream(sources, rank=rank, world_size=world_size, batch_size=batch_size, decoder=decoder,
                                    shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                                    batches_per_epoch=self.batches_per_epoch)
@@ -397,5 +400,8 @@ def eval_batches(spec, *, image_size: int, batch_size: int, num_workers: int = 0
     decoder = DecodeSpec(image_size, num_classes=len(sources[0].classes), num_labels=len(sources[0].label_names))
     workers = min(num_workers, len(urls), 1 if world_size > 1 else num_workers)
     stream = EvalStream(urls, decoder, batch_size, max_samples, rank=rank, world_size=world_size)
-    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    # Its own generator (creating the iterator must not draw from the training's global RNG) and
+    # workers that leave SLURM's stop signals to the trainer, as the training loader's do.
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                        worker_init_fn=_ignore_stop_signals if workers else None)
     return loader, sources

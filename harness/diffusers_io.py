@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
+from shards.atomic import write_atomic
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # read as well, in this order: the older pickle name (safe: torch.load(weights_only=True)) and the fp16 variant
@@ -413,9 +415,7 @@ def save_folder(model: torch.nn.Module, m, out: str | Path, **config) -> tuple[P
     state = state_to_diffusers(model.state_dict())
     out = Path(out)
     save_safetensors(state, out / WEIGHTS_NAME, {"format": "pt"})
-    tmp = out / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    tmp.replace(out / CONFIG_NAME)
+    write_atomic(out / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
     return out, cfg
 
 

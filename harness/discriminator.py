@@ -220,9 +220,9 @@ class DiscriminatorHook(Hook):
         clip = trainer.cfg.optim.grad_clip or float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        if outcome.finite and (math.isfinite(norm) or self.scaler.is_enabled()):
+        if outcome.applied and (math.isfinite(norm) or self.scaler.is_enabled()):
             self.scaler.step(self.optimizer)  # skips the step itself on inf/nan under fp16
-        elif outcome.finite:
+        elif outcome.applied:
             trainer.totals["nonfinite_disc_steps"] += 1
             trainer.log.info(f"step {trainer.step + 1}: non-finite discriminator gradients, its step skipped")
         self.scaler.update()

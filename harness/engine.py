@@ -78,9 +78,11 @@ class DeepSpeedEngine(Engine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._finite = True
-        self._skipped_before = scale.skipped_steps(self.model)
+        self._skipped_before = None  # read at each step's first backward: load_state restores the counter
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self._skipped_before is None:
+            self._skipped_before = scale.skipped_steps(self.model)
         bad = float(not torch.isfinite(loss))
         self._finite &= all_reduce_sum([bad], self.accelerator.device)[0] == 0
         if self._finite:
@@ -99,8 +101,9 @@ class DeepSpeedEngine(Engine):
                 self.model.optimizer.zero_grad(set_to_none=True)
             except Exception:  # noqa: BLE001 - best effort: DeepSpeed's optimizers differ by stage
                 pass
-        skipped = scale.skipped_steps(self.model)
-        overflow, self._skipped_before, self._finite = skipped > self._skipped_before, skipped, True
+        before = scale.skipped_steps(self.model) if self._skipped_before is None else self._skipped_before
+        overflow = scale.skipped_steps(self.model) > before
+        self._skipped_before, self._finite = None, True
         return StepOutcome(finite, overflow, norm)
 
 

@@ -2,8 +2,9 @@
 
 A hook sees the step at three points: `on_loss` (may add a term before backward), `after_backward`
 (once per micro-batch, inside accelerate's `accumulate`), `after_step` (once per optimizer step,
-with the step's outcome). It owns its own checkpointed state and says what a resume must keep
-(`check_resume`). The EMA of the weights and the discriminator (harness/discriminator.py) are hooks.
+with the step's outcome). It owns its checkpointed state (`state()`, `after_resume`). What a resume
+must keep is checked before any hook exists (harness/resume.py: `check_ema_matches` here,
+`check_resume_layout` in harness/discriminator.py). The EMA and the discriminator are hooks.
 """
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ class Hook:
 
     def after_step(self, trainer, outcome, stats) -> None:
         pass
-
-    def check_resume(self, path: Path, state: dict) -> None:
-        """Raise ResumeError (one line) when the checkpoint at `path` cannot resume with this hook."""
 
     def after_resume(self, trainer) -> None:
         pass

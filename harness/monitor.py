@@ -80,7 +80,8 @@ class Monitor:
             t.log.info(f"note: fewer shards than ranks ({info.num_shards} < {t.world.world_size}): every "
                        "rank reads all shards and keeps 1/world_size of the samples; make more shards")
 
-    def scalars(self, stats: StepStats, elapsed: float, bar) -> None:
+    def scalars(self, stats: StepStats, elapsed: float, bar) -> float:
+        """Reduce, write and show one interval; returns the mean total loss over all ranks."""
         t, cfg = self.t, self.t.cfg
         local = stats.averages()
         names = list(local)
@@ -115,6 +116,7 @@ class Monitor:
         if bad:
             t.log.info(f"{int(bad)} bad samples skipped in the last {cfg.log.every_steps} steps "
                        f"({t.totals['bad_samples']:.0f} in total); last: {stats.bad_error or '?'}")
+        return loss
 
     @torch.no_grad()
     def images(self) -> None:

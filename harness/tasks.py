@@ -34,6 +34,7 @@ from models.registry import model_class
 
 class AutoencoderTask:
     draws_images = True
+    needs_cls = None  # the loader's default: `cls` is required when the model is class-conditional
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg = cfg
@@ -63,8 +64,9 @@ class AutoencoderTask:
                 raise ConfigError(f"model.num_classes: the shards have {n} labels "
                                   f"({', '.join(info.label_names[:3])}, ...); set model.num_classes={n}")
 
-    def forward(self, model, x: torch.Tensor, batch: dict, cond):
-        out = model(x, cond=cond)
+    def forward(self, model, x: torch.Tensor, batch: dict, cond, dtype: torch.dtype = torch.float32):
+        """`x` in fp32 is the target; the model gets it in `dtype` (DeepSpeed bf16/fp16 casts the module)."""
+        out = model(x.to(dtype), cond=cond)
         return out, self.loss_fn(x, out)
 
     def fingerprint(self) -> dict[str, str]:
@@ -106,10 +108,14 @@ class ClassifierTask:
         self.cfg = cfg
         self.cond_key = None
         self.labels = labels  # "cls": the shards' class labels; "rotation": made from the images themselves
+        self.needs_cls = labels == "cls"  # a sample without one (or outside the classes) is a bad sample
         self.classes: list[str] = list(ROTATIONS) if labels == "rotation" else []
         if cfg.loss.disc_weight > 0:
             raise ConfigError("loss.disc_weight: a discriminator judges reconstructions, and model.kind=classifier "
                               "makes none; set loss.disc_weight=0")
+        if cfg.eval.every_steps:
+            raise ConfigError("eval.every_steps: validation measures reconstructions; a classifier reports its "
+                              "accuracy at the end (perception.json): set eval.every_steps=0")
 
     def check_data(self, info) -> None:
         if self.labels == "rotation":
@@ -130,8 +136,9 @@ class ClassifierTask:
             return rotations(x)
         return x, cls.to(x.device, non_blocking=True)
 
-    def forward(self, model, x: torch.Tensor, batch: dict, cond):
+    def forward(self, model, x: torch.Tensor, batch: dict, cond, dtype: torch.dtype = torch.float32):
         x, y = self.inputs(x, batch.get("cls"))
+        x = x.to(dtype)
         if (y < 0).any() or (y >= len(self.classes)).any():
             raise ConfigError(f"data.train: a sample has no `cls` label or one outside the {len(self.classes)} "
                               f"classes of index.json (keys {batch['key'][:2]})")
@@ -248,6 +255,7 @@ class PriorTask:
     noted). Grids: prior samples (and one row per class), decoded by the VQ model."""
 
     draws_images = False  # no fixed batch of inputs: `images` draws samples only
+    needs_cls = None
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, m = cfg, cfg.model
@@ -274,7 +282,7 @@ class PriorTask:
     def check_data(self, info) -> None:
         AutoencoderTask.check_data(self, info)  # the VQ model's condition needs the same labels
 
-    def forward(self, model, x: torch.Tensor, batch: dict, cond):
+    def forward(self, model, x: torch.Tensor, batch: dict, cond, dtype: torch.dtype = torch.float32):
         with torch.no_grad():
             codes = self.vq.encode_indices(x.float(), cond)
         logits = model(codes, cond=cond).float()

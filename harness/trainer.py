@@ -87,7 +87,8 @@ class Trainer:
         # Not passed through accelerator.prepare(): the loader already splits shards by rank.
         self.loader = TrainLoader(cfg.data, rank=self.world.rank, world_size=self.world.world_size,
                                   batch_size=cfg.train.batch_size, pin_memory=self.device.type == "cuda",
-                                  num_classes=cfg.model.num_classes if cfg.model.condition == "class" else 0)
+                                  num_classes=cfg.model.num_classes if cfg.model.condition == "class" else 0,
+                                  need_cls=self.task.needs_cls)
         self.task.check_data(self.loader.info)
         # One job per run.dir, taken before anything is written (and after what can be refused without it).
         self.run_tag = hold_run_dir(self.run_dir, self.world)
@@ -148,7 +149,7 @@ class Trainer:
     def forward_backward(self, batch: dict, stats: StepStats) -> None:
         """One micro-batch: forward, loss (plus what hooks add), backward (accumulated)."""
         x = to_model_input(batch["image"], self.device)
-        out, losses = self.task.forward(self.engine.model, x.to(self.engine.input_dtype), batch, self.condition(batch))
+        out, losses = self.task.forward(self.engine.model, x, batch, self.condition(batch), self.engine.input_dtype)
         for hook in self.hooks:
             hook.on_loss(self, x, out, losses, stats)
         self.engine.backward(losses.total)
@@ -221,18 +222,17 @@ class Trainer:
                 self.samples_seen += global_batch
                 bar.update(1)
                 if self.step % cfg.log.every_steps == 0 or stop_now or self.step == cfg.train.max_steps:
-                    self.last_loss = stats.averages().get("loss/total", float("nan"))
-                    self.monitor.scalars(stats, time.perf_counter() - t_log, bar)
+                    self.last_loss = self.monitor.scalars(stats, time.perf_counter() - t_log, bar)
                     self._check_bad_share()
                     stats, t_log = StepStats(), time.perf_counter()
-                if images_every and self.step % images_every == 0:
+                if images_every and self.step % images_every == 0 and not stop_now:  # a signal: save first
                     self.monitor.images()
-                improved = (self.validator is not None and self.step % cfg.eval.every_steps == 0
+                improved = (self.validator is not None and self.step % cfg.eval.every_steps == 0 and not stop_now
                             and self.validator.improved(self.validator.run(self), self.step))
                 if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or stop_now or improved:
                     path, saved_at = self.save(), self.step
                     if improved:
-                        self.validator.keep_best(path, self.world.is_main)
+                        self.validator.keep_best(path, self.world.is_main, self.log)
                 if stop_now:
                     self.log.info(f"stop requested by signal: checkpoint at step {self.step} saved, "
                                   f"exiting with {EXIT_PREEMPTED}")

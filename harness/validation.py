@@ -98,15 +98,28 @@ class Validator:
         metric = self.cfg.eval.best_metric
         if not metric or metric not in result:
             return False
-        if better(metric, result[metric], self.best["value"] if self.best else None):
+        # A best by another metric (eval.best_metric changed at resume) is no yardstick for this one.
+        old = self.best["value"] if self.best and self.best.get("metric") == metric else None
+        if better(metric, result[metric], old):
             self.best = {"metric": metric, "value": result[metric], "step": step}
             return True
         return False
 
-    def keep_best(self, checkpoint: Path, is_main: bool) -> Path | None:
-        """Make `checkpoints/best` name a hard-linked copy of `checkpoint` (main process)."""
+    def keep_best(self, checkpoint: Path, is_main: bool, log=None) -> Path | None:
+        """Make `checkpoints/best` name a hard-linked copy of `checkpoint` (main process). A failure
+        (a full disk under the copy fallback) is one log line, not the end of rank 0 alone while the
+        others wait in the next collective: `best` keeps naming the previous complete copy."""
         if not is_main:
             return None
+        try:
+            return self._keep_best(checkpoint)
+        except OSError as e:
+            if log is not None:
+                log.info(f"note: could not copy {checkpoint.name} as checkpoints/{BEST_NAME} ({e}); "
+                         f"it still names the previous best")
+            return None
+
+    def _keep_best(self, checkpoint: Path) -> Path:
         root = checkpoint.parent
         final = root / f"best-{checkpoint.name}"
         tmp = root / f".tmp-best-{checkpoint.name}-{os.getpid()}"
@@ -134,7 +147,7 @@ class Validator:
             if ckpt.is_complete(copy):
                 self._link(root, copy)
             elif ckpt.is_complete(step):
-                self.keep_best(step, is_main)
+                self._keep_best(step)
         named = root / BEST_NAME
         keep = os.readlink(named) if named.is_symlink() else None
         for old in root.glob("best-step_*"):

@@ -36,6 +36,11 @@ class Classifier(PerceptionNet):
         if m.condition != "none":
             raise ModelConfigError("model.condition: a classifier reads no condition; set model.condition=none")
 
+    @classmethod
+    def deepspeed_unsupported(cls, m) -> str | None:
+        return ("model.kind=classifier/rotnet: the perception net is small and measures its accuracy on one "
+                "process at the end; train it with DDP (launch/accelerate/multi_gpu.yaml or cpu2.yaml)")
+
 
 class RotationClassifier(Classifier):
     task = "rotation"

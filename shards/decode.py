@@ -159,7 +159,7 @@ def decode_sample(sample: dict, spec: DecodeSpec, rng: random.Random) -> dict:
     if "cls" in sample:
         cls = parse_cls(sample["cls"], spec.num_classes)
     elif spec.need_cls:
-        raise BadData("no cls, but the model is class-conditional")
+        raise BadData("no cls, but the model reads class labels")
     else:
         cls = -1
     out = {"key": sample["__key__"], "cls": cls}

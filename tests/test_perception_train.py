@@ -79,3 +79,41 @@ def test_rotation_net_refuses_a_class_count_other_than_four(tmp_path, capsys):
                        "model.num_classes=10", f"data.train={shards}", f"run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "model.num_classes" in err[0] and "4" in err[0]
+
+
+def test_a_sample_without_a_label_is_a_bad_sample_and_validation_is_refused(tmp_path, capsys):
+    from shardgen import colour_image
+
+    shards = tmp_path / "colours"
+    shards.mkdir()
+    entries = []
+    for k in range(2):  # two shards of 10 labelled images and 2 without `cls`
+        with wds.TarWriter(str(shards / f"00000{k}.tar")) as w:
+            for i in range(12):
+                buf = io.BytesIO()
+                Image.fromarray(colour_image(i % 3, 100 * k + i)).save(buf, format="PNG")
+                sample = {"__key__": f"s{k}_{i:03d}", "png": buf.getvalue()}
+                if i < 10:
+                    sample["cls"] = str(i % 3)
+                w.write(sample)
+        entries.append({"name": f"00000{k}.tar", "num_samples": 12, "bytes": (shards / f"00000{k}.tar").stat().st_size})
+    write_index(shards, source={"kind": "test"}, shards=entries, classes=["red", "green", "blue"])
+    base = ["--config", str(ROOT / "launch/configs/perception.yaml"), f"data.train={shards}", "model.ch=8",
+            "model.ch_mult=[1,2]", "model.norm_groups=4", "data.image_size=32", "train.batch_size=8",
+            "log.every_steps=1", "log.eval_samples=16", "data.num_workers=0", "data.shuffle_buffer=8",
+            "log.progress=false", "checkpoint.every_steps=0"]
+    run = tmp_path / "run"
+    assert train_main([*base, f"run.dir={run}", "train.max_steps=6"]) == 0
+    log = (run / "train.log").read_text()
+    assert "bad samples skipped" in log and "cls" in log  # skipped and counted, not a crash
+    assert train_main([*base, f"run.dir={tmp_path / 'v'}", f"data.val={shards}", "eval.every_steps=2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "eval.every_steps" in err[0]
+
+
+def test_the_classifier_kinds_say_why_not_deepspeed():
+    from harness.config import ModelConfig
+    from models.registry import deepspeed_unsupported
+
+    for kind in ("classifier", "rotnet"):
+        assert "DDP" in deepspeed_unsupported(ModelConfig(kind=kind))
