@@ -298,6 +298,9 @@ class NearestUpConv2d(nn.Conv2d):
         out = rearrange(F.conv2d(F.pad(x, (1, 1, 1, 1)), k, bias), "b (p q o) h w -> p q b o h w", p=2, q=2)
         # phase p starts at padded row p: (i-1, i) for p=0, (i, i+1) for p=1
         out = torch.stack([torch.stack([out[p, q, ..., p:p + h, q:q + w_] for q in range(2)]) for p in range(2)])
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # interleave straight into channels_last memory (the same b o H W tensor, NHWC strides)
+            return rearrange(out, "p q b o h w -> b (h p) (w q) o").permute(0, 3, 1, 2)
         return rearrange(out, "p q b o h w -> b o (h p) (w q)")
 
 

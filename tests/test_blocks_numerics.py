@@ -165,3 +165,5 @@ def test_fused_upsample_conv_equals_upsample_then_conv():
     for a, b in zip(*grads):
         assert (a - b).abs().max() < 1e-5 * b.abs().max()
     assert list(dict(up.named_parameters())) == ["conv.weight", "conv.bias"]  # latent diffusion's names
+    y = up.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last) and (y - ref).abs().max() < 1e-5 * ref.abs().max()
