@@ -83,7 +83,8 @@ def overrides(a) -> list[str]:
     data = f"[{a.data}]" if "," in a.data and "{" not in a.data else a.data
     val = f"[{a.val}]" if "," in a.val and "{" not in a.val else a.val
     kind = {"cls": "classifier", "rotation": "rotnet"}[a.labels]
-    return [f"model.kind={kind}", f"data.train={data}", f"data.val={val}", f"run.dir={a.out}", f"train.max_steps={a.steps}",
+    return [f"model.kind={kind}", f"data.train={data}", f"data.val={val}", f"run.dir={a.out}",
+            f"train.max_steps={a.steps}",
             f"train.batch_size={a.batch_size}", f"data.image_size={a.image_size}", f"optim.lr={a.lr}",
             f"optim.weight_decay={a.weight_decay}", f"optim.warmup_steps={a.warmup}", f"model.ch={a.ch}",
             f"model.ch_mult={a.ch_mult}", f"model.norm_groups={a.norm_groups}", f"data.hflip={str(a.hflip).lower()}",

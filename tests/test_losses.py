@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from shardgen import make_colour_shards
 
 from harness import losses as losses_mod
 from harness import metrics
@@ -20,7 +21,6 @@ from launch.train import main as train_main
 from launch.train_perception import main as perception_main
 from models.base import AutoencoderOutput
 from models.perception import PerceptionNet
-from shardgen import make_colour_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "launch/configs"
@@ -185,7 +185,7 @@ def test_train_perception_learns_and_writes_its_files(perception):
     assert meta["accuracy_on"] == "train" and meta["eval_samples"] == 48
     assert meta["accuracy"] >= 0.8 > meta["chance"] + 0.4, meta  # chance is 1/3
     loss = [float(w.split("=")[1]) for line in (perception / "train.log").read_text().splitlines()
-            for w in line.split() if w.startswith("loss=")]
+            for w in line.split() if w.startswith("loss/total=")]
     assert len(loss) == 4 and loss[-1] < 0.7 * loss[0], loss
     with safe_open(str(perception / "perception.safetensors"), framework="pt") as f:
         stored = json.loads(f.metadata()["info"])
@@ -261,16 +261,16 @@ def test_perception_net_stays_frozen_in_the_trainer(perception, colours, tmp_pat
                        "checkpoint.every_steps=3", "log.images_every_steps=0", "loss.perceptual_weight=1.0",
                        f"loss.perceptual_net={perception / 'perception.safetensors'}"])
     trainer = Trainer(cfg)
-    dist = trainer.loss_fn.perception
+    dist = trainer.task.loss_fn.perception
     before = {k: v.clone() for k, v in dist.state_dict().items()}
-    model_before = {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+    model_before = {k: v.clone() for k, v in trainer.engine.unwrapped().state_dict().items()}
     assert trainer.train() == 0
     assert all(not p.requires_grad and p.grad is None for p in dist.parameters())
     assert all(torch.equal(v, before[k]) for k, v in dist.state_dict().items())
     assert not dist.training
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = trainer.engine.unwrapped()
     assert any(not torch.equal(v, model_before[k]) for k, v in model.state_dict().items())  # the VAE did train
-    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    in_optimizer = {id(p) for g in trainer.engine.optimizer.param_groups for p in g["params"]}
     assert not in_optimizer & {id(p) for p in dist.parameters()}
     assert in_optimizer == {id(p) for p in model.parameters()}
     saved = load_file(tmp_path / "run/checkpoints/step_3/model.safetensors")
@@ -323,7 +323,8 @@ def test_two_processes_train_the_net_and_then_a_vae_with_it(colours, tmp_path):
     assert meta["world_size"] == 2 and meta["accuracy"] > meta["chance"]
     assert "2 process(es)" in (out / "train.log").read_text()
     run = tmp_path / "run"
-    r = accelerate_launch(ROOT / "launch/train.py", "--config", CONFIGS / "perceptual_demo.yaml", f"data.train={colours}",
+    r = accelerate_launch(ROOT / "launch/train.py", "--config", CONFIGS / "perceptual_demo.yaml",
+                          f"data.train={colours}",
                           f"run.dir={run}", *FAST, f"loss.perceptual_net={out / 'perception.safetensors'}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es) (MULTI_CPU" in r.stderr and len(logged(run, "loss/perceptual")) == 3

@@ -12,12 +12,12 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from shardgen import make_colour_shards
 
 from harness.perception_file import load_distance
 from launch.train import main as train_main
 from launch.train_perception import main as perception_main
 from shards.index import write_index
-from shardgen import make_colour_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--channels", "8,16,32", "--norm-groups", "4", "--image-size", "32", "--num-workers", "0",

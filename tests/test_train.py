@@ -1,6 +1,5 @@
 """The training loop end to end, on CPU, through `main([...])` and real subprocesses."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from shardgen import make_shards
 
 from harness import checkpoint as ckpt
 from launch.train import main
-from shardgen import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +44,8 @@ def logged(run: Path, key: str) -> list[float]:
 
 def test_end_to_end_loss_falls_and_run_folder_is_complete(config, shards, tmp_path):
     run = tmp_path / "run"
-    assert main(args(config, shards, run, "train.max_steps=80", "checkpoint.every_steps=40", "log.images_every_steps=40")) == 0
+    assert main(args(config, shards, run, "train.max_steps=80", "checkpoint.every_steps=40",
+                     "log.images_every_steps=40")) == 0
     recon = logged(run, "loss/recon")
     assert len(recon) == 40
     assert sum(recon[-5:]) / 5 < 0.75 * sum(recon[:3]) / 3, f"reconstruction loss did not fall: {recon}"
@@ -150,7 +150,8 @@ def test_init_from_starts_a_new_run_from_trained_or_latent_diffusion_weights(con
                                                    for k, v in trained.items()}}
     for source, weights in expected.items():
         run = tmp_path / f"from-{source.name}"
-        trainer = Trainer(load_config([config], [f"data.train={shards}", f"run.dir={run}", f"train.init_from={source}"]))
+        trainer = Trainer(load_config([config], [f"data.train={shards}", f"run.dir={run}",
+                                                 f"train.init_from={source}"]))
         try:
             started = trainer.engine.unwrapped().state_dict()
         finally:
@@ -165,7 +166,8 @@ def test_init_from_starts_a_new_run_from_trained_or_latent_diffusion_weights(con
         assert main(args(config, shards, run, "train.max_steps=1", f"train.init_from={source}")) == 0
     # A resumed run continues from its own checkpoint; init_from no longer matters.
     run = tmp_path / f"from-{src.name}"
-    assert main(args(config, shards, run, "train.max_steps=2", f"train.init_from={tmp_path / 'gone'}", "--resume", "latest")) == 0
+    assert main(args(config, shards, run, "train.max_steps=2", f"train.init_from={tmp_path / 'gone'}",
+                     "--resume", "latest")) == 0
     assert "train.init_from ignored: resuming from" in (run / "train.log").read_text()
 
 
@@ -182,7 +184,8 @@ def test_init_from_that_does_not_fit_is_one_line_and_starts_nothing(config, shar
     (broken / "pytorch_model").mkdir()
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    for source, says in [(src, "the weights do not fit this model config: 98 of another shape (e.g. encoder.conv_in.weight "
+    for source, says in [(src, "the weights do not fit this model config: 98 of another shape "
+                               "(e.g. encoder.conv_in.weight "
                                "(8, 3, 3, 3) vs model (16, 3, 3, 3))"),
                          (tmp_path / "missing.safetensors", "no such weights file or folder"),
                          (config, "expected a run, checkpoint or export folder, or a .safetensors"),
@@ -218,9 +221,9 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(config, shards, tmp_path
 
 def test_too_many_bad_samples_stop_the_run(tmp_path, config, capsys):
     import webdataset as wds
+    from shardgen import image_bytes
 
     from shards.index import write_index
-    from shardgen import image_bytes
 
     out = tmp_path / "bad"
     out.mkdir()
@@ -265,7 +268,8 @@ def test_sigusr1_checkpoints_and_exits_75_then_resume_continues(config, shards, 
     assert proc.returncode == 75, out
     step = ckpt.read_state(ckpt.resolve(run, "latest"))["step"]
     assert step >= 4 and f"checkpoint at step {step} saved" in out
-    assert main(args(config, shards, run, f"train.max_steps={step + 2}", "checkpoint.every_steps=0", "--resume", "latest")) == 0
+    assert main(args(config, shards, run, f"train.max_steps={step + 2}", "checkpoint.every_steps=0",
+                     "--resume", "latest")) == 0
     assert f"resuming from {run}/checkpoints/step_{step} at step {step}/" in (run / "train.log").read_text()
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == step + 2
 
@@ -278,7 +282,8 @@ def test_kill_9_while_saving_never_loses_the_last_checkpoint(config, shards, tmp
     proc = spawn(config, shards, run, "train.max_steps=100000", "checkpoint.every_steps=2", "checkpoint.keep_last=1",
                  env={"HARNESS_CRASH_TEST_PAUSE": f"{stage}:30"})
     in_stage = {
-        "written": lambda: any((p / ckpt.STATE_NAME).exists() for p in root.glob(".tmp-step_*")),  # save 1, before rename
+        # save 1, before the rename
+        "written": lambda: any((p / ckpt.STATE_NAME).exists() for p in root.glob(".tmp-step_*")),
         "renamed": lambda: (root / "step_2").exists() and not (run / "latest").exists(),  # save 1, before `latest`
         "pruning": lambda: any(root.glob(".trash-step_*")),  # save 2, deleting step_2
     }[stage]

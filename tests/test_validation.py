@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from shardgen import make_shards
+from test_train import ROOT, args, logged, spawn, wait_for
 
 from harness import checkpoint as ckpt
 from harness.data import eval_batches
@@ -17,8 +19,6 @@ from harness.evaluation import Evaluator
 from launch.evaluate import main as evaluate_main
 from launch.train import main
 from models.registry import build_model
-from shardgen import make_shards
-from test_train import ROOT, args, logged, spawn, wait_for
 
 VAL = ["eval.every_steps=2", "eval.samples=24", "eval.batch_size=5", "checkpoint.every_steps=2",
        "checkpoint.keep_last=1"]
