@@ -33,10 +33,22 @@ SMALL = {
 }
 
 
+# Configs whose own tests live elsewhere: what they train is not an autoencoder built here alone.
+COVERED_ELSEWHERE = {
+    "demo.yaml": "launch/quickstart.sh, tests/test_train.py",
+    "perception.yaml": "tests/test_perception_train.py (model.kind=classifier)",
+    "vq_prior.yaml": "tests/test_prior.py (model.kind=prior over a trained VQ run)",
+    "recipe_weighted.yaml": "tests/test_loss_options.py (each recipe trains two steps)",
+    "recipe_classifier_perceptual.yaml": "tests/test_loss_options.py",
+    "recipe_ldm.yaml": "tests/test_loss_options.py",
+    "recipe_sd_vae.yaml": "tests/test_loss_options.py",
+}
+
+
 def test_every_model_config_is_covered():
-    # demo.yaml: the integrator's quickstart; perception.yaml: the classifier kind (tests/test_perception_train.py)
-    shipped = {p.name for p in CONFIGS.glob("*.yaml")} - {"demo.yaml", "perception.yaml"}
-    assert shipped == set(EXPECTED)
+    shipped = {p.name for p in CONFIGS.glob("*.yaml")}
+    assert shipped - set(COVERED_ELSEWHERE) == set(EXPECTED)
+    assert set(COVERED_ELSEWHERE) <= shipped  # no stale entry
 
 
 @pytest.mark.parametrize("name", EXPECTED)
