@@ -45,6 +45,26 @@ def test_batches_have_shapes_labels_and_counts(shards):
     assert x.shape == (6, 3, 32, 32) and -1.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05
 
 
+def test_a_worker_sends_numpy_and_the_reader_gets_the_same_tensors(shards):
+    """Workers send numpy arrays (no fresh shared memory a batch); the reader turns them into tensors,
+    and a batch is the same, bit for bit, with or without a worker process."""
+    import torch
+
+    from harness.data import collate
+
+    got = []
+    for workers in (0, 1):
+        it = TrainLoader(cfg(shards, num_workers=workers), rank=0, world_size=1, batch_size=6).batches()
+        got.append([next(it) for _ in range(3)])
+    for a, b in zip(*got):
+        assert isinstance(b["image"], torch.Tensor) and b["image"].dtype == torch.uint8
+        assert isinstance(b["cls"], torch.Tensor) and b["cls"].dtype == torch.int64
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["cls"], b["cls"])
+    samples = [{"image": np.zeros((2, 2, 3), np.uint8), "cls": i, "key": str(i)} for i in range(3)]
+    assert isinstance(collate(samples, as_numpy=True)["image"], np.ndarray)
+    assert collate(samples)["cls"].tolist() == [0, 1, 2]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_ranks_see_disjoint_samples(shards, workers):
     seen = []
