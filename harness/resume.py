@@ -75,10 +75,15 @@ def check_resumable(trainer, path: Path) -> bool:
                                f"resume it under {how}, or start a new run from its weights "
                                "(python launch/export.py)")
     if state.get("model_hash") != trainer.model_hash:
+        # A key the checkpoint's config does not have was added to the schema since: at its default
+        # it changes nothing, so an older run still resumes. Any other difference is refused.
         saved = yaml.safe_load((path / ckpt.CONFIG_NAME).read_text()).get("model", {})
-        now = to_dict(cfg.model)
-        diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
-        raise ckpt.ResumeError(f"cannot resume {path}: the model config differs ({'; '.join(diff) or 'hash mismatch'})")
+        now, default = to_dict(cfg.model), to_dict(type(cfg.model)())
+        diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
+                if (saved[k] != now[k] if k in saved else now[k] != default[k])]
+        if diff or not saved:
+            raise ckpt.ResumeError(f"cannot resume {path}: the model config differs "
+                                   f"({'; '.join(diff) or 'hash mismatch'})")
     check_ema_matches(path, cfg.train.ema_decay)
     discriminator.check_resume_layout(path, state, cfg)
     shards = scale.zero_partitions(path)

@@ -1,5 +1,6 @@
 """The training loop end to end, on CPU, through `main([...])` and real subprocesses."""
 
+import json
 import os
 import signal
 import subprocess
@@ -101,6 +102,33 @@ def test_resume_refuses_a_different_model_and_fresh_start_refuses_used_folder(co
     assert "trained without an EMA of the weights (train.ema_decay=0.0)" in err and len(err.strip().splitlines()) == 1
     # and nothing was lost
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 2
+
+
+def test_a_checkpoint_from_before_a_new_model_key_still_resumes(config, shards, tmp_path, capsys):
+    """A model key added to the schema since a checkpoint was written holds its default: no difference."""
+    import yaml
+
+    run = tmp_path / "run"
+    assert main(args(config, shards, run, "train.max_steps=2")) == 0
+    step = ckpt.resolve(run, "latest")
+    saved = yaml.safe_load((step / ckpt.CONFIG_NAME).read_text())
+    added = [k for k in saved["model"] if k.startswith("prior_")]
+    assert added
+    for k in added:  # as written before these keys existed
+        del saved["model"][k]
+    (step / ckpt.CONFIG_NAME).write_text(yaml.safe_dump(saved, sort_keys=False))
+    state = ckpt.read_state(step)
+    (step / ckpt.STATE_NAME).write_text(json.dumps({**state, "model_hash": "from-an-older-schema"}))
+    ckpt.write_manifest(step)
+    assert main(args(config, shards, run, "train.max_steps=3", "--resume", "latest")) == 0
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 3
+    # a key the old config has with another value is still a different model
+    saved["model"]["z_channels"] = 8
+    (step / ckpt.CONFIG_NAME).write_text(yaml.safe_dump(saved, sort_keys=False))
+    ckpt.write_manifest(step)
+    capsys.readouterr()
+    assert main(args(config, shards, run, "train.max_steps=4", "--resume", str(step))) == 2
+    assert "model config differs (z_channels: 8 -> 4)" in capsys.readouterr().err
 
 
 class ModelCheckpoint:
