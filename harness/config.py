@@ -57,11 +57,11 @@ class ModelConfig:
     arch: Literal["ldm", "spec"] = F(
         "ldm", "encoder/decoder: ldm = latent-diffusion Encoder/Decoder (ch, ch_mult...), spec = model.encoder/decoder"
     )
-    encoder: Union[str, list[str]] = F(
+    encoder: str | list[str] = F(
         "", "arch=spec: encoder layer strings, or a .json/.yaml path (a list, or a mapping with an `encoder` list; "
         "replaced by its layers at load)"
     )
-    decoder: Union[str, list[str]] = F(
+    decoder: str | list[str] = F(
         "", "arch=spec: decoder layer strings or path ('' = the layers after `Latent` in model.encoder)"
     )
     in_channels: int = F(3, "image channels in", ge=1)
@@ -125,8 +125,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: Union[str, list[str]] = F("", "training shards: brace pattern (dir/{000000..000009}.tar), a folder of shards, or a list")
-    val: Union[str, list[str]] = F("", "held-out shards for evaluation and reconstruction grids ('' = none)")
+    train: str | list[str] = F(
+        "", "training shards: brace pattern (dir/{000000..000009}.tar), a folder of shards, or a list"
+    )
+    val: str | list[str] = F("", "held-out shards for evaluation and reconstruction grids ('' = none)")
     image_size: int = F(64, "square training resolution in pixels", ge=8)
     crop: Literal["random", "center"] = F("random", "crop before resizing to image_size (center for eval)")
     hflip: bool = F(False, "random horizontal flips")
@@ -135,7 +137,8 @@ class DataConfig:
     epoch_samples: int = F(0, "samples per epoch over all ranks (0 = dataset size from the shard index)", ge=0)
     num_samples: int = F(0, "dataset size when shards carry no index or _stats.json (0 = read it from them)", ge=0)
     seed: int = F(0, "data seed: shard order, shuffling and crops are deterministic in it")
-    max_bad_fraction: float = F(0.1, "stop when more than this share of samples read are bad (1 = never)", ge=0.0, le=1.0)
+    max_bad_fraction: float = F(0.1, "stop when more than this share of samples read are bad (1 = never)",
+                                ge=0.0, le=1.0)
     min_bad_samples: int = F(100, "bad samples tolerated before max_bad_fraction is applied", ge=0)
     max_pixels: int = F(64_000_000, "images with more pixels (width x height, read from the header before "
                                      "decoding) are bad samples (0 = no limit)", ge=0)
@@ -165,7 +168,8 @@ class LossConfig:
         0.0, "weight of the reconstruction's total variation, mean |neighbour difference| rows + columns (0 = off)",
         ge=0.0,
     )
-    sparsity_weight: float = F(0.0, "weight of the L1 sparsity of the latent the decoder reads, mean |z| (0 = off)", ge=0.0)
+    sparsity_weight: float = F(0.0, "weight of the L1 sparsity of the latent the decoder reads, mean |z| (0 = off)",
+                               ge=0.0)
     perceptual_weight: float = F(
         0.0, "weight of the perceptual distance from the frozen network loss.perceptual picks (0 = off)", ge=0.0
     )
@@ -228,7 +232,8 @@ class TrainConfig:
     ema_decay: float = F(0.0, "EMA of weights per optimizer step, warmed up as min(decay, (1+n)/(10+n)) "
                                 "(0 = off; 0.999 typical)", ge=0.0, lt=1.0)
     max_nonfinite: int = F(10, "consecutive non-finite losses before the run stops", ge=1)
-    stop_after_steps: int = F(0, "end this invocation (with a checkpoint) after N steps, for time-sliced jobs (0 = off)", ge=0)
+    stop_after_steps: int = F(0, "end this invocation (with a checkpoint) after N steps, for time-sliced jobs "
+                                 "(0 = off)", ge=0)
     init_from: str = F("", "start a new run from these weights: a run, step_N or export folder, or a .safetensors/"
                            ".ckpt/.pt/.pth/.bin file (latent-diffusion checkpoints: first_stage_model. and loss. "
                            "handled); every tensor must fit the model; ignored when resuming")
@@ -245,7 +250,8 @@ class LogConfig:
     every_steps: int = F(10, "scalars to TensorBoard and the text log every N steps", ge=1)
     images_every_steps: int = F(200, "image grids every N steps (0 = only at the end)", ge=0)
     num_images: int = F(8, "images per grid row", ge=1)
-    class_rows: int = F(10, "rows (classes or labels) in the per-class sample grid of conditional models (0 = none)", ge=0)
+    class_rows: int = F(10, "rows (classes or labels) in the per-class sample grid of conditional models "
+                            "(0 = none)", ge=0)
     interpolation_rows: int = F(2, "rows of latent interpolations between grid images (0 = none)", ge=0)
     progress: bool = F(True, "progress bar on rank 0")
     eval_samples: int = F(512, "model.kind=classifier: samples of data.val (else data.train) the final accuracy "
@@ -479,7 +485,8 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         value = _coerce(value, hints[key], where)
         meta = fields[key].metadata
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            for bound, ok, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"), ("le", lambda v, b: v <= b, "<="),
+            for bound, ok, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                                    ("le", lambda v, b: v <= b, "<="),
                                     ("lt", lambda v, b: v < b, "<")):
                 b = meta.get(bound)
                 if b is not None and not ok(value, b):

@@ -221,12 +221,14 @@ def init_weights(model: torch.nn.Module, path: str | Path) -> tuple[int, Path]:
     return len(state), source
 
 
-def load_model(path: str | Path, *, ema: bool = False, device: str | torch.device = "cpu") -> tuple[Autoencoder, Config, Path]:
+def load_model(path: str | Path, *, ema: bool = False,
+               device: str | torch.device = "cpu") -> tuple[Autoencoder, Config, Path]:
     folder = find_weights_dir(path)
     cfg = load_config_of(folder)
     model = build_model(cfg.model)
     state = state_dict_of(folder, ema=ema)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise LoadError(f"{folder}: weights do not fit the stored config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise LoadError(f"{folder}: weights do not fit the stored config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
     return model.to(device).eval(), cfg, folder
