@@ -356,7 +356,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
     job step, workers included. torch's worker handler lets SIGTERM kill a worker unless it came
     from the parent, and SIGUSR1's default action is to terminate; either way the main process would
     die with "DataLoader worker killed" instead of saving its checkpoint. So the worker blocks both
-    and a thread takes them with sigwaitinfo, which tells who sent them: SIGTERM from the parent
+    and a thread takes them with sigtimedwait, which tells who sent them: SIGTERM from the parent
     (multiprocessing's terminate, at its exit) ends the worker as torch's own handler would; from
     anyone else, and SIGUSR1, they are dropped. The main process alone decides, and checkpoints."""
     stop = {signal.SIGTERM, signal.SIGUSR1}
@@ -366,8 +366,13 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 def _drop_stop_signals(parent: int, stop: set) -> None:
     while True:
-        info = signal.sigwaitinfo(stop)
-        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+        info = signal.sigtimedwait(stop, 2.0)
+        if info is None:
+            # A parent killed outright leaves a worker blocked writing a batch into a pipe nobody reads
+            # (batches are several MB, more than a pipe holds): torch's own parent check never runs then.
+            if os.getppid() != parent:
+                os._exit(0)
+        elif info.si_signo == signal.SIGTERM and info.si_pid == parent:
             os._exit(0)
 
 

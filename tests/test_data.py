@@ -230,6 +230,37 @@ print("served", flush=True)
 """
 
 
+@pytest.mark.slow
+def test_workers_end_when_their_parent_is_killed_with_batches_in_flight(shards):
+    """A batch (numpy, through the pipe) can be larger than the pipe holds: a worker whose parent died
+    with SIGKILL is blocked in that write, and must still end (its signal thread sees the orphaning)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = (f"import sys, time; sys.path[:0] = [{root!r}]\n"
+            "from harness.config import DataConfig\nfrom harness.data import TrainLoader\n"
+            f"it = TrainLoader(DataConfig(train={str(shards)!r}, image_size=128, num_workers=2, shuffle_buffer=8),"
+            " rank=0, world_size=1, batch_size=24).batches()\n"
+            "next(it)\nimport os\nprint(*[int(p) for t in os.listdir('/proc/self/task') for p in "
+            "open(f'/proc/self/task/{t}/children').read().split()], flush=True)\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    workers = [int(w) for w in proc.stdout.readline().split()]
+    assert len(workers) == 2
+    time.sleep(3)  # the workers fill the prefetch queue and block writing (1.2 MB batches)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        time.sleep(0.5)
+    left = [w for w in workers if Path(f"/proc/{w}").exists()]
+    for w in left:
+        os.kill(w, 9)
+    assert not left, "workers outlived their killed parent"
+
+
 def test_workers_drop_outside_stop_signals_but_end_with_their_parent(shards, tmp_path):
     import subprocess
     import sys
