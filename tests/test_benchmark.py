@@ -11,6 +11,8 @@ import pytest
 from shardgen import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every test here runs a benchmark script in a subprocess: the slow set (CI runs it; the fast loop does not).
+pytestmark = pytest.mark.slow
 
 
 def bench(*args, tmp_path):
@@ -75,7 +77,6 @@ def test_peer_bench_bad_input_is_one_line(tmp_path):
                                              "|+foreach|+fused]"], r.stderr
 
 
-@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     """launch/gpu_check.sh --cpu: every part runs (or is skipped on purpose) within its budget, one JSON.
     (About 30 s on an idle 2-core machine; the budget here leaves room for a busy one.)"""

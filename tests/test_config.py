@@ -56,6 +56,7 @@ def test_main_exits_2_with_one_line(capsys):
     assert err == [err[0]] and err[0].startswith("config error: train.max_stepz: unknown key")
 
 
+@pytest.mark.slow
 def test_cli_process_exit_code_and_no_traceback():
     r = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "data.train=x.tar", "optim.lr=fast"],
                        capture_output=True, text=True, timeout=120)

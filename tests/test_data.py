@@ -261,6 +261,7 @@ def test_workers_end_when_their_parent_is_killed_with_batches_in_flight(shards):
     assert not left, "workers outlived their killed parent"
 
 
+@pytest.mark.slow
 def test_workers_drop_outside_stop_signals_but_end_with_their_parent(shards, tmp_path):
     import subprocess
     import sys

@@ -80,6 +80,7 @@ def close(a, b):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kl_export_loads_in_diffusers_with_no_key_warning_and_the_same_outputs(tmp_path, capsys):
     cfg = config()
     ours, folder = our_export(tmp_path, cfg)

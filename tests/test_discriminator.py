@@ -91,6 +91,7 @@ def test_the_adaptive_weight_compares_gradients_at_the_decoders_last_layer(confi
     assert last_decoder_layer(model) is model.decoder.conv_out.weight
 
 
+@pytest.mark.slow
 def test_training_with_a_discriminator_starts_at_disc_start_and_checkpoints_it(config, shards, tmp_path):
     run = tmp_path / "run"
     common = ["train.max_steps=8", "log.every_steps=1", "checkpoint.every_steps=4", "checkpoint.keep_last=2"]
@@ -118,6 +119,7 @@ def test_training_with_a_discriminator_starts_at_disc_start_and_checkpoints_it(c
     assert all(torch.equal(a4[k], b4[k]) for k in a4), "before disc_start the discriminator must not change training"
 
 
+@pytest.mark.slow
 def test_resume_with_a_discriminator_is_bitwise(config, shards, tmp_path):
     common = ["loss.disc_weight=0.5", "loss.disc_start=2", "checkpoint.every_steps=0", "train.max_steps=8",
               "loss.lecam_weight=0.1", "loss.lecam_decay=0.9", "train.ema_decay=0.9", "loss.learned_logvar=true"]
@@ -171,6 +173,7 @@ def test_what_the_discriminator_does_not_support_is_one_line(config, shards, tmp
         refuse_unsupported(cfg, device=torch.device("cpu"), world_size=2)
 
 
+@pytest.mark.slow
 def test_the_discriminator_keeps_its_own_fp16_scaler(config, shards, tmp_path):
     """Two scalers, as LlamaGen: a D overflow skips D's step and halves D's scale only; the
     autoencoder steps on. On CPU with fp16 autocast for D (accelerate's fp16 needs CUDA)."""
@@ -210,6 +213,7 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.mark.slow
 def test_bf16_trains_with_a_discriminator(config, shards, tmp_path, fresh_accelerate_state):
     """accelerate's bf16 autocast for the autoencoder, D under the same autocast with fp32 weights."""
     run = tmp_path / "run"

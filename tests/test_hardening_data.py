@@ -260,6 +260,7 @@ def verify_report(out: Path, capsys) -> tuple[int, str]:
     return n, capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_verify_fails_on_everything_the_loader_skips(tmp_path, capsys):
     evil = [CASES[c][0] for c in CASES if not CASES[c][1].get("num_classes")]
     out = write_set(tmp_path / "set", evil, label_names=["a", "b", "c"])

@@ -191,7 +191,8 @@ def test_learned_logvar_is_in_the_optimizer(config, shards, tmp_path):
 RECIPES = ["recipe_weighted.yaml", "recipe_classifier_perceptual.yaml", "recipe_ldm.yaml", "recipe_sd_vae.yaml"]
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", [pytest.param(r, marks=pytest.mark.slow) if r == "recipe_weighted.yaml" else r
+                                  for r in RECIPES])
 def test_recipe_configs_load_and_train_two_steps(name, shards, tmp_path, perception_file):
     run = tmp_path / "run"
     extra = ["data.image_size=32", "train.batch_size=2", "train.max_steps=2", "log.every_steps=1",

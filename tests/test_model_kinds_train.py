@@ -33,7 +33,9 @@ def demo(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+# spec_basic and fc_latent are the slowest kinds here (a wide spec net, a dense latent): in the slow set
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in ("spec_basic", "fc_latent") else k
+                                  for k in KINDS])
 def test_kind_trains_through_launch_train(kind, demo, tmp_path):
     config, extra = KINDS[kind]
     run = tmp_path / kind

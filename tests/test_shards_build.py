@@ -277,6 +277,7 @@ def _folder_with_bad(src, n=30):
     (src / "c2" / "aa_text.jpg").write_text("text")
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes_to_identical_result(tmp_path, capsys):
     src = tmp_path / "src"
     _folder_with_bad(src)

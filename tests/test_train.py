@@ -43,6 +43,7 @@ def logged(run: Path, key: str) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 def test_end_to_end_loss_falls_and_run_folder_is_complete(config, shards, tmp_path):
     run = tmp_path / "run"
     assert main(args(config, shards, run, "train.max_steps=80", "checkpoint.every_steps=40",
@@ -287,6 +288,7 @@ def wait_for(predicate, proc, timeout=120):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_and_exits_75_then_resume_continues(config, shards, tmp_path):
     run = tmp_path / "run"
     proc = spawn(config, shards, run, "train.max_steps=100000", "checkpoint.every_steps=0")
@@ -302,6 +304,7 @@ def test_sigusr1_checkpoints_and_exits_75_then_resume_continues(config, shards, 
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == step + 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["written", "renamed", "pruning"])
 def test_kill_9_while_saving_never_loses_the_last_checkpoint(config, shards, tmp_path, stage):
     """Hold a save at one stage (HARNESS_CRASH_TEST_PAUSE), kill -9 there, then resume."""

@@ -96,6 +96,7 @@ def test_best_survives_resume_and_is_only_replaced_by_a_better_step(config, shar
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["best"] == before
 
 
+@pytest.mark.slow
 def test_kill_9_while_replacing_best_keeps_the_old_best(config, shards, val, tmp_path):
     run = tmp_path / "run"
     root = run / "checkpoints"
