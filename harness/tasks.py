@@ -32,6 +32,17 @@ from models.prior import VQWithPrior
 from models.registry import model_class
 
 
+def refuse_reconstruction_options(cfg: Config, instead: str) -> None:
+    """What only makes sense for a model that reconstructs images, refused in one line for one that does not."""
+    kind = cfg.model.kind
+    if cfg.loss.disc_weight > 0:
+        raise ConfigError(f"loss.disc_weight: a discriminator judges reconstructions, and model.kind={kind} makes "
+                          "none; set loss.disc_weight=0")
+    if cfg.eval.every_steps:
+        raise ConfigError(f"eval.every_steps: validation measures reconstructions, and model.kind={kind} makes none "
+                          f"({instead}); set eval.every_steps=0")
+
+
 class AutoencoderTask:
     draws_images = True
     needs_cls = None  # the loader's default: `cls` is required when the model is class-conditional
@@ -110,12 +121,7 @@ class ClassifierTask:
         self.labels = labels  # "cls": the shards' class labels; "rotation": made from the images themselves
         self.needs_cls = labels == "cls"  # a sample without one (or outside the classes) is a bad sample
         self.classes: list[str] = list(ROTATIONS) if labels == "rotation" else []
-        if cfg.loss.disc_weight > 0:
-            raise ConfigError("loss.disc_weight: a discriminator judges reconstructions, and model.kind=classifier "
-                              "makes none; set loss.disc_weight=0")
-        if cfg.eval.every_steps:
-            raise ConfigError("eval.every_steps: validation measures reconstructions; a classifier reports its "
-                              "accuracy at the end (perception.json): set eval.every_steps=0")
+        refuse_reconstruction_options(cfg, "a classifier reports its accuracy at the end (perception.json)")
 
     def check_data(self, info) -> None:
         if self.labels == "rotation":
@@ -259,12 +265,7 @@ class PriorTask:
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, m = cfg, cfg.model
-        if cfg.loss.disc_weight > 0:
-            raise ConfigError("loss.disc_weight: a discriminator judges reconstructions, and model.kind=prior makes "
-                              "none; set loss.disc_weight=0")
-        if cfg.eval.every_steps:
-            raise ConfigError("eval.every_steps: validation measures reconstructions, and model.kind=prior makes none; "
-                              "set eval.every_steps=0 (loss/ce and model/bits_per_code are logged)")
+        refuse_reconstruction_options(cfg, "loss/ce and model/bits_per_code are logged")
         self.vq, self.vq_cfg, self.vq_folder, self.vq_ema = frozen_vq(m.prior_vq, device)
         _, h, w = self.vq.latent_shape(cfg.data.image_size)
         derived = {"prior_codebook_size": self.vq.quantizer.codebook_size, "prior_grid": [h, w],
