@@ -255,6 +255,7 @@ class Trainer:
             stop.restore()
             bar.close()
             self.monitor.close()
+            batches.close()  # the loader's workers end here, not at interpreter exit
         return exit_code
 
     def _check_bad_share(self) -> None:
