@@ -80,3 +80,16 @@ def make_colour_shards(out: str | Path, num_samples: int = 96, per_shard: int = 
     names = ["red", "green", "blue", "yellow", "cyan", "magenta"]
     write_index(out, source={"kind": "test"}, shards=shards, classes=names[:num_classes])
     return out
+
+
+def forged_tar_header(name: bytes, size_field: bytes) -> bytes:
+    """A ustar header with a valid checksum around any size field (what a forger would write)."""
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:108] = b"0000644\0"
+    h[124:136] = size_field
+    h[156:157] = b"0"
+    h[257:263] = b"ustar\0"
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from shardgen import image_bytes
+from shardgen import forged_tar_header, image_bytes
 
 from harness import tario
 from harness.config import DataConfig
@@ -58,19 +58,6 @@ def png_header_bomb(width: int = 10_000, height: int = 10_000) -> bytes:
     parts.append(z.flush())
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
-
-
-def forged_tar_header(name: bytes, size_field: bytes) -> bytes:
-    """A ustar header with a valid checksum around any size field (what a forger would write)."""
-    h = bytearray(512)
-    h[0:len(name)] = name
-    h[100:108] = b"0000644\0"
-    h[124:136] = size_field
-    h[156:157] = b"0"
-    h[257:263] = b"ustar\0"
-    h[148:156] = b" " * 8
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
 
 
 GOOD = 24  # good samples per shard

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 import webdataset as wds
-from shardgen import image_bytes
+from shardgen import forged_tar_header, image_bytes
 
 from harness import tario
 from shards.decode import BadSample
@@ -49,19 +49,6 @@ def test_truncated_tar_yields_what_it_can_then_one_bad_sample(tmp_path):
     assert isinstance(bad, BadSample) and bad.shard == str(tmp_path / "b.tar") and "runs past the end" in bad.reason
 
 
-def hostile_header(name: bytes, size_field: bytes) -> bytes:
-    """A ustar header with a valid checksum around any size field (what a forger would write)."""
-    h = bytearray(512)
-    h[0:len(name)] = name
-    h[100:108] = b"0000644\0"
-    h[124:136] = size_field
-    h[156:157] = b"0"
-    h[257:263] = b"ustar\0"
-    h[148:156] = b" " * 8
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
-
-
 @pytest.mark.parametrize("size_field, reason", [
     (b"\x80" + b"\xff" * 11, "runs past the end"),  # base-256: 2**88 bytes (OverflowError/MemoryError before)
     (b"77777777777\0", "runs past the end"),  # 8 GiB in octal, in a 1 KB file
@@ -71,7 +58,7 @@ def hostile_header(name: bytes, size_field: bytes) -> bytes:
 ])
 def test_absurd_size_fields_are_one_bad_sample_not_a_crash(tmp_path, size_field, reason):
     path = tmp_path / "forged.tar"
-    path.write_bytes(hostile_header(b"k0.jpg", size_field) + b"x" * 512 + b"\0" * 1024)
+    path.write_bytes(forged_tar_header(b"k0.jpg", size_field) + b"x" * 512 + b"\0" * 1024)
     got = list(tario.shard_samples(str(path)))
     assert len(got) == 1 and isinstance(got[0], BadSample) and reason in got[0].reason, got
 
@@ -96,13 +83,13 @@ def test_a_fast_forward_reads_headers_only_and_yields_the_same_items(tmp_path):
     assert all(isinstance(v, tario.Ref) for s in lazy for k, v in s.items() if not k.startswith("__"))
     assert [tario.materialize(s) for s in lazy] == plain and len(plain) == 5
     forged = tmp_path / "forged.tar"
-    forged.write_bytes(hostile_header(b"k0.jpg", b"77777777777\0") + b"x" * 512 + b"\0" * 1024)
+    forged.write_bytes(forged_tar_header(b"k0.jpg", b"77777777777\0") + b"x" * 512 + b"\0" * 1024)
     assert list(tario.shard_samples(str(forged), tario.Skipping(on=True))) == list(tario.shard_samples(str(forged)))
 
 
 def test_a_pax_record_of_length_zero_does_not_loop(tmp_path):
     pax = b"0 path=x\n"
-    h = bytearray(hostile_header(b"PaxHeader", b"%011o\0" % len(pax)))
+    h = bytearray(forged_tar_header(b"PaxHeader", b"%011o\0" % len(pax)))
     h[156:157] = b"x"
     h[148:156] = b" " * 8
     h[148:156] = b"%06o\0 " % sum(h)
