@@ -15,9 +15,11 @@ Why it looks like this:
   decoding, and the run continues exactly as if it had never stopped (`data.exact_resume`).
 - The loader is NOT passed through `accelerator.prepare()`: prepare would re-shard or dispatch an
   IterableDataset, and we already split by rank here.
-- Images leave the workers as uint8 `b h w c` numpy arrays (4x less to copy than float32; numpy,
-  not tensors, so nothing is moved into fresh shared memory: see `to_torch`); `to_model_input`
-  makes the `b c h w` float in [-1, 1] on the training device.
+- Images leave the workers as uint8 `b h w c` (4x less to copy than float32) through a ring of
+  reusable shared-memory batch buffers (BatchRing): a worker writes a batch's images into its next
+  free buffer and sends only the buffer's number with the small fields; the reader copies the buffer
+  out once and frees it. No pickling of images, no pipe, no fresh shared memory a batch.
+  `to_model_input` makes the `b c h w` float in [-1, 1] on the training device.
 - Bad samples (anything the data does wrong: see shards/decode.py for the one boundary between bad
   data and bugs) travel as BadSample records: the tar reader emits one for a shard that breaks off
   or is empty, the decoder one for a sample that does not decode. They are counted in the worker
@@ -31,10 +33,15 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import math
+import mmap
+import multiprocessing
 import os
 import random
 import signal
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -62,13 +69,15 @@ def decode(item: dict | BadSample, spec: DecodeSpec, rng: random.Random) -> dict
     return item if isinstance(item, BadSample) else guarded(item, spec, rng)
 
 
-def collate(samples: list[dict], as_numpy: bool = False) -> dict:
-    """Decoded samples -> a batch of tensors (numpy arrays with `as_numpy`: what a worker sends, see below)."""
+def collate(samples: list[dict], as_numpy: bool = False, images: bool = True) -> dict:
+    """Decoded samples -> a batch of tensors (numpy arrays with `as_numpy`: what a worker sends, see below;
+    without the images with `images=False`: they travel through a BatchRing)."""
     batch = {
-        "image": np.stack([s["image"] for s in samples]),
         "cls": np.array([s["cls"] for s in samples], dtype=np.int64),
         "key": [s["key"] for s in samples],
     }
+    if images:
+        batch["image"] = np.stack([s["image"] for s in samples])
     if "labels" in samples[0]:
         batch["labels"] = np.stack([s["labels"] for s in samples])
     return batch if as_numpy else to_torch(batch)
@@ -80,12 +89,62 @@ def to_torch(batch: dict, pin: bool = False) -> dict:
     Workers send numpy arrays, not tensors: torch moves each tensor a worker sends into a new
     shared-memory segment, and fresh pages cost about 5 us per 4 KB on our machines (a 6 MB batch:
     7 ms in the worker, more in the reader when it reads them), a fifth of a 256 px batch's decoding.
-    A pickled array goes through the pipe into memory both sides reuse (`_keep_freed_memory`).
-    Pinning happens here, in the reader (one 6 MB copy a batch), not in the DataLoader's pin thread."""
+    The images themselves come through a BatchRing (reused shared memory) where workers fork; the
+    rest, small, is pickled through the pipe. Pinning happens in the reader, not in the DataLoader's
+    pin thread (an already pinned tensor is left as it is)."""
     out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
     if pin and torch.cuda.is_available():
         out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
     return out
+
+
+class BatchRing:
+    """Reusable shared-memory batch buffers between the loader workers and the reader.
+
+    Sending a 6 MB batch through the DataLoader's pipe costs a worker about a tenth of its time on
+    real photos (stack, pickle, and the pipe's write in 64 KB pieces, each waiting for the reader)
+    and the reader as much again (read, unpickle). Here each worker owns `buffers` buffers of one
+    batch in one anonymous shared mapping made before the workers fork (so no /dev/shm, whose size a
+    container may cap): it writes a batch's images into its next buffer and sends only the buffer's
+    number; the reader copies the buffer out once, into memory of its own that it hands to the trainer
+    (so a batch held by the trainer is never overwritten), then frees the buffer.
+
+    A semaphore per worker counts its free buffers: a worker never writes a buffer the reader has not
+    copied out yet (it waits instead, checking once a second that its parent lives). Workers fill and
+    the reader frees a worker's buffers in the same order, since the DataLoader delivers each worker's
+    batches in order. With `buffers` above the batches a worker can have in flight (the prefetch, plus
+    the one being copied out) a worker never waits."""
+
+    def __init__(self, workers: int, buffers: int, batch_size: int, image_size: int, context):
+        shape = (workers, buffers, batch_size, image_size, image_size, 3)
+        self._mem = mmap.mmap(-1, math.prod(shape))  # MAP_SHARED | MAP_ANONYMOUS: shared with forked children
+        self.images = np.frombuffer(self._mem, np.uint8).reshape(shape)
+        self.free = [context.Semaphore(buffers) for _ in range(workers)]
+        self.buffers, self.parent, self.next = buffers, os.getpid(), 0  # next: a worker's own count (after the fork)
+
+    def put(self, worker: int, images: list[np.ndarray]) -> int:
+        """In a worker: the images of one batch into this worker's next free buffer; returns its index."""
+        while not self.free[worker].acquire(timeout=1.0):
+            if os.getppid() != self.parent:  # the reader was killed outright: nobody will free a buffer
+                os._exit(0)
+        buffer, self.next = self.next, (self.next + 1) % self.buffers
+        out = self.images[worker, buffer]
+        for i, image in enumerate(images):
+            out[i] = image
+        return buffer
+
+    def take(self, worker: int, buffer: int, pin: bool = False) -> torch.Tensor:
+        """In the reader: a buffer's images copied out (into pinned memory with `pin`), then the buffer freed."""
+        out = torch.empty(self.images.shape[2:], dtype=torch.uint8, pin_memory=pin)
+        out.numpy()[...] = self.images[worker, buffer]
+        self.free[worker].release()
+        return out
+
+
+def _ring_context():
+    """The fork start method where the ring can be used (Linux), else None: the anonymous mapping is
+    inherited by forked workers only (Python 3.14 makes forkserver the default on Linux, so ask for fork)."""
+    return multiprocessing.get_context("fork") if sys.platform == "linux" else None
 
 
 def _as_is(batch):
@@ -199,6 +258,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.batches_per_epoch = batches_per_epoch
         self.epoch, self.skip_batches = 0, 0
+        self.ring: BatchRing | None = None  # set by TrainLoader.batches on the copy its workers get
         # Split by node: this rank's shards per source (or all of them + a sample-level split).
         self.sample_split = any(len(s.urls) < world_size for s in sources)
         self.parts = [(s.urls if self.sample_split else s.urls[rank::world_size], s.weight) for s in sources]
@@ -232,11 +292,18 @@ class ShardStream(IterableDataset):
         already = len(range(slot, k, num_workers))  # ... of which consumed before the start
         counter = BadCounter()
         for epoch in count(self.epoch):
-            yield from self._epoch(epoch, slot, per_epoch - already, already, counter)
+            for samples, bad in self._epoch(epoch, slot, per_epoch - already, already, counter):
+                if self.ring is None:
+                    out = collate(samples, as_numpy=True)
+                else:  # the images into this worker's next ring buffer, the rest through the pipe
+                    out = collate(samples, as_numpy=True, images=False)
+                    out["ring"] = (worker, self.ring.put(worker, [s["image"] for s in samples]))
+                yield {**out, **bad}
             already = 0
 
     def _epoch(self, epoch: int, slot: int, todo: int, already: int, counter: BadCounter):
-        """This slot's batches `already` .. `already + todo` of one epoch.
+        """This slot's batches `already` .. `already + todo` of one epoch, each as its decoded samples and
+        its bad-sample fields.
 
         Batch j is made from the raw positions [j*B, (j+1)*B) of the slot's stream, whatever they
         hold: a bad one is replaced by a good sample of the same window (repeated in turn; an
@@ -262,10 +329,8 @@ class ShardStream(IterableDataset):
             for b in bad:
                 counter.count(b)
             fill = good or [positions.peek_good()]
-            out = collate(good + [fill[i % len(fill)] for i in range(len(bad))], as_numpy=True)
-            out["bad"] = len(bad)
-            out["bad_error"] = str(bad[-1]) if bad else ""
-            yield out
+            yield good + [fill[i % len(fill)] for i in range(len(bad))], {
+                "bad": len(bad), "bad_error": str(bad[-1]) if bad else ""}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +344,9 @@ class DataInfo:
     classes: list[str]
     label_names: list[str]
     num_shards: int
+
+
+PREFETCH = 4  # batches in flight per loader worker (the DataLoader's prefetch_factor)
 
 
 class TrainLoader:
@@ -308,6 +376,7 @@ class TrainLoader:
                                    shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                                    batches_per_epoch=self.batches_per_epoch)
         self.num_workers, self.pin_memory = cfg.num_workers, pin_memory
+        self.batch_size, self.image_size = batch_size, cfg.image_size
 
     @property
     def sample_split(self) -> bool:
@@ -317,16 +386,24 @@ class TrainLoader:
         """Yield batches forever, starting at global (per-rank) batch index `start`."""
         epoch, offset = divmod(start, self.batches_per_epoch)
         self.dataset.set_epoch(epoch, offset)
+        dataset, ring, context = self.dataset, None, _ring_context() if self.num_workers else None
         if self.num_workers:
-            _keep_freed_memory()  # this process receives each batch into a new buffer
+            _keep_freed_memory()  # this process copies each batch into a new buffer
+        if context is not None:
+            # The ring of this call's workers, on a copy of the dataset: a later call makes its own.
+            dataset = copy.copy(self.dataset)
+            dataset.ring = ring = BatchRing(self.num_workers, PREFETCH + 2, self.batch_size, self.image_size, context)
+        pin = self.pin_memory and torch.cuda.is_available()
         # Its own generator: creating the iterator must not draw from the global torch RNG, which
         # the model uses (posterior noise) and a resume restores.
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            prefetch_factor=4 if self.num_workers else None,
-                            generator=torch.Generator().manual_seed(start),
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+                            prefetch_factor=PREFETCH if self.num_workers else None,
+                            multiprocessing_context=context, generator=torch.Generator().manual_seed(start),
                             worker_init_fn=_init_worker if self.num_workers else None)
         for batch in loader:
-            yield to_torch(batch, self.pin_memory)
+            if "ring" in batch:
+                batch["image"] = ring.take(*batch.pop("ring"), pin=pin)
+            yield to_torch(batch, pin)
 
 
 def _init_worker(worker_id: int) -> None:

@@ -1,0 +1,202 @@
+"""The loader workers' ring of shared-memory batch buffers (harness/data.py: BatchRing).
+
+What must hold: a batch handed to the trainer is never overwritten afterwards (held batches equal
+those of a run without the ring), a worker never writes a buffer the reader has not copied out, and
+neither side waits forever on the other (a killed worker is the DataLoader's error, a killed reader
+ends its workers)."""
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from shardgen import _write_shards, make_shards
+
+import harness.data as data
+from harness.config import DataConfig
+from harness.data import BatchRing, TrainLoader
+from shards.index import write_index
+
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Photos of every size and shape (smaller and larger than image_size), grayscale, palette, RGBA,
+    CMYK, a corrupt one, multi-hot labels: what a worker writes into a buffer is always image_size."""
+    modes = [("RGB", "JPEG"), ("L", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("L", "PNG")]
+
+    def sample(i: int) -> dict:
+        rng = np.random.default_rng(i)
+        w, h = int(rng.integers(12, 90)), int(rng.integers(12, 90))
+        mode, fmt = modes[i % len(modes)]
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB").convert(mode).save(buf, format=fmt)
+        image = buf.getvalue()[:40] if i % 17 == 5 else buf.getvalue()  # a truncated one now and then
+        return {"__key__": f"m{i:05d}", "jpg" if fmt == "JPEG" else "png": image, "cls": str(i % 3),
+                "json": json.dumps({"labels": [i % 4, (i + 1) % 4]})}
+
+    out = tmp_path_factory.mktemp("mixed")
+    shards = _write_shards(out, 120, 20, sample)
+    write_index(out, source={"kind": "test"}, shards=shards, classes=["a", "b", "c"],
+                label_names=["w", "x", "y", "z"])
+    return out
+
+
+def held(path, workers: int, n: int, start: int = 0, batch_size: int = 4, image_size: int = 32) -> list[dict]:
+    """`n` batches, all held at once (a reused buffer would show as a changed earlier batch)."""
+    cfg = DataConfig(train=str(path), image_size=image_size, num_workers=workers, shuffle_buffer=16)
+    it = TrainLoader(cfg, rank=0, world_size=1, batch_size=batch_size).batches(start)
+    out = [next(it) for _ in range(n)]
+    it.close()
+    return out
+
+
+def assert_same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], torch.Tensor):
+                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+            else:  # PIL names the BytesIO it could not read by its address
+                assert re.sub("0x[0-9a-f]+", "", str(x[k])) == re.sub("0x[0-9a-f]+", "", str(y[k])), k
+
+
+def test_held_batches_equal_those_read_in_process(mixed):
+    """1 worker reads the same stream as no worker: 30 batches held while the worker goes round its
+    6 buffers 5 times; any buffer handed out as it is, or rewritten too early, differs here."""
+    ring = held(mixed, 1, 30)
+    assert_same(ring, held(mixed, 0, 30))
+    assert all(b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == torch.uint8 for b in ring)
+    assert all(b["labels"].shape == (4, 4) for b in ring) and sum(b["bad"] for b in ring) > 0
+    assert len({b["image"].data_ptr() for b in ring}) == 30  # every batch in memory of its own
+
+
+def test_two_workers_through_the_ring_equal_the_pipe(mixed, monkeypatch):
+    """2 workers, from a resume point: the same batches through the ring and through the pipe."""
+    ring = held(mixed, 2, 24, start=7)
+    monkeypatch.setattr(data, "_ring_context", lambda: None)  # no ring: whole batches through the pipe
+    assert_same(ring, held(mixed, 2, 24, start=7))
+
+
+def test_photos_larger_than_the_image_size(tmp_path):
+    path = make_shards(tmp_path, num_samples=48, per_shard=12, size=150)
+    ring = held(path, 1, 8, batch_size=3, image_size=96)
+    assert_same(ring, held(path, 0, 8, batch_size=3, image_size=96))
+    assert ring[0]["image"].shape == (3, 96, 96, 3) and ring[0]["image"].float().std() > 5
+
+
+def test_a_worker_waits_for_the_reader_to_free_a_buffer():
+    """More batches than buffers, none taken: the worker stops at the third; a batch taken out stays
+    what it was when its buffer is written again."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    ring = BatchRing(1, 2, 2, 4, ctx)
+    done = ctx.Queue()
+
+    def worker():
+        for v in (1, 2, 3):
+            done.put((v, ring.put(0, [np.full((4, 4, 3), v, np.uint8)] * 2)))
+
+    p = ctx.Process(target=worker, daemon=True)
+    p.start()
+    try:
+        assert [done.get(timeout=10) for _ in range(2)] == [(1, 0), (2, 1)]
+        time.sleep(0.5)
+        assert done.empty()  # both buffers full: the third batch waits
+        first = ring.take(0, 0)
+        assert done.get(timeout=10) == (3, 0)  # ... and goes into the buffer just freed
+        assert (first == 1).all() and (torch.from_numpy(ring.images[0, 0]) == 3).all()
+        assert (ring.take(0, 1) == 2).all()
+    finally:
+        p.join(10)
+        p.kill()
+
+
+WAITING = """
+import multiprocessing, sys, time
+import numpy as np
+sys.path[:0] = [{root!r}]
+from harness.data import BatchRing
+ctx = multiprocessing.get_context("fork")
+ring = BatchRing(1, 1, 1, 4, ctx)
+def worker():
+    for _ in range(2):  # the second waits for a buffer nobody will free
+        ring.put(0, [np.zeros((4, 4, 3), np.uint8)])
+p = ctx.Process(target=worker)
+p.start()
+print(p.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_waiting_for_a_buffer_ends_when_its_reader_is_killed(tmp_path):
+    script = tmp_path / "waiting.py"
+    script.write_text(WAITING.format(root=ROOT))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    time.sleep(1)
+    assert Path(f"/proc/{child}").exists()
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+        time.sleep(0.2)
+    alive = Path(f"/proc/{child}").exists() and "Z" not in _state(child)
+    if alive:
+        os.kill(child, 9)
+    assert not alive, "a worker outlived its killed reader while waiting for a buffer"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "Z"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_the_dataloaders_error_not_a_hang(mixed):
+    cfg = DataConfig(train=str(mixed), image_size=32, num_workers=2, shuffle_buffer=16)
+    it = TrainLoader(cfg, rank=0, world_size=1, batch_size=4).batches()
+    next(it)
+    tasks = os.listdir("/proc/self/task")
+    workers = [int(p) for t in tasks for p in open(f"/proc/self/task/{t}/children").read().split()]
+    assert len(workers) == 2
+    os.kill(workers[1], 9)
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        for _ in range(1000):
+            next(it)
+    assert time.time() - t0 < 30
+
+
+@pytest.mark.slow
+def test_exact_resume_through_the_ring_is_bitwise(tmp_path):
+    """tests/test_train.py::test_exact_resume_is_bitwise with 2 loader workers: 8 steps straight
+    equal 4 + resume + 4, weights bit for bit."""
+    from safetensors.torch import load_file
+
+    from launch.train import main
+
+    shards = make_shards(tmp_path / "shards", num_samples=96, per_shard=12, size=40)
+    common = ["--config", f"{ROOT}/tests/configs/tiny.yaml", f"data.train={shards}", "data.num_workers=2",
+              "checkpoint.every_steps=0", "train.max_steps=8"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*common, f"run.dir={straight}"]) == 0
+    assert main([*common, f"run.dir={split}", "train.stop_after_steps=4"]) == 0
+    assert main([*common, f"run.dir={split}", "--resume", "latest"]) == 0
+    wa = load_file(straight / "checkpoints/step_8/model.safetensors")
+    wb = load_file(split / "checkpoints/step_8/model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
