@@ -294,14 +294,18 @@ class NearestUpConv2d(nn.Conv2d):
                          torch.stack([rows[..., 0] + rows[..., 1], rows[..., 2]], -1)])  # q p o i 2 2
         k = rearrange(k, "q p o i kh kw -> (p q o) i kh kw")
         bias = self.bias.repeat(4) if exists(self.bias) else None
-        h, w_ = x.shape[-2:]
-        out = rearrange(F.conv2d(F.pad(x, (1, 1, 1, 1)), k, bias), "b (p q o) h w -> p q b o h w", p=2, q=2)
-        # phase p starts at padded row p: (i-1, i) for p=0, (i, i+1) for p=1
-        out = torch.stack([torch.stack([out[p, q, ..., p:p + h, q:q + w_] for q in range(2)]) for p in range(2)])
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        b, _, h, w_ = x.shape
+        y = F.conv2d(x, k, bias, padding=1)  # b (p q o) h+1 w+1; phase p starts at padded row p
+        # The four phase windows are one strided view of y: element (b, o, i, p, j, q) sits at
+        # y[b, (2p + q) o, i + p, j + q], an offset linear in p and q. Interleaving is then one copy,
+        # and its backward one copy into a zeroed y (slicing four windows cost four zeroed copies of y).
+        sb, sc, sh, sw = y.stride()
+        o = self.out_channels
+        phases = y.as_strided((b, o, h, 2, w_, 2), (sb, sc, sh, 2 * o * sc + sh, sw, o * sc + sw), y.storage_offset())
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             # interleave straight into channels_last memory (the same b o H W tensor, NHWC strides)
-            return rearrange(out, "p q b o h w -> b (h p) (w q) o").permute(0, 3, 1, 2)
-        return rearrange(out, "p q b o h w -> b o (h p) (w q)")
+            return rearrange(phases, "b o h p w q -> b (h p) (w q) o").permute(0, 3, 1, 2)
+        return rearrange(phases, "b o h p w q -> b o (h p) (w q)")
 
 
 class Upsample(nn.Module):
