@@ -218,6 +218,9 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = F("cosine", "learning-rate schedule after warmup")
     min_lr_ratio: float = F(0.1, "cosine floor as a fraction of lr", ge=0.0, le=1.0)
     grad_clip: float = F(1.0, "max global gradient norm (0 = no clipping)", ge=0.0)
+    fused: bool = F(False, "AdamW's fused kernel (CUDA, CPU); without an fp16 loss scaler or DeepSpeed it also makes "
+                           "the step free of host syncs (a non-finite step is skipped on the device, counted at the "
+                           "next log)")
 
 
 @dataclass

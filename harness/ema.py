@@ -22,12 +22,19 @@ class EMA:
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, applied: torch.Tensor | None = None) -> None:
+        """applied: a bool tensor on the device, for a step that may have been skipped there (weight 0
+        then; the warm-up still counts it, as the host cannot know without a sync)."""
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         self.num_updates += 1
         params = dict(model.named_parameters())
         names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - decay)
+        shadow, current = [self.shadow[n] for n in names], [params[n].detach().float() for n in names]
+        if applied is None:
+            torch._foreach_lerp_(shadow, current, 1.0 - decay)
+        else:  # a weight per tensor (a 0-dim tensor weight would be read back to the host, a sync)
+            weight = applied.float() * (1.0 - decay)
+            torch._foreach_lerp_(shadow, current, [weight.expand_as(t) for t in shadow])
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}

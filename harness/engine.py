@@ -8,6 +8,9 @@ optimizer step, and reads a `StepOutcome`; it never asks which backend it holds.
   gradients are all-reduced, so every rank sees the same norm and takes the same branch without
   another collective (a NaN loss on one rank makes NaN gradients everywhere). With fp16 loss
   scaling an overflow is the scaler's business: it skips the step and lowers the scale.
+  With AdamW's fused kernel and no loss scaler the step is *deferred*: the norm never leaves the
+  device, the kernel itself skips a non-finite step (its `found_inf`, as GradScaler uses it), and
+  the outcome holds device tensors the trainer reads at the next log. No host sync in the step.
 - `DeepSpeedEngine`: DeepSpeed clips and steps inside `backward` at the accumulation boundary, so
   a non-finite loss must be caught before it (one all-reduce per micro-batch, so that every rank
   skips together); DeepSpeed counts its own fp16 overflows (`skipped_steps`).
@@ -26,14 +29,20 @@ from harness.dist import all_reduce_sum
 
 @dataclass
 class StepOutcome:
-    finite: bool  # gradients (and, under DeepSpeed, losses) were finite on every rank
+    finite: bool | torch.Tensor  # gradients (and, under DeepSpeed, losses) were finite on every rank
     overflow: bool  # an fp16 loss scaler skipped the step
-    grad_norm: float | None  # the global gradient norm before clipping, when finite
+    grad_norm: float | torch.Tensor | None  # the global gradient norm before clipping, when finite (deferred: 0 if not)
+
+    @property
+    def deferred(self) -> bool:
+        """`finite` and `grad_norm` are still on the device (a bool and a float tensor)."""
+        return isinstance(self.finite, torch.Tensor)
 
     @property
     def applied(self) -> bool:
-        """The weights changed: EMA and step counters follow only such steps."""
-        return self.finite and not self.overflow
+        """The weights changed: EMA and step counters follow only such steps (a deferred outcome is
+        read here, a host sync: callers that can stay on the device use `finite`)."""
+        return bool(self.finite) and not self.overflow
 
 
 class Engine:
@@ -60,11 +69,20 @@ class Engine:
 
 
 class DDPEngine(Engine):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        # Only the fused kernels can skip a step on the device (they read `found_inf`); a loss scaler
+        # decides on the host itself.
+        self.deferred = self.scaler is None and bool(inner.defaults.get("fused"))
+
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
     def step(self) -> StepOutcome:
         clip = self.grad_clip or float("inf")  # inf: measure the norm, change nothing
+        if self.deferred:
+            return self._step_on_device(clip)
         norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
         finite, overflow = math.isfinite(norm), False
         if finite or self.scaler is not None:
@@ -72,6 +90,19 @@ class DDPEngine(Engine):
             overflow = self.optimizer.step_was_skipped
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(finite, overflow, norm if finite else None)
+
+    def _step_on_device(self, clip: float) -> StepOutcome:
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)  # a tensor: not read here
+        finite = torch.isfinite(norm)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        # 1 = skip: the fused AdamW leaves weights, moments and its step count as they were.
+        inner.found_inf = (~finite).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del inner.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(finite, False, torch.where(finite, norm, torch.zeros_like(norm)))
 
 
 class DeepSpeedEngine(Engine):
@@ -105,6 +136,29 @@ class DeepSpeedEngine(Engine):
         overflow = scale.skipped_steps(self.model) > before
         self._skipped_before, self._finite = None, True
         return StepOutcome(finite, overflow, norm)
+
+
+class DeferredSkips:
+    """The non-finite steps of deferred outcomes, counted on the device and read once per log."""
+
+    def __init__(self):
+        self.run = self.worst = self.skipped = None  # skips in a row now, most in a row since the read, skips
+
+    def add(self, finite: torch.Tensor) -> None:
+        bad = (~finite).long()
+        if self.run is None:
+            self.run = self.worst = self.skipped = torch.zeros_like(bad)
+        self.run = (self.run + 1) * bad
+        self.worst = torch.maximum(self.worst, self.run)
+        self.skipped = self.skipped + bad
+
+    def read(self) -> tuple[int, int, int]:
+        """(skipped since the last read, most in a row among them, in a row now): one host sync."""
+        if self.run is None:
+            return 0, 0, 0
+        skipped, worst, run = torch.stack([self.skipped, self.worst, self.run]).tolist()
+        self.skipped, self.worst = torch.zeros_like(self.skipped), self.run
+        return skipped, worst, run
 
 
 def make_engine(accelerator, model, optimizer, *, grad_clip: float, grad_accum: int) -> Engine:

@@ -51,7 +51,9 @@ class EMAHook(Hook):
         trainer.accelerator.register_for_checkpointing(self.ema)
 
     def after_step(self, trainer, outcome, stats) -> None:
-        if outcome.applied:
+        if outcome.deferred:  # skipped or not is known on the device only: a zero weight for a skipped step
+            self.ema.update(trainer.engine.unwrapped(), applied=outcome.finite)
+        elif outcome.applied:
             with scale.full_parameters(trainer.engine.model):  # collective under ZeRO-3: every rank enters
                 self.ema.update(trainer.engine.unwrapped())
 

@@ -27,11 +27,11 @@ class StepStats:
 
     micro: int = 0
     judged_micro: int = 0
-    steps_taken: int = 0
+    steps_taken: int | torch.Tensor = 0  # tensors after deferred steps (harness/engine.py): read at the log
     bad: int = 0
     bad_error: str = ""
     data_wait: float = 0.0
-    grad_norm: float = 0.0
+    grad_norm: float | torch.Tensor = 0.0
     means: dict[str, torch.Tensor] = field(default_factory=dict)
     judged: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -86,8 +86,8 @@ class Monitor:
         local = stats.averages()
         names = list(local)
         # One all-reduce for everything: means of the terms, sums of the counts.
-        reduced = all_reduce_sum([*local.values(), stats.bad, stats.data_wait, stats.grad_norm, stats.steps_taken],
-                                 t.device)
+        counts = [stats.bad, stats.data_wait, float(stats.grad_norm), float(stats.steps_taken)]
+        reduced = all_reduce_sum([*local.values(), *counts], t.device)
         n = t.world.world_size
         values = {k: v / n for k, v in zip(names, reduced[: len(names)], strict=True)}
         bad, wait, grad_norm, taken = reduced[len(names):]

@@ -3,13 +3,16 @@
 SLURM sends SIGUSR1 before a time limit (`#SBATCH --signal`) and SIGTERM on preemption; the sbatch
 script requeues the job when the trainer exits with EXIT_PREEMPTED, and the requeued job resumes
 from `latest`. The handler only sets a flag: the training loop reads it between steps, and all
-ranks agree on it through one all-reduce, so every rank stops at the same step (a checkpoint is a
-collective operation and no rank may skip it).
+ranks agree on it through an all-reduce (`StopVote`), so every rank stops at the same step (a
+checkpoint is a collective operation and no rank may skip it).
 """
 
 from __future__ import annotations
 
 import signal
+
+import torch
+import torch.distributed as dist
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
 EXIT_PREEMPTED = 75
@@ -37,3 +40,38 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class StopVote:
+    """The ranks' stop flags, agreed on without waiting for a collective in every step.
+
+    After each step every rank puts its flag into an all-reduce that runs in the background, on the
+    CPU (gloo: a group of its own when the training backend is NCCL, so no GPU stream is involved),
+    and reads the sum after the next step, by when it has long arrived. All ranks vote at the same
+    steps, so they stop at the same step: one step after the first rank saw its signal (SLURM's
+    warning comes minutes before the kill). In one process the flag is read directly."""
+
+    def __init__(self, flag: StopFlag):
+        self.flag = flag
+        self.spread = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.group = dist.new_group(backend="gloo") if self.spread and dist.get_backend() != "gloo" else None
+        self.pending, self.votes = None, torch.zeros(1)
+
+    def __call__(self) -> bool:
+        """After each step, on every rank: True once all ranks know that one of them was signalled."""
+        if not self.spread:
+            return self.flag.requested
+        agreed = False
+        if self.pending is not None:
+            self.pending.wait()
+            agreed, self.pending = bool(self.votes.item() > 0), None  # a CPU tensor: no device sync
+        if not agreed:
+            self.votes = torch.tensor([float(self.flag.requested)])
+            self.pending = dist.all_reduce(self.votes, group=self.group, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        """At the end of a loop every rank ran to it: the last vote is collected (nothing left in flight)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None

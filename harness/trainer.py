@@ -32,14 +32,14 @@ from harness import checkpoint as ckpt
 from harness import discriminator, losses, scale
 from harness.config import Config, ConfigError, section_hash, to_dict
 from harness.data import TrainLoader, to_model_input
-from harness.dist import RankLogger, all_reduce_sum, world
-from harness.engine import StepOutcome, make_engine
+from harness.dist import RankLogger, world
+from harness.engine import DeferredSkips, StepOutcome, make_engine
 from harness.hooks import EMAHook
 from harness.inference import init_weights
 from harness.monitor import Monitor, StepStats
 from harness.resume import begin, init_source, plan
 from harness.runlock import hold as hold_run_dir
-from harness.signals import EXIT_PREEMPTED, StopFlag
+from harness.signals import EXIT_PREEMPTED, StopFlag, StopVote
 from harness.tasks import make_task
 from harness.validation import Validator
 from models.registry import build_model, deepspeed_unsupported
@@ -109,7 +109,7 @@ class Trainer:
         losses.attach(model, self.task, step=lambda: self.step)  # loss.logvar joins the model after init_from
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                      weight_decay=o.weight_decay)
+                                      weight_decay=o.weight_decay, fused=o.fused or None)
         self.base_optimizer = optimizer  # under ZeRO it steps this rank's partition only (see launch/benchmark.py)
         # The scheduler stays outside prepare(): accelerate would step it once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -130,6 +130,7 @@ class Trainer:
         self.validator = Validator(self) if cfg.eval.every_steps else None
 
         self.step = self.samples_seen = self.nonfinite_in_a_row = 0
+        self.skips = DeferredSkips()
         self.last_loss = float("nan")
         self.totals = defaultdict(float)  # nonfinite_steps, bad_samples over the whole run
         begin(self, self.start)  # restore a checkpoint (or seed a new run), then tidy the run folder
@@ -165,6 +166,12 @@ class Trainer:
     def optimizer_step(self, stats: StepStats) -> StepOutcome:
         """Clip and step (or skip a non-finite step: too many in a row end the run), then hooks."""
         outcome = self.engine.step()
+        if outcome.deferred:  # decided on the device: counted there, read at the next log (settle_skips)
+            self.skips.add(outcome.finite)
+            stats.grad_norm = stats.grad_norm + outcome.grad_norm
+            stats.steps_taken = stats.steps_taken + outcome.finite.long()
+            self._after_step(outcome, stats)
+            return outcome
         scaler = self.engine.scaler
         # With a scaler, non-finite gradients are overflows until the scale has collapsed below 1.
         diverged = not outcome.finite and (scaler is None or scaler.get_scale() < 1.0)
@@ -182,10 +189,27 @@ class Trainer:
         if outcome.grad_norm is not None:
             stats.grad_norm += outcome.grad_norm
         stats.steps_taken += outcome.applied
+        self._after_step(outcome, stats)
+        return outcome
+
+    def _after_step(self, outcome: StepOutcome, stats: StepStats) -> None:
         for hook in self.hooks:
             hook.after_step(self, outcome, stats)
         self.scheduler.step()
-        return outcome
+
+    def settle_skips(self) -> None:
+        """Read the device's count of deferred non-finite steps (one host sync, at a log or a save)."""
+        if self.skips.run is None:  # no deferred step yet (or ever: the host decided each step)
+            return
+        skipped, worst, self.nonfinite_in_a_row = self.skips.read()
+        if not skipped:
+            return
+        self.totals["nonfinite_steps"] += skipped
+        self.log.info(f"steps to {self.step}: {skipped} non-finite (loss or gradients) skipped, "
+                      f"at most {worst} in a row")
+        if worst >= self.cfg.train.max_nonfinite:
+            raise TrainingError(f"loss was not finite for {worst} steps in a row (train.max_nonfinite, read at the "
+                                "log): lower optim.lr, enable optim.grad_clip or check the data")
 
     def train_step(self, batches, stats: StepStats) -> None:
         """One optimizer step over `grad_accum` micro-batches."""
@@ -206,6 +230,7 @@ class Trainer:
         """Run to `train.max_steps`; returns the process exit code (EXIT_PREEMPTED after a signal)."""
         cfg = self.cfg
         stop = StopFlag().install()
+        vote = StopVote(stop)
         batches = self.loader.batches(self.step * cfg.train.grad_accum)
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world.world_size
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.world.is_main and cfg.log.progress),
@@ -216,12 +241,12 @@ class Trainer:
         try:
             while self.step < cfg.train.max_steps:
                 self.train_step(batches, stats)
-                # All ranks stop at the same step: a checkpoint is collective.
-                stop_now = all_reduce_sum([float(stop.requested)], self.device)[0] > 0
+                stop_now = vote()  # all ranks stop at the same step: a checkpoint is collective
                 self.step += 1
                 self.samples_seen += global_batch
                 bar.update(1)
                 if self.step % cfg.log.every_steps == 0 or stop_now or self.step == cfg.train.max_steps:
+                    self.settle_skips()
                     self.last_loss = self.monitor.scalars(stats, time.perf_counter() - t_log, bar)
                     self._check_bad_share()
                     stats, t_log = StepStats(), time.perf_counter()
@@ -251,6 +276,7 @@ class Trainer:
                 self.task.finish(self)
                 self.log.info(f"done: {self.step} steps, {self.samples_seen} samples; "
                               f"tensorboard --logdir {self.run_dir / 'tb'}")
+            vote.close()  # every rank left the loop at the same step
         finally:
             stop.restore()
             bar.close()
@@ -273,6 +299,7 @@ class Trainer:
                 "batches_per_epoch": self.loader.batches_per_epoch}
 
     def state_dict(self) -> dict:
+        self.settle_skips()
         state = {
             "step": self.step,
             "samples_seen": self.samples_seen,

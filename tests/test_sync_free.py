@@ -1,0 +1,208 @@
+"""A step without host syncs (optim.fused, no fp16 loss scaler, no DeepSpeed) and the stop vote.
+
+On a GPU every `.item()`, `float(tensor)` or `bool(tensor)` in the step makes the host wait for the
+device. They all reach the device through one op, `aten._local_scalar_dense`; these tests count it.
+"""
+
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from shardgen import make_shards
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from harness import checkpoint as ckpt
+from harness.ema import EMA
+from harness.engine import DDPEngine, DeferredSkips, make_engine
+from harness.signals import StopFlag, StopVote
+from harness.trainer import Trainer
+from launch.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), num_samples=96, per_shard=12, size=40)
+
+
+def args(shards, run, *extra):
+    return ["--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}", *extra]
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (what blocks on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            # The DataLoader draws its base seed from a CPU generator once, at the first batch: not a device read.
+            self.n += not any("torch/utils/data/" in f.filename for f in traceback.extract_stack())
+        return func(*args, **(kwargs or {}))
+
+
+def syncs_per_step(monkeypatch, shards, run, *extra) -> tuple[int, int]:
+    """(host reads inside train_step over the run, steps): train_step is the forward, backward,
+    optimizer step and hooks of one step."""
+    counter, steps = CountSyncs(), []
+    real = Trainer.train_step
+
+    def counted(self, batches, stats):
+        with counter:
+            real(self, batches, stats)
+        steps.append(self.step)
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    assert main(args(shards, run, "train.max_steps=6", "train.ema_decay=0.9", *extra)) == 0
+    return counter.n, len(steps)
+
+
+def test_a_fused_step_reads_nothing_back_from_the_device(monkeypatch, shards, tmp_path):
+    host, steps = syncs_per_step(monkeypatch, shards, tmp_path / "host")
+    assert steps == 6 and host >= steps  # the host-decided step reads the gradient norm every step
+    deferred, _ = syncs_per_step(monkeypatch, shards, tmp_path / "fused", "optim.fused=true")
+    assert deferred == 0
+
+
+def test_fused_steps_decided_on_the_device_equal_those_decided_on_the_host(monkeypatch, shards, tmp_path):
+    """Same weights, Adam moments and EMA, bitwise, whether the skip decision stays on the device or not."""
+    common = ["optim.fused=true", "train.ema_decay=0.9", "checkpoint.every_steps=0", "train.max_steps=8"]
+    assert main(args(shards, tmp_path / "device", *common)) == 0
+    real_init = DDPEngine.__init__
+
+    def host_decides(self, *a, **k):
+        real_init(self, *a, **k)
+        assert self.deferred
+        self.deferred = False
+
+    monkeypatch.setattr(DDPEngine, "__init__", host_decides)
+    assert main(args(shards, tmp_path / "host", *common)) == 0
+    a, b = (tmp_path / run / "checkpoints/step_8" for run in ("device", "host"))
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa, ob = (torch.load(p / "optimizer.bin", weights_only=True)["state"] for p in (a, b))
+    assert all(torch.equal(oa[k]["exp_avg_sq"], ob[k]["exp_avg_sq"]) for k in oa)
+    ea, eb = (torch.load(p / "custom_checkpoint_1.pkl", weights_only=True)["shadow"] for p in (a, b))
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert ckpt.read_state(a)["totals"] == ckpt.read_state(b)["totals"]
+
+
+def test_deferred_nonfinite_steps_are_skipped_then_stop_the_run_at_the_log(shards, tmp_path, monkeypatch, capsys):
+    from harness.losses import AutoencoderLoss
+
+    real = AutoencoderLoss.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, x, out):
+        calls["n"] += 1
+        terms = real(self, x, out)
+        if calls["n"] in (3,) or calls["n"] >= 6:
+            terms.total = terms.total * float("nan")
+        return terms
+
+    monkeypatch.setattr(AutoencoderLoss, "forward", sometimes_nan)
+    run = tmp_path / "run"
+    assert main(args(shards, run, "optim.fused=true", "train.max_nonfinite=3", "train.max_steps=20",
+                     "log.every_steps=4", "checkpoint.every_steps=0")) == 1
+    err = capsys.readouterr().err
+    assert "steps to 4: 1 non-finite (loss or gradients) skipped, at most 1 in a row" in err
+    assert "loss was not finite for 3 steps in a row (train.max_nonfinite, read at the log)" in err
+
+
+def test_the_engine_skips_a_nonfinite_step_on_the_device():
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    acc = Accelerator(cpu=True)
+    engine = make_engine(acc, *acc.prepare(model, opt), grad_clip=1.0, grad_accum=1)
+    assert isinstance(engine, DDPEngine) and engine.deferred
+    x = torch.randn(8, 4)
+
+    def state():
+        inner = engine.optimizer.optimizer
+        moments = [t.clone() for s in inner.state.values() for k, t in sorted(s.items())]
+        return [p.detach().clone() for p in model.parameters()] + moments
+
+    engine.backward(engine.model(x).square().mean())
+    first = engine.step()
+    assert first.deferred and bool(first.finite) and float(first.grad_norm) > 0
+    before = state()
+    engine.backward(engine.model(x).square().mean() * float("nan"))
+    out = engine.step()
+    assert out.deferred and not bool(out.finite) and float(out.grad_norm) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, state(), strict=True))  # weights, moments, step count
+    engine.backward(engine.model(x).square().mean())
+    engine.step()
+    assert not torch.equal(before[0], state()[0])  # and a finite step after it moves again
+
+
+def test_deferred_skips_count_runs_on_the_device():
+    skips = DeferredSkips()
+    for finite in [True, False, False, True, False]:
+        skips.add(torch.tensor(finite))
+    assert skips.read() == (3, 2, 1)  # skipped, most in a row, in a row now
+    skips.add(torch.tensor(False))
+    skips.add(torch.tensor(False))
+    assert skips.read() == (2, 3, 3)  # a run across reads keeps counting
+    skips.add(torch.tensor(True))
+    assert skips.read() == (0, 3, 0)
+
+
+def test_ema_with_a_device_flag_equals_the_host_update_and_holds_on_a_skip():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    a, b = EMA(model, 0.9), EMA(model, 0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    a.update(model)
+    b.update(model, applied=torch.tensor(True))
+    assert all(torch.equal(a.shadow[k], b.shadow[k]) for k in a.shadow)
+    held = {k: v.clone() for k, v in b.shadow.items()}
+    b.update(model, applied=torch.tensor(False))
+    assert all(torch.equal(held[k], b.shadow[k]) for k in held)
+
+
+def _vote_worker(rank: int, path: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    flag = StopFlag()
+    vote = StopVote(flag)
+    agreed_at = None
+    for step in range(10):
+        if rank == 1 and step == 3:
+            flag.signum = 10  # rank 1 alone is signalled during step 3
+        if vote():
+            agreed_at = step
+            break
+    vote.close()
+    Path(out, f"{rank}").write_text(str(agreed_at))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_all_ranks_stop_at_the_same_step_one_after_the_signal(tmp_path):
+    torch.multiprocessing.spawn(_vote_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                                join=True)
+    assert [(tmp_path / f"{r}").read_text() for r in (0, 1)] == ["4", "4"]
+
+
+def test_one_process_stops_at_once():
+    assert not (dist.is_available() and dist.is_initialized())
+    flag = StopFlag()
+    vote = StopVote(flag)
+    assert not vote()
+    flag.signum = 15
+    assert vote()
+    vote.close()
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
