@@ -30,6 +30,16 @@ from harness.config import ConfigError
 from harness.dist import DistEnvError
 
 
+def set_tf32(device: torch.device, on: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer): a 10-bit mantissa in the
+    multiply, fp32 accumulation. torch's defaults differ (convolutions on, matmuls off); this sets
+    both one way. Nothing on other devices (a CPU's "high" matmul precision may mean bf16 there)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
+
+
 def using_deepspeed() -> bool:
     """True inside `accelerate launch` with a DeepSpeed config (the launcher sets this variable)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

@@ -82,6 +82,7 @@ class Trainer:
         scale.check_world(self.accelerator)
         self.world = world()  # from torch.distributed, now that accelerate has set it up
         self.device = self.accelerator.device
+        scale.set_tf32(self.device, cfg.train.tf32)
         discriminator.refuse_unsupported(cfg, device=self.device, world_size=self.world.world_size)
         self.task = make_task(cfg, self.device)
         # Not passed through accelerator.prepare(): the loader already splits shards by rank.

@@ -2,7 +2,7 @@
 # One-shot GPU check, written to be run blind by whoever gets a GPU for a few minutes (about 8 on one GPU):
 #
 #   bash launch/gpu_check.sh              # GPU: install what is missing, tests/test_gpu.py, peer + kl-f8 benchmarks
-#   bash launch/gpu_check.sh --cpu        # the same script on CPU, tiny sizes, GPU parts skipped (< 60 s): CI
+#   bash launch/gpu_check.sh --cpu        # the same script on CPU, tiny sizes, GPU parts skipped (< 120 s): CI
 #   OUT=my-folder BUDGET_S=600 WHEELS=wheels/ bash launch/gpu_check.sh
 #
 # Parts, each under `timeout` and inside the total budget (a part that would not fit is skipped, never started):
@@ -12,6 +12,8 @@
 #             the discriminator's two loss scalers)
 #   peer_bf16 / peer_fp16  ours vs diffusers.AutoencoderKL, kl-f8 at 256 px, autocast (fp16 with GradScaler)
 #   klf8_step our kl-f8 step at 256 px: images/s and model TFLOP/s (torch.utils.flop_counter) against bf16 peak
+#   step_host / step_fused  the harness's whole train_step vs a plain loop, small kl-f8 images in bf16: as it is,
+#             and with optim.fused=true (no host sync in the step): what the host's waits cost
 #   compile   torch.compile of our kl-f8 step: compile seconds and the step ratio
 # Writes $OUT/gpu_check.json (everything), $OUT/summary.txt (a short table) and one log per part.
 # Exit status 0 when every part that ran passed, 1 otherwise (the JSON is written either way).
@@ -26,7 +28,7 @@ case "${1:-}" in
 esac
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}
-if [ "$MODE" = cpu ]; then BUDGET_S=${BUDGET_S:-60}; else BUDGET_S=${BUDGET_S:-480}; fi
+if [ "$MODE" = cpu ]; then BUDGET_S=${BUDGET_S:-120}; else BUDGET_S=${BUDGET_S:-480}; fi
 BATCH=${BATCH:-8}               # peer batch at 256 px
 STEP_BATCH=${STEP_BATCH:-32}    # kl-f8 throughput batch
 mkdir -p "$OUT" || { echo "error: cannot create $OUT" >&2; exit 2; }
@@ -102,9 +104,13 @@ if [ "$MODE" = cpu ]; then
   run_part peer_bf16 60 "${BENCH[@]}" "${SIZE[@]}" --dtype bf16 --sides "$SIDES" --flops --json "$OUT/peer_bf16.jsonl"
   run_part peer_fp16 60 "${BENCH[@]}" "${SIZE[@]}" --dtype fp16 --sides "$SIDES" --json "$OUT/peer_fp16.jsonl"
   skip_part klf8_step "cpu mode"
+  STEP=("$PYTHON" launch/benchmark.py step --config tests/configs/tiny.yaml --image-size 32 --batch-size 4 --steps 2
+        --warmup 1 --rounds 1)
+  run_part step_host 60 "${STEP[@]}" --json "$OUT/step_host.jsonl"
+  run_part step_fused 60 "${STEP[@]}" --json "$OUT/step_fused.jsonl" optim.fused=true
   skip_part compile "cpu mode"
 elif [ "$NO_CUDA" = 1 ]; then  # kl-f8 at 256 px on a CPU would only burn the budget
-  for part in peer_bf16 klf8_step peer_fp16 compile; do skip_part $part "no CUDA device"; done
+  for part in peer_bf16 klf8_step peer_fp16 step_host step_fused compile; do skip_part $part "no CUDA device"; done
 else
   # Most telling first: when the budget runs short, compile (the slowest to learn anything from) is skipped.
   run_part peer_bf16 75 "${BENCH[@]}" --preset kl-f8 --batch-size "$BATCH" --dtype bf16 --rounds 5 --steps 3 \
@@ -113,6 +119,12 @@ else
     --sides ours,ours+channels_last --flops --json "$OUT/klf8_step.jsonl"
   run_part peer_fp16 60 "${BENCH[@]}" --preset kl-f8 --batch-size "$BATCH" --dtype fp16 --rounds 5 --steps 3 \
     --sides "$SIDES" --flops --json "$OUT/peer_fp16.jsonl"
+  # The harness's own step against a plain loop (which never reads the device): host-decided (reads the
+  # gradient norm each step) vs optim.fused (no host sync). Small images, so the host's waits show.
+  STEP=("$PYTHON" launch/benchmark.py step --config launch/configs/kl_f8.yaml --image-size 64 --batch-size 8
+        --steps 20 --rounds 3)
+  run_part step_host 45 "${STEP[@]}" --json "$OUT/step_host.jsonl" train.mixed_precision=bf16
+  run_part step_fused 45 "${STEP[@]}" --json "$OUT/step_fused.jsonl" train.mixed_precision=bf16 optim.fused=true
   run_part compile 120 "${BENCH[@]}" --preset kl-f8 --batch-size "$BATCH" --dtype bf16 --rounds 3 --steps 3 \
     --sides ours,ours+compile --json "$OUT/compile.jsonl"
 fi
@@ -132,7 +144,7 @@ log = out / "gpu_tests.log"
 if log.exists():
     tail = log.read_text().strip().splitlines()[-1:] or [""]
     res["gpu_tests"] = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail[0])}
-for name in ("peer_bf16", "peer_fp16", "klf8_step", "compile"):
+for name in ("peer_bf16", "peer_fp16", "klf8_step", "step_host", "step_fused", "compile"):
     f = out / f"{name}.jsonl"
     if f.exists() and f.read_text().strip():
         res[name] = json.loads(f.read_text().strip().splitlines()[-1])
@@ -142,6 +154,11 @@ lines = [f"gpu_check ({mode}) on {(res['env'] or {}).get('device', '?')}, {elaps
 lines += [f"  {n:<10} {p['status']:<8} {p['seconds']:>4} s  {p['note']}" for n, p in parts.items()]
 if "gpu_tests" in res:
     lines.append(f"  tests/test_gpu.py: {res['gpu_tests']}")
+for name in ("step_host", "step_fused"):
+    if name in res:
+        r = res[name]
+        lines.append(f"  {name}: {r['device']}, batch {r['batch_size']}, {r['image_size']} px: harness "
+                     f"{r['harness_ms']:.1f} ms vs plain loop {r['plain_ms']:.1f} ms ({r['overhead_pct']:+.1f}%)")
 for name in ("peer_bf16", "peer_fp16", "klf8_step", "compile"):
     if name in res:
         r = res[name]

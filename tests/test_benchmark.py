@@ -89,7 +89,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert res["mode"] == "cpu" and res["ok"] and res["env"]["device"] == "cpu"
     status = {k: v["status"] for k, v in res["parts"].items()}
     assert status == {"install": "ok", "gpu_tests": "ok", "peer_bf16": "ok", "peer_fp16": "ok", "klf8_step": "skipped",
-                      "compile": "skipped"}, res["parts"]
+                      "step_host": "ok", "step_fused": "ok", "compile": "skipped"}, res["parts"]
+    assert res["step_host"]["harness_ms"] > 0 and res["step_fused"]["harness_ms"] > 0
     assert res["gpu_tests"]["skipped"] >= 4 and "failed" not in res["gpu_tests"]
     for dtype in ("bf16", "fp16"):
         peer = res[f"peer_{dtype}"]

@@ -129,3 +129,21 @@ def test_zero2_fp16_gan_one_gpu(shards, tmp_path):
     assert "(DEEPSPEED, fp16)" in r.stderr
     d = logged(run, "disc/loss")
     assert len(d) == 12 and all(v == v for v in d)
+
+
+def test_tf32_follows_the_config():
+    from harness import scale
+
+    scale.set_tf32(torch.device("cuda"), False)
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+    scale.set_tf32(torch.device("cuda"), True)
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def test_fused_bf16_step_reads_nothing_back_from_the_gpu(shards, tmp_path, monkeypatch):
+    from test_sync_free import syncs_per_step
+
+    host, steps = syncs_per_step(monkeypatch, shards, tmp_path / "host", "train.mixed_precision=bf16")
+    assert steps == 6 and host >= steps
+    fused, _ = syncs_per_step(monkeypatch, shards, tmp_path / "fused", "train.mixed_precision=bf16", "optim.fused=true")
+    assert fused == 0

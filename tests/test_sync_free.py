@@ -4,7 +4,6 @@ On a GPU every `.item()`, `float(tensor)` or `bool(tensor)` in the step makes th
 device. They all reach the device through one op, `aten._local_scalar_dense`; these tests count it.
 """
 
-import os
 import traceback
 from pathlib import Path
 
@@ -205,4 +204,10 @@ def test_one_process_stops_at_once():
     vote.close()
 
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+def test_tf32_is_left_alone_off_cuda():
+    from harness import scale
+
+    before = torch.get_float32_matmul_precision()
+    scale.set_tf32(torch.device("cpu"), True)
+    assert torch.get_float32_matmul_precision() == before
