@@ -36,8 +36,11 @@ def set_tf32(device: torch.device, on: bool) -> None:
     both one way. Nothing on other devices (a CPU's "high" matmul precision may mean bf16 there)."""
     if device.type != "cuda":
         return
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
-    torch.backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9; the old flags are deprecated there
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
 
 
 def using_deepspeed() -> bool:
