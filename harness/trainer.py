@@ -76,6 +76,9 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         if scale.using_deepspeed() and (why := deepspeed_unsupported(cfg.model)):
             raise ConfigError(why)
+        if scale.using_deepspeed() and cfg.optim.fused:
+            raise ConfigError("optim.fused=true is for DDP and one process: DeepSpeed steps its own optimizer "
+                              "partitions and decides skips on the host; leave it false under DeepSpeed")
         mixed = None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=mixed,
                                        **scale.accelerator_kwargs())

@@ -211,3 +211,12 @@ def test_tf32_is_left_alone_off_cuda():
     before = torch.get_float32_matmul_precision()
     scale.set_tf32(torch.device("cpu"), True)
     assert torch.get_float32_matmul_precision() == before
+
+
+def test_fused_under_deepspeed_is_refused_in_one_line(shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a ZeRO config sets
+    assert main(args(shards, tmp_path / "run", "optim.fused=true")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("optim.fused=true is for DDP and one process: DeepSpeed steps its own optimizer "
+                            "partitions and decides skips on the host; leave it false under DeepSpeed"), err
+    assert not (tmp_path / "run").exists()
