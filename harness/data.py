@@ -105,7 +105,7 @@ class BatchRing:
     real photos (stack, pickle, and the pipe's write in 64 KB pieces, each waiting for the reader)
     and the reader as much again (read, unpickle). Here each worker owns `buffers` buffers of one
     batch in one anonymous shared mapping made before the workers fork (so no /dev/shm, whose size a
-    container may cap): it writes a batch's images into its next buffer and sends only the buffer's
+    container may cap): it decodes a batch's images into its next buffer and sends only the buffer's
     number; the reader copies the buffer out once, into memory of its own that it hands to the trainer
     (so a batch held by the trainer is never overwritten), then frees the buffer.
 
@@ -122,16 +122,13 @@ class BatchRing:
         self.free = [context.Semaphore(buffers) for _ in range(workers)]
         self.buffers, self.parent, self.next = buffers, os.getpid(), 0  # next: a worker's own count (after the fork)
 
-    def put(self, worker: int, images: list[np.ndarray]) -> int:
-        """In a worker: the images of one batch into this worker's next free buffer; returns its index."""
+    def claim(self, worker: int) -> tuple[int, np.ndarray]:
+        """In a worker: this worker's next free buffer (its index, and its `b h w c` array to write)."""
         while not self.free[worker].acquire(timeout=1.0):
             if os.getppid() != self.parent:  # the reader was killed outright: nobody will free a buffer
                 os._exit(0)
         buffer, self.next = self.next, (self.next + 1) % self.buffers
-        out = self.images[worker, buffer]
-        for i, image in enumerate(images):
-            out[i] = image
-        return buffer
+        return buffer, self.images[worker, buffer]
 
     def take(self, worker: int, buffer: int, pin: bool = False) -> torch.Tensor:
         """In the reader: a buffer's images copied out (into pinned memory with `pin`), then the buffer freed."""
@@ -291,24 +288,34 @@ class ShardStream(IterableDataset):
         per_epoch = self.batches_per_epoch // num_workers  # this slot's batches in one epoch
         already = len(range(slot, k, num_workers))  # ... of which consumed before the start
         counter = BadCounter()
+        size, ring = self.decoder.image_size, self.ring
+        if ring is None:  # no workers, or workers that do not fork: whole batches through the pipe
+            def new_batch():
+                return None, np.empty((self.batch_size, size, size, 3), np.uint8)
+        else:  # this worker's next ring buffer (waits until the reader has copied it out)
+            def new_batch():
+                return ring.claim(worker)
         for epoch in count(self.epoch):
-            for samples, bad in self._epoch(epoch, slot, per_epoch - already, already, counter):
-                if self.ring is None:
-                    out = collate(samples, as_numpy=True)
-                else:  # the images into this worker's next ring buffer, the rest through the pipe
-                    out = collate(samples, as_numpy=True, images=False)
-                    out["ring"] = (worker, self.ring.put(worker, [s["image"] for s in samples]))
-                yield {**out, **bad}
+            for buffer, images, samples, bad in self._epoch(epoch, slot, per_epoch - already, already, counter,
+                                                            new_batch):
+                out = collate(samples, as_numpy=True, images=False)
+                if buffer is None:
+                    yield {"image": images, **out, **bad}
+                else:  # the images are in the ring: the reader is told where
+                    yield {**out, **bad, "ring": (worker, buffer)}
             already = 0
 
-    def _epoch(self, epoch: int, slot: int, todo: int, already: int, counter: BadCounter):
-        """This slot's batches `already` .. `already + todo` of one epoch, each as its decoded samples and
-        its bad-sample fields.
+    def _epoch(self, epoch: int, slot: int, todo: int, already: int, counter: BadCounter, new_batch):
+        """This slot's batches `already` .. `already + todo` of one epoch, each as (the tag and `b h w c`
+        array that `new_batch()` gave it, its samples without their images, its bad-sample fields).
 
         Batch j is made from the raw positions [j*B, (j+1)*B) of the slot's stream, whatever they
         hold: a bad one is replaced by a good sample of the same window (repeated in turn; an
         all-bad window takes the next good sample after it). So batch j starts at position j*B even
-        after bad samples, and a resume skips already*B raw items without decoding any: exact."""
+        after bad samples, and a resume skips already*B raw items without decoding any: exact.
+        Each image goes into the batch's array as soon as it is decoded, and is freed: the next
+        image is decoded into the same memory, still in the cache (holding a batch of decoded images
+        to stack them cost 5-10% of a worker's time on real photos)."""
         seed = make_seed(self.seed, epoch, self.rank, slot)
         skipping = tario.Skipping(on=already > 0)
         streams = [self._raw_samples(urls, make_seed(seed, i), skipping) for i, (urls, _) in enumerate(self.parts)]
@@ -323,14 +330,28 @@ class ShardStream(IterableDataset):
         skipping.on = False
         positions = _Positions(raw, already * self.batch_size, self.decoder, seed, counter)
         for _ in range(todo):
-            window = [positions.take() for _ in range(self.batch_size)]
-            good = [s for s in window if not isinstance(s, BadSample)]
-            bad = [s for s in window if isinstance(s, BadSample)]
-            for b in bad:
-                counter.count(b)
-            fill = good or [positions.peek_good()]
-            yield good + [fill[i % len(fill)] for i in range(len(bad))], {
-                "bad": len(bad), "bad_error": str(bad[-1]) if bad else ""}
+            (tag, images), samples, bad = new_batch(), [], []
+            for _ in range(self.batch_size):
+                item = positions.take()
+                if isinstance(item, BadSample):
+                    bad.append(item)
+                    counter.count(item)
+                else:
+                    images[len(samples)] = item["image"]
+                    samples.append(_without_image(item))
+            good = len(samples)
+            if bad and not good:  # nothing good in the window: the next good sample, which stays queued
+                fill = positions.peek_good()
+                images[:] = fill["image"]
+                samples = [_without_image(fill)] * len(bad)
+            for i in range(len(bad) if good else 0):  # each bad one: a good one of the window, in turn
+                images[good + i] = images[i % good]
+                samples.append(samples[i % good])
+            yield tag, images, samples, {"bad": len(bad), "bad_error": str(bad[-1]) if bad else ""}
+
+
+def _without_image(sample: dict) -> dict:
+    return {k: v for k, v in sample.items() if k != "image"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +423,7 @@ class TrainLoader:
                             worker_init_fn=_init_worker if self.num_workers else None)
         for batch in loader:
             if "ring" in batch:
-                batch["image"] = ring.take(*batch.pop("ring"), pin=pin)
+                batch = {"image": ring.take(*batch.pop("ring"), pin=pin), **batch}
             yield to_torch(batch, pin)
 
 

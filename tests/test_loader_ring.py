@@ -106,7 +106,9 @@ def test_a_worker_waits_for_the_reader_to_free_a_buffer():
 
     def worker():
         for v in (1, 2, 3):
-            done.put((v, ring.put(0, [np.full((4, 4, 3), v, np.uint8)] * 2)))
+            buffer, images = ring.claim(0)
+            images[:] = v
+            done.put((v, buffer))
 
     p = ctx.Process(target=worker, daemon=True)
     p.start()
@@ -125,14 +127,13 @@ def test_a_worker_waits_for_the_reader_to_free_a_buffer():
 
 WAITING = """
 import multiprocessing, sys, time
-import numpy as np
 sys.path[:0] = [{root!r}]
 from harness.data import BatchRing
 ctx = multiprocessing.get_context("fork")
 ring = BatchRing(1, 1, 1, 4, ctx)
 def worker():
     for _ in range(2):  # the second waits for a buffer nobody will free
-        ring.put(0, [np.zeros((4, 4, 3), np.uint8)])
+        ring.claim(0)
 p = ctx.Process(target=worker)
 p.start()
 print(p.pid, flush=True)
@@ -200,3 +201,26 @@ def test_exact_resume_through_the_ring_is_bitwise(tmp_path):
     wa = load_file(straight / "checkpoints/step_8/model.safetensors")
     wb = load_file(split / "checkpoints/step_8/model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_bad_samples_are_replaced_within_their_window(tmp_path, workers):
+    """Images go into the batch as they are decoded; a bad one's row is then a good one of the same
+    window in turn, and an all-bad window is the next good sample (decoded once, still used later)."""
+    from shardgen import image_bytes
+
+    bad = {1, 2, 4, 5, 6, 7, 10}
+
+    def sample(i: int) -> dict:
+        return {"__key__": f"k{i:02d}", "jpg": b"not a jpeg" if i in bad else image_bytes(i, 40), "cls": "0"}
+
+    write_index(tmp_path, source={"kind": "test"}, shards=_write_shards(tmp_path, 12, 12, sample), classes=["a"])
+    cfg = DataConfig(train=str(tmp_path), image_size=32, num_workers=workers, shuffle_buffer=0, epoch_samples=12)
+    it = TrainLoader(cfg, rank=0, world_size=1, batch_size=4).batches()
+    batches = [next(it) for _ in range(3)]
+    it.close()
+    assert [b["key"] for b in batches] == [["k00", "k03", "k00", "k03"], ["k08"] * 4, ["k08", "k09", "k11", "k08"]]
+    assert [b["bad"] for b in batches] == [2, 4, 1]
+    first, middle, last = (b["image"] for b in batches)
+    assert torch.equal(first[2:], first[:2]) and torch.equal(last[3], last[0])
+    assert all(torch.equal(m, last[0]) for m in middle) and not torch.equal(first[0], first[1])
