@@ -435,12 +435,13 @@ def _init_worker(worker_id: int) -> None:
 def _keep_freed_memory() -> None:
     """Make glibc keep freed memory for reuse, in a worker and in the process that reads from workers.
 
-    Both allocate and free the same big buffers all the time (decoded images, a 6 MB batch, its
-    pickle); glibc gives blocks over 128 KB back to the kernel, and touching fresh pages again costs
-    about 5 us per 4 KB page on our machines: 95 page faults per 256 px image in a worker (a fifth of
-    its decoding time) and 50 in the reader. Blocks up to 32 MB from the heap, and a heap trimmed only
-    above 256 MB free, make both 0; peak memory is what it was (process-wide: the trainer's own big
-    CPU tensors are reused the same way). glibc only; elsewhere nothing to do."""
+    Both allocate and free the same big buffers all the time (decoded images; the 6 MB batch the
+    reader copies out of the ring, or receives through the pipe); glibc gives blocks over 128 KB back
+    to the kernel, and touching fresh pages again costs about 5 us per 4 KB page on our machines: 95
+    page faults per 256 px image in a worker (a fifth of its decoding time) and 50 in the reader.
+    Blocks up to 32 MB from the heap, and a heap trimmed only above 256 MB free, make both 0; peak
+    memory is what it was (process-wide: the trainer's own big CPU tensors are reused the same way).
+    glibc only; elsewhere nothing to do."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (32 MB is the most glibc accepts)
