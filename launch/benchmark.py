@@ -87,18 +87,45 @@ def bench_loader(a) -> dict:
     cfg = DataConfig(train=a.data, image_size=a.image_size, num_workers=a.workers, shuffle_buffer=a.shuffle_buffer,
                      num_samples=len(images), epoch_samples=max(100_000, 10 * n_target))
     batches = max(1, n_target // a.batch_size)
-    raw, harness = 0.0, 0.0
+
+    def children_cpu() -> float:
+        """CPU seconds of this process's children, all their threads, to the nanosecond (Linux
+        /proc/PID/task/TID/schedstat; nan elsewhere)."""
+        try:
+            tasks = os.listdir("/proc/self/task")
+            pids = {p for t in tasks for p in open(f"/proc/self/task/{t}/children").read().split()}
+            ns = sum(int(open(f"/proc/{p}/task/{t}/schedstat").read().split()[0])
+                     for p in pids for t in os.listdir(f"/proc/{p}/task"))
+        except OSError:  # no /proc, or a child that ended meanwhile
+            return math.nan
+        return ns / 1e9
+
+    def settled_children_cpu() -> float:
+        """children_cpu once the loader's workers are idle (prefetch full), so that the batches they
+        make between two such points are exactly the batches read between them."""
+        last, deadline = children_cpu(), time.time() + 20
+        while time.time() < deadline:
+            time.sleep(0.25)
+            now = children_cpu()
+            if now - last < 0.002:
+                return now
+            last = now
+        return math.nan
+
+    raw, harness, cpu = 0.0, 0.0, {"plain": [], "workers": [], "reader": []}
     for _ in range(a.rounds):  # interleaved rounds, best of each: machine noise hits both sides alike
         # Baseline: the same decode + crop + resize, on the same number of processes, bytes in memory
         # (in the pool's processes by the fork: neither starting them nor sending the bytes is timed).
         if a.workers == 1:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             _decode_chunk(chunks[0])
+            cpu["plain"].append((time.process_time() - c0) / len(work))
         else:
             with mp.get_context("fork").Pool(a.workers) as pool:
                 pool.map(abs, range(a.workers))  # started
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), children_cpu()
                 pool.map(_decode_chunk, chunks, chunksize=1)
+                cpu["plain"].append((children_cpu() - c0) / len(work))
         raw = max(raw, len(work) / (time.perf_counter() - t0))
 
         loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=a.batch_size)
@@ -112,12 +139,28 @@ def bench_loader(a) -> dict:
             # fresh shared-memory mapping would otherwise count before the reader pays its page faults).
             next(it)["image"].view(-1)[::4096].sum()
         harness = max(harness, batches * a.batch_size / (time.perf_counter() - t0))
+        if a.workers:  # CPU per image of the workers and of the reader: robust to a busy machine
+            n = max(1, batches // 2)
+            c0, m0 = settled_children_cpu(), time.process_time()
+            for _ in range(n):
+                next(it)["image"].view(-1)[::4096].sum()
+            m1 = time.process_time()
+            cpu["workers"].append((settled_children_cpu() - c0) / (n * a.batch_size))
+            cpu["reader"].append((m1 - m0) / (n * a.batch_size))
         del it
     res = {"bench": "loader", "image_size": a.image_size, "workers": a.workers, "images": n_target,
            "raw_decode_img_s": round(raw, 1), "harness_loader_img_s": round(harness, 1),
            "ratio": round(harness / raw, 3)}
     print(f"loader  {a.workers} worker(s), {a.image_size}px: plain PIL decode {raw:.0f} img/s, "
           f"harness TrainLoader {harness:.0f} img/s, ratio {harness / raw:.2f}")
+    if a.workers and all(v > 0 for v in cpu["workers"] + cpu["plain"]):  # (nan > 0 is False)
+        plain, workers, reader = (statistics.median(cpu[k]) * 1e3 for k in ("plain", "workers", "reader"))
+        res.update(plain_cpu_ms_per_img=round(plain, 3), worker_cpu_ms_per_img=round(workers, 3),
+                   reader_cpu_ms_per_img=round(reader, 3), cpu_ratio=round(plain / workers, 3),
+                   cpu_ratio_with_reader=round(plain / (workers + reader), 3))
+        print(f"loader  CPU per image (median of {a.rounds} rounds): plain {plain:.2f} ms, workers {workers:.2f} "
+              f"ms, reader {reader:.2f} ms; ratio {plain / workers:.2f} ({plain / (workers + reader):.2f} "
+              "with the reader)")
     return res
 
 

@@ -32,6 +32,9 @@ def test_loader_bench_reports_both_sides_and_their_ratio(tmp_path):
     assert row["raw_decode_img_s"] > 0 and row["harness_loader_img_s"] > 0
     assert abs(row["ratio"] - row["harness_loader_img_s"] / row["raw_decode_img_s"]) < 0.005, row
     assert "ratio" in r.stdout
+    # CPU per image of the worker (counted between two points where it is idle), of the reader, of plain decoding
+    assert row["worker_cpu_ms_per_img"] > 0 and row["plain_cpu_ms_per_img"] > 0 and row["reader_cpu_ms_per_img"] >= 0
+    assert abs(row["cpu_ratio"] - row["plain_cpu_ms_per_img"] / row["worker_cpu_ms_per_img"]) < 0.01, row
 
 
 def test_step_bench_compares_the_harness_with_a_plain_loop(tmp_path):
