@@ -88,29 +88,38 @@ def bench_loader(a) -> dict:
                      num_samples=len(images), epoch_samples=max(100_000, 10 * n_target))
     batches = max(1, n_target // a.batch_size)
 
-    def children_cpu() -> float:
-        """CPU seconds of this process's children, all their threads, to the nanosecond (Linux
-        /proc/PID/task/TID/schedstat; nan elsewhere)."""
+    def children_cpu() -> dict[str, float]:
+        """CPU seconds of each child of this process, all its threads, to the nanosecond (Linux
+        /proc/PID/task/TID/schedstat; empty elsewhere). A child that ends meanwhile is left out."""
+        out = {}
         try:
             tasks = os.listdir("/proc/self/task")
             pids = {p for t in tasks for p in open(f"/proc/self/task/{t}/children").read().split()}
-            ns = sum(int(open(f"/proc/{p}/task/{t}/schedstat").read().split()[0])
-                     for p in pids for t in os.listdir(f"/proc/{p}/task"))
-        except OSError:  # no /proc, or a child that ended meanwhile
-            return math.nan
-        return ns / 1e9
+        except OSError:
+            return out
+        for p in pids:
+            try:
+                out[p] = sum(int(open(f"/proc/{p}/task/{t}/schedstat").read().split()[0])
+                             for t in os.listdir(f"/proc/{p}/task")) / 1e9
+            except OSError:
+                pass
+        return out
 
-    def settled_children_cpu() -> float:
+    def spent(since: dict[str, float], now: dict[str, float]) -> float:
+        """CPU seconds the children of `now` spent since `since` (nan without /proc)."""
+        return sum(v - since.get(p, 0.0) for p, v in now.items()) if now else math.nan
+
+    def settled_children_cpu() -> dict[str, float]:
         """children_cpu once the loader's workers are idle (prefetch full), so that the batches they
         make between two such points are exactly the batches read between them."""
         last, deadline = children_cpu(), time.time() + 20
         while time.time() < deadline:
             time.sleep(0.25)
             now = children_cpu()
-            if now - last < 0.002:
+            if spent(last, now) < 0.002:
                 return now
             last = now
-        return math.nan
+        return {}
 
     raw, harness, cpu = 0.0, 0.0, {"plain": [], "workers": [], "reader": []}
     for _ in range(a.rounds):  # interleaved rounds, best of each: machine noise hits both sides alike
@@ -125,7 +134,7 @@ def bench_loader(a) -> dict:
                 pool.map(abs, range(a.workers))  # started
                 t0, c0 = time.perf_counter(), children_cpu()
                 pool.map(_decode_chunk, chunks, chunksize=1)
-                cpu["plain"].append((children_cpu() - c0) / len(work))
+                cpu["plain"].append(spent(c0, children_cpu()) / len(work))
         raw = max(raw, len(work) / (time.perf_counter() - t0))
 
         loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=a.batch_size)
@@ -145,7 +154,8 @@ def bench_loader(a) -> dict:
             for _ in range(n):
                 next(it)["image"].view(-1)[::4096].sum()
             m1 = time.process_time()
-            cpu["workers"].append((settled_children_cpu() - c0) / (n * a.batch_size))
+            c1 = settled_children_cpu()
+            cpu["workers"].append(spent(c0, c1) / (n * a.batch_size) if c0 and c1 else math.nan)
             cpu["reader"].append((m1 - m0) / (n * a.batch_size))
         del it
     res = {"bench": "loader", "image_size": a.image_size, "workers": a.workers, "images": n_target,
