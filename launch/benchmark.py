@@ -163,12 +163,14 @@ def bench_loader(a) -> dict:
            "ratio": round(harness / raw, 3)}
     print(f"loader  {a.workers} worker(s), {a.image_size}px: plain PIL decode {raw:.0f} img/s, "
           f"harness TrainLoader {harness:.0f} img/s, ratio {harness / raw:.2f}")
-    if a.workers and all(v > 0 for v in cpu["workers"] + cpu["plain"]):  # (nan > 0 is False)
-        plain, workers, reader = (statistics.median(cpu[k]) * 1e3 for k in ("plain", "workers", "reader"))
+    counted = [i for i, v in enumerate(cpu["workers"]) if v > 0 and cpu["plain"][i] > 0]  # (nan > 0 is False)
+    if a.workers and counted:  # rounds whose workers did not settle (a slow machine) are left out
+        plain, workers, reader = (statistics.median(cpu[k][i] for i in counted) * 1e3
+                                  for k in ("plain", "workers", "reader"))
         res.update(plain_cpu_ms_per_img=round(plain, 3), worker_cpu_ms_per_img=round(workers, 3),
                    reader_cpu_ms_per_img=round(reader, 3), cpu_ratio=round(plain / workers, 3),
                    cpu_ratio_with_reader=round(plain / (workers + reader), 3))
-        print(f"loader  CPU per image (median of {a.rounds} rounds): plain {plain:.2f} ms, workers {workers:.2f} "
+        print(f"loader  CPU per image (median of {len(counted)} rounds): plain {plain:.2f} ms, workers {workers:.2f} "
               f"ms, reader {reader:.2f} ms; ratio {plain / workers:.2f} ({plain / (workers + reader):.2f} "
               "with the reader)")
     return res
