@@ -170,10 +170,14 @@ def _state(pid: int) -> str:
 @pytest.mark.slow
 def test_a_killed_worker_is_the_dataloaders_error_not_a_hang(mixed):
     cfg = DataConfig(train=str(mixed), image_size=32, num_workers=2, shuffle_buffer=16)
+    def children() -> set[int]:
+        tasks = os.listdir("/proc/self/task")
+        return {int(p) for t in tasks for p in open(f"/proc/self/task/{t}/children").read().split()}
+
+    before = children()  # in a whole test session, earlier tests may have left children of their own
     it = TrainLoader(cfg, rank=0, world_size=1, batch_size=4).batches()
     next(it)
-    tasks = os.listdir("/proc/self/task")
-    workers = [int(p) for t in tasks for p in open(f"/proc/self/task/{t}/children").read().split()]
+    workers = sorted(children() - before)
     assert len(workers) == 2
     os.kill(workers[1], 9)
     t0 = time.time()
