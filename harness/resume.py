@@ -158,6 +158,7 @@ def restore(trainer, start: Start) -> dict:
                 scale.load_universal_buffers(trainer.engine.unwrapped(), start.load_from)
     if refused:  # accelerate swallows errors while loading the RNG states
         raise ckpt.ResumeError(f"cannot resume {start.load_from}: {refused[0]}")
+    _follow_configured_lr(trainer)
     for hook in trainer.hooks:
         hook.after_resume(trainer)
     state = ckpt.read_state(start.resume_from)
@@ -167,6 +168,23 @@ def restore(trainer, start: Start) -> dict:
     trainer.log.file_only("state at resume: " + " ".join(f"{k}={v:.10g}" for k, v in norms.items()))
     _warn_if_changed(trainer, state)
     return state
+
+
+def _follow_configured_lr(trainer) -> None:
+    """A resume may change optim.lr on purpose (a lower peak for the rest of a run); the restored
+    scheduler keeps the peak it was saved with, so the change would be ignored without a word. The
+    schedule's shape (warmup, cosine, floor) is read from the config anyway; here its peak follows too."""
+    sched, lr = trainer.scheduler, trainer.cfg.optim.lr
+    before = sched.base_lrs[0]
+    if all(b == lr for b in sched.base_lrs):
+        return
+    sched.base_lrs = [lr] * len(sched.base_lrs)
+    for group, factor in zip(sched.optimizer.param_groups, (f(sched.last_epoch) for f in sched.lr_lambdas),
+                             strict=True):
+        group["initial_lr"], group["lr"] = lr, lr * factor
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]  # what get_last_lr() (train/lr) reports
+    trainer.log.info(f"note: optim.lr is {lr:g}, the checkpoint's was {before:g}: the schedule goes on from step "
+                     f"{sched.last_epoch} with the new peak (lr now {sched._last_lr[0]:.4g})")
 
 
 def state_norms(trainer) -> dict:

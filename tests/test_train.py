@@ -330,3 +330,19 @@ def test_kill_9_while_saving_never_loses_the_last_checkpoint(config, shards, tmp
                      "train.stop_after_steps=1", "--resume", "latest")) == 0
     assert not list(root.glob(".tmp-*")) and not list(root.glob(".trash-*"))  # leftovers cleaned
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == before + 1
+
+
+def test_a_changed_lr_at_resume_is_followed_and_said(config, shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["checkpoint.every_steps=0", "train.max_steps=8", "optim.schedule=constant"]
+    assert main(args(config, shards, run, *common, "train.stop_after_steps=4")) == 0
+    capsys.readouterr()
+    assert main(args(config, shards, run, *common, "optim.lr=1e-3", "--resume", "latest")) == 0
+    err = capsys.readouterr().err
+    assert "note: optim.lr is 0.001, the checkpoint's was 0.004: the schedule goes on from step 4" in err
+    sched = torch.load(run / "checkpoints/step_8/custom_checkpoint_0.pkl", weights_only=True)
+    assert sched["base_lrs"] == [1e-3] and sched["_last_lr"] == [1e-3]
+    assert logged(run, "train/lr")[-1] == pytest.approx(1e-3)
+    assert main(args(config, shards, run, *common, "train.max_steps=10", "--resume", "latest",
+                     "optim.lr=1e-3")) == 0
+    assert "note: optim.lr" not in capsys.readouterr().err  # unchanged: nothing to say
