@@ -33,14 +33,14 @@ from harness.dist import DistEnvError
 def set_tf32(device: torch.device, on: bool) -> None:
     """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer): a 10-bit mantissa in the
     multiply, fp32 accumulation. torch's defaults differ (convolutions on, matmuls off); this sets
-    both one way. Nothing on other devices (a CPU's "high" matmul precision may mean bf16 there)."""
+    both one way. Through the two settings every torch version and library reads without complaint:
+    torch >= 2.9 raises when code reads a legacy `allow_tf32` flag after the new `fp32_precision`
+    API set it (accelerate and others still read and write the legacy flags). Nothing on other
+    devices (a CPU's reduced matmul precisions may mean bf16 there)."""
     if device.type != "cuda":
         return
-    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9; the old flags are deprecated there
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    torch.set_float32_matmul_precision("high" if on else "highest")
+    torch.backends.cudnn.allow_tf32 = on
 
 
 def using_deepspeed() -> bool:
