@@ -421,10 +421,16 @@ class TrainLoader:
                             prefetch_factor=PREFETCH if self.num_workers else None,
                             multiprocessing_context=context, generator=torch.Generator().manual_seed(start),
                             worker_init_fn=_init_worker if self.num_workers else None)
-        for batch in loader:
-            if "ring" in batch:
-                batch = {"image": ring.take(*batch.pop("ring"), pin=pin), **batch}
-            yield to_torch(batch, pin)
+        it = iter(loader)
+        try:
+            for batch in it:
+                if "ring" in batch:
+                    batch = {"image": ring.take(*batch.pop("ring"), pin=pin), **batch}
+                yield to_torch(batch, pin)
+        finally:
+            # The workers end with their iterator. An exception (a worker's DataStalledError) keeps this
+            # frame, and so the iterator, alive in its traceback: drop it here, not when that is freed.
+            del it
 
 
 def _init_worker(worker_id: int) -> None:

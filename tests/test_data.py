@@ -2,6 +2,7 @@
 
 import io
 import os
+import time
 
 import numpy as np
 import pytest
@@ -282,4 +283,7 @@ def test_workers_drop_outside_stop_signals_but_end_with_their_parent(shards, tmp
             return False
         return True
 
+    deadline = time.time() + 10  # the parent's exit terminates them; give their exit a moment to finish
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
     assert not any(alive(w) for w in workers)  # no leftover workers after the parent exited
