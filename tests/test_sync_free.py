@@ -95,19 +95,9 @@ def test_fused_steps_decided_on_the_device_equal_those_decided_on_the_host(monke
 
 
 def test_deferred_nonfinite_steps_are_skipped_then_stop_the_run_at_the_log(shards, tmp_path, monkeypatch, capsys):
-    from harness.losses import AutoencoderLoss
+    from test_train import nan_loss_at_step_3_and_from_6
 
-    real = AutoencoderLoss.forward
-    calls = {"n": 0}
-
-    def sometimes_nan(self, x, out):
-        calls["n"] += 1
-        terms = real(self, x, out)
-        if calls["n"] in (3,) or calls["n"] >= 6:
-            terms.total = terms.total * float("nan")
-        return terms
-
-    monkeypatch.setattr(AutoencoderLoss, "forward", sometimes_nan)
+    nan_loss_at_step_3_and_from_6(monkeypatch)
     run = tmp_path / "run"
     assert main(args(shards, run, "optim.fused=true", "train.max_nonfinite=3", "train.max_steps=20",
                      "log.every_steps=4", "checkpoint.every_steps=0")) == 1

@@ -227,7 +227,8 @@ def test_init_from_that_does_not_fit_is_one_line_and_starts_nothing(config, shar
         assert not ckpt.list_checkpoints(run)
 
 
-def test_nonfinite_losses_are_skipped_then_stop_the_run(config, shards, tmp_path, monkeypatch, capsys):
+def nan_loss_at_step_3_and_from_6(monkeypatch) -> None:
+    """The autoencoder's total loss is NaN in the 3rd call and from the 6th on (one process, grad_accum 1)."""
     from harness.losses import AutoencoderLoss
 
     real = AutoencoderLoss.forward
@@ -241,6 +242,10 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(config, shards, tmp_path
         return terms
 
     monkeypatch.setattr(AutoencoderLoss, "forward", sometimes_nan)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(config, shards, tmp_path, monkeypatch, capsys):
+    nan_loss_at_step_3_and_from_6(monkeypatch)
     run = tmp_path / "run"
     assert main(args(config, shards, run, "train.max_nonfinite=3", "train.max_steps=20")) == 1
     err = capsys.readouterr().err
