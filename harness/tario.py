@@ -18,7 +18,6 @@ stream over empty or unreadable shards is seen to stall instead of spinning fore
 
 from __future__ import annotations
 
-import io
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -110,12 +109,29 @@ class Skipping:
 
 def tar_members(stream, skipping: Skipping | None = None, url: str = "") -> Iterator[tuple[str, bytes | Ref]]:
     """(name, data) of every regular file in a tar stream, in order; BadData on what is not tar.
-    With `skipping` on (a local file), regular members are Refs, checked against the file's size."""
+    With `skipping` on (a local file), regular members are Refs, checked against the file's size:
+    headers (and pax records) are then read at their offsets (`os.pread`), so a fast-forward reads
+    no member data, and the buffered stream takes over where it ended."""
     long_name: str | None = None
-    read = stream.read
-    end = os.fstat(stream.fileno()).st_size if skipping is not None else 0
+    fd = stream.fileno() if skipping is not None else -1
+    end = os.fstat(fd).st_size if skipping is not None else 0
+    at: int | None = None  # the file offset while skipping (the buffered stream is not used meanwhile)
     first = True
+
+    def read_at(n: int) -> bytes:
+        nonlocal at
+        data = os.pread(fd, n, at)
+        at += len(data)
+        return data
+
     while True:
+        skip = skipping is not None and skipping.on
+        if skip and at is None:
+            at = stream.tell()
+        elif not skip and at is not None:
+            stream.seek(at)
+            at = None
+        read = read_at if skip else stream.read
         header = read(BLOCK)
         if not header or header == b"\0" * BLOCK:
             return  # end of archive (two zero blocks, or a tar without them)
@@ -126,12 +142,11 @@ def tar_members(stream, skipping: Skipping | None = None, url: str = "") -> Iter
         first = False  # checking every header costs more than parsing it; the first tells a foreign file
         size, kind = _octal(header[124:136], "size"), header[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
-        if skipping is not None and skipping.on and kind in (b"0", b"\0", b"7"):
-            offset = stream.tell()
-            if offset + padded > end:  # what reading would find, without reading
+        if skip and kind in (b"0", b"\0", b"7"):
+            if at + padded > end:  # what reading would find, without reading
                 raise _past_end("tar member", padded)
-            stream.seek(padded, os.SEEK_CUR)
-            data = Ref(url, offset, size)
+            data = Ref(url, at, size)
+            at += padded
         else:
             data = _read(read, padded, "tar member")[:size]
         if kind in (b"x", b"g"):  # pax header: may rename the next member
@@ -153,10 +168,14 @@ def tar_members(stream, skipping: Skipping | None = None, url: str = "") -> Iter
         yield name, data
 
 
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def _open(url: str):
-    # Unbuffered for local files: a header is one 512-byte read and a member one read of its size;
-    # a buffer would read ahead 8 KB at every header, also past members a fast-forward seeks over.
-    return open(url, "rb", buffering=0) if "://" not in url and not url.startswith("pipe:") else gopen(url)
+    # Local files through a 256 KB buffer: a sample's members (header, data, header, ...) come out of
+    # memory instead of one system call each (about 10 us a sample); a fast-forward reads at offsets.
+    return open(url, "rb", buffering=1 << 18) if _is_local(url) else gopen(url)
 
 
 def shard_samples(url: str, skipping: Skipping | None = None) -> Iterator[dict | BadSample]:
@@ -166,7 +185,7 @@ def shard_samples(url: str, skipping: Skipping | None = None) -> Iterator[dict |
     current, n = None, 0
     try:
         with _open(url) as stream:
-            local = skipping if isinstance(stream, io.FileIO) else None  # pipes and URLs cannot seek
+            local = skipping if _is_local(url) else None  # pipes and URLs cannot seek
             for name, data in tar_members(stream, local, url):
                 if "/" not in name and name.startswith("__") and name.endswith("__") or _SKIP_META.match(name):
                     continue

@@ -34,23 +34,27 @@ import torch  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 
 
-def _raw_images(spec: str, limit: int) -> list[bytes]:
+def _raw_images(spec: str, max_bytes: int = 2 << 30) -> dict[str, bytes]:
+    """Every image of the shards in `spec`, by sample key (the plain side decodes the loader's images)."""
     import webdataset as wds
 
     from shards.decode import IMAGE_KEYS
     from shards.sources import DataSourceError, resolve_sources
 
     urls = [u for s in resolve_sources(spec, require_count=False) for u in s.urls]
-    # As many from each shard as from any other: the loader reads all of them, and the photos of one
-    # shard can decode a few percent faster or slower than another's.
-    per_shard, out = math.ceil(limit / len(urls)), []
-    for url in urls:
-        for i, sample in enumerate(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())):
-            if i == per_shard or len(out) == limit:
-                break
-            image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-            if image is not None:
-                out.append(image)
+    out, size = {}, 0
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+        image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        if image is None:
+            continue
+        key = sample["__key__"]
+        if key in out:
+            raise DataSourceError(f"{spec}: sample key {key!r} occurs twice; the loader benchmark finds the "
+                                  "images the loader delivered by their keys")
+        out[key], size = image, size + len(image)
+        if size > max_bytes:
+            raise DataSourceError(f"{spec}: over {max_bytes >> 30} GB of images; the loader benchmark holds "
+                                  "them all in memory: give it a few shards")
     if not out:
         raise DataSourceError(f"{spec}: no images in these shards")
     return out
@@ -72,97 +76,113 @@ def _decode_chunk(args) -> int:
     return len(images)
 
 
+def _plain_decode(images: list[bytes], processes: int, size: int) -> tuple[float, float]:
+    """Decode + crop + resize `images` split over `processes` forked processes (bytes in memory, in
+    them by the fork: neither starting them nor sending the bytes is timed) -> (wall s, CPU s)."""
+    _PLAIN_WORK[:] = images
+    chunks = [(i, max(processes, 1), size) for i in range(max(processes, 1))]
+    if processes <= 1:
+        t0, c0 = time.perf_counter(), time.process_time()
+        _decode_chunk(chunks[0])
+        return time.perf_counter() - t0, time.process_time() - c0
+    with mp.get_context("fork").Pool(processes) as pool:
+        pool.map(abs, range(processes))  # started
+        t0, c0 = time.perf_counter(), _children_cpu()
+        pool.map(_decode_chunk, chunks, chunksize=1)
+        return time.perf_counter() - t0, _cpu_spent(c0, _children_cpu())
+
+
+def _children_cpu() -> dict[str, float]:
+    """CPU seconds of each child of this process, all its threads, to the nanosecond (Linux
+    /proc/PID/task/TID/schedstat; empty elsewhere). A child that ends meanwhile is left out."""
+    out = {}
+    try:
+        tasks = os.listdir("/proc/self/task")
+        pids = {p for t in tasks for p in open(f"/proc/self/task/{t}/children").read().split()}
+    except OSError:
+        return out
+    for p in pids:
+        try:
+            out[p] = sum(int(open(f"/proc/{p}/task/{t}/schedstat").read().split()[0])
+                         for t in os.listdir(f"/proc/{p}/task")) / 1e9
+        except OSError:
+            pass
+    return out
+
+
+def _cpu_spent(since: dict[str, float], now: dict[str, float]) -> float:
+    """CPU seconds the children of `now` spent since `since` (nan without /proc)."""
+    return sum(v - since.get(p, 0.0) for p, v in now.items()) if now else math.nan
+
+
+def _settled_children_cpu() -> dict[str, float]:
+    """_children_cpu once the loader's workers are idle (prefetch full), so that the batches they
+    make between two such points are exactly the batches read between them."""
+    last, deadline = _children_cpu(), time.time() + 20
+    while time.time() < deadline:
+        time.sleep(0.25)
+        now = _children_cpu()
+        if _cpu_spent(last, now) < 0.002:
+            return now
+        last = now
+    return {}
+
+
 def bench_loader(a) -> dict:
+    """The loader against plain decoding of *the images it delivered*, on as many processes.
+
+    Each round reads a window of batches from the loader, then decodes exactly the images of that
+    window (found by their keys) the plain way. Photos differ in decoding cost (a few percent
+    from shard to shard), and a resampled stream reads whole shards: a fixed baseline set would
+    compare different photos, by more than the loader's own overhead on short windows."""
     from harness.config import DataConfig
     from harness.data import TrainLoader
 
-    images = _raw_images(a.data, a.images)
-    n_target = max(a.images, len(images))
-    reps = math.ceil(n_target / len(images))
-    work = (images * reps)[:n_target]
-    _PLAIN_WORK[:] = work
-    chunks = [(i, a.workers, a.image_size) for i in range(a.workers)]
+    by_key = _raw_images(a.data)
+    n_target = a.images
     # A long epoch, as on a real dataset: a 100-image sample set would otherwise make an epoch of 3
     # batches, each refilling the whole shuffle buffer (6x the tar reading of steady state).
     cfg = DataConfig(train=a.data, image_size=a.image_size, num_workers=a.workers, shuffle_buffer=a.shuffle_buffer,
-                     num_samples=len(images), epoch_samples=max(100_000, 10 * n_target))
+                     num_samples=len(by_key), epoch_samples=max(100_000, 10 * n_target))
     batches = max(1, n_target // a.batch_size)
 
-    def children_cpu() -> dict[str, float]:
-        """CPU seconds of each child of this process, all its threads, to the nanosecond (Linux
-        /proc/PID/task/TID/schedstat; empty elsewhere). A child that ends meanwhile is left out."""
-        out = {}
-        try:
-            tasks = os.listdir("/proc/self/task")
-            pids = {p for t in tasks for p in open(f"/proc/self/task/{t}/children").read().split()}
-        except OSError:
-            return out
-        for p in pids:
-            try:
-                out[p] = sum(int(open(f"/proc/{p}/task/{t}/schedstat").read().split()[0])
-                             for t in os.listdir(f"/proc/{p}/task")) / 1e9
-            except OSError:
-                pass
-        return out
-
-    def spent(since: dict[str, float], now: dict[str, float]) -> float:
-        """CPU seconds the children of `now` spent since `since` (nan without /proc)."""
-        return sum(v - since.get(p, 0.0) for p, v in now.items()) if now else math.nan
-
-    def settled_children_cpu() -> dict[str, float]:
-        """children_cpu once the loader's workers are idle (prefetch full), so that the batches they
-        make between two such points are exactly the batches read between them."""
-        last, deadline = children_cpu(), time.time() + 20
-        while time.time() < deadline:
-            time.sleep(0.25)
-            now = children_cpu()
-            if spent(last, now) < 0.002:
-                return now
-            last = now
-        return {}
+    def read(it, n: int, keys: list) -> None:
+        for _ in range(n):
+            batch = next(it)
+            # Delivered = readable here: one byte a page, as the trainer reads them all (a batch in a
+            # fresh shared-memory mapping would otherwise count before the reader pays its page faults).
+            batch["image"].view(-1)[::4096].sum()
+            keys.extend(batch["key"])
 
     raw, harness, cpu = 0.0, 0.0, {"plain": [], "workers": [], "reader": []}
-    for _ in range(a.rounds):  # interleaved rounds, best of each: machine noise hits both sides alike
-        # Baseline: the same decode + crop + resize, on the same number of processes, bytes in memory
-        # (in the pool's processes by the fork: neither starting them nor sending the bytes is timed).
-        if a.workers == 1:
-            t0, c0 = time.perf_counter(), time.process_time()
-            _decode_chunk(chunks[0])
-            cpu["plain"].append((time.process_time() - c0) / len(work))
-        else:
-            with mp.get_context("fork").Pool(a.workers) as pool:
-                pool.map(abs, range(a.workers))  # started
-                t0, c0 = time.perf_counter(), children_cpu()
-                pool.map(_decode_chunk, chunks, chunksize=1)
-                cpu["plain"].append(spent(c0, children_cpu()) / len(work))
-        raw = max(raw, len(work) / (time.perf_counter() - t0))
-
+    for _ in range(a.rounds):  # best (wall) and median (CPU) over rounds: machine noise hits both sides alike
         loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=a.batch_size)
         it = loader.batches()
         # Warm up until every worker has started and filled its shuffle buffer: steady state only.
-        for _ in range((math.ceil(a.shuffle_buffer / a.batch_size) + 2) * max(a.workers, 1)):
-            next(it)
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            # Delivered = readable here: one byte a page, as the trainer reads them all (a batch in a
-            # fresh shared-memory mapping would otherwise count before the reader pays its page faults).
-            next(it)["image"].view(-1)[::4096].sum()
-        harness = max(harness, batches * a.batch_size / (time.perf_counter() - t0))
+        read(it, (math.ceil(a.shuffle_buffer / a.batch_size) + 2) * max(a.workers, 1), [])
+        window, t0 = [], time.perf_counter()
+        read(it, batches, window)
+        harness = max(harness, len(window) / (time.perf_counter() - t0))
+        counted = []
         if a.workers:  # CPU per image of the workers and of the reader: robust to a busy machine
-            n = max(1, batches // 2)
-            c0, m0 = settled_children_cpu(), time.process_time()
-            for _ in range(n):
-                next(it)["image"].view(-1)[::4096].sum()
+            c0, m0 = _settled_children_cpu(), time.process_time()
+            read(it, max(1, batches // 2), counted)
             m1 = time.process_time()
-            c1 = settled_children_cpu()
-            cpu["workers"].append(spent(c0, c1) / (n * a.batch_size) if c0 and c1 else math.nan)
-            cpu["reader"].append((m1 - m0) / (n * a.batch_size))
+            c1 = _settled_children_cpu()
+            cpu["workers"].append(_cpu_spent(c0, c1) / len(counted) if c0 and c1 else math.nan)
+            cpu["reader"].append((m1 - m0) / len(counted))
         del it
-    res = {"bench": "loader", "image_size": a.image_size, "workers": a.workers, "images": n_target,
+        loader = None  # its workers end here, before the plain side runs on the same cores
+        wall, _ = _plain_decode([by_key[k] for k in window], a.workers, a.image_size)
+        raw = max(raw, len(window) / wall)
+        if counted:
+            _, spent = _plain_decode([by_key[k] for k in counted], a.workers, a.image_size)
+            cpu["plain"].append(spent / len(counted))
+    res = {"bench": "loader", "image_size": a.image_size, "workers": a.workers, "images": batches * a.batch_size,
            "raw_decode_img_s": round(raw, 1), "harness_loader_img_s": round(harness, 1),
            "ratio": round(harness / raw, 3)}
     print(f"loader  {a.workers} worker(s), {a.image_size}px: plain PIL decode {raw:.0f} img/s, "
-          f"harness TrainLoader {harness:.0f} img/s, ratio {harness / raw:.2f}")
+          f"harness TrainLoader {harness:.0f} img/s, ratio {harness / raw:.2f} (the same images on both sides)")
     counted = [i for i, v in enumerate(cpu["workers"]) if v > 0 and cpu["plain"][i] > 0]  # (nan > 0 is False)
     if a.workers and counted:  # rounds whose workers did not settle (a slow machine) are left out
         plain, workers, reader = (statistics.median(cpu[k][i] for i in counted) * 1e3

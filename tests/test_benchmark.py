@@ -2,6 +2,7 @@
 in the README; no timing is asserted here), and a bad input is one line."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +36,47 @@ def test_loader_bench_reports_both_sides_and_their_ratio(tmp_path):
     # CPU per image of the worker (counted between two points where it is idle), of the reader, of plain decoding
     assert row["worker_cpu_ms_per_img"] > 0 and row["plain_cpu_ms_per_img"] > 0 and row["reader_cpu_ms_per_img"] >= 0
     assert abs(row["cpu_ratio"] - row["plain_cpu_ms_per_img"] / row["worker_cpu_ms_per_img"]) < 0.01, row
+
+
+def test_loader_bench_decodes_exactly_the_images_the_loader_delivered(tmp_path, monkeypatch):
+    """The plain side decodes the loader's own window (by key), not a fixed set: photos differ in
+    decoding cost, and a resampled stream reads whole shards, so a fixed set compared other photos."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import benchmark
+
+    from harness.data import TrainLoader
+
+    shards = make_shards(tmp_path / "shards", num_samples=48, per_shard=16, size=40)
+    delivered, plain = [], []
+    batches = TrainLoader.batches
+
+    def recording(self, start=0):
+        for batch in batches(self, start):
+            delivered.append(list(batch["key"]))
+            yield batch
+
+    monkeypatch.setattr(TrainLoader, "batches", recording)
+    monkeypatch.setattr(benchmark, "_plain_decode",
+                        lambda images, processes, size: (plain.append(images), (1.0, 1.0))[1])
+    p = ["loader", "--data", str(shards), "--image-size", "32", "--workers", "0", "--images", "40",
+         "--batch-size", "8", "--shuffle-buffer", "8", "--rounds", "2"]
+    assert benchmark.main(p) == 0
+    by_key = benchmark._raw_images(str(shards))
+    warmup = math.ceil(8 / 8) + 2  # the benchmark's warm-up batches (workers 0: one slot)
+    windows = [sum(delivered[warmup:warmup + 5], []), sum(delivered[warmup + 5 + warmup:], [])]
+    assert [len(w) for w in windows] == [40, 40]
+    assert plain == [[by_key[k] for k in w] for w in windows]
+    assert len(set(windows[0])) > 8  # many photos, from more than one shard
+
+
+def test_loader_bench_refuses_repeated_keys(tmp_path):
+    make_shards(tmp_path / "a", num_samples=16, per_shard=16, size=40)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b/000000.tar").write_bytes((tmp_path / "a/000000.tar").read_bytes())
+    (tmp_path / "b/000001.tar").write_bytes((tmp_path / "a/000000.tar").read_bytes())
+    r, rows = bench("loader", "--data", str(tmp_path / "b/{000000..000001}.tar"), "--workers", "0", tmp_path=tmp_path)
+    assert r.returncode == 2 and rows == []
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "occurs twice" in r.stderr, r.stderr
 
 
 def test_step_bench_compares_the_harness_with_a_plain_loop(tmp_path):

@@ -1,6 +1,7 @@
 """The fast tar reader yields exactly what webdataset's tarfile-based reader yields."""
 
 import io
+import os
 import tarfile
 
 import pytest
@@ -85,6 +86,26 @@ def test_a_fast_forward_reads_headers_only_and_yields_the_same_items(tmp_path):
     forged = tmp_path / "forged.tar"
     forged.write_bytes(forged_tar_header(b"k0.jpg", b"77777777777\0") + b"x" * 512 + b"\0" * 1024)
     assert list(tario.shard_samples(str(forged), tario.Skipping(on=True))) == list(tario.shard_samples(str(forged)))
+
+
+def test_a_fast_forward_that_ends_mid_shard_reads_no_data_and_then_reads_on(tmp_path, monkeypatch):
+    """Skipping for the first samples, then not (a resume's fast-forward ending inside a shard): the
+    skipped part reads headers alone at their offsets, and the buffered reading resumes right after."""
+    members = [(f"k{i}.{ext}", image_bytes(i) if ext == "jpg" else str(i).encode())
+               for i in range(6) for ext in ("jpg", "cls")]
+    write_tar(tmp_path / "a.tar", members)
+    plain = list(tario.shard_samples(str(tmp_path / "a.tar")))
+    pread, read_at = os.pread, []
+    monkeypatch.setattr(tario.os, "pread", lambda fd, n, at: (read_at.append(n), pread(fd, n, at))[1])
+    skipping = tario.Skipping(on=True)
+    got = []
+    for sample in tario.shard_samples(str(tmp_path / "a.tar"), skipping):
+        got.append(sample)
+        skipping.on = len(got) < 3  # the fast-forward ends after 3 samples (one member of the 4th is read ahead)
+    assert all(isinstance(v, tario.Ref) for s in got[:3] for k, v in s.items() if not k.startswith("__"))
+    assert not any(isinstance(v, tario.Ref) for s in got[4:] for v in s.values())
+    assert [tario.materialize(s) for s in got] == plain
+    assert read_at and set(read_at) == {512}  # headers only, while skipping
 
 
 def test_a_pax_record_of_length_zero_does_not_loop(tmp_path):
