@@ -36,7 +36,7 @@ import torch.distributed as tdist
 
 from harness.checkpoint import ResumeError
 from harness.config import Config, ConfigError
-from harness.dist import all_reduce_sum
+from harness.engine import DeferredSkips
 from harness.hooks import Hook
 from models.discriminator import D_LOSSES, PatchDiscriminator, last_decoder_layer, lecam_reg
 
@@ -114,7 +114,11 @@ class DiscriminatorHook(Hook):
             ids = [device.index] if device.type == "cuda" else None
             self.disc = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.lr(cfg), betas=(0.5, 0.9),
-                                           weight_decay=0.0)
+                                           weight_decay=0.0, fused=cfg.optim.fused or None)
+        # With the autoencoder's step deferred (optim.fused, no loss scaler) D's step is too: its fused
+        # AdamW skips on the device, and its skips are counted there and read at the log (settle).
+        self.deferred = getattr(trainer.engine, "deferred", False)
+        self.skips = DeferredSkips()
         precision = trainer.accelerator.mixed_precision
         self.amp_dtype = AMP_DTYPES.get(precision)
         self.device_type = device.type
@@ -209,15 +213,20 @@ class DiscriminatorHook(Hook):
     def _update_lecam(self, trainer, real: torch.Tensor, fake: torch.Tensor) -> None:
         """EMAs of the mean logits over all ranks (one all-reduce), so every rank holds the same
         anchors and the one rank 0 checkpoints resumes them exactly."""
-        means = all_reduce_sum([float(real.detach().mean()), float(fake.detach().mean())], trainer.device)
-        means = torch.tensor(means, device=self.lecam_ema.device) / trainer.world.world_size
+        # Summed in float64 on the device (no host read), as the float32 means were summed before.
+        means = torch.stack([real.detach().mean(), fake.detach().mean()]).double()
+        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+            tdist.all_reduce(means)
+        means = means.float() / trainer.world.world_size
         self.lecam_ema.mul_(self.cfg.lecam_decay).add_(means, alpha=1 - self.cfg.lecam_decay)
 
     def after_step(self, trainer, outcome, stats) -> None:
         if not self.judging(trainer):
             return
-        self.scaler.unscale_(self.optimizer)
         clip = trainer.cfg.optim.grad_clip or float("inf")
+        if self.deferred and outcome.deferred:
+            return self._step_on_device(outcome, clip)
+        self.scaler.unscale_(self.optimizer)
         norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         if outcome.applied and (math.isfinite(norm) or self.scaler.is_enabled()):
@@ -229,6 +238,25 @@ class DiscriminatorHook(Hook):
         if scale_before is not None and self.scaler.get_scale() < scale_before:
             trainer.totals["disc_overflow_steps"] += 1
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _step_on_device(self, outcome, clip: float) -> None:
+        """D's step when the autoencoder's was decided on the device: no value read back. It steps
+        where the autoencoder's step was applied and D's gradients are finite (else its fused AdamW
+        leaves weights, moments and step count as they were)."""
+        finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
+        self.optimizer.found_inf = (~(finite & outcome.finite)).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skips.add(finite | ~outcome.finite)  # a skip of D's own: the autoencoder's step was applied
+
+    def settle(self, trainer) -> None:
+        skipped, _, _ = self.skips.read()
+        if skipped:
+            trainer.totals["nonfinite_disc_steps"] += skipped
+            trainer.log.info(f"steps to {trainer.step}: {skipped} non-finite discriminator step(s) skipped")
 
     def state(self) -> dict:
         return {"disc": layout(self.trainer_cfg)}

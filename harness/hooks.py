@@ -35,6 +35,9 @@ class Hook:
     def after_resume(self, trainer) -> None:
         pass
 
+    def settle(self, trainer) -> None:
+        """Read what the hook counted on the device during deferred steps (at a log and before a save)."""
+
     def state(self) -> dict:
         """Entries for trainer_state.json."""
         return {}

@@ -203,6 +203,8 @@ class Trainer:
 
     def settle_skips(self) -> None:
         """Read the device's count of deferred non-finite steps (one host sync, at a log or a save)."""
+        for hook in self.hooks:
+            hook.settle(self)
         if self.skips.run is None:  # no deferred step yet (or ever: the host decided each step)
             return
         skipped, worst, self.nonfinite_in_a_row = self.skips.read()

@@ -94,6 +94,55 @@ def test_fused_steps_decided_on_the_device_equal_those_decided_on_the_host(monke
     assert ckpt.read_state(a)["totals"] == ckpt.read_state(b)["totals"]
 
 
+GAN = ["loss.disc_weight=0.5", "loss.disc_start=2", "loss.lecam_weight=0.1", "loss.lecam_decay=0.9"]
+
+
+def test_a_fused_step_with_a_discriminator_reads_nothing_back_either(monkeypatch, shards, tmp_path):
+    host, steps = syncs_per_step(monkeypatch, shards, tmp_path / "host", *GAN)
+    assert steps == 6 and host >= steps + 2 * 4  # + D's norm and LeCAM's two means in the 4 judged steps
+    deferred, _ = syncs_per_step(monkeypatch, shards, tmp_path / "fused", "optim.fused=true", *GAN)
+    assert deferred == 0
+
+
+def test_a_discriminator_step_decided_on_the_device_equals_the_host_decision(monkeypatch, shards, tmp_path):
+    """With a non-finite discriminator loss at one step: the same autoencoder, discriminator (weights,
+    moments, LeCAM EMAs) and totals, bitwise, whether D's skip is decided on the device or the host."""
+    from test_discriminator import disc_state
+
+    from harness import discriminator
+
+    hinge, calls = discriminator.D_LOSSES["hinge"], []
+
+    def nan_at_the_third(real, fake):
+        calls.append(1)
+        loss = hinge(real, fake)
+        return loss * float("nan") if len(calls) == 3 else loss  # step 5 (D judges from step 3)
+
+    monkeypatch.setitem(discriminator.D_LOSSES, "hinge", nan_at_the_third)
+    common = ["optim.fused=true", "checkpoint.every_steps=0", "train.max_steps=8", "log.every_steps=4", *GAN]
+    assert main(args(shards, tmp_path / "device", *common)) == 0
+    real_init = DDPEngine.__init__
+
+    def host_decides(self, *a, **k):
+        real_init(self, *a, **k)
+        self.deferred = False
+
+    monkeypatch.setattr(DDPEngine, "__init__", host_decides)
+    calls.clear()
+    assert main(args(shards, tmp_path / "host", *common)) == 0
+    a, b = (tmp_path / run / "checkpoints/step_8" for run in ("device", "host"))
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    da, db = disc_state(a), disc_state(b)
+    assert all(torch.equal(da["model"][k], db["model"][k]) for k in da["model"])
+    assert torch.equal(da["lecam_ema"], db["lecam_ema"]) and da["lecam_ema"].abs().sum() > 0
+    sa, sb = (list(d["optimizer"]["state"].values()) for d in (da, db))
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(sa, sb, strict=True) for k in x)  # moments, step count
+    totals = ckpt.read_state(a)["totals"]
+    assert totals == ckpt.read_state(b)["totals"] and totals["nonfinite_disc_steps"] == 1
+    assert "steps to 8: 1 non-finite discriminator step(s) skipped" in (tmp_path / "device/train.log").read_text()
+
+
 def test_deferred_nonfinite_steps_are_skipped_then_stop_the_run_at_the_log(shards, tmp_path, monkeypatch, capsys):
     from test_train import nan_loss_at_step_3_and_from_6
 
