@@ -213,10 +213,12 @@ class _Positions:
     def __init__(self, raw, first_index: int, spec: DecodeSpec, seed: int, counter: BadCounter):
         self.raw, self.index, self.spec, self.seed, self.counter = raw, first_index, spec, seed, counter
         self.ahead: deque = deque()
+        self.rng = random.Random()  # reseeded per position: the same stream as a new Random, made for less
 
     def _decode_next(self) -> dict | BadSample:
         self.index += 1
-        out = decode(next(self.raw), self.spec, random.Random(make_seed(self.seed, self.index)))
+        self.rng.seed(make_seed(self.seed, self.index))
+        out = decode(next(self.raw), self.spec, self.rng)
         self.counter.see(out)
         return out
 
