@@ -9,7 +9,8 @@
 #   install   imports checked; if missing: launch/install.sh --test, then diffusers (from $WHEELS when set: offline);
 #             env.json: device name, torch / CUDA / cuDNN versions, bf16 peak from the table in launch/benchmark.py
 #   gpu_tests pytest tests/test_gpu.py (fp16 loss scaling + overflow recovery, bf16, ZeRO-2 fp16, fp16 attention,
-#             the discriminator's two loss scalers, TF32 flags, a fused bf16 step with no device reads)
+#             the discriminator's two loss scalers (plain and fused AdamW), TF32 flags, a fused bf16 step
+#             with no device reads, with and without a discriminator)
 #   peer_bf16 / peer_fp16  ours vs diffusers.AutoencoderKL, kl-f8 at 256 px, autocast (fp16 with GradScaler)
 #   klf8_step our kl-f8 step at 256 px: images/s and model TFLOP/s (torch.utils.flop_counter) against bf16 peak
 #   step_host / step_fused  the harness's whole train_step vs a plain loop, small kl-f8 images in bf16: as it is,

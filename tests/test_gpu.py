@@ -89,9 +89,11 @@ def test_kl_model_stays_finite_in_fp16_on_cuda(direct_half):
     assert (y.float() - ref).abs().max() < 5e-2 * ref.abs().max()
 
 
-def test_fp16_gan_keeps_two_loss_scalers(shards, tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_fp16_gan_keeps_two_loss_scalers(fused, shards, tmp_path):
     """fp16 with a discriminator: accelerate's GradScaler for the autoencoder, D's own (LlamaGen's
-    two scalers); both train, both are checkpointed, and the run resumes."""
+    two scalers); both train, both are checkpointed, and the run resumes. With optim.fused both
+    AdamWs are fused and each scaler hands its found_inf to its kernel."""
     from accelerate.state import AcceleratorState
 
     from harness.config import load_config
@@ -101,7 +103,7 @@ def test_fp16_gan_keeps_two_loss_scalers(shards, tmp_path):
     run = tmp_path / "run"
     common = ["--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}",
               "train.mixed_precision=fp16", "loss.disc_weight=0.5", "loss.lecam_weight=0.01", "log.every_steps=1",
-              "checkpoint.every_steps=10", "loss.learned_logvar=true"]
+              "checkpoint.every_steps=10", "loss.learned_logvar=true", f"optim.fused={str(fused).lower()}"]
     cfg = load_config([common[1]], [*common[2:], "train.max_steps=20"])
     trainer = Trainer(cfg)
     hook = trainer.hooks[-1]
@@ -143,9 +145,12 @@ def test_tf32_follows_the_config():
 
 
 def test_fused_bf16_step_reads_nothing_back_from_the_gpu(shards, tmp_path, monkeypatch):
-    from test_sync_free import syncs_per_step
+    from test_sync_free import GAN, syncs_per_step
 
     host, steps = syncs_per_step(monkeypatch, shards, tmp_path / "host", "train.mixed_precision=bf16")
     assert steps == 6 and host >= steps
     fused, _ = syncs_per_step(monkeypatch, shards, tmp_path / "fused", "train.mixed_precision=bf16", "optim.fused=true")
     assert fused == 0
+    gan, _ = syncs_per_step(monkeypatch, shards, tmp_path / "gan", "train.mixed_precision=bf16", "optim.fused=true",
+                            *GAN)
+    assert gan == 0  # with a discriminator and LeCAM too
