@@ -36,7 +36,7 @@ import torch.distributed as tdist
 
 from harness.checkpoint import ResumeError
 from harness.config import Config, ConfigError
-from harness.engine import DeferredSkips
+from harness.engine import DeferredSkips, step_unless
 from harness.hooks import Hook
 from models.discriminator import D_LOSSES, PatchDiscriminator, last_decoder_layer, lecam_reg
 
@@ -244,11 +244,7 @@ class DiscriminatorHook(Hook):
         where the autoencoder's step was applied and D's gradients are finite (else its fused AdamW
         leaves weights, moments and step count as they were)."""
         finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
-        self.optimizer.found_inf = (~(finite & outcome.finite)).float()
-        try:
-            self.optimizer.step()
-        finally:
-            del self.optimizer.found_inf
+        step_unless(self.optimizer, ~(finite & outcome.finite))
         self.optimizer.zero_grad(set_to_none=True)
         self.skips.add(finite | ~outcome.finite)  # a skip of D's own: the autoencoder's step was applied
 

@@ -94,15 +94,20 @@ class DDPEngine(Engine):
     def _step_on_device(self, clip: float) -> StepOutcome:
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)  # a tensor: not read here
         finite = torch.isfinite(norm)
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        # 1 = skip: the fused AdamW leaves weights, moments and its step count as they were.
-        inner.found_inf = (~finite).float()
-        try:
-            self.optimizer.step()
-        finally:
-            del inner.found_inf
+        step_unless(self.optimizer, ~finite)
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(finite, False, torch.where(finite, norm, torch.zeros_like(norm)))
+
+
+def step_unless(optimizer, skip: torch.Tensor) -> None:
+    """A fused AdamW's step, skipped on the device where `skip` (a bool tensor) is true: its kernel then
+    leaves weights, moments and step count as they were (its `found_inf` input, as GradScaler uses it)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps the inner one
+    inner.found_inf = skip.float()
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
 
 
 class DeepSpeedEngine(Engine):
