@@ -218,7 +218,10 @@ class DiscriminatorHook(Hook):
         if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
             tdist.all_reduce(means)
         means = means.float() / trainer.world.world_size
-        self.lecam_ema.mul_(self.cfg.lecam_decay).add_(means, alpha=1 - self.cfg.lecam_decay)
+        # A non-finite logit anywhere (a NaN reconstruction: a step the autoencoder skips) is left out:
+        # folded in, it would make both anchors NaN for good and every later D step non-finite.
+        ema = self.lecam_ema * self.cfg.lecam_decay + means * (1 - self.cfg.lecam_decay)
+        self.lecam_ema.copy_(torch.where(torch.isfinite(means).all(), ema, self.lecam_ema))
 
     def after_step(self, trainer, outcome, stats) -> None:
         if not self.judging(trainer):

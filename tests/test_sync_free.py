@@ -259,3 +259,29 @@ def test_fused_under_deepspeed_is_refused_in_one_line(shards, tmp_path, monkeypa
     assert err[-1].endswith("optim.fused=true is for DDP and one process: DeepSpeed steps its own optimizer "
                             "partitions and decides skips on the host; leave it false under DeepSpeed"), err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_one_nan_reconstruction_does_not_end_the_discriminator(monkeypatch, shards, tmp_path, fused):
+    """A NaN reconstruction at one step (the autoencoder skips it; so does D) is kept out of LeCAM's
+    EMAs: folded in, both anchors stayed NaN and D skipped every later step, silently frozen."""
+    from test_discriminator import disc_state
+
+    from harness.losses import AutoencoderLoss
+
+    forward, calls = AutoencoderLoss.forward, []
+
+    def nan_recon_at_the_fourth(self, x, out):
+        calls.append(1)
+        if len(calls) == 4:
+            out.recon = out.recon * float("nan")  # an overflow in the decoder, once
+        return forward(self, x, out)
+
+    monkeypatch.setattr(AutoencoderLoss, "forward", nan_recon_at_the_fourth)
+    run = tmp_path / "run"
+    assert main(args(shards, run, f"optim.fused={fused}", "checkpoint.every_steps=0", "train.max_steps=8",
+                     "log.every_steps=4", *GAN)) == 0
+    d = disc_state(run / "checkpoints/step_8")
+    assert torch.isfinite(d["lecam_ema"]).all() and d["lecam_ema"].abs().sum() > 0
+    totals = ckpt.read_state(run / "checkpoints/step_8")["totals"]
+    assert totals["nonfinite_steps"] == 1 and totals.get("nonfinite_disc_steps", 0) == 0, totals
