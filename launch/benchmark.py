@@ -136,7 +136,7 @@ def bench_loader(a) -> dict:
     from shard to shard), and a resampled stream reads whole shards: a fixed baseline set would
     compare different photos, by more than the loader's own overhead on short windows."""
     from harness.config import DataConfig
-    from harness.data import TrainLoader
+    from harness.data import PREFETCH, TrainLoader
 
     by_key = _raw_images(a.data)
     n_target = a.images
@@ -165,10 +165,16 @@ def bench_loader(a) -> dict:
         harness = max(harness, len(window) / (time.perf_counter() - t0))
         counted = []
         if a.workers:  # CPU per image of the workers and of the reader: robust to a busy machine
+            # Between two points where the workers are idle (their prefetch full) the reader takes n
+            # batches, and the workers make the n that follow the prefetch: read those too, and
+            # decode exactly their images on the plain side.
+            n, ahead = max(1, batches // 2), PREFETCH * a.workers
             c0, m0 = _settled_children_cpu(), time.process_time()
-            read(it, max(1, batches // 2), counted)
+            read(it, n, counted)
             m1 = time.process_time()
             c1 = _settled_children_cpu()
+            read(it, ahead, counted)
+            counted = counted[ahead * a.batch_size:]
             cpu["workers"].append(_cpu_spent(c0, c1) / len(counted) if c0 and c1 else math.nan)
             cpu["reader"].append((m1 - m0) / len(counted))
         del it

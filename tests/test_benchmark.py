@@ -69,6 +69,35 @@ def test_loader_bench_decodes_exactly_the_images_the_loader_delivered(tmp_path, 
     assert len(set(windows[0])) > 8  # many photos, from more than one shard
 
 
+def test_loader_bench_counts_worker_cpu_on_the_images_the_workers_made_meanwhile(tmp_path, monkeypatch):
+    """Between two points where the workers are idle (prefetch full), the reader takes n batches and
+    the workers make the n after the prefetch: the plain side's CPU is measured on those n."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import benchmark
+
+    from harness.data import PREFETCH, TrainLoader
+
+    shards = make_shards(tmp_path / "shards", num_samples=48, per_shard=16, size=40)
+    delivered, plain = [], []
+    batches = TrainLoader.batches
+
+    def recording(self, start=0):
+        for batch in batches(self, start):
+            delivered.append(list(batch["key"]))
+            yield batch
+
+    monkeypatch.setattr(TrainLoader, "batches", recording)
+    monkeypatch.setattr(benchmark, "_plain_decode",
+                        lambda images, processes, size: (plain.append(images), (1.0, 1.0))[1])
+    p = ["loader", "--data", str(shards), "--image-size", "32", "--workers", "1", "--images", "32",
+         "--batch-size", "8", "--shuffle-buffer", "8", "--rounds", "1"]
+    assert benchmark.main(p) == 0
+    by_key = benchmark._raw_images(str(shards))
+    warmup, window, n = math.ceil(8 / 8) + 2, 4, 2  # warm-up batches, the wall window, n = window // 2
+    first = warmup + window + PREFETCH  # the first batch the worker made between the two idle points
+    assert len(plain) == 2 and plain[1] == [by_key[k] for k in sum(delivered[first:first + n], [])]
+
+
 def test_loader_bench_refuses_repeated_keys(tmp_path):
     make_shards(tmp_path / "a", num_samples=16, per_shard=16, size=40)
     (tmp_path / "b").mkdir()
