@@ -16,9 +16,10 @@ Why it looks like this:
 - The loader is NOT passed through `accelerator.prepare()`: prepare would re-shard or dispatch an
   IterableDataset, and we already split by rank here.
 - Images leave the workers as uint8 `b h w c` (4x less to copy than float32) through a ring of
-  reusable shared-memory batch buffers (BatchRing): a worker writes a batch's images into its next
-  free buffer and sends only the buffer's number with the small fields; the reader copies the buffer
-  out once and frees it. No pickling of images, no pipe, no fresh shared memory a batch.
+  reusable shared-memory batch buffers (BatchRing): a worker writes a batch's images into a free
+  buffer and sends only the buffer's number with the small fields; the trainer gets the buffer itself
+  as the batch's tensor, free again once the trainer lets go of it. No pickling of images, no pipe,
+  no copy in the reader, no fresh shared memory a batch.
   `to_model_input` makes the `b c h w` float in [-1, 1] on the training device.
 - Bad samples (anything the data does wrong: see shards/decode.py for the one boundary between bad
   data and bugs) travel as BadSample records: the tar reader emits one for a shard that breaks off
@@ -43,6 +44,7 @@ import random
 import signal
 import sys
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from itertools import count, islice
@@ -105,37 +107,50 @@ class BatchRing:
     real photos (stack, pickle, and the pipe's write in 64 KB pieces, each waiting for the reader)
     and the reader as much again (read, unpickle). Here each worker owns `buffers` buffers of one
     batch in one anonymous shared mapping made before the workers fork (so no /dev/shm, whose size a
-    container may cap): it decodes a batch's images into its next buffer and sends only the buffer's
-    number; the reader copies the buffer out once, into memory of its own that it hands to the trainer
-    (so a batch held by the trainer is never overwritten), then frees the buffer.
+    container may cap): it decodes a batch's images into a free buffer and sends only the buffer's
+    number. The reader hands the buffer itself to the trainer as the batch's image tensor (no copy),
+    and the buffer is free again when the last reference to that tensor, or to a view of it, is gone;
+    with pinned memory (CUDA) the reader copies it into pinned memory instead and frees it at once.
 
-    A semaphore per worker counts its free buffers: a worker never writes a buffer the reader has not
-    copied out yet (it waits instead, checking once a second that its parent lives). Workers fill and
-    the reader frees a worker's buffers in the same order, since the DataLoader delivers each worker's
-    batches in order. With `buffers` above the batches a worker can have in flight (the prefetch, plus
-    the one being copied out) a worker never waits."""
+    A batch in the trainer's hands is never written: each buffer has a busy byte in shared memory,
+    set by the worker that claims it and cleared by the reader when the batch's memory is released
+    (in any order), and a semaphore per worker counts its free buffers. A worker never waits for a
+    buffer: when the trainer holds them all (it kept many batches), that batch goes through the pipe
+    as a plain array. The trainer holds at most two (the batch it trains on, and the previous one
+    while it asks for the next), so with `buffers` = the prefetch + 3 the pipe is not needed."""
 
     def __init__(self, workers: int, buffers: int, batch_size: int, image_size: int, context):
         shape = (workers, buffers, batch_size, image_size, image_size, 3)
         self._mem = mmap.mmap(-1, math.prod(shape))  # MAP_SHARED | MAP_ANONYMOUS: shared with forked children
         self.images = np.frombuffer(self._mem, np.uint8).reshape(shape)
+        self._flags = mmap.mmap(-1, workers * buffers)
+        self.busy = np.frombuffer(self._flags, np.uint8).reshape(workers, buffers)
         self.free = [context.Semaphore(buffers) for _ in range(workers)]
-        self.buffers, self.parent, self.next = buffers, os.getpid(), 0  # next: a worker's own count (after the fork)
 
-    def claim(self, worker: int) -> tuple[int, np.ndarray]:
-        """In a worker: this worker's next free buffer (its index, and its `b h w c` array to write)."""
-        while not self.free[worker].acquire(timeout=1.0):
-            if os.getppid() != self.parent:  # the reader was killed outright: nobody will free a buffer
-                os._exit(0)
-        buffer, self.next = self.next, (self.next + 1) % self.buffers
+    def claim(self, worker: int) -> tuple[int, np.ndarray] | None:
+        """In a worker: a free buffer of this worker (its index, and its `b h w c` array to write), or
+        None when the reader holds them all (the batch then goes through the pipe)."""
+        if not self.free[worker].acquire(block=False):
+            return None
+        buffer = int(np.flatnonzero(self.busy[worker] == 0)[0])  # the semaphore counted it: one is free
+        self.busy[worker, buffer] = 1
         return buffer, self.images[worker, buffer]
 
     def take(self, worker: int, buffer: int, pin: bool = False) -> torch.Tensor:
-        """In the reader: a buffer's images copied out (into pinned memory with `pin`), then the buffer freed."""
-        out = torch.empty(self.images.shape[2:], dtype=torch.uint8, pin_memory=pin)
-        out.numpy()[...] = self.images[worker, buffer]
+        """In the reader: a buffer's images as a tensor, the buffer's own memory (free again when that
+        memory is released), or with `pin` a copy in pinned memory (and the buffer free now)."""
+        if pin:
+            out = torch.empty(self.images.shape[2:], dtype=torch.uint8, pin_memory=True)
+            out.numpy()[...] = self.images[worker, buffer]
+            self._release(worker, buffer)
+            return out
+        view = self.images[worker, buffer][...]  # an array object of its own, which the tensor's storage holds
+        weakref.finalize(view, self._release, worker, buffer).atexit = False
+        return torch.from_numpy(view)
+
+    def _release(self, worker: int, buffer: int) -> None:
+        self.busy[worker, buffer] = 0
         self.free[worker].release()
-        return out
 
 
 def _ring_context():
@@ -294,9 +309,9 @@ class ShardStream(IterableDataset):
         if ring is None:  # no workers, or workers that do not fork: whole batches through the pipe
             def new_batch():
                 return None, np.empty((self.batch_size, size, size, 3), np.uint8)
-        else:  # this worker's next ring buffer (waits until the reader has copied it out)
+        else:  # a free ring buffer of this worker, or (the trainer holds them all) through the pipe
             def new_batch():
-                return ring.claim(worker)
+                return ring.claim(worker) or (None, np.empty((self.batch_size, size, size, 3), np.uint8))
         for epoch in count(self.epoch):
             for buffer, images, samples, bad in self._epoch(epoch, slot, per_epoch - already, already, counter,
                                                             new_batch):
@@ -411,11 +426,11 @@ class TrainLoader:
         self.dataset.set_epoch(epoch, offset)
         dataset, ring, context = self.dataset, None, _ring_context() if self.num_workers else None
         if self.num_workers:
-            _keep_freed_memory()  # this process copies each batch into a new buffer
+            _keep_freed_memory()  # this process may copy each batch (pinned memory, or the pipe)
         if context is not None:
             # The ring of this call's workers, on a copy of the dataset: a later call makes its own.
             dataset = copy.copy(self.dataset)
-            dataset.ring = ring = BatchRing(self.num_workers, PREFETCH + 2, self.batch_size, self.image_size, context)
+            dataset.ring = ring = BatchRing(self.num_workers, PREFETCH + 3, self.batch_size, self.image_size, context)
         pin = self.pin_memory and torch.cuda.is_available()
         # Its own generator: creating the iterator must not draw from the global torch RNG, which
         # the model uses (posterior noise) and a resume restores.
@@ -443,8 +458,8 @@ def _init_worker(worker_id: int) -> None:
 def _keep_freed_memory() -> None:
     """Make glibc keep freed memory for reuse, in a worker and in the process that reads from workers.
 
-    Both allocate and free the same big buffers all the time (decoded images; the 6 MB batch the
-    reader copies out of the ring, or receives through the pipe); glibc gives blocks over 128 KB back
+    Both allocate and free the same big buffers all the time (decoded images; a 6 MB batch the
+    reader copies into pinned memory, or receives through the pipe); glibc gives blocks over 128 KB back
     to the kernel, and touching fresh pages again costs about 5 us per 4 KB page on our machines: 95
     page faults per 256 px image in a worker (a fifth of its decoding time) and 50 in the reader.
     Blocks up to 32 MB from the heap, and a heap trimmed only above 256 MB free, make both 0; peak
