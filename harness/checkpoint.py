@@ -326,15 +326,17 @@ class CheckpointManager:
 
     def set_aside_newer(self, resumed: Path, step: int) -> list[Path]:
         """Resuming this run from an older checkpoint: its newer ones belong to the abandoned branch.
-        Renamed to `abandoned-step_N` (kept, never resumed or pruned) so that `latest` cannot pick
+        Renamed to `abandoned-step_N` (`.2`, `.3`, ... when an earlier branch left one; kept, never
+        resumed or pruned) so that `latest` cannot pick
         them up after a crash, and pruning counts only this branch. Main process."""
         if not self.is_main or resumed.parent.resolve() != self.root.resolve():
             return []
         moved = []
         for n, p in list_checkpoints(self.run_dir):
             if n > step:
-                target = self.root / f"abandoned-{p.name}"
-                shutil.rmtree(target, ignore_errors=True)
+                target, k = self.root / f"abandoned-{p.name}", 2
+                while os.path.lexists(target):  # an earlier branch's: kept too (abandoned-step_N.2, ...)
+                    target, k = self.root / f"abandoned-{p.name}.{k}", k + 1
                 os.rename(p, target)
                 moved.append(target)
         if moved:

@@ -143,7 +143,8 @@ def begin(trainer, start: Start) -> None:
         trainer.validator.reconcile(trainer.run_dir / "checkpoints", trainer.world.is_main)
     if start.resume_from is not None:
         for p in trainer.ckpt.set_aside_newer(start.resume_from, trainer.step):
-            trainer.log.info(f"note: resumed from an older checkpoint; the newer {p.name[len('abandoned-'):]} "
+            name = p.name[len("abandoned-"):].split(".")[0]
+            trainer.log.info(f"note: resumed from an older checkpoint; the newer {name} "
                              f"is kept as {p} and no longer resumed or pruned")
 
 

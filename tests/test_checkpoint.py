@@ -102,6 +102,13 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["abandoned-step_20", "abandoned-step_30", "step_11", "step_12"]
     assert m.set_aside_newer(tmp_path / "elsewhere" / "step_5", 5) == []  # another run's checkpoint: nothing moves
+    second = m.set_aside_newer(s10, 10)  # a second branch from step 10: the first's abandoned ones stay
+    assert sorted(p.name for p in second) == ["abandoned-step_11", "abandoned-step_12"]
+    m.save(11, {"step": 11}, "")
+    m.set_aside_newer(s10, 10)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["abandoned-step_11", "abandoned-step_11.2", "abandoned-step_12", "abandoned-step_20",
+                     "abandoned-step_30"]
 
 
 def test_manifest_lists_every_file_and_verify_names_what_changed(tmp_path):
