@@ -27,7 +27,7 @@ from pathlib import Path
 import torch.distributed as tdist
 
 LOCK_NAME = ".lock"
-_held: dict[Path, int] = {}  # run folder (resolved) -> open descriptor holding its lock
+_held: dict[Path, tuple] = {}  # run folder (resolved) -> descriptors holding its locks (.lock, folder)
 
 
 class RunDirError(RuntimeError):
@@ -74,20 +74,40 @@ def acquire(run_dir: str | Path) -> None:
         os.close(fd)
         raise RunDirError(f"run.dir {run_dir}: cannot lock {path} ({e.strerror or e}); "
                           "a file system without locks cannot host a run folder") from None
+    # The folder itself too: a `.lock` deleted by hand (taken for a stale lock) is a new file that a
+    # second job could lock, but not the folder. Where folders cannot be locked (NFS locks files
+    # opened for writing only), the file's lock is all there is.
+    dir_fd = None
+    try:
+        dir_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(dir_fd)
+        os.close(fd)
+        raise RunDirError(f"run.dir {run_dir} is in use by another job (its {LOCK_NAME} was deleted, the folder is "
+                          "still locked): wait for it to end, or choose another run.dir") from None
+    except OSError:
+        if dir_fd is not None:
+            os.close(dir_fd)
+        dir_fd = None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()}\n".encode(), 0)
     except OSError as e:
         os.close(fd)
+        if dir_fd is not None:
+            os.close(dir_fd)
         raise RunDirError(f"run.dir {run_dir} is not writable ({path}: {e.strerror or e})") from None
-    _held[key] = fd
+    _held[key] = (fd, dir_fd)
 
 
 def release_all() -> None:
     """Let go of every run folder this process holds (the kernel would at exit anyway)."""
     while _held:
-        _, fd = _held.popitem()
-        os.close(fd)  # closing the last descriptor of the open file drops the flock
+        _, fds = _held.popitem()
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)  # closing the last descriptor of the open file drops the flock
 
 
 def hold(run_dir: str | Path, world) -> str:

@@ -104,6 +104,24 @@ def test_a_second_job_is_refused_naming_the_holder_and_writes_nothing(run, shard
     assert not stale.exists()  # a dead writer's temporary goes once the lock is ours
 
 
+def test_a_deleted_lock_file_does_not_let_a_second_job_in(run, shards, capsys):
+    """Taken for a stale lock and deleted by hand, `.lock` is gone, but the folder stays locked."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (run / ".lock").unlink()
+        before = snapshot(run)
+        assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 2
+        assert one_line(capsys) == (f"error: run.dir {run} is in use by another job (its .lock was deleted, the "
+                                    "folder is still locked): wait for it to end, or choose another run.dir")
+        after = snapshot(run)
+        assert after.pop(".lock")[0] == 0 and after == before  # an empty new .lock (its file lock), nothing else
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 0
+
+
 @pytest.mark.slow
 def test_two_training_jobs_on_one_run_dir(shards, tmp_path):
     """Real processes both ways: a requeued job starting while the old one still trains."""
