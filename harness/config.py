@@ -129,7 +129,7 @@ class DataConfig:
         "", "training shards: brace pattern (dir/{000000..000009}.tar), a folder of shards, or a list"
     )
     val: str | list[str] = F("", "held-out shards for evaluation and reconstruction grids ('' = none)")
-    image_size: int = F(64, "square training resolution in pixels", ge=8)
+    image_size: int = F(64, "square training resolution in pixels", ge=8, le=16384)
     crop: Literal["random", "center"] = F("random", "crop before resizing to image_size (center for eval)")
     hflip: bool = F(False, "random horizontal flips")
     num_workers: int = F(2, "DataLoader worker processes per rank (0 = load in the training process)", ge=0)
@@ -300,6 +300,8 @@ class Config:
         """Cross-field checks (single fields are checked while loading)."""
         if not self.data.train:
             raise ConfigError("data.train: missing; give a shard pattern, a folder of shards or a list")
+        if not self.run.dir.strip():
+            raise ConfigError("run.dir: empty; name the run folder (the default is runs/default)")
         if self.eval.every_steps and not self.data.val:
             raise ConfigError("eval.every_steps: validation needs held-out shards in data.val")
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
@@ -337,6 +339,21 @@ class _Override(str):
     """A value typed on the command line: parsed according to the field's type, not by YAML alone."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently:
+    a second `train:` section would drop the first one's keys)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
@@ -344,7 +361,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file (a config file is YAML text)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -352,6 +371,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(raw).__name__}")
     bases = raw.pop("base", None) or []
+    if not (isinstance(bases, str) or isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
+        raise ConfigError(f"{path}: base: {bases!r} is not a file name or a list of file names")
     merged: dict = {}
     for base in [bases] if isinstance(bases, str) else bases:
         _deep_merge(merged, _read_yaml(path.parent / base, seen + (path,)))

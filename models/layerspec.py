@@ -480,6 +480,8 @@ def read_spec_file(value: Any) -> tuple[Path, Any]:
         return found, json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise SpecError(f"{found}: not valid {kind} ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{found}: not a UTF-8 text file (a layer spec file is {kind} text)") from None
 
 
 def check_groups(items: list[Item], num_groups: int) -> None:

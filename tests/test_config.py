@@ -50,6 +50,27 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config([tmp_path / "bad.yaml"])
 
 
+def test_hostile_config_files_are_one_line(tmp_path):
+    """A section given twice (YAML keeps the last, silently dropping the first one's keys), a base
+    that is not a file name, a file that is not UTF-8 text, an empty run.dir, an absurd image size."""
+    (tmp_path / "dup.yaml").write_text("train:\n  batch_size: 2\nmodel:\n  ch: 8\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match="line 5 is not valid YAML .key 'train' appears twice in one mapping"):
+        load_config([tmp_path / "dup.yaml"])
+    (tmp_path / "base.yaml").write_text("base: 5\n")
+    with pytest.raises(ConfigError, match="base: 5 is not a file name or a list of file names"):
+        load_config([tmp_path / "base.yaml"])
+    (tmp_path / "u16.yaml").write_bytes("train:\n  max_steps: 3\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_config([tmp_path / "u16.yaml"])
+    with pytest.raises(ConfigError, match="run.dir: empty"):
+        load_config([], ["data.train=x.tar", "run.dir="])
+    with pytest.raises(ConfigError, match="data.image_size: 100000 is out of range; must be <= 16384"):
+        load_config([], ["data.train=x.tar", "data.image_size=100000"])
+    (tmp_path / "enc.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="enc.json: not a UTF-8 text file"):
+        load_config([], ["data.train=x.tar", "model.arch=spec", f"model.encoder={tmp_path / 'enc.json'}"])
+
+
 def test_main_exits_2_with_one_line(capsys):
     assert main(["data.train=x.tar", "train.max_stepz=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
