@@ -133,6 +133,7 @@ class Monitor:
         model.eval()
         step, n, size, seed = t.step, c.log.num_images, c.data.image_size, c.train.seed
         x = to_model_input(self.grid_batch["image"], t.device)
+        n = len(x)  # log.num_images, or fewer when the grid's shards hold fewer (a small data.val)
         cond = t.condition(self.grid_batch)
         # A module DeepSpeed cast to bf16/fp16 gets autocast here, so fp32 noise (prior samples) fits it.
         low = t.engine.input_dtype != torch.float32

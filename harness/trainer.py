@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from harness import checkpoint as ckpt
 from harness import discriminator, losses, scale
 from harness.config import Config, ConfigError, section_hash, to_dict
-from harness.data import TrainLoader, to_model_input
+from harness.data import DataInfo, TrainLoader, to_model_input
 from harness.dist import RankLogger, world
 from harness.engine import DeferredSkips, StepOutcome, make_engine
 from harness.hooks import EMAHook
@@ -43,6 +43,7 @@ from harness.signals import EXIT_PREEMPTED, StopFlag, StopVote
 from harness.tasks import make_task
 from harness.validation import Validator
 from models.registry import build_model, deepspeed_unsupported
+from shards.sources import resolve_sources
 
 # DDP on CPU warns that the gradient of a 1x1 conv has strides (C, 1, C, C) where its bucket view
 # has (C, 1, 1, 1). Both are contiguous layouts (size-1 dims have arbitrary strides): no copy is
@@ -94,6 +95,12 @@ class Trainer:
                                   num_classes=cfg.model.num_classes if cfg.model.condition == "class" else 0,
                                   need_cls=self.task.needs_cls)
         self.task.check_data(self.loader.info)
+        if cfg.data.val:  # held-out shards the model cannot take: refused now, not at the first validation
+            val = resolve_sources(cfg.data.val, require_count=False)[0]
+            try:
+                self.task.check_data(DataInfo(0, val.classes, val.label_names, len(val.urls)))
+            except ConfigError as e:
+                raise ConfigError(f"data.val: {e}") from None
         # One job per run.dir, taken before anything is written (and after what can be refused without it).
         self.run_tag = hold_run_dir(self.run_dir, self.world)
         self.log = RankLogger(self.world.is_main, self.run_dir / "train.log")

@@ -448,3 +448,18 @@ def test_sbatch_passes_a_resume_path_and_overrides_through(tmp_path):
     i = words.index("--resume")
     assert words[i + 1] == path
     assert "data.train=/d/{0..3}.tar" in words and "train.max_steps=9" in words
+
+
+def test_conditional_validation_shards_are_checked_at_start_and_may_be_small(shards, tmp_path, capsys):
+    """data.val with more classes than the model: refused at start, in one line (it failed at the first
+    validation, after training); a data.val smaller than log.num_images still makes its grids."""
+    cond = ["model.condition=class", "model.num_classes=4", "train.max_steps=2", "checkpoint.every_steps=0"]
+    wide = make_shards(tmp_path / "wide", num_samples=16, per_shard=8, size=32, num_classes=10)
+    assert main(args(shards, tmp_path / "a", *cond, f"data.val={wide}", "eval.every_steps=1")) == 2
+    assert one_line(capsys) == "error: data.val: model.num_classes: the shards have 10 classes, more than 4"
+    assert not (tmp_path / "a").exists()
+    small = make_shards(tmp_path / "small", num_samples=6, per_shard=6, size=32)
+    run = tmp_path / "b"
+    assert main(args(shards, run, *cond, f"data.val={small}", "eval.every_steps=2", "log.num_images=8",
+                     "log.images_every_steps=2")) == 0
+    assert list((run / "samples").glob("*.png"))
