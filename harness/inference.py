@@ -119,6 +119,10 @@ def _one_line(e: Exception) -> str:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
     lines = [line for line in lines if line]
     first = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+    if first.startswith("Weights only load failed") and not any("Unsupported global" in x for x in lines):
+        # torch's advice to load unsafely hides the cause: bytes that are no torch file at all
+        cause = next((x for x in lines if x.startswith(("Unsupported operand", "invalid load key"))), "")
+        return f"not a torch checkpoint file: {cause or 'unreadable pickle'}"
     return f"{type(e).__name__}: {first[:200]}"
 
 

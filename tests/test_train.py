@@ -213,13 +213,16 @@ def test_init_from_that_does_not_fit_is_one_line_and_starts_nothing(config, shar
     (broken / "pytorch_model").mkdir()
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
+    rnd = tmp_path / "random.bin"  # torch's own message would advise loading it with weights_only=False
+    rnd.write_bytes(bytes(range(256)) * 8)
     for source, says in [(src, "the weights do not fit this model config: 98 of another shape "
                                "(e.g. encoder.conv_in.weight "
                                "(8, 3, 3, 3) vs model (16, 3, 3, 3))"),
                          (tmp_path / "missing.safetensors", "no such weights file or folder"),
                          (config, "expected a run, checkpoint or export folder, or a .safetensors"),
                          (broken, "cannot read its weights (ExportError: "),
-                         (bad, f"{bad}: cannot read weights (UnpicklingError")]:
+                         (bad, f"{bad}: cannot read weights (not a torch checkpoint file: "),
+                         (rnd, f"{rnd}: cannot read weights (not a torch checkpoint file: ")]:
         run = tmp_path / "run"
         assert main(args(config, shards, run, "train.max_steps=1", f"train.init_from={source}")) == 2
         err = capsys.readouterr().err.strip().splitlines()
