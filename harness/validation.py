@@ -84,6 +84,10 @@ class Validator:
         for batch in loader:  # in fp32 whatever the training precision: the numbers launch/evaluate.py gives
             ev.update(self.copy, batch, trainer.task.cond_key)
         result = ev.result(distributed=True)
+        if not result["samples"]:  # every rank knows: the count is all-reduced
+            trainer.log.info(f"validation at step {trainer.step}: data.val ({cfg.data.val}) gave no readable "
+                             "sample (bad or empty shards); nothing measured, no best")
+            return {}
         shown = {f"val/{k}": v for k, v in result.items() if not k.startswith("psnr_class/")}
         per_class = [k for k in result if k.startswith("psnr_class/")][: cfg.log.class_rows]
         shown.update({f"val/{k}": result[k] for k in per_class})

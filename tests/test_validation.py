@@ -175,6 +175,21 @@ def test_validation_without_held_out_shards_or_with_an_unknown_metric_is_one_lin
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 
+def test_held_out_shards_with_nothing_readable_say_so_and_keep_no_best(config, shards, tmp_path):
+    from shardgen import _write_shards
+
+    from shards.index import write_index
+
+    empty = tmp_path / "bad_val"
+    shard = _write_shards(empty, 4, 4, lambda i: {"__key__": f"b{i}", "jpg": b"not a jpeg", "cls": "0"})
+    write_index(empty, source={"kind": "test"}, shards=shard, classes=["a"])
+    run = tmp_path / "run"
+    assert main(args(config, shards, run, f"data.val={empty}", "eval.every_steps=2", "train.max_steps=4")) == 0
+    log = (run / "train.log").read_text()
+    assert log.count("gave no readable sample (bad or empty shards); nothing measured, no best") == 2
+    assert "on 0 samples" not in log and not (run / "checkpoints/best").exists()
+
+
 @pytest.mark.slow
 def test_two_process_validation_equals_one_process(config, shards, val, tmp_path):
     """The same weights (lr 1e-12: one step changes nothing measurable) validated by 1 and 2 ranks."""
