@@ -47,6 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 from shards.atomic import fsync_dir, fsync_tree, is_temp_of, write_atomic
 
 STATE_NAME = "trainer_state.json"
@@ -211,8 +213,28 @@ def resolve(run_dir: str | Path, resume: str | None, say: Callable[[str], None] 
     return path
 
 
+def read_config(path: Path) -> dict:
+    """The resolved config saved with a checkpoint; ResumeError (one line) when missing or not a mapping."""
+    f = path / CONFIG_NAME
+    try:
+        saved = yaml.safe_load(f.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ResumeError(f"{f}: cannot read the checkpoint's config ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(saved, dict):
+        raise ResumeError(f"{f}: not a config mapping")
+    return saved
+
+
 def read_state(path: Path) -> dict:
-    return json.loads((path / STATE_NAME).read_text())
+    """A checkpoint's trainer state; ResumeError (one line) when it is missing or not ours."""
+    f = path / STATE_NAME
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{f}: cannot read the trainer state ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(state, dict) or type(state.get("step")) is not int or state["step"] < 0:
+        raise ResumeError(f"{f}: not a trainer state written by vae-harness (no integer step)")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------

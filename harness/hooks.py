@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from harness import scale
-from harness.checkpoint import CONFIG_NAME, ResumeError
+from harness.checkpoint import ResumeError, read_config
 from harness.ema import EMA
 
 
@@ -65,7 +63,8 @@ def check_ema_matches(path: Path, decay: float) -> None:
     """An EMA saved and none asked for (or the reverse) cannot resume: accelerate's custom objects
     are numbered, and the scheduler is 0, the EMA 1."""
     # The config saved with it, not custom_checkpoint_1's presence: without an EMA, that is the discriminator's.
-    had = yaml.safe_load((path / CONFIG_NAME).read_text()).get("train", {}).get("ema_decay", 0)
+    train = read_config(path).get("train")
+    had = train.get("ema_decay", 0) if isinstance(train, dict) else 0
     saved = had > 0
     if saved != (decay > 0):
         raise ResumeError(f"cannot resume {path}: it was trained {'with' if saved else 'without'} an EMA of "

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as tdist
-import yaml
 from accelerate.utils import set_seed
 
 from harness import checkpoint as ckpt
@@ -77,7 +76,8 @@ def check_resumable(trainer, path: Path) -> bool:
     if state.get("model_hash") != trainer.model_hash:
         # A key the checkpoint's config does not have was added to the schema since: at its default
         # it changes nothing, so an older run still resumes. Any other difference is refused.
-        saved = yaml.safe_load((path / ckpt.CONFIG_NAME).read_text()).get("model", {})
+        saved = ckpt.read_config(path)
+        saved = saved.get("model") if isinstance(saved.get("model"), dict) else {}
         now, default = to_dict(cfg.model), to_dict(type(cfg.model)())
         diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
                 if (saved[k] != now[k] if k in saved else now[k] != default[k])]
