@@ -8,12 +8,14 @@ so a spec file edited since training cannot change it.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from harness import checkpoint as ckpt
@@ -26,12 +28,67 @@ class LoadError(RuntimeError):
     """The path holds no loadable model: one line saying why."""
 
 
+class RequestError(ValueError):
+    """A command-line request the scripts cannot honour (a count, size, device or output path): one line."""
+
+
+def check_device(name: str) -> str:
+    """`name` if torch can place tensors there, else a RequestError naming it (no CUDA, unknown type)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RequestError(f"--device {name}: not a device torch knows (cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RequestError(f"--device {name}: CUDA is not available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RequestError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except Exception as e:  # noqa: BLE001 - any failure is the same request error
+            raise RequestError(f"--device {name}: not usable here ({_one_line(e)})") from None
+    return name
+
+
+def check_output_file(option: str, path: str | Path) -> Path:
+    """A file to write at the end of a run: not a folder, and its folder exists or can be made (nothing
+    on the way is a file) and is writable. Checked before the work, so a bad path loses none of it."""
+    path = Path(path)
+    if path.is_dir():
+        raise RequestError(f"{option} {path}: is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RequestError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RequestError(f"{option} {path}: {parent} is not writable")
+    return path
+
+
+def check_image_size(cfg: Config, size: int) -> None:
+    """A RequestError when the model cannot take `size` px images (e.g. not a multiple of its downsampling)."""
+    import copy
+
+    from models import ModelConfigError, check_config
+
+    if size < 1:
+        raise RequestError(f"--image-size {size}: need a positive number of pixels")
+    try:
+        check_config(copy.deepcopy(cfg.model), size)
+    except ModelConfigError as e:
+        raise RequestError(f"--image-size {size}: {str(e).removeprefix('data.image_size: ')}") from None
+
+
 def find_weights_dir(path: str | Path) -> Path:
     """Run folder -> its newest complete checkpoint; a checkpoint or export folder -> itself."""
     path = Path(path)
     if not path.exists():
         raise LoadError(f"{path}: no such run, checkpoint or export folder")
     if ckpt.is_complete(path):  # a step_N folder (DeepSpeed writes a `latest` file of its own into it)
+        if (why := ckpt.verify(path)) is not None:  # the manifest resume checks: a damaged file is named here
+            raise LoadError(f"{path}: the checkpoint fails verification ({why})")
         return path
     if (path / "checkpoints").is_dir() or (path / ckpt.LATEST_NAME).is_file():
         try:
@@ -53,7 +110,10 @@ def load_config_of(folder: Path) -> Config:
 def _ema_state(folder: Path) -> dict[str, torch.Tensor] | None:
     """The EMA shadow weights saved by the trainer (a registered accelerate custom object)."""
     for f in sorted(folder.glob("custom_checkpoint_*.pkl")):
-        state = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+            raise LoadError(f"{f}: cannot read the EMA weights ({_one_line(e)})") from None
         if isinstance(state, dict) and "shadow" in state:
             return state["shadow"]
     return None
@@ -62,9 +122,15 @@ def _ema_state(folder: Path) -> dict[str, torch.Tensor] | None:
 def state_dict_of(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """fp32 model weights from a checkpoint or export folder (DeepSpeed shards are consolidated)."""
     if (folder / "model.safetensors").is_file():
-        state = load_file(folder / "model.safetensors")
+        try:
+            state = load_file(folder / "model.safetensors")
+        except (SafetensorError, OSError) as e:  # truncated or not safetensors: one line naming the file
+            raise LoadError(f"{folder / 'model.safetensors'}: cannot read the weights ({_one_line(e)})") from None
     elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+            raise LoadError(f"{folder / 'pytorch_model.bin'}: cannot read the weights ({_one_line(e)})") from None
     elif any(p.is_dir() for p in folder.glob("pytorch_model*")):  # DeepSpeed: one shard per rank
         from harness.export import consolidate
 

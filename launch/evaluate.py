@@ -26,7 +26,14 @@ import torch  # noqa: E402
 from harness.data import eval_batches  # noqa: E402
 from harness.evaluation import Evaluator, fid_net, perception_fd_net  # noqa: E402
 from harness.fid import load_stats  # noqa: E402
-from harness.inference import LoadError, load_model  # noqa: E402
+from harness.inference import (  # noqa: E402
+    LoadError,
+    RequestError,
+    check_device,
+    check_image_size,
+    check_output_file,
+    load_model,
+)
 from models.lpips import LPIPS  # noqa: E402
 from shards.sources import DataSourceError  # noqa: E402
 
@@ -56,12 +63,28 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def check_request(args) -> None:
+    """Counts, sizes, device and output files, before the model is read: a bad one loses no work."""
+    for name, least in (("batch_size", 1), ("workers", 0), ("max_samples", 0)):
+        if getattr(args, name) < least:
+            raise RequestError(f"--{name.replace('_', '-')} {getattr(args, name)}: need at least {least}")
+    if args.image_size is not None and args.image_size < 1:
+        raise RequestError(f"--image-size {args.image_size}: need a positive number of pixels")
+    check_device(args.device)
+    for option, path in (("--json", args.json), ("--save-ref-stats", args.save_ref_stats)):
+        if path:
+            check_output_file(option, path)
+
+
 @torch.no_grad()
 def evaluate(args) -> dict:
+    check_request(args)
     model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device)
     if cfg.model.kind == "prior":  # no reconstructions of its own: its loss/ce is in the run's log
         raise LoadError(f"{folder}: a model.kind=prior run has no reconstructions to evaluate; evaluate its VQ model "
                         f"({cfg.model.prior_vq})")
+    if args.image_size:
+        check_image_size(cfg, args.image_size)
     data = args.data or cfg.data.val
     if not data:
         raise DataSourceError("no held-out data: give --data SHARDS (the run has no data.val)")
@@ -96,14 +119,19 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         result = evaluate(args)
-    except (LoadError, DataSourceError) as e:
+    except (LoadError, DataSourceError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        except OSError as e:  # checked before the work; the numbers are printed above all the same
+            print(f"error: --json {args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
+            return 2
     return 0
 
 

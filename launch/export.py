@@ -1,6 +1,7 @@
 """Export one consolidated fp32 `model.safetensors` + `config.yaml` from a run or checkpoint.
 
     python launch/export.py runs/kl                                       # newest checkpoint -> runs/kl/export/
+    python launch/export.py runs/kl/checkpoints/step_5000                 # -> runs/kl/export-step_5000/
     python launch/export.py runs/kl/checkpoints/step_5000 --out kl_f8/    # also from a ZeRO-3 checkpoint
     python launch/export.py runs/kl --ema --out kl_f8_ema/                # the EMA weights
     python launch/export.py runs/kl --format diffusers --out kl_f8_diffusers/   # AutoencoderKL / VQModel folder
@@ -51,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a run folder (its newest checkpoint) or a checkpoint folder")
-    p.add_argument("--out", help="output folder (default: <run or checkpoint>/export)")
+    p.add_argument("--out", help="output folder, never inside a checkpoint (default: <run>/export; for a "
+                                 "checkpoint runs/x/checkpoints/step_N: runs/x/export-step_N)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
                    help="safetensors: ours (model.safetensors + config.yaml); diffusers: config.json + "
-                        "diffusion_pytorch_model.safetensors (default --out: <model>/diffusers)")
+                        "diffusion_pytorch_model.safetensors (default --out: <run>/diffusers, or "
+                        "runs/x/diffusers-step_N for a checkpoint)")
     p.add_argument("--latent-stats", type=int, default=0, metavar="N",
                    help="measure latent mean/std and scaling_factor over N training images (0 = off)")
     p.add_argument("--data", help="--latent-stats: images to measure on (default: the run's data.train)")
@@ -65,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.latent_stats < 0:
         p.error("--latent-stats: need N >= 0 images")
+    args.out = Path(args.out) if args.out else default_out(args.model, "diffusers" if args.format == "diffusers"
+                                                            else "export")
+    try:  # before any work: --latent-stats may read many images
+        check_out(args.out)
+    except ExportError as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 2
     stats = None
     if args.latent_stats:
         try:
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = find_weights_dir(args.model)
         state = {k: (v.float() if v.is_floating_point() else v).contiguous()
                  for k, v in state_dict_of(folder, args.ema).items()}
-        out = Path(args.out) if args.out else Path(args.model) / "export"
+        out = args.out
         n = sum(v.numel() for v in state.values())
         meta = {"source": folder.resolve(), "parameters": n, "ema": args.ema}
         path = save_safetensors(state, out / "model.safetensors", meta)
@@ -98,6 +108,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path} ({len(state)} tensors, {n / 1e6:.2f}M values) and {out / ckpt.CONFIG_NAME}"
           + (f" and {out / STATS_NAME}" if stats is not None else ""))
     return 0
+
+
+def default_out(model: str, name: str) -> Path:
+    """`<run>/<name>` for a run folder; `<run>/<name>-step_N` for a checkpoint folder: never inside a
+    checkpoint (a file added there breaks its manifest, so a resume would pass it over)."""
+    path = Path(model)
+    if not ckpt.is_complete(path):
+        return path / name
+    base = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return base / f"{name}-{path.name}"
+
+
+def check_out(out: Path) -> None:
+    """An ExportError when `out` is a file or lies inside a checkpoint folder (one with a trainer state
+    or a manifest): files written there break the checkpoint's manifest, and resume abandons it."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: is a file; give a folder")
+    for folder in [out.resolve(), *out.resolve().parents]:
+        if (folder / ckpt.STATE_NAME).is_file() or (folder / ckpt.MANIFEST_NAME).is_file():
+            raise ExportError(f"--out {out}: inside the checkpoint {folder}, whose manifest it would break (a "
+                              "resume would then pass it over): write the export elsewhere")
+        if folder.exists() and not folder.is_dir():
+            raise ExportError(f"--out {out}: {folder} is a file, not a folder")
 
 
 def measure_latents(args):
@@ -123,7 +156,7 @@ def measure_latents(args):
 def export_diffusers(args, stats=None) -> int:
     try:
         model, cfg, folder = load_model(args.model, ema=args.ema)
-        out = Path(args.out) if args.out else Path(args.model) / "diffusers"
+        out = args.out
         size = cfg.model.resolution or cfg.data.image_size
         # diffusers_config writes what the class has: VQModel knows scaling_factor only
         norm = {k: v for k, v in stats.to_dict().items() if k != "num_images"} if stats is not None else {}

@@ -26,7 +26,14 @@ import torch  # noqa: E402
 from harness import grids  # noqa: E402
 from harness.config import ConfigError  # noqa: E402
 from harness.data import fixed_batch, to_model_input  # noqa: E402
-from harness.inference import LoadError, load_model  # noqa: E402
+from harness.inference import (  # noqa: E402
+    LoadError,
+    RequestError,
+    check_device,
+    check_image_size,
+    check_output_file,
+    load_model,
+)
 from harness.tasks import prior_sampler  # noqa: E402
 from harness.tracking import make_grid, save_png  # noqa: E402
 from models import NoPriorError  # noqa: E402
@@ -62,14 +69,14 @@ def load(args):
     if cfg.model.kind == "prior":
         temperature, top_k = 1.0 if args.temperature is None else args.temperature, args.top_k or 0
         if temperature < 0 or top_k < 0:
-            raise SystemExit(f"error: --temperature ({temperature}) and --top-k ({top_k}) must be >= 0")
+            raise RequestError(f"--temperature ({temperature}) and --top-k ({top_k}) must be >= 0")
         if args.image_size and args.image_size != cfg.data.image_size:
-            raise SystemExit(f"error: --image-size: the prior models the code grid at {cfg.data.image_size} px "
+            raise RequestError(f"--image-size: the prior models the code grid at {cfg.data.image_size} px "
                              f"(its data.image_size); leave it out")
         model, cfg, folder = prior_sampler(args.model, ema=args.ema, device=args.device, temperature=temperature,
                                            top_k=top_k)
     elif args.temperature is not None or args.top_k is not None:
-        raise SystemExit(f"error: --temperature/--top-k apply to a prior run (model.kind=prior); {args.model} is a "
+        raise RequestError(f"--temperature/--top-k apply to a prior run (model.kind=prior); {args.model} is a "
                          f"model.kind={cfg.model.kind} model")
     return model, cfg, folder
 
@@ -84,34 +91,64 @@ def no_prior_hint(args, error: NoPriorError) -> str:
             f"data.train=SHARDS data.image_size={cfg.data.image_size} run.dir=runs/prior, then sample from runs/prior")
 
 
+def writable_png(out: Path) -> Path:
+    """--out: a file PIL can write (its extension names the format) whose folder exists or can be made."""
+    from PIL import Image
+
+    check_output_file("--out", out)
+    Image.init()
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        what = f"{out.suffix} is not an image format PIL writes" if out.suffix else "no extension to name the format"
+        raise RequestError(f"--out {out}: {what} (use .png, .jpg, ...)")
+    return out
+
+
+def check_request(args) -> Path:
+    """The counts, sizes, device and output of the request, before the model is read. Returns --out."""
+    for name in ("n", "rows", "steps"):
+        if getattr(args, name) < 1:
+            raise RequestError(f"--{name} {getattr(args, name)}: need at least 1")
+    if args.image_size is not None and args.image_size < 1:
+        raise RequestError(f"--image-size {args.image_size}: need a positive number of pixels")
+    check_device(args.device)
+    return writable_png(Path(args.out or f"{args.mode}.png"))
+
+
 def run(args) -> Path:
+    out = check_request(args)
     model, cfg, folder = load(args)
+    if args.image_size and cfg.model.kind != "prior":
+        check_image_size(cfg, args.image_size)
     size = args.image_size or cfg.data.image_size
-    out = Path(args.out or f"{args.mode}.png")
     cond_key = {"class": "cls", "multilabel": "labels"}.get(model.condition)
     if args.mode == "sample":
         cond = None
         if args.cls is not None:
             if model.condition != "class":
-                raise SystemExit("error: --cls needs a class-conditional model")
+                raise RequestError("--cls needs a class-conditional model")
+            if not 0 <= args.cls < cfg.model.num_classes:
+                raise RequestError(f"--cls {args.cls}: the model has model.num_classes={cfg.model.num_classes} "
+                                   f"(classes 0..{cfg.model.num_classes - 1})")
             cond = torch.full((args.n,), args.cls, dtype=torch.long, device=args.device)
         rows = [model.sample(args.n, size, cond=cond, generator=grids.generator(args.device, args.seed))]
     elif args.mode == "classes":
         conds = grids.class_conditions(model.condition, cfg.model.num_classes, args.rows, args.n, args.device)
         if conds is None:
-            raise SystemExit("error: `classes` needs a conditional model (model.condition = class or multilabel)")
+            raise RequestError("`classes` needs a conditional model (model.condition = class or multilabel)")
         rows = grids.class_rows(model, size, conds, args.n, args.seed)
     else:
         need = args.n if args.mode == "reconstruct" else 2 * args.rows
         batch = fixed_batch(args.data or cfg.data.val or cfg.data.train, need, size)
         if batch is None:
-            raise SystemExit("error: no readable samples in the data")
+            raise DataSourceError("no readable samples in the data")
         x = to_model_input(batch["image"], args.device)
         cond = batch[cond_key].to(args.device) if cond_key else None
         if args.mode == "reconstruct":
             rows = grids.reconstruction_rows(model, x, cond)
         else:
             rows = grids.interpolation_rows(model, x, cond, args.steps, args.rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(rows), out)
     print(f"{out}: {args.mode} from {folder}")
     return out
@@ -125,7 +162,7 @@ def main(argv=None) -> int:
     except NoPriorError as e:
         print(f"error: {no_prior_hint(args, e)}", file=sys.stderr)
         return 2
-    except (LoadError, DataSourceError, ConfigError) as e:
+    except (LoadError, DataSourceError, ConfigError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,221 @@
+"""launch/sample.py, evaluate.py and export.py given a bad request: exit status 2 and one line
+naming the problem (`error: ...`; export.py's own prefix `export: ...`), never a traceback, and
+nothing written or lost. One tiny class-conditional run (one checkpoint, with its manifest) is
+trained once for the module; tests copy what they damage."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from shardgen import make_shards
+
+from harness.config import load_config, to_dict
+from harness.export import save_safetensors
+from launch.evaluate import main as evaluate_main
+from launch.export import main as export_main
+from launch.sample import main as sample_main
+from launch.train import main as train_main
+from models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "tests/configs/tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), num_samples=16, per_shard=8, size=32)
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    """A run folder with checkpoints/step_1 of a 4-class conditional model (read only: tests copy it)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert train_main(["--config", str(CONFIG), f"data.train={shards}", f"run.dir={run}", "train.max_steps=1",
+                       "checkpoint.every_steps=1", "log.images_every_steps=0", "model.condition=class",
+                       "model.num_classes=4"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def unconditional(tmp_path_factory):
+    """An exported folder of a tiny unconditional model."""
+    cfg = load_config([CONFIG], ["data.train=unused"])
+    folder = tmp_path_factory.mktemp("uncond")
+    save_safetensors(build_model(cfg.model).state_dict(), folder / "model.safetensors")
+    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    return folder
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+def one_line(capsys, prefix: str = "error: ") -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if "[WARNING]" not in line]
+    assert len(err) == 1, err
+    assert err[0].startswith(prefix) and "Traceback" not in err[0], err
+    return err[0]
+
+
+# ----------------------------------------------------------------------------------------- sample
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["sample", "--n", "0"], "--n 0"),
+    (["sample", "--n", "-3"], "--n -3"),
+    (["interpolate", "--steps", "0"], "--steps 0"),
+    (["classes", "--rows", "0"], "--rows 0"),
+    (["interpolate", "--rows", "-2"], "--rows -2"),
+    (["sample", "--image-size", "0"], "--image-size 0"),
+    (["sample", "--image-size", "-4"], "--image-size -4"),
+    (["sample", "--image-size", "7"], "divisible by 2"),
+    (["sample", "--device", "foo"], "--device foo"),
+    (["sample", "--cls", "99"], "model.num_classes=4"),
+    (["sample", "--cls", "-1"], "model.num_classes=4"),
+])
+def test_sample_bad_request_is_one_line(trained, tmp_path, capsys, argv, says):
+    out = tmp_path / "x.png"
+    device = [] if "--device" in argv else ["--device", "cpu"]
+    assert sample_main([str(trained), *argv, "--out", str(out), *device]) == 2
+    assert says in one_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_sample_cuda_without_cuda_is_one_line(trained, tmp_path, capsys):
+    assert sample_main([str(trained), "sample", "--device", "cuda", "--out", str(tmp_path / "x.png")]) == 2
+    assert "CUDA is not available" in one_line(capsys)
+
+
+@pytest.mark.parametrize("name", ["x.txt", "noext", "."])
+def test_sample_out_pil_cannot_write_is_one_line(trained, tmp_path, capsys, name):
+    out = tmp_path / name
+    assert sample_main([str(trained), "sample", "--device", "cpu", "--out", str(out)]) == 2
+    assert "--out" in one_line(capsys)
+    assert not (tmp_path / "x.txt").exists() and not (tmp_path / "noext").exists()
+
+
+def test_sample_out_in_a_missing_folder_is_made(trained, tmp_path, capsys):
+    out = tmp_path / "new" / "dir" / "x.png"
+    assert sample_main([str(trained), "sample", "--n", "2", "--device", "cpu", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+def test_sample_out_under_a_file_is_one_line(trained, tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert sample_main([str(trained), "sample", "--device", "cpu", "--out", str(tmp_path / "f" / "x.png")]) == 2
+    assert "is a file" in one_line(capsys)
+
+
+def test_sample_classes_of_an_unconditional_model_is_exit_2(unconditional, tmp_path, capsys):
+    assert sample_main([str(unconditional), "classes", "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 2
+    assert "conditional model" in one_line(capsys)
+
+
+# --------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(model, shards, *extra):
+    return evaluate_main([str(model), "--data", str(shards), "--workers", "0", "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--image-size", "7"], "divisible by 2"),
+    (["--image-size", "0"], "--image-size 0"),
+    (["--workers", "-1"], "--workers -1"),
+    (["--batch-size", "0"], "--batch-size 0"),
+])
+def test_evaluate_bad_request_is_one_line(trained, shards, capsys, extra, says):
+    assert evaluate(trained, shards, *extra) == 2
+    assert says in one_line(capsys)
+
+
+def test_evaluate_json_to_a_folder_or_under_a_file_is_refused_before_the_work(trained, shards, tmp_path, capsys,
+                                                                               monkeypatch):
+    import launch.evaluate
+
+    def no_work(*a, **kw):
+        raise AssertionError("evaluated before checking --json")
+
+    monkeypatch.setattr(launch.evaluate, "eval_batches", no_work)
+    assert evaluate(trained, shards, "--json", str(tmp_path)) == 2
+    assert "is a folder" in one_line(capsys)
+    (tmp_path / "f").write_text("")
+    assert evaluate(trained, shards, "--json", str(tmp_path / "f" / "e.json")) == 2
+    assert "is a file" in one_line(capsys)
+
+
+def test_evaluate_json_into_a_missing_folder_is_written(trained, shards, tmp_path, capsys):
+    out = tmp_path / "new" / "e.json"
+    assert evaluate(trained, shards, "--max-samples", "4", "--json", str(out)) == 0
+    assert out.is_file()
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+def test_export_default_out_of_a_checkpoint_is_beside_checkpoints(run, capsys):
+    step = run / "checkpoints" / "step_1"
+    before = sorted(p.name for p in step.iterdir())
+    assert export_main([str(step)]) == 0
+    assert (run / "export-step_1" / "model.safetensors").is_file()
+    assert sorted(p.name for p in step.iterdir()) == before  # the checkpoint (and its manifest) untouched
+    from harness import checkpoint as ckpt
+
+    assert ckpt.resolve(run, "latest") == step
+
+
+def test_export_out_inside_a_checkpoint_or_onto_a_file_is_one_line(run, tmp_path, capsys):
+    step = run / "checkpoints" / "step_1"
+    before = sorted(p.name for p in step.iterdir())
+    assert export_main([str(step), "--out", str(step / "export")]) == 2
+    assert "inside the checkpoint" in one_line(capsys, "export: ")
+    assert sorted(p.name for p in step.iterdir()) == before
+    (tmp_path / "f").write_text("")
+    assert export_main([str(step), "--out", str(tmp_path / "f")]) == 2
+    assert "is a file" in one_line(capsys, "export: ")
+
+
+# --------------------------------------------------------------------- damaged or truncated weights
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def test_damaged_checkpoint_is_refused_naming_the_file(run, shards, tmp_path, capsys):
+    step = run / "checkpoints" / "step_1"
+    truncate(step / "model.safetensors")
+    assert sample_main([str(step), "sample", "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 2
+    assert "model.safetensors" in one_line(capsys)
+    assert evaluate(step, shards) == 2
+    assert "model.safetensors" in one_line(capsys)
+    assert export_main([str(step), "--out", str(tmp_path / "e")]) == 2
+    assert "model.safetensors" in one_line(capsys, "export: ")
+
+
+def test_truncated_weights_without_a_manifest_are_one_line(run, shards, tmp_path, capsys):
+    folder = tmp_path / "copy"
+    shutil.copytree(run / "checkpoints" / "step_1", folder)
+    for name in ("manifest.json", "trainer_state.json"):  # an exported folder: nothing to verify against
+        (folder / name).unlink()
+    truncate(folder / "model.safetensors")
+    assert sample_main([str(folder), "sample", "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 2
+    assert "model.safetensors" in one_line(capsys)
+    assert evaluate(folder, shards) == 2
+    assert "model.safetensors" in one_line(capsys)
+    assert export_main([str(folder), "--out", str(tmp_path / "e")]) == 2
+    assert "model.safetensors" in one_line(capsys, "export: ")
+
+
+def test_no_traceback_from_a_real_process(trained, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "launch/sample.py"), str(trained), "sample", "--n", "0",
+                        "--device", "cpu", "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --n 0: need at least 1"], r.stderr
