@@ -69,8 +69,10 @@ def _past_end(what: str, n: int) -> BadData:
 
 
 def _pax_path(data: bytes) -> str | None:
-    """The `path` record of a pax extended header ("<len> path=<name>\\n" records)."""
-    pos = 0
+    """The `path` record of a pax extended header ("<len> path=<name>\\n" records): the last one, as
+    POSIX and `tarfile` have it. GNU.sparse.* records mark a sparse member (its data is a sparse map
+    and chunks, not the file): not supported, so BadData rather than a sample made of the map."""
+    path, pos = None, 0
     while pos < len(data):
         space = data.find(b" ", pos)
         length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
@@ -78,9 +80,11 @@ def _pax_path(data: bytes) -> str | None:
             raise BadData("malformed pax header record")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
-            return value.decode("utf-8", "surrogateescape")
+            path = value.decode("utf-8", "surrogateescape")
+        elif key.startswith(b"GNU.sparse."):
+            raise BadData(f"sparse member ({key.decode('ascii', 'replace')} in a pax header) is not supported")
         pos += length
-    return None
+    return path
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,9 @@ def tar_members(stream, skipping: Skipping | None = None, url: str = "") -> Iter
             raise BadData("tar header checksum mismatch (not a tar file, or corrupt)")
         first = False  # checking every header costs more than parsing it; the first tells a foreign file
         size, kind = _octal(header[124:136], "size"), header[156:157]
+        if kind == b"S":  # old GNU sparse: its map runs on in blocks its size does not count
+            name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            raise BadData(f"sparse member {name!r} (GNU tar type 'S') is not supported")
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         if skip and kind in (b"0", b"\0", b"7"):
             if at + padded > end:  # what reading would find, without reading

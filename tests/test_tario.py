@@ -118,3 +118,68 @@ def test_a_pax_record_of_length_zero_does_not_loop(tmp_path):
     path.write_bytes(bytes(h) + pax.ljust(512, b"\0") + b"\0" * 1024)
     got = list(tario.shard_samples(str(path)))
     assert len(got) == 1 and "malformed pax" in got[0].reason
+
+
+def test_the_last_pax_path_record_wins_as_in_tarfile(tmp_path):
+    pax = b"18 path=first.jpg\n19 path=second.jpg\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        info = tarfile.TarInfo("PaxHeaders/x")
+        info.type, info.size = tarfile.XHDTYPE, len(pax)
+        tf.addfile(info, io.BytesIO(pax))
+        info = tarfile.TarInfo("orig.jpg")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    (tmp_path / "a.tar").write_bytes(buf.getvalue())
+    ours = samples(tario.tarfile_to_samples, tmp_path / "a.tar")
+    assert ours == samples(wds.tarfile_to_samples, tmp_path / "a.tar") and ours[0]["__key__"] == "second"
+
+
+def _sparse_tar(path, kind):
+    """k0.jpg, then a sparse k1.bin (an old GNU 'S' member, or pax GNU.sparse 1.0 records), then k2.jpg."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT if kind == "pax" else tarfile.GNU_FORMAT) as tf:
+        members = [("k0.jpg", image_bytes(0)), ("k1.bin", b"evil.jpg".ljust(512, b"\0")), ("k2.jpg", image_bytes(2))]
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if name == "k1.bin" and kind == "gnu":
+                info.type = tarfile.GNUTYPE_SPARSE
+            elif name == "k1.bin":
+                info.name = "GNUSparseFile.0/k1.bin"
+                info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                    "GNU.sparse.name": "k1.bin", "GNU.sparse.realsize": "65536"}
+            tf.addfile(info, io.BytesIO(data))
+
+
+def _gnu_tar_sparse(path, fmt, tmp_path):
+    """What GNU tar --sparse writes: 12 data chunks, so the old GNU header needs an extension block."""
+    import shutil
+    import subprocess
+
+    tar = shutil.which("tar")
+    if tar is None or "--sparse" not in subprocess.run([tar, "--help"], capture_output=True, text=True).stdout:
+        pytest.skip("no GNU tar with --sparse")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "k0.jpg").write_bytes(image_bytes(0))
+    with open(src / "k1.bin", "wb") as f:
+        for i in range(12):
+            f.seek(i * 65536)
+            f.write(b"evil.jpg".ljust(100, b"\0") if i == 11 else b"D" * 100)
+    (src / "k2.jpg").write_bytes(image_bytes(2))
+    subprocess.run([tar, "--sparse", f"--format={fmt}", "-cf", str(path), "-C", str(src), "k0.jpg", "k1.bin", "k2.jpg"],
+                   check=True)
+
+
+@pytest.mark.parametrize("how", ["gnu", "pax", "gnutar-gnu", "gnutar-posix"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_sparse_member_is_the_rest_of_the_shard_bad_never_a_made_up_sample(tmp_path, how, skip):
+    path = tmp_path / "s.tar"
+    if how.startswith("gnutar-"):
+        _gnu_tar_sparse(path, how.split("-")[1], tmp_path)
+    else:
+        _sparse_tar(path, how)
+    got = list(tario.shard_samples(str(path), tario.Skipping(on=True) if skip else None))
+    assert len(got) == 1 and isinstance(got[0], BadSample), got  # k0 is cut off with the rest, k2 never read
+    assert got[0].shard == str(path) and "sparse member" in got[0].reason and "not supported" in got[0].reason
+    assert not any(isinstance(s, dict) and s["__key__"] in ("evil", "k1", "GNUSparseFile.0/k1") for s in got)
