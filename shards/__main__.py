@@ -86,7 +86,7 @@ def _common(p: argparse.ArgumentParser, *, shard_size: int = 1000, images: bool 
                             "--no-shuffle keeps sorted order")
         g.add_argument("--no-shuffle", action="store_true", help="write samples in sorted input order")
         g.add_argument("--max-samples", type=int, default=0, metavar="N",
-                       help="use only the first N images after shuffling (a quick trial; default: all)")
+                       help="use only the first N images after shuffling (a quick trial; default 0 = all)")
     g.add_argument("--overwrite", action="store_true", help="replace shards of a different build found in OUT")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -95,6 +95,8 @@ def _options(a: argparse.Namespace) -> BuildOptions:
     images = hasattr(a, "max_size")
     if images and a.max_size < 0:
         raise BuildError(f"--max-size must be 0 (keep) or a number of pixels, got {a.max_size}")
+    if images and a.max_samples < 0:
+        raise BuildError(f"--max-samples must be 0 (all) or a number of images, got {a.max_samples}")
     return BuildOptions(workers=a.workers, max_size=a.max_size if images else 0, quality=a.quality,
                         resize_filter=a.resize_filter if images else "bicubic",
                         shard_size=a.shard_size, shard_bytes=a.shard_bytes,

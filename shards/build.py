@@ -24,6 +24,7 @@ import os
 import random
 import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -81,10 +82,21 @@ class BuildOptions:
 # producing one sample (runs in the worker processes)
 
 
+def _regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "not a plain file")
+        raise BadImage(f"not a regular file ({kind}): not opened")
+
+
 def produce_file(item: Item, *, max_size: int = 0, quality: int = 95, resize_filter: str = "bicubic"):
     """Read and normalize the image file an item names -> (bytes, ext, size info for the json)."""
     try:
-        with open(item.path, "rb") as f:
+        _regular(os.stat(item.path).st_mode)  # a FIFO would block the open (and the build) forever
+        fd = os.open(item.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # swapped for one since: no block
+        with open(fd, "rb") as f:
+            _regular(os.fstat(fd).st_mode)
             data = f.read()
     except OSError as e:
         raise BadImage(f"cannot read: {e.strerror or e}") from None

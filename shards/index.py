@@ -79,4 +79,48 @@ def read_index(folder: str | Path) -> dict | None:
         raise ValueError(f"{path}: not a {FORMAT} index (a JSON {type(index).__name__}, not an object)")
     if index.get("format") != FORMAT or not isinstance(index.get("shards"), list):
         raise ValueError(f"{path}: not a {FORMAT} index (format={index.get('format')!r})")
+    _check_fields(index, path)
     return index
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _name(value) -> bool:
+    return isinstance(value, str)
+
+
+def _check_fields(index: dict, path: Path) -> None:
+    """The types the readers rely on (counts are non-negative integers, names are strings): a
+    hand-edited or foreign index is refused here in one line naming the file and the field, not met
+    later as a TypeError in training or a count blamed on data.epoch_samples."""
+
+    def bad(field: str, value, want: str):
+        text = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        got = text if isinstance(value, int) and not isinstance(value, bool) else f"{text} ({type(value).__name__})"
+        raise ValueError(f"{path}: field {field!r} must be {want}, got {got}")
+
+    if not _count(index.get("num_samples")):
+        bad("num_samples", index.get("num_samples"), "a non-negative integer")
+    for i, shard in enumerate(index["shards"]):
+        if not isinstance(shard, dict):
+            bad(f"shards[{i}]", shard, "an object with name and num_samples")
+        if not isinstance(shard.get("name"), str) or not shard["name"]:
+            bad(f"shards[{i}].name", shard.get("name"), "a file name")
+        if not _count(shard.get("num_samples")):
+            bad(f"shards[{i}].num_samples", shard.get("num_samples"), "a non-negative integer")
+        if "bytes" in shard and not _count(shard["bytes"]):
+            bad(f"shards[{i}].bytes", shard["bytes"], "a non-negative integer")
+    for field, ok, want in [("classes", _name, "a string"), ("label_names", _name, "a string"),
+                            ("class_descriptions", _name, "a string"),
+                            ("class_counts", _count, "a non-negative integer"),
+                            ("label_counts", _count, "a non-negative integer")]:
+        value = index.get(field, [])
+        if not isinstance(value, list):
+            bad(field, value, f"a list (of {want.partition(' ')[2]}s)")
+        for j, v in enumerate(value):
+            if not ok(v):
+                bad(f"{field}[{j}]", v, want)
+    if "num_bad" in index and not _count(index["num_bad"]):
+        bad("num_bad", index["num_bad"], "a non-negative integer")
