@@ -206,7 +206,7 @@ def test_init_from_that_does_not_fit_is_one_line_and_starts_nothing(config, shar
     src = tmp_path / "src"
     assert main(args(config, shards, src, "train.max_steps=1", "model.ch=8")) == 0
     capsys.readouterr()
-    # a checkpoint folder whose DeepSpeed shards are unreadable (here: a shard folder without a tag)
+    # a checkpoint folder changed since it was written (its manifest no longer verifies)
     broken = tmp_path / "broken" / "step_1"
     shutil.copytree(ckpt.resolve(src, "latest"), broken)
     (broken / "model.safetensors").unlink()
@@ -220,7 +220,7 @@ def test_init_from_that_does_not_fit_is_one_line_and_starts_nothing(config, shar
                                "(8, 3, 3, 3) vs model (16, 3, 3, 3))"),
                          (tmp_path / "missing.safetensors", "no such weights file or folder"),
                          (config, "expected a run, checkpoint or export folder, or a .safetensors"),
-                         (broken, "cannot read its weights (ExportError: "),
+                         (broken, "the checkpoint fails verification (model.safetensors is missing)"),
                          (bad, f"{bad}: cannot read weights (not a torch checkpoint file: "),
                          (rnd, f"{rnd}: cannot read weights (not a torch checkpoint file: ")]:
         run = tmp_path / "run"
