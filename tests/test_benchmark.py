@@ -38,9 +38,9 @@ def test_loader_bench_reports_both_sides_and_their_ratio(tmp_path):
     assert abs(row["cpu_ratio"] - row["plain_cpu_ms_per_img"] / row["worker_cpu_ms_per_img"]) < 0.01, row
 
 
-def test_loader_bench_decodes_exactly_the_images_the_loader_delivered(tmp_path, monkeypatch):
-    """The plain side decodes the loader's own window (by key), not a fixed set: photos differ in
-    decoding cost, and a resampled stream reads whole shards, so a fixed set compared other photos."""
+def recorded_loader_bench(tmp_path, monkeypatch):
+    """The loader benchmark in this process on 48 small images -> (module, shards, the keys of each batch
+    the loader delivered, the images of each call to the plain side; which does not decode)."""
     sys.path.insert(0, str(ROOT / "launch"))
     import benchmark
 
@@ -58,6 +58,13 @@ def test_loader_bench_decodes_exactly_the_images_the_loader_delivered(tmp_path, 
     monkeypatch.setattr(TrainLoader, "batches", recording)
     monkeypatch.setattr(benchmark, "_plain_decode",
                         lambda images, processes, size: (plain.append(images), (1.0, 1.0))[1])
+    return benchmark, shards, delivered, plain
+
+
+def test_loader_bench_decodes_exactly_the_images_the_loader_delivered(tmp_path, monkeypatch):
+    """The plain side decodes the loader's own window (by key), not a fixed set: photos differ in
+    decoding cost, and a resampled stream reads whole shards, so a fixed set compared other photos."""
+    benchmark, shards, delivered, plain = recorded_loader_bench(tmp_path, monkeypatch)
     p = ["loader", "--data", str(shards), "--image-size", "32", "--workers", "0", "--images", "40",
          "--batch-size", "8", "--shuffle-buffer", "8", "--rounds", "2"]
     assert benchmark.main(p) == 0
@@ -72,23 +79,9 @@ def test_loader_bench_decodes_exactly_the_images_the_loader_delivered(tmp_path, 
 def test_loader_bench_counts_worker_cpu_on_the_images_the_workers_made_meanwhile(tmp_path, monkeypatch):
     """Between two points where the workers are idle (prefetch full), the reader takes n batches and
     the workers make the n after the prefetch: the plain side's CPU is measured on those n."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    import benchmark
+    from harness.data import PREFETCH
 
-    from harness.data import PREFETCH, TrainLoader
-
-    shards = make_shards(tmp_path / "shards", num_samples=48, per_shard=16, size=40)
-    delivered, plain = [], []
-    batches = TrainLoader.batches
-
-    def recording(self, start=0):
-        for batch in batches(self, start):
-            delivered.append(list(batch["key"]))
-            yield batch
-
-    monkeypatch.setattr(TrainLoader, "batches", recording)
-    monkeypatch.setattr(benchmark, "_plain_decode",
-                        lambda images, processes, size: (plain.append(images), (1.0, 1.0))[1])
+    benchmark, shards, delivered, plain = recorded_loader_bench(tmp_path, monkeypatch)
     p = ["loader", "--data", str(shards), "--image-size", "32", "--workers", "1", "--images", "32",
          "--batch-size", "8", "--shuffle-buffer", "8", "--rounds", "1"]
     assert benchmark.main(p) == 0
