@@ -11,7 +11,8 @@
 
 Every build writes OUT/000000.tar, 000001.tar, ..., OUT/bad_files.txt and, last, OUT/index.json.
 Re-running an interrupted build with the same arguments resumes it. Exit codes: 0 success,
-1 verify found problems (or an I/O error), 2 a usage mistake, 130 interrupted.
+1 verify found problems (or an I/O error), 2 a usage mistake, 130 interrupted, 141 the reader of
+the output went away (`| head`).
 """
 
 from __future__ import annotations
@@ -284,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     from shards.sources import DataSourceError
 
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a reader that went away (`| head`) is found here, not in the interpreter's exit
+        return rc
+    except BrokenPipeError:  # the reader of our output is gone: stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
     except (BuildError, DataSourceError) as e:
         print(f"shards {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from shards_helpers import img2dataset_folder, picture, write_tar
@@ -11,6 +15,8 @@ from shards_helpers import img2dataset_folder, picture, write_tar
 from shards.__main__ import main
 from shards.index import read_index
 from shards.sources import DataSourceError, resolve_sources
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +152,18 @@ def test_inspect(demo, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "5 in 2 shards (count from: stats" in out and "caption 0" in out
 
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_a_reader_that_went_away_ends_it_quietly(demo, command):
+    """`python -m shards inspect OUT | head -1`: the pipe's reader is gone before the report is out.
+    No traceback, no "Exception ignored" at exit: exit 141 (128 + SIGPIPE), as cat or ls would."""
+    read, write = os.pipe()
+    os.close(read)  # the reader left before anything was written: every write fails
+    r = subprocess.run([sys.executable, "-m", "shards", command, str(demo)], stdout=write, stderr=subprocess.PIPE,
+                       text=True, cwd=ROOT, timeout=120)
+    os.close(write)
+    assert r.returncode == 141 and r.stderr == "", (r.returncode, r.stderr)
 
 def _copy(demo, dst):
     import shutil
