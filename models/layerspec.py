@@ -737,9 +737,10 @@ def _spec_from_cli(text: str) -> Any:
     return [t for t in stripped.replace(",", " ").split() if t]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m models.layerspec") -> int:
+    """The layer-spec dry run's command line (launch/layerspec.py)."""
     p = argparse.ArgumentParser(
-        prog="python -m models.layerspec",
+        prog=prog,
         description="Dry-run a layer spec: shapes per item, the first item that does not fit, the latent shape.",
         epilog="layers:\n" + token_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

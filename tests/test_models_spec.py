@@ -1,6 +1,9 @@
 """The layer-spec language: parsing, errors, dry runs, the shipped specs, the command line."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +231,16 @@ def test_command_line_dry_run(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: item 3 "C2d_16_4_1_1_0": input (8, 16, 16) does not fit Conv2d') and "\n" not in err
     assert L.main(["--tokens"]) == 0 and "VAERB" in capsys.readouterr().out
+
+
+def test_the_command_as_documented_prints_only_its_report():
+    """`python launch/layerspec.py SPEC` (the README's command): the report on stdout, nothing on stderr
+    (`python -m models.layerspec` has runpy warn that the package imported the module already)."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "launch/layerspec.py"), BASIC, "--image-size", "64"],
+                       capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "ok: latent (4, 4, 4) at 64x64" in r.stdout and "usage: python launch/layerspec.py" not in r.stdout
+    r = subprocess.run([sys.executable, str(root / "launch/layerspec.py"), "--help"], capture_output=True, text=True,
+                       cwd=root, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python launch/layerspec.py") and r.stderr == ""
