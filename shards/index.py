@@ -106,12 +106,21 @@ def _check_fields(index: dict, path: Path) -> None:
     for i, shard in enumerate(index["shards"]):
         if not isinstance(shard, dict):
             bad(f"shards[{i}]", shard, "an object with name and num_samples")
-        if not isinstance(shard.get("name"), str) or not shard["name"]:
-            bad(f"shards[{i}].name", shard.get("name"), "a file name")
+        name = shard.get("name")
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            bad(f"shards[{i}].name", name, "the name of a file in the index's folder")
         if not _count(shard.get("num_samples")):
             bad(f"shards[{i}].num_samples", shard.get("num_samples"), "a non-negative integer")
         if "bytes" in shard and not _count(shard["bytes"]):
             bad(f"shards[{i}].bytes", shard["bytes"], "a non-negative integer")
+    names = [s["name"] for s in index["shards"]]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"{path}: field 'shards' names {twice!r} twice (its samples would be read twice)")
+    total = sum(s["num_samples"] for s in index["shards"])
+    if index["num_samples"] != total:
+        raise ValueError(f"{path}: field 'num_samples' is {index['num_samples']}, but its shards' num_samples add "
+                         f"up to {total} (an index edited by hand?)")
     for field, ok, want in [("classes", _name, "a string"), ("label_names", _name, "a string"),
                             ("class_descriptions", _name, "a string"),
                             ("class_counts", _count, "a non-negative integer"),
