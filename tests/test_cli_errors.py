@@ -190,15 +190,20 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:1000])
 
 
+def refused_by_all_three(model: Path, shards, tmp_path, capsys, names: str) -> None:
+    """sample, evaluate and export each refuse `model` with exit 2 and one line naming `names`."""
+    assert sample_main([str(model), "sample", "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 2
+    assert names in one_line(capsys)
+    assert evaluate(model, shards) == 2
+    assert names in one_line(capsys)
+    assert export_main([str(model), "--out", str(tmp_path / "e")]) == 2
+    assert names in one_line(capsys, "export: ")
+
+
 def test_damaged_checkpoint_is_refused_naming_the_file(run, shards, tmp_path, capsys):
     step = run / "checkpoints" / "step_1"
     truncate(step / "model.safetensors")
-    assert sample_main([str(step), "sample", "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 2
-    assert "model.safetensors" in one_line(capsys)
-    assert evaluate(step, shards) == 2
-    assert "model.safetensors" in one_line(capsys)
-    assert export_main([str(step), "--out", str(tmp_path / "e")]) == 2
-    assert "model.safetensors" in one_line(capsys, "export: ")
+    refused_by_all_three(step, shards, tmp_path, capsys, names="model.safetensors")
 
 
 def test_truncated_weights_without_a_manifest_are_one_line(run, shards, tmp_path, capsys):
@@ -207,12 +212,7 @@ def test_truncated_weights_without_a_manifest_are_one_line(run, shards, tmp_path
     for name in ("manifest.json", "trainer_state.json"):  # an exported folder: nothing to verify against
         (folder / name).unlink()
     truncate(folder / "model.safetensors")
-    assert sample_main([str(folder), "sample", "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 2
-    assert "model.safetensors" in one_line(capsys)
-    assert evaluate(folder, shards) == 2
-    assert "model.safetensors" in one_line(capsys)
-    assert export_main([str(folder), "--out", str(tmp_path / "e")]) == 2
-    assert "model.safetensors" in one_line(capsys, "export: ")
+    refused_by_all_three(folder, shards, tmp_path, capsys, names="model.safetensors")
 
 
 def test_no_traceback_from_a_real_process(trained, tmp_path):
