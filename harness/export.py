@@ -47,8 +47,9 @@ def consolidate(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
                     return _fp32(load_file(ckpt / name))
                 return _fp32(torch.load(ckpt / name, map_location="cpu", weights_only=True))
             except Exception as e:  # noqa: BLE001 - truncated (SafetensorError) or foreign: one line naming it
-                why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-                raise ExportError(f"{ckpt / name}: cannot read the weights ({type(e).__name__}: {why})") from None
+                from harness.inference import load_reason
+
+                raise ExportError(f"{ckpt / name}: cannot read the weights ({load_reason(e)})") from None
     tag = _deepspeed_tag(ckpt)
     if tag is not None:
         if not torch.cuda.is_available():

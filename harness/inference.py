@@ -47,7 +47,7 @@ def check_device(name: str) -> str:
         try:
             torch.empty(0, device=device)
         except Exception as e:  # noqa: BLE001 - any failure is the same request error
-            raise RequestError(f"--device {name}: not usable here ({_one_line(e)})") from None
+            raise RequestError(f"--device {name}: not usable here ({load_reason(e)})") from None
     return name
 
 
@@ -113,7 +113,7 @@ def _ema_state(folder: Path) -> dict[str, torch.Tensor] | None:
         try:
             state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
-            raise LoadError(f"{f}: cannot read the EMA weights ({_one_line(e)})") from None
+            raise LoadError(f"{f}: cannot read the EMA weights ({load_reason(e)})") from None
         if isinstance(state, dict) and "shadow" in state:
             return state["shadow"]
     return None
@@ -125,12 +125,12 @@ def state_dict_of(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
         try:
             state = load_file(folder / "model.safetensors")
         except (SafetensorError, OSError) as e:  # truncated or not safetensors: one line naming the file
-            raise LoadError(f"{folder / 'model.safetensors'}: cannot read the weights ({_one_line(e)})") from None
+            raise LoadError(f"{folder / 'model.safetensors'}: cannot read the weights ({load_reason(e)})") from None
     elif (folder / "pytorch_model.bin").is_file():
         try:
             state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
-            raise LoadError(f"{folder / 'pytorch_model.bin'}: cannot read the weights ({_one_line(e)})") from None
+            raise LoadError(f"{folder / 'pytorch_model.bin'}: cannot read the weights ({load_reason(e)})") from None
     elif any(p.is_dir() for p in folder.glob("pytorch_model*")):  # DeepSpeed: one shard per rank
         from harness.export import consolidate
 
@@ -181,7 +181,8 @@ def _torch_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _one_line(e: Exception) -> str:
+def load_reason(e: Exception) -> str:
+    """Why a weights file did not load, in one line (torch's own messages span many lines and bury the cause)."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
     lines = [line for line in lines if line]
     first = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
@@ -217,7 +218,7 @@ def weights_from(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
         try:
             return state_dict_of(folder), folder
         except (ExportError, OSError) as e:
-            raise LoadError(f"{folder}: cannot read its weights ({_one_line(e)})") from None
+            raise LoadError(f"{folder}: cannot read its weights ({load_reason(e)})") from None
     if not path.is_file():
         raise LoadError(f"{path}: no such weights file or folder")
     if path.suffix not in WEIGHT_FILES:
@@ -225,7 +226,7 @@ def weights_from(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     try:
         state = load_file(path) if path.suffix == ".safetensors" else _torch_load(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise LoadError(f"{path}: cannot read weights ({_one_line(e)})") from None
+        raise LoadError(f"{path}: cannot read weights ({load_reason(e)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
