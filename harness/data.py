@@ -306,12 +306,13 @@ class ShardStream(IterableDataset):
         already = len(range(slot, k, num_workers))  # ... of which consumed before the start
         counter = BadCounter()
         size, ring = self.decoder.image_size, self.ring
-        if ring is None:  # no workers, or workers that do not fork: whole batches through the pipe
-            def new_batch():
-                return None, np.empty((self.batch_size, size, size, 3), np.uint8)
-        else:  # a free ring buffer of this worker, or (the trainer holds them all) through the pipe
-            def new_batch():
-                return ring.claim(worker) or (None, np.empty((self.batch_size, size, size, 3), np.uint8))
+
+        def new_batch():
+            """A free ring buffer of this worker, else (no ring: no workers, or workers that do not fork;
+            or the trainer holds all its buffers) an array of its own that goes through the pipe."""
+            claimed = ring.claim(worker) if ring is not None else None
+            return claimed or (None, np.empty((self.batch_size, size, size, 3), np.uint8))
+
         for epoch in count(self.epoch):
             for buffer, images, samples, bad in self._epoch(epoch, slot, per_epoch - already, already, counter,
                                                             new_batch):
