@@ -392,12 +392,13 @@ class TrainLoader:
     """Infinite batches for one rank, replayable from any global batch index."""
 
     def __init__(self, cfg, *, rank: int, world_size: int, batch_size: int, pin_memory: bool = False,
-                 num_classes: int = 0, need_cls: bool | None = None):
+                 num_classes: int = 0, need_cls: bool | None = None, names: bool = True):
         """num_classes: the model's classes when it is class-conditional (0 = not): a sample without
         `cls` or with one outside them is bad here, on the CPU, never an index error in the model.
         need_cls: the same for a model that reads `cls` otherwise (a classifier: num_classes 0 = the
-        index's classes); default: num_classes > 0."""
-        sources = resolve_sources(cfg.train, cfg.num_samples)
+        index's classes); default: num_classes > 0. names=False: the model reads neither classes nor
+        labels, so shard sets whose index.json names differ may be mixed."""
+        sources = resolve_sources(cfg.train, cfg.num_samples, names=names)
         total = sum(s.num_samples for s in sources)
         first = sources[0]
         self.info = DataInfo(total, first.classes, first.label_names, sum(len(s.urls) for s in sources))
@@ -499,9 +500,74 @@ def _drop_stop_signals(parent: int, stop: set) -> None:
             os._exit(0)
 
 
-def fixed_batch(spec, n: int, image_size: int) -> dict | None:
-    """The first `n` samples of a source, center-cropped: the fixed inputs of reconstruction grids."""
-    sources = resolve_sources(spec, require_count=False)
+# ---------------------------------------------------------------------------------------------
+# Shards against the model that reads them
+# ---------------------------------------------------------------------------------------------
+
+
+def condition_problem(model_cfg, classes: list[str], label_names: list[str]) -> str | None:
+    """What a conditional model needs of the shards' index.json and does not find there (None: fine)."""
+    num = model_cfg.num_classes
+    if model_cfg.condition == "class":
+        if not classes:
+            return "model.condition: class conditioning needs shards with class labels (index.json classes)"
+        if len(classes) > num:
+            return f"model.num_classes: the shards have {len(classes)} classes, more than {num}"
+    if model_cfg.condition == "multilabel":
+        if not label_names:
+            return "model.condition: multilabel conditioning needs shards with json labels (index.json label_names)"
+        if len(label_names) != num:
+            n = len(label_names)
+            return f"model.num_classes: the shards have {n} labels ({', '.join(label_names[:3])}, ...); set " \
+                   f"model.num_classes={n}"
+    return None
+
+
+def names_problem(heldout: list[str], train: list[str], what: str = "class names") -> str | None:
+    """Held-out shards must name their classes (labels) as the training data does where both name them:
+    a model reads a class by its index, so index i is to be the same class in both (None: fine)."""
+    if not heldout or not train or heldout == train:
+        return None
+    i = next((i for i, (a, b) in enumerate(zip(heldout, train)) if a != b), min(len(heldout), len(train)))
+    here, there = (repr(names[i]) if i < len(names) else "none" for names in (heldout, train))
+    how = "the same --classes file" if what == "class names" else "the same label list"
+    return (f"its {what} differ from the training data's ({len(heldout)} vs {len(train)}; #{i} is {here} here, "
+            f"{there} there): build both with {how}")
+
+
+def check_heldout(cfg, sources: list[ShardSource], spec) -> None:
+    """Shards a trained model runs on (sample, evaluate, export, validation grids): they carry what its
+    condition reads, named as in its training data where that is still where the run's config says
+    (else there is nothing to compare with). DataSourceError naming `spec` otherwise."""
+    src = sources[0]
+    problem = condition_problem(cfg.model, src.classes, src.label_names)
+    attr, what = {"class": ("classes", "class names"), "multilabel": ("label_names", "label names")}.get(
+        cfg.model.condition, (None, None))
+    if problem is None and attr is not None and spec != cfg.data.train:
+        try:
+            train = resolve_sources(cfg.data.train, require_count=False)[0]
+        except DataSourceError:
+            train = None
+        if train is not None:
+            problem = names_problem(getattr(src, attr), getattr(train, attr), what)
+    if problem:
+        raise DataSourceError(f"{spec if isinstance(spec, str) else ', '.join(spec)}: {problem}")
+
+
+def heldout_sources(spec, cfg=None) -> list[ShardSource]:
+    """`spec` resolved, and with the run's `cfg` checked against its model (`check_heldout`): mixed shard
+    sets that name their classes otherwise are then fine for a model that reads no class or label."""
+    reads = cfg is None or cfg.model.condition in ("class", "multilabel")
+    sources = resolve_sources(spec, require_count=False, names=reads)
+    if cfg is not None:
+        check_heldout(cfg, sources, spec)
+    return sources
+
+
+def fixed_batch(spec, n: int, image_size: int, cfg=None) -> dict | None:
+    """The first `n` samples of a source, center-cropped: the fixed inputs of reconstruction grids.
+    With the run's `cfg`, the shards are checked against its model first (`check_heldout`)."""
+    sources = heldout_sources(spec, cfg)
     decoder = DecodeSpec(image_size, num_classes=len(sources[0].classes), num_labels=len(sources[0].label_names))
     samples = []
     for item in wds.DataPipeline(wds.SimpleShardList(sources[0].urls), tario.tarfile_to_samples()):
@@ -560,10 +626,11 @@ class EvalStream(IterableDataset):
 
 
 def eval_batches(spec, *, image_size: int, batch_size: int, num_workers: int = 0, max_samples: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, cfg=None):
     """Batches over every sample of `spec` once (no resampling, no shuffling): for evaluation.
-    With `world_size` > 1, this rank's share of the first `max_samples` (see EvalStream)."""
-    sources = resolve_sources(spec, require_count=False)
+    With `world_size` > 1, this rank's share of the first `max_samples` (see EvalStream).
+    With the run's `cfg`, the shards are checked against its model first (`check_heldout`)."""
+    sources = heldout_sources(spec, cfg)
     urls = [u for s in sources for u in s.urls]
     decoder = DecodeSpec(image_size, num_classes=len(sources[0].classes), num_labels=len(sources[0].label_names))
     workers = min(num_workers, len(urls), 1 if world_size > 1 else num_workers)

@@ -63,7 +63,8 @@ class Monitor:
         self.tracker = Tracker(trainer.run_dir, trainer.world.is_main)
         self.grid_batch = None
         if trainer.task.draws_images:
-            self.grid_batch = fixed_batch(cfg.data.val or cfg.data.train, cfg.log.num_images, cfg.data.image_size)
+            self.grid_batch = fixed_batch(cfg.data.val or cfg.data.train, cfg.log.num_images, cfg.data.image_size,
+                                          cfg=cfg)
 
     def start_message(self) -> None:
         t = self.t

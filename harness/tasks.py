@@ -26,7 +26,7 @@ from einops import rearrange
 
 from harness import grids, scale
 from harness.config import Config, ConfigError
-from harness.data import fixed_batch, to_model_input
+from harness.data import condition_problem, fixed_batch, to_model_input
 from harness.losses import AutoencoderLoss, LossTerms
 from models.prior import VQWithPrior
 from models.registry import model_class
@@ -59,21 +59,8 @@ class AutoencoderTask:
                               f"makes {cfg.model.out_ch} (model.out_ch)")
 
     def check_data(self, info) -> None:
-        num = self.cfg.model.num_classes
-        if self.cond_key == "cls":
-            if not info.classes:
-                raise ConfigError("model.condition: class conditioning needs shards with class labels "
-                                  "(index.json classes)")
-            if len(info.classes) > num:
-                raise ConfigError(f"model.num_classes: the shards have {len(info.classes)} classes, more than {num}")
-        if self.cond_key == "labels":
-            if not info.label_names:
-                raise ConfigError("model.condition: multilabel conditioning needs shards with json labels "
-                                  "(index.json label_names)")
-            if len(info.label_names) != num:
-                n = len(info.label_names)
-                raise ConfigError(f"model.num_classes: the shards have {n} labels "
-                                  f"({', '.join(info.label_names[:3])}, ...); set model.num_classes={n}")
+        if (problem := condition_problem(self.cfg.model, info.classes, info.label_names)) is not None:
+            raise ConfigError(problem)
 
     def forward(self, model, x: torch.Tensor, batch: dict, cond, dtype: torch.dtype = torch.float32):
         """`x` in fp32 is the target; the model gets it in `dtype` (DeepSpeed bf16/fp16 casts the module)."""

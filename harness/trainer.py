@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from harness import checkpoint as ckpt
 from harness import discriminator, losses, scale
 from harness.config import Config, ConfigError, section_hash, to_dict
-from harness.data import DataInfo, TrainLoader, to_model_input
+from harness.data import DataInfo, TrainLoader, names_problem, to_model_input
 from harness.dist import RankLogger, world
 from harness.engine import DeferredSkips, StepOutcome, make_engine
 from harness.hooks import EMAHook
@@ -90,15 +90,24 @@ class Trainer:
         discriminator.refuse_unsupported(cfg, device=self.device, world_size=self.world.world_size)
         self.task = make_task(cfg, self.device)
         # Not passed through accelerator.prepare(): the loader already splits shards by rank.
+        reads_names = bool(self.task.cond_key or self.task.needs_cls)  # else shard sets may name classes otherwise
         self.loader = TrainLoader(cfg.data, rank=self.world.rank, world_size=self.world.world_size,
                                   batch_size=cfg.train.batch_size, pin_memory=self.device.type == "cuda",
                                   num_classes=cfg.model.num_classes if cfg.model.condition == "class" else 0,
-                                  need_cls=self.task.needs_cls)
+                                  need_cls=self.task.needs_cls, names=reads_names)
         self.task.check_data(self.loader.info)
         if cfg.data.val:  # held-out shards the model cannot take: refused now, not at the first validation
-            val = resolve_sources(cfg.data.val, require_count=False)[0]
+            val, info = resolve_sources(cfg.data.val, require_count=False, names=reads_names)[0], self.loader.info
             try:
                 self.task.check_data(DataInfo(0, val.classes, val.label_names, len(val.urls)))
+                # What the model reads by index (a class, labels) must be named alike in both.
+                problem = None
+                if self.task.cond_key == "labels":
+                    problem = names_problem(val.label_names, info.label_names, "label names")
+                elif self.task.cond_key == "cls" or self.task.needs_cls:
+                    problem = names_problem(val.classes, info.classes)
+                if problem:
+                    raise ConfigError(problem)
             except ConfigError as e:
                 raise ConfigError(f"data.val: {e}") from None
         # One job per run.dir, taken before anything is written (and after what can be refused without it).

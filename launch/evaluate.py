@@ -90,7 +90,7 @@ def evaluate(args) -> dict:
         raise DataSourceError("no held-out data: give --data SHARDS (the run has no data.val)")
     size = args.image_size or cfg.data.image_size
     loader, sources = eval_batches(data, image_size=size, batch_size=args.batch_size, num_workers=args.workers,
-                                   max_samples=args.max_samples)
+                                   max_samples=args.max_samples, cfg=cfg)
     cond_key = {"class": "cls", "multilabel": "labels"}.get(model.condition)
     try:  # the reference networks, read before any image
         nets = [fid_net(args.fid_weights, args.device)] if args.fid_weights else []

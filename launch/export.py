@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, LoadError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk filled, or the folder went away meanwhile
+        print(f"export: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {path} ({len(state)} tensors, {n / 1e6:.2f}M values) and {out / ckpt.CONFIG_NAME}"
           + (f" and {out / STATS_NAME}" if stats is not None else ""))
     return 0
@@ -131,6 +136,13 @@ def check_out(out: Path) -> None:
                               "resume would then pass it over): write the export elsewhere")
         if folder.exists() and not folder.is_dir():
             raise ExportError(f"--out {out}: {folder} is a file, not a folder")
+    if out.is_dir() and os.access(out, os.W_OK | os.X_OK):
+        return
+    existing = next(f for f in [out.resolve(), *out.resolve().parents] if f.exists())
+    try:  # the folders to make can be made (root passes access checks that /proc or a read-only mount fail)
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write in {existing} ({e.strerror})") from None
 
 
 def measure_latents(args):
@@ -144,7 +156,7 @@ def measure_latents(args):
     size = cfg.data.image_size
     shares = {"rank": w.rank, "world_size": w.world_size} if w.world_size > 1 else {}
     batches, _ = eval_batches(data, image_size=size, batch_size=args.batch_size, num_workers=args.workers,
-                              max_samples=args.latent_stats, **shares)
+                              max_samples=args.latent_stats, cfg=cfg, **shares)
     cond_key = {"class": "cls", "multilabel": "labels"}.get(model.condition)
     stats = latent_stats(model, batches, image_size=size, device=device, cond_key=cond_key)
     if stats.num_images < args.latent_stats and w.is_main:
@@ -162,6 +174,8 @@ def export_diffusers(args, stats=None) -> int:
         norm = {k: v for k, v in stats.to_dict().items() if k != "num_images"} if stats is not None else {}
         out, dcfg = diffusers_io.save_folder(model, cfg.model, out, sample_size=size, **norm)
         # a small image: the check is about names and layouts, not about the model's resolution
+        if stats is not None:  # all of them, also what the diffusers class has no field for (VQModel: the shift)
+            (out / STATS_NAME).write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
         diff = diffusers_io.check_loads(out, model, 2 ** (len(cfg.model.ch_mult) - 1) * 4)
         if diff is not None and diff > 1e-3:
             raise diffusers_io.DiffusersError(f"{out}: diffusers reconstructs differently from ours (largest "
@@ -169,11 +183,18 @@ def export_diffusers(args, stats=None) -> int:
     except (ExportError, LoadError, diffusers_io.DiffusersError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk filled, or the folder went away meanwhile
+        print(f"export: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     n = sum(v.numel() for v in diffusers_io.state_to_diffusers(model.state_dict()).values())
     print(f"wrote {out / diffusers_io.WEIGHTS_NAME} ({n / 1e6:.2f}M values) and {out / diffusers_io.CONFIG_NAME} "
           f"({dcfg['_class_name']}, from {folder})")
     if stats is None:
         print("scaling_factor 1.0 written: measure the latents with --latent-stats N for the real one")
+    else:
+        left = [k for k in ("shift_factor", "latents_mean", "latents_std") if k not in dcfg]
+        print(f"the latent statistics are in {out / STATS_NAME}" + (
+            f" ({dcfg['_class_name']}'s config has no {', '.join(left)}: read them there)" if left else ""))
     if diff is None:
         print("diffusers is not installed here: the export was not loaded back (pip install diffusers to check)")
     else:

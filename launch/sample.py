@@ -83,11 +83,12 @@ def load(args):
 
 def no_prior_hint(args, error: NoPriorError) -> str:
     """What to do when a VQ/FSQ model is asked for samples: train a prior over its codes."""
-    cfg = load_model(args.model, device="cpu")[1]
+    _, cfg, folder = load_model(args.model, device="cpu")
     if cfg.model.kind not in ("vq", "fsq"):
         return str(error)
+    # its checkpoint (or export) folder, not the run: the prior reads the VQ model again at each start
     return (f"{args.model}: a model.kind={cfg.model.kind} run samples through a prior over its codes; train one: "
-            f"python launch/train.py --config launch/configs/vq_prior.yaml model.prior_vq={args.model} "
+            f"python launch/train.py --config launch/configs/vq_prior.yaml model.prior_vq={folder} "
             f"data.train=SHARDS data.image_size={cfg.data.image_size} run.dir=runs/prior, then sample from runs/prior")
 
 
@@ -139,7 +140,7 @@ def run(args) -> Path:
         rows = grids.class_rows(model, size, conds, args.n, args.seed)
     else:
         need = args.n if args.mode == "reconstruct" else 2 * args.rows
-        batch = fixed_batch(args.data or cfg.data.val or cfg.data.train, need, size)
+        batch = fixed_batch(args.data or cfg.data.val or cfg.data.train, need, size, cfg=cfg)
         if batch is None:
             raise DataSourceError("no readable samples in the data")
         x = to_model_input(batch["image"], args.device)

@@ -113,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         elif _can_relaunch(launcher):
             _relaunch(launcher, argv)  # does not return
         else:
-            _say(f"error: {where} (or pick a config: --config_file launch/accelerate/multi_gpu.yaml)")
+            import torch
+
+            if not torch.cuda.is_available():  # accelerate needs a process count on CPU, or it fails itself
+                where = (f"`{' '.join(launcher)}` belongs to `accelerate launch`, before the script name, and on "
+                         f"CPU with a process count: ACCELERATE_USE_CPU=1 accelerate launch {' '.join(launcher)} "
+                         "--num_processes 2 launch/train.py ...")
+            _say(f"error: {where} (or pick a config: --config_file launch/accelerate/cpu2.yaml, multi_gpu.yaml)")
             return 2
     args = parse_args(argv)
     if args.help_config:

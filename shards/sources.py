@@ -157,8 +157,8 @@ def _from_pattern(pattern: str, spec: str) -> ShardSource:
                        count_from="stats" if count is not None else "")
 
 
-def _merge(sources: list[ShardSource], spec: str, weight: float) -> ShardSource:
-    _check_names(sources)
+def _merge(sources: list[ShardSource], spec: str, weight: float, names: bool = True) -> ShardSource:
+    _check_names(sources, names)
     counts = [s.num_samples for s in sources]
     known = all(c is not None for c in counts)
     return ShardSource([u for s in sources for u in s.urls], sum(counts) if known else None, weight=weight,
@@ -167,7 +167,7 @@ def _merge(sources: list[ShardSource], spec: str, weight: float) -> ShardSource:
                        count_from="+".join(sorted({s.count_from for s in sources})) if known else "")
 
 
-def _from_list_file(path: Path, spec: str, weight: float, depth: int) -> list[ShardSource]:
+def _from_list_file(path: Path, spec: str, weight: float, depth: int, names: bool = True) -> list[ShardSource]:
     if depth > _MAX_LIST_DEPTH:
         raise DataSourceError(f"{spec}: list files nested more than {_MAX_LIST_DEPTH} deep (a cycle?)")
     try:
@@ -183,23 +183,23 @@ def _from_list_file(path: Path, spec: str, weight: float, depth: int) -> list[Sh
         target, w = _split_weight(line)
         if not _is_remote(target) and not os.path.isabs(target):
             target = str(path.parent / target)
-        for src in _resolve_item(target, f"{spec}:{n}", weight * (w or 1.0), depth + 1):
+        for src in _resolve_item(target, f"{spec}:{n}", weight * (w or 1.0), depth + 1, names):
             (separate if w is not None else pooled).append(src)
     if not pooled and not separate:
         raise DataSourceError(f"{spec}: list file names no shards")
     if pooled:
-        separate.insert(0, _merge(pooled, spec, weight))
+        separate.insert(0, _merge(pooled, spec, weight, names))
     return separate
 
 
-def _resolve_item(item: str, spec: str, weight: float, depth: int = 0) -> list[ShardSource]:
+def _resolve_item(item: str, spec: str, weight: float, depth: int = 0, names: bool = True) -> list[ShardSource]:
     path = Path(item)
     if not _is_remote(item) and path.is_dir():
         src = [_from_folder(path, spec)]
     elif item.endswith(".txt") and not _is_remote(item):
         if not path.is_file():
             raise DataSourceError(f"{spec}: list file does not exist")
-        return _from_list_file(path, spec, weight, depth)
+        return _from_list_file(path, spec, weight, depth, names)
     elif "{" in item or _is_remote(item) or item.endswith(".tar"):
         src = [_from_pattern(item, spec)]
     elif not path.exists():
@@ -211,11 +211,17 @@ def _resolve_item(item: str, spec: str, weight: float, depth: int = 0) -> list[S
     return src
 
 
-def _check_names(sources: list[ShardSource]):
+def _check_names(sources: list[ShardSource], strict: bool = True):
+    """Sources mixed into one stream name their classes (labels) alike where they name them. Not
+    `strict` (for a model that reads neither): differing names are dropped instead, as meaningless."""
     for attr, what in (("classes", "class names"), ("label_names", "label names")):
         named = [s for s in sources if getattr(s, attr)]
         for s in named[1:]:
             if getattr(s, attr) != getattr(named[0], attr):
+                if not strict:
+                    for t in sources:
+                        setattr(t, attr, [])
+                    break
                 raise DataSourceError(
                     f"{s.spec}: its {what} ({len(getattr(s, attr))}) differ from those of {named[0].spec} "
                     f"({len(getattr(named[0], attr))}); build both with the same --classes file")
@@ -224,13 +230,15 @@ def _check_names(sources: list[ShardSource]):
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_sources(spec: str | list[str], num_samples: int = 0, *, require_count: bool = True) -> list[ShardSource]:
+def resolve_sources(spec: str | list[str], num_samples: int = 0, *, require_count: bool = True,
+                    names: bool = True) -> list[ShardSource]:
     """Turn `data.train`-style input into sources; raises DataSourceError on anything missing.
 
     num_samples: the dataset size to use where neither index.json nor *_stats.json gives one
     (`data.num_samples`; 0 = none). With several such sources it is shared among them in
     proportion to their number of shards. require_count=False leaves unknown counts as None
-    (for tools that only read the shards) instead of raising.
+    (for tools that only read the shards) instead of raising. names=False: for a model that reads
+    neither classes nor labels, sources whose names differ may be mixed (their names are dropped).
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     sources: list[ShardSource] = []
@@ -239,10 +247,10 @@ def resolve_sources(spec: str | list[str], num_samples: int = 0, *, require_coun
         if not s:
             continue
         target, w = _split_weight(s)
-        sources += _resolve_item(target, s, w or 1.0)
+        sources += _resolve_item(target, s, w or 1.0, names=names)
     if not sources:
         raise DataSourceError("no data sources given")
-    _check_names(sources)
+    _check_names(sources, names)
     unknown = [s for s in sources if s.num_samples is None]
     if unknown and num_samples > 0:
         shards = sum(len(s.urls) for s in unknown)

@@ -54,6 +54,12 @@ def make_shards(out: str | Path, num_samples: int = 64, per_shard: int = 16, siz
     return out
 
 
+def rename_classes(shards: Path, classes: list[str]) -> None:
+    """Give the shards' index.json other class names (the same samples, their cls meaning other classes)."""
+    index = json.loads((shards / "index.json").read_text())
+    (shards / "index.json").write_text(json.dumps({**index, "classes": classes}))
+
+
 def colour_image(cls: int, seed: int, size: int = 32) -> np.ndarray:
     """An easy class: the dominant colour (red, green, blue, ...) under random texture and a bar."""
     rng = np.random.default_rng([cls, seed])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from shardgen import make_shards
+from shardgen import make_shards, rename_classes
 
 from harness.config import load_config, to_dict
 from harness.export import save_safetensors
@@ -183,6 +183,15 @@ def test_export_out_inside_a_checkpoint_or_onto_a_file_is_one_line(run, tmp_path
     assert "is a file" in one_line(capsys, "export: ")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (a folder nobody, root included, writes in)")
+@pytest.mark.parametrize("fmt", ["safetensors", "diffusers"])
+def test_export_out_where_nothing_can_be_written_is_one_line_before_the_work(trained, capsys, monkeypatch, fmt):
+    monkeypatch.setattr("launch.export.load_model", lambda *a, **k: pytest.fail("read the model first"))
+    assert export_main([str(trained), "--format", fmt, "--out", "/proc/no/export"]) == 2
+    said = one_line(capsys, "export: ")
+    assert said == "export: --out /proc/no/export: cannot write in /proc (No such file or directory)"
+
+
 # --------------------------------------------------------------------- damaged or truncated weights
 
 
@@ -213,6 +222,39 @@ def test_truncated_weights_without_a_manifest_are_one_line(run, shards, tmp_path
         (folder / name).unlink()
     truncate(folder / "model.safetensors")
     refused_by_all_three(folder, shards, tmp_path, capsys, names="model.safetensors")
+
+
+# ------------------------------------------------------------------ data the model cannot condition on
+
+
+def refused_on_data_by_all_three(model: Path, data: Path, tmp_path, capsys, says: str) -> None:
+    """sample (reconstruct), evaluate and export --latent-stats each refuse `data` for `model` in one line."""
+    assert sample_main([str(model), "reconstruct", "--data", str(data), "--device", "cpu",
+                        "--out", str(tmp_path / "x.png")]) == 2
+    assert one_line(capsys) == f"error: {data}: {says}"
+    assert evaluate(model, data) == 2
+    assert one_line(capsys) == f"error: {data}: {says}"
+    assert export_main([str(model), "--out", str(tmp_path / "e"), "--latent-stats", "4", "--data", str(data)]) == 2
+    assert one_line(capsys, "export: ") == f"export: {data}: {says}"
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "e").exists()
+
+
+def test_shards_with_more_classes_than_the_model_are_one_line(trained, tmp_path, capsys):
+    wide = make_shards(tmp_path / "wide", num_samples=8, per_shard=8, size=32, num_classes=6)
+    refused_on_data_by_all_three(trained, wide, tmp_path, capsys, "model.num_classes: the shards have 6 classes, "
+                                 "more than 4")
+
+
+def test_shards_naming_their_classes_otherwise_are_one_line(trained, tmp_path, capsys):
+    """Class i of the held-out index must be class i of the training data's, or the model is conditioned
+    on the wrong class without a word (per-class results then logged under the wrong names)."""
+    other = make_shards(tmp_path / "other", num_samples=8, per_shard=8, size=32, num_classes=3)
+    rename_classes(other, ["c0", "c1", "zebra"])
+    refused_on_data_by_all_three(trained, other, tmp_path, capsys, "its class names differ from the training data's "
+                                 "(3 vs 4; #2 is 'zebra' here, 'c2' there): build both with the same --classes file")
+    rename_classes(other, ["c0", "c1", "c2"])  # a prefix of the training data's names is not the same list either
+    assert evaluate(trained, other) == 2
+    assert "(3 vs 4; #3 is none here, 'c3' there)" in one_line(capsys)
 
 
 def test_no_traceback_from_a_real_process(trained, tmp_path):

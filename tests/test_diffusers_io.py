@@ -276,6 +276,25 @@ def test_latent_stats_reach_the_diffusers_config(tmp_path):
     assert abs((mean - shift).mean().item() * scale) < 1e-5
     assert abs((((mean - shift) ** 2 + var).mean().item()) * scale**2 - 1) < 1e-5
     assert len(theirs.config.latents_mean) == len(theirs.config.latents_std) == 4
+    stats = json.loads((out / "latent_stats.json").read_text())  # all of them, also beside the config
+    assert stats["scaling_factor"] == theirs.config.scaling_factor and stats["num_images"] == 12
+
+
+def test_latent_stats_a_vqmodel_config_cannot_hold_are_written_beside_it(tmp_path, capsys):
+    from shardgen import make_shards
+
+    shards = make_shards(tmp_path / "shards", num_samples=6, per_shard=6, size=40)
+    cfg = config(f"data.train={shards}", "model.kind=vq", "model.embed_dim=3", "model.vq_codebook_size=16",
+                 "model.vq_init=none")
+    _, folder = our_export(tmp_path, cfg)
+    out = tmp_path / "d"
+    assert export_main([str(folder), "--format", "diffusers", "--out", str(out), "--latent-stats", "6",
+                        "--workers", "0"]) == 0
+    assert "VQModel's config has no shift_factor, latents_mean, latents_std: read them there" in capsys.readouterr().out
+    theirs, _ = from_pretrained(diffusers.VQModel, out)
+    stats = json.loads((out / "latent_stats.json").read_text())
+    assert stats["scaling_factor"] == theirs.config.scaling_factor and len(stats["latents_mean"]) == 3
+    assert "shift_factor" in stats and "shift_factor" not in json.loads((out / "config.json").read_text())
 
 
 def batches_of(shards, n):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shardgen import make_shards
+from shardgen import make_shards, rename_classes
 
 from harness import checkpoint as ckpt
 from launch.train import main
@@ -450,6 +450,17 @@ def test_sbatch_passes_a_resume_path_and_overrides_through(tmp_path):
     assert "data.train=/d/{0..3}.tar" in words and "train.max_steps=9" in words
 
 
+def test_shard_sets_naming_classes_otherwise_mix_only_for_a_model_that_reads_none(shards, tmp_path, capsys):
+    other = make_shards(tmp_path / "other", num_samples=8, per_shard=8, size=32)
+    rename_classes(other, ["w", "x", "y", "z"])
+    mix = [f"data.train=[{shards}::0.5, {other}::0.5]", "train.max_steps=1", "checkpoint.every_steps=0"]
+    assert main(args(shards, tmp_path / "a", *mix[1:], mix[0])) == 0  # unconditional: cls is never read
+    capsys.readouterr()
+    assert main(args(shards, tmp_path / "b", *mix[1:], mix[0], "model.condition=class", "model.num_classes=4")) == 2
+    assert "class names (4) differ from those of" in one_line(capsys)
+    assert not (tmp_path / "b").exists()
+
+
 def test_conditional_validation_shards_are_checked_at_start_and_may_be_small(shards, tmp_path, capsys):
     """data.val with more classes than the model: refused at start, in one line (it failed at the first
     validation, after training); a data.val smaller than log.num_images still makes its grids."""
@@ -457,6 +468,12 @@ def test_conditional_validation_shards_are_checked_at_start_and_may_be_small(sha
     wide = make_shards(tmp_path / "wide", num_samples=16, per_shard=8, size=32, num_classes=10)
     assert main(args(shards, tmp_path / "a", *cond, f"data.val={wide}", "eval.every_steps=1")) == 2
     assert one_line(capsys) == "error: data.val: model.num_classes: the shards have 10 classes, more than 4"
+    assert not (tmp_path / "a").exists()
+    renamed = make_shards(tmp_path / "renamed", num_samples=16, per_shard=8, size=32)
+    rename_classes(renamed, ["c0", "c2", "c1", "c3"])  # class 1 of these is class 2 of the training data
+    assert main(args(shards, tmp_path / "a", *cond, f"data.val={renamed}", "eval.every_steps=1")) == 2
+    assert one_line(capsys).startswith("error: data.val: its class names differ from the training data's (4 vs 4; "
+                                       "#1 is 'c2' here, 'c1' there)")
     assert not (tmp_path / "a").exists()
     small = make_shards(tmp_path / "small", num_samples=6, per_shard=6, size=32)
     run = tmp_path / "b"

@@ -186,7 +186,8 @@ def test_prior_trains_on_a_vq_run_and_samples(shards, vq_run, tmp_path, capsys):
     # a VQ run alone: one line on how to train its prior; sampling knobs on a non-prior run: one line
     assert sample_main([str(vq_run), "sample", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"--config launch/configs/vq_prior.yaml model.prior_vq={vq_run}" in err
+    step = ckpt.resolve(vq_run, "latest")  # the VQ model as it is now, not whatever the run holds later
+    assert len(err.splitlines()) == 1 and f"--config launch/configs/vq_prior.yaml model.prior_vq={step} " in err
     assert sample_main([str(vq_run), "sample", "--top-k", "3", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--temperature/--top-k apply to a prior run" in err

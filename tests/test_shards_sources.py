@@ -111,6 +111,15 @@ def test_sources_with_different_classes_do_not_mix(tmp_path, demo):
     assert main(["folder", str(tmp_path / "src"), str(other), "--quiet", "--workers", "1"]) == 0
     with pytest.raises(DataSourceError, match="class names"):
         resolve_sources([str(demo), str(other)])
+    listed = tmp_path / "both.txt"  # pooled in a list file: the same
+    listed.write_text(f"{demo}\n{other}\n")
+    with pytest.raises(DataSourceError, match="class names"):
+        resolve_sources(str(listed))
+    # For a model that reads no class: they mix, and the names, which mean nothing together, are dropped.
+    for spec in ([str(demo), str(other)], str(listed)):
+        sources = resolve_sources(spec, names=False)
+        assert sum(len(s.urls) for s in sources) == 4 and all(s.classes == [] for s in sources)
+    assert len(resolve_sources([str(demo), str(demo)], names=False)[0].classes) == 10  # alike: kept
     (other / "index.json").write_text("{not json")
     with pytest.raises(DataSourceError, match="not valid JSON"):
         resolve_sources(str(other))
