@@ -127,23 +127,36 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps({"version": 1, "files": files}, indent=1))
 
 
-def _predates_manifests(folder: Path) -> bool:
+def _without_manifest(folder: Path) -> str | None:
+    """verify() of a folder without manifest.json: fine (None) when it was written before checkpoints
+    had manifests (its trainer state names none), once its safetensors files read (their headers:
+    nothing else can tell a truncated one); else why not."""
     try:
-        return "manifest" not in json.loads((folder / STATE_NAME).read_text())
-    except (OSError, ValueError):
-        return False
+        state = json.loads((folder / STATE_NAME).read_text())
+    except (OSError, ValueError) as e:
+        return f"no {MANIFEST_NAME}, and {STATE_NAME} is unreadable ({type(e).__name__})"
+    if not isinstance(state, dict) or "manifest" in state:
+        return f"no {MANIFEST_NAME}"
+    from safetensors import safe_open
+
+    for name in _files(folder):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(folder / name), framework="pt"):
+                    pass
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign file: named, in one line
+                return f"{name} does not read ({' '.join(str(e).split())[:120]})"
+    return None
 
 
 def verify(folder: Path) -> str | None:
     """Why `folder` does not match its manifest (a missing, resized, changed or unlisted file), or None."""
-    if not (folder / MANIFEST_NAME).exists() and _predates_manifests(folder):
-        # Written before checkpoints had manifests (its trainer state does not name one): resumed
-        # unverified (the pickle scan still runs), with a note where the caller can say one.
-        return None
+    if not (folder / MANIFEST_NAME).exists():
+        # Written before checkpoints had manifests: resumed unverified but for its safetensors headers
+        # (the pickle scan still runs), with a note where the caller can say one.
+        return _without_manifest(folder)
     try:
         listed = json.loads((folder / MANIFEST_NAME).read_text())["files"]
-    except FileNotFoundError:
-        return f"no {MANIFEST_NAME}"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST_NAME} is unreadable ({type(e).__name__})"
     present = set(_files(folder))

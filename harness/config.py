@@ -231,7 +231,7 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = F(
         "auto", "autocast precision; auto = what `accelerate launch` / its config says"
     )
-    seed: int = F(0, "seed for weights init and posterior sampling")
+    seed: int = F(0, "seed for weights init and posterior sampling", ge=0, lt=2**31)
     ema_decay: float = F(0.0, "EMA of weights per optimizer step, warmed up as min(decay, (1+n)/(10+n)) "
                                 "(0 = off; 0.999 typical)", ge=0.0, lt=1.0)
     tf32: bool = F(True, "CUDA (Ampere+): TF32 for the fp32 matmuls and convolutions (false = full fp32)")

@@ -160,11 +160,13 @@ def restore(trainer, start: Start) -> dict:
     if refused:  # accelerate swallows errors while loading the RNG states
         raise ckpt.ResumeError(f"cannot resume {start.load_from}: {refused[0]}")
     _follow_configured_lr(trainer)
+    _follow_configured_adamw(trainer)
     for hook in trainer.hooks:
         hook.after_resume(trainer)
     state = ckpt.read_state(start.resume_from)
     if not (start.load_from / f"random_states_{world.rank}.pkl").is_file():
-        set_seed(trainer.cfg.train.seed + world.rank + 7919 * state["step"])  # a rank the checkpoint did not have
+        # a rank the checkpoint did not have (numpy takes seeds below 2^32: a long run's step would pass it)
+        set_seed((trainer.cfg.train.seed + world.rank + 7919 * state["step"]) % 2**32)
     norms = state_norms(trainer)
     trainer.log.file_only("state at resume: " + " ".join(f"{k}={v:.10g}" for k, v in norms.items()))
     _warn_if_changed(trainer, state)
@@ -186,6 +188,25 @@ def _follow_configured_lr(trainer) -> None:
     sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]  # what get_last_lr() (train/lr) reports
     trainer.log.info(f"note: optim.lr is {lr:g}, the checkpoint's was {before:g}: the schedule goes on from step "
                      f"{sched.last_epoch} with the new peak (lr now {sched._last_lr[0]:.4g})")
+
+
+def _follow_configured_adamw(trainer) -> None:
+    """Loading an optimizer's state brings back the betas, eps and weight decay it was saved with, so a
+    resume that changes them in the config (which config.yaml then records) would be ignored without a
+    word: they follow the config too, said once."""
+    o = trainer.cfg.optim
+    want = {"betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    groups = trainer.scheduler.optimizer.param_groups
+    want = {k: v for k, v in want.items() if all(k in g for g in groups)}  # every torch/DeepSpeed Adam has them
+    was = {k: groups[0][k] for k, v in want.items()
+           if any((tuple(g[k]) if k == "betas" else g[k]) != v for g in groups)}
+    if not was:
+        return
+    for group in groups:
+        group.update(want)
+    said = ", ".join(f"optim.{k} is {list(want[k]) if k == 'betas' else f'{want[k]:g}'} (the checkpoint's "
+                     f"{list(v) if k == 'betas' else f'{v:g}'})" for k, v in was.items())
+    trainer.log.info(f"note: {said}: used from here on")
 
 
 def state_norms(trainer) -> dict:

@@ -74,6 +74,11 @@ def check_request(args) -> None:
     for option, path in (("--json", args.json), ("--save-ref-stats", args.save_ref_stats)):
         if path:
             check_output_file(option, path)
+    for option, path in (("--ref-stats", args.ref_stats), ("--save-ref-stats", args.save_ref_stats)):
+        if path and not args.fid_weights:  # Inception statistics: nothing to compare or write without it
+            raise RequestError(f"{option}: Inception statistics for rfid, which needs --fid-weights too")
+    if args.save_ref_stats and Path(args.save_ref_stats).suffix not in (".npz", ".safetensors"):
+        raise RequestError(f"--save-ref-stats {args.save_ref_stats}: statistics are written as .npz or .safetensors")
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ import json
 import re
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from harness import checkpoint as ckpt
 
@@ -135,10 +137,17 @@ def test_manifest_lists_every_file_and_verify_names_what_changed(tmp_path):
     # a checkpoint from before manifests (its trainer state names none) resumes unverified, with a note
     state = json.loads((p / ckpt.STATE_NAME).read_text())
     (p / ckpt.STATE_NAME).write_text(json.dumps({k: v for k, v in state.items() if k != "manifest"}))
+    assert ckpt.verify(p).startswith("model.safetensors does not read (")  # not safetensors: the header tells
+    save_file({"w": torch.zeros(64)}, str(p / "model.safetensors"))
     assert ckpt.verify(p) is None
     said = []
     assert ckpt.resolve(tmp_path, "latest", say=said.append) == p
     assert len(said) == 1 and "has no manifest.json (written before checkpoints had one)" in said[0]
+    whole = (p / "model.safetensors").read_bytes()
+    (p / "model.safetensors").write_bytes(whole[:-8])  # truncated: the header promises more than is there
+    assert ckpt.verify(p).startswith("model.safetensors does not read (")
+    (p / ckpt.STATE_NAME).write_text('{"step": 1')
+    assert ckpt.verify(p) == "no manifest.json, and trainer_state.json is unreadable (JSONDecodeError)"
 
 
 def test_latest_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):

@@ -131,6 +131,10 @@ def evaluate(model, shards, *extra):
     (["--image-size", "0"], "--image-size 0"),
     (["--workers", "-1"], "--workers -1"),
     (["--batch-size", "0"], "--batch-size 0"),
+    (["--save-ref-stats", "s.npz"], "--save-ref-stats: Inception statistics for rfid, which needs --fid-weights"),
+    (["--ref-stats", "s.npz"], "--ref-stats: Inception statistics for rfid, which needs --fid-weights"),
+    (["--fid-weights", "w.pth", "--save-ref-stats", "s.txt"], "--save-ref-stats s.txt: statistics are written as "
+     ".npz or .safetensors"),
 ])
 def test_evaluate_bad_request_is_one_line(trained, shards, capsys, extra, says):
     assert evaluate(trained, shards, *extra) == 2

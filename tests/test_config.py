@@ -30,6 +30,8 @@ def test_yaml_composes_and_cli_wins(tmp_path):
         ("model.attn_type=fancy",
          "model.attn_type: 'fancy' is not allowed; choose one of 'vanilla' | 'linear' | 'none'"),
         ("train.batch_size=0", "train.batch_size: 0 is out of range; must be >= 1"),
+        ("train.seed=-1", "train.seed: -1 is out of range; must be >= 0"),  # numpy takes 0 <= seed < 2^32
+        ("train.seed=4294967296", "train.seed: 4294967296 is out of range; must be < 2147483648"),
         ("data.image_size=30", "data.image_size: 30 is not divisible by 8"),
         ("trainn.max_steps=3", "trainn: unknown key; did you mean 'train'?"),
         ("model.ch_mult=[1,x]", "model.ch_mult[1]: expected int"),

@@ -354,3 +354,20 @@ def test_a_changed_lr_at_resume_is_followed_and_said(config, shards, tmp_path, c
     assert main(args(config, shards, run, *common, "train.max_steps=10", "--resume", "latest",
                      "optim.lr=1e-3")) == 0
     assert "note: optim.lr" not in capsys.readouterr().err  # unchanged: nothing to say
+
+
+def test_changed_adamw_settings_at_resume_are_followed_and_said(config, shards, tmp_path, capsys):
+    """The optimizer's state holds its betas, eps and weight decay: without care the checkpoint's win
+    over the config at a resume, while config.yaml records the config's."""
+    run = tmp_path / "run"
+    common = ["checkpoint.every_steps=0", "train.max_steps=4"]
+    assert main(args(config, shards, run, *common, "train.stop_after_steps=2")) == 0
+    capsys.readouterr()
+    changed = ["optim.betas=[0.5,0.6]", "optim.eps=0.001", "optim.weight_decay=0.25"]
+    assert main(args(config, shards, run, *common, *changed, "--resume", "latest")) == 0
+    assert ("note: optim.betas is [0.5, 0.6] (the checkpoint's [0.9, 0.999]), optim.eps is 0.001 (the checkpoint's "
+            "1e-08), optim.weight_decay is 0.25 (the checkpoint's 0): used from here on") in capsys.readouterr().err
+    saved = torch.load(run / "checkpoints/step_4/optimizer.bin", weights_only=True)["param_groups"]
+    assert all(tuple(g["betas"]) == (0.5, 0.6) and g["eps"] == 0.001 and g["weight_decay"] == 0.25 for g in saved)
+    assert main(args(config, shards, run, *common, *changed, "train.max_steps=5", "--resume", "latest")) == 0
+    assert "note: optim." not in capsys.readouterr().err  # the same again: nothing to say
