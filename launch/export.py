@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder, never inside a checkpoint (default: <run>/export; for a "
                                  "checkpoint runs/x/checkpoints/step_N: runs/x/export-step_N)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--overwrite", action="store_true", help="replace the export already in --out")
     p.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
                    help="safetensors: ours (model.safetensors + config.yaml); diffusers: config.json + "
                         "diffusion_pytorch_model.safetensors (default --out: <run>/diffusers, or "
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = Path(args.out) if args.out else default_out(args.model, "diffusers" if args.format == "diffusers"
                                                             else "export")
     try:  # before any work: --latent-stats may read many images
-        check_out(args.out)
+        check_out(args.out, args.overwrite)
     except ExportError as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
@@ -125,11 +126,30 @@ def default_out(model: str, name: str) -> Path:
     return base / f"{name}-{path.name}"
 
 
-def check_out(out: Path) -> None:
-    """An ExportError when `out` is a file or lies inside a checkpoint folder (one with a trainer state
-    or a manifest): files written there break the checkpoint's manifest, and resume abandons it."""
+RUN_PARTS = ("checkpoints", "tb", "samples")  # a run folder's own folders (and its train.log, config.yaml, latest)
+EXPORT_FILES = ("model.safetensors", ckpt.CONFIG_NAME, STATS_NAME, diffusers_io.WEIGHTS_NAME, diffusers_io.CONFIG_NAME)
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / "checkpoints").is_dir() or (folder / ckpt.LATEST_NAME).is_file() or (folder / "train.log").is_file()
+
+
+def check_out(out: Path, overwrite: bool = False) -> None:
+    """An ExportError when `out` is a file, a run folder or one of its own folders (its config.yaml would
+    be replaced), lies inside a checkpoint folder (one with a trainer state or a manifest: files written
+    there break the checkpoint's manifest, and resume abandons it), holds an export already (unless
+    `overwrite`), or cannot be written."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: is a file; give a folder")
+    where = out.resolve()
+    if _is_run(where) or where.name in RUN_PARTS and _is_run(where.parent):
+        run = where if _is_run(where) else where.parent
+        what = "a run folder itself (its config.yaml, checkpoints and logs)" if run == where else \
+            f"the run's own {where.name}/ folder"
+        raise ExportError(f"--out {out}: is {what}: write the export into a folder of its own (as the default, "
+                          f"{run / 'export'})")
+    if not overwrite and out.is_dir() and (held := [n for n in EXPORT_FILES if (out / n).exists()]):
+        raise ExportError(f"--out {out}: holds {held[0]} already (an export?); pass --overwrite to replace it")
     for folder in [out.resolve(), *out.resolve().parents]:
         if (folder / ckpt.STATE_NAME).is_file() or (folder / ckpt.MANIFEST_NAME).is_file():
             raise ExportError(f"--out {out}: inside the checkpoint {folder}, whose manifest it would break (a "

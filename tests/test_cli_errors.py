@@ -187,6 +187,25 @@ def test_export_out_inside_a_checkpoint_or_onto_a_file_is_one_line(run, tmp_path
     assert "is a file" in one_line(capsys, "export: ")
 
 
+def test_export_out_onto_the_run_or_another_export_is_one_line(run, capsys):
+    config = (run / "config.yaml").read_text()
+    for out, says in [(run, "is a run folder itself (its config.yaml, checkpoints and logs)"),
+                      (run / "checkpoints", "is the run's own checkpoints/ folder"),
+                      (run / "tb", "is the run's own tb/ folder")]:
+        assert export_main([str(run), "--out", str(out)]) == 2
+        assert one_line(capsys, "export: ") == (f"export: --out {out}: {says}: write the export into a folder of its "
+                                                f"own (as the default, {run.resolve() / 'export'})")
+    assert (run / "config.yaml").read_text() == config and not (run / "model.safetensors").exists()
+    assert export_main([str(run)]) == 0  # the default, <run>/export
+    first = (run / "export" / "model.safetensors").stat().st_mtime_ns
+    for fmt in ("safetensors", "diffusers"):
+        assert export_main([str(run), "--format", fmt, "--out", str(run / "export")]) == 2
+        assert one_line(capsys, "export: ") == (f"export: --out {run / 'export'}: holds model.safetensors already (an "
+                                                "export?); pass --overwrite to replace it")
+    assert (run / "export" / "model.safetensors").stat().st_mtime_ns == first
+    assert export_main([str(run), "--overwrite"]) == 0
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (a folder nobody, root included, writes in)")
 @pytest.mark.parametrize("fmt", ["safetensors", "diffusers"])
 def test_export_out_where_nothing_can_be_written_is_one_line_before_the_work(trained, capsys, monkeypatch, fmt):
