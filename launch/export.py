@@ -131,7 +131,7 @@ EXPORT_FILES = ("model.safetensors", ckpt.CONFIG_NAME, STATS_NAME, diffusers_io.
 
 
 def _is_run(folder: Path) -> bool:
-    return (folder / "checkpoints").is_dir() or (folder / ckpt.LATEST_NAME).is_file() or (folder / "train.log").is_file()
+    return (folder / "checkpoints").is_dir() or any((folder / n).is_file() for n in (ckpt.LATEST_NAME, "train.log"))
 
 
 def check_out(out: Path, overwrite: bool = False) -> None:
