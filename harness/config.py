@@ -358,12 +358,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: config files include each other ({' -> '.join(str(p) for p in seen + (path,))})")
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file (a YAML file such as launch/configs/demo.yaml)")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        raw = _unshared(yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {})
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file (a config file is YAML text)") from None
+    except ValueError as e:  # ours, from _unshared
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -377,6 +381,20 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     for base in [bases] if isinstance(bases, str) else bases:
         _deep_merge(merged, _read_yaml(path.parent / base, seen + (path,)))
     return _deep_merge(merged, raw)
+
+
+def _unshared(x, inside: tuple[int, ...] = ()):
+    """A copy in which no dict or list appears twice: YAML aliases (`data: *train`) make one object of
+    two sections, which an override of one would change in both (deepcopy keeps them shared). An alias
+    of a node inside itself (`&a [*a]`) is refused."""
+    if not isinstance(x, (dict, list)):
+        return x
+    if id(x) in inside:
+        raise ValueError("an alias refers to a node that contains it")
+    inside += (id(x),)
+    if isinstance(x, dict):
+        return {k: _unshared(v, inside) for k, v in x.items()}
+    return [_unshared(v, inside) for v in x]
 
 
 def _deep_merge(into: dict, new: dict) -> dict:

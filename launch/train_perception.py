@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from harness.config import ConfigError, load_config  # noqa: E402
 from launch.train import main as train_main  # noqa: E402
 
 
@@ -73,31 +74,54 @@ def parse_args(argv):
         channels = [int(c) for c in args.channels.split(",")]
     except ValueError:
         p.error(f"--channels: expected comma-separated integers, got {args.channels!r}")
-    if not channels or channels[0] < 1 or any(c % channels[0] for c in channels):
+    if not channels or min(channels) < 1 or any(c % channels[0] for c in channels):
         p.error(f"--channels: each stage's channels must be a positive multiple of the first; got {args.channels}")
     args.ch, args.ch_mult = channels[0], [c // channels[0] for c in channels]
     return args
 
 
+def settings(a) -> list[tuple[str, str, object]]:
+    """The command line above as (flag, config key, value) for launch/configs/perception.yaml."""
+    def listed(spec: str) -> str:
+        return f"[{spec}]" if "," in spec and "{" not in spec else spec
+
+    kind = {"cls": "classifier", "rotation": "rotnet"}[a.labels]
+    return [("--labels", "model.kind", kind), ("--data", "data.train", listed(a.data)),
+            ("--val", "data.val", listed(a.val)), ("--out", "run.dir", a.out), ("--steps", "train.max_steps", a.steps),
+            ("--batch-size", "train.batch_size", a.batch_size), ("--image-size", "data.image_size", a.image_size),
+            ("--lr", "optim.lr", a.lr), ("--weight-decay", "optim.weight_decay", a.weight_decay),
+            ("--warmup", "optim.warmup_steps", a.warmup), ("--channels", "model.ch", a.ch),
+            ("--channels", "model.ch_mult", a.ch_mult), ("--norm-groups", "model.norm_groups", a.norm_groups),
+            ("--hflip", "data.hflip", str(a.hflip).lower()), ("--num-workers", "data.num_workers", a.num_workers),
+            ("--shuffle-buffer", "data.shuffle_buffer", a.shuffle_buffer),
+            ("--num-samples", "data.num_samples", a.num_samples),
+            ("--eval-samples", "log.eval_samples", a.eval_samples),
+            ("--log-every", "log.every_steps", a.log_every), ("--seed", "train.seed", a.seed),
+            ("--seed", "data.seed", a.seed)]
+
+
 def overrides(a) -> list[str]:
     """The command line above as config overrides of launch/configs/perception.yaml."""
-    data = f"[{a.data}]" if "," in a.data and "{" not in a.data else a.data
-    val = f"[{a.val}]" if "," in a.val and "{" not in a.val else a.val
-    kind = {"cls": "classifier", "rotation": "rotnet"}[a.labels]
-    return [f"model.kind={kind}", f"data.train={data}", f"data.val={val}", f"run.dir={a.out}",
-            f"train.max_steps={a.steps}",
-            f"train.batch_size={a.batch_size}", f"data.image_size={a.image_size}", f"optim.lr={a.lr}",
-            f"optim.weight_decay={a.weight_decay}", f"optim.warmup_steps={a.warmup}", f"model.ch={a.ch}",
-            f"model.ch_mult={a.ch_mult}", f"model.norm_groups={a.norm_groups}", f"data.hflip={str(a.hflip).lower()}",
-            f"data.num_workers={a.num_workers}", f"data.shuffle_buffer={a.shuffle_buffer}",
-            f"data.num_samples={a.num_samples}", f"log.eval_samples={a.eval_samples}", f"log.every_steps={a.log_every}",
-            f"train.seed={a.seed}", f"data.seed={a.seed}"]
+    return [f"{key}={value}" for _, key, value in settings(a)]
+
+
+def flag_error(a, error: str) -> str | None:
+    """A config error about a key this script sets, told by its flag (`--steps: 0 is out of range ...`)."""
+    return next((f"{flag}: {error.split(': ', 1)[1]}" for flag, key, _ in settings(a)
+                 if error.startswith((f"{key}: ", f"{key}[")) and ": " in error), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    config = ROOT / "launch/configs/perception.yaml"
+    try:  # the flags' values, checked as the trainer will: an error names the flag, not the config key
+        load_config([config], overrides(args))
+    except ConfigError as e:
+        if (said := flag_error(args, str(e))) is not None:
+            print(f"error: {said}", file=sys.stderr)
+            return 2
     resume = ["--resume", args.resume] if args.resume else []
-    return train_main(["--config", str(ROOT / "launch/configs/perception.yaml"), *resume, *overrides(args)])
+    return train_main(["--config", str(config), *resume, *overrides(args)])
 
 
 if __name__ == "__main__":

@@ -71,6 +71,19 @@ def test_hostile_config_files_are_one_line(tmp_path):
     (tmp_path / "enc.json").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match="enc.json: not a UTF-8 text file"):
         load_config([], ["data.train=x.tar", "model.arch=spec", f"model.encoder={tmp_path / 'enc.json'}"])
+    with pytest.raises(ConfigError, match="a folder, not a config file"):
+        load_config([tmp_path])
+    (tmp_path / "loop.yaml").write_text("train: &a\n  x: *a\n")  # an alias inside itself: endless
+    with pytest.raises(ConfigError, match="loop.yaml: an alias refers to a node that contains it"):
+        load_config([tmp_path / "loop.yaml"])
+
+
+def test_yaml_aliases_are_copies_not_one_section(tmp_path):
+    """`data: *t` where `train: &t {...}`: an override of one section must not land in the other (it
+    did: `data.train=...` became train.train, an unknown key)."""
+    (tmp_path / "alias.yaml").write_text("train: &t {seed: 3}\ndata: *t\n")  # both sections have a seed
+    cfg = load_config([tmp_path / "alias.yaml"], ["data.train=x.tar", "train.seed=5"])
+    assert (cfg.data.seed, cfg.train.seed, cfg.data.train) == (3, 5, "x.tar")
 
 
 def test_main_exits_2_with_one_line(capsys):

@@ -117,3 +117,17 @@ def test_the_classifier_kinds_say_why_not_deepspeed():
 
     for kind in ("classifier", "rotnet"):
         assert "DDP" in deepspeed_unsupported(ModelConfig(kind=kind))
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--steps", "0"], "error: --steps: 0 is out of range; must be >= 1"),
+    (["--lr", "-1"], "error: --lr: -1.0 is out of range; must be > 0.0"),
+    (["--norm-groups", "0"], "error: --norm-groups: 0 is out of range"),
+])
+def test_bad_flag_values_are_told_by_the_flag_not_the_config_key(tmp_path, capsys, flags, says):
+    assert perception_main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(says) and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):  # a negative stage: argparse's own one line
+        perception_main(["--data", "x", "--channels", "8,-16"])
