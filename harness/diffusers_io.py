@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
+from models.weights import state_dict_problem
 from shards.atomic import write_atomic
 
 CONFIG_NAME = "config.json"
@@ -401,6 +402,8 @@ def load_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         first = (str(e).splitlines() or [""])[0][:200]
         raise DiffusersError(f"{file}: cannot read weights ({type(e).__name__}: {first})") from None
+    if (why := state_dict_problem(state)) is not None:
+        raise DiffusersError(f"{file}: {why}")
     return state_from_diffusers(state), cfg, folder
 
 

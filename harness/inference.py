@@ -22,6 +22,7 @@ from harness import checkpoint as ckpt
 from harness import diffusers_io
 from harness.config import Config, from_dict
 from models import Autoencoder, build_model
+from models.weights import state_dict_problem
 
 
 class LoadError(RuntimeError):
@@ -115,6 +116,8 @@ def _ema_state(folder: Path) -> dict[str, torch.Tensor] | None:
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
             raise LoadError(f"{f}: cannot read the EMA weights ({load_reason(e)})") from None
         if isinstance(state, dict) and "shadow" in state:
+            if (why := state_dict_problem(state["shadow"])) is not None:
+                raise LoadError(f"{f}: its EMA weights ('shadow'): {why}")
             return state["shadow"]
     return None
 
@@ -131,6 +134,8 @@ def state_dict_of(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
             state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
             raise LoadError(f"{folder / 'pytorch_model.bin'}: cannot read the weights ({load_reason(e)})") from None
+        if (why := state_dict_problem(state)) is not None:
+            raise LoadError(f"{folder / 'pytorch_model.bin'}: {why}")
     elif any(p.is_dir() for p in folder.glob("pytorch_model*")):  # DeepSpeed: one shard per rank
         from harness.export import consolidate
 
@@ -229,8 +234,8 @@ def weights_from(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
         raise LoadError(f"{path}: cannot read weights ({load_reason(e)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise LoadError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    if (why := state_dict_problem(state, tensors_only=False)) is not None:  # other values are dropped below
+        raise LoadError(f"{path}: {why}")
     if any(k.startswith(LDM_PREFIX) for k in state):
         state = {k[len(LDM_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
     if diffusers_io.is_diffusers_state(state):  # a lone diffusion_pytorch_model.safetensors

@@ -2,6 +2,9 @@
 
 The metadata of the file holds `format`, `arch` (the `PerceptionNet` constructor arguments, JSON)
 and `info` (classes, accuracy, training details, JSON). Only safetensors is read: never pickle.
+All of it is checked at load (the architecture's types and ranges, the info fields' types, weights
+floating and finite; fp16 / bf16 / fp64 weights are read as fp32): a bad file is one
+PerceptionFileError line before any work, not a traceback at the first forward pass.
 The network itself is a plain module in models/perception.py; reading and writing its file lives
 here, in the harness, so that models/ stays free of files and of the atomic-write machinery.
 """
@@ -25,6 +28,28 @@ FORMAT = "vae-harness-perception/1"
 
 class PerceptionFileError(ValueError):
     """A perception network file is missing, unreadable or not one of ours: one line why."""
+
+
+# The `info` fields launch/train_perception.py writes (harness/tasks.py), and their JSON types. A file
+# may leave any out; one that holds a field with another type is refused at load, not when a
+# reader (the trainer's start-up summary) formats it. bool is not a number here, though Python says so.
+NUMBER = (int, float)
+INFO_TYPES = {"labels": str, "classes": list, "num_classes": int, "accuracy": NUMBER, "accuracy_on": str,
+              "eval_samples": int, "chance": NUMBER, "final_train_loss": NUMBER, "image_size": int, "steps": int,
+              "batch_size": int, "world_size": int, "data": str, "val": str}
+
+
+def info_problem(info) -> str | None:
+    """Why `info` (the file's JSON) is not the info dict we write, in a few words; None when it is."""
+    if not isinstance(info, dict):
+        return f"info is a {type(info).__name__}, not a dict"
+    for key, kind in INFO_TYPES.items():  # fields we do not write are let through
+        if key in info and (isinstance(info[key], bool) or not isinstance(info[key], kind)):
+            names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            return f"info {key!r} is {info[key]!r}, expected {names}"
+    if not all(isinstance(c, str) for c in info.get("classes", [])):
+        return f"info 'classes' must be a list of class names, got {info['classes']!r}"
+    return None
 
 
 def save_perception(net: PerceptionNet, path: str | Path, info: dict | None = None) -> Path:
@@ -57,9 +82,14 @@ def read_perception_meta(path: str | Path) -> tuple[PerceptionArch, dict]:
                                   f"expected {FORMAT!r}; write one with launch/train_perception.py)")
     try:
         arch = PerceptionArch(**json.loads(meta["arch"]))
-        info = json.loads(meta.get("info", "{}"))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:  # PerceptionArch checks each value's type and range
         raise PerceptionFileError(f"{path}: broken architecture metadata ({e})") from None
+    try:
+        info = json.loads(meta.get("info", "{}"))
+    except ValueError as e:
+        raise PerceptionFileError(f"{path}: broken info metadata ({e})") from None
+    if (why := info_problem(info)) is not None:
+        raise PerceptionFileError(f"{path}: broken info metadata ({why})")
     return arch, info
 
 
@@ -82,6 +112,14 @@ def load_perception(path: str | Path, device: str | torch.device = "cpu") -> tup
     if missing or unexpected or wrong:
         raise PerceptionFileError(f"{path}: the weights do not fit the stored architecture "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
+    # Checked now, not at the first forward pass (for eval.fd_net: the first validation, mid-run).
+    # Another float precision is only a different file format: computed in fp32 like the rest.
+    for k, v in state.items():
+        if not v.is_floating_point():
+            raise PerceptionFileError(f"{path}: weight {k} is {v.dtype}, not floating point")
+        state[k] = v.float()
+        if not torch.isfinite(state[k]).all():
+            raise PerceptionFileError(f"{path}: weight {k} holds non-finite values (NaN or inf)")
     net.load_state_dict(state, assign=True)
     return net.eval(), info
 

@@ -38,6 +38,25 @@ class PerceptionArch:
     num_classes: int = 10
     norm_groups: int = 8
 
+    def __post_init__(self):
+        # Checked here, where a file's metadata becomes an architecture: a float, a string or a zero
+        # would otherwise surface later as a TypeError or ZeroDivisionError deep inside nn.Conv2d.
+        for name in ("in_channels", "num_classes", "norm_groups"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"perception net: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (isinstance(self.channels, (list, tuple)) and self.channels
+                and all(_positive_int(c) for c in self.channels)):
+            raise ValueError(f"perception net: channels must be a non-empty list of positive integers, "
+                             f"got {self.channels!r}")
+        self.channels = list(self.channels)
+        if bad := [c for c in self.channels if c % self.norm_groups]:
+            raise ValueError(f"perception net: {bad[0]} channels are not divisible into {self.norm_groups} "
+                             f"GroupNorm groups")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
 
 # ---------------------------------------------------------------------------------------------
 # The network
@@ -48,8 +67,6 @@ class ConvStage(nn.Sequential):
     """conv3x3 (stride 1 or 2) -> GN -> SiLU -> conv3x3 -> GN -> SiLU."""
 
     def __init__(self, c_in: int, c_out: int, *, stride: int, groups: int):
-        if c_out % groups:
-            raise ValueError(f"perception net: {c_out} channels are not divisible into {groups} GroupNorm groups")
         super().__init__(
             nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
             nn.GroupNorm(groups, c_out),
@@ -67,9 +84,7 @@ class PerceptionNet(nn.Module):
     def __init__(self, *, in_channels: int = 3, channels: list[int] = (32, 64, 128, 256), num_classes: int = 10,
                  norm_groups: int = 8):
         super().__init__()
-        if not channels or num_classes < 1:
-            raise ValueError("perception net: need at least one stage and one class")
-        self.arch = PerceptionArch(in_channels, list(channels), num_classes, norm_groups)
+        self.arch = PerceptionArch(in_channels, channels, num_classes, norm_groups)  # checks every value
         widths = [in_channels, *channels]
         self.stages = nn.ModuleList(
             ConvStage(c_in, c_out, stride=1 if i == 0 else 2, groups=norm_groups)

@@ -90,9 +90,24 @@ def read_state_dict(what: str, path: Path) -> dict[str, torch.Tensor]:
                                    f"({type(e).__name__}: {msg[:200]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsNotFoundError(f"{what}: {path}: not a state dict of tensors")
+    if (why := state_dict_problem(state)) is not None:
+        raise WeightsNotFoundError(f"{what}: {path}: {why}")
     return state
+
+
+def state_dict_problem(state, *, tensors_only: bool = True) -> str | None:
+    """Why `state` (what torch.load gave for a user's file) is not a name -> tensor dict, in a few
+    words for a one-line error; None when it is. Every loader checks this before it reads a key: a
+    foreign pickle may map ints (or anything) to anything, and `key.startswith` would be a traceback.
+    `tensors_only=False` lets values of other types through, for callers that drop them."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a state dict of tensors"
+    for k, v in state.items():
+        if not isinstance(k, str):
+            return f"not a state dict of tensors (key {k!r} of type {type(k).__name__}, not a name)"
+        if tensors_only and not isinstance(v, torch.Tensor):
+            return f"not a state dict of tensors ({k!r} holds a value of type {type(v).__name__})"
+    return None
 
 
 def check_keys(what: str, path: Path, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:

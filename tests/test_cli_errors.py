@@ -141,6 +141,29 @@ def test_evaluate_bad_request_is_one_line(trained, shards, capsys, extra, says):
     assert says in one_line(capsys)
 
 
+def test_evaluate_lpips_weights_keyed_by_ints_is_one_line(trained, shards, tmp_path, capsys):
+    numbered = tmp_path / "numbered.pth"
+    torch.save({1: torch.zeros(1)}, numbered)  # was an AttributeError traceback (`int` has no `.startswith`)
+    assert evaluate(trained, shards, "--lpips", "--lpips-vgg", str(numbered)) == 2
+    assert one_line(capsys) == (f"error: LPIPS VGG16 weights: {numbered}: not a state dict of tensors "
+                                "(key 1 of type int, not a name)")
+
+
+def test_an_exported_folder_with_weights_keyed_by_ints_is_one_line(unconditional, shards, tmp_path, capsys):
+    from harness.export import ExportError, consolidate
+
+    folder = tmp_path / "export"
+    shutil.copytree(unconditional, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({1: torch.zeros(1)}, folder / "pytorch_model.bin")
+    says = f"{folder / 'pytorch_model.bin'}: not a state dict of tensors (key 1 of type int, not a name)"
+    assert evaluate(folder, shards) == 2
+    assert one_line(capsys) == f"error: {says}"
+    with pytest.raises(ExportError) as e:
+        consolidate(folder)
+    assert str(e.value) == says
+
+
 def test_evaluate_json_to_a_folder_or_under_a_file_is_refused_before_the_work(trained, shards, tmp_path, capsys,
                                                                                monkeypatch):
     import launch.evaluate

@@ -210,6 +210,11 @@ def test_a_diffusers_folder_without_its_weights_file_is_one_line(tmp_path):
     with pytest.raises(LoadError, match=f"^train.init_from: .*has config.json but no {dio.WEIGHTS_NAME}") as e:
         init_weights(build_model(config().model), tmp_path / "vae")
     assert "\n" not in str(e.value)
+    # a pickled weights file whose keys are no names (was an AttributeError on `.startswith`)
+    torch.save({1: torch.zeros(1)}, tmp_path / "vae" / "diffusion_pytorch_model.bin")
+    with pytest.raises(LoadError, match=r"^train.init_from: .*diffusion_pytorch_model\.bin: not a state dict of "
+                                        r"tensors \(key 1 of type int, not a name\)$"):
+        init_weights(build_model(config().model), tmp_path / "vae")
     # and a pipeline without an autoencoder
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text("{}")

@@ -219,3 +219,6 @@ def test_inception_weight_file_loads_and_missing_is_one_line(tmp_path, recipe_st
     torch.save({k: v for k, v in recipe_state.items() if "Mixed_7c" not in k}, partial)
     with pytest.raises(WeightsNotFoundError, match="missing"):
         FIDInception.from_file(partial)
+    torch.save({1: torch.zeros(1)}, tmp_path / "numbered.pth")  # the check LPIPS and train.init_from share
+    with pytest.raises(WeightsNotFoundError, match=r"numbered\.pth: not a state dict of tensors \(key 1 of type int"):
+        FIDInception.from_file(tmp_path / "numbered.pth")

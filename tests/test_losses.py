@@ -178,6 +178,66 @@ def test_file_round_trip_and_refusals(tmp_path):
             load_perception(tmp_path / name)
 
 
+def write_perception(path, state, arch, info="{}"):
+    """A perception file written around save_perception: the metadata and weights a hand-made or
+    damaged file could hold."""
+    from safetensors.torch import save_file
+
+    from harness.perception_file import FORMAT
+
+    save_file(state, str(path), {"format": FORMAT, "arch": json.dumps(arch), "info": info})
+    return path
+
+
+def test_perception_file_in_another_float_precision_loads_as_fp32(tmp_path):
+    torch.manual_seed(0)
+    net = PerceptionNet(channels=[8, 16], num_classes=5, norm_groups=4).eval()
+    x = images(n=2, size=16)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        state = {k: v.to(dtype) for k, v in net.state_dict().items()}
+        path = write_perception(tmp_path / f"{dtype}.safetensors", state, {**vars(net.arch)})
+        loaded, _ = load_perception(path)
+        assert {p.dtype for p in loaded.state_dict().values()} == {torch.float32}
+        torch.testing.assert_close(loaded(x), net(x), atol=0.05, rtol=0.05)  # used to fail: fp32 input, fp16 bias
+        assert load_distance(path)(x, x.flip(0)).isfinite()
+
+
+@pytest.mark.parametrize("arch, info, weights, says", [
+    ({"norm_groups": 0}, "{}", None, "norm_groups must be a positive integer, got 0"),
+    ({"norm_groups": 3}, "{}", None, "8 channels are not divisible into 3 GroupNorm groups"),
+    ({"channels": "ab"}, "{}", None, "channels must be a non-empty list of positive integers, got 'ab'"),
+    ({"channels": [8.0, 16.0]}, "{}", None, "channels must be a non-empty list of positive integers"),
+    ({"channels": [-8, 16]}, "{}", None, "channels must be a non-empty list of positive integers, got [-8, 16]"),
+    ({"channels": []}, "{}", None, "channels must be a non-empty list"),
+    ({"num_classes": True}, "{}", None, "num_classes must be a positive integer, got True"),
+    ({"in_channels": "3"}, "{}", None, "in_channels must be a positive integer"),
+    ({}, "[1, 2]", None, "broken info metadata (info is a list, not a dict)"),
+    ({}, '"hello"', None, "info is a str, not a dict"),
+    ({}, '{"classes": 10}', None, "info 'classes' is 10, expected list"),
+    ({}, '{"classes": [1, 2]}', None, "info 'classes' must be a list of class names"),
+    ({}, '{"accuracy": "high"}', None, "info 'accuracy' is 'high', expected int or float"),
+    ({}, '{"image_size": 3.5}', None, "info 'image_size' is 3.5, expected int"),
+    ({}, "{", None, "broken info metadata"),
+    ({}, "{}", lambda v: v.to(torch.int64), "is torch.int64, not floating point"),
+    ({}, "{}", lambda v: v.bool(), "is torch.bool, not floating point"),
+    ({}, "{}", lambda v: torch.full_like(v, float("nan")), "holds non-finite values"),
+    ({}, "{}", lambda v: v.index_fill(0, torch.tensor([0]), float("inf")), "holds non-finite values"),
+])
+def test_perception_file_with_bad_contents_is_one_line_at_load(tmp_path, arch, info, weights, says):
+    """Each of these passed the load once and failed later with a traceback: at the first forward pass
+    (for eval.fd_net the first validation, mid-run) or in the trainer's start-up summary."""
+    net = PerceptionNet(channels=[8, 16], num_classes=5, norm_groups=4)
+    state = {k: (weights or (lambda v: v))(v).contiguous() for k, v in net.state_dict().items()}
+    path = write_perception(tmp_path / "bad.safetensors", state, {**vars(net.arch), **arch}, info)
+    with pytest.raises(PerceptionFileError) as e:
+        load_perception(path)
+    assert str(e.value).startswith(f"{path}: ") and says in str(e.value) and "\n" not in str(e.value), str(e.value)
+    # the training loss (loss.perceptual_net) says it as one config line naming the key
+    with pytest.raises(ConfigError, match=r"^loss\.perceptual_net: ") as e:
+        losses_mod.load_perceptual(str(path))
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
 def test_train_perception_learns_and_writes_its_files(perception):
     meta = json.loads((perception / "perception.json").read_text())
     assert meta["classes"] == ["red", "green", "blue"] and meta["num_classes"] == 3

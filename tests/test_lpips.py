@@ -210,6 +210,17 @@ def test_bad_files_one_line(clean_env, recipe_state):
     torch.save({"x": object()}, pickled)
     with pytest.raises(WeightsNotFoundError, match="not a readable weights-only"):
         LPIPS.from_files(vgg=pickled, lin=text)
+    # a dict of tensors under names that are no names (it used to be an AttributeError on `.startswith`)
+    numbered = clean_env / "numbered.pth"
+    torch.save({1: torch.zeros(1)}, numbered)
+    with pytest.raises(WeightsNotFoundError) as e:
+        LPIPS.from_files(vgg=numbered, lin=text)
+    assert str(e.value) == (f"LPIPS VGG16 weights: {numbered}: not a state dict of tensors "
+                            "(key 1 of type int, not a name)")
+    torch.save({"features.0.weight": [1.0]}, clean_env / "lists.pth")
+    with pytest.raises(WeightsNotFoundError, match=r"lists\.pth: not a state dict of tensors \('features\.0\.weight' "
+                                                   r"holds a value of type list\)$"):
+        LPIPS.from_files(vgg=clean_env / "lists.pth", lin=text)
 
 
 # -- LPIPS as the perceptual loss -------------------------------------------------------------
@@ -281,6 +292,14 @@ def test_autoencoder_loss_missing_lpips_files_is_one_config_line(tmp_path, weigh
     with pytest.raises(ConfigError, match=r"^loss\.lpips_lin: .*heads\.pth: no such file"):
         AutoencoderLoss(LossConfig(perceptual_weight=1.0, perceptual="lpips", lpips_vgg=str(weight_files[0]),
                                    lpips_lin=str(tmp_path / "heads.pth")))
+    numbered = tmp_path / "numbered.pth"
+    torch.save({1: torch.zeros(1)}, numbered)
+    for key, files in (("lpips_vgg", (numbered, weight_files[1])), ("lpips_lin", (weight_files[0], numbered))):
+        with pytest.raises(ConfigError, match=rf"^loss\.{key}: .*numbered\.pth: not a state dict of tensors "
+                                              r"\(key 1 of type int, not a name\)") as e:
+            AutoencoderLoss(LossConfig(perceptual_weight=1.0, perceptual="lpips", lpips_vgg=str(files[0]),
+                                       lpips_lin=str(files[1])))
+        assert "\n" not in str(e.value)
     # weight 0: nothing is read
     assert AutoencoderLoss(LossConfig(perceptual="lpips", lpips_vgg="/nope")).lpips is None
 

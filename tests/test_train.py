@@ -215,6 +215,10 @@ def test_init_from_that_does_not_fit_is_one_line_and_starts_nothing(config, shar
     bad.write_bytes(b"not a checkpoint")
     rnd = tmp_path / "random.bin"  # torch's own message would advise loading it with weights_only=False
     rnd.write_bytes(bytes(range(256)) * 8)
+    numbered = tmp_path / "numbered.pt"  # a state dict keyed by ints: was an AttributeError on `.startswith`
+    torch.save({1: torch.zeros(1)}, numbered)
+    listed = tmp_path / "listed.pth"
+    torch.save([torch.zeros(1)], listed)
     for source, says in [(src, "the weights do not fit this model config: 98 of another shape "
                                "(e.g. encoder.conv_in.weight "
                                "(8, 3, 3, 3) vs model (16, 3, 3, 3))"),
@@ -222,7 +226,9 @@ def test_init_from_that_does_not_fit_is_one_line_and_starts_nothing(config, shar
                          (config, "expected a run, checkpoint or export folder, or a .safetensors"),
                          (broken, "the checkpoint fails verification (model.safetensors is missing)"),
                          (bad, f"{bad}: cannot read weights (not a torch checkpoint file: "),
-                         (rnd, f"{rnd}: cannot read weights (not a torch checkpoint file: ")]:
+                         (rnd, f"{rnd}: cannot read weights (not a torch checkpoint file: "),
+                         (numbered, f"{numbered}: not a state dict of tensors (key 1 of type int, not a name)"),
+                         (listed, f"{listed}: holds a list, not a state dict of tensors")]:
         run = tmp_path / "run"
         assert main(args(config, shards, run, "train.max_steps=1", f"train.init_from={source}")) == 2
         err = capsys.readouterr().err.strip().splitlines()
