@@ -454,6 +454,9 @@ class TrainLoader:
 
 def _init_worker(worker_id: int) -> None:
     _ignore_stop_signals(worker_id)
+    # A terminal's Ctrl-C reaches the whole process group: the trainer decides (a checkpoint first), and
+    # a worker that ended on its KeyboardInterrupt would leave it without batches meanwhile.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _keep_freed_memory()
 
 

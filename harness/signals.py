@@ -1,4 +1,7 @@
 """Graceful stop on SIGTERM / SIGUSR1: finish the current step, checkpoint, exit with EXIT_PREEMPTED.
+A first Ctrl-C (SIGINT) in the training loop does the same and exits with EXIT_INTERRUPTED (130, as
+the shell has it, so that sbatch does not requeue); a second one interrupts at once (KeyboardInterrupt:
+launch/train.py says so in one line), with the checkpoints saved before.
 
 SLURM sends SIGUSR1 before a time limit (`#SBATCH --signal`) and SIGTERM on preemption; the sbatch
 script requeues the job when the trainer exits with EXIT_PREEMPTED, and the requeued job resumes
@@ -10,12 +13,14 @@ checkpoint is a collective operation and no rank may skip it).
 from __future__ import annotations
 
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -27,10 +32,23 @@ class StopFlag:
     def install(self) -> StopFlag:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where someone else took it
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+
+    def _interrupt(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+        signal.signal(signal.SIGINT, self._previous[signal.SIGINT])  # a second Ctrl-C: at once
+        print("\nCtrl-C: a checkpoint after this step, then exit (Ctrl-C again: exit now, without it)",
+              file=sys.stderr, flush=True)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_PREEMPTED
 
     @property
     def requested(self) -> bool:

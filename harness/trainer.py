@@ -281,9 +281,9 @@ class Trainer:
                     if improved:
                         self.validator.keep_best(path, self.world.is_main, self.log)
                 if stop_now:
+                    exit_code = stop.exit_code if stop.requested else EXIT_PREEMPTED  # (another rank's signal)
                     self.log.info(f"stop requested by signal: checkpoint at step {self.step} saved, "
-                                  f"exiting with {EXIT_PREEMPTED}")
-                    exit_code = EXIT_PREEMPTED
+                                  f"exiting with {exit_code}")
                     break
                 if cfg.train.stop_after_steps and self.step - first_step >= cfg.train.stop_after_steps:
                     if saved_at != self.step:

@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # disk full during a save: the previous checkpoint is intact
         _say(f"error: {e}")
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints), or one before the loop
+        _say("interrupted: stopped without a checkpoint of this step; the saved ones are intact "
+             "(--resume latest continues from the newest)")
+        return 130
     finally:
         if trainer is not None:
             trainer.log.close()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -285,10 +286,10 @@ def test_too_many_bad_samples_stop_the_run(tmp_path, config, capsys):
 # ------------------------------------------------------------------------------------------------
 
 
-def spawn(config, shards, run, *extra, env=None):
+def spawn(config, shards, run, *extra, env=None, **popen):
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), *args(config, shards, run, *extra)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e, **popen)
 
 
 def wait_for(predicate, proc, timeout=120):
@@ -316,6 +317,33 @@ def test_sigusr1_checkpoints_and_exits_75_then_resume_continues(config, shards, 
                      "--resume", "latest")) == 0
     assert f"resuming from {run}/checkpoints/step_{step} at step {step}/" in (run / "train.log").read_text()
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == step + 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_exits_130_a_second_one_at_once_in_one_line(config, shards, tmp_path):
+    """A first Ctrl-C (the whole process group: loader workers too) is a stop with a checkpoint; a second
+    one during that save stops at once, the save left unfinished, saying so in one line."""
+    run, log = tmp_path / "run", tmp_path / "run" / "train.log"
+    proc = spawn(config, shards, run, "train.max_steps=100000", "checkpoint.every_steps=0", "data.num_workers=2",
+                 process_group=0)  # a group of its own, as a terminal's job: Ctrl-C signals all of it
+    wait_for(lambda: log.is_file() and "step 4 " in log.read_text(), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    step = ckpt.read_state(ckpt.resolve(run, "latest"))["step"]
+    assert proc.returncode == 130 and f"checkpoint at step {step} saved, exiting with 130" in out, out
+    assert "Traceback" not in out and "Ctrl-C again: exit now" in out
+
+    proc = spawn(config, shards, run, "train.max_steps=100000", "checkpoint.every_steps=0", "--resume", "latest",
+                 env={"HARNESS_CRASH_TEST_PAUSE": "written:30"})  # the stop's save, held
+    wait_for(lambda: max(map(int, re.findall(r"\] step (\d+) ", log.read_text()))) > step, proc)  # training again
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: any((run / "checkpoints").glob(".tmp-step_*/trainer_state.json")), proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in out, out
+    assert out.strip().splitlines()[-1] == ("interrupted: stopped without a checkpoint of this step; the saved ones "
+                                            "are intact (--resume latest continues from the newest)")
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == step  # the unfinished save is not taken
 
 
 @pytest.mark.slow
