@@ -44,6 +44,8 @@ def check_device(name: str) -> str:
             raise RequestError(f"--device {name}: CUDA is not available here (use --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RequestError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "meta":  # shapes without data: nothing to compute images with
+        raise RequestError(f"--device {name}: holds no data (use cpu or cuda)")
     elif device.type != "cpu":
         try:
             torch.empty(0, device=device)
@@ -184,6 +186,16 @@ def _torch_load(path: Path):
     stand_ins = [(type(name.rsplit(".", 1)[-1], (_Inert,), {"__module__": __name__}), name) for name in names]
     with torch.serialization.safe_globals(stand_ins):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """One line for an allocation that failed (CUDA or CPU: a model or images too big for the
+    machine), or None for any other error."""
+    text = str(e)
+    if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text):
+        return None
+    tried = re.search(r"(?:tried|Tried) to allocate ([0-9.]+ ?[KMGT]?i?B|\d+ bytes)", text)
+    return "out of memory" + (f" (an allocation of {tried.group(1)})" if tried else "")
 
 
 def load_reason(e: Exception) -> str:

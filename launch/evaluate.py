@@ -33,6 +33,7 @@ from harness.inference import (  # noqa: E402
     check_image_size,
     check_output_file,
     load_model,
+    out_of_memory,
 )
 from models.lpips import LPIPS  # noqa: E402
 from shards.sources import DataSourceError  # noqa: E402
@@ -127,6 +128,11 @@ def main(argv=None) -> int:
     except (LoadError, DataSourceError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if (oom := out_of_memory(e)) is None:
+            raise
+        print(f"error: {oom}: a smaller --batch-size needs less", file=sys.stderr)
+        return 1
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")

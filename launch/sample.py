@@ -33,6 +33,7 @@ from harness.inference import (  # noqa: E402
     check_image_size,
     check_output_file,
     load_model,
+    out_of_memory,
 )
 from harness.tasks import prior_sampler  # noqa: E402
 from harness.tracking import make_grid, save_png  # noqa: E402
@@ -112,6 +113,8 @@ def check_request(args) -> Path:
             raise RequestError(f"--{name} {getattr(args, name)}: need at least 1")
     if args.image_size is not None and args.image_size < 1:
         raise RequestError(f"--image-size {args.image_size}: need a positive number of pixels")
+    if not 0 <= args.seed < 2**63:
+        raise RequestError(f"--seed {args.seed}: need 0 <= seed < 2^63")
     check_device(args.device)
     return writable_png(Path(args.out or f"{args.mode}.png"))
 
@@ -166,6 +169,11 @@ def main(argv=None) -> int:
     except (LoadError, DataSourceError, ConfigError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if (oom := out_of_memory(e)) is None:
+            raise
+        print(f"error: {oom}: fewer or smaller images (--n, --rows, --image-size) need less", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -151,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # disk full during a save: the previous checkpoint is intact
         _say(f"error: {e}")
         return 1
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; other RuntimeErrors are bugs, raised on
+        from harness.inference import out_of_memory
+
+        if (oom := out_of_memory(e)) is None:
+            raise
+        _say(f"error: {oom}: a smaller train.batch_size, data.image_size or model needs less (the checkpoints "
+             "saved before are intact)")
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints), or one before the loop
         _say("interrupted: stopped without a checkpoint of this step; the saved ones are intact "
              "(--resume latest continues from the newest)")

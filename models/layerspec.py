@@ -65,6 +65,11 @@ class _Bad(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
+MAX_REPEAT = 1000  # N in N*LAYER
+MAX_INT = 1 << 20  # any whole-number argument (channels, features, kernel): a typo's extra digits would
+# otherwise allocate until the kernel's OOM killer ends the run without a word
+
+
 @dataclass(frozen=True)
 class Arg:
     name: str
@@ -105,6 +110,8 @@ def _parse_args(title: str, spec: tuple[Arg, ...], raw: list[str]) -> tuple:
         if not (a.low <= value < a.high):
             bound = f">= {a.low:g}" if a.high == math.inf else f"in [{a.low:g}, {a.high:g})"
             raise _Bad(f"{title} {a.name} must be {bound}; got {text}")
+        if a.kind == "int" and value > MAX_INT:
+            raise _Bad(f"{title} {a.name} must be at most {MAX_INT}; got {text}")
         out.append(value)
     out += [a.default for a in spec[len(raw) :]]
     return tuple(out)
@@ -405,6 +412,8 @@ def parse_item(index: int, token: Any) -> Item:
         if not head.strip().isdigit() or int(head) < 1:
             raise SpecError(f"{label}: repetition must be a positive whole number before '*', like \"2*VAERB_128_128\"")
         count = int(head)
+        if count > MAX_REPEAT:  # a typo's extra digits would build for minutes before anything is said
+            raise SpecError(f"{label}: {count} repetitions, more than {MAX_REPEAT}")
     name, *raw = text.strip().split("_")
     if name == LATENT:
         if raw or count != 1:

@@ -132,8 +132,8 @@ def cmd_demo(a) -> int:
 
     from shards.demo import ATTRIBUTES, SHAPES, demo_items, produce_demo
 
-    if a.image_size < 8:
-        raise BuildError(f"--image-size must be at least 8, got {a.image_size}")
+    if not 8 <= a.image_size <= 16384:  # data.image_size's range
+        raise BuildError(f"--image-size must be in 8..16384, got {a.image_size}")
     opts = _options(a)
     items = demo_items(a.num_samples, a.seed)
     produce = partial(produce_demo, size=a.image_size, seed=a.seed, fmt=a.format, quality=a.quality)

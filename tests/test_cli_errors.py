@@ -77,6 +77,8 @@ def one_line(capsys, prefix: str = "error: ") -> str:
     (["sample", "--image-size", "-4"], "--image-size -4"),
     (["sample", "--image-size", "7"], "divisible by 2"),
     (["sample", "--device", "foo"], "--device foo"),
+    (["sample", "--device", "meta"], "--device meta: holds no data"),
+    (["sample", "--seed", "99999999999999999999999"], "need 0 <= seed < 2^63"),
     (["sample", "--cls", "99"], "model.num_classes=4"),
     (["sample", "--cls", "-1"], "model.num_classes=4"),
 ])
@@ -301,6 +303,24 @@ def test_shards_naming_their_classes_otherwise_are_one_line(trained, tmp_path, c
     rename_classes(other, ["c0", "c1", "c2"])  # a prefix of the training data's names is not the same list either
     assert evaluate(trained, other) == 2
     assert "(3 vs 4; #3 is none here, 'c3' there)" in one_line(capsys)
+
+
+def test_out_of_memory_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    from harness.inference import out_of_memory
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                       "tried to allocate 320000000000 bytes. Error code 12 (Cannot allocate memory)")
+    assert out_of_memory(cpu) == "out of memory (an allocation of 320000000000 bytes)"
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity ...")
+    assert out_of_memory(cuda) == "out of memory (an allocation of 2.00 GiB)"
+    assert out_of_memory(RuntimeError("shapes do not match")) is None  # a bug: raised on, not hidden
+    monkeypatch.setattr("launch.sample.run", lambda args: (_ for _ in ()).throw(cpu))
+    assert sample_main([str(trained), "sample", "--out", str(tmp_path / "x.png")]) == 1
+    assert one_line(capsys) == ("error: out of memory (an allocation of 320000000000 bytes): fewer or smaller images "
+                                "(--n, --rows, --image-size) need less")
+    monkeypatch.setattr("harness.trainer.Trainer.__init__", lambda *a, **k: (_ for _ in ()).throw(cuda))
+    assert train_main(["--config", str(CONFIG), "data.train=x", f"run.dir={tmp_path / 'r'}"]) == 1
+    assert one_line(capsys).startswith("error: out of memory (an allocation of 2.00 GiB): a smaller train.batch_size")
 
 
 def test_no_traceback_from_a_real_process(trained, tmp_path):

@@ -64,6 +64,8 @@ def test_user_basic_spec_builds_and_runs():
         (["Conv_3_8"], 'item 1 "Conv_3_8": unknown layer "Conv"'),
         (["C2d_3_x_3_1_1"], "item 1 \"C2d_3_x_3_1_1\": Conv2d needs a whole number for out; got 'x'"),
         (["0*SiLU"], 'item 1 "0\\*SiLU": repetition must be a positive whole number'),
+        (["99999999*SiLU"], 'item 1 "99999999\\*SiLU": 99999999 repetitions, more than 1000'),  # built for minutes
+        (["C2d_3_99999999_3_1_1"], "Conv2d out must be at most 1048576; got 99999999"),  # the OOM killer, silently
         (["SiLU_3"], 'item 1 "SiLU_3": SiLU takes no arguments; got 1'),
         (["GN_32_100"], 'item 1 "GN_32_100": GroupNorm needs channels divisible by groups'),
         (["Drop_1.5"], r'item 1 "Drop_1.5": Dropout p must be in \[0, 1\); got 1.5'),
