@@ -75,7 +75,16 @@ def _skip_shm_comm_build() -> None:
 
 
 def check_world(accelerator) -> None:
-    """Refuse to train when accelerate and torch.distributed disagree about the world size."""
+    """Refuse to train when accelerate and torch.distributed disagree about the world size, or when a
+    DeepSpeed accelerate config was given and accelerate left DeepSpeed out (it does under
+    ACCELERATE_USE_CPU=1, without a word: the run would then have no ZeRO at all)."""
+    from accelerate.utils import DistributedType
+
+    wanted = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if wanted and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise DistEnvError(f"the accelerate config asks for DeepSpeed but this run is {accelerator.distributed_type.value}"
+                           " (ACCELERATE_USE_CPU=1 turns it off): leave ACCELERATE_USE_CPU out, DeepSpeed runs on CPU "
+                           "by itself")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() != accelerator.num_processes:
         raise DistEnvError(
             f"torch.distributed runs {dist.get_world_size()} processes but accelerate counts "

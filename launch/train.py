@@ -103,6 +103,21 @@ def _relaunch(launcher: list[str], argv: list[str]) -> None:
     os.execve(sys.executable, cmd, env)
 
 
+def _find_deepspeed_config() -> str | None:
+    """launch/accelerate/zero*.yaml name their DeepSpeed JSON relative to the checkout, and accelerate
+    reads it relative to the working directory: launched from elsewhere, take the checkout's. A file
+    found in neither place is one line (accelerate's own error is a chain of three tracebacks)."""
+    name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if not name or name == "none" or os.path.isfile(name):
+        return None
+    ours = Path(__file__).resolve().parents[1] / name
+    if not os.path.isabs(name) and ours.is_file():
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ours)
+        return None
+    return (f"deepspeed_config_file {name} (from the accelerate config): no such file, neither in the working "
+            "directory nor in the checkout")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, launcher = split_launcher_options(sys.argv[1:] if argv is None else list(argv))
     if launcher:
@@ -125,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print("\n".join(describe()))
         return 0
+    if (problem := _find_deepspeed_config()) is not None:
+        _say(f"error: {problem}")
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

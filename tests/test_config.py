@@ -1,5 +1,6 @@
 """Config: composition, precedence, and one-line errors with exit code 2."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,35 @@ def test_gradient_trained_codebook_is_refused_under_deepspeed(tmp_path, monkeypa
                  f"run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "model.vq_decay=0" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_deepspeed_config_is_found_from_any_directory_or_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """accelerate reads launch/accelerate/zero*.yaml's deepspeed_config_file from the working directory."""
+    from launch.train import _find_deepspeed_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "launch/deepspeed/zero2.json")
+    assert _find_deepspeed_config() is None
+    assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(ROOT / "launch/deepspeed/zero2.json")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "launch/deepspeed/zero9.json")
+    assert main(["data.train=x.tar"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: deepspeed_config_file launch/deepspeed/zero9.json (from the "
+                                               "accelerate config): no such file, neither in the working directory "
+                                               "nor in the checkout")
+
+
+def test_a_deepspeed_config_that_accelerate_left_out_is_refused(monkeypatch):
+    """ACCELERATE_USE_CPU=1 with a zero*.yaml: accelerate runs plain MULTI_CPU, no ZeRO, and says nothing."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from harness.dist import DistEnvError
+    from harness.scale import check_world
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(DistEnvError, match="asks for DeepSpeed but this run is MULTI_CPU"):
+        check_world(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=1))
+    check_world(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1))
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    check_world(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=1))
