@@ -82,9 +82,9 @@ def check_world(accelerator) -> None:
 
     wanted = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
     if wanted and accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise DistEnvError(f"the accelerate config asks for DeepSpeed but this run is {accelerator.distributed_type.value}"
-                           " (ACCELERATE_USE_CPU=1 turns it off): leave ACCELERATE_USE_CPU out, DeepSpeed runs on CPU "
-                           "by itself")
+        kind = accelerator.distributed_type.value
+        raise DistEnvError(f"the accelerate config asks for DeepSpeed but this run is {kind} (ACCELERATE_USE_CPU=1 "
+                           "turns it off): leave ACCELERATE_USE_CPU out, DeepSpeed runs on CPU by itself")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() != accelerator.num_processes:
         raise DistEnvError(
             f"torch.distributed runs {dist.get_world_size()} processes but accelerate counts "
