@@ -409,9 +409,12 @@ class TrainLoader:
         if self.batches_per_epoch < 1:
             raise DataSourceError(f"data.epoch_samples: {epoch_samples} samples make less than one batch per rank "
                                   f"and worker ({world_size} ranks x {batch_size} x {slots} workers)")
-        decoder = DecodeSpec(cfg.image_size, cfg.crop, cfg.hflip, num_classes=num_classes or len(first.classes),
+        # A model that reads no names reads no cls or labels either: none is checked against them (mixed
+        # sets, named and unnamed, would make bad samples of the other set's classes).
+        decoder = DecodeSpec(cfg.image_size, cfg.crop, cfg.hflip,
+                             num_classes=num_classes or (len(first.classes) if names else 0),
                              need_cls=num_classes > 0 if need_cls is None else need_cls,
-                             num_labels=len(first.label_names), max_pixels=cfg.max_pixels)
+                             num_labels=len(first.label_names) if names else 0, max_pixels=cfg.max_pixels)
         self.dataset = ShardStream(sources, rank=rank, world_size=world_size, batch_size=batch_size, decoder=decoder,
                                    shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                                    batches_per_epoch=self.batches_per_epoch)
@@ -454,9 +457,6 @@ class TrainLoader:
 
 def _init_worker(worker_id: int) -> None:
     _ignore_stop_signals(worker_id)
-    # A terminal's Ctrl-C reaches the whole process group: the trainer decides (a checkpoint first), and
-    # a worker that ended on its KeyboardInterrupt would leave it without batches meanwhile.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _keep_freed_memory()
 
 
@@ -486,6 +486,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
     and a thread takes them with sigtimedwait, which tells who sent them: SIGTERM from the parent
     (multiprocessing's terminate, at its exit) ends the worker as torch's own handler would; from
     anyone else, and SIGUSR1, they are dropped. The main process alone decides, and checkpoints."""
+    # A terminal's Ctrl-C reaches the whole process group: the trainer decides (a checkpoint first); a
+    # worker that ended on its KeyboardInterrupt (or ran the trainer's handler, inherited) would not do.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = {signal.SIGTERM, signal.SIGUSR1}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # inherited by the thread below
     threading.Thread(target=_drop_stop_signals, args=(os.getppid(), stop), daemon=True, name="stop-signals").start()
@@ -557,20 +560,23 @@ def check_heldout(cfg, sources: list[ShardSource], spec) -> None:
         raise DataSourceError(f"{spec if isinstance(spec, str) else ', '.join(spec)}: {problem}")
 
 
-def heldout_sources(spec, cfg=None) -> list[ShardSource]:
+def heldout_sources(spec, cfg=None, names: bool | None = None) -> list[ShardSource]:
     """`spec` resolved, and with the run's `cfg` checked against its model (`check_heldout`): mixed shard
-    sets that name their classes otherwise are then fine for a model that reads no class or label."""
-    reads = cfg is None or cfg.model.condition in ("class", "multilabel")
-    sources = resolve_sources(spec, require_count=False, names=reads)
+    sets that name their classes otherwise are then fine for a model that reads no class or label
+    (`names`: whether it reads them; default: from cfg's model.condition, True without cfg)."""
+    if names is None:
+        names = cfg is None or cfg.model.condition in ("class", "multilabel")
+    sources = resolve_sources(spec, require_count=False, names=names)
     if cfg is not None:
         check_heldout(cfg, sources, spec)
     return sources
 
 
-def fixed_batch(spec, n: int, image_size: int, cfg=None) -> dict | None:
+def fixed_batch(spec, n: int, image_size: int, cfg=None, names: bool | None = None) -> dict | None:
     """The first `n` samples of a source, center-cropped: the fixed inputs of reconstruction grids.
-    With the run's `cfg`, the shards are checked against its model first (`check_heldout`)."""
-    sources = heldout_sources(spec, cfg)
+    With the run's `cfg`, the shards are checked against its model first (`check_heldout`); `names`:
+    see heldout_sources."""
+    sources = heldout_sources(spec, cfg, names)
     decoder = DecodeSpec(image_size, num_classes=len(sources[0].classes), num_labels=len(sources[0].label_names))
     samples = []
     for item in wds.DataPipeline(wds.SimpleShardList(sources[0].urls), tario.tarfile_to_samples()):

@@ -36,7 +36,7 @@ class PerceptionFileError(ValueError):
 NUMBER = (int, float)
 INFO_TYPES = {"labels": str, "classes": list, "num_classes": int, "accuracy": NUMBER, "accuracy_on": str,
               "eval_samples": int, "chance": NUMBER, "final_train_loss": NUMBER, "image_size": int, "steps": int,
-              "batch_size": int, "world_size": int, "data": str, "val": str}
+              "batch_size": int, "world_size": int, "data": (str, list), "val": (str, list)}
 
 
 def info_problem(info) -> str | None:
@@ -47,8 +47,9 @@ def info_problem(info) -> str | None:
         if key in info and (isinstance(info[key], bool) or not isinstance(info[key], kind)):
             names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
             return f"info {key!r} is {info[key]!r}, expected {names}"
-    if not all(isinstance(c, str) for c in info.get("classes", [])):
-        return f"info 'classes' must be a list of class names, got {info['classes']!r}"
+    for key, what in (("classes", "class names"), ("data", "shard specs"), ("val", "shard specs")):
+        if isinstance(info.get(key), list) and not all(isinstance(c, str) for c in info[key]):  # data.train: a list
+            return f"info {key!r} must be a list of {what}, got {info[key]!r}"
     return None
 
 

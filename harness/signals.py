@@ -12,8 +12,8 @@ checkpoint is a collective operation and no rank may skip it).
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 
 import torch
 import torch.distributed as dist
@@ -43,8 +43,8 @@ class StopFlag:
         if self.signum is None:
             self.signum = signum
         signal.signal(signal.SIGINT, self._previous[signal.SIGINT])  # a second Ctrl-C: at once
-        print("\nCtrl-C: a checkpoint after this step, then exit (Ctrl-C again: exit now, without it)",
-              file=sys.stderr, flush=True)
+        # os.write, not print: the handler may run inside a write to stderr (tqdm's), where print raises
+        os.write(2, b"\nCtrl-C: a checkpoint after this step, then exit (Ctrl-C again: exit now, without it)\n")
 
     @property
     def exit_code(self) -> int:

@@ -161,7 +161,7 @@ class ClassifierTask:
         was_training = net.training
         net.eval()
         eval_on = cfg.data.val or cfg.data.train
-        ref = fixed_batch(eval_on, cfg.log.eval_samples, cfg.data.image_size)
+        ref = fixed_batch(eval_on, cfg.log.eval_samples, cfg.data.image_size, names=self.needs_cls)
         if ref is None:
             raise ConfigError(f"{eval_on}: no readable samples to measure the accuracy on")
         correct = n = 0

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     except (LoadError, DataSourceError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
+    except (RuntimeError, MemoryError) as e:
         if (oom := out_of_memory(e)) is None:
             raise
         print(f"error: {oom}: a smaller --batch-size needs less", file=sys.stderr)

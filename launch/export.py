@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the disk filled, or the folder went away meanwhile
         print(f"export: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
+    drop_stale(out, {"model.safetensors", ckpt.CONFIG_NAME} | ({STATS_NAME} if stats else set()))
     print(f"wrote {path} ({len(state)} tensors, {n / 1e6:.2f}M values) and {out / ckpt.CONFIG_NAME}"
           + (f" and {out / STATS_NAME}" if stats is not None else ""))
     return 0
@@ -128,6 +129,14 @@ def default_out(model: str, name: str) -> Path:
 
 RUN_PARTS = ("checkpoints", "tb", "samples")  # a run folder's own folders (and its train.log, config.yaml, latest)
 EXPORT_FILES = ("model.safetensors", ckpt.CONFIG_NAME, STATS_NAME, diffusers_io.WEIGHTS_NAME, diffusers_io.CONFIG_NAME)
+
+
+def drop_stale(out: Path, written: set[str]) -> None:
+    """After an export (over an earlier one, with --overwrite): the earlier one's files this one did not
+    write (a latent_stats.json of other weights, the other format's files) go, once the new ones are in."""
+    for name in EXPORT_FILES:
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
 
 
 def _is_run(folder: Path) -> bool:
@@ -207,6 +216,7 @@ def export_diffusers(args, stats=None) -> int:
         print(f"export: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     n = sum(v.numel() for v in diffusers_io.state_to_diffusers(model.state_dict()).values())
+    drop_stale(out, {diffusers_io.WEIGHTS_NAME, diffusers_io.CONFIG_NAME} | ({STATS_NAME} if stats else set()))
     print(f"wrote {out / diffusers_io.WEIGHTS_NAME} ({n / 1e6:.2f}M values) and {out / diffusers_io.CONFIG_NAME} "
           f"({dcfg['_class_name']}, from {folder})")
     if stats is None:

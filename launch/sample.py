@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     except (LoadError, DataSourceError, ConfigError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
+    except (RuntimeError, MemoryError) as e:
         if (oom := out_of_memory(e)) is None:
             raise
         print(f"error: {oom}: fewer or smaller images (--n, --rows, --image-size) need less", file=sys.stderr)

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # disk full during a save: the previous checkpoint is intact
         _say(f"error: {e}")
         return 1
-    except RuntimeError as e:  # torch.OutOfMemoryError is one; other RuntimeErrors are bugs, raised on
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is one; other RuntimeErrors are bugs, raised on
         from harness.inference import out_of_memory
 
         if (oom := out_of_memory(e)) is None:

@@ -228,7 +228,10 @@ def test_export_out_onto_the_run_or_another_export_is_one_line(run, capsys):
         assert one_line(capsys, "export: ") == (f"export: --out {run / 'export'}: holds model.safetensors already (an "
                                                 "export?); pass --overwrite to replace it")
     assert (run / "export" / "model.safetensors").stat().st_mtime_ns == first
-    assert export_main([str(run), "--overwrite"]) == 0
+    assert export_main([str(run), "--overwrite", "--latent-stats", "4", "--workers", "0"]) == 0
+    assert (run / "export" / "latent_stats.json").is_file()
+    assert export_main([str(run), "--overwrite"]) == 0  # without: the earlier statistics are not the new weights'
+    assert not (run / "export" / "latent_stats.json").exists() and (run / "export" / "model.safetensors").is_file()
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (a folder nobody, root included, writes in)")

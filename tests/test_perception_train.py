@@ -57,6 +57,22 @@ def test_rotation_net_trains_without_labels_and_serves_the_perceptual_loss(tmp_p
     assert (out / "checkpoints").is_dir() and (out / "tb").is_dir()
 
 
+def test_rotation_net_on_a_list_of_shard_sets_naming_classes_otherwise_loads(tmp_path):
+    """--data a,b of two sets whose index.json name different classes: a rotation net reads none, so the
+    run mixes them, measures its accuracy on them at the end, and its file (whose info holds the list)
+    loads."""
+    from shardgen import rename_classes
+
+    a = make_colour_shards(tmp_path / "a", num_samples=24, per_shard=24, size=32, num_classes=3)
+    b = make_colour_shards(tmp_path / "b", num_samples=24, per_shard=24, size=32, num_classes=3)
+    rename_classes(b, ["x", "y", "z"])
+    out = tmp_path / "rot"
+    assert perception_main(["--data", f"{a},{b}", "--labels", "rotation", "--out", str(out), "--steps", "2",
+                            "--log-every", "1", *TINY]) == 0
+    assert json.loads((out / "perception.json").read_text())["data"] == [str(a), str(b)]
+    load_distance(out / "perception.safetensors")
+
+
 def test_classifier_run_resumes_like_any_run(tmp_path):
     shards = make_colour_shards(tmp_path / "colours", num_samples=48, per_shard=24, size=32, num_classes=3)
     run = tmp_path / "run"
