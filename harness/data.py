@@ -511,6 +511,14 @@ def _drop_stop_signals(parent: int, stop: set) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+COND_KEYS = {"class": "cls", "multilabel": "labels"}  # model.condition -> the batch field it reads
+
+
+def condition_field(condition: str) -> str | None:
+    """The batch field a model of this `model.condition` reads (`cls`, `labels`), or None."""
+    return COND_KEYS.get(condition)
+
+
 def condition_problem(model_cfg, classes: list[str], label_names: list[str]) -> str | None:
     """What a conditional model needs of the shards' index.json and does not find there (None: fine)."""
     num = model_cfg.num_classes
@@ -529,9 +537,17 @@ def condition_problem(model_cfg, classes: list[str], label_names: list[str]) -> 
     return None
 
 
-def names_problem(heldout: list[str], train: list[str], what: str = "class names") -> str | None:
-    """Held-out shards must name their classes (labels) as the training data does where both name them:
-    a model reads a class by its index, so index i is to be the same class in both (None: fine)."""
+def names_problem(heldout, train, reads: str | None) -> str | None:
+    """Held-out shards (a source) must name what the model reads (`reads`: "cls" or "labels", by
+    index) as the training data (a source or DataInfo) does, where both name them: index i is to be
+    the same class in both (None: fine, or nothing read)."""
+    if reads is None:
+        return None
+    attr, what = ("classes", "class names") if reads == "cls" else ("label_names", "label names")
+    return _differ(getattr(heldout, attr), getattr(train, attr), what)
+
+
+def _differ(heldout: list[str], train: list[str], what: str) -> str | None:
     if not heldout or not train or heldout == train:
         return None
     i = next((i for i, (a, b) in enumerate(zip(heldout, train)) if a != b), min(len(heldout), len(train)))
@@ -545,17 +561,15 @@ def check_heldout(cfg, sources: list[ShardSource], spec) -> None:
     """Shards a trained model runs on (sample, evaluate, export, validation grids): they carry what its
     condition reads, named as in its training data where that is still where the run's config says
     (else there is nothing to compare with). DataSourceError naming `spec` otherwise."""
-    src = sources[0]
+    src, reads = sources[0], condition_field(cfg.model.condition)
     problem = condition_problem(cfg.model, src.classes, src.label_names)
-    attr, what = {"class": ("classes", "class names"), "multilabel": ("label_names", "label names")}.get(
-        cfg.model.condition, (None, None))
-    if problem is None and attr is not None and spec != cfg.data.train:
+    if problem is None and reads is not None and spec != cfg.data.train:
         try:
             train = resolve_sources(cfg.data.train, require_count=False)[0]
         except DataSourceError:
             train = None
         if train is not None:
-            problem = names_problem(getattr(src, attr), getattr(train, attr), what)
+            problem = names_problem(src, train, reads)
     if problem:
         raise DataSourceError(f"{spec if isinstance(spec, str) else ', '.join(spec)}: {problem}")
 
@@ -565,7 +579,7 @@ def heldout_sources(spec, cfg=None, names: bool | None = None) -> list[ShardSour
     sets that name their classes otherwise are then fine for a model that reads no class or label
     (`names`: whether it reads them; default: from cfg's model.condition, True without cfg)."""
     if names is None:
-        names = cfg is None or cfg.model.condition in ("class", "multilabel")
+        names = cfg is None or condition_field(cfg.model.condition) is not None
     sources = resolve_sources(spec, require_count=False, names=names)
     if cfg is not None:
         check_heldout(cfg, sources, spec)

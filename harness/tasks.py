@@ -26,7 +26,7 @@ from einops import rearrange
 
 from harness import grids, scale
 from harness.config import Config, ConfigError
-from harness.data import condition_problem, fixed_batch, to_model_input
+from harness.data import condition_field, condition_problem, fixed_batch, to_model_input
 from harness.losses import AutoencoderLoss, LossTerms
 from models.prior import VQWithPrior
 from models.registry import model_class
@@ -52,7 +52,7 @@ class AutoencoderTask:
         # Files the loss reads (a perception net) are checked first: a bad path stops the run
         # before anything is written. The loss module is never prepared: nothing in it trains.
         self.loss_fn = AutoencoderLoss(cfg.loss).to(device)
-        self.cond_key = {"class": "cls", "multilabel": "labels"}.get(cfg.model.condition)
+        self.cond_key = condition_field(cfg.model.condition)
         p = self.loss_fn.perception
         if p is not None and p.in_channels != cfg.model.out_ch:
             raise ConfigError(f"loss.perceptual_net: the network reads {p.in_channels}-channel images but the model "
@@ -264,7 +264,7 @@ class PriorTask:
                 raise ConfigError(f"model.{key}: {given} here, but the model in model.prior_vq gives {value} "
                                   f"({self.vq_folder}); leave it unset, it is derived")
             setattr(m, key, value)
-        self.cond_key = {"class": "cls", "multilabel": "labels"}.get(m.condition)
+        self.cond_key = condition_field(m.condition)
         self._digest = weights_digest(self.vq)
 
     def check_data(self, info) -> None:

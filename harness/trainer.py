@@ -90,23 +90,17 @@ class Trainer:
         discriminator.refuse_unsupported(cfg, device=self.device, world_size=self.world.world_size)
         self.task = make_task(cfg, self.device)
         # Not passed through accelerator.prepare(): the loader already splits shards by rank.
-        reads_names = bool(self.task.cond_key or self.task.needs_cls)  # else shard sets may name classes otherwise
+        reads = self.task.cond_key or ("cls" if self.task.needs_cls else None)  # what of the shards, by index
         self.loader = TrainLoader(cfg.data, rank=self.world.rank, world_size=self.world.world_size,
                                   batch_size=cfg.train.batch_size, pin_memory=self.device.type == "cuda",
                                   num_classes=cfg.model.num_classes if cfg.model.condition == "class" else 0,
-                                  need_cls=self.task.needs_cls, names=reads_names)
+                                  need_cls=self.task.needs_cls, names=reads is not None)
         self.task.check_data(self.loader.info)
         if cfg.data.val:  # held-out shards the model cannot take: refused now, not at the first validation
-            val, info = resolve_sources(cfg.data.val, require_count=False, names=reads_names)[0], self.loader.info
+            val = resolve_sources(cfg.data.val, require_count=False, names=reads is not None)[0]
             try:
                 self.task.check_data(DataInfo(0, val.classes, val.label_names, len(val.urls)))
-                # What the model reads by index (a class, labels) must be named alike in both.
-                problem = None
-                if self.task.cond_key == "labels":
-                    problem = names_problem(val.label_names, info.label_names, "label names")
-                elif self.task.cond_key == "cls" or self.task.needs_cls:
-                    problem = names_problem(val.classes, info.classes)
-                if problem:
+                if problem := names_problem(val, self.loader.info, reads):  # named alike in both
                     raise ConfigError(problem)
             except ConfigError as e:
                 raise ConfigError(f"data.val: {e}") from None

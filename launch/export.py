@@ -41,7 +41,7 @@ import torch.distributed as tdist  # noqa: E402
 
 from harness import checkpoint as ckpt  # noqa: E402
 from harness import diffusers_io  # noqa: E402
-from harness.data import DataSourceError, eval_batches  # noqa: E402
+from harness.data import DataSourceError, condition_field, eval_batches  # noqa: E402
 from harness.dist import world  # noqa: E402
 from harness.export import ExportError, save_safetensors  # noqa: E402
 from harness.inference import LoadError, find_weights_dir, load_model, state_dict_of  # noqa: E402
@@ -186,7 +186,7 @@ def measure_latents(args):
     shares = {"rank": w.rank, "world_size": w.world_size} if w.world_size > 1 else {}
     batches, _ = eval_batches(data, image_size=size, batch_size=args.batch_size, num_workers=args.workers,
                               max_samples=args.latent_stats, cfg=cfg, **shares)
-    cond_key = {"class": "cls", "multilabel": "labels"}.get(model.condition)
+    cond_key = condition_field(model.condition)
     stats = latent_stats(model, batches, image_size=size, device=device, cond_key=cond_key)
     if stats.num_images < args.latent_stats and w.is_main:
         print(f"export: {data} holds {stats.num_images} readable images, fewer than --latent-stats "

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from harness import grids  # noqa: E402
 from harness.config import ConfigError  # noqa: E402
-from harness.data import fixed_batch, to_model_input  # noqa: E402
+from harness.data import condition_field, fixed_batch, to_model_input  # noqa: E402
 from harness.inference import (  # noqa: E402
     LoadError,
     RequestError,
@@ -125,7 +125,7 @@ def run(args) -> Path:
     if args.image_size and cfg.model.kind != "prior":
         check_image_size(cfg, args.image_size)
     size = args.image_size or cfg.data.image_size
-    cond_key = {"class": "cls", "multilabel": "labels"}.get(model.condition)
+    cond_key = condition_field(model.condition)
     if args.mode == "sample":
         cond = None
         if args.cls is not None:
