@@ -383,18 +383,26 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _deep_merge(merged, raw)
 
 
-def _unshared(x, inside: tuple[int, ...] = ()):
+MAX_CONFIG_NODES = 100_000  # values in one config file once its aliases are copied
+
+
+def _unshared(x, inside: tuple[int, ...] = (), budget: list[int] | None = None):
     """A copy in which no dict or list appears twice: YAML aliases (`data: *train`) make one object of
-    two sections, which an override of one would change in both (deepcopy keeps them shared). An alias
-    of a node inside itself (`&a [*a]`) is refused."""
+    two sections, which an override of one would change in both (deepcopy keeps them shared). Refused:
+    an alias of a node inside itself (`&a [*a]`), and aliases of aliases that copy into more than
+    MAX_CONFIG_NODES values (a "billion laughs" file, a few lines long)."""
+    budget = [MAX_CONFIG_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"its aliases expand to more than {MAX_CONFIG_NODES} values")
     if not isinstance(x, (dict, list)):
         return x
     if id(x) in inside:
         raise ValueError("an alias refers to a node that contains it")
     inside += (id(x),)
     if isinstance(x, dict):
-        return {k: _unshared(v, inside) for k, v in x.items()}
-    return [_unshared(v, inside) for v in x]
+        return {k: _unshared(v, inside, budget) for k, v in x.items()}
+    return [_unshared(v, inside, budget) for v in x]
 
 
 def _deep_merge(into: dict, new: dict) -> dict:

@@ -77,6 +77,11 @@ def test_hostile_config_files_are_one_line(tmp_path):
     (tmp_path / "loop.yaml").write_text("train: &a\n  x: *a\n")  # an alias inside itself: endless
     with pytest.raises(ConfigError, match="loop.yaml: an alias refers to a node that contains it"):
         load_config([tmp_path / "loop.yaml"])
+    laughs = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]"
+                                                        for i in range(1, 9)]  # 10^9 values, in 9 lines
+    (tmp_path / "laughs.yaml").write_text("\n".join(laughs) + "\n")
+    with pytest.raises(ConfigError, match="laughs.yaml: its aliases expand to more than 100000 values"):
+        load_config([tmp_path / "laughs.yaml"])
 
 
 def test_yaml_aliases_are_copies_not_one_section(tmp_path):
