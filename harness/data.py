@@ -649,11 +649,12 @@ class EvalStream(IterableDataset):
 
 
 def eval_batches(spec, *, image_size: int, batch_size: int, num_workers: int = 0, max_samples: int = 0,
-                 rank: int = 0, world_size: int = 1, cfg=None):
+                 rank: int = 0, world_size: int = 1, cfg=None, names: bool | None = None):
     """Batches over every sample of `spec` once (no resampling, no shuffling): for evaluation.
     With `world_size` > 1, this rank's share of the first `max_samples` (see EvalStream).
-    With the run's `cfg`, the shards are checked against its model first (`check_heldout`)."""
-    sources = heldout_sources(spec, cfg)
+    With the run's `cfg`, the shards are checked against its model first (`check_heldout`); `names`:
+    see heldout_sources."""
+    sources = heldout_sources(spec, cfg, names)
     urls = [u for s in sources for u in s.urls]
     decoder = DecodeSpec(image_size, num_classes=len(sources[0].classes), num_labels=len(sources[0].label_names))
     workers = min(num_workers, len(urls), 1 if world_size > 1 else num_workers)

@@ -76,7 +76,8 @@ class Validator:
         loader, sources = eval_batches(cfg.data.val, image_size=cfg.data.image_size,
                                        batch_size=cfg.eval.batch_size or cfg.train.batch_size,
                                        num_workers=min(1, cfg.data.num_workers), max_samples=cfg.eval.samples,
-                                       rank=w.rank, world_size=w.world_size, cfg=cfg)
+                                       rank=w.rank, world_size=w.world_size,
+                                       names=trainer.task.cond_key is not None)  # checked at start (trainer)
         classes = sources[0].classes if trainer.task.cond_key == "cls" else []
         quantizer = getattr(self.copy, "quantizer", None)
         ev = Evaluator(device=self.device, class_names=classes[: cfg.model.num_classes], lpips=self.lpips,
