@@ -4,9 +4,11 @@
 #   bash launch/gpu_check.sh              # GPU: install what is missing, tests/test_gpu.py, peer + kl-f8 benchmarks
 #   bash launch/gpu_check.sh --cpu        # the same script on CPU, tiny sizes, GPU parts skipped (< 120 s): CI
 #   OUT=my-folder BUDGET_S=600 WHEELS=wheels/ bash launch/gpu_check.sh
+#   BUNDLE=$OUT OUT=/tmp/gc WHEELS=.whl bash launch/gpu_check.sh   # on the lent GPU machine (offline): see README
 #
 # Parts, each under `timeout` and inside the total budget (a part that would not fit is skipped, never started):
-#   install   imports checked; if missing: launch/install.sh --test, then diffusers (from $WHEELS when set: offline);
+#   install   offline (the lent GPU machines): WHEELS=<folder from launch/gpu_wheels.sh>, each wheel whose package
+#             is missing; online: imports checked, if missing launch/install.sh --test, then diffusers;
 #             env.json: device name, torch / CUDA / cuDNN versions, bf16 peak from the table in launch/benchmark.py
 #   gpu_tests pytest tests/test_gpu.py (fp16 loss scaling + overflow recovery, bf16, ZeRO-2 fp16, fp16 attention,
 #             the discriminator's two loss scalers (plain and fused AdamW), TF32 flags, a fused bf16 step
@@ -55,35 +57,64 @@ run_part() {
 }
 skip_part() { printf '%s\tskipped\t0\t%s\n' "$1" "$2" >> "$OUT/parts.tsv"; echo "[gpu_check] $1: skipped ($2)"; }
 
-# Installs only what is missing (the GPU machine may be offline: then WHEELS=<folder of wheels>), then env.json.
+# Installs only what is missing, then env.json. The GPU machines lent to this project reach no package index:
+# there WHEELS=<folder> (made beforehand by launch/gpu_wheels.sh on a machine that can) is installed with
+# --no-index, each wheel only if its package is not installed already (the image's own torch, numpy, ... stay).
+# With network and no WHEELS: launch/install.sh --test, then diffusers.
 install_deps() {
-  if ! "$PYTHON" -c "import torch, accelerate, webdataset, einops, pytest, harness" 2>/dev/null; then
-    bash launch/install.sh --test || return 1
-  fi
-  if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
-    if [ -n "${WHEELS:-}" ]; then
-      "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" "diffusers>=0.30" || true
-    else
-      "$PYTHON" -m pip install -q "diffusers>=0.30" || true
+  local ok=0  # env.json is written even when this fails: it tells what the machine is and what it lacks
+  if [ -n "${WHEELS:-}" ] && [ ! -d "$WHEELS" ]; then
+    echo "error: WHEELS=$WHEELS is not a folder (make it with launch/gpu_wheels.sh)"
+    ok=1
+  elif [ -n "${WHEELS:-}" ]; then
+    local missing=()
+    mapfile -t missing < <("$PYTHON" - "$WHEELS" <<'PY'
+import importlib.metadata as m, re, sys
+from pathlib import Path
+for whl in sorted(Path(sys.argv[1]).glob("*.whl")):
+    name = re.sub(r"[-_.]+", "-", whl.name.split("-")[0]).lower()
+    try:
+        m.version(name)
+    except m.PackageNotFoundError:
+        print(whl)
+PY
+)
+    if [ ${#missing[@]} -gt 0 ]; then
+      echo "[install] from $WHEELS (offline): ${missing[*]##*/}"
+      "$PYTHON" -m pip install -q --no-index --no-deps --no-compile "${missing[@]}" || ok=1
     fi
+  elif ! "$PYTHON" -c "import torch, accelerate, webdataset, einops, pytest" 2>/dev/null; then
+    bash launch/install.sh --test || ok=1
   fi
-  "$PYTHON" - "$OUT/env.json" <<'PY'
+  if [ -z "${WHEELS:-}" ] && ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
+    "$PYTHON" -m pip install -q "diffusers>=0.30" || true
+  fi
+  "$PYTHON" -c "import torch, accelerate, webdataset, einops, pytest, harness" || ok=1
+  "$PYTHON" - "$OUT/env.json" <<'PY' || ok=1
 import importlib.util, json, platform, sys
 import torch
 sys.path.insert(0, "launch")
-from benchmark import bf16_peak
+try:
+    from benchmark import bf16_peak
+except ImportError as exn:
+    print(f"error: launch/benchmark.py does not import: {exn}")
+    bf16_peak = lambda name: None  # noqa: E731
 cuda = torch.cuda.is_available()
 name = torch.cuda.get_device_name(0) if cuda else "cpu"
 env = {"device": name, "cuda_available": cuda, "device_count": torch.cuda.device_count(), "torch": torch.__version__,
        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
        "python": platform.python_version(), "bf16_peak_tflops": bf16_peak(name) if cuda else None,
-       "diffusers": importlib.util.find_spec("diffusers") is not None}
+       "diffusers": importlib.util.find_spec("diffusers") is not None,
+       "deepspeed": importlib.util.find_spec("deepspeed") is not None}
 json.dump(env, open(sys.argv[1], "w"), indent=1)
 print(env)
 PY
+  return $ok
 }
 export -f install_deps
-export PYTHON OUT
+# The harness is used from this checkout (no install needed, also offline); the tests' subprocesses too.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHON OUT WHEELS
 run_part install 120 bash -c install_deps
 
 NO_CUDA=0
@@ -173,3 +204,11 @@ for name in ("peer_bf16", "peer_fp16", "klf8_step", "compile"):
 print("\n".join(lines))
 sys.exit(0 if res["ok"] else 1)
 EOF
+status=$?
+# BUNDLE=<folder>: three files there (summary.txt, gpu_check.json, everything as gpu_check.tgz), for a machine
+# that hands back only a few files (the device tool: BUNDLE=$OUT OUT=/tmp/gc, in that order: the device tool sets OUT).
+if [ -n "${BUNDLE:-}" ]; then
+  mkdir -p "$BUNDLE" && cp "$OUT/summary.txt" "$OUT/gpu_check.json" "$BUNDLE/" 2>/dev/null
+  tar czf "$BUNDLE/gpu_check.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")" || status=1
+fi
+exit $status

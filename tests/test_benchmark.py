@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -148,10 +149,20 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     """launch/gpu_check.sh --cpu: every part runs (or is skipped on purpose) within its budget, one JSON.
     (About 30 s on an idle 2-core machine; the budget here leaves room for a busy one.)"""
     pytest.importorskip("diffusers")
-    out = tmp_path / "check"
+    out, bundle, wheels = tmp_path / "check", tmp_path / "bundle", tmp_path / "wheels"
+    # The offline path (WHEELS): a wheel whose package is installed already is left alone (these are not even
+    # wheels: installing one would fail the install part), whatever the spelling of its name.
+    wheels.mkdir()
+    for name in ("webdataset", "typing_extensions", "PyYAML"):
+        (wheels / f"{name}-0.0.1-py3-none-any.whl").write_bytes(b"")
     r = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), "--cpu"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, OUT=str(out), BUDGET_S="240"))
+                       timeout=300, env=dict(os.environ, OUT=str(out), BUDGET_S="240", WHEELS=str(wheels),
+                                             BUNDLE=str(bundle)))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "[install] from" not in (out / "install.log").read_text()
+    assert sorted(f.name for f in bundle.iterdir()) == ["gpu_check.json", "gpu_check.tgz", "summary.txt"]
+    with tarfile.open(bundle / "gpu_check.tgz") as tar:
+        assert {"check/gpu_check.json", "check/install.log", "check/gpu_tests.log"} <= set(tar.getnames())
     res = json.loads((out / "gpu_check.json").read_text())
     assert res["mode"] == "cpu" and res["ok"] and res["env"]["device"] == "cpu"
     status = {k: v["status"] for k, v in res["parts"].items()}
@@ -165,3 +176,16 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         assert [row["side"] for row in peer["rows"]] == ["ours", "diffusers"] and peer["rows"][0]["img_s"] > 0
     assert res["peer_bf16"]["flops_per_step"] > 0
     assert (out / "summary.txt").read_text().startswith("gpu_check (cpu)")
+
+
+def test_gpu_check_names_a_wheels_folder_that_is_not_there(tmp_path):
+    """WHEELS that is not a folder: the install part fails in one line, and env.json still says what the machine
+    is (torch imports), so the rest is judged on the machine, not on a missing file."""
+    out = tmp_path / "check"
+    r = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), "--cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OUT=str(out), BUDGET_S="15", WHEELS=str(tmp_path / "nope")))
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"error: WHEELS={tmp_path / 'nope'} is not a folder" in (out / "install.log").read_text()
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["parts"]["install"]["status"] == "failed" and not res["ok"]
+    assert res["env"]["device"] == "cpu" and res["env"]["torch"]
