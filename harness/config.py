@@ -233,7 +233,7 @@ class TrainConfig:
     )
     seed: int = F(0, "seed for weights init and posterior sampling", ge=0, lt=2**31)
     ema_decay: float = F(0.0, "EMA of weights per optimizer step, warmed up as min(decay, (1+n)/(10+n)) "
-                                "(0 = off; 0.999 typical)", ge=0.0, lt=1.0)
+                                "at update n=1,2,... (0 = off; 0.999 typical)", ge=0.0, lt=1.0)
     tf32: bool = F(True, "CUDA (Ampere+): TF32 for the fp32 matmuls and convolutions (false = full fp32)")
     max_nonfinite: int = F(10, "consecutive non-finite losses before the run stops", ge=1)
     stop_after_steps: int = F(0, "end this invocation (with a checkpoint) after N steps, for time-sliced jobs "

@@ -8,9 +8,9 @@ from torch import nn
 
 class EMA:
     """`shadow = d * shadow + (1 - d) * param` after every optimizer step, with
-    d = min(decay, (1 + n) / (10 + n)) after n updates: the latent-diffusion (LitEma) warm-up, so
-    that with decay 0.9999 the average is not mostly the random initial weights for thousands of
-    steps.
+    d = min(decay, (1 + n) / (10 + n)) at the n-th update (n = 1, 2, ...: counted before it is used,
+    as latent-diffusion's LitEma does, so the first d is 2/11): the LitEma warm-up, so that with
+    decay 0.9999 the average is not mostly the random initial weights for thousands of steps.
 
     Registered with `accelerator.register_for_checkpointing`, so it is saved and restored with
     the rest of the training state.
@@ -25,8 +25,8 @@ class EMA:
     def update(self, model: nn.Module, applied: torch.Tensor | None = None) -> None:
         """applied: a bool tensor on the device, for a step that may have been skipped there (weight 0
         then; the warm-up still counts it, as the host cannot know without a sync)."""
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         params = dict(model.named_parameters())
         names = list(self.shadow)
         shadow, current = [self.shadow[n] for n in names], [params[n].detach().float() for n in names]
