@@ -5,7 +5,9 @@ config keys; SD and SDXL use a scale only, SD3 and FLUX both). Here, over N trai
 
 - KL models: the latent diffusion draws is z = mean + std * eps. Its moments follow from the
   posterior without drawing: E[z] = E[mean], E[z^2] = E[mean^2] + E[std^2], so the numbers are
-  exact for the posterior and the same on every run. VQ models: the quantized latent.
+  exact for the posterior and the same on every run. VQ models: the latent before quantization,
+  which diffusers' VQModel.encode and latent-diffusion's VQModelInterface.encode hand a diffusion
+  model (their decode quantizes it); FSQ models: the quantized codes.
 - per channel c: latents_mean[c], latents_std[c]; over all channels: shift_factor = the mean,
   scaling_factor = 1 / the std (about the mean), so the normalised latent has mean 0 and std 1.
 
@@ -97,6 +99,8 @@ def latent_stats(model, batches, *, image_size: int, device, cond_key: str | Non
         if hasattr(model, "posterior"):
             post = model.posterior(x, cond)
             moments.update(post.mean, post.var)
+        elif hasattr(model, "encode_unquantized") and model.kind == "vq":
+            moments.update(model.encode_unquantized(x, cond).float())
         else:
             moments.update(model.encode(x, cond).float())
     return moments.result(model.latent_shape(image_size)[0])

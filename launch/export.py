@@ -21,7 +21,8 @@ diffusers is installed, the export is loaded with it and its reconstruction comp
 --latent-stats N measures the latent over the first N images of the training data (or --data;
 center crop at the training size): per-channel mean and std, shift_factor (the mean) and
 scaling_factor (1 / std), as diffusion training normalises latents (harness/latents.py). They are
-printed, written into config.json (diffusers) or latent_stats.json (ours). Under torchrun every
+printed and written to latent_stats.json; a diffusers config.json gets scaling_factor and shift_factor
+(not the per-channel ones: SDXL pipelines would apply them on top of the scale). Under torchrun every
 rank measures its share and the sums are all-reduced; rank 0 writes the export.
 """
 
@@ -199,8 +200,11 @@ def export_diffusers(args, stats=None) -> int:
         model, cfg, folder = load_model(args.model, ema=args.ema)
         out = args.out
         size = cfg.model.resolution or cfg.data.image_size
-        # diffusers_config writes what the class has: VQModel knows scaling_factor only
-        norm = {k: v for k, v in stats.to_dict().items() if k != "num_images"} if stats is not None else {}
+        # config.json gets the global factors only: SD reads scaling_factor, SD3/FLUX also shift_factor, but
+        # SDXL-style pipelines read latents_mean/latents_std as a per-channel normalisation on top of
+        # scaling_factor, which would then no longer give unit variance; VQModel knows scaling_factor only
+        keep = ("scaling_factor", "shift_factor")
+        norm = {k: v for k, v in stats.to_dict().items() if k in keep} if stats is not None else {}
         out, dcfg = diffusers_io.save_folder(model, cfg.model, out, sample_size=size, **norm)
         # a small image: the check is about names and layouts, not about the model's resolution
         if stats is not None:  # all of them, also what the diffusers class has no field for (VQModel: the shift)
@@ -222,9 +226,9 @@ def export_diffusers(args, stats=None) -> int:
     if stats is None:
         print("scaling_factor 1.0 written: measure the latents with --latent-stats N for the real one")
     else:
-        left = [k for k in ("shift_factor", "latents_mean", "latents_std") if k not in dcfg]
-        print(f"the latent statistics are in {out / STATS_NAME}" + (
-            f" ({dcfg['_class_name']}'s config has no {', '.join(left)}: read them there)" if left else ""))
+        left = [k for k in ("shift_factor",) if k not in dcfg]
+        print(f"the latent statistics are in {out / STATS_NAME}; per-channel latents_mean/latents_std there only"
+              + (f" ({dcfg['_class_name']}'s config has no {', '.join(left)}: read it there)" if left else ""))
     if diff is None:
         print("diffusers is not installed here: the export was not loaded back (pip install diffusers to check)")
     else:

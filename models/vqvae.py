@@ -59,6 +59,12 @@ class VQAutoencoder(LatentAutoencoder):
         """The quantized latent `b d h w` the decoder reads."""
         return self.quantize(x, cond).quantized
 
+    def encode_unquantized(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The latent before quantization: what diffusers' `VQModel.encode` and latent-diffusion's
+        `VQModelInterface.encode` return, so what a diffusion model on them trains on (their decode
+        quantizes)."""
+        return self._encode_features(x, self.embed(cond, x.shape[0]))
+
     def encode_indices(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.quantize(x, cond).indices
 

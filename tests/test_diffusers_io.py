@@ -280,8 +280,10 @@ def test_latent_stats_reach_the_diffusers_config(tmp_path):
     # a draw z = mean + std * eps: E[(z - shift) * scale] = 0 and E[((z - shift) * scale)^2] = 1
     assert abs((mean - shift).mean().item() * scale) < 1e-5
     assert abs((((mean - shift) ** 2 + var).mean().item()) * scale**2 - 1) < 1e-5
-    assert len(theirs.config.latents_mean) == len(theirs.config.latents_std) == 4
+    # not the per-channel ones: SDXL pipelines would normalise by them on top of scaling_factor (std ~scale)
+    assert theirs.config.latents_mean is None and theirs.config.latents_std is None
     stats = json.loads((out / "latent_stats.json").read_text())  # all of them, also beside the config
+    assert len(stats["latents_mean"]) == len(stats["latents_std"]) == 4
     assert stats["scaling_factor"] == theirs.config.scaling_factor and stats["num_images"] == 12
 
 
@@ -295,11 +297,16 @@ def test_latent_stats_a_vqmodel_config_cannot_hold_are_written_beside_it(tmp_pat
     out = tmp_path / "d"
     assert export_main([str(folder), "--format", "diffusers", "--out", str(out), "--latent-stats", "6",
                         "--workers", "0"]) == 0
-    assert "VQModel's config has no shift_factor, latents_mean, latents_std: read them there" in capsys.readouterr().out
+    assert "VQModel's config has no shift_factor: read it there" in capsys.readouterr().out
     theirs, _ = from_pretrained(diffusers.VQModel, out)
     stats = json.loads((out / "latent_stats.json").read_text())
     assert stats["scaling_factor"] == theirs.config.scaling_factor and len(stats["latents_mean"]) == 3
     assert "shift_factor" in stats and "shift_factor" not in json.loads((out / "config.json").read_text())
+    # the latents diffusers' VQModel.encode gives a diffusion model (before quantization) are the ones measured
+    with torch.no_grad():
+        h = torch.cat([theirs.encode(x).latents for x in batches_of(shards, 6)]).double()
+    assert abs(h.mean().item() - stats["shift_factor"]) < 1e-5
+    assert abs(1 / h.std(unbiased=False).item() - stats["scaling_factor"]) < 1e-4 * stats["scaling_factor"]
 
 
 def batches_of(shards, n):
