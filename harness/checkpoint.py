@@ -78,7 +78,10 @@ class CheckpointError(RuntimeError):
 
 
 def is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / STATE_NAME).is_file()
+    """A checkpoint folder as the trainer renames it into place: with its trainer state, or (damaged:
+    verify() then names what is missing) its manifest, so a lost trainer_state.json is not taken for
+    an export folder and passed over silently."""
+    return path.is_dir() and ((path / STATE_NAME).is_file() or (path / MANIFEST_NAME).is_file())
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -159,6 +162,11 @@ def verify(folder: Path) -> str | None:
         listed = json.loads((folder / MANIFEST_NAME).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST_NAME} is unreadable ({type(e).__name__})"
+    if not isinstance(listed, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) and type(v.get("size")) is int and isinstance(v.get("sha256"), str)
+        for k, v in listed.items()
+    ):
+        return f"{MANIFEST_NAME} is malformed (not a map of file -> size and sha256)"
     present = set(_files(folder))
     if missing := sorted(set(listed) - present):
         return f"{missing[0]} is missing"
@@ -179,7 +187,8 @@ def verify(folder: Path) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve(run_dir: str | Path, resume: str | None, say: Callable[[str], None] | None = None) -> Path | None:
+def resolve(run_dir: str | Path, resume: str | None, say: Callable[[str], None] | None = None,
+            verb: str = "resuming from") -> Path | None:
     """Where to resume from: None = start fresh.
 
     `latest` takes the newest complete `step_*` folder that verifies against its manifest (the one
@@ -210,9 +219,9 @@ def resolve(run_dir: str | Path, resume: str | None, say: Callable[[str], None] 
             if why is None:
                 if not (path / MANIFEST_NAME).exists() and say is not None:  # an old checkpoint
                     say(f"note: {path.name} has no {MANIFEST_NAME} (written before checkpoints had one): "
-                        "resumed without checking its files")
+                        f"{'resumed' if verb == 'resuming from' else 'used'} without checking its files")
                 if failed and say is not None:
-                    say(f"note: {'; '.join(failed)}: resuming from {path.name}, the newest checkpoint that verifies")
+                    say(f"note: {'; '.join(failed)}: {verb} {path.name}, the newest checkpoint that verifies")
                 return path
             failed.append(f"{path.name} fails verification ({why})")
         raise ResumeError(f"no checkpoint in {run_dir / 'checkpoints'} verifies: {'; '.join(failed)}")
@@ -220,7 +229,7 @@ def resolve(run_dir: str | Path, resume: str | None, say: Callable[[str], None] 
     if not path.exists():
         raise ResumeError(f"--resume {resume}: no such checkpoint folder")
     if not is_complete(path):
-        raise ResumeError(f"--resume {resume}: not a complete checkpoint (no {STATE_NAME})")
+        raise ResumeError(f"--resume {resume}: not a complete checkpoint (no {STATE_NAME} or {MANIFEST_NAME})")
     if (why := verify(path)) is not None:
         raise ResumeError(f"--resume {resume}: the checkpoint fails verification ({why})")
     return path

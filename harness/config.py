@@ -587,3 +587,18 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"{key} ({_type_name(hints[f.name])}) = {default!r}  # {f.metadata.get('help', '')}")
     return lines
+
+
+def unused_settings(cfg: Config) -> list[str]:
+    """Settings that this run will never act on, each as one note for the log: accepted (a schedule may be
+    lengthened at a resume, an eval section may be kept for later), but never silent."""
+    notes = []
+    if cfg.loss.disc_weight > 0 and cfg.loss.disc_start >= cfg.train.max_steps:
+        notes.append(f"loss.disc_start={cfg.loss.disc_start} is at or past train.max_steps={cfg.train.max_steps}: "
+                     "the discriminator will not train in this run (raise train.max_steps, or lower loss.disc_start)")
+    if not cfg.eval.every_steps:
+        named = [k for k in ("lpips", "fid_weights", "fd_net") if getattr(cfg.eval, k)]
+        if named:
+            notes.append(f"eval.{', eval.'.join(named)} set, but eval.every_steps=0: validation never runs, so "
+                         "neither do they (set eval.every_steps and data.val)")
+    return notes

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shards.atomic import atomic_path
+
 
 class StatsFileError(ValueError):
     """A statistics file is missing or not one we can read: one line why."""
@@ -159,8 +161,10 @@ def save_stats(g: Gaussian, path: str | os.PathLike) -> Path:
     elif path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file({"mu": mu.contiguous(), "sigma": sigma.contiguous(), "n": torch.tensor([g.n], dtype=torch.int64)},
-                  str(path), metadata={"format": "vae-harness-feature-stats/1"})
+        with atomic_path(path) as tmp:  # readable like the .npz (safetensors makes files 0600), never half written
+            save_file({"mu": mu.contiguous(), "sigma": sigma.contiguous(),
+                       "n": torch.tensor([g.n], dtype=torch.int64)}, str(tmp),
+                      metadata={"format": "vae-harness-feature-stats/1"})
     else:
         raise StatsFileError(f"{path}: statistics are written as .npz or .safetensors, "
                              f"not {path.suffix or 'no suffix'!r}")
@@ -193,5 +197,7 @@ def load_stats(path: str | os.PathLike) -> Gaussian:
     mu, sigma = arrays["mu"].to(torch.float64).reshape(-1), arrays["sigma"].to(torch.float64)
     if sigma.shape != (mu.shape[0], mu.shape[0]):
         raise StatsFileError(f"{path}: sigma {tuple(sigma.shape)} does not fit mu {tuple(mu.shape)}")
+    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+        raise StatsFileError(f"{path}: mu or sigma holds non-finite values (NaN or inf)")
     n = int(arrays["n"].reshape(-1)[0]) if "n" in arrays else 0
     return Gaussian(mu, sigma, n)

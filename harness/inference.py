@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,8 +86,13 @@ def check_image_size(cfg: Config, size: int) -> None:
         raise RequestError(f"--image-size {size}: {str(e).removeprefix('data.image_size: ')}") from None
 
 
-def find_weights_dir(path: str | Path) -> Path:
-    """Run folder -> its newest complete checkpoint; a checkpoint or export folder -> itself."""
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def find_weights_dir(path: str | Path, say: Callable[[str], None] | None = _note) -> Path:
+    """Run folder -> its newest complete checkpoint that verifies (a newer one that does not is named
+    through `say`, on stderr by default); a checkpoint or export folder -> itself."""
     path = Path(path)
     if not path.exists():
         raise LoadError(f"{path}: no such run, checkpoint or export folder")
@@ -95,7 +102,7 @@ def find_weights_dir(path: str | Path) -> Path:
         return path
     if (path / "checkpoints").is_dir() or (path / ckpt.LATEST_NAME).is_file():
         try:
-            found = ckpt.resolve(path, "latest")
+            found = ckpt.resolve(path, "latest", say=say, verb="using")
         except ckpt.ResumeError as e:  # `latest` without checkpoints, or none that verifies
             raise LoadError(str(e)) from None
         if found is None:
@@ -309,12 +316,29 @@ def init_weights(model: torch.nn.Module, path: str | Path) -> tuple[int, Path]:
     return len(state), source
 
 
+def check_finite(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """LoadError naming the first weight with a NaN or inf: every output of such a model is NaN."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise LoadError(f"{folder}: weight {bad} holds non-finite values (NaN or inf): the run diverged there, "
+                        "or the file was damaged; use an earlier checkpoint")
+
+
 def load_model(path: str | Path, *, ema: bool = False,
                device: str | torch.device = "cpu") -> tuple[Autoencoder, Config, Path]:
-    folder = find_weights_dir(path)
-    cfg = load_config_of(folder)
+    for attempt in (1, 2):
+        folder = find_weights_dir(path)
+        try:
+            cfg = load_config_of(folder)
+            state = state_dict_of(folder, ema=ema)
+            break
+        except (LoadError, OSError):
+            # A run that is still training pruned the checkpoint between finding it and reading it: the
+            # next newest is there now. Anything else (or a second time) is the error it is.
+            if attempt == 2 or folder.exists() or folder == Path(path):
+                raise
+    check_finite(folder, state)
     model = build_model(cfg.model)
-    state = state_dict_of(folder, ema=ema)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise LoadError(f"{folder}: weights do not fit the stored config (missing {missing[:3]}, "

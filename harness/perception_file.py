@@ -12,7 +12,6 @@ here, in the harness, so that models/ stays free of files and of the atomic-writ
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,10 +60,7 @@ def save_perception(net: PerceptionNet, path: str | Path, info: dict | None = No
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = {"format": FORMAT, "arch": json.dumps(asdict(net.arch)), "info": json.dumps(info or {})}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files private (0600); this one is a plain artifact
+        save_file(state, str(tmp), metadata=meta)  # made readable like any file (shards.atomic)
     return path
 
 

@@ -22,6 +22,9 @@ from harness.dist import all_reduce_sum
 from harness.hooks import check_ema_matches
 from harness.inference import LoadError, weights_source
 
+# model.* keys that no parameter depends on: a resume follows the config for them (a note in the log)
+FOLLOWED_MODEL_KEYS = frozenset({"gradient_checkpointing", "dropout", "prior_dropout"})
+
 
 @dataclass
 class Start:
@@ -37,6 +40,14 @@ def plan(trainer, resume: str | None) -> Start:
                                f"it, or choose another run.dir")
     if resume_from is None:
         return Start(None, None)
+    own = run_dir / "checkpoints"
+    if resume_from.resolve().parent != own.resolve() and (mine := ckpt.list_checkpoints(run_dir)):
+        # Another run's checkpoint into a folder with checkpoints of its own: its steps would land on
+        # this run's (a step_N replaced, a later `--resume latest` picking the other branch).
+        names = ", ".join(p.name for _, p in mine[-2:])
+        raise ckpt.ResumeError(f"cannot resume {resume_from} in run.dir {run_dir}: that folder has checkpoints of "
+                               f"its own ({names}); continue another run's checkpoint in a new run.dir, or "
+                               f"--resume latest (or a path under {own}) to continue this one")
     if check_resumable(trainer, resume_from):
         return Start(resume_from, universal_copy(run_dir, resume_from, world, trainer.log, trainer.accelerator))
     return Start(resume_from, resume_from)
@@ -73,17 +84,28 @@ def check_resumable(trainer, path: Path) -> bool:
         raise ckpt.ResumeError(f"cannot resume {path}: it was written {'with' if saved_ds else 'without'} DeepSpeed; "
                                f"resume it under {how}, or start a new run from its weights "
                                "(python launch/export.py)")
+    saved_cfg = ckpt.read_config(path)
     if state.get("model_hash") != trainer.model_hash:
         # A key the checkpoint's config does not have was added to the schema since: at its default
-        # it changes nothing, so an older run still resumes. Any other difference is refused.
-        saved = ckpt.read_config(path)
-        saved = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+        # it changes nothing, so an older run still resumes. Keys that change no parameter (how
+        # backward recomputes, dropout rates) may change, said in the log. Any other difference is refused.
+        saved = saved_cfg.get("model") if isinstance(saved_cfg.get("model"), dict) else {}
         now, default = to_dict(cfg.model), to_dict(type(cfg.model)())
-        diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
-                if (saved[k] != now[k] if k in saved else now[k] != default[k])]
+        changed = [k for k in now if (saved[k] != now[k] if k in saved else now[k] != default[k])]
+        diff = [f"{k}: {saved.get(k, default[k])!r} -> {now[k]!r}" for k in changed if k not in FOLLOWED_MODEL_KEYS]
         if diff or not saved:
             raise ckpt.ResumeError(f"cannot resume {path}: the model config differs "
                                    f"({'; '.join(diff) or 'hash mismatch'})")
+        for k in changed:
+            trainer.log.info(f"note: model.{k} follows the config at this resume: {saved.get(k, default[k])!r} -> "
+                             f"{now[k]!r} (no parameter depends on it)")
+    saved_loss = saved_cfg.get("loss") if isinstance(saved_cfg.get("loss"), dict) else {}
+    if bool(saved_loss.get("learned_logvar", False)) != cfg.loss.learned_logvar:
+        was = bool(saved_loss.get("learned_logvar", False))
+        raise ckpt.ResumeError(f"cannot resume {path}: loss.learned_logvar was {str(was).lower()}, now "
+                               f"{str(cfg.loss.learned_logvar).lower()} (the learned log-variance is a trained "
+                               f"parameter of the run): keep loss.learned_logvar={str(was).lower()}, or start a new "
+                               "run from its weights (train.init_from)")
     check_ema_matches(path, cfg.train.ema_decay)
     discriminator.check_resume_layout(path, state, cfg)
     shards = scale.zero_partitions(path)

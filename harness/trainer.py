@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from harness import checkpoint as ckpt
 from harness import discriminator, losses, scale
-from harness.config import Config, ConfigError, section_hash, to_dict
+from harness.config import Config, ConfigError, section_hash, to_dict, unused_settings
 from harness.data import DataInfo, TrainLoader, names_problem, to_model_input
 from harness.dist import RankLogger, world
 from harness.engine import DeferredSkips, StepOutcome, make_engine
@@ -142,6 +142,8 @@ class Trainer:
             self.hooks.append(discriminator.DiscriminatorHook(self))
         self.trained = [self.engine.model, *(m for h in self.hooks for m in h.trained_models)]
         self.validator = Validator(self) if cfg.eval.every_steps else None
+        for note in unused_settings(cfg):
+            self.log.info(f"note: {note}")
 
         self.step = self.samples_seen = self.nonfinite_in_a_row = 0
         self.skips = DeferredSkips()

@@ -80,6 +80,9 @@ def check_request(args) -> None:
             raise RequestError(f"{option}: Inception statistics for rfid, which needs --fid-weights too")
     if args.save_ref_stats and Path(args.save_ref_stats).suffix not in (".npz", ".safetensors"):
         raise RequestError(f"--save-ref-stats {args.save_ref_stats}: statistics are written as .npz or .safetensors")
+    for option, path in (("--lpips-vgg", args.lpips_vgg), ("--lpips-lin", args.lpips_lin)):
+        if path and not args.lpips:  # weights for a metric that is off: it would be left out without a word
+            raise RequestError(f"{option}: weights for LPIPS, which needs --lpips too")
 
 
 @torch.no_grad()
@@ -105,6 +108,10 @@ def evaluate(args) -> dict:
         ref = {"rfid": load_stats(args.ref_stats)} if args.ref_stats else None
     except (ValueError, OSError) as e:
         raise LoadError(str(e)) from None
+    if ref and ref["rfid"].mu.shape[0] != nets[0].dim:  # found now, not after the whole pass
+        raise LoadError(f"--ref-stats {args.ref_stats}: {ref['rfid'].mu.shape[0]}-d statistics, but the FID Inception "
+                        f"gives {nets[0].dim}-d features (pytorch-fid --dims {ref['rfid'].mu.shape[0]}?): make them "
+                        "with --save-ref-stats, or pytorch-fid's --save-stats at its default --dims 2048")
     quantizer = getattr(model, "quantizer", None)
     ev = Evaluator(device=args.device, class_names=sources[0].classes if cond_key == "cls" else [], lpips=lpips,
                    feature_nets=nets, ref_stats=ref, codebook_size=getattr(quantizer, "codebook_size", 0))

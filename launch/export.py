@@ -45,7 +45,7 @@ from harness import diffusers_io  # noqa: E402
 from harness.data import DataSourceError, condition_field, eval_batches  # noqa: E402
 from harness.dist import world  # noqa: E402
 from harness.export import ExportError, save_safetensors  # noqa: E402
-from harness.inference import LoadError, find_weights_dir, load_model, state_dict_of  # noqa: E402
+from harness.inference import LoadError, check_finite, find_weights_dir, load_model, state_dict_of  # noqa: E402
 from harness.latents import latent_stats  # noqa: E402
 
 STATS_NAME = "latent_stats.json"  # beside our own export's model.safetensors
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = find_weights_dir(args.model)
         state = {k: (v.float() if v.is_floating_point() else v).contiguous()
                  for k, v in state_dict_of(folder, args.ema).items()}
+        check_finite(folder, state)  # before anything is written
         out = args.out
         n = sum(v.numel() for v in state.values())
         meta = {"source": folder.resolve(), "parameters": n, "ema": args.ema}
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     drop_stale(out, {"model.safetensors", ckpt.CONFIG_NAME} | ({STATS_NAME} if stats else set()))
     print(f"wrote {path} ({len(state)} tensors, {n / 1e6:.2f}M values) and {out / ckpt.CONFIG_NAME}"
-          + (f" and {out / STATS_NAME}" if stats is not None else ""))
+          + (f" and {out / STATS_NAME}" if stats is not None else "") + f", from {folder}")
     return 0
 
 
@@ -210,7 +211,7 @@ def export_diffusers(args, stats=None) -> int:
         if stats is not None:  # all of them, also what the diffusers class has no field for (VQModel: the shift)
             (out / STATS_NAME).write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
         diff = diffusers_io.check_loads(out, model, 2 ** (len(cfg.model.ch_mult) - 1) * 4)
-        if diff is not None and diff > 1e-3:
+        if diff is not None and not diff <= 1e-3:  # NaN too
             raise diffusers_io.DiffusersError(f"{out}: diffusers reconstructs differently from ours (largest "
                                               f"difference {diff:.2e}): a mapping error, please report it")
     except (ExportError, LoadError, diffusers_io.DiffusersError) as e:

@@ -111,7 +111,7 @@ def state_dict_problem(state, *, tensors_only: bool = True) -> str | None:
 
 
 def check_keys(what: str, path: Path, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
-    """Every expected tensor present with its shape (extra keys are the caller's business)."""
+    """Every expected tensor present with its shape, and finite (extra keys are the caller's business)."""
     missing = [k for k in expected if k not in state]
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
              if k in state and state[k].shape != v.shape]
@@ -119,3 +119,6 @@ def check_keys(what: str, path: Path, expected: dict[str, torch.Tensor], state: 
         raise WeightsNotFoundError(f"{what}: {path}: does not fit the network "
                                    f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                                    f"wrong shape {wrong[:3]})")
+    for k in expected:  # a NaN in a frozen network makes every score NaN, or a traceback deep in the metric
+        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            raise WeightsNotFoundError(f"{what}: {path}: weight {k} holds non-finite values (NaN or inf)")

@@ -25,6 +25,12 @@ from pathlib import Path
 _TEMP_RE = re.compile(r"^\.(?P<target>.+)\.\d+\.[0-9a-f]{8}\.tmp$")
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
 def temp_path(path: str | os.PathLike) -> Path:
     """A fresh temporary name next to `path`, unique to this process and this call."""
     path = Path(path)
@@ -79,6 +85,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files private (0600): ours are plain artifacts
         commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -64,3 +64,24 @@ def test_concurrent_writers_never_mix(tmp_path):
     assert errors == []
     assert target.read_text() in contents
     assert [p.name for p in tmp_path.iterdir()] == ["shared.txt"]
+
+
+def test_files_written_through_atomic_path_get_the_umask_mode_not_0600(tmp_path):
+    """safetensors' save_file creates private files (0600): exported weights, perception nets and FID statistics
+    would be unreadable to a colleague on shared storage while their config.json beside them is not."""
+    import torch
+    from safetensors.torch import save_file
+
+    from shards.atomic import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            save_file({"a": torch.zeros(1)}, str(tmp))
+        assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)  # a user who wants private files gets them
+        with atomic_path(tmp_path / "p.safetensors") as tmp:
+            save_file({"a": torch.zeros(1)}, str(tmp))
+        assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

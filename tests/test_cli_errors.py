@@ -137,10 +137,32 @@ def evaluate(model, shards, *extra):
     (["--ref-stats", "s.npz"], "--ref-stats: Inception statistics for rfid, which needs --fid-weights"),
     (["--fid-weights", "w.pth", "--save-ref-stats", "s.txt"], "--save-ref-stats s.txt: statistics are written as "
      ".npz or .safetensors"),
+    (["--lpips-vgg", "v.pth"], "--lpips-vgg: weights for LPIPS, which needs --lpips too"),
+    (["--lpips-lin", "l.pth"], "--lpips-lin: weights for LPIPS, which needs --lpips too"),
 ])
 def test_evaluate_bad_request_is_one_line(trained, shards, capsys, extra, says):
     assert evaluate(trained, shards, *extra) == 2
     assert says in one_line(capsys)
+
+
+def test_evaluate_ref_stats_of_another_size_are_refused_before_the_work(trained, shards, tmp_path, capsys,
+                                                                          monkeypatch):
+    """pytorch-fid --dims 64 statistics against our 2048-d Inception: one line before any image, not a traceback
+    after the whole pass. The Inception file itself need not be real for that: its loader is stubbed."""
+    import numpy as np
+
+    import launch.evaluate
+
+    class Net:
+        name, dim = "rfid", 2048
+
+    monkeypatch.setattr(launch.evaluate, "fid_net", lambda path, device: Net())
+    monkeypatch.setattr(launch.evaluate.Evaluator, "__init__", lambda *a, **k: pytest.fail("evaluated"))
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    assert evaluate(trained, shards, "--fid-weights", "w.pth", "--ref-stats", str(tmp_path / "small.npz")) == 2
+    assert one_line(capsys) == (f"error: --ref-stats {tmp_path / 'small.npz'}: 64-d statistics, but the FID Inception "
+                                "gives 2048-d features (pytorch-fid --dims 64?): make them with --save-ref-stats, or "
+                                "pytorch-fid's --save-stats at its default --dims 2048")
 
 
 def test_evaluate_lpips_weights_keyed_by_ints_is_one_line(trained, shards, tmp_path, capsys):

@@ -186,3 +186,22 @@ def test_a_deepspeed_config_that_accelerate_left_out_is_refused(monkeypatch):
     check_world(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1))
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     check_world(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=1))
+
+
+def test_settings_a_run_never_acts_on_are_named():
+    """Accepted, but said: a discriminator that starts after the last step, eval metrics without validation."""
+    from harness.config import unused_settings
+
+    cfg = load_config([str(ROOT / "launch/configs/demo.yaml")], ["data.train=x", "loss.disc_weight=0.5",
+                                                                   "loss.disc_start=300", "eval.lpips=true",
+                                                                   "eval.fid_weights=w.pth"])
+    assert unused_settings(cfg) == [
+        "loss.disc_start=300 is at or past train.max_steps=300: the discriminator will not train in this run "
+        "(raise train.max_steps, or lower loss.disc_start)",
+        "eval.lpips, eval.fid_weights set, but eval.every_steps=0: validation never runs, so neither do they "
+        "(set eval.every_steps and data.val)"]
+    assert unused_settings(load_config([str(ROOT / "launch/configs/demo.yaml")], [
+        "data.train=x", "data.val=y", "loss.disc_weight=0.5", "loss.disc_start=299", "eval.every_steps=10",
+        "eval.lpips=true"])) == []
+    # the shipped recipe reaches its own disc_start
+    assert unused_settings(load_config([str(ROOT / "launch/configs/recipe_ldm.yaml")], ["data.train=x"])) == []

@@ -198,6 +198,9 @@ def test_pytorch_fid_npz_layout_and_bad_files(tmp_path):
         load_stats(tmp_path / "other.npz")
     with pytest.raises(StatsFileError, match=r"\.npz or \.safetensors"):
         save_stats(g, tmp_path / "stats.txt")
+    np.savez(tmp_path / "nan.npz", mu=np.full(3, np.nan), sigma=np.eye(3))
+    with pytest.raises(StatsFileError, match="mu or sigma holds non-finite values"):
+        load_stats(tmp_path / "nan.npz")
 
 
 def test_inception_weight_file_loads_and_missing_is_one_line(tmp_path, recipe_state, golden):
@@ -219,6 +222,11 @@ def test_inception_weight_file_loads_and_missing_is_one_line(tmp_path, recipe_st
     torch.save({k: v for k, v in recipe_state.items() if "Mixed_7c" not in k}, partial)
     with pytest.raises(WeightsNotFoundError, match="missing"):
         FIDInception.from_file(partial)
+    nan = {**recipe_state, "Mixed_7c.branch1x1.conv.weight": torch.full_like(
+        recipe_state["Mixed_7c.branch1x1.conv.weight"], float("nan"))}
+    torch.save(nan, tmp_path / "nan.pth")  # every FID would be NaN, or a traceback deep in the statistics
+    with pytest.raises(WeightsNotFoundError, match=r"nan\.pth: weight Mixed_7c.branch1x1.conv.weight holds non-finite"):
+        FIDInception.from_file(tmp_path / "nan.pth")
     torch.save({1: torch.zeros(1)}, tmp_path / "numbered.pth")  # the check LPIPS and train.init_from share
     with pytest.raises(WeightsNotFoundError, match=r"numbered\.pth: not a state dict of tensors \(key 1 of type int"):
         FIDInception.from_file(tmp_path / "numbered.pth")

@@ -329,6 +329,111 @@ def test_corrupt_weights_fall_back_to_the_previous_step(run, shards, capsys, whe
                                 "does not match its sha256 (corrupted on disk or edited))")
 
 
+def test_a_lost_trainer_state_is_a_damaged_checkpoint_not_an_export(run, shards, capsys):
+    """A step_N that lost trainer_state.json (its manifest still there) is passed over with the same note as any
+    other damage and set aside; before, it was skipped without a word, stayed in checkpoints/, and the tools took
+    it for an export folder and read its weights unverified."""
+    from harness.inference import LoadError, find_weights_dir
+
+    (run / "checkpoints/step_2/trainer_state.json").unlink()
+    with pytest.raises(LoadError, match="step_2: the checkpoint fails verification .trainer_state.json is missing"):
+        find_weights_dir(run / "checkpoints/step_2")
+    assert find_weights_dir(run) == run / "checkpoints/step_1"  # the run folder: the newest that verifies, said
+    assert capsys.readouterr().err.strip() == ("note: step_2 fails verification (trainer_state.json is missing): "
+                                               "using step_1, the newest checkpoint that verifies")
+    assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 0
+    log = (run / "train.log").read_text()
+    assert "note: step_2 fails verification (trainer_state.json is missing): resuming from step_1" in log
+    assert (run / "checkpoints/abandoned-step_2").is_dir()
+
+
+@pytest.mark.parametrize("files", ['{"model.safetensors": 5}', "null", '{"model.safetensors": {"size": "7"}}'])
+def test_a_manifest_of_the_wrong_shape_fails_verification(run, shards, files):
+    manifest = run / "checkpoints/step_2/manifest.json"
+    manifest.write_text(f'{{"version": 1, "files": {files}}}')  # valid JSON: it was an AttributeError traceback
+    assert ckpt.verify(manifest.parent) == "manifest.json is malformed (not a map of file -> size and sha256)"
+    assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 0
+    assert "note: step_2 fails verification (manifest.json is malformed" in (run / "train.log").read_text()
+
+
+def test_another_runs_checkpoint_is_not_resumed_into_a_run_with_checkpoints(run, shards, tmp_path, capsys):
+    """--resume <another run's step_N> in a run.dir with checkpoints of its own: its saves would replace this
+    run's step_N and a later `--resume latest` would pick whichever branch is newer. Refused; nothing touched."""
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    before = {k: v for k, v in snapshot(run).items() if k != ".lock"}  # the lock is taken (and let go) first
+    capsys.readouterr()
+    assert main(args(shards, run, "train.max_steps=3", "--resume", str(other / "checkpoints/step_1"))) == 2
+    assert one_line(capsys) == (f"error: cannot resume {other / 'checkpoints/step_1'} in run.dir {run}: that folder "
+                                "has checkpoints of its own (step_1, step_2); continue another run's checkpoint in a "
+                                f"new run.dir, or --resume latest (or a path under {run / 'checkpoints'}) to continue "
+                                "this one")
+    assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == before
+    fresh = tmp_path / "fresh"  # into a new run.dir it continues, as the message says
+    assert main(args(shards, fresh, "train.max_steps=3", "--resume", str(other / "checkpoints/step_1"))) == 0
+    assert ckpt.read_state(ckpt.resolve(fresh, "latest"))["step"] == 3
+    # its own checkpoint named by path (not `latest`) is this run's: that resumes as before
+    assert main(args(shards, run, "train.max_steps=3", "--resume", str(run / "checkpoints/step_1"))) == 0
+
+
+def test_learned_logvar_switched_at_a_resume_is_one_line(run, shards, capsys):
+    capsys.readouterr()
+    assert main(args(shards, run, "train.max_steps=3", "loss.learned_logvar=true", "--resume", "latest")) == 2
+    assert one_line(capsys) == (f"error: cannot resume {run / 'checkpoints/step_2'}: loss.learned_logvar was false, "
+                                "now true (the learned log-variance is a trained parameter of the run): keep "
+                                "loss.learned_logvar=false, or start a new run from its weights (train.init_from)")
+
+
+def test_gradient_checkpointing_may_change_at_a_resume(run, shards, capsys):
+    """The documented answer to running out of memory changes no parameter: a resume follows it, said once."""
+    assert main(args(shards, run, "train.max_steps=3", "model.gradient_checkpointing=true", "--resume", "latest")) == 0
+    assert ("note: model.gradient_checkpointing follows the config at this resume: False -> True (no parameter "
+            "depends on it)") in (run / "train.log").read_text()
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 3
+
+
+def test_tools_refuse_non_finite_weights(run, tmp_path, capsys):
+    """A checkpoint whose weights hold a NaN (a diverged run, a damaged file that still matches a manifest
+    rewritten by hand): sample/evaluate/export say so in one line instead of reporting psnr nan."""
+    from safetensors.torch import load_file, save_file
+
+    from harness.inference import LoadError, load_model
+    from launch.export import main as export_main
+
+    step = run / "checkpoints/step_2"
+    weights = load_file(step / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name][(0,) * weights[name].dim()] = float("nan")
+    save_file(weights, step / "model.safetensors")
+    ckpt.write_manifest(step)
+    with pytest.raises(LoadError, match=f"weight {name} holds non-finite values"):
+        load_model(step)
+    capsys.readouterr()
+    out = tmp_path / "exported"
+    assert export_main([str(step), "--out", str(out)]) == 2
+    assert f"weight {name} holds non-finite values" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_checkpoint_pruned_while_a_tool_reads_it_is_read_from_the_next(run, monkeypatch):
+    """evaluate/sample/export on a run that is still training: the checkpoint found can be pruned before its
+    files are read. Found again once (the newer one is there by then), not 'no model weights'."""
+    from harness import inference
+
+    real, calls = inference.load_config_of, []
+
+    def pruned_meanwhile(folder):
+        calls.append(folder)
+        if len(calls) == 1:  # the trainer saves step_3 and prunes step_2 right now
+            shutil.copytree(run / "checkpoints/step_2", run / "checkpoints/step_3")
+            shutil.rmtree(folder)
+        return real(folder)
+
+    monkeypatch.setattr(inference, "load_config_of", pruned_meanwhile)
+    _, _, folder = inference.load_model(run)
+    assert calls == [run / "checkpoints/step_2", run / "checkpoints/step_3"] and folder == calls[-1]
+
+
 def test_nothing_verifies_is_one_line(run, shards, capsys):
     for step in (1, 2):
         flip(run / f"checkpoints/step_{step}/optimizer.bin", 100)

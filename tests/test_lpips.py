@@ -217,6 +217,10 @@ def test_bad_files_one_line(clean_env, recipe_state):
         LPIPS.from_files(vgg=numbered, lin=text)
     assert str(e.value) == (f"LPIPS VGG16 weights: {numbered}: not a state dict of tensors "
                             "(key 1 of type int, not a name)")
+    nan = clean_env / "nan.pth"  # a NaN in the frozen VGG makes every LPIPS NaN (it was reported as "lpips nan")
+    torch.save({**vgg, "features.28.bias": torch.full_like(vgg["features.28.bias"], float("nan"))}, nan)
+    with pytest.raises(WeightsNotFoundError, match=r"nan\.pth: weight features\.28\.bias holds non-finite values"):
+        LPIPS.from_files(vgg=nan, lin=text)
     torch.save({"features.0.weight": [1.0]}, clean_env / "lists.pth")
     with pytest.raises(WeightsNotFoundError, match=r"lists\.pth: not a state dict of tensors \('features\.0\.weight' "
                                                    r"holds a value of type list\)$"):
