@@ -94,7 +94,8 @@ class ModelConfig:
         ge=0.0, le=1.0,
     )
     # --- kind=vq
-    vq_codebook_size: int = F(1024, "codebook entries", ge=2)
+    vq_codebook_size: int = F(1024, "codebook entries (at most 2^20: k-means seeding and usage counts grow with it)",
+                              ge=2, le=2**20)
     vq_beta: float = F(0.25, "commitment weight on the encoder term |z_e - sg(e)|^2", ge=0.0)
     vq_decay: float = F(0.99, "EMA decay of the codebook, < 1 (0 = codebook trained by gradient)", ge=0.0)
     vq_eps: float = F(1e-5, "Laplace smoothing of EMA cluster sizes", gt=0.0)
@@ -601,4 +602,35 @@ def unused_settings(cfg: Config) -> list[str]:
         if named:
             notes.append(f"eval.{', eval.'.join(named)} set, but eval.every_steps=0: validation never runs, so "
                          "neither do they (set eval.every_steps and data.val)")
+    notes += _unread_model_keys(cfg)
     return notes
+
+
+_LDM_ONLY = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "z_channels")
+_VQ_ONLY = ("vq_codebook_size", "vq_beta", "vq_decay", "vq_eps", "vq_cosine", "vq_init", "vq_restart_after")
+_KL_LOSS = ("kl_weight", "kl_anneal_steps", "kl_anneal_cycle", "kl_free_bits")
+
+
+def model_keys_not_read(m: ModelConfig) -> set[str]:
+    """The `model.*` keys the autoencoder kind / arch of `m` does not read (none for other kinds)."""
+    if m.kind not in ("kl", "vq", "fsq"):
+        return set()
+    by_kind = {"kl": (*_VQ_ONLY, "fsq_levels"), "vq": ("fsq_levels",), "fsq": (*_VQ_ONLY, "embed_dim")}[m.kind]
+    return {*(_LDM_ONLY if m.arch == "spec" else ("encoder", "decoder")), *by_kind}
+
+
+def _unread_model_keys(cfg: Config) -> list[str]:
+    """Keys set away from their defaults that the chosen autoencoder kind / arch does not read (left from a
+    base config of another kind, or typed for another one), in one note."""
+    m, loss = cfg.model, cfg.loss
+    if m.kind not in ("kl", "vq", "fsq"):
+        return []
+    dm, dl = ModelConfig(), LossConfig()
+    keys = [f"model.{k}" for k in ModelConfig.__dataclass_fields__
+            if k in model_keys_not_read(m) and getattr(m, k) != getattr(dm, k)]
+    keys += [f"loss.{k}" for k in {"kl": ("vq_weight",), "vq": _KL_LOSS, "fsq": (*_KL_LOSS, "vq_weight")}[m.kind]
+             if getattr(loss, k) != getattr(dl, k)]
+    if not keys:
+        return []
+    return [f"{', '.join(keys)} set, but a model.kind={m.kind} model.arch={m.arch} model does not read "
+            f"{'it' if len(keys) == 1 else 'them'}"]

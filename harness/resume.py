@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 
 from harness import checkpoint as ckpt
 from harness import discriminator, scale
-from harness.config import to_dict
+from harness.config import model_keys_not_read, to_dict
 from harness.dist import all_reduce_sum
 from harness.hooks import check_ema_matches
 from harness.inference import LoadError, weights_source
@@ -92,13 +92,14 @@ def check_resumable(trainer, path: Path) -> bool:
         saved = saved_cfg.get("model") if isinstance(saved_cfg.get("model"), dict) else {}
         now, default = to_dict(cfg.model), to_dict(type(cfg.model)())
         changed = [k for k in now if (saved[k] != now[k] if k in saved else now[k] != default[k])]
-        diff = [f"{k}: {saved.get(k, default[k])!r} -> {now[k]!r}" for k in changed if k not in FOLLOWED_MODEL_KEYS]
+        followed = FOLLOWED_MODEL_KEYS | model_keys_not_read(cfg.model)  # kind and arch themselves: in `diff`
+        diff = [f"{k}: {saved.get(k, default[k])!r} -> {now[k]!r}" for k in changed if k not in followed]
         if diff or not saved:
             raise ckpt.ResumeError(f"cannot resume {path}: the model config differs "
                                    f"({'; '.join(diff) or 'hash mismatch'})")
         for k in changed:
             trainer.log.info(f"note: model.{k} follows the config at this resume: {saved.get(k, default[k])!r} -> "
-                             f"{now[k]!r} (no parameter depends on it)")
+                             f"{now[k]!r} (no parameter depends on it{'' if k in FOLLOWED_MODEL_KEYS else ': unread'})")
     saved_loss = saved_cfg.get("loss") if isinstance(saved_cfg.get("loss"), dict) else {}
     if bool(saved_loss.get("learned_logvar", False)) != cfg.loss.learned_logvar:
         was = bool(saved_loss.get("learned_logvar", False))

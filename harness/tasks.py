@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -324,7 +325,15 @@ def prior_sampler(prior_path: str | Path, *, ema: bool = False, device="cpu", te
     prior, cfg, folder = load_model(prior_path, ema=ema, device=device)
     if cfg.model.kind != "prior":
         raise ConfigError(f"{prior_path}: a model.kind={cfg.model.kind} model, not a prior")
-    vq = frozen_vq(cfg.model.prior_vq, device)[0]
+    vq, _, vq_folder, _ = frozen_vq(cfg.model.prior_vq, device)
+    try:  # a checkpoint records the digest of the VQ weights it was trained on (an export folder does not)
+        then = json.loads((folder / "trainer_state.json").read_text()).get("loss_files", {}).get("prior_vq")
+    except (OSError, ValueError, AttributeError):
+        then = None
+    if then is not None and then != weights_digest(vq):
+        print(f"note: model.prior_vq now gives other weights ({vq_folder}) than this prior was trained on (the VQ run "
+              "went on, or the path names another checkpoint): its codes may not be the ones the prior learned; "
+              "point model.prior_vq at the step_N it was trained with", file=sys.stderr)
     return VQWithPrior(vq, prior, temperature=temperature, top_k=top_k), cfg, folder
 
 

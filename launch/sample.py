@@ -16,6 +16,7 @@ prior's run; its VQ model is read from the prior's `model.prior_vq`.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -69,8 +70,8 @@ def load(args):
     model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device)
     if cfg.model.kind == "prior":
         temperature, top_k = 1.0 if args.temperature is None else args.temperature, args.top_k or 0
-        if temperature < 0 or top_k < 0:
-            raise RequestError(f"--temperature ({temperature}) and --top-k ({top_k}) must be >= 0")
+        if not (0 <= temperature < math.inf) or top_k < 0:  # nan and inf too: softmax of nan is no draw
+            raise RequestError(f"--temperature {temperature}: need a finite number >= 0; --top-k {top_k}: >= 0")
         if args.image_size and args.image_size != cfg.data.image_size:
             raise RequestError(f"--image-size: the prior models the code grid at {cfg.data.image_size} px "
                              f"(its data.image_size); leave it out")
@@ -115,6 +116,10 @@ def check_request(args) -> Path:
         raise RequestError(f"--image-size {args.image_size}: need a positive number of pixels")
     if not 0 <= args.seed < 2**63:
         raise RequestError(f"--seed {args.seed}: need 0 <= seed < 2^63")
+    if args.cls is not None and args.mode != "sample":  # it would be left unused without a word
+        raise RequestError(f"--cls: for `sample`; `{args.mode}` "
+                           + ("draws a row per class" if args.mode == "classes" else "conditions each image on its "
+                              "own class from the shards"))
     check_device(args.device)
     return writable_png(Path(args.out or f"{args.mode}.png"))
 
@@ -133,8 +138,15 @@ def run(args) -> Path:
                 raise RequestError("--cls needs a class-conditional model")
             if not 0 <= args.cls < cfg.model.num_classes:
                 raise RequestError(f"--cls {args.cls}: the model has model.num_classes={cfg.model.num_classes} "
-                                   f"(classes 0..{cfg.model.num_classes - 1})")
+                                   f"(classes 0..{cfg.model.num_classes - 1}; leave --cls out for unconditional "
+                                   "samples)")
             cond = torch.full((args.n,), args.cls, dtype=torch.long, device=args.device)
+        elif model.condition in ("class", "multilabel") and cfg.model.kind == "kl" and not cfg.model.cond_dropout:
+            # Unconditional samples read the null condition, which only model.cond_dropout trains: without it
+            # the images come from a random embedding, silently.
+            raise RequestError("the model was trained with model.cond_dropout=0, so its null (unconditional) "
+                               "condition never trained: " + ("give --cls N" if model.condition == "class" else
+                                                              "use `classes`") + " for conditional samples")
         rows = [model.sample(args.n, size, cond=cond, generator=grids.generator(args.device, args.seed))]
     elif args.mode == "classes":
         conds = grids.class_conditions(model.condition, cfg.model.num_classes, args.rows, args.n, args.device)

@@ -81,7 +81,8 @@ def pick(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # From the row's maximum down: a tiny temperature then sends the others to -inf (the argmax), never inf - inf
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -156,8 +157,8 @@ class CodePrior(nn.Module):
         """`n` code grids `b h w`, one position at a time (keys and values cached). `cond`: `n` class
         indices (-1 = none) or `n k` multi-hot vectors; None = the null condition (trained only with
         cond_dropout > 0). temperature and top_k as in `pick`; a seeded `generator` repeats the draw."""
-        if temperature < 0 or top_k < 0:
-            raise ValueError(f"sample: temperature ({temperature}) and top_k ({top_k}) must be >= 0")
+        if not (0 <= temperature < math.inf) or top_k < 0:
+            raise ValueError(f"sample: temperature ({temperature}) must be finite and >= 0, top_k ({top_k}) >= 0")
         if exists(cond) and self.condition and cond.shape[0] != n:
             raise ValueError(f"sample: cond has {cond.shape[0]} rows but n={n} samples were asked for")
         x = self.start_token(cond, n)

@@ -6,6 +6,8 @@ Axis letters: b batch, d latent dimension, h height, w width.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -13,6 +15,8 @@ from models.base import AutoencoderOutput, ModelConfigError, NoPriorError
 from models.common import LatentAutoencoder, build_backbone
 from models.conditioning import ConditionEmbedding
 from models.quantizers import FSQ, QuantizerOutput, VectorQuantizer
+
+MAX_CODES = 2**20  # as model.vq_codebook_size (harness/config.py): FSQ's implicit codebook, counted every step
 
 
 class VQAutoencoder(LatentAutoencoder):
@@ -107,6 +111,9 @@ class VQAutoencoder(LatentAutoencoder):
             )
         if m.kind == "fsq" and (not m.fsq_levels or any(n < 2 for n in m.fsq_levels)):
             raise ModelConfigError(f"model.fsq_levels: need a non-empty list of integers >= 2; got {m.fsq_levels}")
+        if m.kind == "fsq" and math.prod(m.fsq_levels) > MAX_CODES:  # the implicit codebook is counted every step
+            raise ModelConfigError(f"model.fsq_levels: {m.fsq_levels} make {math.prod(m.fsq_levels)} codes, over "
+                                   f"{MAX_CODES} (2^20); fewer or smaller levels")
         super().check_config(m, image_size)
 
     @classmethod

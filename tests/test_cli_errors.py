@@ -36,7 +36,7 @@ def trained(shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("trained") / "run"
     assert train_main(["--config", str(CONFIG), f"data.train={shards}", f"run.dir={run}", "train.max_steps=1",
                        "checkpoint.every_steps=1", "log.images_every_steps=0", "model.condition=class",
-                       "model.num_classes=4"]) == 0
+                       "model.num_classes=4", "model.cond_dropout=0.2"]) == 0
     return run
 
 
@@ -114,6 +114,26 @@ def test_sample_out_under_a_file_is_one_line(trained, tmp_path, capsys):
     (tmp_path / "f").write_text("")
     assert sample_main([str(trained), "sample", "--device", "cpu", "--out", str(tmp_path / "f" / "x.png")]) == 2
     assert "is a file" in one_line(capsys)
+
+
+def test_unconditional_samples_need_a_trained_null_condition(shards, tmp_path, capsys):
+    """Trained with cond_dropout=0, the null condition is a random embedding: `sample` without --cls gave images
+    from it with exit 0. Refused; with --cls it samples."""
+    run = tmp_path / "run"
+    assert train_main(["--config", str(CONFIG), f"data.train={shards}", f"run.dir={run}", "train.max_steps=1",
+                       "log.images_every_steps=0", "model.condition=class", "model.num_classes=4"]) == 0
+    capsys.readouterr()
+    assert sample_main([str(run), "sample", "--n", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 2
+    assert one_line(capsys) == ("error: the model was trained with model.cond_dropout=0, so its null (unconditional) "
+                                "condition never trained: give --cls N for conditional samples")
+    assert sample_main([str(run), "sample", "--n", "2", "--cls", "1", "--device", "cpu",
+                        "--out", str(tmp_path / "x.png")]) == 0
+
+
+@pytest.mark.parametrize("mode", ["reconstruct", "interpolate", "classes"])
+def test_cls_outside_sample_mode_is_refused(trained, tmp_path, capsys, mode):
+    assert sample_main([str(trained), mode, "--cls", "1", "--device", "cpu", "--out", str(tmp_path / "x.png")]) == 2
+    assert one_line(capsys).startswith(f"error: --cls: for `sample`; `{mode}` ")
 
 
 def test_sample_classes_of_an_unconditional_model_is_exit_2(unconditional, tmp_path, capsys):

@@ -203,5 +203,22 @@ def test_settings_a_run_never_acts_on_are_named():
     assert unused_settings(load_config([str(ROOT / "launch/configs/demo.yaml")], [
         "data.train=x", "data.val=y", "loss.disc_weight=0.5", "loss.disc_start=299", "eval.every_steps=10",
         "eval.lpips=true"])) == []
-    # the shipped recipe reaches its own disc_start
-    assert unused_settings(load_config([str(ROOT / "launch/configs/recipe_ldm.yaml")], ["data.train=x"])) == []
+    # keys of another kind or arch: accepted, named
+    fsq = load_config([str(ROOT / "launch/configs/fsq.yaml")], ["data.train=x", "model.vq_codebook_size=16",
+                                                                 "loss.vq_weight=5", "loss.kl_weight=1"])
+    assert unused_settings(fsq) == ["model.vq_codebook_size, loss.kl_weight, loss.vq_weight set, but a model.kind=fsq "
+                                    "model.arch=ldm model does not read them"]
+    spec = load_config([str(ROOT / "launch/configs/spec_basic.yaml")], ["data.train=x", "model.ch_mult=[1,2,4]"])
+    assert unused_settings(spec) == ["model.ch_mult set, but a model.kind=kl model.arch=spec model does not read it"]
+    # no shipped config sets what it does not read, and the recipe reaches its own disc_start
+    for path in sorted((ROOT / "launch/configs").glob("*.yaml")):
+        if path.name != "vq_prior.yaml":  # needs a trained VQ run to load
+            assert unused_settings(load_config([str(path)], ["data.train=x"])) == [], path.name
+
+
+def test_a_codebook_too_large_to_seed_is_refused():
+    """vq_codebook_size=100000000 (a typo) hung at step 0 in k-means seeding, deaf to SIGTERM."""
+    with pytest.raises(ConfigError, match="model.vq_codebook_size: 100000000 is out of range; must be <= 1048576"):
+        load_config([str(ROOT / "launch/configs/vq.yaml")], ["data.train=x", "model.vq_codebook_size=100000000"])
+    assert load_config([str(ROOT / "launch/configs/vq.yaml")],
+                       ["data.train=x", "model.vq_codebook_size=1048576"]).model.vq_codebook_size == 2**20

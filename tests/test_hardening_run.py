@@ -386,9 +386,15 @@ def test_learned_logvar_switched_at_a_resume_is_one_line(run, shards, capsys):
 
 def test_gradient_checkpointing_may_change_at_a_resume(run, shards, capsys):
     """The documented answer to running out of memory changes no parameter: a resume follows it, said once."""
-    assert main(args(shards, run, "train.max_steps=3", "model.gradient_checkpointing=true", "--resume", "latest")) == 0
+    assert main(args(shards, run, "train.max_steps=3", "model.gradient_checkpointing=true",
+                     "model.vq_codebook_size=77", "--resume", "latest")) == 0
+    log = (run / "train.log").read_text()
     assert ("note: model.gradient_checkpointing follows the config at this resume: False -> True (no parameter "
-            "depends on it)") in (run / "train.log").read_text()
+            "depends on it)") in log
+    # a key this kind does not read (a KL model's codebook size) blocks nothing either: said at start and here
+    assert "note: model.vq_codebook_size follows the config at this resume: 1024 -> 77 (no parameter depends on " \
+           "it: unread)" in log
+    assert "note: model.vq_codebook_size set, but a model.kind=kl model.arch=ldm model does not read it" in log
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 3
 
 

@@ -102,6 +102,8 @@ def test_config_keys_are_schema_keys_and_every_key_is_read():
         (dict(condition="class"), 64, "model.num_classes: model.condition=class needs"),
         (dict(kind="vq", vq_decay=1.0), 64, "model.vq_decay: 1.0 would freeze"),
         (dict(kind="fsq", fsq_levels=[8, 1]), 64, "model.fsq_levels: need a non-empty list"),
+        (dict(kind="fsq", fsq_levels=[1024, 1024, 2]), 64, "model.fsq_levels: [1024, 1024, 2] make 2097152 codes, "
+         "over 1048576"),  # was an overflow traceback inside the step (or an out-of-memory that blamed the batch)
         (dict(arch="spec"), 64, "model.encoder: missing"),
         (dict(arch="spec", kind="vq", encoder=["C2d_3_8_3_2_1"], decoder=["C2d_4_3_3_1_1"]), 16,
          "model.encoder: output (8, 8, 8) has 8 channels but the quantizer needs 4"),

@@ -1,6 +1,7 @@
 """model.kind=prior: a transformer over a frozen VQ/FSQ model's codes, trained through launch/train.py,
 sampled through launch/sample.py."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,11 @@ def test_temperature_and_top_k_are_deterministic_with_a_seed():
     assert torch.equal(draw(3, top_k=4), draw(3, top_k=4)) and not torch.equal(draw(3, top_k=4), draw(3))
     with pytest.raises(ValueError, match="temperature"):
         p.sample(2, temperature=-1)
+    # a tiny temperature is the greedy draw (it was inf - inf = nan: "probability tensor contains nan")
+    assert torch.equal(draw(1, temperature=1e-45), draw(5, temperature=0))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be finite"):
+            p.sample(2, temperature=bad)
 
 
 def test_a_class_conditional_prior_learns_its_classes():
@@ -193,6 +199,25 @@ def test_prior_trains_on_a_vq_run_and_samples(shards, vq_run, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--temperature/--top-k apply to a prior run" in err
     assert evaluate_main([str(run), "--data", str(shards)]) == 2
     assert "a model.kind=prior run has no reconstructions to evaluate" in capsys.readouterr().err
+
+
+def test_sampling_notes_a_vq_model_that_went_on_training(shards, vq_run, tmp_path, capsys):
+    """model.prior_vq named the VQ *run*; the VQ run then trained on: the prior's codes are no longer the VQ model's.
+    sample.py says so (the trainer does at a resume), and still samples."""
+    vq = tmp_path / "vq"
+    shutil.copytree(vq_run, vq)
+    run = tmp_path / "prior"
+    assert train_main(prior_args(shards, vq, run, "train.max_steps=2", "log.images_every_steps=0")) == 0
+    out = tmp_path / "s.png"
+    capsys.readouterr()
+    assert sample_main([str(run), "sample", "--n", "2", "--out", str(out)]) == 0
+    assert "note: model.prior_vq" not in capsys.readouterr().err
+    assert train_main(["--config", str(TINY), f"data.train={shards}", f"run.dir={vq}", *VQ, "train.max_steps=5",
+                       "checkpoint.every_steps=0", "--resume", "latest"]) == 0
+    capsys.readouterr()
+    assert sample_main([str(run), "sample", "--n", "2", "--out", str(out)]) == 0
+    assert (f"note: model.prior_vq now gives other weights ({vq / 'checkpoints/step_5'}) than this prior was trained "
+            "on") in capsys.readouterr().err
 
 
 def test_prior_resume_is_bitwise(shards, vq_run, tmp_path):
