@@ -602,6 +602,19 @@ def unused_settings(cfg: Config) -> list[str]:
         if named:
             notes.append(f"eval.{', eval.'.join(named)} set, but eval.every_steps=0: validation never runs, so "
                          "neither do they (set eval.every_steps and data.val)")
+    dl = LossConfig()
+    off = {"learned_logvar": ["logvar_init"],  # a switch that is off, and the keys only it reads
+           "disc_weight": [k for k in LossConfig.__dataclass_fields__ if k.startswith(("disc_", "lecam_"))
+                           and k != "disc_weight"],
+           "perceptual_weight": ["perceptual_net", "lpips_vgg", "lpips_lin"]}
+    for switch, keys in off.items():
+        if not getattr(cfg.loss, switch):
+            named = [f"loss.{k}" for k in keys if getattr(cfg.loss, k) != getattr(dl, k)]
+            if switch == "perceptual_weight" and cfg.eval.lpips:  # validation's LPIPS reads lpips_vgg/lpips_lin
+                named = [k for k in named if k == "loss.perceptual_net"]
+            if named:
+                notes.append(f"{', '.join(named)} set, but loss.{switch} is off: nothing reads "
+                             f"{'it' if len(named) == 1 else 'them'}")
     notes += _unread_model_keys(cfg)
     return notes
 

@@ -203,6 +203,16 @@ def test_settings_a_run_never_acts_on_are_named():
     assert unused_settings(load_config([str(ROOT / "launch/configs/demo.yaml")], [
         "data.train=x", "data.val=y", "loss.disc_weight=0.5", "loss.disc_start=299", "eval.every_steps=10",
         "eval.lpips=true"])) == []
+    # keys only a switched-off term reads
+    off = load_config([str(ROOT / "launch/configs/demo.yaml")], ["data.train=x", "loss.logvar_init=3",
+                                                                   "loss.lecam_weight=0.001", "loss.disc_start=5",
+                                                                   "loss.lpips_vgg=v.pth"])
+    assert unused_settings(off) == [
+        "loss.logvar_init set, but loss.learned_logvar is off: nothing reads it",
+        "loss.disc_start, loss.lecam_weight set, but loss.disc_weight is off: nothing reads them",
+        "loss.lpips_vgg set, but loss.perceptual_weight is off: nothing reads it"]
+    assert unused_settings(load_config([str(ROOT / "launch/configs/demo.yaml")], [
+        "data.train=x", "data.val=y", "eval.every_steps=5", "eval.lpips=true", "loss.lpips_vgg=v.pth"])) == []
     # keys of another kind or arch: accepted, named
     fsq = load_config([str(ROOT / "launch/configs/fsq.yaml")], ["data.train=x", "model.vq_codebook_size=16",
                                                                  "loss.vq_weight=5", "loss.kl_weight=1"])
