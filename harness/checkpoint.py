@@ -84,6 +84,14 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and ((path / STATE_NAME).is_file() or (path / MANIFEST_NAME).is_file())
 
 
+def of_run(path: Path, run_dir: Path) -> bool:
+    """Whether checkpoint folder `path` lies in `run_dir`'s checkpoints/: by where it is named (a step_N that
+    is itself a link to other storage) or by where it leads (a link elsewhere that points in here)."""
+    own = (Path(run_dir) / "checkpoints").resolve()
+    path = Path(path)
+    return path.absolute().parent.resolve() == own or path.resolve().parent == own
+
+
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -172,13 +180,16 @@ def verify(folder: Path) -> str | None:
         return f"{missing[0]} is missing"
     if extra := sorted(present - set(listed)):
         return f"{extra[0]} is not in its manifest"
-    for name, entry in listed.items():
-        if (size := (folder / name).stat().st_size) != entry.get("size"):
-            return f"{name} has {size} bytes, its manifest says {entry.get('size')}"
-    names = sorted(listed)
-    for name, digest in zip(names, _hash_all(folder, names)):
-        if digest != listed[name].get("sha256"):
-            return f"{name} does not match its sha256 (corrupted on disk or edited)"
+    try:
+        for name, entry in listed.items():
+            if (size := (folder / name).stat().st_size) != entry.get("size"):
+                return f"{name} has {size} bytes, its manifest says {entry.get('size')}"
+        names = sorted(listed)
+        for name, digest in zip(names, _hash_all(folder, names)):
+            if digest != listed[name].get("sha256"):
+                return f"{name} does not match its sha256 (corrupted on disk or edited)"
+    except FileNotFoundError as e:  # pruned (or moved) by a run that is still training, while we read it
+        return f"{Path(e.filename or folder).name} vanished while it was verified"
     return None
 
 
@@ -373,7 +384,7 @@ class CheckpointManager:
         Renamed to `abandoned-step_N` (`.2`, `.3`, ... when an earlier branch left one; kept, never
         resumed or pruned) so that `latest` cannot pick
         them up after a crash, and pruning counts only this branch. Main process."""
-        if not self.is_main or resumed.parent.resolve() != self.root.resolve():
+        if not self.is_main or not of_run(resumed, self.run_dir):
             return []
         moved = []
         for n, p in list_checkpoints(self.run_dir):

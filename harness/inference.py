@@ -324,19 +324,27 @@ def check_finite(folder: Path, state: dict[str, torch.Tensor]) -> None:
                         "or the file was damaged; use an earlier checkpoint")
 
 
+def read_weights(path: str | Path, ema: bool = False) -> tuple[Path, Config, dict[str, torch.Tensor]]:
+    """The folder `path` leads to, its config and its fp32 weights. A run that is still training may prune
+    the checkpoint found before (or while) it is read: then once more, from the newer one, quietly."""
+    say = _note if int(os.environ.get("RANK", "0")) == 0 else None  # torchrun: one note, from rank 0
+    for attempt in (1, 2):
+        folder = None
+        try:
+            folder = find_weights_dir(path, say=say)
+            return folder, load_config_of(folder), state_dict_of(folder, ema=ema)
+        except (LoadError, OSError) as e:
+            pruned = folder is not None and folder != Path(path) and not folder.exists()  # found, then gone
+            vanished = "vanished while it was verified" in str(e)  # gone while its manifest was checked
+            if attempt == 2 or not (pruned or vanished):
+                raise
+            say = None  # the first look said what it had to
+    raise AssertionError("unreachable")
+
+
 def load_model(path: str | Path, *, ema: bool = False,
                device: str | torch.device = "cpu") -> tuple[Autoencoder, Config, Path]:
-    for attempt in (1, 2):
-        folder = find_weights_dir(path)
-        try:
-            cfg = load_config_of(folder)
-            state = state_dict_of(folder, ema=ema)
-            break
-        except (LoadError, OSError):
-            # A run that is still training pruned the checkpoint between finding it and reading it: the
-            # next newest is there now. Anything else (or a second time) is the error it is.
-            if attempt == 2 or folder.exists() or folder == Path(path):
-                raise
+    folder, cfg, state = read_weights(path, ema)
     check_finite(folder, state)
     model = build_model(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -41,7 +41,7 @@ def plan(trainer, resume: str | None) -> Start:
     if resume_from is None:
         return Start(None, None)
     own = run_dir / "checkpoints"
-    if resume_from.resolve().parent != own.resolve() and (mine := ckpt.list_checkpoints(run_dir)):
+    if resume != "latest" and not ckpt.of_run(resume_from, run_dir) and (mine := ckpt.list_checkpoints(run_dir)):
         # Another run's checkpoint into a folder with checkpoints of its own: its steps would land on
         # this run's (a step_N replaced, a later `--resume latest` picking the other branch).
         names = ", ".join(p.name for _, p in mine[-2:])

@@ -45,7 +45,7 @@ from harness import diffusers_io  # noqa: E402
 from harness.data import DataSourceError, condition_field, eval_batches  # noqa: E402
 from harness.dist import world  # noqa: E402
 from harness.export import ExportError, save_safetensors  # noqa: E402
-from harness.inference import LoadError, check_finite, find_weights_dir, load_model, state_dict_of  # noqa: E402
+from harness.inference import LoadError, check_finite, load_model, read_weights  # noqa: E402
 from harness.latents import latent_stats  # noqa: E402
 
 STATS_NAME = "latent_stats.json"  # beside our own export's model.safetensors
@@ -95,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "diffusers":
         return export_diffusers(args, stats)
     try:
-        folder = find_weights_dir(args.model)
-        state = {k: (v.float() if v.is_floating_point() else v).contiguous()
-                 for k, v in state_dict_of(folder, args.ema).items()}
+        folder, _, state = read_weights(args.model, args.ema)  # (retried if a training run prunes it meanwhile)
+        state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
         check_finite(folder, state)  # before anything is written
         out = args.out
         n = sum(v.numel() for v in state.values())

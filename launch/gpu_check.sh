@@ -7,8 +7,8 @@
 #   BUNDLE=$OUT OUT=/tmp/gc WHEELS=.whl bash launch/gpu_check.sh   # on the lent GPU machine (offline): see README
 #
 # Parts, each under `timeout` and inside the total budget (a part that would not fit is skipped, never started):
-#   install   offline (the lent GPU machines): WHEELS=<folder from launch/gpu_wheels.sh>, each wheel whose package
-#             is missing; online: imports checked, if missing launch/install.sh --test, then diffusers;
+#   install   offline (the lent GPU machines): WHEELS=<folder from launch/gpu_wheels.sh>, pip --no-index of what
+#             the image lacks; online: imports checked, if missing launch/install.sh --test, then diffusers;
 #             env.json: device name, torch / CUDA / cuDNN versions, bf16 peak from the table in launch/benchmark.py
 #   gpu_tests pytest tests/test_gpu.py (fp16 loss scaling + overflow recovery, bf16, ZeRO-2 fp16, fp16 attention,
 #             the discriminator's two loss scalers (plain and fused AdamW), TF32 flags, a fused bf16 step
@@ -58,31 +58,19 @@ run_part() {
 skip_part() { printf '%s\tskipped\t0\t%s\n' "$1" "$2" >> "$OUT/parts.tsv"; echo "[gpu_check] $1: skipped ($2)"; }
 
 # Installs only what is missing, then env.json. The GPU machines lent to this project reach no package index:
-# there WHEELS=<folder> (made beforehand by launch/gpu_wheels.sh on a machine that can) is installed with
-# --no-index, each wheel only if its package is not installed already (the image's own torch, numpy, ... stay).
-# With network and no WHEELS: launch/install.sh --test, then diffusers.
+# there WHEELS=<folder> (made beforehand by launch/gpu_wheels.sh on a machine that can) is what pip installs
+# from, with --no-index: webdataset, deepspeed, diffusers and whatever they need that the image lacks (the
+# image's own torch, numpy, ... stay). With network and no WHEELS: launch/install.sh --test, then diffusers.
 install_deps() {
   local ok=0  # env.json is written even when this fails: it tells what the machine is and what it lacks
   if [ -n "${WHEELS:-}" ] && [ ! -d "$WHEELS" ]; then
     echo "error: WHEELS=$WHEELS is not a folder (make it with launch/gpu_wheels.sh)"
     ok=1
   elif [ -n "${WHEELS:-}" ]; then
-    local missing=()
-    mapfile -t missing < <("$PYTHON" - "$WHEELS" <<'PY'
-import importlib.metadata as m, re, sys
-from pathlib import Path
-for whl in sorted(Path(sys.argv[1]).glob("*.whl")):
-    name = re.sub(r"[-_.]+", "-", whl.name.split("-")[0]).lower()
-    try:
-        m.version(name)
-    except m.PackageNotFoundError:
-        print(whl)
-PY
-)
-    if [ ${#missing[@]} -gt 0 ]; then
-      echo "[install] from $WHEELS (offline): ${missing[*]##*/}"
-      "$PYTHON" -m pip install -q --no-index --no-deps --no-compile "${missing[@]}" || ok=1
-    fi
+    # The three the harness adds, with what they need from the folder: pip checks every requirement against
+    # the image (a too old package there fails here, loudly) and installs nothing the image already has.
+    "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" webdataset deepspeed diffusers || ok=1
+    "$PYTHON" -m pip check || echo "[install] pip check found the conflicts above (some may be the image's own)"
   elif ! "$PYTHON" -c "import torch, accelerate, webdataset, einops, pytest" 2>/dev/null; then
     bash launch/install.sh --test || ok=1
   fi
@@ -90,9 +78,23 @@ PY
     "$PYTHON" -m pip install -q "diffusers>=0.30" || true
   fi
   "$PYTHON" -c "import torch, accelerate, webdataset, einops, pytest, harness" || ok=1
+  if [ -n "${WHEELS:-}" ]; then  # what the wheels were for must import, not just be there
+    "$PYTHON" -c "import deepspeed, diffusers" || ok=1
+  fi
   "$PYTHON" - "$OUT/env.json" <<'PY' || ok=1
-import importlib.util, json, platform, sys
+import importlib, json, platform, sys
 import torch
+
+
+def imports(name):  # installed is not enough: a missing dependency fails only at import
+    try:
+        importlib.import_module(name)
+        return True
+    except Exception as exn:  # noqa: BLE001 - any import failure means the part cannot use it
+        print(f"[install] {name} does not import: {type(exn).__name__}: {exn}")
+        return False
+
+
 sys.path.insert(0, "launch")
 try:
     from benchmark import bf16_peak
@@ -104,8 +106,7 @@ name = torch.cuda.get_device_name(0) if cuda else "cpu"
 env = {"device": name, "cuda_available": cuda, "device_count": torch.cuda.device_count(), "torch": torch.__version__,
        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
        "python": platform.python_version(), "bf16_peak_tflops": bf16_peak(name) if cuda else None,
-       "diffusers": importlib.util.find_spec("diffusers") is not None,
-       "deepspeed": importlib.util.find_spec("deepspeed") is not None}
+       "diffusers": imports("diffusers"), "deepspeed": imports("deepspeed")}
 json.dump(env, open(sys.argv[1], "w"), indent=1)
 print(env)
 PY

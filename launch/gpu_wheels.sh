@@ -17,11 +17,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 PY_VERSION=${PY_VERSION:-3.12}
 DEST=${DEST:-.whl}
-# What the GPU image lacks (launch/gpu_check.sh installs these when an import fails). Version: the one
-# installed here, else the floor below.
+# What the GPU image lacks, and what those need (launch/gpu_check.sh installs from here what is not installed
+# there, with pip's dependency check against the image). Version: the one installed here (pip's newest
+# otherwise). msgpack, py-cpuinfo and ninja are in the image as last listed, but DeepSpeed cannot import
+# without msgpack: carried in case a later image lacks them.
 PURE=(webdataset braceexpand hjson pydantic annotated-types typing-inspection diffusers importlib-metadata
-      lazy-importer)
-BINARY=(pydantic-core)
+      lazy-importer py-cpuinfo)
+BINARY=(pydantic-core msgpack ninja)
 BUILT=(deepspeed)
 
 version() {  # the installed version of $1, or nothing

@@ -15,6 +15,7 @@ its temporary behind; `is_temp_of` lets the owner of a folder recognise and remo
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -25,10 +26,35 @@ from pathlib import Path
 _TEMP_RE = re.compile(r"^\.(?P<target>.+)\.\d+\.[0-9a-f]{8}\.tmp$")
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it; set back at once
-    os.umask(mask)
-    return mask
+def _read_umask() -> int:
+    """The process umask without setting it (Linux: /proc), else by setting it and back: done once, at import,
+    while one thread runs (two threads doing that at once can leave the process at umask 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+_IMPORT_UMASK = _read_umask()
+
+
+def _plain_mode(tmp: Path) -> None:
+    """Give a file a writer created private (safetensors: 0600) the mode open() would have given it."""
+    try:
+        with open("/proc/self/status") as f:  # the umask now, read-only (a user may change it after import)
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = _IMPORT_UMASK
+    want = 0o666 & ~mask
+    try:
+        if os.stat(tmp).st_mode & 0o777 != want:
+            os.chmod(tmp, want)
+    except OSError as e:  # a filesystem that refuses chmod (some CIFS/FUSE mounts): the file is still good
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
+            raise
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -85,7 +111,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_path(path)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files private (0600): ours are plain artifacts
+        _plain_mode(tmp)  # safetensors creates files private (0600): ours are plain artifacts
         commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -85,3 +85,37 @@ def test_files_written_through_atomic_path_get_the_umask_mode_not_0600(tmp_path)
         assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_writing_never_touches_the_process_umask(tmp_path, monkeypatch):
+    """Reading the umask by setting it (to 0) and back races between threads and can leave a process at umask 0:
+    every file it makes world-writable. atomic_path reads it from /proc instead."""
+    import torch
+    from safetensors.torch import save_file
+
+    from shards.atomic import atomic_path
+
+    def no(*a):
+        raise AssertionError("os.umask called while writing")
+
+    monkeypatch.setattr(os, "umask", no)
+    with atomic_path(tmp_path / "w.safetensors") as tmp:
+        save_file({"a": torch.zeros(1)}, str(tmp))
+    atomic.write_atomic(tmp_path / "latest", "x")
+
+
+def test_a_filesystem_that_refuses_chmod_still_gets_the_file(tmp_path, monkeypatch):
+    """Some CIFS/FUSE mounts refuse chmod: the write must still land (`latest` goes through here)."""
+    import errno
+
+    calls = []
+
+    def refuse(*a, **k):
+        calls.append(a)
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    with atomic.atomic_path(tmp_path / "w.bin") as tmp:
+        tmp.write_bytes(b"x")
+        os.chmod(tmp, 0o600)  # as safetensors leaves it: a chmod is wanted
+        monkeypatch.setattr(os, "chmod", refuse)
+    assert (tmp_path / "w.bin").read_bytes() == b"x" and len(calls) == 1

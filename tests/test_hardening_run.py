@@ -376,6 +376,36 @@ def test_another_runs_checkpoint_is_not_resumed_into_a_run_with_checkpoints(run,
     assert main(args(shards, run, "train.max_steps=3", "--resume", str(run / "checkpoints/step_1"))) == 0
 
 
+def test_checkpoints_of_this_run_through_links_are_its_own(run, shards, tmp_path):
+    """A link elsewhere that leads into this run's checkpoints/ names this run's checkpoint: resuming through it
+    sets the newer steps aside as any resume does. A step_N that is itself a link to other storage is this run's
+    too: `--resume latest` goes on (the check against another run's checkpoints once refused it)."""
+    link = tmp_path / "link"
+    link.symlink_to(run / "checkpoints/step_1")
+    assert ckpt.of_run(link, run)
+    assert main(args(shards, run, "train.max_steps=2", "--resume", str(link))) == 0
+    assert (run / "checkpoints/abandoned-step_2").is_dir()  # the newer branch, kept aside, never resumed
+    moved = tmp_path / "elsewhere" / "step_2"
+    moved.parent.mkdir()
+    shutil.move(run / "checkpoints/step_2", moved)
+    (run / "checkpoints/step_2").symlink_to(moved)
+    assert ckpt.of_run(run / "checkpoints/step_2", run) and not ckpt.of_run(moved, run)
+    assert main(args(shards, run, "train.max_steps=3", "--resume", "latest")) == 0
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 3
+
+
+def test_a_checkpoint_pruned_while_it_is_verified_is_a_reason_not_a_traceback(run, monkeypatch):
+    real = ckpt._hash_all
+
+    def pruned_meanwhile(folder, names):
+        shutil.rmtree(folder)
+        return real(folder, names)
+
+    monkeypatch.setattr(ckpt, "_hash_all", pruned_meanwhile)
+    why = ckpt.verify(run / "checkpoints/step_2")
+    assert why is not None and why.endswith("vanished while it was verified")
+
+
 def test_learned_logvar_switched_at_a_resume_is_one_line(run, shards, capsys):
     capsys.readouterr()
     assert main(args(shards, run, "train.max_steps=3", "loss.learned_logvar=true", "--resume", "latest")) == 2
@@ -438,6 +468,14 @@ def test_a_checkpoint_pruned_while_a_tool_reads_it_is_read_from_the_next(run, mo
     monkeypatch.setattr(inference, "load_config_of", pruned_meanwhile)
     _, _, folder = inference.load_model(run)
     assert calls == [run / "checkpoints/step_2", run / "checkpoints/step_3"] and folder == calls[-1]
+    # export reads through the same retry: it once said "no model weights" (or "cannot write" a checkpoint file)
+    from launch.export import main as export_main
+
+    calls.clear()
+    shutil.copytree(run / "checkpoints/step_3", run / "checkpoints/step_2")  # step_2 found first again (newest: 3)
+    shutil.rmtree(run / "checkpoints/step_3")
+    assert export_main([str(run), "--out", str(run.parent / "exported")]) == 0
+    assert calls[0] == run / "checkpoints/step_2" and (run.parent / "exported/model.safetensors").is_file()
 
 
 def test_nothing_verifies_is_one_line(run, shards, capsys):
