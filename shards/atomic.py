@@ -26,29 +26,30 @@ from pathlib import Path
 _TEMP_RE = re.compile(r"^\.(?P<target>.+)\.\d+\.[0-9a-f]{8}\.tmp$")
 
 
-def _read_umask() -> int:
-    """The process umask without setting it (Linux: /proc), else by setting it and back: done once, at import,
-    while one thread runs (two threads doing that at once can leave the process at umask 0)."""
+def _proc_umask() -> int | None:
+    """The process umask read without setting it (Linux: /proc/self/status), or None where that cannot tell."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
+        return None
 
 
-_IMPORT_UMASK = _read_umask()
+def _umask_by_setting() -> int:
+    mask = os.umask(0o022)  # set and set back: done once, at import, while one thread runs (two threads
+    os.umask(mask)          # doing it at once can leave the process at umask 0, every file world-writable)
+    return mask
+
+
+_IMPORT_UMASK = _proc_umask()
+if _IMPORT_UMASK is None:
+    _IMPORT_UMASK = _umask_by_setting()
 
 
 def _plain_mode(tmp: Path) -> None:
     """Give a file a writer created private (safetensors: 0600) the mode open() would have given it."""
-    try:
-        with open("/proc/self/status") as f:  # the umask now, read-only (a user may change it after import)
-            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = _IMPORT_UMASK
-    want = 0o666 & ~mask
+    mask = _proc_umask()  # the umask now (a user may change it after import), else the one at import
+    want = 0o666 & ~(_IMPORT_UMASK if mask is None else mask)
     try:
         if os.stat(tmp).st_mode & 0o777 != want:
             os.chmod(tmp, want)
