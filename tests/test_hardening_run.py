@@ -599,6 +599,20 @@ def test_sbatch_passes_a_resume_path_and_overrides_through(tmp_path):
     assert "data.train=/d/{0..3}.tar" in words and "train.max_steps=9" in words
 
 
+def test_sbatch_takes_the_run_folder_from_a_run_dir_override_too(tmp_path):
+    """run.dir=... with --resume PATH: once that run has a checkpoint, the requeued job must continue from its
+    `latest`; the script looked in $RUN_DIR only, passed the PATH again and the requeued job was refused."""
+    own = tmp_path / "own"
+    r = sbatch(tmp_path, "data.train=/d", f"run.dir={own}", "--resume", "/other/checkpoints/step_10")
+    words = r.stdout.splitlines()
+    assert words[words.index("--resume") + 1] == "/other/checkpoints/step_10" and f"run.dir={own}" in words
+    assert f"run.dir={tmp_path / 'r'}" not in words and f"run {own}," in r.stdout  # one run.dir, the override's
+    own.mkdir()
+    (own / "latest").write_text("checkpoints/step_160\n")  # preempted after its first checkpoint: requeued
+    words = sbatch(tmp_path, "data.train=/d", f"run.dir={own}", "--resume", "/other/checkpoints/step_10").stdout
+    assert words.splitlines()[words.splitlines().index("--resume") + 1] == "latest"
+
+
 def test_shard_sets_naming_classes_otherwise_mix_only_for_a_model_that_reads_none(shards, tmp_path, capsys):
     other = make_shards(tmp_path / "other", num_samples=8, per_shard=8, size=32)
     rename_classes(other, ["w", "x", "y", "z"])
