@@ -178,9 +178,11 @@ def cmd_coco(a) -> int:
 
     opts = _options(a)
     images = Path(a.images)
-    items, label_names, label_ids, other, dropped = coco_items(images, instances=a.instances, captions=a.captions,
-                                                               require_labels=a.require_labels)
+    items, label_names, label_ids, other, dropped, notes = coco_items(
+        images, instances=a.instances, captions=a.captions, require_labels=a.require_labels)
     _note_other(other, images)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if dropped:
         print(f"{images}: left out {dropped} images without instance annotations (--require-labels)", file=sys.stderr)
     extra = {"label_ids": label_ids} if label_ids else {}

@@ -257,12 +257,27 @@ def _load_json(path: str, what: str) -> dict:
     need = {"images", "annotations"} | ({"categories"} if what == "instances" else set())
     if not isinstance(data, dict) or not need <= set(data):
         raise BuildError(f"{p}: not a COCO {what} file (needs {', '.join(sorted(need))})")
+    # Every record the builder reads, with the fields it reads, of the types it reads them as: a KeyError or
+    # an AttributeError deep in the build would name neither the file nor the record.
+    fields = {"images": {"id": int, "file_name": str}, "categories": {"id": int, "name": str},
+              "annotations": {"image_id": int} | ({"caption": str} if what == "captions" else {})}
+    for part in sorted(need):
+        records = data[part]
+        if not isinstance(records, list):
+            raise BuildError(f"{p}: '{part}' is not a list")
+        for i, r in enumerate(records):
+            for key, kind in fields[part].items():
+                if not isinstance(r, dict) or type(r.get(key)) is not kind:
+                    have = "missing" if not isinstance(r, dict) or key not in r else f"a {type(r[key]).__name__}"
+                    raise BuildError(f"{p}: {part}[{i}] needs '{key}' as {'an integer' if kind is int else 'text'} "
+                                     f"({have})")
     return data
 
 
 def coco_items(images: Path, *, instances: str | None = None, captions: str | None = None,
                require_labels: bool = False):
-    """COCO 2017 (train or val): images + multi-hot categories from instances + captions."""
+    """COCO 2017 (train or val): images + multi-hot categories from instances + captions. Annotations that
+    name an image or a category the file does not list are left out and counted (`notes`, one line each)."""
     if not images.is_dir():
         raise BuildError(f"{images}: no such folder")
     if require_labels and not instances:
@@ -295,14 +310,26 @@ def coco_items(images: Path, *, instances: str | None = None, captions: str | No
             records[int(os.path.splitext(os.path.basename(p))[0])] = {"file_name": p}
 
     cats_of: dict[int, set[int]] = {}
+    unknown_image = unknown_category = unknown_caption = 0
     if inst is not None:
         for a in inst["annotations"]:
-            if a.get("category_id") in cat_index:
+            if a["image_id"] not in records:
+                unknown_image += 1
+            elif type(a.get("category_id")) is not int or a["category_id"] not in cat_index:
+                unknown_category += 1
+            else:
                 cats_of.setdefault(a["image_id"], set()).add(a["category_id"])
     caps_of: dict[int, list[tuple]] = {}
     if caps is not None:
         for a in caps["annotations"]:
-            caps_of.setdefault(a["image_id"], []).append((a.get("id", 0), a["caption"].strip()))
+            if a["image_id"] not in records:
+                unknown_caption += 1
+            else:
+                caps_of.setdefault(a["image_id"], []).append((a.get("id", 0), a["caption"].strip()))
+    notes = [f"left out {n} {what}" for n, what in (
+        (unknown_image, "instance annotations of images the files do not list"),
+        (unknown_category, "instance annotations whose category_id is not among the categories"),
+        (unknown_caption, "captions of images the files do not list")) if n]
 
     items, dropped = [], 0
     for image_id in sorted(records):
@@ -323,4 +350,4 @@ def coco_items(images: Path, *, instances: str | None = None, captions: str | No
     keys = unique_keys([f"{it.meta['image_id']:012d}" for it in items])
     for it, k in zip(items, keys):
         it.key = k
-    return items, label_names, label_ids, other, dropped
+    return items, label_names, label_ids, other, dropped, notes

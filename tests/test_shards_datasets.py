@@ -177,6 +177,54 @@ def test_coco_captions_only_and_images_only(tmp_path, capsys):
     assert "not a COCO instances file" in capsys.readouterr().err
 
 
+def test_coco_records_the_builder_cannot_read_are_one_line(tmp_path, capsys):
+    """A category without a name, an annotation without image_id, an image without file_name, a caption that is
+    null: each was a KeyError/AttributeError traceback from deep in the builder."""
+    import json
+
+    images, inst, caps = tiny_coco(tmp_path)
+    cases = [(inst, "categories", 0, "name", "instances", "categories[0] needs 'name' as text (missing)"),
+             (inst, "annotations", 1, "image_id", "instances", "annotations[1] needs 'image_id' as an integer "
+                                                               "(missing)"),
+             (inst, "images", 0, "file_name", "instances", "images[0] needs 'file_name' as text (missing)"),
+             (caps, "annotations", 0, "caption", "captions", "annotations[0] needs 'caption' as text (a NoneType)")]
+    for source, part, i, key, option, says in cases:
+        data = json.loads(source.read_text())
+        if key == "caption":
+            data[part][i][key] = None
+        else:
+            del data[part][i][key]
+        bad = tmp_path / f"bad_{part}_{key}.json"
+        bad.write_text(json.dumps(data))
+        capsys.readouterr()
+        assert main(["coco", "--images", str(images), f"--{option}", str(bad), str(tmp_path / "x"), *Q]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"{bad}: {says}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_coco_annotations_of_unknown_images_or_categories_are_counted(tmp_path, capsys):
+    """They were dropped without a word: an image whose only annotation had an unknown category looked like an
+    image without annotations."""
+    import json
+
+    images, inst, caps = tiny_coco(tmp_path)
+    data, cap = json.loads(inst.read_text()), json.loads(caps.read_text())
+    data["annotations"][0]["category_id"] = 99
+    data["annotations"][1]["category_id"] = "1"  # a string id is no category id
+    data["annotations"].append({"id": 5000, "image_id": 4242, "category_id": 1})
+    cap["annotations"].append({"id": 6000, "image_id": 7777, "caption": "ghost"})
+    inst.write_text(json.dumps(data))
+    caps.write_text(json.dumps(cap))
+    capsys.readouterr()
+    assert main(["coco", "--images", str(images), "--instances", str(inst), "--captions", str(caps),
+                 str(tmp_path / "out"), *Q]) == 0
+    err = capsys.readouterr().err
+    assert "note: left out 1 instance annotations of images the files do not list" in err
+    assert "note: left out 2 instance annotations whose category_id is not among the categories" in err
+    assert "note: left out 1 captions of images the files do not list" in err
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_coco_through_webdataset_multi_hot(tmp_path, workers):
     """What a conditional model would see: a dense multi-hot vector built from json.labels."""
