@@ -255,8 +255,9 @@ class LogConfig:
     every_steps: int = F(10, "scalars to TensorBoard and the text log every N steps", ge=1)
     images_every_steps: int = F(200, "image grids every N steps (0 = only at the end)", ge=0)
     num_images: int = F(8, "images per grid row", ge=1)
-    class_rows: int = F(10, "rows (classes or labels) in the per-class sample grid of conditional models "
-                            "(0 = none)", ge=0)
+    class_rows: int = F(10, "rows (classes or labels) in the per-class sample grid of conditional models, and the "
+                            "first classes validation logs val/psnr_class/<name> for (0 = none; evaluate.py: all)",
+                        ge=0)
     interpolation_rows: int = F(2, "rows of latent interpolations between grid images (0 = none)", ge=0)
     progress: bool = F(True, "progress bar on rank 0")
     eval_samples: int = F(512, "model.kind=classifier: samples of data.val (else data.train) the final accuracy "
