@@ -150,8 +150,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     (About 30 s on an idle 2-core machine; the budget here leaves room for a busy one.)"""
     pytest.importorskip("diffusers")
     out, bundle, wheels = tmp_path / "check", tmp_path / "bundle", tmp_path / "wheels"
-    # The offline path (WHEELS): a wheel whose package is installed already is left alone (these are not even
-    # wheels: installing one would fail the install part), whatever the spelling of its name.
+    # The offline path (WHEELS): pip, given the folder, leaves a package that is installed already alone (these
+    # are not even wheels: installing one would fail the install part).
     wheels.mkdir()
     for name in ("webdataset", "typing_extensions", "PyYAML"):
         (wheels / f"{name}-0.0.1-py3-none-any.whl").write_bytes(b"")
