@@ -62,10 +62,11 @@ class ModelConfig:
         "replaced by its layers at load)"
     )
     decoder: str | list[str] = F(
-        "", "arch=spec: decoder layer strings or path ('' = the layers after `Latent` in model.encoder)"
+        "", "arch=spec: decoder layer strings or path ('' = the layers after `Latent` in model.encoder, or the "
+        "`decoder` list of model.encoder's file)"
     )
-    in_channels: int = F(3, "image channels in", ge=1)
-    out_ch: int = F(3, "image channels out", ge=1)
+    in_channels: int = F(3, "image channels in (training: 3, the loader's RGB)", ge=1)
+    out_ch: int = F(3, "image channels out (training: 3, the loader's RGB)", ge=1)
     # --- arch=ldm
     ch: int = F(128, "base channel count of encoder/decoder", ge=1)
     ch_mult: list[int] = F([1, 2, 4, 4], "channel multiplier per resolution level; len-1 = number of 2x downsamplings")
@@ -286,6 +287,9 @@ class RunConfig:
     dir: str = F("runs/default", "run folder: config.yaml, tb/, checkpoints/, latest, samples/, train.log")
 
 
+IMAGE_CHANNELS = 3  # what harness/data.py delivers: every image is decoded to RGB
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -298,8 +302,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def validate(self) -> None:
-        """Cross-field checks (single fields are checked while loading)."""
+    def validate(self, *, training: bool = True) -> None:
+        """Cross-field checks (single fields are checked while loading). `training` (`load_config`, at
+        start-up) adds what training and validating on this harness's data needs of the model (its
+        image channels, its batch size); a stored config (`from_dict`) describes a model to load, for
+        export or inspection, and is not held to it."""
         if not self.data.train:
             raise ConfigError("data.train: missing; give a shard pattern, a folder of shards or a list")
         if not self.run.dir.strip():
@@ -308,17 +315,49 @@ class Config:
             raise ConfigError("eval.every_steps: validation needs held-out shards in data.val")
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ConfigError(f"optim.betas: need two numbers in [0, 1); got {self.optim.betas}")
-        self._validate_model()
-        if 0 < self.loss.kl_anneal_cycle < self.loss.kl_anneal_steps:
-            raise ConfigError(f"loss.kl_anneal_cycle: {self.loss.kl_anneal_cycle} is shorter than loss.kl_anneal_steps="
-                              f"{self.loss.kl_anneal_steps}; the warm-up would never finish")
         if self.loss.perceptual_weight > 0 and self.loss.perceptual == "lpips" and self.model.out_ch != 3:
             raise ConfigError(f"loss.perceptual: lpips compares RGB images but the model makes {self.model.out_ch} "
                               "channels (model.out_ch); use loss.perceptual=net with a net trained on them")
+        if training:  # before the model's own checks: a spec's shapes would blame its layers, not the channels
+            self._validate_channels()
+        self._validate_model()
+        if training:
+            self._validate_batch()
+        if 0 < self.loss.kl_anneal_cycle < self.loss.kl_anneal_steps:
+            raise ConfigError(f"loss.kl_anneal_cycle: {self.loss.kl_anneal_cycle} is shorter than loss.kl_anneal_steps="
+                              f"{self.loss.kl_anneal_steps}; the warm-up would never finish")
         if self.loss.perceptual_weight > 0 and self.loss.perceptual == "net" and not self.loss.perceptual_net:
             # The file itself is read when the loss is built (a stored config must load without it).
             raise ConfigError("loss.perceptual_net: loss.perceptual_weight > 0 needs the file written by "
                               "launch/train_perception.py (perception.safetensors)")
+
+    def _validate_channels(self) -> None:
+        """The data pipeline delivers 3-channel RGB images: a model that reads or makes other channel
+        counts would fail mid-run (or, making 1, train on a broadcast loss without a word)."""
+        from models import ModelConfigError, model_class  # here, not on top: --help-config needs no torch
+
+        m = self.model
+        try:
+            reads = set(getattr(model_class(m.kind), "config_keys", ()))
+        except ModelConfigError:
+            return  # an unknown kind: _validate_model says so
+        spec = m.arch == "spec"
+        if "in_channels" in reads and m.in_channels != IMAGE_CHANNELS:
+            layer = " and make the encoder's first layer read 3" if spec else ""
+            raise ConfigError(f"model.in_channels: {m.in_channels}, but the data loader delivers {IMAGE_CHANNELS}-"
+                              f"channel RGB images; set model.in_channels={IMAGE_CHANNELS}{layer}")
+        if "out_ch" in reads and m.out_ch != IMAGE_CHANNELS:
+            layer = " and make the decoder's last layer emit 3" if spec else ""
+            raise ConfigError(f"model.out_ch: {m.out_ch}, but the model reconstructs the data loader's "
+                              f"{IMAGE_CHANNELS}-channel RGB images; set model.out_ch={IMAGE_CHANNELS}{layer}")
+
+    def _validate_batch(self) -> None:
+        """A BatchNorm must see more than one value per channel in a training batch of one rank (torch
+        refuses at the first step); walks the shapes the model's own checks accepted."""
+        from models import batch_problem
+
+        if (why := batch_problem(self.model, self.data.image_size, self.train.batch_size)) is not None:
+            raise ConfigError(why)
 
     def _validate_model(self) -> None:
         """The model kind's own checks (models/registry.py), which may fill in derived keys
@@ -343,31 +382,50 @@ class _Override(str):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently:
-    a second `train:` section would drop the first one's keys)."""
+    a second `train:` section would drop the first one's keys).
 
-    def construct_mapping(self, node, deep=False):
+    Checked as each mapping is composed, before anything is constructed: merge keys (`<<: *base`)
+    are SafeLoader's to expand, and the keys they bring in may be overridden by the mapping's own
+    (that is what a merge is for); only keys written twice in the mapping itself are refused."""
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
         seen = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                continue  # `<<` (tag:yaml.org,2002:merge), numbers, booleans: as YAML reads them
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key_node.value)
+        return node
+
+
+def _read_text(path: Path) -> str:
+    """The text of config file `path`, or a one-line ConfigError (missing, a folder, unreadable)."""
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{path}: a folder, not a config file (a YAML file such as launch/configs/demo.yaml)")
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file (a config file is YAML text)") from None
+    except OSError as e:  # no permission, an I/O error (`--config /proc/self/mem`), a name too long
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
     if path in seen:
         raise ConfigError(f"{path}: config files include each other ({' -> '.join(str(p) for p in seen + (path,))})")
-    if path.is_dir():
-        raise ConfigError(f"{path}: a folder, not a config file (a YAML file such as launch/configs/demo.yaml)")
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    text = _read_text(path)
     try:
-        raw = _unshared(yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {})
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file (a config file is YAML text)") from None
+        raw = _unshared(yaml.load(text, Loader=_UniqueKeyLoader) or {})
     except ValueError as e:  # ours, from _unshared
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
@@ -456,13 +514,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         except yaml.YAMLError:
             value = text
         if origin in (Union, types.UnionType) and str in typing.get_args(tp):
-            # A string option takes the text as typed (a brace pattern is not a YAML mapping).
+            # A string option takes the text as typed (a brace pattern is not a YAML mapping), unless
+            # it reads as a list, whose item that is not a string is named.
             for option in typing.get_args(tp):
                 if option is not str:
                     try:
                         return _coerce(value, option, path)
                     except ConfigError:
-                        pass
+                        if isinstance(value, list) and typing.get_origin(option) is list:
+                            raise
             return text
     bad = ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if origin is Literal:
@@ -475,6 +535,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, option, path)
             except ConfigError:
                 continue
+        lists = [o for o in typing.get_args(tp) if typing.get_origin(o) is list]
+        if isinstance(value, list) and lists:  # the list's own error names the item that is wrong
+            _coerce(value, lists[0], path)
         raise bad
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -532,6 +595,9 @@ def _build(cls: type, raw: Any, path: str) -> Any:
     for key, value in raw.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in fields:
+            if cls is Config and key in ("encoder", "decoder"):
+                raise ConfigError(f"{where}: unknown key; this looks like a layer-spec file, not a config: pass it "
+                                  "as model.encoder=FILE (with model.arch=spec)")
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"{where}: unknown key; {hint}allowed: {', '.join(fields)}")
@@ -549,14 +615,15 @@ def _build(cls: type, raw: Any, path: str) -> Any:
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    """Compose YAML `files` (in order), apply `key.sub=value` overrides, type-check, validate."""
+    """Compose YAML `files` (in order), apply `key.sub=value` overrides, type-check, validate (for
+    training on this harness's data)."""
     raw: dict = {}
     for f in files:
         _deep_merge(raw, _read_yaml(Path(f)))
     for item in overrides:
         _apply_override(raw, item)
     cfg = _build(Config, raw, "")
-    cfg.validate()
+    cfg.validate(training=True)
     return cfg
 
 
@@ -567,7 +634,7 @@ def to_dict(cfg: Any) -> dict:
 def from_dict(raw: dict) -> Config:
     """Rebuild a Config from a dict written by `to_dict` (a run folder's or checkpoint's config)."""
     cfg = _build(Config, raw, "")
-    cfg.validate()
+    cfg.validate(training=False)  # a stored model, maybe loaded for export or inspection only
     return cfg
 
 
@@ -629,7 +696,10 @@ def model_keys_not_read(m: ModelConfig) -> set[str]:
     """The `model.*` keys the autoencoder kind / arch of `m` does not read (none for other kinds)."""
     if m.kind not in ("kl", "vq", "fsq"):
         return set()
-    by_kind = {"kl": (*_VQ_ONLY, "fsq_levels"), "vq": ("fsq_levels",), "fsq": (*_VQ_ONLY, "embed_dim")}[m.kind]
+    by_kind = {"kl": (*_VQ_ONLY, "fsq_levels"), "vq": ("fsq_levels", "double_z"),
+               "fsq": (*_VQ_ONLY, "embed_dim", "double_z")}[m.kind]
+    if m.kind == "kl" and m.arch == "spec":  # the spec encoder's output decides the latent's width
+        by_kind += ("embed_dim",)
     return {*(_LDM_ONLY if m.arch == "spec" else ("encoder", "decoder")), *by_kind}
 
 

@@ -657,7 +657,10 @@ def eval_batches(spec, *, image_size: int, batch_size: int, num_workers: int = 0
     sources = heldout_sources(spec, cfg, names)
     urls = [u for s in sources for u in s.urls]
     decoder = DecodeSpec(image_size, num_classes=len(sources[0].classes), num_labels=len(sources[0].label_names))
-    workers = min(num_workers, len(urls), 1 if world_size > 1 else num_workers)
+    # The first max_samples in shard order need one reader: workers split the shards, and each would
+    # take its share from its own (another subset with each worker count). One worker still decodes
+    # beside the evaluation.
+    workers = min(num_workers, len(urls), 1 if world_size > 1 or max_samples else num_workers)
     stream = EvalStream(urls, decoder, batch_size, max_samples, rank=rank, world_size=world_size)
     # Its own generator (creating the iterator must not draw from the training's global RNG) and
     # workers that leave SLURM's stop signals to the trainer, as the training loader's do.

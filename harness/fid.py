@@ -156,7 +156,7 @@ def save_stats(g: Gaussian, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     mu, sigma = g.mu.detach().to("cpu", torch.float64), g.sigma.detach().to("cpu", torch.float64)
     if path.suffix == ".npz":
-        with open(path, "wb") as f:  # a file object: np.savez would append .npz to other names
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz
             np.savez(f, mu=mu.numpy(), sigma=sigma.numpy(), n=np.int64(g.n))
     elif path.suffix == ".safetensors":
         from safetensors.torch import save_file

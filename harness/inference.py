@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from harness import checkpoint as ckpt
 from harness import diffusers_io
-from harness.config import Config, from_dict
+from harness.config import Config, ConfigError, from_dict
 from models import Autoencoder, build_model
 from models.weights import state_dict_problem
 
@@ -114,7 +114,39 @@ def find_weights_dir(path: str | Path, say: Callable[[str], None] | None = _note
 
 
 def load_config_of(folder: Path) -> Config:
-    return from_dict(yaml.safe_load((folder / ckpt.CONFIG_NAME).read_text()))
+    """The config stored with the weights; a LoadError (one line) when it cannot be read or describes no
+    model this code builds (hand-edited, truncated, another project's)."""
+    path = folder / ckpt.CONFIG_NAME
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        raise LoadError(f"{path}: not valid YAML" + (f" (line {where.line + 1})" if where else "")) from None
+    if not isinstance(raw, dict):
+        raise LoadError(f"{path}: holds {type(raw).__name__ if raw is not None else 'nothing'}, not a config mapping")
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        raise LoadError(f"{path}: not a config of this harness ({e})") from None
+
+
+def build_from(folder: Path, cfg: Config, state: dict[str, torch.Tensor]) -> Autoencoder:
+    """The model `cfg` describes, holding `state`; a LoadError naming the first key that does not fit
+    (weights beside a config of another model)."""
+    model = build_model(cfg.model)
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise LoadError(f"{folder}: weights do not fit the stored config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise LoadError(f"{folder}: weights do not fit the stored config ({k} is {tuple(state[k].shape)} in the "
+                            f"weights, {tuple(v.shape)} in the model the config describes)")
+    model.load_state_dict(state)
+    return model
 
 
 def _ema_state(folder: Path) -> dict[str, torch.Tensor] | None:
@@ -212,6 +244,9 @@ def load_reason(e: Exception) -> str:
     first = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
     if first.startswith("Weights only load failed") and not any("Unsupported global" in x for x in lines):
         # torch's advice to load unsafely hides the cause: bytes that are no torch file at all
+        blocked = next((x for x in lines if "unsupported GLOBAL" in x), "")
+        if blocked:  # a pickle that calls a function no weights file needs (os.system, ...): refused, never run
+            return f"refused: {blocked}"
         cause = next((x for x in lines if x.startswith(("Unsupported operand", "invalid load key"))), "")
         return f"not a torch checkpoint file: {cause or 'unreadable pickle'}"
     return f"{type(e).__name__}: {first[:200]}"
@@ -346,9 +381,4 @@ def load_model(path: str | Path, *, ema: bool = False,
                device: str | torch.device = "cpu") -> tuple[Autoencoder, Config, Path]:
     folder, cfg, state = read_weights(path, ema)
     check_finite(folder, state)
-    model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise LoadError(f"{folder}: weights do not fit the stored config (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    return model.to(device).eval(), cfg, folder
+    return build_from(folder, cfg, state).to(device).eval(), cfg, folder

@@ -255,7 +255,12 @@ class PriorTask:
         self.cfg, m = cfg, cfg.model
         refuse_reconstruction_options(cfg, "loss/ce and model/bits_per_code are logged")
         self.vq, self.vq_cfg, self.vq_folder, self.vq_ema = frozen_vq(m.prior_vq, device)
-        _, h, w = self.vq.latent_shape(cfg.data.image_size)
+        shape = tuple(self.vq.latent_shape(cfg.data.image_size))
+        if len(shape) != 3:  # a spec encoder ending in Flat/Lin: one code for the whole image, no grid
+            raise ConfigError(f"model.prior_vq: {self.vq_folder} has a latent of shape {shape} at data.image_size="
+                              f"{cfg.data.image_size}; a prior needs a (c, h, w) code grid (a spec encoder that ends "
+                              "in a feature map, not Flat/Lin)")
+        _, h, w = shape
         derived = {"prior_codebook_size": self.vq.quantizer.codebook_size, "prior_grid": [h, w],
                    "condition": self.vq_cfg.model.condition, "num_classes": self.vq_cfg.model.num_classes}
         unset = {"prior_codebook_size": 0, "prior_grid": [], "condition": "none", "num_classes": 0}
@@ -317,6 +322,27 @@ class PriorTask:
         pass
 
 
+PRIOR_VQ_DIGEST = "prior_vq_digest"  # in an exported prior's model.safetensors metadata (launch/export.py)
+
+
+def trained_vq_digest(folder: Path) -> str | None:
+    """The digest of the VQ weights the prior in `folder` was trained on: a checkpoint's trainer state
+    records it, an export its safetensors metadata; None when neither does (an older export)."""
+    try:
+        then = json.loads((folder / "trainer_state.json").read_text()).get("loss_files", {}).get("prior_vq")
+    except (OSError, ValueError, AttributeError):
+        then = None
+    if then is None and (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                then = (f.metadata() or {}).get(PRIOR_VQ_DIGEST)
+        except Exception:  # noqa: BLE001 -- unreadable metadata: nothing to compare with (the weights loaded)
+            then = None
+    return then if isinstance(then, str) else None
+
+
 def prior_sampler(prior_path: str | Path, *, ema: bool = False, device="cpu", temperature: float = 1.0,
                   top_k: int = 0) -> tuple[VQWithPrior, Config, Path]:
     """A prior run (or checkpoint, or export) and its VQ model as one model that samples images."""
@@ -326,10 +352,7 @@ def prior_sampler(prior_path: str | Path, *, ema: bool = False, device="cpu", te
     if cfg.model.kind != "prior":
         raise ConfigError(f"{prior_path}: a model.kind={cfg.model.kind} model, not a prior")
     vq, _, vq_folder, _ = frozen_vq(cfg.model.prior_vq, device)
-    try:  # a checkpoint records the digest of the VQ weights it was trained on (an export folder does not)
-        then = json.loads((folder / "trainer_state.json").read_text()).get("loss_files", {}).get("prior_vq")
-    except (OSError, ValueError, AttributeError):
-        then = None
+    then = trained_vq_digest(folder)
     if then is not None and then != weights_digest(vq):
         print(f"note: model.prior_vq now gives other weights ({vq_folder}) than this prior was trained on (the VQ run "
               "went on, or the path names another checkpoint): its codes may not be the ones the prior learned; "

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
+from shards.atomic import atomic_path
+
 
 def make_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
     """Rows of `b c h w` images in [-1, 1] (equal b) -> one `c H W` grid in [0, 1]."""
@@ -24,7 +26,10 @@ def make_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
 
 def save_png(grid: torch.Tensor, path: Path) -> None:
     arr = (rearrange(grid, "c h w -> h w c").numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(path)
+    path = Path(path)
+    with atomic_path(path) as tmp:  # never a half-written image where one was (the format: from the real name)
+        Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(
+            tmp, format=Image.registered_extensions().get(path.suffix.lower()))
 
 
 class Tracker:

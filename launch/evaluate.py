@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from harness.config import ConfigError  # noqa: E402
 from harness.data import condition_field, eval_batches  # noqa: E402
 from harness.evaluation import Evaluator, fid_net, perception_fd_net  # noqa: E402
 from harness.fid import load_stats  # noqa: E402
@@ -36,6 +37,7 @@ from harness.inference import (  # noqa: E402
     out_of_memory,
 )
 from models.lpips import LPIPS  # noqa: E402
+from shards.atomic import write_atomic  # noqa: E402
 from shards.sources import DataSourceError  # noqa: E402
 
 
@@ -78,6 +80,11 @@ def check_request(args) -> None:
     for option, path in (("--ref-stats", args.ref_stats), ("--save-ref-stats", args.save_ref_stats)):
         if path and not args.fid_weights:  # Inception statistics: nothing to compare or write without it
             raise RequestError(f"{option}: Inception statistics for rfid, which needs --fid-weights too")
+    if args.ref_stats and args.save_ref_stats:  # rfid's statistics of the data are not computed against a file
+        raise RequestError("--ref-stats and --save-ref-stats: one or the other (compare against saved statistics, "
+                           "or save these images' statistics)")
+    if args.max_samples == 1 and (args.fid_weights or args.fd_net):
+        raise RequestError("--max-samples 1: a Frechet distance needs the covariance of at least 2 images")
     if args.save_ref_stats and Path(args.save_ref_stats).suffix not in (".npz", ".safetensors"):
         raise RequestError(f"--save-ref-stats {args.save_ref_stats}: statistics are written as .npz or .safetensors")
     for option, path in (("--lpips-vgg", args.lpips_vgg), ("--lpips-lin", args.lpips_lin)):
@@ -122,7 +129,11 @@ def evaluate(args) -> dict:
     if metrics["samples"] == 0:
         raise DataSourceError(f"{data}: no readable samples")
     if args.save_ref_stats and "rfid" in ev.real:
-        ev.real_stats()["rfid"].save(args.save_ref_stats)
+        try:
+            stats = ev.real_stats()["rfid"]
+        except ValueError as e:  # fewer than 2 readable images
+            raise DataSourceError(f"--save-ref-stats {args.save_ref_stats}: {e}") from None
+        stats.save(args.save_ref_stats)
     result = {"checkpoint": str(folder), "data": data, "image_size": size, "ema": args.ema, **metrics}
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
@@ -132,7 +143,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         result = evaluate(args)
-    except (LoadError, DataSourceError, RequestError) as e:
+    except (LoadError, DataSourceError, RequestError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, MemoryError) as e:
@@ -146,7 +157,7 @@ def main(argv=None) -> int:
     if args.json:
         try:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=1))
+            write_atomic(Path(args.json), json.dumps(result, indent=1))
         except OSError as e:  # checked before the work; the numbers are printed above all the same
             print(f"error: --json {args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
             return 2

@@ -29,26 +29,33 @@ rank measures its share and the sums are all-reduced; rank 0 writes the export.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
+import yaml  # noqa: E402
 
 from harness import checkpoint as ckpt  # noqa: E402
 from harness import diffusers_io  # noqa: E402
+from harness.config import Config, ConfigError, to_dict  # noqa: E402
 from harness.data import DataSourceError, condition_field, eval_batches  # noqa: E402
-from harness.dist import world  # noqa: E402
+from harness.dist import all_reduce_sum, world  # noqa: E402
 from harness.export import ExportError, save_safetensors  # noqa: E402
-from harness.inference import LoadError, check_finite, load_model, read_weights  # noqa: E402
+from harness.inference import LoadError, build_from, check_finite, find_weights_dir, load_model, read_weights  # noqa: E402
 from harness.latents import latent_stats  # noqa: E402
+from shards.atomic import fsync_dir  # noqa: E402
 
 STATS_NAME = "latent_stats.json"  # beside our own export's model.safetensors
+STAGE_PREFIX = ".tmp-export-"  # an export being written and checked, inside --out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,56 +73,172 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latent-stats", type=int, default=0, metavar="N",
                    help="measure latent mean/std and scaling_factor over N training images (0 = off)")
     p.add_argument("--data", help="--latent-stats: images to measure on (default: the run's data.train)")
-    p.add_argument("--batch-size", type=int, default=32, help="--latent-stats: images per batch and rank")
-    p.add_argument("--workers", type=int, default=2,
-                   help="--latent-stats: loader workers (at most one per rank under torchrun)")
+    p.add_argument("--batch-size", type=int, help="--latent-stats: images per batch and rank (default 32)")
+    p.add_argument("--workers", type=int,
+                   help="--latent-stats: loader workers (default 2; at most one per rank under torchrun)")
     args = p.parse_args(argv)
     if args.latent_stats < 0:
         p.error("--latent-stats: need N >= 0 images")
+    if not args.latent_stats and (given := [f"--{k.replace('_', '-')}" for k in ("data", "batch_size", "workers")
+                                            if getattr(args, k) is not None]):
+        p.error(f"{given[0]}: only read with --latent-stats N (without it the export reads no images)")
+    args.batch_size = 32 if args.batch_size is None else args.batch_size
+    args.workers = 2 if args.workers is None else args.workers
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size}: need at least 1 image per batch")
+    if args.workers < 0:
+        p.error(f"--workers {args.workers}: need 0 (read in this process) or more")
     args.out = Path(args.out) if args.out else default_out(args.model, "diffusers" if args.format == "diffusers"
                                                             else "export")
-    try:  # before any work: --latent-stats may read many images
-        check_out(args.out, args.overwrite)
-    except ExportError as e:
-        print(f"export: {e}", file=sys.stderr)
-        return 2
+    w = world()
+    if w.world_size > 1 and not args.latent_stats and not w.is_main:
+        return 0  # torchrun without statistics to share out: rank 0 exports alone
     stats = None
-    if args.latent_stats:
-        try:
-            stats = measure_latents(args)
-        except (LoadError, DataSourceError, ValueError) as e:
-            print(f"export: {e}", file=sys.stderr)
-            return 2
-        finally:
-            if tdist.is_initialized():
-                tdist.destroy_process_group()
-        if not world().is_main:
-            return 0
-        print(stats)
-    if args.format == "diffusers":
-        return export_diffusers(args, stats)
     try:
-        folder, _, state = read_weights(args.model, args.ema)  # (retried if a training run prunes it meanwhile)
+        check_out(args.out, args.overwrite)  # before any work: --latent-stats may read many images
+        source = read_source(args, w)  # once: a run still training moves on, the export and its statistics do not
+        if args.latent_stats:
+            stats = measure_latents(args, source)
+    except (ExportError, LoadError, DataSourceError, ConfigError, diffusers_io.DiffusersError, ValueError) as e:
+        if w.is_main:
+            print(f"export: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file of the source that could not be read
+        if w.is_main:
+            print(f"export: cannot read {e.filename or args.model}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    if not w.is_main:
+        return 0
+    if stats is not None:
+        print(stats)
+    return write_export(args, source, stats)
+
+
+@dataclass
+class Source:
+    """What is exported, read once: the folder the weights came from, its config, the fp32 weights and
+    the model holding them."""
+
+    folder: Path
+    cfg: Config
+    state: dict[str, torch.Tensor]
+    model: torch.nn.Module
+
+
+def read_source(args, w) -> Source:
+    """The weights and config of `args.model`, checked before anything is measured or written: they are
+    finite, fit the config, and the config's model is one the requested format can express. Under
+    torchrun (--latent-stats) rank 0 picks the checkpoint and every rank reads that one."""
+    path = args.model
+    if w.world_size > 1 and args.latent_stats:  # (without, rank 0 exports alone)
+        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        found: list = [None, None]
+        if w.is_main:
+            try:
+                found = [str(find_weights_dir(path)), None]
+            except LoadError as e:
+                found = [None, str(e)]
+        tdist.broadcast_object_list(found, src=0)
+        if found[1] is not None:
+            raise LoadError(found[1])
+        path = found[0]
+    error = None
+    try:
+        folder, cfg, state = read_weights(path, args.ema)  # (retried if a training run prunes it meanwhile)
         state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-        check_finite(folder, state)  # before anything is written
-        out = args.out
-        n = sum(v.numel() for v in state.values())
-        meta = {"source": folder.resolve(), "parameters": n, "ema": args.ema}
-        path = save_safetensors(state, out / "model.safetensors", meta)
-        (out / ckpt.CONFIG_NAME).write_text((folder / ckpt.CONFIG_NAME).read_text())
-        load_model(out)  # the export must rebuild: fail here, not in the user's hands
-        if stats is not None:
-            (out / STATS_NAME).write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
-    except (ExportError, LoadError) as e:
-        print(f"export: {e}", file=sys.stderr)
+        check_finite(folder, state)
+        source = Source(folder, cfg, state, build_from(folder, cfg, state).eval())
+        if cfg.model.kind == "prior" and args.latent_stats:
+            raise ExportError("--latent-stats: a prior (model.kind=prior) models codes and has no latents of its "
+                              "own: measure its VQ model's (model.prior_vq) when you export that")
+        if args.format == "diffusers":
+            diffusers_io.check_exportable(cfg.model, source.model)
+    except Exception as e:  # noqa: BLE001 -- the other ranks must hear of it before the next collective
+        error = e
+    if all_reduce_sum([float(error is not None)])[0] > 0:
+        raise error or LoadError("another rank could not read the model")
+    return source
+
+
+def write_export(args, source: Source, stats) -> int:
+    """Every file of the export is written and checked in a folder of its own inside --out, then moved
+    into place: a failed export leaves --out as it was (an earlier export in it too)."""
+    out, made, stage = args.out, not args.out.exists(), None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        drop_dead_stages(out)
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
+        if args.format == "diffusers":
+            written, lines = write_diffusers(stage, out, source, stats)
+        else:
+            written, lines = write_ours(stage, out, args.ema, source, stats)
+        for name in written:
+            os.replace(stage / name, out / name)
+        fsync_dir(out)
+    except (ExportError, LoadError, ConfigError, diffusers_io.DiffusersError) as e:
+        print(f"export: {str(e).replace(str(stage), str(out)) if stage else e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk filled, or the folder went away meanwhile
-        print(f"export: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        print(f"export: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
         return 2
-    drop_stale(out, {"model.safetensors", ckpt.CONFIG_NAME} | ({STATS_NAME} if stats else set()))
-    print(f"wrote {path} ({len(state)} tensors, {n / 1e6:.2f}M values) and {out / ckpt.CONFIG_NAME}"
-          + (f" and {out / STATS_NAME}" if stats is not None else "") + f", from {folder}")
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing exported: no empty folder left behind
+    drop_stale(out, set(written))
+    for line in lines:
+        print(line)
     return 0
+
+
+def drop_dead_stages(out: Path) -> None:
+    """The stage folders of exports into `out` that were killed (their process is gone) go."""
+    for p in out.glob(f"{STAGE_PREFIX}*"):
+        pid = p.name[len(STAGE_PREFIX):].split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def write_ours(stage: Path, out: Path, ema: bool, source: Source, stats) -> tuple[list[str], list[str]]:
+    cfg, meta = prior_vq_pinned(source)
+    n = sum(v.numel() for v in source.state.values())
+    meta = {"source": source.folder.resolve(), "parameters": n, "ema": ema, **meta}
+    save_safetensors(source.state, stage / "model.safetensors", meta)
+    (stage / ckpt.CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    load_model(stage)  # the export must rebuild: fail here, not in the user's hands
+    written = ["model.safetensors", ckpt.CONFIG_NAME]
+    if stats is not None:
+        (stage / STATS_NAME).write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
+        written.append(STATS_NAME)
+    return written, [f"wrote {out / 'model.safetensors'} ({len(source.state)} tensors, {n / 1e6:.2f}M values) and "
+                     f"{out / ckpt.CONFIG_NAME}" + (f" and {out / STATS_NAME}" if stats is not None else "")
+                     + f", from {source.folder}"]
+
+
+def prior_vq_pinned(source: Source) -> tuple[Config, dict]:
+    """A prior's config names its VQ model by the path it was trained with, often a run folder that
+    moves on. The export names the checkpoint that path gives now, and records the digest of the VQ
+    weights the prior was trained on (launch/sample.py compares them). When they already differ, the
+    path stays as it was, with a note."""
+    cfg = source.cfg
+    if cfg.model.kind != "prior":
+        return cfg, {}
+    from harness.tasks import PRIOR_VQ_DIGEST, frozen_vq, trained_vq_digest, weights_digest
+
+    vq, _, vq_folder, _ = frozen_vq(cfg.model.prior_vq, "cpu")
+    now, then = weights_digest(vq), trained_vq_digest(source.folder)
+    if then is not None and then != now:
+        print(f"note: model.prior_vq now gives other weights ({vq_folder}) than this prior was trained on: the "
+              "export keeps model.prior_vq as it was; point it at the step_N the prior was trained with",
+              file=sys.stderr)
+        return cfg, {PRIOR_VQ_DIGEST: then}
+    pinned = copy.deepcopy(cfg)
+    pinned.model.prior_vq = str(vq_folder.resolve())
+    return pinned, {PRIOR_VQ_DIGEST: now}
 
 
 def default_out(model: str, name: str) -> Path:
@@ -151,6 +274,8 @@ def check_out(out: Path, overwrite: bool = False) -> None:
     `overwrite`), or cannot be written."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: is a file; give a folder")
+    if out.is_symlink() and not out.exists():
+        raise ExportError(f"--out {out}: a link to {os.readlink(out)}, which does not exist")
     where = out.resolve()
     if _is_run(where) or where.name in RUN_PARTS and _is_run(where.parent):
         run = where if _is_run(where) else where.parent
@@ -161,6 +286,9 @@ def check_out(out: Path, overwrite: bool = False) -> None:
     if not overwrite and out.is_dir() and (held := [n for n in EXPORT_FILES if (out / n).exists()]):
         raise ExportError(f"--out {out}: holds {held[0]} already (an export?); pass --overwrite to replace it")
     for folder in [out.resolve(), *out.resolve().parents]:
+        if folder.name == "checkpoints" and _is_run(folder.parent):  # the trainer's: it cleans and prunes there
+            raise ExportError(f"--out {out}: inside the run's checkpoints/ folder, which the trainer cleans and "
+                              f"prunes: write the export elsewhere (as the default, {folder.parent / 'export'})")
         if (folder / ckpt.STATE_NAME).is_file() or (folder / ckpt.MANIFEST_NAME).is_file():
             raise ExportError(f"--out {out}: inside the checkpoint {folder}, whose manifest it would break (a "
                               "resume would then pass it over): write the export elsewhere")
@@ -175,13 +303,12 @@ def check_out(out: Path, overwrite: bool = False) -> None:
         raise ExportError(f"--out {out}: cannot write in {existing} ({e.strerror})") from None
 
 
-def measure_latents(args):
-    """Latent statistics over the first --latent-stats images, each rank its share (see harness/latents.py)."""
+def measure_latents(args, source: Source):
+    """Latent statistics of `source`'s model over the first --latent-stats images, each rank its share
+    (see harness/latents.py)."""
     w = world()
-    if w.world_size > 1 and not tdist.is_initialized():
-        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{w.local_rank}" if torch.cuda.is_available() else "cpu")
-    model, cfg, _ = load_model(args.model, ema=args.ema, device=device)
+    model, cfg = source.model.to(device), source.cfg
     data = args.data or cfg.data.train
     size = cfg.data.image_size
     shares = {"rank": w.rank, "world_size": w.world_size} if w.world_size > 1 else {}
@@ -189,51 +316,48 @@ def measure_latents(args):
                               max_samples=args.latent_stats, cfg=cfg, **shares)
     cond_key = condition_field(model.condition)
     stats = latent_stats(model, batches, image_size=size, device=device, cond_key=cond_key)
+    source.model = model.cpu()
     if stats.num_images < args.latent_stats and w.is_main:
         print(f"export: {data} holds {stats.num_images} readable images, fewer than --latent-stats "
               f"{args.latent_stats}: measured on those", file=sys.stderr)
     return stats
 
 
-def export_diffusers(args, stats=None) -> int:
-    try:
-        model, cfg, folder = load_model(args.model, ema=args.ema)
-        out = args.out
-        size = cfg.model.resolution or cfg.data.image_size
-        # config.json gets the global factors only: SD reads scaling_factor, SD3/FLUX also shift_factor, but
-        # SDXL-style pipelines read latents_mean/latents_std as a per-channel normalisation on top of
-        # scaling_factor, which would then no longer give unit variance; VQModel knows scaling_factor only
-        keep = ("scaling_factor", "shift_factor")
-        norm = {k: v for k, v in stats.to_dict().items() if k in keep} if stats is not None else {}
-        out, dcfg = diffusers_io.save_folder(model, cfg.model, out, sample_size=size, **norm)
-        # a small image: the check is about names and layouts, not about the model's resolution
-        if stats is not None:  # all of them, also what the diffusers class has no field for (VQModel: the shift)
-            (out / STATS_NAME).write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
-        diff = diffusers_io.check_loads(out, model, 2 ** (len(cfg.model.ch_mult) - 1) * 4)
-        if diff is not None and not diff <= 1e-3:  # NaN too
-            raise diffusers_io.DiffusersError(f"{out}: diffusers reconstructs differently from ours (largest "
-                                              f"difference {diff:.2e}): a mapping error, please report it")
-    except (ExportError, LoadError, diffusers_io.DiffusersError) as e:
-        print(f"export: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the disk filled, or the folder went away meanwhile
-        print(f"export: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+def write_diffusers(stage: Path, out: Path, source: Source, stats) -> tuple[list[str], list[str]]:
+    model, cfg = source.model, source.cfg
+    size = cfg.model.resolution or cfg.data.image_size
+    # config.json gets the global factors only: SD reads scaling_factor, SD3/FLUX also shift_factor, but
+    # SDXL-style pipelines read latents_mean/latents_std as a per-channel normalisation on top of
+    # scaling_factor, which would then no longer give unit variance; VQModel knows scaling_factor only
+    keep = ("scaling_factor", "shift_factor")
+    norm = {k: v for k, v in stats.to_dict().items() if k in keep} if stats is not None else {}
+    _, dcfg = diffusers_io.save_folder(model, cfg.model, stage, sample_size=size, **norm)
+    written = [diffusers_io.WEIGHTS_NAME, diffusers_io.CONFIG_NAME]
+    if stats is not None:  # all of them, also what the diffusers class has no field for (VQModel: the shift)
+        (stage / STATS_NAME).write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
+        written.append(STATS_NAME)
+    # a small image: the check is about names and layouts, not about the model's resolution
+    diff = diffusers_io.check_loads(stage, model, 2 ** (len(cfg.model.ch_mult) - 1) * 4)
+    if diff is not None and not diff <= 1e-3:  # NaN too
+        raise diffusers_io.DiffusersError(f"{out}: diffusers reconstructs differently from ours (largest "
+                                          f"difference {diff:.2e}): a mapping error, please report it")
     n = sum(v.numel() for v in diffusers_io.state_to_diffusers(model.state_dict()).values())
-    drop_stale(out, {diffusers_io.WEIGHTS_NAME, diffusers_io.CONFIG_NAME} | ({STATS_NAME} if stats else set()))
-    print(f"wrote {out / diffusers_io.WEIGHTS_NAME} ({n / 1e6:.2f}M values) and {out / diffusers_io.CONFIG_NAME} "
-          f"({dcfg['_class_name']}, from {folder})")
+    lines = [f"wrote {out / diffusers_io.WEIGHTS_NAME} ({n / 1e6:.2f}M values) and {out / diffusers_io.CONFIG_NAME} "
+             f"({dcfg['_class_name']}, from {source.folder})"]
     if stats is None:
-        print("scaling_factor 1.0 written: measure the latents with --latent-stats N for the real one")
+        lines.append("scaling_factor 1.0 written: measure the latents with --latent-stats N for the real one")
     else:
         left = [k for k in ("shift_factor",) if k not in dcfg]
-        print(f"the latent statistics are in {out / STATS_NAME}; per-channel latents_mean/latents_std there only"
-              + (f" ({dcfg['_class_name']}'s config has no {', '.join(left)}: read it there)" if left else ""))
+        lines.append(f"the latent statistics are in {out / STATS_NAME}; per-channel latents_mean/latents_std there "
+                     "only" + (f" ({dcfg['_class_name']}'s config has no {', '.join(left)}: read it there)"
+                               if left else ""))
     if diff is None:
-        print("diffusers is not installed here: the export was not loaded back (pip install diffusers to check)")
+        lines.append("diffusers is not installed here: the export was not loaded back (pip install diffusers to "
+                     "check)")
     else:
-        print(f"diffusers {dcfg['_class_name']}.from_pretrained loads it; largest reconstruction difference {diff:.2e}")
-    return 0
+        lines.append(f"diffusers {dcfg['_class_name']}.from_pretrained loads it; largest reconstruction difference "
+                     f"{diff:.2e}")
+    return written, lines
 
 
 if __name__ == "__main__":

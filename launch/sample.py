@@ -153,6 +153,9 @@ def run(args) -> Path:
         if conds is None:
             raise RequestError("`classes` needs a conditional model (model.condition = class or multilabel)")
         rows = grids.class_rows(model, size, conds, args.n, args.seed)
+        if args.rows > cfg.model.num_classes:
+            print(f"note: --rows {args.rows}: the model has model.num_classes={cfg.model.num_classes}, "
+                  f"one row each", file=sys.stderr)
     else:
         need = args.n if args.mode == "reconstruct" else 2 * args.rows
         batch = fixed_batch(args.data or cfg.data.val or cfg.data.train, need, size, cfg=cfg)
@@ -162,8 +165,15 @@ def run(args) -> Path:
         cond = batch[cond_key].to(args.device) if cond_key else None
         if args.mode == "reconstruct":
             rows = grids.reconstruction_rows(model, x, cond)
+            if x.shape[0] < args.n:
+                print(f"note: --n {args.n}: the data held {x.shape[0]} readable images, all shown", file=sys.stderr)
         else:
             rows = grids.interpolation_rows(model, x, cond, args.steps, args.rows)
+            if not rows:
+                raise DataSourceError(f"interpolate needs 2 images, and the data held {x.shape[0]} readable one")
+            if len(rows) < args.rows:
+                print(f"note: --rows {args.rows}: the data held {x.shape[0]} readable images, enough for "
+                      f"{len(rows)} pair{'s' * (len(rows) != 1)}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(rows), out)
     print(f"{out}: {args.mode} from {folder}")

@@ -7,6 +7,7 @@ distribution or logging here, and no import from `harness` or `shards` (tests/te
 
 from models.base import Autoencoder, AutoencoderOutput, ModelConfigError, NoPriorError
 from models.registry import (
+    batch_problem,
     build_model,
     check_config,
     deepspeed_unsupported,
@@ -20,6 +21,7 @@ __all__ = [
     "AutoencoderOutput",
     "ModelConfigError",
     "NoPriorError",
+    "batch_problem",
     "build_model",
     "check_config",
     "deepspeed_unsupported",

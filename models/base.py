@@ -5,8 +5,9 @@ Tensors: images are `b c h w` floats in [-1, 1]; a condition is `b` class indice
 
 Besides the tensor interface, a model class answers for its own settings (what models/registry.py
 calls on the class registered for a `model.kind`): `from_config` builds it from a `ModelConfig`,
-`check_config` validates that config before any work, `deepspeed_unsupported` says why a setting
-cannot train under DeepSpeed, `config_keys` names the `model.*` keys the class reads.
+`check_config` validates that config before any work, `batch_problem` says why it cannot train on
+so few images per rank, `deepspeed_unsupported` says why a setting cannot train under DeepSpeed,
+`config_keys` names the `model.*` keys the class reads.
 Config mistakes raise `ModelConfigError`; `models` never imports the harness that turns them into
 its own config error.
 """
@@ -63,6 +64,12 @@ class Autoencoder(nn.Module):
     def check_config(cls, m, image_size: int) -> None:
         """Raise `ModelConfigError` for a setting of `m` that cannot build or train at square images of
         side `image_size`; may fill in what the config leaves to be derived. Nothing is allocated."""
+
+    @classmethod
+    def batch_problem(cls, m, image_size: int, batch_size: int) -> str | None:
+        """Why a checked `m` cannot train on micro-batches of `batch_size` images per rank (one line
+        naming the key; a BatchNorm that would see one value per channel), or None."""
+        return None
 
     @classmethod
     def deepspeed_unsupported(cls, m) -> str | None:

@@ -17,14 +17,17 @@ from models.blocks import exists, set_gradient_checkpointing
 from models.conditioning import ConditionEmbedding
 from models.layerspec import (
     LATENT,
+    AutoencoderShapes,
     BuildContext,
     ShapeError,
     SpecError,
     SpecNet,
+    batchnorm_problem,
     check_autoencoder,
     check_condition_input,
     load_spec,
     parse_spec,
+    read_spec_file,
     spec_side,
     split_at_latent,
 )
@@ -122,6 +125,15 @@ class LatentAutoencoder(Autoencoder):
         its latent's own keys first, then calls this."""
         check_backbone(m, image_size, *cls.latent_layout(m))
 
+    @classmethod
+    def batch_problem(cls, m, image_size: int, batch_size: int) -> str | None:
+        """Why `m` (checked) cannot train on `batch_size` images per rank: a spec BatchNorm item that
+        would see one value per channel. None for arch ldm (GroupNorm only)."""
+        if m.arch != "spec":
+            return None
+        why = batchnorm_problem(spec_shapes(m, image_size, *cls.latent_layout(m)), batch_size)
+        return None if why is None else str(_spec_error(SpecError(why), "encoder"))
+
 
 # ---------------------------------------------------------------------------------------------
 # Construction from a ModelConfig
@@ -158,20 +170,7 @@ def check_spec_config(m, image_size: int, *, gaussian: bool, latent_dim: int | N
     then holds the layers themselves, so an edited file cannot silently change a resumed model.
     """
     enc, dec = _load_specs(m)
-    try:
-        check_autoencoder(
-            enc,
-            dec,
-            image_size=image_size,
-            in_channels=m.in_channels,
-            out_channels=m.out_ch,
-            latent="gaussian" if gaussian else "plain",
-            latent_dim=latent_dim,
-            num_groups=m.norm_groups,
-        )
-    except SpecError as e:
-        where = f" (at data.image_size={image_size})" if isinstance(e, ShapeError) else ""
-        raise _spec_error(e, "encoder", where) from None
+    spec_shapes(m, image_size, gaussian, latent_dim, specs=(enc, dec))
     if m.condition != "none":
         encoder, decoder = split_at_latent(enc, dec)
         for side, spec in (("encoder", encoder), (spec_side(decoder, "decoder"), decoder)):
@@ -184,15 +183,42 @@ def check_spec_config(m, image_size: int, *, gaussian: bool, latent_dim: int | N
         m.decoder = list(dec)
 
 
+def spec_shapes(m, image_size: int, gaussian: bool, latent_dim: int | None,
+                specs: tuple[list, list | None] | None = None) -> AutoencoderShapes:
+    """The dry run of `m`'s encoder and decoder specs at `image_size`; a `ModelConfigError` naming the
+    first item that does not fit."""
+    enc, dec = specs or _load_specs(m)
+    try:
+        return check_autoencoder(
+            enc,
+            dec,
+            image_size=image_size,
+            in_channels=m.in_channels,
+            out_channels=m.out_ch,
+            latent="gaussian" if gaussian else "plain",
+            latent_dim=latent_dim,
+            num_groups=m.norm_groups,
+            attn_type=m.attn_type,
+        )
+    except SpecError as e:
+        where = f" (at data.image_size={image_size})" if isinstance(e, ShapeError) else ""
+        raise _spec_error(e, "encoder", where) from None
+
+
 def _load_specs(m) -> tuple[list, list | None]:
-    """model.encoder and model.decoder as layer lists (read from their files when paths)."""
+    """model.encoder and model.decoder as layer lists (read from their files when paths). With no
+    model.decoder, a model.encoder file holding a mapping gives its `decoder` list too."""
     if not m.encoder:
         raise ModelConfigError("model.encoder: missing; arch=spec needs a list of layer strings or a .json/.yaml path")
     side = "encoder"
     try:
         enc = load_spec(m.encoder, "encoder")
         side = "decoder"
-        return enc, (load_spec(m.decoder, "decoder") if m.decoder else None)
+        if m.decoder:
+            return enc, load_spec(m.decoder, "decoder")
+        if isinstance(m.encoder, str) and isinstance(data := read_spec_file(m.encoder)[1], dict) and "decoder" in data:
+            return enc, load_spec(m.encoder, "decoder")
+        return enc, None
     except SpecError as e:
         raise _spec_error(e, side) from None
 

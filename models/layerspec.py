@@ -12,8 +12,8 @@ is quantized. `Latent` may end the encoder list (it is implied there), or split 
 into encoder and decoder: ["C2d_3_8_3_2_1", "Latent", "C2d_4_3_3_1_1"] with no separate decoder.
 
 A spec is given inline (a list) or as a path to a .json / .yaml file holding a list, or a mapping
-with `encoder` and `decoder` lists. Relative paths are looked up from the working directory, then
-from the repository root.
+with `encoder` and `decoder` lists (model.encoder naming such a file, with no model.decoder, takes
+both). Relative paths are looked up from the working directory, then from the repository root.
 
 Mistakes fail at build time with one line naming the item (counted from 1, as written), the token
 and what was expected. `dry_run` walks the shapes at an image size and names the first item whose
@@ -68,6 +68,7 @@ class _Bad(Exception):
 MAX_REPEAT = 1000  # N in N*LAYER
 MAX_INT = 1 << 20  # any whole-number argument (channels, features, kernel): a typo's extra digits would
 # otherwise allocate until the kernel's OOM killer ends the run without a word
+MAX_SLOPE = 1000.0  # LReLU_slope
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ def _parse_args(title: str, spec: tuple[Arg, ...], raw: list[str]) -> tuple:
             out.append(text)
             continue
         try:
+            if not text.isascii():  # int() and float() also read other scripts' digits ("٣" is 3)
+                raise ValueError(text)
             value = int(text) if a.kind == "int" else float(text)
         except ValueError:
             what = "a whole number" if a.kind == "int" else "a number"
@@ -320,7 +323,9 @@ LAYERS: dict[str, LayerDef] = {
     "Tanh": _act(nn.Tanh, "Tanh"),
     "Sigmoid": _act(nn.Sigmoid, "Sigmoid"),
     "LReLU": LayerDef(
-        "LeakyReLU", (Arg("slope", "float", 0.0),), lambda a, ctx: nn.LeakyReLU(a[0]), _same, "LeakyReLU(slope)"
+        # bounded: a slope torch cannot hold as a float32 fails only at the first forward
+        "LeakyReLU", (Arg("slope", "float", 0.0, MAX_SLOPE),), lambda a, ctx: nn.LeakyReLU(a[0]), _same,
+        f"LeakyReLU(slope), 0 <= slope < {MAX_SLOPE:g}",
     ),
     "Drop": LayerDef(
         "Dropout", (Arg("p", "float", 0.0, 1.0),), lambda a, ctx: nn.Dropout(a[0]), _same, "Dropout(p), 0 <= p < 1"
@@ -409,7 +414,8 @@ def parse_item(index: int, token: Any) -> Item:
     count = 1
     if "*" in text:
         head, text = text.split("*", 1)
-        if not head.strip().isdigit() or int(head) < 1:
+        head = head.strip()
+        if not (head.isascii() and head.isdigit()) or int(head) < 1:  # isdigit() alone takes "²"
             raise SpecError(f"{label}: repetition must be a positive whole number before '*', like \"2*VAERB_128_128\"")
         count = int(head)
         if count > MAX_REPEAT:  # a typo's extra digits would build for minutes before anything is said
@@ -480,23 +486,30 @@ def read_spec_file(value: Any) -> tuple[Path, Any]:
         raise SpecError(f"expected a list of layer strings or a path to a .json/.yaml file; got {value!r}")
     path = Path(value).expanduser()
     candidates = [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]
-    found = next((p for p in candidates if p.is_file()), None)
-    if not found:
-        raise SpecError(f"{value!r} is neither a list of layer strings nor an existing .json/.yaml file")
+    found = None
+    try:
+        found = next((p for p in candidates if p.is_file()), None)
+        if not found:
+            raise SpecError(f"{value!r} is neither a list of layer strings nor an existing .json/.yaml file")
+        text = found.read_text()
+    except UnicodeDecodeError:
+        raise SpecError(f"{found}: not a UTF-8 text file (a layer spec file is JSON or YAML text)") from None
+    except OSError as e:  # no permission, an I/O error (/proc/self/mem), a name too long
+        why = e.strerror or type(e).__name__
+        raise SpecError(f"{found or value}: cannot read the layer spec file ({why})") from None
     kind = "JSON" if found.suffix == ".json" else "YAML"
     try:
-        text = found.read_text()
         return found, json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise SpecError(f"{found}: not valid {kind} ({str(e).splitlines()[0]})") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{found}: not a UTF-8 text file (a layer spec file is {kind} text)") from None
 
 
-def check_groups(items: list[Item], num_groups: int) -> None:
-    """VAERB/VAEA normalise with `num_groups` GroupNorm groups: their channels must divide."""
+def check_groups(items: list[Item], num_groups: int, attn_type: str = "vanilla") -> None:
+    """VAERB/VAEA normalise with `num_groups` GroupNorm groups: their channels must divide (VAEA is an
+    identity, without a norm, when `attn_type` is none)."""
+    grouped = ("VAERB",) if attn_type == "none" else ("VAERB", "VAEA")
     for item in items:
-        if item.name in ("VAERB", "VAEA"):
+        if item.name in grouped:
             for c in item.args:
                 if c % num_groups:
                     raise SpecError(
@@ -547,6 +560,10 @@ def split_at_latent(encoder: list, decoder: list | None = None) -> tuple[list, l
     if not encoder:
         raise SpecError("encoder: the layer spec is empty")
     if not decoder:
+        try:  # a misspelt marker ("latent", "Latent_4") is the mistake to name, not the decoder it hid
+            parse_spec(encoder)
+        except SpecError as e:
+            raise SpecError(f"encoder: {e}") from None
         raise SpecError(f"decoder: missing; give a decoder list, or put the decoder after {LATENT} in the encoder list")
     return list(encoder), decoder
 
@@ -601,6 +618,7 @@ class AutoencoderShapes:
     encoder: DryRun
     decoder: DryRun
     latent: tuple
+    decoder_side: str = "decoder"  # "encoder" when the decoder follows Latent in the encoder list
 
     def report(self) -> str:
         return "\n".join(
@@ -624,13 +642,14 @@ def check_autoencoder(
     latent: str = "gaussian",
     latent_dim: int | None = None,
     num_groups: int | None = None,
+    attn_type: str = "vanilla",
 ) -> AutoencoderShapes:
     """Dry-run an encoder/decoder pair at `image_size` and check that they pair up.
 
     latent: "gaussian" (axis 1 of the encoder output is mean and log-variance halves) or "plain"
     (the encoder output is the latent); latent_dim, if given, is the size axis 1 of the latent must
     have (a quantizer's dimension); num_groups, if given, is checked against the channels of every
-    VAERB/VAEA item. Errors start with "encoder:" or "decoder:".
+    VAERB item, and of every VAEA item unless attn_type is none. Errors start with "encoder:" or "decoder:".
     """
     encoder, decoder = split_at_latent(encoder, decoder)
     dside = spec_side(decoder, "decoder")  # "encoder" when the decoder follows Latent there
@@ -638,7 +657,7 @@ def check_autoencoder(
     if exists(num_groups):
         for side, spec in (("encoder", encoder), (dside, decoder)):
             try:
-                check_groups(parse_spec(spec), num_groups)
+                check_groups(parse_spec(spec), num_groups, attn_type)
             except SpecError as e:
                 raise SpecError(f"{side}: {e}") from None
     try:
@@ -664,7 +683,20 @@ def check_autoencoder(
     want = (out_channels, image_size, image_size)
     if dec.out_shape != want:
         raise ShapeError(f"{dside}: {dname}output {fmt(dec.out_shape)} does not match the image {fmt(want)}")
-    return AutoencoderShapes(enc, dec, tuple(lat))
+    return AutoencoderShapes(enc, dec, tuple(lat), dside)
+
+
+def batchnorm_problem(shapes: AutoencoderShapes, batch_size: int) -> str | None:
+    """The first BatchNorm item that would see a single value per channel in a training batch of
+    `batch_size` (torch refuses to normalise it, at the first step), as one line starting with its
+    side ("encoder: item 2 ..."), or None."""
+    for side, run in (("encoder", shapes.encoder), (shapes.decoder_side, shapes.decoder)):
+        for item, s_in, _ in run.rows:
+            if item.name in ("BN1d", "BN2d") and batch_size * math.prod(s_in[1:]) < 2:
+                return (f"{side}: {item.label}: {LAYERS[item.name].title} sees one value per channel (input "
+                        f"{fmt(s_in)} at train.batch_size={batch_size} per rank) and cannot normalise it in training; "
+                        "raise train.batch_size to 2 or more, or use another norm (GN) there")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,11 +768,19 @@ def token_table() -> str:
     return "  N*TOKEN  repeat a layer N times\n" + "\n".join(rows)
 
 
-def _spec_from_cli(text: str) -> Any:
+class _Usage(Exception):
+    """A usage mistake on the command line (exit code 2)."""
+
+
+def _spec_from_cli(text: str, arg: str = "SPEC") -> Any:
     """A file path, a JSON list, or tokens separated by commas/spaces."""
     stripped = text.strip()
     if stripped.startswith("["):
-        return json.loads(stripped)
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise _Usage(f"{arg} {stripped[:40]!r}: not a valid JSON list ({e}); quote each layer, "
+                         '\'["C2d_3_8_3_1_1", "SiLU"]\'') from None
     if Path(stripped).suffix in (".json", ".yaml", ".yml") or Path(stripped).is_file():
         return stripped
     return [t for t in stripped.replace(",", " ").split() if t]
@@ -758,6 +798,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m models.layerspec"
     p.add_argument("decoder", nargs="?", help="a decoder spec when SPEC is an encoder only")
     p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default 256)")
     p.add_argument("--in-channels", type=int, default=3, help="image channels (default 3)")
+    p.add_argument("--norm-groups", type=int, default=32,
+                   help="GroupNorm groups of VAERB/VAEA, model.norm_groups (default 32, the config default)")
+    p.add_argument("--attn-type", choices=["vanilla", "linear", "none"], default="vanilla",
+                   help="model.attn_type (none: VAEA is an identity, without norm groups)")
     p.add_argument("--latent", choices=["gaussian", "plain"], default="gaussian",
                    help="gaussian: the encoder output holds mean and log-variance halves (default)")
     p.add_argument("--tokens", action="store_true", help="print the layer names and exit")
@@ -766,29 +810,40 @@ def main(argv: list[str] | None = None, prog: str = "python -m models.layerspec"
         print(token_table())
         return 0
     try:
+        for flag, value in (("--image-size", args.image_size), ("--in-channels", args.in_channels),
+                            ("--norm-groups", args.norm_groups)):
+            if value < 1:
+                raise _Usage(f"{flag} {value}: must be a positive whole number")
         raw = _spec_from_cli(args.spec)
+        decoder_raw = _spec_from_cli(args.decoder, "DECODER") if args.decoder else None
+    except _Usage as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         both = isinstance(raw, str) and isinstance(read_spec_file(raw)[1], dict)
         encoder = load_spec(raw, "encoder")
         decoder = None
-        if args.decoder:
-            decoder = load_spec(_spec_from_cli(args.decoder), "decoder")
+        if decoder_raw is not None:
+            decoder = load_spec(decoder_raw, "decoder")
         elif both:
             decoder = load_spec(raw, "decoder")
         has_marker = any(_is_latent(t) for t in encoder)
         if decoder is None and not has_marker:
-            run = dry_run(encoder, (args.in_channels, args.image_size, args.image_size))
+            items = parse_spec(encoder)
+            check_groups(items, args.norm_groups, args.attn_type)
+            run = dry_run(items, (args.in_channels, args.image_size, args.image_size))
             print(f"{fmt(run.in_shape)} -> {fmt(run.out_shape)}")
             print(run.table())
             return 0
         size, c = args.image_size, args.in_channels
-        shapes = check_autoencoder(encoder, decoder, image_size=size, in_channels=c, out_channels=c, latent=args.latent)
-    except (SpecError, json.JSONDecodeError) as e:
+        shapes = check_autoencoder(encoder, decoder, image_size=size, in_channels=c, out_channels=c, latent=args.latent,
+                                   num_groups=args.norm_groups, attn_type=args.attn_type)
+    except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(shapes.report())
     print(f"ok: latent {fmt(shapes.latent)} at {args.image_size}x{args.image_size}; encoder and decoder pair up")
     return 0
-
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Model kinds: the value of `model.kind` -> the class that builds it.
 
 A kind's class needs one thing, `from_config(m)` building it from a `ModelConfig` `m`, and may
-have three more (models/base.py gives autoencoders all of them):
+have four more (models/base.py gives autoencoders all of them):
     check_config(m, image_size)  raise `ModelConfigError` before any work; may fill in derived keys
+    batch_problem(m, image_size, batch_size)  why `m` cannot train on that many images per rank, or None
     deepspeed_unsupported(m)     why `m` cannot train under DeepSpeed (one line), or None
     config_keys                  the `model.*` keys the class reads
 Nothing here assumes encode/decode: a classifier registers the same way.
@@ -60,6 +61,13 @@ def check_config(m, image_size: int) -> None:
     cls = model_class(m.kind)
     if hasattr(cls, "check_config"):
         cls.check_config(m, image_size)
+
+
+def batch_problem(m, image_size: int, batch_size: int) -> str | None:
+    """Why a checked `m` cannot train on micro-batches of `batch_size` images per rank (one line naming
+    the key), or None."""
+    why = getattr(model_class(m.kind), "batch_problem", None)
+    return why(m, image_size, batch_size) if why else None
 
 
 def build_model(m) -> nn.Module:

@@ -11,8 +11,9 @@
 
 Every build writes OUT/000000.tar, 000001.tar, ..., OUT/bad_files.txt and, last, OUT/index.json.
 Re-running an interrupted build with the same arguments resumes it. Exit codes: 0 success,
-1 verify found problems (or an I/O error), 2 a usage mistake, 130 interrupted, 141 the reader of
-the output went away (`| head`).
+1 verify found problems (or an I/O error), 2 a usage mistake, 75 stopped by SIGTERM (the same clean
+stop as Ctrl-C; 75 as launch/train.py: stopped, resumable), 130 interrupted (Ctrl-C), 141 the reader
+of the output went away (`| head`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -123,6 +125,11 @@ def _note_other(other: int, src: Path):
         print(f"{src}: ignored {other} files that are not images (by extension)", file=sys.stderr)
 
 
+def _notes(notes: list[str]):
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------
 # commands
 
@@ -148,12 +155,13 @@ def cmd_folder(a) -> int:
 
     opts = _options(a)
     src = Path(a.src)
-    items, classes, descriptions, other = folder_items(src, labels=not a.no_labels, classes_file=a.classes,
-                                                       exclude=Path(a.out))
+    items, classes, descriptions, other, skipped, notes = folder_items(
+        src, labels=not a.no_labels, classes_file=a.classes, exclude=Path(a.out))
     _note_other(other, src)
+    _notes(notes)
     extra = {"class_descriptions": descriptions} if descriptions else {}
-    build(a.out, items, _produce(opts), opts, source=_source("folder", opts, path=str(src.resolve())),
-          classes=classes, index_extra=extra)
+    build(a.out, items, _produce(opts), opts, skipped=skipped,
+          source=_source("folder", opts, path=str(src.resolve())), classes=classes, index_extra=extra)
     return 0
 
 
@@ -162,9 +170,10 @@ def cmd_imagenet(a) -> int:
 
     opts = _options(a)
     src = Path(a.src)
-    items, classes, descriptions, other, unlabelled, layout = imagenet_items(
+    items, classes, descriptions, other, unlabelled, layout, notes = imagenet_items(
         src, classes_file=a.classes, labels_file=a.labels, exclude=Path(a.out))
     _note_other(other, src)
+    _notes(notes)
     extra = {"class_descriptions": descriptions} if any(descriptions) else {}
     build(a.out, items, _produce(opts), opts, skipped=unlabelled,
           source=_source("imagenet", opts, path=str(src.resolve()), layout=layout,
@@ -178,15 +187,14 @@ def cmd_coco(a) -> int:
 
     opts = _options(a)
     images = Path(a.images)
-    items, label_names, label_ids, other, dropped, notes = coco_items(
+    items, label_names, label_ids, other, dropped, skipped, notes = coco_items(
         images, instances=a.instances, captions=a.captions, require_labels=a.require_labels)
     _note_other(other, images)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+    _notes(notes)
     if dropped:
         print(f"{images}: left out {dropped} images without instance annotations (--require-labels)", file=sys.stderr)
     extra = {"label_ids": label_ids} if label_ids else {}
-    build(a.out, items, _produce(opts), opts, label_names=label_names, index_extra=extra,
+    build(a.out, items, _produce(opts), opts, label_names=label_names, index_extra=extra, skipped=skipped,
           source=_source("coco", opts, path=str(images.resolve()),
                          instances=str(Path(a.instances).resolve()) if a.instances else None,
                          captions=str(Path(a.captions).resolve()) if a.captions else None,
@@ -228,10 +236,11 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     f = sub.add_parser("folder", help="any tree of images (sub-folder names become classes)",
-                       description="Any tree of images. When every image lies inside a first-level sub-folder "
-                                   "and there are at least two of them, the sub-folder names are the classes "
-                                   "(sorted, or in --classes order) and each sample gets cls; otherwise the set is "
-                                   "unlabelled.")
+                       description="Any tree of images. When at least two first-level sub-folders hold images, "
+                                   "the sub-folder names are the classes (sorted, or in --classes order; one without "
+                                   "images is a class with 0 samples) and each sample gets cls; images beside the "
+                                   "sub-folders are then skipped (listed in bad_files.txt). Otherwise, or with "
+                                   "--no-labels, the set is unlabelled.")
     f.add_argument("src", metavar="SRC", help="folder of images")
     f.add_argument("out", metavar="OUT", help="output folder")
     f.add_argument("--classes", metavar="FILE", help="class order: one sub-folder name per line")
@@ -282,8 +291,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, `timeout`, a scheduler): stopped exactly as Ctrl-C stops a build."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the teardown short
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: no handler of ours
+        previous = None
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     from shards.sources import DataSourceError
 
     try:
@@ -296,10 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, DataSourceError) as e:
         print(f"shards {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         more = "; run the same command again to resume" if args.command not in ("inspect", "verify") else ""
         print(f"shards {args.command}: interrupted{more}", file=sys.stderr)
-        return 130
+        return 75 if isinstance(e, Terminated) else 130  # the trainer's codes: 75 resumable stop, 130 Ctrl-C
     except OSError as e:  # disk full, permissions: the environment, not a bug in here
         print(f"shards {args.command}: error: {e}", file=sys.stderr)
         return 1

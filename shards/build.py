@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import random
 import re
@@ -41,11 +42,23 @@ PROGRESS_NAME = ".progress.json"
 BAD_FILES_NAME = "bad_files.txt"
 SHARD_RE = re.compile(r"^\d{6}\.tar(\.tmp)?$")
 TAR_MTIME = 1_600_000_000  # fixed member mtime: same input -> byte-identical tars
-FAULT_ENV = "SHARDS_FAULT_AFTER"  # test hook: "N" hard-exits after N samples written, "N:interrupt" raises Ctrl-C
+# Test hook: "N" hard-exits after N samples written, "N:interrupt" raises Ctrl-C, "N:term" sends this
+# process SIGTERM, "N:term-group" sends it to the whole process group (as SLURM or `timeout` may).
+FAULT_ENV = "SHARDS_FAULT_AFTER"
 
 
 class BuildError(Exception):
     """A user mistake (missing folder, bad option, foreign output folder): one line, exit code 2."""
+
+
+def safe_text(s: str) -> str:
+    """`s` as text that encodes to UTF-8: a file name's undecodable bytes (which Python keeps as
+    surrogate escapes) become `\\xe9`. For what is written out (json, txt, bad_files.txt, class names), never
+    for the path that is opened."""
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name holds (from a JSON \\ud800 escape)
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -100,6 +113,8 @@ def produce_file(item: Item, *, max_size: int = 0, quality: int = 95, resize_fil
             data = f.read()
     except OSError as e:
         raise BadImage(f"cannot read: {e.strerror or e}") from None
+    except ValueError as e:  # a name no file can have: a NUL byte, a lone surrogate (from annotation files)
+        raise BadImage(f"cannot read: {e}") from None
     if not data:
         raise BadImage("empty file")
     enc = process_image(data, max_size=max_size, quality=quality, resize_filter=resize_filter)
@@ -115,7 +130,31 @@ _PRODUCE: Callable | None = None
 def _init_worker(produce):
     global _PRODUCE
     _PRODUCE = produce
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+
+
+def _start_worker(initializer, initargs):
+    # Ctrl-C and SIGTERM reach every process of the group (a terminal, SLURM); the parent handles both
+    # and stops the pool. A worker that acted on them itself would print a traceback, or die holding
+    # the pool's queue lock (after it acquired the lock, before its `with` block began), and the
+    # parent's Pool.terminate() would wait for that lock forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+class _Pool(multiprocessing.pool.Pool):
+    @staticmethod
+    def Process(ctx, *args, **kwds):
+        p = ctx.Process(*args, **kwds)
+        p.terminate = p.kill  # the workers ignore SIGTERM: Pool.terminate() ends them with SIGKILL
+        return p
+
+
+def worker_pool(processes: int, initializer: Callable | None = None, initargs: tuple = ()):
+    """A process pool (fork where there is one) whose workers leave Ctrl-C and SIGTERM to the parent."""
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    return _Pool(processes, initializer=_start_worker, initargs=(initializer, initargs), context=ctx)
 
 
 def _work(job):
@@ -128,10 +167,12 @@ def _work(job):
     if item.cls >= 0:
         sample["cls"] = str(item.cls).encode()
     meta = {**item.meta, **info}
+    # The builders pass text through safe_text; backslashreplace keeps a slip from killing the build
+    # (inside a JSON string it gives a valid \\u escape).
     if meta:
-        sample["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
+        sample["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8", "backslashreplace")
     if item.txt:
-        sample["txt"] = item.txt.encode()
+        sample["txt"] = safe_text(item.txt).encode()
     return pos, sample, ""
 
 
@@ -272,7 +313,7 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     bad = state["bad"]  # [position, path or key, reason]
     shards = state["shards"]
     fault = os.environ.get(FAULT_ENV, "").partition(":")
-    fault_after, fault_interrupt = int(fault[0] or 0), fault[2] == "interrupt"
+    fault_after, fault_kind = int(fault[0] or 0), fault[2]
     last = {"end": start, "stream": None}
 
     def save_progress(done=False):
@@ -314,11 +355,10 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
 
     pool = None
     if opts.workers > 1:
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=(produce,))
+        pool = worker_pool(opts.workers, _init_worker, (produce,))
         results = pool.imap(_work, todo(), chunksize=8)
     else:
-        _init_worker_inline(produce)
+        _init_worker(produce)
         results = map(_work, ((pos, items[pos]) for pos in range(start, len(items))))
 
     t0 = time.perf_counter()
@@ -341,9 +381,14 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
                 last["end"] = pos + 1
                 written += 1
                 if fault_after and written >= fault_after:
-                    if fault_interrupt:
+                    if fault_kind == "interrupt":
                         raise KeyboardInterrupt  # as Ctrl-C would
-                    os._exit(75)  # as abrupt as kill -9: no cleanup, no finally
+                    if fault_kind == "term":
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    elif fault_kind == "term-group":
+                        os.killpg(os.getpgrp(), signal.SIGTERM)
+                    else:
+                        os._exit(75)  # as abrupt as kill -9: no cleanup, no finally
             bar.update(1)
         writer.close()
     except BaseException:
@@ -370,7 +415,7 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     # Report, then index last: index.json present <=> the set is complete.
     bad.sort()
     report = [(path, reason) for path, reason in skipped] + [(path, reason) for _, path, reason in bad]
-    write_atomic(bad_paths, "".join(f"{path}\t{reason}\n" for path, reason in report))
+    write_atomic(bad_paths, "".join(f"{safe_text(path)}\t{safe_text(reason)}\n" for path, reason in report))
     if not shards:
         raise BuildError(f"{source.get('path', out)}: none of the {len(items)} inputs is a usable image "
                          f"(reasons in {bad_paths})")
@@ -393,11 +438,6 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     return index
 
 
-def _init_worker_inline(produce):
-    global _PRODUCE
-    _PRODUCE = produce
-
-
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
@@ -405,7 +445,8 @@ def make_key(name: str, limit: int = 80) -> str:
     """A webdataset key from a name: no dots (they start the extension), no slashes, not too long."""
     key = _KEY_BAD.sub("_", name).strip("_") or "img"
     if len(key) > limit:
-        key = key[: limit - 9] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
+        # surrogatepass: any str encodes (a non-UTF-8 file name, a lone surrogate); distinct names, distinct hashes
+        key = key[: limit - 9] + "_" + hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return key
 
 

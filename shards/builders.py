@@ -10,9 +10,10 @@ import csv
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.build import BuildError, Item, unique_keys
+from shards.build import BuildError, Item, safe_text, unique_keys
 from shards.images import IMAGE_EXTENSIONS
 
 SYNSET_RE = re.compile(r"^n\d{8}$")
@@ -22,28 +23,108 @@ SYNSET_RE = re.compile(r"^n\d{8}$")
 # listing
 
 
-def list_images(src: Path, exclude: Path | None = None) -> tuple[list[str], int]:
-    """Image files under src as sorted posix paths relative to it, and how many other files were seen.
+@dataclass
+class Listing:
+    images: list[str]  # image files, sorted posix paths relative to the input folder
+    other: int = 0  # files seen that are not images (by extension)
+    folders: list[str] = field(default_factory=list)  # first-level sub-folders read (class candidates), sorted
+    notes: list[str] = field(default_factory=list)  # one line each, for the user
 
-    Hidden files and folders are skipped; so is `exclude` (an output folder inside the input).
+
+def _folder_id(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def list_images(src: Path, exclude: Path | None = None) -> Listing:
+    """The image files under src. Hidden files and folders are skipped; so is `exclude` (an output
+    folder inside the input).
+
+    Links to folders are followed, but every real folder is read once (by device and inode), folders
+    reached without a link first: a link back up the tree (`ln -s .. up`) would otherwise copy the set
+    again and again, down to the OS's path-length limit. Such links are skipped and named in a note.
+    A folder that cannot be read stops the listing (one line): a class gone missing without a word
+    is worse than a build that does not start.
     """
     if not src.is_dir():
         raise BuildError(f"{src}: no such folder")
     src_abs = src.resolve()
     exclude_abs = exclude.resolve() if exclude is not None else None
-    images, other = [], 0
-    for root, dirs, files in os.walk(src_abs, followlinks=True):
-        root_p = Path(root)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and (exclude_abs is None or root_p / d != exclude_abs)]
-        for f in files:
-            if f.startswith("."):
+    exclude_id = _folder_id(exclude_abs) if exclude_abs is not None and exclude_abs.is_dir() else None
+
+    def unreadable(rel: str, e: OSError) -> BuildError:
+        return BuildError(f"{src / rel if rel else src}: cannot read this folder ({e.strerror or e}); "
+                          f"fix its permissions or move it out of {src}")
+
+    seen = {_folder_id(src_abs)}
+    listing = Listing(images=[])
+    todo: list[tuple[str, str]] = [("", str(src_abs))]  # (relative posix path, path to read)
+    links: list[tuple[str, str]] = []  # links to folders: followed once every folder without one is read
+    repeated: list[str] = []
+    while todo or links:
+        if not todo:
+            rel, path = links.pop(0)
+            try:
+                ident = _folder_id(path)
+            except OSError as e:
+                raise unreadable(rel, e) from None
+            if ident == exclude_id:
                 continue
-            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
-                images.append((root_p / f).relative_to(src_abs).as_posix())
-            else:
-                other += 1
-    images.sort()
-    return images, other
+            if ident in seen:
+                repeated.append(rel)
+                continue
+            seen.add(ident)
+            todo.append((rel, path))
+            if "/" not in rel:
+                listing.folders.append(rel)
+            continue
+        rel, path = todo.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError as e:
+            raise unreadable(rel, e) from None
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            erel = f"{rel}/{e.name}" if rel else e.name
+            try:
+                is_dir = e.is_dir()  # follows a link
+            except OSError:
+                is_dir = False
+            if not is_dir:  # a file, a link to one, a broken link (reported when it cannot be read)
+                if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                    listing.images.append(erel)
+                else:
+                    listing.other += 1
+                continue
+            if exclude_abs is not None and Path(path, e.name) == exclude_abs:
+                continue
+            if e.is_symlink():
+                links.append((erel, e.path))
+                continue
+            try:
+                st = e.stat()
+            except OSError as err:
+                raise unreadable(erel, err) from None
+            ident = (st.st_dev, st.st_ino)
+            if ident == exclude_id:
+                continue
+            if ident in seen:  # a bind mount of a folder already read
+                repeated.append(erel)
+                continue
+            seen.add(ident)
+            todo.append((erel, e.path))
+            if not rel:
+                listing.folders.append(erel)
+    listing.images.sort()
+    listing.folders.sort()
+    if repeated:
+        repeated.sort()
+        shown = ", ".join(safe_text(r) for r in repeated[:3]) + (", ..." if len(repeated) > 3 else "")
+        listing.notes.append(f"{src}: skipped {len(repeated)} links to folders already read (a loop, or a "
+                             f"second path to the same folder): {shown}")
+    return listing
 
 
 def read_classes_file(path: str | Path) -> tuple[list[str], list[str]]:
@@ -88,31 +169,60 @@ def _class_index(found: list[str], classes_file: str | None, what: str) -> tuple
 # folder
 
 
+def _empty_classes_note(src: Path, classes: list[str], holders: set[str]) -> list[str]:
+    empty = [c for c in classes if c not in holders]
+    if not empty:
+        return []
+    shown = ", ".join(safe_text(c) for c in empty[:3]) + (", ..." if len(empty) > 3 else "")
+    return [f"{src}: {len(empty)} of {len(classes)} classes have no images: kept, with 0 samples, so every "
+            f"later class keeps its index ({shown})"]
+
+
 def folder_items(src: Path, *, labels: bool = True, classes_file: str | None = None, exclude: Path | None = None):
-    """Any tree of images. Labelled by first-level sub-folder when every image lies in one (of 2+)."""
-    paths, other = list_images(src, exclude)
+    """Any tree of images, labelled by first-level sub-folder when two or more of them hold images
+    (or --classes names them). Then an image beside the sub-folders is skipped, not stored without
+    a label, and a sub-folder without images is still a class (0 samples): leaving it out would
+    shift the index of every class after it.
+
+    Returns items, classes, descriptions, the number of non-image files, skipped inputs as
+    (path, reason) and notes (one line each).
+    """
+    listing = list_images(src, exclude)
+    paths, notes = listing.images, list(listing.notes)
     if not paths:
         raise BuildError(f"{src}: no image files found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    # Labels when every image lies in a first-level sub-folder and there are at least two of them
-    # (one folder holding everything, like imagenet-sample/train/..., is not a class).
-    labelled = labels and all("/" in p for p in paths) and (
-        classes_file is not None or len({p.split("/", 1)[0] for p in paths}) > 1)
-    if classes_file and not labelled:
-        raise BuildError(f"{src}: --classes given but not every image lies in a class sub-folder")
+    # One folder holding everything, like imagenet-sample/train/..., is not a class.
+    holders = {p.split("/", 1)[0] for p in paths if "/" in p}
+    labelled = labels and (len(holders) > 1 or (classes_file is not None and bool(holders)))
+    if classes_file is not None and not labelled:
+        raise BuildError(f"{src}: --classes given, but " + ("so is --no-labels" if not labels
+                                                             else "no image lies in a class sub-folder"))
     classes: list[str] = []
     descriptions: list[str] = []
+    skipped: list[tuple[str, str]] = []
     if labelled:
-        classes, descriptions = _class_index([p.split("/", 1)[0] for p in paths], classes_file, "sub-folders")
+        stray = [p for p in paths if "/" not in p]
+        if stray:
+            skipped = [(str(src / p), "not inside a class sub-folder") for p in stray]
+            notes.append(f"{src}: {len(stray)} images lie beside the class sub-folders, not inside one: skipped, "
+                         f"listed in bad_files.txt (first: {safe_text(stray[0])}; --no-labels keeps every image, "
+                         "unlabelled)")
+            paths = [p for p in paths if "/" in p]
+        if classes_file is None:
+            classes = sorted(holders | set(listing.folders))
+        else:
+            classes, descriptions = _class_index(sorted(holders), classes_file, "sub-folders")
+        notes += _empty_classes_note(src, classes, holders)
     cls_of = {c: i for i, c in enumerate(classes)}
     keys = unique_keys([os.path.splitext(p)[0] for p in paths])
     items = []
     for key, rel in zip(keys, paths):
         cls = cls_of[rel.split("/", 1)[0]] if labelled else -1
-        meta = {"source": rel}
+        meta = {"source": safe_text(rel)}
         if labelled:
-            meta["class"] = classes[cls]
+            meta["class"] = safe_text(classes[cls])
         items.append(Item(key=key, path=str(src / rel), cls=cls, meta=meta))
-    return items, classes, descriptions, other
+    return items, [safe_text(c) for c in classes], descriptions, listing.other, skipped, notes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,8 +296,9 @@ def imagenet_items(src: Path, *, classes_file: str | None = None, labels_file: s
                    exclude: Path | None = None):
     """ImageNet train/<synset>/*.JPEG, or a flat val/ folder labelled by a ground-truth file.
 
-    Returns items, classes, descriptions, the number of non-image files, and inputs without a label
-    (val images the ground-truth file does not name) as (path, reason) pairs.
+    Returns items, classes, descriptions, the number of non-image files, inputs without a label
+    (val images the ground-truth file does not name) as (path, reason) pairs, the layout and notes.
+    A synset folder without images is still a class (0 samples), so the class order stays standard.
     """
     if not src.is_dir():
         raise BuildError(f"{src}: no such folder")
@@ -196,16 +307,25 @@ def imagenet_items(src: Path, *, classes_file: str | None = None, labels_file: s
     if not synset_dirs and {"train", "val"} & set(subdirs):
         raise BuildError(f"{src}: looks like the ImageNet root; build each split on its own, e.g. "
                          f"python -m shards imagenet {src / 'train'} OUT/train")
-    paths, other = list_images(src, exclude)
+    listing = list_images(src, exclude)
+    paths, other, notes = listing.images, listing.other, list(listing.notes)
     if not paths:
         raise BuildError(f"{src}: no image files found")
     unlabelled: list[tuple[str, str]] = []
     if synset_dirs:  # train layout (also a val folder already sorted into synset folders)
         stray = {p for p in paths if "/" not in p or not SYNSET_RE.match(p.split("/", 1)[0])}
         unlabelled += [(str(src / p), "not inside a synset folder") for p in sorted(stray)]
+        if stray:
+            notes.append(f"{src}: {len(stray)} images are not inside a synset folder: skipped, listed in "
+                         f"bad_files.txt (first: {safe_text(min(stray))})")
         paths = [p for p in paths if p not in stray]
         synset_of = {p: p.split("/", 1)[0] for p in paths}
-        classes, descriptions = _class_index(list(synset_of.values()), classes_file, "synsets")
+        holders = set(synset_of.values())
+        if classes_file is None:  # every synset folder, with images or not: the standard order stays whole
+            classes, descriptions = sorted(holders | {f for f in listing.folders if SYNSET_RE.match(f)}), []
+        else:
+            classes, descriptions = _class_index(sorted(holders), classes_file, "synsets")
+        notes += _empty_classes_note(src, classes, holders)
         layout = "train"
     else:  # flat val folder
         gt = Path(labels_file) if labels_file else _find_upwards(src, "LOC_val_solution.csv")
@@ -236,9 +356,9 @@ def imagenet_items(src: Path, *, classes_file: str | None = None, labels_file: s
             descriptions = [known.get(c, "") for c in classes]
     cls_of = {c: i for i, c in enumerate(classes)}
     keys = unique_keys([os.path.splitext(os.path.basename(p))[0] for p in paths])
-    items = [Item(key=k, path=str(src / p), cls=cls_of[synset_of[p]], meta={"source": p, "synset": synset_of[p]})
-             for k, p in zip(keys, paths)]
-    return items, classes, descriptions, other, unlabelled, layout
+    items = [Item(key=k, path=str(src / p), cls=cls_of[synset_of[p]],
+                  meta={"source": safe_text(p), "synset": synset_of[p]}) for k, p in zip(keys, paths)]
+    return items, classes, descriptions, other, unlabelled, layout, notes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +397,9 @@ def _load_json(path: str, what: str) -> dict:
 def coco_items(images: Path, *, instances: str | None = None, captions: str | None = None,
                require_labels: bool = False):
     """COCO 2017 (train or val): images + multi-hot categories from instances + captions. Annotations that
-    name an image or a category the file does not list are left out and counted (`notes`, one line each)."""
+    name an image or a category the file does not list are left out and counted (`notes`, one line each);
+    images whose file_name points outside `images` are skipped, as (path, reason) in `skipped`. A category
+    id listed twice, or an image id listed with two file names, is an error."""
     if not images.is_dir():
         raise BuildError(f"{images}: no such folder")
     if require_labels and not instances:
@@ -290,18 +412,26 @@ def coco_items(images: Path, *, instances: str | None = None, captions: str | No
     cat_index: dict[int, int] = {}
     if inst is not None:
         cats = sorted(inst["categories"], key=lambda c: c["id"])
+        dup = next((a["id"] for a, b in zip(cats, cats[1:]) if a["id"] == b["id"]), None)
+        if dup is not None:  # one id, two label indices: one of them a phantom that no annotation sets
+            names = ", ".join(repr(safe_text(c["name"])) for c in cats if c["id"] == dup)
+            raise BuildError(f"{instances}: category id {dup} is listed more than once ({names})")
         label_ids = [c["id"] for c in cats]
         label_names = [c["name"] for c in cats]
         cat_index = {cid: i for i, cid in enumerate(label_ids)}
 
     records: dict[int, dict] = {}
-    for data in (inst, caps):
+    for path, data in ((instances, inst), (captions, caps)):
         if data is not None:
             for im in data["images"]:
-                records.setdefault(im["id"], {"file_name": im["file_name"]})
+                rec = records.setdefault(im["id"], {"file_name": im["file_name"]})
+                if rec["file_name"] != im["file_name"]:  # (the same image listed by both files is fine)
+                    raise BuildError(f"{path}: image id {im['id']} is listed twice, with different file names "
+                                     f"({safe_text(rec['file_name'])!r} and {safe_text(im['file_name'])!r})")
     other = 0
     if inst is None and caps is None:  # images only: the id is the COCO-style number in the file name
-        paths, other = list_images(images)
+        listing = list_images(images)
+        paths, other = listing.images, listing.other
         numeric = [p for p in paths if os.path.splitext(os.path.basename(p))[0].isdigit()]
         if len(numeric) != len(paths):
             raise BuildError(f"{images}: without --instances/--captions, image file names must be COCO ids "
@@ -331,15 +461,22 @@ def coco_items(images: Path, *, instances: str | None = None, captions: str | No
         (unknown_category, "instance annotations whose category_id is not among the categories"),
         (unknown_caption, "captions of images the files do not list")) if n]
 
-    items, dropped = [], 0
+    items, dropped, skipped = [], 0, []
+    root = os.path.abspath(images)
     for image_id in sorted(records):
         rec = records[image_id]
         cids = sorted(cats_of.get(image_id, ()))
         if require_labels and not cids:
             dropped += 1
             continue
-        captions_ = [c for _, c in sorted(caps_of.get(image_id, []))]
-        meta = {"image_id": image_id, "file_name": rec["file_name"]}
+        # A file name is a path inside --images: "../../etc/passwd" or "/etc/hostname" must not be read.
+        inside = os.path.normpath(os.path.join(root, rec["file_name"]))
+        if not inside.startswith(root.rstrip(os.sep) + os.sep):
+            why = "empty" if not rec["file_name"] else "lies outside --images (absolute, or with ..)"
+            skipped.append((os.path.join(str(images), rec["file_name"]), f"image {image_id}: file_name {why}"))
+            continue
+        captions_ = [safe_text(c) for _, c in sorted(caps_of.get(image_id, []))]
+        meta = {"image_id": image_id, "file_name": safe_text(rec["file_name"])}
         if inst is not None:
             meta["labels"] = [cat_index[c] for c in cids]
             meta["category_ids"] = cids
@@ -350,4 +487,7 @@ def coco_items(images: Path, *, instances: str | None = None, captions: str | No
     keys = unique_keys([f"{it.meta['image_id']:012d}" for it in items])
     for it, k in zip(items, keys):
         it.key = k
-    return items, label_names, label_ids, other, dropped, notes
+    if skipped:
+        notes.append(f"skipped {len(skipped)} images whose file_name names no file inside {images} "
+                     f"(absolute, with .., or empty; listed in bad_files.txt)")
+    return items, [safe_text(n) for n in label_names], label_ids, other, dropped, skipped, notes

@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from shards.images import to_rgb
+from shards.images import MAX_PIXELS, BadImage, to_rgb
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-MAX_PIXELS = 64_000_000  # default pixel limit (data.max_pixels, `shards verify --max-pixels`)
+# MAX_PIXELS: default pixel limit (data.max_pixels, `shards verify --max-pixels`); defined beside the
+# builder, which skips what the loader would (shards/images.py)
 # Our own code: a venv inside the checkout must not make PIL "ours".
 _OURS = tuple(f"{Path(__file__).resolve().parents[1] / p}/" for p in ("models", "shards", "harness", "launch", "tests"))
 _INT = re.compile(rb"\s*-?[0-9]{1,18}\s*")
@@ -95,7 +96,10 @@ def load_image(data: bytes, size: int, crop: str, hflip: bool, rng: random.Rando
     img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale still >= size (much faster)
     ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image that is already upright
     img.load()  # every pixel decoded here, inside PIL: a corrupt stream fails as a library error
-    img = to_rgb(img)  # the shard builders' conversion: img2dataset's or anyone's shards decode the same way
+    try:
+        img = to_rgb(img)  # the shard builders' conversion: img2dataset's or anyone's shards decode the same way
+    except BadImage as e:  # its own check of the pixel values (a float image of unknown scale)
+        raise BadData(str(e)) from None
     w, h = img.size
     side = min(w, h)
     if crop == "random":

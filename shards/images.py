@@ -3,8 +3,8 @@
 Every image in a shard decodes with plain PIL to an 8-bit RGB picture the right way up, so no
 reader has to care about grayscale, CMYK, palettes, alpha, 16-bit samples or EXIF orientation.
 The original bytes are kept when they already are that (JPEG/PNG/WebP, 8-bit RGB, no transparent
-colour, no rotation, within `max_size`): re-encoding would cost time and quality for nothing.
-Everything else is re-encoded as JPEG at `quality`.
+colour, no rotation, readable EXIF, within `max_size`): re-encoding would cost time and quality for
+nothing. Everything else is re-encoded as JPEG at `quality`, without EXIF.
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 # A picture bigger than this is almost surely a mistake or an attack; PIL's own guard is 89 Mpx
 # as a warning and twice that as an error. We turn both into a skip with a reason.
 Image.MAX_IMAGE_PIXELS = 200_000_000
+# The training loader's default limit (data.max_pixels; shards.decode reads it from here). A stored
+# image over it would be skipped by every read, so the builder skips it once, saying why; with
+# --max-size it is downscaled first and only decoding has to fit under the limit above.
+MAX_PIXELS = 64_000_000
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # formats stored as they are
@@ -32,7 +36,8 @@ RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "area": Image.BOX, "bilinear": Image
 
 
 class BadImage(Exception):
-    """An input that cannot become a sample; the message is the reason written to bad_files.txt."""
+    """An input that cannot become a sample; the message is the reason written to bad_files.txt.
+    (Raised by `to_rgb` also when the loader calls it: shards.decode turns it into its BadData.)"""
 
 
 @dataclass
@@ -60,11 +65,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in INT_MODES or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
         # The scale follows the mode, never the pixel values: a dark 16-bit picture stays dark.
-        # Float has no fixed range: [0, 1] when it fits, else read as 8- or 16-bit numbers.
-        if im.mode == "F":
-            hi = 1.0 if a.size and a.max() <= 1.0 else (255.0 if a.size and a.max() <= 255 else 65535.0)
-        else:
-            hi = 65535.0
+        # Float has no fixed range: [0, 1] is read as that; anything else (0..1.2? 0..255? HDR?)
+        # would be a guess, and a wrong guess is a silently wrong picture.
+        if im.mode == "F" and a.size and not (a.min() >= 0.0 and a.max() <= 1.0):  # (NaN fails too)
+            raise BadImage("float image with values outside [0, 1]: its brightness scale is unknown")
+        hi = 1.0 if im.mode == "F" else 65535.0
         a = np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
     if transparent or im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -75,11 +80,24 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _orientation(im: Image.Image) -> int:
+def exif_orientation(im: Image.Image) -> int | None:
+    """The EXIF orientation (1 = upright, 0 and missing read as 1), or None when the EXIF block cannot
+    be read. Such a block must not make a good picture bad, but the builder must not keep it either:
+    ImageOps.exif_transpose, which readers use, would raise on it (so the builder re-encodes without it)."""
     try:
-        return int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
-    except Exception:  # a broken EXIF block must not make a good picture bad
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # PIL's parser fails on hostile bytes in any way it likes (struct.error, ...)
+        return None
+    if value is None or value == 0:
         return 1
+    return value if type(value) is int else None
+
+
+# What each EXIF orientation asks for: ImageOps.exif_transpose's table. Applied here rather than
+# through exif_transpose, which also rewrites the EXIF block and can fail on it.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 
 
 def _fit(w: int, h: int, max_size: int) -> tuple[int, int]:
@@ -104,10 +122,15 @@ def process_image(data: bytes, *, max_size: int = 0, quality: int = 95, resize_f
             im = Image.open(io.BytesIO(data))
             fmt, mode = im.format, im.mode
             w0, h0 = im.size
-            orient = _orientation(im)
+            orient = exif_orientation(im)  # None: unreadable EXIF, re-encoded without it
             rotated = orient in (5, 6, 7, 8)
             ow, oh = (h0, w0) if rotated else (w0, h0)
             tw, th = _fit(ow, oh, max_size)
+            if tw * th > MAX_PIXELS:  # known from the header: nothing decoded yet
+                size = f"{ow}x{oh}" + (f" (stored as {tw}x{th})" if (tw, th) != (ow, oh) else "")
+                raise BadImage(f"{size} is {tw * th / 1e6:.0f} megapixels, over the training loader's default "
+                               f"data.max_pixels ({MAX_PIXELS / 1e6:.0f} megapixels): pass "
+                               f"{'a smaller ' if max_size else ''}--max-size to downscale it")
             animated = getattr(im, "is_animated", False)  # stored as its first frame
             plain = mode == "RGB" and "transparency" not in im.info and not (fmt == "PNG" and _is_png16(data))
             keep = fmt in KEEP_FORMATS and plain and orient == 1 and (tw, th) == (ow, oh) and not animated
@@ -131,8 +154,8 @@ def process_image(data: bytes, *, max_size: int = 0, quality: int = 95, resize_f
     if keep:
         return Encoded(data, KEEP_FORMATS[fmt], ow, oh, ow, oh, reencoded=False)
     try:
-        if orient != 1:
-            im = ImageOps.exif_transpose(im)
+        if orient in _UPRIGHT:
+            im = im.transpose(_UPRIGHT[orient])
         im = to_rgb(im)
         if im.size != (tw, th):
             im = im.resize((tw, th), RESIZE_FILTERS[resize_filter])

@@ -157,6 +157,10 @@ def evaluate(model, shards, *extra):
     (["--ref-stats", "s.npz"], "--ref-stats: Inception statistics for rfid, which needs --fid-weights"),
     (["--fid-weights", "w.pth", "--save-ref-stats", "s.txt"], "--save-ref-stats s.txt: statistics are written as "
      ".npz or .safetensors"),
+    (["--fid-weights", "w.pth", "--ref-stats", "r.npz", "--save-ref-stats", "s.npz"], "--ref-stats and "
+     "--save-ref-stats: one or the other"),
+    (["--fid-weights", "w.pth", "--max-samples", "1"], "--max-samples 1: a Frechet distance needs the covariance of "
+     "at least 2 images"),
     (["--lpips-vgg", "v.pth"], "--lpips-vgg: weights for LPIPS, which needs --lpips too"),
     (["--lpips-lin", "l.pth"], "--lpips-lin: weights for LPIPS, which needs --lpips too"),
 ])
@@ -276,6 +280,92 @@ def test_export_out_onto_the_run_or_another_export_is_one_line(run, capsys):
     assert not (run / "export" / "latent_stats.json").exists() and (run / "export" / "model.safetensors").is_file()
 
 
+def test_a_failed_export_leaves_the_earlier_one_in_out_as_it_was(run, unconditional, tmp_path, capsys):
+    """Weights beside the config of another model: refused in one line naming the key, before anything
+    is written, so an export already in --out (replaced with --overwrite) stays whole; a new --out is
+    not left behind empty."""
+    good = tmp_path / "good"
+    assert export_main([str(run), "--out", str(good)]) == 0
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    wrong = tmp_path / "wrong"
+    shutil.copytree(unconditional, wrong)
+    cfg = yaml.safe_load((wrong / "config.yaml").read_text())
+    cfg["model"]["ch"] = 8  # other widths: every conv's shape differs
+    (wrong / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for fmt in ("safetensors", "diffusers"):
+        assert export_main([str(wrong), "--format", fmt, "--overwrite", "--out", str(good)]) == 2
+        said = one_line(capsys, "export: ")
+        assert "weights do not fit the stored config" in said and "in the weights" in said, said
+        assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert export_main([str(wrong), "--out", str(tmp_path / "new" / "x")]) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "new" / "x").exists()
+    # what an export killed while writing leaves (its process gone) goes at the next export into the folder
+    (good / ".tmp-export-999999999-abc").mkdir()
+    assert export_main([str(run), "--overwrite", "--out", str(good)]) == 0
+    assert sorted(p.name for p in good.iterdir()) == ["config.yaml", "model.safetensors"]
+
+
+@pytest.mark.parametrize("text, says", [("model: [1, 2", "config.yaml: not valid YAML (line 1)"),
+                                        ("", "config.yaml: holds nothing, not a config mapping"),
+                                        ("model: {ch: -1}\n", "config.yaml: not a config of this harness")])
+def test_an_export_with_a_broken_config_is_one_line_in_every_tool(unconditional, shards, tmp_path, capsys, text,
+                                                                   says):
+    bad = tmp_path / "bad"
+    shutil.copytree(unconditional, bad)
+    (bad / "config.yaml").write_text(text)
+    refused_by_all_three(bad, shards, tmp_path, capsys, says)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--data", "nowhere"], "--data: only read with --latent-stats N"),
+    (["--workers", "1"], "--workers: only read with --latent-stats N"),
+    (["--latent-stats", "4", "--batch-size", "0"], "--batch-size 0: need at least 1 image per batch"),
+    (["--latent-stats", "4", "--workers", "-1"], "--workers -1: need 0"),
+])
+def test_export_flags_that_do_not_go_together_are_refused(trained, tmp_path, capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        export_main([str(trained), "--out", str(tmp_path / "x"), *argv])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_what_it_cannot_write_before_measuring_latents(trained, shards, tmp_path, capsys, monkeypatch):
+    """A conditional model to diffusers: refused before --latent-stats reads a single image."""
+    monkeypatch.setattr("launch.export.eval_batches", lambda *a, **k: pytest.fail("measured first"))
+    assert export_main([str(trained), "--format", "diffusers", "--latent-stats", "8", "--out",
+                        str(tmp_path / "d")]) == 2
+    assert "cannot export to diffusers: model.condition=class" in one_line(capsys, "export: ")
+
+
+def test_export_out_inside_the_runs_checkpoints_or_a_dangling_link_is_one_line(run, tmp_path, capsys):
+    assert export_main([str(run), "--out", str(run / "checkpoints" / "mine")]) == 2
+    assert "inside the run's checkpoints/ folder, which the trainer cleans and prunes" in one_line(capsys, "export: ")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    assert export_main([str(run), "--out", str(link)]) == 2
+    assert one_line(capsys, "export: ") == f"export: --out {link}: a link to {tmp_path / 'gone'}, which does not exist"
+
+
+def test_export_reads_the_run_once_for_weights_and_latent_stats(run, tmp_path, capsys, monkeypatch):
+    """A run still training moves on between two reads: the statistics must be of the exported weights."""
+    import harness.inference as inference
+    import launch.export as export
+
+    reads = []
+    real = inference.read_weights
+
+    def counted(path, *a, **k):
+        reads.append(Path(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(inference, "read_weights", counted)
+    monkeypatch.setattr(export, "read_weights", counted)
+    out = tmp_path / "e"
+    assert export_main([str(run), "--latent-stats", "4", "--workers", "0", "--out", str(out)]) == 0
+    assert [p for p in reads if p.resolve() == run.resolve() or run.resolve() in p.resolve().parents] == [run]
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (a folder nobody, root included, writes in)")
 @pytest.mark.parametrize("fmt", ["safetensors", "diffusers"])
 def test_export_out_where_nothing_can_be_written_is_one_line_before_the_work(trained, capsys, monkeypatch, fmt):
@@ -372,3 +462,21 @@ def test_no_traceback_from_a_real_process(trained, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "launch/sample.py"), str(trained), "sample", "--n", "0",
                         "--device", "cpu", "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --n 0: need at least 1"], r.stderr
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned-by-a-weights-file",))
+
+
+def test_a_weights_file_that_calls_a_function_is_refused_naming_it(tmp_path):
+    from harness.inference import load_reason
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": _Evil()}, path)
+    with pytest.raises(Exception) as e:
+        torch.load(path, weights_only=True)
+    assert load_reason(e.value).startswith("refused: Trying to load unsupported GLOBAL posix.system")
+    assert not Path("pwned-by-a-weights-file").exists()

@@ -206,6 +206,9 @@ def test_eval_batches_read_exactly_max_samples(shards, max_samples, workers):
     loader, _ = eval_batches(str(shards), image_size=32, batch_size=4, num_workers=workers, max_samples=max_samples)
     keys = [k for b in loader if b["image"] is not None for k in b["key"]]
     assert len(keys) == len(set(keys)) == (max_samples or 96)
+    # the first max_samples in shard order, whatever the workers: evaluate.py's numbers equal validation's
+    alone, _ = eval_batches(str(shards), image_size=32, batch_size=4, num_workers=0, max_samples=max_samples)
+    assert sorted(keys) == sorted(k for b in alone if b["image"] is not None for k in b["key"])
 
 
 LEAKY = """

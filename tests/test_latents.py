@@ -113,3 +113,17 @@ def test_two_ranks_measure_what_one_does(exported, tmp_path):
     for k in ("latents_mean", "latents_std"):
         assert torch.allclose(torch.tensor(outs[1][k]), torch.tensor(outs[2][k]), atol=1e-9)
     assert abs(outs[1]["scaling_factor"] - outs[2]["scaling_factor"]) < 1e-9
+
+
+@pytest.mark.slow
+def test_two_ranks_without_latent_stats_export_once(exported, tmp_path):
+    """torchrun with nothing to share out: rank 0 writes the export, rank 1 neither races it nor fails."""
+    folder, _ = exported
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "launch/export.py"), str(folder), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1 and "already" not in r.stderr, (r.stdout, r.stderr)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors"]

@@ -66,7 +66,7 @@ def test_multilabel_condition_on_demo_attributes(demo, tmp_path):
     assert any((run / "samples").glob("class_samples_*.png"))
 
 
-def test_sample_script_modes(demo, tmp_path):
+def test_sample_script_modes(demo, tmp_path, capsys):
     """launch/sample.py on a trained conditional run: every mode writes a grid of the right shape."""
     from PIL import Image
 
@@ -87,6 +87,19 @@ def test_sample_script_modes(demo, tmp_path):
         assert Image.open(out).size == size, mode
     assert sample_main([str(run), "sample", "--cls", "3", "--out", str(tmp_path / "c3.png"), "--device", "cpu"]) == 0
     assert sample_main([str(tmp_path / "nope"), "sample"]) == 2
+    # more rows than there are (classes, pairs of the 24 demo images): all there are, and a note that says so
+    capsys.readouterr()
+    out = tmp_path / "more.png"
+    assert sample_main([str(run), "classes", "--rows", "12", "--n", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert Image.open(out).size == (2 * cell, 10 * cell)
+    assert "--rows 12: the model has model.num_classes=10, one row each" in capsys.readouterr().err
+    assert sample_main([str(run), "interpolate", "--rows", "13", "--steps", "2", "--data", str(demo), "--out", str(out),
+                        "--device", "cpu"]) == 0
+    assert Image.open(out).size == (2 * cell, 12 * cell)
+    assert "the data held 24 readable images, enough for 12 pairs" in capsys.readouterr().err
+    assert sample_main([str(run), "reconstruct", "--n", "30", "--data", str(demo), "--out", str(out),
+                        "--device", "cpu"]) == 0
+    assert "--n 30: the data held 24 readable images, all shown" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["kl_f8", "vq"])
