@@ -41,7 +41,7 @@ from harness.resume import begin, init_source, plan
 from harness.runlock import hold as hold_run_dir
 from harness.signals import EXIT_PREEMPTED, StopFlag, StopVote
 from harness.tasks import make_task
-from harness.validation import Validator
+from harness.validation import Validator, reference_nets
 from models.registry import build_model, deepspeed_unsupported
 from shards.sources import resolve_sources
 
@@ -104,6 +104,7 @@ class Trainer:
                     raise ConfigError(problem)
             except ConfigError as e:
                 raise ConfigError(f"data.val: {e}") from None
+        nets = reference_nets(cfg, self.device) if cfg.eval.every_steps else None  # files named in eval.*
         # One job per run.dir, taken before anything is written (and after what can be refused without it).
         self.run_tag = hold_run_dir(self.run_dir, self.world)
         self.log = RankLogger(self.world.is_main, self.run_dir / "train.log")
@@ -141,7 +142,7 @@ class Trainer:
         if cfg.loss.disc_weight > 0:
             self.hooks.append(discriminator.DiscriminatorHook(self))
         self.trained = [self.engine.model, *(m for h in self.hooks for m in h.trained_models)]
-        self.validator = Validator(self) if cfg.eval.every_steps else None
+        self.validator = Validator(self, nets) if nets is not None else None
         for note in unused_settings(cfg):
             self.log.info(f"note: {note}")
 

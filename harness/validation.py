@@ -38,24 +38,31 @@ def lpips_net(cfg: Config, device):
     return LPIPS.from_files(vgg, lin, device=device)
 
 
+def reference_nets(cfg: Config, device) -> tuple[list, object]:
+    """The networks validation measures with (FID Inception, perception net: feature nets; LPIPS), read
+    once at start-up, before the run folder is touched: a bad path or eval.best_metric stops the run
+    before any work, leaving nothing behind."""
+    e, nets = cfg.eval, []
+    try:
+        if e.fid_weights:
+            nets.append(fid_net(e.fid_weights, device))
+        if e.fd_net:
+            nets.append(perception_fd_net(e.fd_net, device))
+        lpips = lpips_net(cfg, device) if e.lpips else None
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"eval: {err}") from None
+    names = {"psnr", "ssim", "l1", "mse", *(n.name for n in nets), *(("lpips",) if lpips else ())}
+    if e.best_metric and e.best_metric not in names and not e.best_metric.startswith(("kl", "vq")):
+        raise ConfigError(f"eval.best_metric: {e.best_metric!r} is not measured by this run; choose one of "
+                          f"{', '.join(sorted(names))} (or '' for none)")
+    return nets, lpips
+
+
 class Validator:
-    def __init__(self, trainer):
-        cfg = self.cfg = trainer.cfg
-        e = cfg.eval
+    def __init__(self, trainer, nets: tuple[list, object]):
+        self.cfg = cfg = trainer.cfg
         self.device = trainer.device
-        self.nets = []
-        try:  # the reference networks are read once, at start-up: a bad path stops the run before work
-            if e.fid_weights:
-                self.nets.append(fid_net(e.fid_weights, self.device))
-            if e.fd_net:
-                self.nets.append(perception_fd_net(e.fd_net, self.device))
-            self.lpips = lpips_net(cfg, self.device) if e.lpips else None
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"eval: {err}") from None
-        names = {"psnr", "ssim", "l1", "mse", *(n.name for n in self.nets), *(("lpips",) if self.lpips else ())}
-        if e.best_metric and e.best_metric not in names and not e.best_metric.startswith(("kl", "vq")):
-            raise ConfigError(f"eval.best_metric: {e.best_metric!r} is not measured by this run; choose one of "
-                              f"{', '.join(sorted(names))} (or '' for none)")
+        self.nets, self.lpips = nets
         self.copy = build_model(cfg.model).to(self.device).eval()  # the weights come from the run at each validation
         self.best: dict | None = None  # {"metric", "value", "step"}
 

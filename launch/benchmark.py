@@ -332,7 +332,7 @@ def scale_worker(a) -> None:
         saved[0] += t.numel() * t.element_size()
         return t
 
-    x = torch.zeros(a.batch_size, 3, a.image_size, a.image_size, dtype=tr.input_dtype, device=tr.device)
+    x = torch.zeros(a.batch_size, 3, a.image_size, a.image_size, dtype=tr.engine.input_dtype, device=tr.device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = tr.engine.model(x)
     out.recon.float().mean().backward()  # ZeRO-3 expects every forward to be followed by a backward

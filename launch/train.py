@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -121,8 +122,9 @@ def _find_deepspeed_config() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv, launcher = split_launcher_options(sys.argv[1:] if argv is None else list(argv))
     if launcher:
+        rest = " ".join(shlex.quote(a) for a in argv) or "..."  # the whole command, ready to paste
         where = (f"`{' '.join(launcher)}` belongs to `accelerate launch`, before the script name: "
-                 f"accelerate launch {' '.join(launcher)} launch/train.py ...")
+                 f"accelerate launch {' '.join(launcher)} launch/train.py {rest}")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # already distributed: what was meant happened
             _say(f"note: {where} (ignored here: this run already has {os.environ['WORLD_SIZE']} processes)")
         elif _can_relaunch(launcher):
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():  # accelerate needs a process count on CPU, or it fails itself
                 where = (f"`{' '.join(launcher)}` belongs to `accelerate launch`, before the script name, and on "
                          f"CPU with a process count: ACCELERATE_USE_CPU=1 accelerate launch {' '.join(launcher)} "
-                         "--num_processes 2 launch/train.py ...")
+                         f"--num_processes 2 launch/train.py {rest}")
             _say(f"error: {where} (or pick a config: --config_file launch/accelerate/cpu2.yaml, multi_gpu.yaml)")
             return 2
     args = parse_args(argv)

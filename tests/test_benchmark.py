@@ -111,6 +111,22 @@ def test_step_bench_compares_the_harness_with_a_plain_loop(tmp_path):
     assert all(v > 0 for k, v in row.items() if k.endswith("_ms")), row
 
 
+def test_scale_bench_reports_ddp_and_zero_with_and_without_checkpointing(tmp_path):
+    """Six 2-process runs (DDP, ZeRO-2, ZeRO-3; gradient checkpointing off/on) on the tiny model: ZeRO
+    keeps about half of Adam's state per rank, ZeRO-3 about half of the parameters too."""
+    r, rows = bench("scale", "--config", str(ROOT / "tests/configs/tiny.yaml"), "--image-size", "32",
+                    "--batch-size", "2", "--steps", "1", "--warmup", "0", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (table,) = rows  # one JSON line: the six rows
+    by = {(x["backend"], x["grad_ckpt"]): x for x in table}
+    assert len(by) == 6, table
+    ddp = by[("ddp", False)]
+    for name in ("zero2", "zero3"):
+        assert by[(name, False)]["optimizer_state_mib"] == pytest.approx(ddp["optimizer_state_mib"] / 2, rel=0.1)
+    assert by[("zero3", False)]["params_resident_mib"] < 0.6 * ddp["params_resident_mib"]
+    assert by[("ddp", True)]["activations_mib"] < ddp["activations_mib"]
+
+
 def test_bad_input_is_one_line(tmp_path):
     r, rows = bench("loader", "--data", str(tmp_path / "missing"), tmp_path=tmp_path)
     assert r.returncode == 2 and rows == []

@@ -34,14 +34,18 @@ def ldm_attention(block, x):
     return x + block.proj_out(h_)
 
 
-def test_sdpa_attention_equals_the_latent_diffusion_math():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sdpa_attention_equals_the_latent_diffusion_math(seed):
+    torch.manual_seed(seed)  # not whatever the tests before left: a peaked softmax's fp32 error varies with it
     block = randomize(AttnBlock(in_channels=64), scale=2.0)  # peaked softmax: not a near-uniform average
     x = torch.randn(2, 64, 12, 10, requires_grad=True)
     ours, ref = block(x), ldm_attention(block, x)
     assert (ours - ref).abs().max() < 1e-5 * ref.abs().max()
     (g_ours,) = torch.autograd.grad(ours.square().sum(), x)
     (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
-    assert (g_ours - g_ref).abs().max() < 1e-5 * g_ref.abs().max()
+    # two fp32 summation orders through a peaked softmax: ~1e-5 of the largest gradient apart; a wrong
+    # scale, mask or transpose is off by the gradient itself
+    assert (g_ours - g_ref).abs().max() < 5e-5 * g_ref.abs().max()
 
 
 @pytest.fixture

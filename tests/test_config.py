@@ -121,7 +121,8 @@ def test_launcher_options_after_the_script_are_explained(capsys, monkeypatch):
     assert main(["--multi_gpu", "--mixed_precision", "no", "data.train=x.tar"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "`--multi_gpu --mixed_precision no` belongs to `accelerate launch`" in err
-    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --mixed_precision no --num_processes 2 " in err
+    assert ("ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --mixed_precision no --num_processes 2 "
+            "launch/train.py data.train=x.tar (or pick") in err
     monkeypatch.setenv("WORLD_SIZE", "2")  # under a launcher that already started 2 processes: a note, then on
     monkeypatch.setenv("RANK", "0")
     assert main(["--multi_gpu", "--help-config"]) == 0

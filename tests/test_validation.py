@@ -172,7 +172,12 @@ def test_validation_without_held_out_shards_or_with_an_unknown_metric_is_one_lin
                      "eval.best_metric=rfid")) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 2 and "data.val" in err[0] and "eval.best_metric" in err[1] and "rfid" in err[1]
-    assert not (tmp_path / "b" / "checkpoints").exists()
+    assert not (tmp_path / "b").exists()  # refused before the run folder is made: no lock, no empty train.log
+    assert main(args(config, shards, tmp_path / "c", f"data.val={val}", "eval.every_steps=2",
+                     f"eval.fid_weights={tmp_path / 'pt_inception.pth'}")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "FID Inception weights" in err[0] and "no such file" in err[0], err
+    assert not (tmp_path / "c").exists()
 
 
 def test_held_out_shards_with_nothing_readable_say_so_and_keep_no_best(config, shards, tmp_path):
