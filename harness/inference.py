@@ -129,7 +129,7 @@ def load_config_of(folder: Path) -> Config:
     try:
         return from_dict(raw)
     except ConfigError as e:
-        raise LoadError(f"{path}: not a config of this harness ({e})") from None
+        raise LoadError(f"{path}: cannot be loaded ({e})") from None
 
 
 def build_from(folder: Path, cfg: Config, state: dict[str, torch.Tensor]) -> Autoencoder:

@@ -29,7 +29,6 @@ rank measures its share and the sums are all-reduced; rank 0 writes the export.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -204,11 +203,10 @@ def drop_dead_stages(out: Path) -> None:
 
 
 def write_ours(stage: Path, out: Path, ema: bool, source: Source, stats) -> tuple[list[str], list[str]]:
-    cfg, meta = prior_vq_pinned(source)
     n = sum(v.numel() for v in source.state.values())
-    meta = {"source": source.folder.resolve(), "parameters": n, "ema": ema, **meta}
+    meta = {"source": source.folder.resolve(), "parameters": n, "ema": ema, **prior_vq_record(source)}
     save_safetensors(source.state, stage / "model.safetensors", meta)
-    (stage / ckpt.CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (stage / ckpt.CONFIG_NAME).write_text(yaml.safe_dump(to_dict(source.cfg), sort_keys=False))
     load_model(stage)  # the export must rebuild: fail here, not in the user's hands
     written = ["model.safetensors", ckpt.CONFIG_NAME]
     if stats is not None:
@@ -219,26 +217,22 @@ def write_ours(stage: Path, out: Path, ema: bool, source: Source, stats) -> tupl
                      + f", from {source.folder}"]
 
 
-def prior_vq_pinned(source: Source) -> tuple[Config, dict]:
-    """A prior's config names its VQ model by the path it was trained with, often a run folder that
-    moves on. The export names the checkpoint that path gives now, and records the digest of the VQ
-    weights the prior was trained on (launch/sample.py compares them). When they already differ, the
-    path stays as it was, with a note."""
-    cfg = source.cfg
-    if cfg.model.kind != "prior":
-        return cfg, {}
+def prior_vq_record(source: Source) -> dict:
+    """A prior's export keeps `model.prior_vq` as it was trained (a VQ run folder that may move on,
+    or a checkpoint the VQ run may prune: pinning one would break the export) and records the digest
+    of the VQ weights it was trained on, which launch/sample.py compares with what the path gives then.
+    A VQ model that already differs now is noted here too."""
+    if source.cfg.model.kind != "prior":
+        return {}
     from harness.tasks import PRIOR_VQ_DIGEST, frozen_vq, trained_vq_digest, weights_digest
 
-    vq, _, vq_folder, _ = frozen_vq(cfg.model.prior_vq, "cpu")
+    vq, _, vq_folder, _ = frozen_vq(source.cfg.model.prior_vq, "cpu")
     now, then = weights_digest(vq), trained_vq_digest(source.folder)
     if then is not None and then != now:
         print(f"note: model.prior_vq now gives other weights ({vq_folder}) than this prior was trained on: the "
-              "export keeps model.prior_vq as it was; point it at the step_N the prior was trained with",
-              file=sys.stderr)
-        return cfg, {PRIOR_VQ_DIGEST: then}
-    pinned = copy.deepcopy(cfg)
-    pinned.model.prior_vq = str(vq_folder.resolve())
-    return pinned, {PRIOR_VQ_DIGEST: now}
+              "export records the digest of the ones it learned; point model.prior_vq at the step_N the prior was "
+              "trained with", file=sys.stderr)
+    return {PRIOR_VQ_DIGEST: then or now}
 
 
 def default_out(model: str, name: str) -> Path:

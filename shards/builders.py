@@ -28,6 +28,7 @@ class Listing:
     images: list[str]  # image files, sorted posix paths relative to the input folder
     other: int = 0  # files seen that are not images (by extension)
     folders: list[str] = field(default_factory=list)  # first-level sub-folders read (class candidates), sorted
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (folder, reason): skipped, for bad_files.txt
     notes: list[str] = field(default_factory=list)  # one line each, for the user
 
 
@@ -43,8 +44,9 @@ def list_images(src: Path, exclude: Path | None = None) -> Listing:
     Links to folders are followed, but every real folder is read once (by device and inode), folders
     reached without a link first: a link back up the tree (`ln -s .. up`) would otherwise copy the set
     again and again, down to the OS's path-length limit. Such links are skipped and named in a note.
-    A folder that cannot be read stops the listing (one line): a class gone missing without a word
-    is worse than a build that does not start.
+    A folder that cannot be read (`lost+found` on a disk's root, read by a user) is skipped, named in
+    a note and in `unreadable` (the builders list it in bad_files.txt): a class gone missing must not
+    go without a word, but neither can a build be held up by a folder its user may not touch.
     """
     if not src.is_dir():
         raise BuildError(f"{src}: no such folder")
@@ -52,9 +54,10 @@ def list_images(src: Path, exclude: Path | None = None) -> Listing:
     exclude_abs = exclude.resolve() if exclude is not None else None
     exclude_id = _folder_id(exclude_abs) if exclude_abs is not None and exclude_abs.is_dir() else None
 
-    def unreadable(rel: str, e: OSError) -> BuildError:
-        return BuildError(f"{src / rel if rel else src}: cannot read this folder ({e.strerror or e}); "
-                          f"fix its permissions or move it out of {src}")
+    def unreadable(rel: str, e: OSError) -> None:
+        if not rel:  # the input folder itself
+            raise BuildError(f"{src}: cannot read this folder ({e.strerror or e})")
+        listing.unreadable.append((str(src / rel), f"cannot read this folder ({e.strerror or e})"))
 
     seen = {_folder_id(src_abs)}
     listing = Listing(images=[])
@@ -67,7 +70,8 @@ def list_images(src: Path, exclude: Path | None = None) -> Listing:
             try:
                 ident = _folder_id(path)
             except OSError as e:
-                raise unreadable(rel, e) from None
+                unreadable(rel, e)
+                continue
             if ident == exclude_id:
                 continue
             if ident in seen:
@@ -83,7 +87,8 @@ def list_images(src: Path, exclude: Path | None = None) -> Listing:
             with os.scandir(path) as it:
                 entries = list(it)
         except OSError as e:
-            raise unreadable(rel, e) from None
+            unreadable(rel, e)
+            continue
         for e in entries:
             if e.name.startswith("."):
                 continue
@@ -106,7 +111,8 @@ def list_images(src: Path, exclude: Path | None = None) -> Listing:
             try:
                 st = e.stat()
             except OSError as err:
-                raise unreadable(erel, err) from None
+                unreadable(erel, err)
+                continue
             ident = (st.st_dev, st.st_ino)
             if ident == exclude_id:
                 continue
@@ -119,6 +125,12 @@ def list_images(src: Path, exclude: Path | None = None) -> Listing:
                 listing.folders.append(erel)
     listing.images.sort()
     listing.folders.sort()
+    if listing.unreadable:
+        listing.unreadable.sort()
+        shown = ", ".join(safe_text(r) for r, _ in listing.unreadable[:3]) + (", ..." if len(listing.unreadable) > 3
+                                                                              else "")
+        listing.notes.append(f"{src}: {len(listing.unreadable)} folders cannot be read: skipped, listed in "
+                             f"bad_files.txt ({shown})")
     if repeated:
         repeated.sort()
         shown = ", ".join(safe_text(r) for r in repeated[:3]) + (", ..." if len(repeated) > 3 else "")
@@ -181,8 +193,8 @@ def _empty_classes_note(src: Path, classes: list[str], holders: set[str]) -> lis
 def folder_items(src: Path, *, labels: bool = True, classes_file: str | None = None, exclude: Path | None = None):
     """Any tree of images, labelled by first-level sub-folder when two or more of them hold images
     (or --classes names them). Then an image beside the sub-folders is skipped, not stored without
-    a label, and a sub-folder without images is still a class (0 samples): leaving it out would
-    shift the index of every class after it.
+    a label. A sub-folder without images (`__MACOSX`, `annotations/`, `lost+found`) is no class, with
+    a note; a --classes file fixes the class list, empty classes included.
 
     Returns items, classes, descriptions, the number of non-image files, skipped inputs as
     (path, reason) and notes (one line each).
@@ -199,20 +211,25 @@ def folder_items(src: Path, *, labels: bool = True, classes_file: str | None = N
                                                              else "no image lies in a class sub-folder"))
     classes: list[str] = []
     descriptions: list[str] = []
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = list(listing.unreadable)
     if labelled:
         stray = [p for p in paths if "/" not in p]
         if stray:
-            skipped = [(str(src / p), "not inside a class sub-folder") for p in stray]
+            skipped += [(str(src / p), "not inside a class sub-folder") for p in stray]
             notes.append(f"{src}: {len(stray)} images lie beside the class sub-folders, not inside one: skipped, "
                          f"listed in bad_files.txt (first: {safe_text(stray[0])}; --no-labels keeps every image, "
                          "unlabelled)")
             paths = [p for p in paths if "/" in p]
         if classes_file is None:
-            classes = sorted(holders | set(listing.folders))
+            classes = sorted(holders)
+            unread = {r for r, _ in listing.unreadable}
+            if empty := [f for f in listing.folders if f not in holders and str(src / f) not in unread]:
+                shown = ", ".join(safe_text(c) for c in empty[:3]) + (", ..." if len(empty) > 3 else "")
+                notes.append(f"{src}: {len(empty)} sub-folders hold no images and are not classes ({shown}); "
+                             "a --classes file that names them keeps them as classes with 0 samples")
         else:
             classes, descriptions = _class_index(sorted(holders), classes_file, "sub-folders")
-        notes += _empty_classes_note(src, classes, holders)
+            notes += _empty_classes_note(src, classes, holders)
     cls_of = {c: i for i, c in enumerate(classes)}
     keys = unique_keys([os.path.splitext(p)[0] for p in paths])
     items = []
@@ -311,7 +328,7 @@ def imagenet_items(src: Path, *, classes_file: str | None = None, labels_file: s
     paths, other, notes = listing.images, listing.other, list(listing.notes)
     if not paths:
         raise BuildError(f"{src}: no image files found")
-    unlabelled: list[tuple[str, str]] = []
+    unlabelled: list[tuple[str, str]] = list(listing.unreadable)
     if synset_dirs:  # train layout (also a val folder already sorted into synset folders)
         stray = {p for p in paths if "/" not in p or not SYNSET_RE.match(p.split("/", 1)[0])}
         unlabelled += [(str(src / p), "not inside a synset folder") for p in sorted(stray)]

@@ -308,7 +308,7 @@ def test_a_failed_export_leaves_the_earlier_one_in_out_as_it_was(run, unconditio
 
 @pytest.mark.parametrize("text, says", [("model: [1, 2", "config.yaml: not valid YAML (line 1)"),
                                         ("", "config.yaml: holds nothing, not a config mapping"),
-                                        ("model: {ch: -1}\n", "config.yaml: not a config of this harness")])
+                                        ("model: {ch: -1}\n", "config.yaml: cannot be loaded (model.ch")])
 def test_an_export_with_a_broken_config_is_one_line_in_every_tool(unconditional, shards, tmp_path, capsys, text,
                                                                    says):
     bad = tmp_path / "bad"

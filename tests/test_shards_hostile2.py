@@ -177,10 +177,13 @@ def test_a_stray_image_beside_class_folders_is_skipped_not_unlabelling_the_set(t
 # 6. unreadable and empty class folders
 
 
-def test_an_unreadable_folder_stops_the_build_in_one_line(tmp_path, capsys, monkeypatch):
+def test_an_unreadable_folder_is_skipped_named_and_listed(tmp_path, capsys, monkeypatch):
+    """`lost+found` on a disk's root, read by a user: the build goes on without it, says so in a note and
+    lists it in bad_files.txt (the user may not be able to move it or change its permissions)."""
     src = tmp_path / "src"
-    for c in ("a", "b", "c"):
+    for c in ("a", "c", "n01440764", "n01443537"):
         save(picture(seed=1), src / c / "0.jpg")
+    (src / "b").mkdir()
     real = os.scandir
 
     def scandir(path="."):
@@ -189,23 +192,29 @@ def test_an_unreadable_folder_stops_the_build_in_one_line(tmp_path, capsys, monk
         return real(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    for command in (["folder", str(src)], ["imagenet", str(src)]):
-        assert main([*command, str(tmp_path / "out"), *Q]) == 2
-        one_line_error(capsys.readouterr().err, f"{src / 'b'}: cannot read this folder (Permission denied)")
-    assert not (tmp_path / "out" / "index.json").exists()
+    for command, classes in ((["folder", str(src)], ["a", "c", "n01440764", "n01443537"]),
+                             (["imagenet", str(src)], ["n01440764", "n01443537"])):
+        out = tmp_path / command[0]
+        assert main([*command, str(out), *Q]) == 0
+        err = capsys.readouterr().err
+        assert f"1 folders cannot be read: skipped, listed in bad_files.txt ({src / 'b'})" in err, err
+        assert "hold no images" not in err  # said once, as unreadable
+        assert read_index(out)["classes"] == classes
+        assert f"{src / 'b'}\tcannot read this folder (Permission denied)" in (out / "bad_files.txt").read_text()
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any folder")
 def test_an_unreadable_folder_for_real(tmp_path, capsys):
     src = tmp_path / "src"
-    for c in ("a", "b"):
+    for c in ("a", "b", "c"):
         save(picture(seed=1), src / c / "0.jpg")
     (src / "b").chmod(0)
     try:
-        assert main(["folder", str(src), str(tmp_path / "out"), *Q]) == 2
+        assert main(["folder", str(src), str(tmp_path / "out"), *Q]) == 0
     finally:
         (src / "b").chmod(0o755)
-    one_line_error(capsys.readouterr().err, f"{src / 'b'}: cannot read this folder")
+    assert "1 folders cannot be read" in capsys.readouterr().err
+    assert read_index(tmp_path / "out")["classes"] == ["a", "c"]
 
 
 def test_empty_class_folders_keep_every_later_class_index(tmp_path, capsys):
@@ -221,13 +230,20 @@ def test_empty_class_folders_keep_every_later_class_index(tmp_path, capsys):
     assert {meta(s)["synset"]: int(s["cls"]) for s in read_set(out).values()} == {syn[0]: 0, syn[2]: 2}
     assert "1 of 3 classes have no images" in capsys.readouterr().err
 
+    # any folder: a sub-folder without images (a zip's __MACOSX, annotations/) is no class, with a note;
+    # a --classes file that names it keeps it, with 0 samples
     folder = tmp_path / "folder"
     for c in ("a", "c"):
         save(picture(seed=1), folder / c / "0.jpg")
-    (folder / "b").mkdir()
+    (folder / "__MACOSX").mkdir()
+    (folder / "__MACOSX" / "readme.txt").write_text("not an image")
     assert main(["folder", str(folder), str(tmp_path / "o2"), *Q]) == 0
-    assert read_index(tmp_path / "o2")["classes"] == ["a", "b", "c"]
-    assert read_index(tmp_path / "o2")["class_counts"] == [1, 0, 1]
+    assert read_index(tmp_path / "o2")["classes"] == ["a", "c"]
+    assert "1 sub-folders hold no images and are not classes (__MACOSX)" in capsys.readouterr().err
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    assert main(["folder", str(folder), str(tmp_path / "o3"), "--classes", str(tmp_path / "classes.txt"), *Q]) == 0
+    assert read_index(tmp_path / "o3")["classes"] == ["a", "b", "c"]
+    assert read_index(tmp_path / "o3")["class_counts"] == [1, 0, 1]
 
 
 # ----------------------------------------------------------------------------------------------
