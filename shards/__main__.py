@@ -238,8 +238,9 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser("folder", help="any tree of images (sub-folder names become classes)",
                        description="Any tree of images. When at least two first-level sub-folders hold images, "
                                    "the sub-folder names are the classes (sorted, or in --classes order; one without "
-                                   "images is a class with 0 samples) and each sample gets cls; images beside the "
-                                   "sub-folders are then skipped (listed in bad_files.txt). Otherwise, or with "
+                                   "images is no class, unless --classes lists it) and each sample gets cls; "
+                                   "images beside the sub-folders are then skipped (listed in bad_files.txt). "
+                                   "Otherwise, or with "
                                    "--no-labels, the set is unlabelled.")
     f.add_argument("src", metavar="SRC", help="folder of images")
     f.add_argument("out", metavar="OUT", help="output folder")
