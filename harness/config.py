@@ -154,7 +154,8 @@ class LossConfig:
     recon_weight: float = F(1.0, "weight of the pixel reconstruction term", ge=0.0)
     learned_logvar: bool = F(False, "latent-diffusion's learned scalar log-variance: (recon + perceptual) becomes the "
                                     "NLL rec / exp(logvar) + logvar, logvar trained with the model (loss.logvar)")
-    logvar_init: float = F(0.0, "initial value of the learned log-variance (loss.learned_logvar)")
+    logvar_init: float = F(0.0, "initial value of the learned log-variance (loss.learned_logvar); its optimum is "
+                                "log(rec), about -5 to 0 for images in [-1, 1]", ge=-20.0, le=20.0)
     kl_weight: float = F(1e-6, "weight of the KL term of a Gaussian posterior (0 = plain autoencoder)", ge=0.0)
     kl_anneal_steps: int = F(0, "KL warm-up: the KL weight rises linearly from 0 to kl_weight over this many "
                                 "optimizer steps (0 = full weight from the start)", ge=0)
@@ -201,6 +202,9 @@ class LossConfig:
     disc_lr: float = F(0.0, "discriminator learning rate, Adam betas (0.5, 0.9), constant (0 = optim.lr)", ge=0.0)
     disc_adaptive: bool = F(True, "scale the adversarial term by |grad of the reconstruction terms| / |grad of it| "
                                   "at the decoder's last layer (latent-diffusion's adaptive weight)")
+    disc_adaptive_max: float = F(1e4, "upper clamp of the adaptive weight: 1e4 as taming-transformers (losses are "
+                                      "means over pixels in both); latent-diffusion sums over pixels, so its 1e4 is "
+                                      "1e4 / (3 * image_size^2) here (0.05086 at 256 px)", gt=0.0)
     disc_norm: Literal["batch", "sync_batch", "group"] = F(
         "batch", "discriminator normalisation: batch (per rank), sync_batch (statistics over all DDP ranks), "
         "group (GroupNorm, no batch statistics)"
@@ -326,6 +330,8 @@ class Config:
         if 0 < self.loss.kl_anneal_cycle < self.loss.kl_anneal_steps:
             raise ConfigError(f"loss.kl_anneal_cycle: {self.loss.kl_anneal_cycle} is shorter than loss.kl_anneal_steps="
                               f"{self.loss.kl_anneal_steps}; the warm-up would never finish")
+        if training:
+            self._validate_loss_weights()
         if self.loss.perceptual_weight > 0 and self.loss.perceptual == "net" and not self.loss.perceptual_net:
             # The file itself is read when the loss is built (a stored config must load without it).
             raise ConfigError("loss.perceptual_net: loss.perceptual_weight > 0 needs the file written by "
@@ -350,6 +356,33 @@ class Config:
             layer = " and make the decoder's last layer emit 3" if spec else ""
             raise ConfigError(f"model.out_ch: {m.out_ch}, but the model reconstructs the data loader's "
                               f"{IMAGE_CHANNELS}-channel RGB images; set model.out_ch={IMAGE_CHANNELS}{layer}")
+
+    def _validate_loss_weights(self) -> None:
+        """Weights that leave the autoencoder nothing to learn, or a learned term with nothing to balance,
+        would train without an error and make garbage; and LPIPS needs images VGG16 can pool four times."""
+        loss = self.loss
+        if self.model.kind not in ("kl", "vq", "fsq"):
+            return  # classifiers and priors have their own objectives (harness/tasks.py)
+        from models.lpips import MIN_SIZE
+
+        lpips = [k for k, on in (("loss.perceptual=lpips", loss.perceptual_weight > 0 and loss.perceptual == "lpips"),
+                                 ("eval.lpips", self.eval.lpips and self.eval.every_steps > 0)) if on]
+        if lpips and self.data.image_size < MIN_SIZE:
+            raise ConfigError(f"{lpips[0]}: LPIPS(vgg) needs images of at least {MIN_SIZE} px a side "
+                              f"(data.image_size={self.data.image_size})")
+        compare = ("recon_weight", "perceptual_weight", "ssim_weight", "msssim_weight")
+        if not any(getattr(loss, k) > 0 for k in compare):
+            raise ConfigError("loss: no term compares the reconstruction with the input (loss.recon_weight, "
+                              "perceptual_weight, ssim_weight and msssim_weight are all 0): the decoder would learn "
+                              "nothing; set one of them above 0")
+        if loss.recon_weight == 0 and loss.perceptual_weight == 0:
+            if loss.learned_logvar:
+                raise ConfigError("loss.learned_logvar: its NLL reads recon + perceptual, and loss.recon_weight and "
+                                  "loss.perceptual_weight are both 0: logvar would fall without bound")
+            if loss.disc_weight > 0 and loss.disc_adaptive:
+                raise ConfigError("loss.disc_adaptive: the adaptive weight compares the adversarial gradient with "
+                                  "that of recon + perceptual, both weighted 0, so it would be 0; set "
+                                  "loss.recon_weight or loss.perceptual_weight, or loss.disc_adaptive=false")
 
     def _validate_batch(self) -> None:
         """A BatchNorm must see more than one value per channel in a training batch of one rank (torch

@@ -50,6 +50,23 @@ def refuse_unsupported(cfg: Config, *, device: torch.device, world_size: int) ->
     if cfg.loss.disc_norm == "sync_batch" and world_size > 1 and device.type == "cpu":
         raise ConfigError("loss.disc_norm=sync_batch: torch's SyncBatchNorm runs on GPUs only; on CPU use "
                           "loss.disc_norm=batch (per rank) or group")
+    check_fits(cfg)
+
+
+def check_fits(cfg: Config) -> None:
+    """A discriminator too deep for the images would fail at loss.disc_start, maybe days in: try a
+    one-channel one (the patch grid depends on the layers alone) on one image now, on the CPU."""
+    c, size = cfg.loss, cfg.data.image_size
+    disc = PatchDiscriminator(cfg.model.out_ch, 1, c.disc_layers, norm="group" if c.disc_norm == "group" else "batch")
+    disc.eval()
+    try:
+        with torch.no_grad():
+            disc(torch.zeros(1, cfg.model.out_ch, size, size))
+    except RuntimeError as e:
+        if "size" not in str(e):  # only "the input is smaller than the kernel" is the config's fault
+            raise
+        raise ConfigError(f"loss.disc_layers: {c.disc_layers} layers do not fit {size}px images "
+                          f"(the patches shrink below the kernel); use fewer") from None
 
 
 def layout(cfg: Config) -> dict | None:
@@ -108,7 +125,6 @@ class DiscriminatorHook(Hook):
         if self.cfg.disc_norm == "sync_batch" and distributed:
             disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
         self.module = disc.to(device)
-        self._check_fits(cfg, device)
         self.disc = self.module
         if distributed:
             ids = [device.index] if device.type == "cuda" else None
@@ -132,21 +148,6 @@ class DiscriminatorHook(Hook):
     @staticmethod
     def lr(cfg: Config) -> float:
         return cfg.loss.disc_lr or cfg.optim.lr
-
-    def _check_fits(self, cfg: Config, device) -> None:
-        """A discriminator too deep for the images would fail at loss.disc_start, maybe days in: try it now."""
-        disc, size = self.module, cfg.data.image_size
-        disc.eval()
-        try:
-            with torch.no_grad():
-                disc(torch.zeros(1, cfg.model.out_ch, size, size, device=device))
-        except RuntimeError as e:
-            if "size" not in str(e):  # only "the input is smaller than the kernel" is the config's fault
-                raise
-            raise ConfigError(f"loss.disc_layers: {self.cfg.disc_layers} layers do not fit {size}px images "
-                              f"(the patches shrink below the kernel); use fewer") from None
-        finally:
-            disc.train()
 
     def autocast(self):
         """D's forward in the run's precision (its weights stay fp32)."""
@@ -179,13 +180,14 @@ class DiscriminatorHook(Hook):
         stats.add_judged("disc/adaptive_weight", weight)
 
     def adaptive_weight(self, rec: torch.Tensor, g_loss: torch.Tensor) -> torch.Tensor:
-        """|grad rec| / (|grad g_loss| + 1e-4) at the decoder's last layer, clamped to [0, 1e4].
+        """|grad rec| / (|grad g_loss| + 1e-4) at the decoder's last layer, clamped to [0, loss.disc_adaptive_max].
         Under fp16 both losses are multiplied by the autoencoder's loss scale first (the ratio is the
         same, 1e-4 scaled too), so small gradients do not underflow in fp16 activations."""
         s = self.ae_scaler.get_scale() if self.ae_scaler is not None and self.ae_scaler.is_enabled() else 1.0
         (g_rec,) = torch.autograd.grad(rec * s, self.last_layer, retain_graph=True)
         (g_adv,) = torch.autograd.grad(g_loss * s, self.last_layer, retain_graph=True)
-        return (g_rec.float().norm() / (g_adv.float().norm() + 1e-4 * s)).clamp(0.0, 1e4).detach()
+        weight = g_rec.float().norm() / (g_adv.float().norm() + 1e-4 * s)
+        return weight.clamp(0.0, self.cfg.disc_adaptive_max).detach()
 
     def after_backward(self, trainer, x, out, stats) -> None:
         if not self.judging(trainer):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from models.weights import state_dict_problem
+from models.weights import load_reason, state_dict_problem
 from shards.atomic import atomic_path
 
 PLAIN_FILES = ("model.safetensors", "pytorch_model.bin")  # accelerate's names for the first model
@@ -49,8 +49,6 @@ def consolidate(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
                 else:
                     state = torch.load(ckpt / name, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - truncated (SafetensorError) or foreign: one line naming it
-                from harness.inference import load_reason
-
                 raise ExportError(f"{ckpt / name}: cannot read the weights ({load_reason(e)})") from None
             if (why := state_dict_problem(state)) is not None:
                 raise ExportError(f"{ckpt / name}: {why}")

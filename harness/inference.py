@@ -24,7 +24,7 @@ from harness import checkpoint as ckpt
 from harness import diffusers_io
 from harness.config import Config, ConfigError, from_dict
 from models import Autoencoder, build_model
-from models.weights import state_dict_problem
+from models.weights import load_reason, state_dict_problem
 
 
 class LoadError(RuntimeError):
@@ -235,21 +235,6 @@ def out_of_memory(e: BaseException) -> str | None:
         return None
     tried = re.search(r"(?:tried|Tried) to allocate ([0-9.]+ ?[KMGT]?i?B|\d+ bytes)", text)
     return "out of memory" + (f" (an allocation of {tried.group(1)})" if tried else "")
-
-
-def load_reason(e: Exception) -> str:
-    """Why a weights file did not load, in one line (torch's own messages span many lines and bury the cause)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
-    lines = [line for line in lines if line]
-    first = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
-    if first.startswith("Weights only load failed") and not any("Unsupported global" in x for x in lines):
-        # torch's advice to load unsafely hides the cause: bytes that are no torch file at all
-        blocked = next((x for x in lines if "unsupported GLOBAL" in x), "")
-        if blocked:  # a pickle that calls a function no weights file needs (os.system, ...): refused, never run
-            return f"refused: {blocked}"
-        cause = next((x for x in lines if x.startswith(("Unsupported operand", "invalid load key"))), "")
-        return f"not a torch checkpoint file: {cause or 'unreadable pickle'}"
-    return f"{type(e).__name__}: {first[:200]}"
 
 
 def weights_from(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:

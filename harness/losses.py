@@ -27,8 +27,9 @@ rec = recon + perceptual, enters as the NLL of a Laplace/Gaussian likelihood wit
 
 `recon` and `perceptual` are then logged as they are but reach the total only through `nll`.
 latent-diffusion sums per-pixel terms over pixels; our terms are means over pixels, which divides
-its whole loss by C*H*W: the same optimum and the same adaptive GAN weight, but its KL weight
-1e-6 is 1e-6 / (C*H*W) here (launch/configs/recipe_ldm.yaml). `logvar` is the parameter `loss.logvar`
+its whole loss by C*H*W: the same optimum and the same adversarial term, but its KL weight 1e-6 is
+1e-6 / (C*H*W) here, and so is the clamp of its adaptive weight, 1e4 (loss.disc_adaptive_max;
+launch/configs/recipe_ldm.yaml). taming-transformers averages, as we do: its 1e4 is the default. `logvar` is the parameter `loss.logvar`
 of the model itself (the key latent-diffusion's checkpoints use): in the optimizer, in checkpoints,
 under ZeRO-3 partitioned and gathered by its own forward; loading weights for use drops `loss.*`.
 
@@ -44,7 +45,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,9 @@ class AutoencoderLoss(torch.nn.Module):
             self._files.update({key: file_digest(path) for key, path in files.items()})
         elif "perceptual" in self.enabled:
             self.perception = load_perceptual(cfg.perceptual_net)
-            self._files["perceptual_net"] = hashlib.sha256(Path(cfg.perceptual_net).read_bytes()).hexdigest()[:16]
+            from harness.perception_file import perception_path
+
+            self._files["perceptual_net"] = file_digest(perception_path(cfg.perceptual_net))
 
     def weight(self, name: str) -> float:
         try:

@@ -64,11 +64,26 @@ def save_perception(net: PerceptionNet, path: str | Path, info: dict | None = No
     return path
 
 
-def read_perception_meta(path: str | Path) -> tuple[PerceptionArch, dict]:
-    """Architecture and info of a perception file, without loading its weights."""
-    path = Path(path)
+FILE_NAME = "perception.safetensors"  # what launch/train_perception.py writes into its run folder
+
+
+def perception_path(path: str | Path) -> Path:
+    """The perception file named by `path`: the file itself, or a folder holding perception.safetensors
+    (the run folder of launch/train_perception.py)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / FILE_NAME).is_file():
+            return path / FILE_NAME
+        raise PerceptionFileError(f"{path}: a folder, and it holds no {FILE_NAME}; give the file")
     if not path.is_file():
         raise PerceptionFileError(f"{path}: no such file")
+    return path
+
+
+def read_perception_meta(path: str | Path) -> tuple[PerceptionArch, dict]:
+    """Architecture and info of a perception file (or of a folder's perception.safetensors), without
+    loading its weights."""
+    path = perception_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -92,6 +107,7 @@ def read_perception_meta(path: str | Path) -> tuple[PerceptionArch, dict]:
 
 def load_perception(path: str | Path, device: str | torch.device = "cpu") -> tuple[PerceptionNet, dict]:
     """The network stored in `path` (frozen is up to the caller) and its info dict."""
+    path = perception_path(path)
     arch, info = read_perception_meta(path)
     try:
         with torch.device("meta"):  # no random init that the weights would overwrite anyway

@@ -212,7 +212,9 @@ class Trainer:
     def _after_step(self, outcome: StepOutcome, stats: StepStats) -> None:
         for hook in self.hooks:
             hook.after_step(self, outcome, stats)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped (non-finite) first step is counted and logged already
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.scheduler.step()
 
     def settle_skips(self) -> None:
         """Read the device's count of deferred non-finite steps (one host sync, at a log or a save)."""

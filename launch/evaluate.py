@@ -37,6 +37,7 @@ from harness.inference import (  # noqa: E402
     out_of_memory,
 )
 from models.lpips import LPIPS  # noqa: E402
+from models.lpips import MIN_SIZE as LPIPS_MIN_SIZE  # noqa: E402
 from shards.atomic import write_atomic  # noqa: E402
 from shards.sources import DataSourceError  # noqa: E402
 
@@ -105,6 +106,9 @@ def evaluate(args) -> dict:
     if not data:
         raise DataSourceError("no held-out data: give --data SHARDS (the run has no data.val)")
     size = args.image_size or cfg.data.image_size
+    if args.lpips and size < LPIPS_MIN_SIZE:
+        raise RequestError(f"--lpips: LPIPS(vgg) needs images of at least {LPIPS_MIN_SIZE} px a side; this "
+                           f"evaluation reads {size} px (--image-size)")
     loader, sources = eval_batches(data, image_size=size, batch_size=args.batch_size, num_workers=args.workers,
                                    max_samples=args.max_samples, cfg=cfg)
     cond_key = condition_field(model.condition)

@@ -39,6 +39,7 @@ from models.weights import (
 )
 
 VGG16_FILE = "vgg16-397923af.pth"
+MIN_SIZE = 16  # relu5_3 comes after four 2x poolings: 1x1 at 16 px
 LIN_RELATIVE = "weights/v0.1/vgg.pth"
 # VGG16's conv widths, "M" a 2x2 max pool (torchvision's cfg "D").
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
@@ -118,6 +119,9 @@ class LPIPS(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape:
             raise ValueError(f"LPIPS: both images need the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if min(x.shape[-2:]) < MIN_SIZE:
+            raise ValueError(f"LPIPS: images of {x.shape[-2]}x{x.shape[-1]} px are too small; VGG16's four poolings "
+                             f"need at least {MIN_SIZE} px a side")
         # Created per call (not buffers): the module holds no state besides its weights.
         shift = torch.tensor(SHIFT, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         scale = torch.tensor(SCALE, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -149,6 +153,10 @@ class LPIPS(nn.Module):
     def load_lin_state(self, state: dict[str, torch.Tensor], path: Path | str = "<state dict>") -> None:
         expected = {k: v for k, v in self.state_dict().items() if k.startswith("lin")}
         check_keys("LPIPS linear heads", Path(path), expected, state)
+        for k in expected:  # LPIPS trains its heads clamped at >= 0: a negative one rewards distance
+            if (state[k] < 0).any():
+                raise WeightsNotFoundError(f"LPIPS linear heads: {path}: {k} has negative weights; LPIPS's heads "
+                                           "are non-negative (is this lpips/weights/v0.1/vgg.pth?)")
         self.load_state_dict({k: state[k] for k in expected}, strict=False)
 
     @classmethod

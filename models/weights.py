@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -71,6 +72,10 @@ def find_weights(what: str, path: str | os.PathLike | None, filename: str, place
         p = Path(path).expanduser()
         if p.is_file():
             return p
+        if p.is_dir():  # a folder that holds the file under its usual name (a run folder, a hub cache)
+            if (p / filename).is_file():
+                return p / filename
+            raise WeightsNotFoundError(f"{what}: {p}: a folder, and it holds no {filename}; give the file{hint}")
         raise WeightsNotFoundError(f"{what}: {p}: no such file{hint}")
     looked = [Path(d) / filename for d in places]
     for p in looked:
@@ -85,14 +90,33 @@ def read_state_dict(what: str, path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for broken or pickled files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise WeightsNotFoundError(f"{what}: {path}: not a readable weights-only torch file "
-                                   f"({type(e).__name__}: {msg[:200]})") from None
+                                   f"({load_reason(e)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if (why := state_dict_problem(state)) is not None:
         raise WeightsNotFoundError(f"{what}: {path}: {why}")
     return state
+
+
+def load_reason(e: Exception) -> str:
+    """Why a weights file did not load, in one line: torch's own messages span many lines, carry
+    terminal colour codes, and bury the cause under advice to load the file unsafely."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    first = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+    if (name := re.search(r"Unsupported global: GLOBAL (\S+)", first)) is not None:
+        # torch's advice here is to allow the global and load again: not what a weights file needs
+        return f"refused: it holds a pickled {name.group(1)}, and a weights file holds plain tensors"
+    if first.startswith("Weights only load failed") and not any("Unsupported global" in x for x in lines):
+        blocked = next((x for x in lines if "unsupported GLOBAL" in x), "")
+        if blocked:  # a pickle that calls a function no weights file needs (os.system, ...): refused, never run
+            return f"refused: {blocked}"
+        cause = next((x for x in lines if x.startswith(("Unsupported operand", "invalid load key"))), "")
+        return f"not a torch checkpoint file: {cause or 'unreadable pickle'}"
+    if len(first) > 200:
+        first = first[:200].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {first}"
 
 
 def state_dict_problem(state, *, tensors_only: bool = True) -> str | None:
@@ -119,6 +143,10 @@ def check_keys(what: str, path: Path, expected: dict[str, torch.Tensor], state: 
         raise WeightsNotFoundError(f"{what}: {path}: does not fit the network "
                                    f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                                    f"wrong shape {wrong[:3]})")
+    for k, v in expected.items():  # integer weights would load (cast) into a float net without a word
+        if v.is_floating_point() and not state[k].is_floating_point():
+            raise WeightsNotFoundError(f"{what}: {path}: weight {k} holds {str(state[k].dtype).removeprefix('torch.')}"
+                                       " values, not floating-point weights")
     for k in expected:  # a NaN in a frozen network makes every score NaN, or a traceback deep in the metric
         if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
             raise WeightsNotFoundError(f"{what}: {path}: weight {k} holds non-finite values (NaN or inf)")

@@ -162,6 +162,8 @@ def evaluate(model, shards, *extra):
     (["--fid-weights", "w.pth", "--max-samples", "1"], "--max-samples 1: a Frechet distance needs the covariance of "
      "at least 2 images"),
     (["--lpips-vgg", "v.pth"], "--lpips-vgg: weights for LPIPS, which needs --lpips too"),
+    (["--lpips", "--image-size", "8"], "--lpips: LPIPS(vgg) needs images of at least 16 px a side; this evaluation "
+     "reads 8 px"),
     (["--lpips-lin", "l.pth"], "--lpips-lin: weights for LPIPS, which needs --lpips too"),
 ])
 def test_evaluate_bad_request_is_one_line(trained, shards, capsys, extra, says):
