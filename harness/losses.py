@@ -29,9 +29,10 @@ rec = recon + perceptual, enters as the NLL of a Laplace/Gaussian likelihood wit
 latent-diffusion sums per-pixel terms over pixels; our terms are means over pixels, which divides
 its whole loss by C*H*W: the same optimum and the same adversarial term, but its KL weight 1e-6 is
 1e-6 / (C*H*W) here, and so is the clamp of its adaptive weight, 1e4 (loss.disc_adaptive_max;
-launch/configs/recipe_ldm.yaml). taming-transformers averages, as we do: its 1e4 is the default. `logvar` is the parameter `loss.logvar`
-of the model itself (the key latent-diffusion's checkpoints use): in the optimizer, in checkpoints,
-under ZeRO-3 partitioned and gathered by its own forward; loading weights for use drops `loss.*`.
+launch/configs/recipe_ldm.yaml). taming-transformers averages, as we do: its 1e4 is the default.
+`logvar` is the parameter `loss.logvar` of the model itself (the key latent-diffusion's checkpoints
+use): in the optimizer, in checkpoints, under ZeRO-3 partitioned and gathered by its own forward;
+loading weights for use drops `loss.*`.
 
 The perception network (models/perception.py, trained by launch/train_perception.py) lives inside
 this module: it is frozen, never given to the optimizer or to `accelerator.prepare`, and never part

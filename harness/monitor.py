@@ -56,11 +56,23 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def precision_notes(t) -> list[str]:
+    """What the accelerate config could not ask for, said at start (the run goes on): a DeepSpeed yaml
+    cannot carry a precision, so `train.mixed_precision=auto` trains in fp32 there unless told."""
+    a = t.accelerator
+    if (a.distributed_type.value == "DEEPSPEED" and a.mixed_precision == "no" and t.device.type == "cuda"
+            and t.cfg.train.mixed_precision == "auto"):
+        return ["training in fp32 under DeepSpeed: train.mixed_precision=auto takes the precision from "
+                "accelerate, and a DeepSpeed yaml cannot set one; set train.mixed_precision=bf16 (or "
+                "`accelerate launch --mixed_precision bf16`)"]
+    return []
+
+
 class Monitor:
     def __init__(self, trainer):
         self.t = trainer
         cfg = trainer.cfg
-        self.tracker = Tracker(trainer.run_dir, trainer.world.is_main)
+        self.tracker = Tracker(trainer.run_dir, trainer.world.is_main, start_step=trainer.step)
         self.grid_batch = None
         if trainer.task.draws_images:
             self.grid_batch = fixed_batch(cfg.data.val or cfg.data.train, cfg.log.num_images, cfg.data.image_size,
@@ -77,6 +89,8 @@ class Monitor:
             f"batches/epoch/rank, run folder {t.run_dir}")
         if (line := t.task.describe()) is not None:
             t.log.info(line)
+        for note in precision_notes(t):
+            t.log.info(f"note: {note}")
         if t.loader.sample_split:
             t.log.info(f"note: fewer shards than ranks ({info.num_shards} < {t.world.world_size}): every "
                        "rank reads all shards and keeps 1/world_size of the samples; make more shards")

@@ -35,7 +35,10 @@ def save_png(grid: torch.Tensor, path: Path) -> None:
 class Tracker:
     """A SummaryWriter on the main process; every method is a no-op elsewhere."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
+        """`start_step`: the step the run (re)starts at. What an earlier attempt logged after it (a crash
+        after the last checkpoint), or at all for a fresh start over a failed one, is purged from view,
+        so a resumed run's curves do not fold back over the steps it trains again."""
         self.enabled = enabled
         self.samples_dir = Path(run_dir) / "samples"
         self.writer = None
@@ -43,7 +46,7 @@ class Tracker:
             from torch.utils.tensorboard import SummaryWriter
 
             self.samples_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else 0)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:

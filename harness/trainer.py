@@ -17,6 +17,7 @@ trainer_state.json), so `--resume latest` continues exactly.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -155,7 +156,7 @@ class Trainer:
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         if self.world.is_main:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
-            self.monitor.tracker.text("config", f"```\n{self.config_yaml}\n```")
+            self.monitor.tracker.text("config", f"```\n{self.config_yaml}\n```", self.step)  # as of this (re)start
         self.monitor.start_message()
 
     # ----------------------------------------------------------------------------------------- the step
@@ -254,8 +255,9 @@ class Trainer:
         vote = StopVote(stop)
         batches = self.loader.batches(self.step * cfg.train.grad_accum)
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world.world_size
+        # Into a file (a SLURM job's output) a redraw per step would be ~90 bytes a step: every 30 s there.
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.world.is_main and cfg.log.progress),
-                   dynamic_ncols=True, desc="train")
+                   dynamic_ncols=True, desc="train", mininterval=0.1 if sys.stderr.isatty() else 30.0)
         stats, t_log, exit_code, saved_at, first_step = StepStats(), time.perf_counter(), 0, self.step, self.step
         images_every = cfg.log.images_every_steps
         self.engine.model.train()

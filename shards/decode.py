@@ -190,7 +190,8 @@ class _reading:
 
     def __exit__(self, kind, exn, tb) -> bool:
         if isinstance(exn, Exception):
-            exn.add_note(self.what)
+            # add_note is Python 3.11+; on 3.10 the same list is set by hand (what the reader reads)
+            exn.__notes__ = [*getattr(exn, "__notes__", []), self.what]
         return False  # raised on, unchanged
 
 

@@ -405,3 +405,48 @@ def test_changed_adamw_settings_at_resume_are_followed_and_said(config, shards, 
     assert all(tuple(g["betas"]) == (0.5, 0.6) and g["eps"] == 0.001 and g["weight_decay"] == 0.25 for g in saved)
     assert main(args(config, shards, run, *common, *changed, "train.max_steps=5", "--resume", "latest")) == 0
     assert "note: optim." not in capsys.readouterr().err  # the same again: nothing to say
+
+
+def test_a_resume_after_a_crash_hides_what_the_lost_steps_logged(config, shards, tmp_path):
+    """A crash after the last checkpoint: the resumed run logs those steps again, and TensorBoard shows
+    each step once (the writer purges the earlier attempt's events from the resume step on)."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    common = ["train.max_steps=10", "log.every_steps=2", "checkpoint.every_steps=6", "log.images_every_steps=4"]
+    assert main(args(config, shards, run, *common)) == 0
+    shutil.rmtree(run / "checkpoints/step_10")  # as if killed after step 10 was logged, before it was saved
+    (run / "latest").write_text("checkpoints/step_6\n")
+    time.sleep(1.1)  # a new event file (their names carry the second)
+    assert main(args(config, shards, run, *common, "--resume", "latest")) == 0
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    steps = [e.step for e in ea.Scalars("loss/recon")]
+    assert steps == [2, 4, 6, 8, 10], steps
+    assert [e.step for e in ea.Images("reconstruction")] == [4, 8, 10], "images logged twice"  # 10: the last step
+    texts = [e.step for e in ea.Tensors("config/text_summary")]
+    assert texts == [0, 6], texts  # the config as started, and as resumed
+
+
+def test_start_notes_fp32_under_a_deepspeed_yaml_left_at_auto():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from harness.config import load_config
+    from harness.monitor import precision_notes
+
+    cfg = load_config([], ["data.train=x"])
+
+    def trainer(kind, precision, device):
+        return SimpleNamespace(accelerator=SimpleNamespace(distributed_type=kind, mixed_precision=precision),
+                               device=torch.device(device), cfg=cfg)
+
+    assert precision_notes(trainer(DistributedType.MULTI_GPU, "no", "cuda")) == []
+    (note,) = precision_notes(trainer(DistributedType.DEEPSPEED, "no", "cuda"))
+    assert note.startswith("training in fp32 under DeepSpeed")
+    assert precision_notes(trainer(DistributedType.DEEPSPEED, "bf16", "cuda")) == []
+    cfg.train.mixed_precision = "no"  # fp32 asked for
+    assert precision_notes(trainer(DistributedType.DEEPSPEED, "no", "cuda")) == []
