@@ -30,10 +30,13 @@ ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 "$PYTHON" -m accelerate.commands.launch \
   --main_process_port "${PORT:-0}" \
   launch/train.py --config launch/configs/demo.yaml run.dir="$RUN_DIR" train.max_steps="$STEPS" "${RESUME[@]}"
 
+# Absolute paths: RUN_DIR is relative to the repository (the cd above), not to where the user is.
+RUN=$(CDPATH="" cd -- "$RUN_DIR" && pwd)
+printf -v RUN_Q %q "$RUN"  # pastes into a shell as one word, spaces included
 echo
-echo "Run folder: $RUN_DIR"
-echo "  checkpoints: $(ls -d "$RUN_DIR"/checkpoints/step_* | tr '\n' ' ')"
-echo "  latest:      $(cat "$RUN_DIR/latest")"
-echo "  image grids: $RUN_DIR/samples/ ($(ls "$RUN_DIR"/samples | wc -l) PNGs)"
-echo "  text log:    $RUN_DIR/train.log"
-echo "Watch it:      tensorboard --logdir $RUN_DIR/tb"
+echo "Run folder: $RUN"
+echo "  checkpoints: $RUN/checkpoints/ ($(cd "$RUN/checkpoints" && ls -d step_* | tr '\n' ' ' | sed 's/ $//'))"
+echo "  latest:      $(cat "$RUN/latest")"
+echo "  image grids: $RUN/samples/ ($(ls "$RUN"/samples | wc -l) PNGs)"
+echo "  text log:    $RUN/train.log"
+echo "Watch it:      tensorboard --logdir $RUN_Q/tb"

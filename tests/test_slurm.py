@@ -1,7 +1,11 @@
-"""A real SLURM on this machine (tests/slurm/cluster.sh): jobs, tasks, and launch/slurm/train.sbatch
-running launch/train.py with 2 tasks: train, checkpoint, then signal -> checkpoint -> requeue ->
-resume from `latest` -> finish. Skipped, with the reason, where the cluster cannot start (not root,
-no apt-get).
+"""launch/slurm/train.sbatch, twice over.
+
+A real SLURM on this machine (tests/slurm/cluster.sh): jobs, tasks, and train.sbatch running
+launch/train.py with 2 tasks: train, checkpoint, then signal -> checkpoint -> requeue -> resume from
+`latest` -> finish. Skipped, with the reason, where the cluster cannot start (not root, no apt-get).
+
+Stand-ins for srun / scontrol (fast, everywhere): what the script decides before and after training,
+where a real cluster cannot easily be made to fail (a refused requeue) or to have GPUs.
 """
 
 import os
@@ -17,7 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 STATE = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/vae-harness-slurm"))
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def real_slurm(test):
+    """The marks of a test that runs on the real cluster."""
+    return pytest.mark.slurm(pytest.mark.slow(test))
 
 
 def _running() -> bool:
@@ -145,6 +153,7 @@ def wait_until_done(env, job, run_dir: Path, out: Path, steps: int, timeout: flo
                          f"{job_report(env, job, run_dir, out)}")
 
 
+@real_slurm
 def test_two_tasks_get_their_ranks(slurm_env, tmp_path):
     script = tmp_path / "ranks.sbatch"
     script.write_text('#!/bin/bash\n#SBATCH -N1 -n2\nsrun bash -c \'echo "procid=$SLURM_PROCID"\'\n')
@@ -154,6 +163,7 @@ def test_two_tasks_get_their_ranks(slurm_env, tmp_path):
     assert sorted(out.read_text().split()) == ["procid=0", "procid=1"]
 
 
+@real_slurm
 def test_train_sbatch_runs_to_the_end(slurm_env, tmp_path, shards):
     # A brace pattern reaches launch/train.py as written (not expanded into 8 overrides by a shell).
     pattern = f"data.train={shards}/{{000000..000007}}.tar"
@@ -166,6 +176,7 @@ def test_train_sbatch_runs_to_the_end(slurm_env, tmp_path, shards):
     assert "training exited with 0" in out.read_text()
 
 
+@real_slurm
 def test_usr1_checkpoints_requeues_and_resumes(slurm_env, tmp_path, shards):
     # Loader workers on: SLURM signals them too, and they must leave the checkpointing to training.
     job, run_dir, out = train_job(slurm_env, tmp_path, shards, 400, "checkpoint.every_steps=0", "data.num_workers=2")
@@ -186,6 +197,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_env, tmp_path, shards):
     assert "requeueing job" in slurm_log and "restart 1" in slurm_log
 
 
+@real_slurm
 def test_scancel_is_not_requeued(slurm_env, tmp_path, shards):
     # scancel sends SIGTERM to every process of the job, the loader workers included: training
     # still checkpoints (the workers ignore it), and the job is not requeued.
@@ -200,3 +212,141 @@ def test_scancel_is_not_requeued(slurm_env, tmp_path, shards):
     assert "requeueing" not in out.read_text()
     assert "saved, exiting with 75" in log_of(run_dir), (log_of(run_dir), out.read_text())
     assert ckpt.read_state(ckpt.resolve(run_dir, "latest"))["step"] >= 5
+
+
+# ------------------------------------------------------------------------- stand-ins for srun / scontrol
+
+SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
+# srun prints the command it was given, one word a line, and exits FAKE_SRUN_RC (75: training
+# checkpointed after a signal); scontrol knows one node and fails a requeue with FAKE_REQUEUE_RC.
+FAKE_SRUN = '#!/bin/bash\nprintf "%s\\n" "$@"\nexit ${FAKE_SRUN_RC:-0}\n'
+FAKE_SCONTROL = """#!/bin/bash
+case $1 in
+  show) echo node1 ;;
+  requeue) echo "requeue $2" >>"$FAKE_CALLS"
+    [ "${FAKE_REQUEUE_RC:-0}" = 0 ] || echo "scontrol: error: Requested operation is presently disabled for job $2" >&2
+    exit ${FAKE_REQUEUE_RC:-0} ;;
+esac
+"""
+NO_SLURM = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "GPUS_PER_NODE",
+            "REPO_DIR", "CONFIG", "ACCEL_CONFIG", "TRAIN_SCRIPT", "RUN_DIR")
+
+
+def fake_sbatch(tmp_path, *argv, cwd=ROOT, **env):
+    """train.sbatch run by bash as SLURM's batch step would run it (job 7 on node1, submitted from cwd);
+    `env` adds or (with None) removes variables."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    full = {k: v for k, v in os.environ.items() if k not in NO_SLURM}
+    full.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_CALLS=str(tmp_path / "calls"), SLURM_JOB_ID="7",
+                SLURM_JOB_NAME="t", SLURM_NNODES="1", SLURM_JOB_NODELIST="node1", SLURM_SUBMIT_DIR=str(cwd),
+                RUN_DIR=str(tmp_path / "run"))
+    for k, v in env.items():
+        full.pop(k) if v is None else full.__setitem__(k, v)
+    return subprocess.run(["bash", str(SBATCH), *argv], env=full, cwd=cwd, capture_output=True, text=True, timeout=30)
+
+
+def srun_value(r, option):
+    """The value srun's command line gave `option` (the stand-in prints one word a line)."""
+    words = r.stdout.splitlines()
+    return words[words.index(option) + 1]
+
+
+def requeue_calls(tmp_path):
+    calls = tmp_path / "calls"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_preempted_job_requeues_itself(tmp_path):
+    r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="75")
+    assert r.returncode == 0, r.stderr
+    assert "[sbatch] preempted (exit 75): requeueing job 7" in r.stdout
+    assert requeue_calls(tmp_path) == ["requeue 7"]
+
+
+def test_a_refused_requeue_fails_the_job(tmp_path):
+    """sbatch --no-requeue, JobRequeue=0, no permission: the job used to exit 0 (COMPLETED) and
+    training silently stopped."""
+    r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="75", FAKE_REQUEUE_RC="1")
+    assert r.returncode == 75, (r.stdout, r.stderr)
+    assert requeue_calls(tmp_path) == ["requeue 7"]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: train.sbatch: scontrol requeue failed (exit 1): job 7 is not requeued; resubmit it "
+                      f"with RUN_DIR={tmp_path / 'run'} to continue from its latest checkpoint"], r.stderr
+
+
+@pytest.mark.parametrize("env, nodes, processes", [
+    ({}, "1", "8"),                                                  # SLURM says nothing: 8
+    ({"SLURM_GPUS_ON_NODE": "4"}, "2", "8"),                         # 2 nodes x the 4 GPUs on each
+    ({"SLURM_GPUS_PER_NODE": "a100:2"}, "1", "2"),                   # --gpus-per-node=a100:2
+    ({"SLURM_GPUS_PER_NODE": "3", "SLURM_GPUS_ON_NODE": "0"}, "1", "3"),
+    ({"SLURM_GPUS_ON_NODE": "4", "GPUS_PER_NODE": "4"}, "1", "4"),   # set by hand, as allocated
+    ({"SLURM_GPUS_ON_NODE": "0", "GPUS_PER_NODE": "2"}, "1", "2"),   # CPU processes on a GPU-less job
+])
+def test_processes_per_node_follow_the_gpus_allocated(tmp_path, env, nodes, processes):
+    r = fake_sbatch(tmp_path, "data.train=/d", SLURM_NNODES=nodes, **env)
+    assert r.returncode == 0, r.stderr
+    assert srun_value(r, "--num_processes") == processes
+
+
+def test_gpus_per_node_other_than_allocated_is_refused(tmp_path):
+    r = fake_sbatch(tmp_path, "data.train=/d", SLURM_GPUS_ON_NODE="4", GPUS_PER_NODE="8")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: train.sbatch: GPUS_PER_NODE=8 but SLURM allocated 4 GPU(s) on this node (SLURM_GPUS_ON_NODE): "
+        "unset GPUS_PER_NODE, or submit with --gpus-per-node=8"]
+    assert r.stdout == ""  # srun never started
+
+
+def test_outside_a_slurm_job_is_refused(tmp_path):
+    r = fake_sbatch(tmp_path, "data.train=/d", SLURM_JOB_ID=None)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: train.sbatch: not inside a SLURM allocation (SLURM_JOB_ID or SLURM_JOB_NODELIST unset): "
+        "submit it with sbatch"]
+    assert r.stdout == ""
+
+
+def test_submitted_outside_the_repository(tmp_path):
+    """Used to fail after the allocation, with an accelerate traceback per node."""
+    elsewhere = tmp_path / "my jobs"
+    elsewhere.mkdir()
+    r = fake_sbatch(tmp_path, "data.train=/d", cwd=elsewhere)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"error: train.sbatch: TRAIN_SCRIPT=launch/train.py: no such file in {elsewhere} (submit from the "
+        "repository, or set REPO_DIR=/path/to/vae-harness)"]
+    assert r.stdout == ""
+    r = fake_sbatch(tmp_path, "data.train=/d", cwd=elsewhere, REPO_DIR=str(ROOT))  # what the hint says
+    assert r.returncode == 0, r.stderr
+    assert srun_value(r, "--config") == "launch/configs/kl_f8.yaml"
+
+
+@pytest.mark.parametrize("variable", ["CONFIG", "ACCEL_CONFIG", "TRAIN_SCRIPT"])
+def test_a_missing_file_is_refused_by_its_variable(tmp_path, variable):
+    r = fake_sbatch(tmp_path, "data.train=/d", **{variable: "launch/nope.yaml"})
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"error: train.sbatch: {variable}=launch/nope.yaml: no such file in {ROOT} (submit from the repository, "
+        "or set REPO_DIR=/path/to/vae-harness)"]
+    r = fake_sbatch(tmp_path, "data.train=/d", **{variable: str(tmp_path / "nope.yaml")})
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"error: train.sbatch: {variable}={tmp_path / 'nope.yaml'}: no such file"]
+
+
+@pytest.mark.parametrize("config", ["gpu.yaml", "cpu.yaml"])
+def test_a_config_started_without_torchrun_is_refused(tmp_path, config):
+    """accelerate starts a distributed_type 'NO' config without torchrun: the preemption signal would
+    kill the launcher, and nothing would be saved."""
+    r = fake_sbatch(tmp_path, "data.train=/d", ACCEL_CONFIG=f"launch/accelerate/{config}")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"error: train.sbatch: ACCEL_CONFIG=launch/accelerate/{config} has distributed_type NO, which accelerate "
+        "starts without torchrun (a preemption signal would kill training unsaved): use "
+        "launch/accelerate/multi_gpu.yaml (also for one GPU), a zero*.yaml, or cpu2.yaml on CPU"]
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("config", ["multi_gpu.yaml", "cpu2.yaml", "zero2.yaml", "multi_node.yaml"])
+def test_torchrun_configs_are_accepted(tmp_path, config):
+    r = fake_sbatch(tmp_path, "data.train=/d", ACCEL_CONFIG=f"launch/accelerate/{config}", GPUS_PER_NODE="2")
+    assert r.returncode == 0, r.stderr
+    assert srun_value(r, "--config_file") == f"launch/accelerate/{config}"
