@@ -407,8 +407,10 @@ class TrainLoader:
         slots = max(1, cfg.num_workers)
         self.batches_per_epoch = epoch_samples // (world_size * batch_size) // slots * slots
         if self.batches_per_epoch < 1:
-            raise DataSourceError(f"data.epoch_samples: {epoch_samples} samples make less than one batch per rank "
-                                  f"and worker ({world_size} ranks x {batch_size} x {slots} workers)")
+            source = "data.epoch_samples" if cfg.epoch_samples else f"the data ({cfg.train})"
+            raise DataSourceError(f"{source}: {epoch_samples} samples make less than one batch per rank and worker "
+                                  f"({world_size} ranks x train.batch_size={batch_size} x {slots} data.num_workers); "
+                                  "lower train.batch_size or data.num_workers, or use more data")
         # A model that reads no names reads no cls or labels either: none is checked against them (mixed
         # sets, named and unnamed, would make bad samples of the other set's classes).
         decoder = DecodeSpec(cfg.image_size, cfg.crop, cfg.hflip,
@@ -489,6 +491,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
     # A terminal's Ctrl-C reaches the whole process group: the trainer decides (a checkpoint first); a
     # worker that ended on its KeyboardInterrupt (or ran the trainer's handler, inherited) would not do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal: likewise (the trainer checkpoints)
     stop = {signal.SIGTERM, signal.SIGUSR1}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # inherited by the thread below
     threading.Thread(target=_drop_stop_signals, args=(os.getppid(), stop), daemon=True, name="stop-signals").start()

@@ -72,7 +72,8 @@ class Monitor:
     def __init__(self, trainer):
         self.t = trainer
         cfg = trainer.cfg
-        self.tracker = Tracker(trainer.run_dir, trainer.world.is_main, start_step=trainer.step)
+        self.tracker = Tracker(trainer.run_dir, trainer.world.is_main, start_step=trainer.step,
+                               on_error=trainer.log.info)
         self.grid_batch = None
         if trainer.task.draws_images:
             self.grid_batch = fixed_batch(cfg.data.val or cfg.data.train, cfg.log.num_images, cfg.data.image_size,

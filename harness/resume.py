@@ -39,6 +39,8 @@ def plan(trainer, resume: str | None) -> Start:
         raise ckpt.ResumeError(f"run.dir {run_dir} already has checkpoints: pass --resume latest to continue "
                                f"it, or choose another run.dir")
     if resume_from is None:
+        if resume == "latest":  # a requeued job's first start, or a mistyped run.dir: either way, said
+            trainer.log.info(f"note: --resume latest: no checkpoint in {run_dir} yet, starting a new run")
         return Start(None, None)
     own = run_dir / "checkpoints"
     if resume != "latest" and not ckpt.of_run(resume_from, run_dir) and (mine := ckpt.list_checkpoints(run_dir)):
@@ -182,7 +184,9 @@ def restore(trainer, start: Start) -> dict:
                 scale.load_universal_buffers(trainer.engine.unwrapped(), start.load_from)
     if refused:  # accelerate swallows errors while loading the RNG states
         raise ckpt.ResumeError(f"cannot resume {start.load_from}: {refused[0]}")
+    saved_lr = float(trainer.scheduler.get_last_lr()[0])  # the checkpoint's schedule at its step
     _follow_configured_lr(trainer)
+    _note_schedule_change(trainer, saved_lr)
     _follow_configured_adamw(trainer)
     for hook in trainer.hooks:
         hook.after_resume(trainer)
@@ -211,6 +215,26 @@ def _follow_configured_lr(trainer) -> None:
     sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]  # what get_last_lr() (train/lr) reports
     trainer.log.info(f"note: optim.lr is {lr:g}, the checkpoint's was {before:g}: the schedule goes on from step "
                      f"{sched.last_epoch} with the new peak (lr now {sched._last_lr[0]:.4g})")
+
+
+def _note_schedule_change(trainer, saved_lr: float) -> None:
+    """The schedule's shape is read from the config (train.max_steps, optim.warmup_steps, optim.schedule,
+    optim.min_lr_ratio), so a resume that changes one moves the learning rate, maybe by 10x at once:
+    said, with both values (an optim.lr change is said by _follow_configured_lr)."""
+    sched, cfg = trainer.scheduler, trainer.cfg
+    step = sched.last_epoch
+    if step >= cfg.train.max_steps:
+        trainer.log.info(f"note: the checkpoint is at step {step} and train.max_steps={cfg.train.max_steps}: "
+                         "nothing is left to train (raise train.max_steps to go on)")
+        return
+    if sched.base_lrs[0] != cfg.optim.lr:
+        return
+    now = sched.base_lrs[0] * sched.lr_lambdas[0](step)
+    if abs(now - saved_lr) <= 1e-6 * max(abs(now), abs(saved_lr)):
+        return
+    trainer.log.info(f"note: the learning-rate schedule differs from the checkpoint's (train.max_steps, "
+                     f"optim.warmup_steps, optim.schedule or optim.min_lr_ratio changed): at step {step} it gives "
+                     f"{now:.4g}, the checkpoint's gave {saved_lr:.4g}; the new schedule is used from here on")
 
 
 def _follow_configured_adamw(trainer) -> None:

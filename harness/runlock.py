@@ -14,6 +14,9 @@ The file records the holder's host and pid, so the job that is refused can say w
 
 A lock is per process here: taking it again in the process that holds it (tests that run
 `launch/train.py`'s `main()` twice) reuses the held descriptor; `release_all()` lets it go.
+A forked child (a data-loader worker) closes its copies of the descriptors at once: a flock lasts
+while any descriptor of the open file lives, so an orphaned or stuck worker would otherwise keep
+the folder locked after the trainer died.
 """
 
 from __future__ import annotations
@@ -43,9 +46,25 @@ def _holder(fd: int) -> str:
     return f"host {info.get('host', '?')} pid {info.get('pid', '?')}"
 
 
+def refuse_checkpoint_folder(run_dir: Path) -> None:
+    """A checkpoint folder given as run.dir (taken for a resume) would get a run written into it: its
+    files beside the checkpoint's break its manifest, and the run it belongs to loses that step. A
+    new folder inside a run's checkpoints/ is refused too (that folder is the trainer's to tidy)."""
+    checkpoint = run_dir.is_dir() and any((run_dir / n).is_file() for n in ("trainer_state.json", "manifest.json"))
+    parent = run_dir.parent
+    of_run = parent.name == "checkpoints" and any((parent.parent / n).exists() for n in ("latest", LOCK_NAME))
+    if not (checkpoint or of_run):
+        return
+    what = "a checkpoint folder" if checkpoint else f"inside the checkpoints/ of run {parent.parent}"
+    resume = f"run.dir={parent.parent} --resume latest" if of_run else f"a new run.dir with --resume {run_dir}"
+    init = f"; to start a new run from its weights, train.init_from={run_dir}" if checkpoint else ""
+    raise RunDirError(f"run.dir {run_dir} is {what}, not a run folder: to continue that run use {resume}{init}")
+
+
 def acquire(run_dir: str | Path) -> None:
     """Take the run folder's lock for this process, or raise RunDirError saying who holds it."""
     run_dir = Path(run_dir)
+    refuse_checkpoint_folder(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -99,6 +118,21 @@ def acquire(run_dir: str | Path) -> None:
             os.close(dir_fd)
         raise RunDirError(f"run.dir {run_dir} is not writable ({path}: {e.strerror or e})") from None
     _held[key] = (fd, dir_fd)
+
+
+def _close_in_child() -> None:
+    """After fork, in the child: drop the inherited descriptors (the parent's lock stays held)."""
+    for fds in _held.values():
+        for fd in fds:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def release_all() -> None:

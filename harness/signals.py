@@ -1,7 +1,10 @@
 """Graceful stop on SIGTERM / SIGUSR1: finish the current step, checkpoint, exit with EXIT_PREEMPTED.
 A first Ctrl-C (SIGINT) in the training loop does the same and exits with EXIT_INTERRUPTED (130, as
 the shell has it, so that sbatch does not requeue); a second one interrupts at once (KeyboardInterrupt:
-launch/train.py says so in one line), with the checkpoints saved before.
+launch/train.py says so in one line), with the checkpoints saved before. SIGHUP (the terminal
+closed, the ssh session dropped) stops the same way with 129, its output going to /dev/null from
+then on (a write to a terminal that is gone fails): train.log keeps the record. A run started under
+`nohup` ignores SIGHUP and goes on, as nohup means.
 
 SLURM sends SIGUSR1 before a time limit (`#SBATCH --signal`) and SIGTERM on preemption; the sbatch
 script requeues the job when the trainer exits with EXIT_PREEMPTED, and the requeued job resumes
@@ -21,6 +24,7 @@ import torch.distributed as dist
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_HANGUP = 129  # 128 + SIGHUP
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -34,7 +38,17 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where someone else took it
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+        if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # SIG_IGN: started under nohup, keep going
+            self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
         return self
+
+    def _hangup(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):  # the terminal is gone: the next progress bar or log line would fail with EIO
+            os.dup2(null, fd)
+        os.close(null)
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
@@ -48,7 +62,7 @@ class StopFlag:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_PREEMPTED
+        return {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGHUP: EXIT_HANGUP}.get(self.signum, EXIT_PREEMPTED)
 
     @property
     def requested(self) -> bool:

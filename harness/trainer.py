@@ -17,6 +17,7 @@ trainer_state.json), so `--resume latest` continues exactly.
 from __future__ import annotations
 
 import math
+import shlex
 import sys
 import time
 import warnings
@@ -298,7 +299,7 @@ class Trainer:
                     self.monitor.images()
                 self.task.finish(self)
                 self.log.info(f"done: {self.step} steps, {self.samples_seen} samples; "
-                              f"tensorboard --logdir {self.run_dir / 'tb'}")
+                              f"tensorboard --logdir {shlex.quote(str(self.run_dir / 'tb'))}")
             vote.close()  # every rank left the loop at the same step
         finally:
             stop.restore()

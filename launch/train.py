@@ -179,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"error: {oom}: a smaller train.batch_size, data.image_size or model needs less (the checkpoints "
              "saved before are intact)")
         return 1
+    except OSError as e:  # storage failing outside a save (config.yaml at start, a full disk), too many open files
+        where = f" ({e.filename})" if e.filename else ""
+        _say(f"error: {type(e).__name__}: {e.strerror or e}{where}; the checkpoints saved before are intact "
+             "(--resume latest continues from the newest)")
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints), or one before the loop
         _say("interrupted: stopped without a checkpoint of this step; the saved ones are intact "
              "(--resume latest continues from the newest)")
@@ -194,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports, the config): nothing written yet
+        _say("interrupted while starting: nothing was trained or written")
+        code = 130
     # Everything the run writes is closed, fsynced and renamed by now, and the process group is
     # gone. Skip the interpreter's C++ teardown: under DeepSpeed + gloo it once aborted a finished
     # rank at exit ("terminate called without an active exception", SIGABRT), which turned a
