@@ -17,17 +17,20 @@ The order of a save is what makes a kill at any moment safe:
    fsyncs, renames the folder to `step_N` (atomic), then replaces `latest` (write + fsync +
    os.replace, atomic);
 3. only then are old checkpoints pruned: renamed into `.trash-*` first (atomic), then deleted.
-So a `step_*` folder is always complete, and `latest` always names one. `resolve` is the one
+So a `step_*` folder is always complete, and `latest` always names one. A failure before the
+rename leaves the previous checkpoint as it was (CheckpointError says so); one after it (`latest`
+not writable) leaves step_N complete, and `resolve` finds it (CheckpointError says that instead); a
+failed prune only costs disk space, so it is a warning and training goes on. `resolve` is the one
 function that finds where to resume from, for `--resume latest`, a path, and requeued SLURM jobs;
 it checks the manifest, so flipped bytes or a truncated file send `latest` back to the newest
 step that verifies (saying so) and make `--resume PATH` an error.
 
 Resuming never unpickles arbitrary objects: `check_pickles` runs torch's weights-only unpickler
-(plus a short allow-list for the numpy types of the RNG states) over every pickle-based file
-before anything loads, and `weights_only_loads` forces the same unpickler on every `torch.load`
-that accelerate and DeepSpeed make while loading (both would otherwise pass `weights_only=False`
-for the scheduler, the EMA and the ZeRO shards). A checksum is no defence against a crafted file
-(its maker can rewrite the manifest); the unpickler is.
+(plus a short allow-list for the numpy types of the RNG states) over every pickle-based file, and
+opens every safetensors header, before anything loads, and `weights_only_loads` forces the same
+unpickler on every `torch.load` that accelerate and DeepSpeed make while loading (both would
+otherwise pass `weights_only=False` for the scheduler, the EMA and the ZeRO shards). A checksum is
+no defence against a crafted file (its maker can rewrite the manifest); the unpickler is.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ class ResumeError(RuntimeError):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (disk full, folder gone): one line; the previous one is intact."""
+    """A save failed (disk full, folder gone): one line saying what is intact (the previous checkpoint,
+    or the new one itself when only `latest` could not be updated)."""
 
 
 def is_complete(path: Path) -> bool:
@@ -138,16 +142,10 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps({"version": 1, "files": files}, indent=1))
 
 
-def _without_manifest(folder: Path) -> str | None:
-    """verify() of a folder without manifest.json: fine (None) when it was written before checkpoints
-    had manifests (its trainer state names none), once its safetensors files read (their headers:
-    nothing else can tell a truncated one); else why not."""
-    try:
-        state = json.loads((folder / STATE_NAME).read_text())
-    except (OSError, ValueError) as e:
-        return f"no {MANIFEST_NAME}, and {STATE_NAME} is unreadable ({type(e).__name__})"
-    if not isinstance(state, dict) or "manifest" in state:
-        return f"no {MANIFEST_NAME}"
+def _unreadable_safetensors(folder: Path) -> str | None:
+    """The first .safetensors file in `folder` whose header does not read (truncated, overwritten,
+    not safetensors), named with safetensors' reason; None when all read. Cheap: safe_open parses the
+    header and checks it against the file's size, no tensor is read."""
     from safetensors import safe_open
 
     for name in _files(folder):
@@ -158,6 +156,19 @@ def _without_manifest(folder: Path) -> str | None:
             except Exception as e:  # noqa: BLE001 - a truncated or foreign file: named, in one line
                 return f"{name} does not read ({' '.join(str(e).split())[:120]})"
     return None
+
+
+def _without_manifest(folder: Path) -> str | None:
+    """verify() of a folder without manifest.json: fine (None) when it was written before checkpoints
+    had manifests (its trainer state names none), once its safetensors files read (their headers:
+    nothing else can tell a truncated one); else why not."""
+    try:
+        state = json.loads((folder / STATE_NAME).read_text())
+    except (OSError, ValueError) as e:
+        return f"no {MANIFEST_NAME}, and {STATE_NAME} is unreadable ({type(e).__name__})"
+    if not isinstance(state, dict) or "manifest" in state:
+        return f"no {MANIFEST_NAME}"
+    return _unreadable_safetensors(folder)
 
 
 def verify(folder: Path) -> str | None:
@@ -310,7 +321,38 @@ def allowed_globals(deepspeed: bool = True) -> list:
     return allowed
 
 
-def _refusal(name: str, error: Exception) -> str:
+def _is_pickle(f: Path) -> bool:
+    """Whether `f` (or the data.pkl inside torch's zip format) parses as a pickle, opcode by opcode up to
+    its STOP. pickletools only reads opcodes: nothing is built, nothing runs."""
+    import io
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as z:
+                inner = next((n for n in z.namelist() if n.rpartition("/")[2] == "data.pkl"), None)
+                if inner is None:
+                    return False
+                stream = io.BytesIO(z.read(inner))
+        else:
+            stream = open(f, "rb")
+        with stream:
+            pickletools.dis(stream, out=io.StringIO())
+        return True
+    except Exception:  # noqa: BLE001 - unknown opcode, no STOP, a bad zip: no pickle
+        return False
+
+
+def _not_a_pickle(name) -> str:
+    return f"{name} is not a readable pickle (damaged, or not written by torch.save)"
+
+
+def _refusal(name: str, error: Exception, path: Path | None = None) -> str:
+    """Why the weights-only unpickler refused a file: the global it met, or, for bytes that are no
+    pickle at all (the unpickler calls any byte it does not know an "unsupported operand"), that."""
+    if path is not None and not _is_pickle(path):
+        return _not_a_pickle(name)
     text = str(error)
     m = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand (\d+)", text)
     what = f"a pickled {m.group(1)}" if m and not m.group(1).isdigit() else "pickled objects"
@@ -320,10 +362,17 @@ def _refusal(name: str, error: Exception) -> str:
 def check_pickles(folder: Path) -> None:
     """Run torch's weights-only unpickler (with `allowed_globals`) over every pickle-based file in a
     checkpoint, storages memory-mapped (so a large ZeRO shard costs little); ResumeError naming the
-    first file that holds anything else. Nothing in a refused file is ever executed."""
+    first file that holds anything else. Nothing in a refused file is ever executed.
+
+    Also opens every safetensors header: a damaged file that matches its manifest (damaged before the
+    manifest was written, or the manifest rewritten with it) is one line here, not a traceback from
+    accelerate's load_state."""
     import torch
 
     folder = Path(folder)
+    if (why := _unreadable_safetensors(folder)) is not None:
+        raise ResumeError(f"cannot resume {folder}: {why}, though it matches the manifest: resume an earlier "
+                          "checkpoint by its path")
     deepspeed = any(p.is_dir() for p in folder.glob("pytorch_model*"))  # else DeepSpeed need not be imported
     for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in PICKLED):
         try:
@@ -335,8 +384,12 @@ def check_pickles(folder: Path) -> None:
                         raise
                     torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise ResumeError(f"cannot resume {folder}: {_refusal(f.relative_to(folder), e)}") from None
+            raise ResumeError(f"cannot resume {folder}: {_refusal(f.relative_to(folder), e, f)}") from None
         except Exception as e:  # noqa: BLE001 -- a file the unpickler cannot even parse: one line
+            import zipfile
+
+            if not zipfile.is_zipfile(f) and not _is_pickle(f):  # (a damaged zip: torch's reason says more)
+                raise ResumeError(f"cannot resume {folder}: {_not_a_pickle(f.relative_to(folder))}") from None
             raise ResumeError(f"cannot resume {folder}: {f.relative_to(folder)} is unreadable "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
@@ -358,8 +411,8 @@ def weights_only_loads(folder: Path) -> Iterator[list[str]]:
             with torch.serialization.safe_globals(allowed_globals("deepspeed" in sys.modules)):
                 return real(f, *args, **kwargs)
         except pickle.UnpicklingError as e:
-            name = Path(f).name if isinstance(f, (str, os.PathLike)) else "a file"
-            refused.append(_refusal(name, e))
+            path = Path(f) if isinstance(f, (str, os.PathLike)) else None
+            refused.append(_refusal(path.name if path else "a file", e, path))
             raise ResumeError(f"cannot resume {folder}: {refused[-1]}") from None
 
     torch.load = load
@@ -370,7 +423,8 @@ def weights_only_loads(folder: Path) -> Iterator[list[str]]:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep_last: int, accelerator, is_main: bool, tag: str | None = None):
+    def __init__(self, run_dir: str | Path, keep_last: int, accelerator, is_main: bool, tag: str | None = None,
+                 say: Callable[[str], None] | None = None):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.keep_last = keep_last
@@ -378,6 +432,7 @@ class CheckpointManager:
         self.is_main = is_main
         # The same on every rank (rank 0 chose it when it locked the run folder): names this run's temporaries.
         self.tag = tag or f"{os.getpid()}"
+        self.say = say or _warn  # warnings that do not stop training (a failed prune): the run's log, else stderr
 
     def set_aside_newer(self, resumed: Path, step: int) -> list[Path]:
         """Resuming this run from an older checkpoint: its newer ones belong to the abandoned branch.
@@ -410,21 +465,27 @@ class CheckpointManager:
                 if is_temp_of(p.name, LATEST_NAME):
                     p.unlink(missing_ok=True)
 
-    def _agree(self, error: str | None) -> str | None:
-        """Collective: every rank learns whether any rank failed (one float each; also the barrier).
-        A rank that raised alone would leave the others waiting in the next collective forever."""
+    def _agree(self, error: str | None, placed: bool = False) -> tuple[str | None, bool]:
+        """Collective: every rank learns whether any rank failed, and whether that was after step_N was
+        renamed into place (two floats each; also the barrier). A rank that raised alone would leave the
+        others waiting in the next collective forever."""
         from harness.dist import all_reduce_sum
 
-        failed = all_reduce_sum([float(error is not None)], getattr(self.accelerator, "device", None))[0] > 0
-        return (error or "another rank could not write its part") if failed else None
+        failed, after = all_reduce_sum([float(error is not None), float(error is not None and placed)],
+                                       getattr(self.accelerator, "device", None))
+        if not failed:
+            return None, False
+        return error or "another rank could not write its part", after > 0
 
     def save(self, step: int, state: dict, config_yaml: str) -> Path:
         """Collective: every rank must call this at the same step. A failed write (disk full, folder
-        gone) raises CheckpointError on every rank after the partial folder is removed; the
-        previous checkpoint and `latest` are untouched."""
+        gone) raises CheckpointError on every rank after the partial folder is removed; the previous
+        checkpoint and `latest` are untouched. A failure after step_N is renamed into place (`latest`
+        not writable) raises CheckpointError saying that step_N was saved. A failed prune is a warning."""
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp-step_{step}.{self.tag}"
         error = bug = None
+        placed = False
         try:
             if self.is_main:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -432,61 +493,114 @@ class CheckpointManager:
             self.accelerator.wait_for_everyone()
             self.accelerator.save_state(str(tmp))
         except Exception as e:  # noqa: BLE001 -- the other ranks must hear of it (re-raised below if a bug)
-            error = _describe(e) or f"{type(e).__name__} on this rank"
-            bug = None if _describe(e) else e
-        if (error := self._agree(error)) is None:  # every rank's shard is on disk
-            error = self._commit(step, tmp, final, state, config_yaml) if self.is_main else None
-        if (error := self._agree(error)) is not None:
+            error, bug = _failure(e)
+        if (error := self._agree(error)[0]) is None and self.is_main:  # every rank's part is on disk
+            try:
+                self._commit(step, tmp, final, state, config_yaml)
+                placed = True
+                self._point(final)
+            except Exception as e:  # noqa: BLE001 -- as above: rank 0 alone must not raise before the barrier
+                error, bug = _failure(e)
+        error, placed = self._agree(error, placed)
+        if error is not None:
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             if bug is not None:
                 raise bug
+            if placed:  # complete, manifest and all: resolve() takes the newest folder that verifies
+                what = f"`latest` could not be updated ({error})" if self.is_main else "rank 0 failed after it"
+                raise CheckpointError(f"checkpoint step_{step} was saved in {self.root}, but {what}: "
+                                      f"--resume latest still finds step_{step}")
             previous = next((p for n, p in reversed(list_checkpoints(self.run_dir)) if n < step), None)
             kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint"
             raise CheckpointError(f"could not write checkpoint step_{step} in {self.root}: {error}; {kept}")
         return final
 
-    def _commit(self, step: int, tmp: Path, final: Path, state: dict, config_yaml: str) -> str | None:
-        """Main process: trainer state, manifest (last), rename, `latest`, prune. The error, or None."""
-        try:
-            (tmp / CONFIG_NAME).write_text(config_yaml)
-            (tmp / STATE_NAME).write_text(json.dumps({**state, "manifest": MANIFEST_NAME}, indent=1))
-            write_manifest(tmp)
-            fsync_tree(tmp)
-            _pause("written")
-            if final.exists():  # re-saving a step (resumed from an older checkpoint): swap out the old one
-                trash = self.root / f".trash-step_{step}.{self.tag}"
-                shutil.rmtree(trash, ignore_errors=True)
-                os.rename(final, trash)
-            os.rename(tmp, final)
-            fsync_dir(self.root)
-            _pause("renamed")
-            write_atomic(self.run_dir / LATEST_NAME, f"checkpoints/{final.name}\n")
-            self._prune(keep=final)
-        except Exception as e:
-            if (why := _describe(e)) is None:
-                raise
-            return why
-        return None
+    def _commit(self, step: int, tmp: Path, final: Path, state: dict, config_yaml: str) -> None:
+        """Main process: trainer state, manifest (last), fsync, rename into place. Raises on a failure,
+        which leaves the previous checkpoints as they were."""
+        (tmp / CONFIG_NAME).write_text(config_yaml)
+        (tmp / STATE_NAME).write_text(json.dumps({**state, "manifest": MANIFEST_NAME}, indent=1))
+        write_manifest(tmp)
+        fsync_tree(tmp)
+        _pause("written")
+        if final.exists():  # re-saving a step (resumed from an older checkpoint): swap out the old one
+            trash = self.root / f".trash-{final.name}.{self.tag}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(final, trash)
+        os.rename(tmp, final)
+
+    def _point(self, final: Path) -> None:
+        """Main process, once `final` is in place: make the rename durable, point `latest` at it, then
+        prune. A failure here raises (step_N is complete: resolve() finds it all the same)."""
+        fsync_dir(self.root)
+        _pause("renamed")
+        write_atomic(self.run_dir / LATEST_NAME, f"checkpoints/{final.name}\n")
+        shutil.rmtree(self.root / f".trash-{final.name}.{self.tag}", ignore_errors=True)  # a re-saved step's old one
+        self._prune(keep=final)
 
     def _prune(self, keep: Path) -> None:
-        found = list_checkpoints(self.run_dir)
+        """Old checkpoints beyond keep_last, oldest first: renamed out of the way (atomic), then deleted.
+
+        A failure is a warning and training goes on: `keep` and `latest` are durable already and resume
+        takes the newest checkpoint, so an old one that stays costs disk space only (and a full disk
+        later is one line, like any other); rank 0 prunes alone and a warning raises nothing, so every rank
+        leaves the save's last agreement together. A step_N that stays is tried again at the next save, a
+        .trash-* left behind is removed at the next start (clean_stale)."""
+        try:
+            found = list_checkpoints(self.run_dir)
+        except OSError as e:
+            self.say(f"warning: could not list {self.root} to prune it ({_describe(e)}); training goes on")
+            return
         old = [p for _, p in found if p != keep][: max(0, len(found) - self.keep_last)]
         for p in old:
             trash = self.root / f".trash-{p.name}.{self.tag}"
-            os.rename(p, trash)
+            try:
+                os.rename(p, trash)
+            except FileNotFoundError:  # gone already (deleted by hand)
+                continue
+            except OSError as e:
+                self.say(f"warning: could not prune old checkpoint {p} ({_describe(e)}): it stays (tried again "
+                         f"at the next save); {keep.name} and `latest` are saved, training goes on")
+                continue
             _pause("pruning")
             shutil.rmtree(trash, ignore_errors=True)
+            if os.path.lexists(trash):
+                self.say(f"warning: could not delete all of {trash} (pruned {p.name}): it is removed at the next "
+                         "start; training goes on")
+
+
+def _warn(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)  # above a progress bar, not through it
+
+
+def _failure(e: Exception) -> tuple[str, Exception | None]:
+    """A failed save: its one line and None, or, for an error that is not about writing (a bug), a
+    stand-in line for the other ranks and the error itself, to re-raise once every rank knows."""
+    why = _describe(e)
+    return (why, None) if why is not None else (f"{type(e).__name__} on this rank", e)
 
 
 def _describe(e: Exception) -> str | None:
     """One line for a failed write, or None when `e` is not about writing (a bug: raised as it is).
-    torch.save and safetensors report a full disk as a RuntimeError from their C++ writers."""
+    torch.save reports a full disk as a RuntimeError from its C++ writer ("... file write failed");
+    safetensors (accelerate writes model.safetensors first) as a SafetensorError that carries the OS
+    error: "Error while serializing: I/O error: No space left on device (os error 28)"."""
     if isinstance(e, OSError):
         if e.errno == errno.ENOSPC:
             return "no space left on device (ENOSPC)"
         return f"{e.strerror or type(e).__name__}{' (' + str(e.filename) + ')' if e.filename else ''}"
     text = str(e).splitlines()[0] if str(e) else ""
+    if type(e).__name__ == "SafetensorError" and type(e).__module__.startswith("safetensors"):
+        if m := re.search(r"\(os error (\d+)\)", text):
+            code = int(m.group(1))
+            if code == errno.ENOSPC:
+                return "no space left on device (ENOSPC)"
+            return f"{os.strerror(code)} ({errno.errorcode.get(code, code)}) while safetensors wrote a file"
+        if "I/O error" in text:
+            return f"safetensors: {text}"
     if "write" in text.lower() and ("fail" in text.lower() or "error" in text.lower()):
         return f"{text} (disk full?)"
     return None

@@ -111,7 +111,7 @@ class Trainer:
         self.run_tag = hold_run_dir(self.run_dir, self.world)
         self.log = RankLogger(self.world.is_main, self.run_dir / "train.log")
         self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.accelerator, self.world.is_main,
-                                           tag=self.run_tag)
+                                           tag=self.run_tag, say=self.log.info)
         self.model_hash = section_hash(cfg.model)
         self.start = plan(self, resume)  # decided before anything is written into the run folder
 

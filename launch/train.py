@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:
         _say(f"training stopped: {e}")
         return 1
-    except CheckpointError as e:  # disk full during a save: the previous checkpoint is intact
+    except CheckpointError as e:  # a save failed (disk full): the message says which checkpoint is intact
         _say(f"error: {e}")
         return 1
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is one; other RuntimeErrors are bugs, raised on
