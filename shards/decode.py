@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from shards.images import MAX_PIXELS, BadImage, to_rgb
+from shards.images import MAX_PIXELS, UPRIGHT, BadImage, exif_orientation, to_rgb
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # MAX_PIXELS: default pixel limit (data.max_pixels, `shards verify --max-pixels`); defined beside the
@@ -94,8 +94,13 @@ def load_image(data: bytes, size: int, crop: str, hflip: bool, rng: random.Rando
     if max_pixels and w * h > max_pixels:
         raise BadData(f"image {w}x{h} has {w * h / 1e6:.0f} megapixels, over data.max_pixels={max_pixels}")
     img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale still >= size (much faster)
-    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image that is already upright
+    # The EXIF orientation, read as the shard builders read it: an EXIF block PIL cannot parse (hostile or
+    # just odd bytes) leaves the picture as stored, as any other loader shows it (exif_transpose would
+    # raise on it, and a good picture would be a bad sample every epoch).
+    orient = exif_orientation(img)
     img.load()  # every pixel decoded here, inside PIL: a corrupt stream fails as a library error
+    if orient in UPRIGHT:
+        img = img.transpose(UPRIGHT[orient])
     try:
         img = to_rgb(img)  # the shard builders' conversion: img2dataset's or anyone's shards decode the same way
     except BadImage as e:  # its own check of the pixel values (a float image of unknown scale)

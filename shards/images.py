@@ -83,7 +83,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def exif_orientation(im: Image.Image) -> int | None:
     """The EXIF orientation (1 = upright, 0 and missing read as 1), or None when the EXIF block cannot
     be read. Such a block must not make a good picture bad, but the builder must not keep it either:
-    ImageOps.exif_transpose, which readers use, would raise on it (so the builder re-encodes without it)."""
+    ImageOps.exif_transpose would raise on it. So the builder re-encodes without it, and the loader
+    (shards/decode.py, which reads the orientation through here too) shows such a picture as stored."""
     try:
         value = im.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # PIL's parser fails on hostile bytes in any way it likes (struct.error, ...)
@@ -95,7 +96,7 @@ def exif_orientation(im: Image.Image) -> int | None:
 
 # What each EXIF orientation asks for: ImageOps.exif_transpose's table. Applied here rather than
 # through exif_transpose, which also rewrites the EXIF block and can fail on it.
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
             8: Image.Transpose.ROTATE_90}
 
@@ -154,8 +155,8 @@ def process_image(data: bytes, *, max_size: int = 0, quality: int = 95, resize_f
     if keep:
         return Encoded(data, KEEP_FORMATS[fmt], ow, oh, ow, oh, reencoded=False)
     try:
-        if orient in _UPRIGHT:
-            im = im.transpose(_UPRIGHT[orient])
+        if orient in UPRIGHT:
+            im = im.transpose(UPRIGHT[orient])
         im = to_rgb(im)
         if im.size != (tw, th):
             im = im.resize((tw, th), RESIZE_FILTERS[resize_filter])
