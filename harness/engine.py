@@ -87,7 +87,9 @@ class DDPEngine(Engine):
         finite, overflow = math.isfinite(norm), False
         if finite or self.scaler is not None:
             self.optimizer.step()
-            overflow = self.optimizer.step_was_skipped
+            # accelerate tells a skip by the optimizer's step not being called; GradScaler calls a fused
+            # one's anyway (with found_inf, which makes its kernel skip): a non-finite norm is the overflow.
+            overflow = self.optimizer.step_was_skipped or (self.scaler is not None and not finite)
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(finite, overflow, norm if finite else None)
 

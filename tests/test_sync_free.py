@@ -285,3 +285,29 @@ def test_one_nan_reconstruction_does_not_end_the_discriminator(monkeypatch, shar
     assert torch.isfinite(d["lecam_ema"]).all() and d["lecam_ema"].abs().sum() > 0
     totals = ckpt.read_state(run / "checkpoints/step_8")["totals"]
     assert totals["nonfinite_steps"] == 1 and totals.get("nonfinite_disc_steps", 0) == 0, totals
+
+
+def test_an_fp16_overflow_is_counted_with_a_fused_adamw_too():
+    """GradScaler calls a fused optimizer's step even on an overflow (handing it found_inf), so
+    accelerate's step_was_skipped stays False: the non-finite norm under a scaler is the overflow."""
+    from types import SimpleNamespace
+
+    from harness.engine import DDPEngine
+
+    class Opt:
+        step_was_skipped = False  # what accelerate reports when the (fused) step was called
+
+        def step(self):
+            pass
+
+        def zero_grad(self, set_to_none=True):
+            pass
+
+    engine = object.__new__(DDPEngine)
+    engine.deferred, engine.grad_clip, engine.optimizer, engine.model = False, 1.0, Opt(), torch.nn.Linear(1, 1)
+    inf = lambda params, clip: torch.tensor(float("inf"))  # noqa: E731
+    engine.accelerator = SimpleNamespace(clip_grad_norm_=inf, scaler=object())  # any scaler
+    outcome = engine.step()
+    assert outcome.overflow and not outcome.finite
+    engine.accelerator.scaler = None  # no scaler: no overflow (the trainer counts a non-finite step)
+    assert not engine.step().overflow
