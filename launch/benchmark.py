@@ -19,6 +19,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -255,19 +256,31 @@ def _bench_step(a, tmp: Path) -> dict:
     stats = StepStats()
     harness_step = lambda: trainer.train_step(batches, stats)  # noqa: E731
 
+    # The plain loop computes what the harness's step computes, so that the ratio is the harness's own cost
+    # (its host reads, guards, bookkeeping), not a precision or kernel difference: train.mixed_precision as
+    # accelerate applies it (autocast around the forward where it autocasts, a GradScaler where it has one;
+    # it runs fp16 on a CPU in fp32) and the same AdamW kernel (optim.fused).
+    acc = trainer.accelerator
+    precision = acc.mixed_precision  # "no" | "fp16" | "bf16" (train.mixed_precision=auto resolved)
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if acc.native_amp else None
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused or None)
+    scaler = torch.amp.GradScaler(device.type, enabled=acc.scaler is not None)
     loss_fn = AutoencoderLoss(cfg.loss).to(device)
     cond = batch["cls"].to(device) if model.condition == "class" else None
 
     def plain():
         x = to_model_input(images, device)
-        out = model(x, cond=cond)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(x, cond=cond)
         loss = loss_fn(x, out).total
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
     # Interleaved rounds, best of each: neither side profits from going second.
@@ -276,9 +289,13 @@ def _bench_step(a, tmp: Path) -> dict:
         harness = min(harness, _timed(harness_step, a.steps, a.warmup, device))
         base = min(base, _timed(plain, a.steps, a.warmup, device))
     res = {"bench": "step", "device": str(device), "batch_size": a.batch_size, "image_size": a.image_size,
+           "mixed_precision": precision, "autocast": amp_dtype is not None, "loss_scaler": scaler.is_enabled(),
+           "fused": cfg.optim.fused,
            "plain_ms": round(base * 1e3, 2), "harness_ms": round(harness * 1e3, 2),
            "overhead_pct": round(100 * (harness / base - 1), 2)}
-    print(f"step    {device}, batch {a.batch_size}, {a.image_size}px: plain PyTorch {base * 1e3:.1f} ms, "
+    print(f"step    {device}, batch {a.batch_size}, {a.image_size}px, precision {precision}"
+          f"{'' if amp_dtype or precision == 'no' else ' (no autocast here)'}, "
+          f"{'fused' if cfg.optim.fused else 'default'} AdamW on both sides: plain PyTorch {base * 1e3:.1f} ms, "
           f"harness {harness * 1e3:.1f} ms, overhead {100 * (harness / base - 1):+.1f}%")
     trainer.monitor.close()
     return res
@@ -399,15 +416,38 @@ PEER_PRESETS = {
     # latent diffusion's kl-f8 (the Stable Diffusion VAE's shape): 83.65M parameters, 256 px -> 4x32x32.
     "kl-f8": dict(ch=128, ch_mult=(1, 2, 4, 4), layers=2, image_size=256, batch_size=8),
 }
-# Dense bf16 tensor-core peak (TFLOP/s) by device name, from the vendors' data sheets; unknown -> n/a.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0,
-                    "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+# Dense bf16 tensor-core peak (TFLOP/s) from the vendors' data sheets (half their "with sparsity" figures), by
+# the device's name without "NVIDIA ": the first pattern that matches its start as whole words wins, so a variant
+# comes before its family (H100 NVL is not an H100 SXM) and L4 is not L40S. SXM parts are named plainly
+# ("NVIDIA H200", "NVIDIA H100 80GB HBM3"). Unknown devices -> None (n/a).
+BF16_PEAK_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("GH200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
+                    ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
 PEER_OPTIONS = ("channels_last", "compile", "foreach", "fused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def bf16_peak(name: str) -> float | None:
-    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    name = re.sub(r"^NVIDIA\s+", "", name.strip(), flags=re.IGNORECASE)
+    return next((v for k, v in BF16_PEAK_TFLOPS if re.match(re.escape(k) + r"(?!\w)", name, re.IGNORECASE)), None)
+
+
+def measured_bf16_matmul(device, n: int = 8192, reps: int = 10, tries: int = 3) -> float:
+    """TFLOP/s of an n x n x n bf16 matrix product on random data (the best of `tries` means over `reps`
+    products, after 3 warm-ups that also lift the clocks): the ceiling this machine reaches, beside the
+    data sheet's. 8192: ~1.4 ms a product on an H200, a fraction of a second in all."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b, c = torch.randn_like(a), torch.empty_like(a)
+    for _ in range(3):
+        torch.matmul(a, b, out=c)
+    best = float("inf")
+    for _ in range(tries):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b, out=c)
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * n**3 / best / 1e12
 
 
 def _peer_models(a, device):
@@ -429,11 +469,12 @@ def _peer_models(a, device):
         torch.manual_seed(0)
         n = len(a.ch_mult)
         # diffusers' decoder has layers_per_block + 1 resnets per up block, as latent diffusion's.
-        return DiffusersKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-                           up_block_types=("UpDecoderBlock2D",) * n,
-                           block_out_channels=tuple(a.ch * m for m in a.ch_mult),
-                           layers_per_block=a.layers, latent_channels=a.latent_channels, norm_num_groups=32,
-                           sample_size=a.image_size, mid_block_add_attention=True).to(device)
+        with device:
+            return DiffusersKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                               up_block_types=("UpDecoderBlock2D",) * n,
+                               block_out_channels=tuple(a.ch * m for m in a.ch_mult),
+                               layers_per_block=a.layers, latent_channels=a.latent_channels, norm_num_groups=32,
+                               sample_size=a.image_size, mid_block_add_attention=True)
 
     return ours, peer
 
@@ -449,24 +490,39 @@ def _peer_side(name: str, build, device, dtype, kl_weight: float):
     fwd = torch.compile(model) if "compile" in opts else model
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    def losses(x):
-        if kind == "ours":
-            out = fwd(x)
-            return out.recon, out.losses["kl"]
-        posterior = fwd.encode(x).latent_dist  # the calls diffusers' own training examples make
-        return fwd.decode(posterior.sample()).sample, posterior.kl().mean()
-
     def step(x):
         x = x.contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            recon, kl = losses(x)
-            loss = (recon.float() - x).abs().mean() + kl_weight * kl.float()
+            loss = _peer_loss(kind, fwd, x, kl_weight)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
     return step, model
+
+
+def _peer_loss(kind: str, model, x, kl_weight: float):
+    """L1 + kl_weight * KL of one batch, through the calls each model's own training code makes."""
+    if kind == "ours":
+        out = model(x)
+        recon, kl = out.recon, out.losses["kl"]
+    else:
+        posterior = model.encode(x).latent_dist  # the calls diffusers' own training examples make
+        recon, kl = model.decode(posterior.sample()).sample, posterior.kl().mean()
+    return (recon.float() - x).abs().mean() + kl_weight * kl.float()
+
+
+def _model_flops(build, kind: str, x, kl_weight: float) -> int:
+    """FLOPs of one forward + backward of the model `build` makes (convolutions and matmuls, as executed:
+    each model's own, e.g. our fused upsampling conv does fewer), counted on the meta device: shapes only,
+    no arithmetic, and the same count in any dtype."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    xm = torch.empty_like(x, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        _peer_loss(kind, build().train(), xm, kl_weight).backward()
+    return counter.get_total_flops()
 
 
 def _sync(device):
@@ -483,13 +539,16 @@ def bench_peer(a) -> dict:
     device = torch.device(a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and a.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda" and a.cudnn_benchmark:  # process-wide: every side gets its convolutions tuned alike
+        torch.backends.cudnn.benchmark = True
     dtype = DTYPES[a.dtype]
     flags = [o for o in PEER_OPTIONS if getattr(a, o)]
-    sides = [s if "+" in s or not flags else "+".join([s, *flags]) for s in a.sides.split(",")]
-    for s in sides:
+    sides = []
+    for s in a.sides.split(","):
         kind, *opts = s.split("+")
         if kind not in ("ours", "diffusers") or any(o not in PEER_OPTIONS for o in opts):
             raise ValueError(f"--sides: {s!r} is not ours|diffusers[+{'|+'.join(PEER_OPTIONS)}]")
+        sides.append("+".join([kind, *opts, *(o for o in flags if o not in opts)]))  # --fused etc.: every side
     if a.clock == "cpu" and device.type != "cpu":
         raise ValueError("--clock cpu: process time measures CPU runs only; use --clock wall on a GPU")
     try:
@@ -533,23 +592,18 @@ def bench_peer(a) -> dict:
     # On a shared CPU, process time of a one-thread run (OMP_NUM_THREADS=1) is what other jobs disturb least.
     med = cpu if a.clock == "cpu" else wall
 
-    flops = None
-    if a.flops:  # model FLOPs of one forward + backward (convolutions and matmuls), counted on our model
-        from torch.utils.flop_counter import FlopCounterMode
-
-        # On the meta device: shapes only, no arithmetic (FLOPs do not depend on the dtype).
-        ours_meta, _ = _peer_models(a, torch.device("meta"))
-        xm = torch.empty_like(x, device="meta")
-        with FlopCounterMode(display=False) as counter:
-            out = ours_meta().train()(xm)
-            ((out.recon - xm).abs().mean() + a.kl_weight * out.losses["kl"]).backward()
-        flops = counter.get_total_flops()
+    flops = {}  # per model: each side's TFLOP/s from its own model's count (diffusers' does ~12% more at kl-f8)
+    if a.flops:
+        builders = dict(zip(("ours", "diffusers"), _peer_models(a, torch.device("meta"))))
+        for kind in dict.fromkeys(s.split("+")[0] for s in sides):
+            flops[kind] = _model_flops(builders[kind], kind, x, a.kl_weight)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = bf16_peak(name) if device.type == "cuda" else None
     base = next((s for s in sides if s.split("+")[0] == "diffusers"), sides[0])
     rows = []
     print(f"peer    {name}, {a.dtype}, batch {a.batch_size}, {a.image_size}px, ch {a.ch} x {list(a.ch_mult)}, "
-          f"{a.layers} layers, {a.rounds} rounds x {a.steps} steps "
+          f"{a.layers} layers, {a.rounds} rounds x {a.steps} steps"
+          f"{', cudnn.benchmark' if torch.backends.cudnn.benchmark else ''} "
           f"(median {a.clock} ms/step; ratio = {base} ms / side ms)")
     for s in sides:
         row = {"side": s, "ms": round(med[s] * 1e3, 2), "wall_ms": round(wall[s] * 1e3, 2),
@@ -558,7 +612,7 @@ def bench_peer(a) -> dict:
         if "compile" in s:  # the first step (wall) less a compiled step: tracing, lowering, C++/Triton builds
             row["compile_s"] = round(first[s] - wall[s], 2)
         if flops:
-            row["tflops"] = float(f"{flops / med[s] / 1e12:.4g}")
+            row["tflops"] = float(f"{flops[s.split('+')[0]] / med[s] / 1e12:.4g}")
             row["peak_fraction"] = round(row["tflops"] / peak, 3) if peak else None
         rows.append(row)
         extra = (f", compile {row['compile_s']:.1f} s" if "compile_s" in row else "") + (
@@ -567,9 +621,10 @@ def bench_peer(a) -> dict:
         print(f"  {s:<32} {row['ms']:>10.1f} ms {row['img_s']:>9.3g} img/s   ratio {row['ratio']:.2f}   "
               f"(wall {row['wall_ms']:.1f} ms, cpu {row['cpu_ms']:.1f} ms){extra}")
     return {"bench": "peer", "device": name, "dtype": a.dtype, "clock": a.clock, "threads": torch.get_num_threads(),
-            "preset": a.preset, "batch_size": a.batch_size,
+            "preset": a.preset, "batch_size": a.batch_size, "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "image_size": a.image_size, "ch": a.ch, "ch_mult": list(a.ch_mult), "layers": a.layers,
-            "params_ours": n_ours, "params_diffusers": n_peer, "flops_per_step": flops, "bf16_peak_tflops": peak,
+            "params_ours": n_ours, "params_diffusers": n_peer, "flops_per_step": flops.get("ours"),
+            "flops_per_step_diffusers": flops.get("diffusers"), "bf16_peak_tflops": peak,
             "rows": rows, "ratio": rows[0]["ratio"]}
 
 
@@ -630,8 +685,11 @@ def main(argv=None) -> int:
     pe.add_argument("--foreach", action="store_true", help="AdamW(foreach=True) on every side (default: foreach=False)")
     pe.add_argument("--fused", action="store_true", help="AdamW(fused=True) on every side")
     pe.add_argument("--no-tf32", dest="tf32", action="store_false", help="CUDA: keep matmuls/convs in full fp32")
+    pe.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true",
+                    help="CUDA: torch.backends.cudnn.benchmark (each conv shape's fastest kernel, timed at the first "
+                    "step; every side alike)")
     pe.add_argument("--flops", action="store_true",
-                    help="count model FLOPs (torch.utils.flop_counter): TFLOP/s, peak share")
+                    help="count each model's FLOPs (torch.utils.flop_counter): TFLOP/s, peak share")
     for s in (lo, st, sc, pe):
         s.add_argument("--json", default=None, help="append the result as one JSON line")
     a = p.parse_args(argv)

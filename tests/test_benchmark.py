@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -103,12 +104,27 @@ def test_loader_bench_refuses_repeated_keys(tmp_path):
 
 
 def test_step_bench_compares_the_harness_with_a_plain_loop(tmp_path):
+    """The plain loop runs in the harness's precision with its AdamW kernel: the ratio is the harness's own cost."""
     r, rows = bench("step", "--config", str(ROOT / "tests/configs/tiny.yaml"), "--image-size", "32",
-                    "--batch-size", "4", "--steps", "2", "--warmup", "1", "--rounds", "1", tmp_path=tmp_path)
+                    "--batch-size", "4", "--steps", "2", "--warmup", "1", "--rounds", "1",
+                    "train.mixed_precision=bf16", "optim.fused=true", tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (row,) = rows
     assert row["bench"] == "step", row
     assert all(v > 0 for k, v in row.items() if k.endswith("_ms")), row
+    assert row["mixed_precision"] == "bf16" and row["autocast"] and row["fused"] and not row["loss_scaler"], row
+    assert "precision bf16, fused AdamW on both sides" in r.stdout
+
+
+def test_bf16_peak_matches_the_device_name_not_a_substring():
+    sys.path.insert(0, str(ROOT / "launch"))
+    from benchmark import bf16_peak
+
+    assert bf16_peak("NVIDIA H200") == bf16_peak("NVIDIA H100 80GB HBM3") == bf16_peak("NVIDIA GH200 480GB") == 989
+    assert bf16_peak("NVIDIA H100 NVL") == bf16_peak("NVIDIA H200 NVL") == 835  # not the SXM parts' 989
+    assert bf16_peak("NVIDIA H100 PCIe") == 756 and bf16_peak("NVIDIA A100-SXM4-80GB") == 312
+    assert (bf16_peak("NVIDIA L40S"), bf16_peak("NVIDIA L40"), bf16_peak("NVIDIA L4")) == (362, 181, 121)
+    assert bf16_peak("NVIDIA GeForce RTX 4090") is None and bf16_peak("cpu") is None
 
 
 def test_scale_bench_reports_ddp_and_zero_with_and_without_checkpointing(tmp_path):
@@ -141,17 +157,23 @@ TINY_PEER = ["--ch", "32", "--ch-mult", "1,2", "--layers", "1", "--image-size", 
 
 
 def test_peer_bench_matches_diffusers_parameter_for_parameter(tmp_path):
+    """Same parameters; --fused reaches every side (one with options of its own too); each side's TFLOP/s is
+    counted on its own model (diffusers' upsample-then-conv does more FLOPs than our phase conv)."""
     pytest.importorskip("diffusers")
-    r, rows = bench("peer", *TINY_PEER, "--sides", "ours,diffusers,ours+channels_last", "--flops", tmp_path=tmp_path)
+    r, rows = bench("peer", *TINY_PEER, "--sides", "ours,diffusers,ours+channels_last", "--fused", "--flops",
+                    tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (row,) = rows
     assert row["params_ours"] == row["params_diffusers"] > 0
     assert f"ours {row['params_ours']:,}, diffusers {row['params_diffusers']:,}" in r.stdout
     sides = {s["side"]: s for s in row["rows"]}
-    assert set(sides) == {"ours", "diffusers", "ours+channels_last"} and sides["diffusers"]["ratio"] == 1.0
-    assert abs(sides["ours"]["ratio"] - sides["diffusers"]["ms"] / sides["ours"]["ms"]) < 0.01
-    assert row["ratio"] == sides["ours"]["ratio"] and "ratio" in r.stdout
-    assert row["flops_per_step"] > 0 and sides["ours"]["tflops"] > 0 and sides["ours"]["peak_fraction"] is None
+    assert set(sides) == {"ours+fused", "diffusers+fused", "ours+channels_last+fused"}, sides
+    ours, theirs = sides["ours+fused"], sides["diffusers+fused"]
+    assert theirs["ratio"] == 1.0 and abs(ours["ratio"] - theirs["ms"] / ours["ms"]) < 0.01
+    assert row["ratio"] == ours["ratio"] and "ratio" in r.stdout
+    assert row["flops_per_step_diffusers"] > row["flops_per_step"] > 0 and ours["peak_fraction"] is None
+    for side, flops in ((ours, row["flops_per_step"]), (theirs, row["flops_per_step_diffusers"])):
+        assert side["tflops"] == pytest.approx(flops / side["ms"] / 1e9, rel=1e-3), side
 
 
 def test_peer_bench_bad_input_is_one_line(tmp_path):
@@ -182,17 +204,26 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     res = json.loads((out / "gpu_check.json").read_text())
     assert res["mode"] == "cpu" and res["ok"] and res["env"]["device"] == "cpu"
     assert res["env"]["diffusers"] is True and res["env"]["deepspeed"] is True  # imported, not just installed
+    assert res["env"]["bf16_matmul_tflops"] > 0 and res["env"]["bf16_matmul_n"] == 256  # (8192 on a GPU)
+    assert res["env"]["fallback_site"] is None  # pip had nothing to install
     status = {k: v["status"] for k, v in res["parts"].items()}
     assert status == {"install": "ok", "gpu_tests": "ok", "peer_bf16": "ok", "peer_fp16": "ok", "klf8_step": "skipped",
                       "step_host": "ok", "step_fused": "ok", "compile": "skipped"}, res["parts"]
     assert res["step_host"]["harness_ms"] > 0 and res["step_fused"]["harness_ms"] > 0
+    assert res["step_host"]["autocast"] and res["step_fused"]["fused"] and not res["step_host"]["fused"]
     assert res["gpu_tests"]["skipped"] >= 4 and "failed" not in res["gpu_tests"]
+    # one outcome per test (pytest -v), here the one test for any device, twice, and the skipped GPU tests
+    each = res["gpu_tests_each"]
+    assert [v for k, v in each.items() if "in_process" in k] == ["passed", "passed"], each
+    assert sum(v == "skipped" for v in each.values()) == res["gpu_tests"]["skipped"]
     for dtype in ("bf16", "fp16"):
         peer = res[f"peer_{dtype}"]
         assert peer["dtype"] == dtype and peer["params_ours"] == peer["params_diffusers"]
-        assert [row["side"] for row in peer["rows"]] == ["ours", "diffusers"] and peer["rows"][0]["img_s"] > 0
-    assert res["peer_bf16"]["flops_per_step"] > 0
-    assert (out / "summary.txt").read_text().startswith("gpu_check (cpu)")
+        sides = [row["side"] for row in peer["rows"]]
+        assert sides == ["ours+fused", "diffusers+fused"] and peer["rows"][0]["img_s"] > 0  # fused AdamW on both
+    assert res["peer_bf16"]["flops_per_step_diffusers"] > res["peer_bf16"]["flops_per_step"] > 0
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("gpu_check (cpu)") and "bf16 ceiling: data sheet n/a TFLOP/s, measured" in summary
 
 
 def test_gpu_check_names_a_wheels_folder_that_is_not_there(tmp_path):
@@ -206,3 +237,82 @@ def test_gpu_check_names_a_wheels_folder_that_is_not_there(tmp_path):
     res = json.loads((out / "gpu_check.json").read_text())
     assert res["parts"]["install"]["status"] == "failed" and not res["ok"]
     assert res["env"]["device"] == "cpu" and res["env"]["torch"]
+
+
+def wheel_of(dist: str, folder: Path) -> Path:
+    """A wheel of an installed pure-Python distribution, zipped from its installed files."""
+    import importlib.metadata
+
+    d = importlib.metadata.distribution(dist)
+    path = folder / f"{dist}-{d.version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for f in d.files:
+            if f.suffix != ".pyc" and ".." not in f.parts:
+                z.write(f.locate(), str(f))
+    return path
+
+
+def test_gpu_check_installs_into_a_folder_when_the_environment_takes_nothing(tmp_path):
+    """The offline install when pip cannot write the image's environment (a read-only one, here a python3 whose
+    pip refuses webdataset): that package and the folder's packages the environment lacks go into SITE
+    (--target, --no-deps), which every later part (and a warm rerun) has on PYTHONPATH."""
+    pytest.importorskip("diffusers")
+    wheels, site, out = tmp_path / "wheels", tmp_path / "site", tmp_path / "check"
+    wheels.mkdir()
+    wheel_of("webdataset", wheels)
+    probe = "gc_probe"  # a package this environment lacks
+    with zipfile.ZipFile(wheels / f"{probe}-1.0-py3-none-any.whl", "w") as z:
+        z.writestr(f"{probe}/__init__.py", "")
+        z.writestr(f"{probe}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {probe}\nVersion: 1.0\n")
+        z.writestr(f"{probe}-1.0.dist-info/WHEEL",
+                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{probe}-1.0.dist-info/RECORD", "")
+    python = tmp_path / "python3"
+    python.write_text(f"""#!/usr/bin/env bash
+if [ "$1 $2 $3" = "-m pip install" ] && [[ " $* " == *" webdataset "* && " $* " != *" --target "* ]]; then
+  echo "ERROR: Could not install packages due to an OSError: [Errno 30] Read-only file system" >&2; exit 1
+fi
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    env = dict(os.environ, OUT=str(out), WHEELS=str(wheels), SITE=str(site), PYTHON=str(python), PARTS="install")
+    r = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), "--cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=240, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + (out / "install.log").read_text()[-3000:]
+    log = (out / "install.log").read_text()
+    assert f"pip could not install webdataset into {sys.prefix}: falling back to --target {site}" in log, log
+    assert f"into {site}: webdataset {probe}" in log, log  # not the environment's own packages
+    assert (site / "webdataset/__init__.py").exists() and (site / probe).is_dir()
+    assert (site / ".gpu_check_site").exists()  # the mark that puts it on PYTHONPATH
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["env"]["fallback_site"] == str(site) and res["parts"]["install"]["status"] == "ok"
+    assert {v["note"] for k, v in res["parts"].items() if k != "install"} <= {"not in PARTS", "cpu mode"}
+
+
+def test_gpu_check_parts_and_a_part_stopped_in_a_test(tmp_path):
+    """PARTS=gpu_tests: env.json alone (no install), every other part skipped; a test that hangs is stopped with
+    the part, and the JSON still has each test's outcome: the one that passed, and the one that never ended."""
+    plugin = tmp_path / "plugins"
+    plugin.mkdir()
+    (plugin / "gc_hang.py").write_text("import time\n\n\ndef pytest_runtest_call(item):\n"
+                                       "    if item.name.endswith('[no]'):\n        time.sleep(600)\n")
+    out = tmp_path / "check"
+    env = dict(os.environ, OUT=str(out), BUDGET_S="45", PARTS="gpu_tests", PYTEST_ADDOPTS="-p gc_hang",
+               PYTHONPATH=f"{plugin}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep))
+    r = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), "--cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["parts"]["env"]["status"] == "ok" and "install" not in res["parts"] and res["env"]["device"] == "cpu"
+    assert res["parts"]["gpu_tests"]["status"] == "timeout"
+    assert res["parts"]["peer_bf16"]["note"] == "not in PARTS" and res["parts"]["compile"]["status"] == "skipped"
+    test = "tests/test_gpu.py::test_in_process_runs_may_change_precision"
+    assert res["gpu_tests_each"] == {f"{test}[bf16]": "passed", f"{test}[no]": "unfinished"}, res["gpu_tests_each"]
+    assert f"UNFINISHED {test}[no]" in (out / "summary.txt").read_text()
+
+
+def test_gpu_check_refuses_an_unknown_part(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), "--cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, OUT=str(tmp_path / "check"), PARTS="install,gpu_test"))
+    assert r.returncode == 2 and not (tmp_path / "check").exists()
+    assert r.stderr.startswith("error: PARTS: unknown part 'gpu_test' (parts: install gpu_tests "), r.stderr

@@ -202,17 +202,6 @@ def test_the_discriminator_keeps_its_own_fp16_scaler(config, shards, tmp_path):
     assert any(not torch.equal(v, d0[k]) for k, v in hook.module.state_dict().items() if k.endswith("weight"))
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps its state (mixed precision included) per process: a test that asks for
-    another precision than the in-process tests before it needs it reset, and resets it after."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.slow
 def test_bf16_trains_with_a_discriminator(config, shards, tmp_path, fresh_accelerate_state):
     """accelerate's bf16 autocast for the autoencoder, D under the same autocast with fp32 weights."""

@@ -1,7 +1,11 @@
 """GPU-only paths: fp16 with dynamic loss scaling (accelerate's GradScaler and DeepSpeed's), bf16,
-ZeRO-2 on one GPU, NCCL. Marked `gpu`: skipped where torch.cuda is not available."""
+ZeRO-2 on one GPU, NCCL. Marked `gpu`: skipped where torch.cuda is not available.
 
-import os
+accelerate keeps one AcceleratorState per process, mixed precision included, and these tests train in
+this process with one precision after another: each test runs with a fresh state (`fresh_accelerate_state`,
+tests/conftest.py), reset before and after it. The one test not marked `gpu` shows that on any device.
+launch/gpu_check.sh runs this file blind, inside a budget: a launched process gets SUBPROCESS_TIMEOUT_S."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +18,9 @@ from harness import checkpoint as ckpt
 from launch.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.gpu
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+gpu = pytest.mark.gpu
+SUBPROCESS_TIMEOUT_S = 120  # one tiny run; well inside launch/gpu_check.sh's part for this file
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +33,17 @@ def logged(run: Path, key: str) -> list[float]:
             for w in line.split() if w.startswith(key + "=")]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_in_process_runs_may_change_precision(precision, shards, tmp_path):
+    """Any device: a run in bf16, then one in fp32, in one process (without the reset around each test,
+    accelerate refuses the second: 'AcceleratorState has already been initialized')."""
+    run = tmp_path / "run"
+    assert main(["--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}",
+                 f"train.mixed_precision={precision}", "train.max_steps=2"]) == 0
+    assert f"(NO, {precision})" in (run / "train.log").read_text()
+
+
+@gpu
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_one_gpu(precision, shards, tmp_path):
     run = tmp_path / "run"
@@ -42,19 +59,21 @@ def test_mixed_precision_one_gpu(precision, shards, tmp_path):
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 30
 
 
+@gpu
 def test_zero2_fp16_one_gpu(shards, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/zero2.yaml",
            "--num_processes", "1", "--mixed_precision", "fp16", str(ROOT / "launch/train.py"),
            "--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}",
            "train.max_steps=20", "checkpoint.every_steps=10"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(DEEPSPEED, fp16)" in r.stderr
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 20
     assert "train/overflow_steps=" in (run / "train.log").read_text()
 
 
+@gpu
 def test_attention_stays_finite_in_fp16():
     """Large activations into attention under fp16 autocast: the upcast keeps softmax finite."""
     from models.blocks import AttnBlock
@@ -66,6 +85,7 @@ def test_attention_stays_finite_in_fp16():
     assert torch.isfinite(y).all()
 
 
+@gpu
 @pytest.mark.parametrize("direct_half", [False, True])
 def test_kl_model_stays_finite_in_fp16_on_cuda(direct_half):
     """tests/test_blocks_numerics.py on CUDA kernels: GroupNorm inputs whose squares pass 65504, under fp16
@@ -89,17 +109,15 @@ def test_kl_model_stays_finite_in_fp16_on_cuda(direct_half):
     assert (y.float() - ref).abs().max() < 5e-2 * ref.abs().max()
 
 
+@gpu
 @pytest.mark.parametrize("fused", [False, True])
 def test_fp16_gan_keeps_two_loss_scalers(fused, shards, tmp_path):
     """fp16 with a discriminator: accelerate's GradScaler for the autoencoder, D's own (LlamaGen's
     two scalers); both train, both are checkpointed, and the run resumes. With optim.fused both
     AdamWs are fused and each scaler hands its found_inf to its kernel."""
-    from accelerate.state import AcceleratorState
-
     from harness.config import load_config
     from harness.trainer import Trainer
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # in-process tests before may have fixed another precision
     run = tmp_path / "run"
     common = ["--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}",
               "train.mixed_precision=fp16", "loss.disc_weight=0.5", "loss.lecam_weight=0.01", "log.every_steps=1",
@@ -119,6 +137,7 @@ def test_fp16_gan_keeps_two_loss_scalers(fused, shards, tmp_path):
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 24
 
 
+@gpu
 def test_zero2_fp16_gan_one_gpu(shards, tmp_path):
     """DeepSpeed's fp16 loss scaling for the autoencoder, D beside the engine with its own scaler."""
     run = tmp_path / "run"
@@ -126,13 +145,14 @@ def test_zero2_fp16_gan_one_gpu(shards, tmp_path):
            "--num_processes", "1", "--mixed_precision", "fp16", str(ROOT / "launch/train.py"),
            "--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}",
            "train.max_steps=12", "checkpoint.every_steps=6", "loss.disc_weight=0.5", "log.every_steps=1"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(DEEPSPEED, fp16)" in r.stderr
     d = logged(run, "disc/loss")
     assert len(d) == 12 and all(v == v for v in d)
 
 
+@gpu
 def test_tf32_follows_the_config():
     from harness import scale
 
@@ -144,6 +164,7 @@ def test_tf32_follows_the_config():
     assert torch.backends.cuda.matmul.allow_tf32
 
 
+@gpu
 def test_fused_bf16_step_reads_nothing_back_from_the_gpu(shards, tmp_path, monkeypatch):
     from test_sync_free import GAN, syncs_per_step
 
