@@ -50,13 +50,14 @@ def refuse_unsupported(cfg: Config, *, device: torch.device, world_size: int) ->
     if cfg.loss.disc_norm == "sync_batch" and world_size > 1 and device.type == "cpu":
         raise ConfigError("loss.disc_norm=sync_batch: torch's SyncBatchNorm runs on GPUs only; on CPU use "
                           "loss.disc_norm=batch (per rank) or group")
-    check_fits(cfg)
 
 
 def check_fits(cfg: Config) -> None:
     """A discriminator too deep for the images would fail at loss.disc_start, maybe days in: try a
     one-channel one (the patch grid depends on the layers alone) on one image now, on the CPU."""
     c, size = cfg.loss, cfg.data.image_size
+    if c.disc_weight <= 0:
+        return
     disc = PatchDiscriminator(cfg.model.out_ch, 1, c.disc_layers, norm="group" if c.disc_norm == "group" else "batch")
     disc.eval()
     try:

@@ -281,6 +281,7 @@ def _warn_if_changed(trainer, state: dict) -> None:
     then, now = state.get("loss_files", {}), trainer.task.fingerprint()
     changed = [k for k in now if k in then and then[k] != now[k]]
     if changed:
-        trainer.log.info(f"note: {', '.join(f'loss.{k}' for k in changed)} is not the file this run was trained with "
+        keys = ", ".join("model.prior_vq" if k == "prior_vq" else f"loss.{k}" for k in changed)  # the prior's VQ model
+        trainer.log.info(f"note: {keys} is not the file this run was trained with "
                          "(its contents changed): the loss differs from before the checkpoint")
 

@@ -234,6 +234,12 @@ def frozen_vq(path: str, device) -> tuple[torch.nn.Module, Config, Path, bool]:
     return vq.requires_grad_(False).eval(), vq_cfg, folder, ema
 
 
+def vq_derived(vq, vq_cfg: Config, shape: tuple) -> dict:
+    """What a prior takes from its VQ model (its `model.*` keys): codebook size, code grid, condition."""
+    return {"prior_codebook_size": vq.quantizer.codebook_size, "prior_grid": list(shape[1:]),
+            "condition": vq_cfg.model.condition, "num_classes": vq_cfg.model.num_classes}
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
@@ -260,9 +266,7 @@ class PriorTask:
             raise ConfigError(f"model.prior_vq: {self.vq_folder} has a latent of shape {shape} at data.image_size="
                               f"{cfg.data.image_size}; a prior needs a (c, h, w) code grid (a spec encoder that ends "
                               "in a feature map, not Flat/Lin)")
-        _, h, w = shape
-        derived = {"prior_codebook_size": self.vq.quantizer.codebook_size, "prior_grid": [h, w],
-                   "condition": self.vq_cfg.model.condition, "num_classes": self.vq_cfg.model.num_classes}
+        derived = vq_derived(self.vq, self.vq_cfg, shape)
         unset = {"prior_codebook_size": 0, "prior_grid": [], "condition": "none", "num_classes": 0}
         for key, value in derived.items():  # before the model is built and its config hashed
             given = getattr(m, key)
@@ -351,7 +355,15 @@ def prior_sampler(prior_path: str | Path, *, ema: bool = False, device="cpu", te
     prior, cfg, folder = load_model(prior_path, ema=ema, device=device)
     if cfg.model.kind != "prior":
         raise ConfigError(f"{prior_path}: a model.kind={cfg.model.kind} model, not a prior")
-    vq, _, vq_folder, _ = frozen_vq(cfg.model.prior_vq, device)
+    vq, vq_cfg, vq_folder, _ = frozen_vq(cfg.model.prior_vq, device)
+    shape = tuple(vq.latent_shape(cfg.data.image_size))
+    derived = vq_derived(vq, vq_cfg, shape) if len(shape) == 3 else {"prior_grid": list(shape)}
+    differ = [f"{k} {v} (the prior's: {getattr(cfg.model, k)})" for k, v in derived.items()
+              if v != getattr(cfg.model, k)]
+    if differ:  # codes the prior never saw: an index error, an empty grid, or images of the wrong classes
+        raise ConfigError(f"model.prior_vq: {vq_folder} is not the kind of VQ model this prior was trained on: it "
+                          f"gives {', '.join(differ)}; point model.prior_vq in {folder / 'config.yaml'} at the VQ "
+                          "model it was trained with")
     then = trained_vq_digest(folder)
     if then is not None and then != weights_digest(vq):
         print(f"note: model.prior_vq now gives other weights ({vq_folder}) than this prior was trained on (the VQ run "

@@ -90,7 +90,8 @@ class Trainer:
         self.device = self.accelerator.device
         scale.set_tf32(self.device, cfg.train.tf32)
         discriminator.refuse_unsupported(cfg, device=self.device, world_size=self.world.world_size)
-        self.task = make_task(cfg, self.device)
+        self.task = make_task(cfg, self.device)  # refuses a discriminator where the task has no use for one
+        discriminator.check_fits(cfg)  # before the run folder: a D too deep would fail at loss.disc_start
         # Not passed through accelerator.prepare(): the loader already splits shards by rank.
         reads = self.task.cond_key or ("cls" if self.task.needs_cls else None)  # what of the shards, by index
         self.loader = TrainLoader(cfg.data, rank=self.world.rank, world_size=self.world.world_size,

@@ -94,10 +94,16 @@ def _sync(tensor: torch.Tensor, op: str, enabled: bool = True) -> torch.Tensor:
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, cosine: bool = False) -> torch.Tensor:
     """`k d` centres for `n d` points: k-means++ (D^2) seeding, then `iters` Lloyd steps.
 
-    "Lite": one candidate per seeding step (no greedy local trials). With fewer points than
-    centres, points are reused; the duplicates are what dead-code restarts later replace.
+    "Lite": one candidate per seeding step (no greedy local trials). With no more points than
+    centres, every point is a centre (in random order) and the rest repeat random points: what
+    D^2 seeding would end with, without its k sequential draws (a 2^20-code codebook took minutes
+    on a CPU) and without Lloyd steps that could not move them. The duplicates are what dead-code
+    restarts later replace.
     """
     n = x.shape[0]
+    if n <= k:
+        extra = torch.randint(n, (k - n,), device=x.device)
+        return x[torch.cat([torch.randperm(n, device=x.device), extra])].clone()
     centres = torch.empty(k, x.shape[1], device=x.device, dtype=x.dtype)
     centres[0] = x[torch.randint(n, (1,), device=x.device)]
     d2 = (x - centres[0]).pow(2).sum(-1)
@@ -106,8 +112,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, cosine: bool = False) -> to
         pick = torch.multinomial(d2 + 1e-12, 1)
         centres[i] = x[pick]
         d2 = torch.minimum(d2, (x - centres[i]).pow(2).sum(-1))
+    rows = max(1, (1 << 24) // k)  # the n x k distances in blocks of at most 16M: a big codebook fits
     for _ in range(iters):
-        assign = torch.cdist(x, centres).argmin(-1)
+        assign = torch.cat([torch.cdist(x[i:i + rows], centres).argmin(-1) for i in range(0, n, rows)])
         counts = torch.bincount(assign, minlength=k).to(x.dtype)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         new = sums / counts.clamp(min=1)[:, None]

@@ -89,8 +89,21 @@ def test_first_batch_init(init):
 
 
 def test_kmeans_with_fewer_points_than_codes():
-    c = kmeans(torch.randn(5, 3), 8, iters=2)
+    x = torch.randn(5, 3)
+    c = kmeans(x, 8, iters=2)
     assert c.shape == (8, 3) and torch.isfinite(c).all()
+    assert torch.cdist(x, c).min(-1).values.max() == 0  # every point is a centre; the rest repeat points
+    assert torch.cdist(c, x).min(-1).values.max() == 0
+
+
+def test_kmeans_seeds_a_huge_codebook_at_once(monkeypatch):
+    """2^20 codes from a first batch of 2048 vectors: D^2 seeding drew one code at a time (2^20 draws,
+    minutes on a CPU) to end where every point is a centre anyway: no sequential draw is made now."""
+    def one_at_a_time(*_, **__):
+        raise AssertionError("sequential D^2 draws for more codes than points")
+
+    monkeypatch.setattr(torch, "multinomial", one_at_a_time)
+    assert kmeans(torch.randn(2048, 4), 1 << 20).shape == (1 << 20, 4)
 
 
 def test_dead_codes_are_restarted_from_encoder_outputs():

@@ -231,6 +231,10 @@ def test_sampling_notes_a_vq_model_that_went_on_training(shards, vq_run, tmp_pat
     assert "the export records the digest of the ones it learned" in capsys.readouterr().err
     assert sample_main([str(tmp_path / "late"), "sample", "--n", "2", "--out", str(out)]) == 0
     assert "note: model.prior_vq now gives other weights" in capsys.readouterr().err
+    # the prior resumed over the VQ model that went on: noted under the key that names it
+    assert train_main(prior_args(shards, vq, run, "train.max_steps=3", "log.images_every_steps=0",
+                                 "--resume", "latest")) == 0
+    assert "note: model.prior_vq is not the file this run was trained with" in (run / "train.log").read_text()
 
 
 def test_prior_resume_is_bitwise(shards, vq_run, tmp_path):
@@ -282,3 +286,22 @@ def test_prior_trains_under_ddp_and_zero3(backend, shards, vq_run, tmp_path):
     assert {"prior_samples_step0000004.png", "class_samples_step0000004.png"} <= {p.name for p in
                                                                                   (run / "samples").glob("*.png")}
     assert sample_main([str(run), "classes", "--rows", "2", "--n", "2", "--ema", "--out", str(tmp_path / "c.png")]) == 0
+
+
+def test_a_prior_pointed_at_another_kind_of_vq_model_is_one_line(shards, vq_run, tmp_path, capsys):
+    """The README invites editing an export's model.prior_vq: a VQ model with another codebook (or grid, or
+    condition) gave an index error, an empty grid, or wrong images; now one line naming what differs."""
+    run, other = tmp_path / "prior", tmp_path / "vq8"
+    assert train_main(prior_args(shards, vq_run, run, "train.max_steps=1", "log.images_every_steps=0")) == 0
+    assert train_main(["--config", str(TINY), f"data.train={shards}", f"run.dir={other}", *VQ,
+                       "model.vq_codebook_size=8", "train.max_steps=1", "checkpoint.every_steps=0"]) == 0
+    export = tmp_path / "export"
+    assert export_main([str(run), "--out", str(export)]) == 0
+    config = export / "config.yaml"
+    config.write_text(config.read_text().replace(f"prior_vq: {vq_run}", f"prior_vq: {other}"))
+    capsys.readouterr()
+    assert sample_main([str(export), "sample", "--n", "2", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not the kind of VQ model this prior was trained on: it gives " \
+        "prior_codebook_size 8 (the prior's: 16)" in err, err
+    assert not (tmp_path / "s.png").exists()
