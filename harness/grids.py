@@ -46,6 +46,20 @@ def interpolation_rows(model: Autoencoder, x: torch.Tensor, cond, steps: int, ro
     t = torch.linspace(0, 1, steps, device=z.device, dtype=z.dtype)
     za, zb = z[0::2], z[1::2]
     path = torch.lerp(za[:, None], zb[:, None], t.view(1, steps, *[1] * (z.dim() - 1)))
-    pair_cond = cond[0 : 2 * k : 2].repeat_interleave(steps, 0) if cond is not None else None
-    frames = model.decode(path.flatten(0, 1), pair_cond)
+    frames = model.decode(path.flatten(0, 1), path_condition(cond, k, t))
     return list(frames.split(steps))
+
+
+def path_condition(cond, k: int, t: torch.Tensor):
+    """Each frame's condition along the pairs' paths, so that both ends decode with their own image's: a
+    multi-hot label vector (float) is blended like the latent (its embedding is linear in it); a class
+    index switches from the first image's to the second's halfway."""
+    if cond is None:
+        return None
+    ca, cb = cond[0 : 2 * k : 2], cond[1 : 2 * k : 2]
+    steps = t.shape[0]
+    if cond.is_floating_point():
+        w = t.to(cond.dtype).view(1, steps, *[1] * (cond.dim() - 1))
+        return torch.lerp(ca[:, None], cb[:, None], w).flatten(0, 1)
+    second = (t >= 0.5).view(1, steps)
+    return torch.where(second.to(cond.device), cb[:, None], ca[:, None]).flatten(0, 1)

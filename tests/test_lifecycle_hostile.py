@@ -182,3 +182,4 @@ def test_a_batch_larger_than_the_data_names_the_keys_the_user_set(shards, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "32 samples make less than one batch per rank and worker (1 ranks x train.batch_size=1000 x 1 " \
            "data.num_workers); lower train.batch_size" in err and "data.epoch_samples" not in err, err
+

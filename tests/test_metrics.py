@@ -102,3 +102,26 @@ def test_bad_inputs_are_refused():
         ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
     with pytest.raises(ValueError, match="reduction"):
         ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), reduction="sum")
+
+
+def test_interpolation_ends_decode_with_their_own_condition():
+    """A conditional model's interpolation: the last frame is image B decoded with B's class (it was
+    decoded with A's); multi-hot labels are blended along the path."""
+    import torch
+
+    from harness.grids import interpolation_rows
+
+    class Recorder:
+        def encode(self, x, cond=None):
+            return x
+
+        def decode(self, z, cond=None):
+            self.cond = cond
+            return z
+
+    model, x = Recorder(), torch.zeros(4, 1)
+    interpolation_rows(model, x, torch.tensor([3, 7, 1, 2]), steps=5, rows=2)
+    assert model.cond.tolist() == [3, 3, 7, 7, 7, 1, 1, 2, 2, 2]
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    interpolation_rows(model, x[:2], labels, steps=3, rows=1)
+    assert model.cond.tolist() == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
