@@ -94,11 +94,12 @@ def load_image(data: bytes, size: int, crop: str, hflip: bool, rng: random.Rando
     if max_pixels and w * h > max_pixels:
         raise BadData(f"image {w}x{h} has {w * h / 1e6:.0f} megapixels, over data.max_pixels={max_pixels}")
     img.draft("RGB", (size, size))  # JPEG only: decode at a reduced scale still >= size (much faster)
+    img.load()  # every pixel decoded here, inside PIL: a corrupt stream fails as a library error
     # The EXIF orientation, read as the shard builders read it: an EXIF block PIL cannot parse (hostile or
     # just odd bytes) leaves the picture as stored, as any other loader shows it (exif_transpose would
-    # raise on it, and a good picture would be a bad sample every epoch).
+    # raise on it, and a good picture would be a bad sample every epoch). Read after load(): for a PNG,
+    # PIL decodes the pixels to find the EXIF, and a decoding error there would pass for "no EXIF".
     orient = exif_orientation(img)
-    img.load()  # every pixel decoded here, inside PIL: a corrupt stream fails as a library error
     if orient in UPRIGHT:
         img = img.transpose(UPRIGHT[orient])
     try:

@@ -115,6 +115,15 @@ def encode_jpeg(im: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def _check_pixels(ow: int, oh: int, tw: int, th: int, max_size: int) -> None:
+    """Refuse an image that would be stored (tw x th) over the training loader's default pixel limit."""
+    if tw * th > MAX_PIXELS:
+        size = f"{ow}x{oh}" + (f" (stored as {tw}x{th})" if (tw, th) != (ow, oh) else "")
+        raise BadImage(f"{size} is {tw * th / 1e6:.0f} megapixels, over the training loader's default "
+                       f"data.max_pixels ({MAX_PIXELS / 1e6:.0f} megapixels): pass "
+                       f"{'a smaller ' if max_size else ''}--max-size to downscale it")
+
+
 def process_image(data: bytes, *, max_size: int = 0, quality: int = 95, resize_filter: str = "bicubic") -> Encoded:
     """Check and normalize one encoded image. Raises BadImage with a short reason."""
     try:
@@ -123,15 +132,18 @@ def process_image(data: bytes, *, max_size: int = 0, quality: int = 95, resize_f
             im = Image.open(io.BytesIO(data))
             fmt, mode = im.format, im.mode
             w0, h0 = im.size
+            if fmt != "JPEG":
+                # Outside JPEG the EXIF may come after the pixels (PNG's eXIf chunk): PIL decodes them to
+                # read it, and exif_orientation would take a decoding error for "no EXIF" and keep a
+                # broken image. So: the size from the header (the area is the same either way up), then
+                # every pixel decoded here, where an error is one.
+                _check_pixels(w0, h0, *_fit(w0, h0, max_size), max_size)
+                im.load()
             orient = exif_orientation(im)  # None: unreadable EXIF, re-encoded without it
             rotated = orient in (5, 6, 7, 8)
             ow, oh = (h0, w0) if rotated else (w0, h0)
             tw, th = _fit(ow, oh, max_size)
-            if tw * th > MAX_PIXELS:  # known from the header: nothing decoded yet
-                size = f"{ow}x{oh}" + (f" (stored as {tw}x{th})" if (tw, th) != (ow, oh) else "")
-                raise BadImage(f"{size} is {tw * th / 1e6:.0f} megapixels, over the training loader's default "
-                               f"data.max_pixels ({MAX_PIXELS / 1e6:.0f} megapixels): pass "
-                               f"{'a smaller ' if max_size else ''}--max-size to downscale it")
+            _check_pixels(ow, oh, tw, th, max_size)  # a JPEG: known from the header, nothing decoded yet
             animated = getattr(im, "is_animated", False)  # stored as its first frame
             plain = mode == "RGB" and "transparency" not in im.info and not (fmt == "PNG" and _is_png16(data))
             keep = fmt in KEEP_FORMATS and plain and orient == 1 and (tw, th) == (ow, oh) and not animated

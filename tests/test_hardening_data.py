@@ -48,6 +48,15 @@ def jpeg_with_malformed_exif() -> bytes:
     return buf.getvalue()
 
 
+def png_with_a_flipped_byte() -> bytes:
+    """A PNG of noise with one byte of its compressed pixels flipped: zlib's stream breaks mid-image."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[len(data) // 2] ^= 0xFF
+    return bytes(data)
+
+
 def png_header_bomb(width: int = 10_000, height: int = 10_000) -> bytes:
     """A valid greyscale PNG of width x height black pixels (100 megapixels: about 100 KB)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -112,6 +121,8 @@ CASES = {
     "100 megapixel png": ({"png": png_header_bomb(), "cls": b"1"}, {}, "100 megapixels, over data.max_pixels"),
     "no image": ({"txt": b"a caption", "cls": b"1"}, {}, "no image"),
     "truncated jpeg": ({"jpg": image_bytes(3)[:200], "cls": b"1"}, {}, "jpg does not decode"),
+    # PIL decodes a PNG's pixels to look for its EXIF: an error there must not pass for "no EXIF"
+    "png with a broken pixel stream": ({"png": png_with_a_flipped_byte(), "cls": b"1"}, {}, "broken data stream"),
 }
 
 

@@ -365,3 +365,18 @@ def test_float_images_outside_0_1_are_skipped_not_guessed(tmp_path):
     assert isinstance(out_, BadSample) and "outside [0, 1]" in out_.reason
     assert not isinstance(guarded({"__key__": "g", "jpg": jpeg_bytes(picture())}, DecodeSpec(8), random.Random(0)),
                           BadSample)
+
+
+def test_a_png_with_a_broken_pixel_stream_is_refused_by_the_builder():
+    """PIL decodes a PNG's pixels to look for its EXIF; the orientation check took the decoding error for
+    "no EXIF" and the builder re-encoded a half-decoded image."""
+    import numpy as np
+
+    from shards.images import BadImage, process_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[len(data) // 2] ^= 0xFF
+    with pytest.raises(BadImage, match="cannot decode: broken data stream"):
+        process_image(bytes(data))
