@@ -183,15 +183,19 @@ def _identity_conv(name: str, channels: int, like: torch.Tensor) -> dict[str, to
 def fill_training_state(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Add the VQ training state our model keeps and diffusers does not (EMA statistics, code
     counters), as a freshly built model has it, with the imported codebook counted as initialised
-    (else the first training step would re-initialise it by k-means and throw it away)."""
+    (else the first training step would re-initialise it by k-means and throw it away).
+
+    A codebook of another shape than `own`'s is left as it is, with the fresh model's state beside
+    it: the caller's shape check then names it (quantizer.embed) in one line."""
     state = dict(state)
     for k in VQ_TRAINING_STATE:
         if k in own and k not in state:
             state[k] = own[k].clone()
     if "quantizer.initted" in own:
         state["quantizer.initted"] = torch.ones_like(own["quantizer.initted"])
-    if "quantizer.embed_sum" in own and "quantizer.embed" in state:
-        state["quantizer.embed_sum"] = state["quantizer.embed"].float() * state["quantizer.cluster_size"][:, None]
+    embed = state.get("quantizer.embed")
+    if "quantizer.embed_sum" in own and embed is not None and embed.shape == own["quantizer.embed_sum"].shape:
+        state["quantizer.embed_sum"] = embed.float() * state["quantizer.cluster_size"][:, None]
     return state
 
 
@@ -207,8 +211,13 @@ def check_exportable(m, model: torch.nn.Module | None = None) -> None:
 
     if m.arch != "ldm":
         refuse(f"model.arch={m.arch}: diffusers' autoencoders are the latent-diffusion network (arch=ldm) only")
+    if m.kind == "prior":
+        refuse(f"model.kind=prior: a prior is a transformer over a VQ model's codes, not an autoencoder; export its "
+               f"VQ model instead (model.prior_vq={m.prior_vq})")
+    if m.kind == "fsq":
+        refuse("model.kind=fsq: diffusers has AutoencoderKL (kind=kl) and VQModel (kind=vq), no FSQ model")
     if m.kind not in CLASSES:
-        refuse(f"model.kind={m.kind}: diffusers has AutoencoderKL (kind=kl) and VQModel (kind=vq), no FSQ model")
+        refuse(f"model.kind={m.kind}: not an autoencoder; diffusers has AutoencoderKL (kind=kl) and VQModel (kind=vq)")
     if m.condition != "none":
         refuse(f"model.condition={m.condition}: diffusers' {CLASSES[m.kind]} takes no condition")
     if m.attn_type == "linear":

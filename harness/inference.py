@@ -8,6 +8,7 @@ so a spec file edited since training cannot change it.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -23,8 +24,10 @@ from safetensors.torch import load_file
 from harness import checkpoint as ckpt
 from harness import diffusers_io
 from harness.config import Config, ConfigError, from_dict
+from harness.runlock import LOCK_NAME
 from models import Autoencoder, build_model
 from models.weights import load_reason, state_dict_problem
+from shards.atomic import temp_path
 
 
 class LoadError(RuntimeError):
@@ -56,20 +59,116 @@ def check_device(name: str) -> str:
     return name
 
 
+# ---------------------------------------------------------------------------------------------
+# Where output may go: never into a run's own files or a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+RUN_FILES = (ckpt.CONFIG_NAME, ckpt.LATEST_NAME, LOCK_NAME, "train.log")  # a run folder's own files
+RUN_PARTS = ("checkpoints", "tb", "samples")  # ... and its own folders
+MODEL_FILES = ("model.safetensors", "pytorch_model.bin", ckpt.CONFIG_NAME, "latent_stats.json",
+               diffusers_io.WEIGHTS_NAME, *diffusers_io.OTHER_WEIGHTS, diffusers_io.CONFIG_NAME)  # a model folder's
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", diffusers_io.WEIGHTS_NAME, *diffusers_io.OTHER_WEIGHTS)
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, tmpfs)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A training run's folder: it has checkpoints/, `latest`, train.log or the run lock (.lock)."""
+    try:
+        return (folder / "checkpoints").is_dir() or any((folder / n).is_file()
+                                                         for n in (ckpt.LATEST_NAME, "train.log", LOCK_NAME))
+    except OSError:  # a name too long, a folder we may not look into: nothing of a run's can be read there
+        return False
+
+
+def run_storage(path: Path) -> str | None:
+    """Why `path` (resolved) lies where the trainer keeps its state, or None: inside a run's
+    checkpoints/ folder (the trainer cleans and prunes there) or inside a checkpoint (a file added
+    there breaks its manifest, so a resume passes the checkpoint over and abandons it)."""
+    for folder in [path, *path.parents]:
+        if folder.name == "checkpoints" and is_run_folder(folder.parent):
+            return "inside the run's checkpoints/ folder, which the trainer cleans and prunes"
+        if (folder / ckpt.STATE_NAME).is_file() or (folder / ckpt.MANIFEST_NAME).is_file():
+            return f"inside the checkpoint {folder}, whose manifest it would break (a resume would then pass it over)"
+    return None
+
+
+def _owned(where: Path) -> str | None:
+    """Why writing the file `where` (its folder resolved) would damage a run or a model, or None."""
+    if (why := run_storage(where)) is not None:
+        return why
+    if where.name in RUN_FILES + RUN_PARTS and is_run_folder(where.parent):
+        return f"the run's own {where.name} (of the run {where.parent})"
+    if not (where.exists() or where.is_symlink()):
+        return None  # a new file beside a run's (eval.json in runs/x) or in its samples/ takes nothing away
+    for folder in where.parents:
+        if folder.name in RUN_PARTS and is_run_folder(folder.parent):  # TensorBoard's events, the trainer's grids
+            return f"a file the trainer wrote in the run's {folder.name}/ folder"
+    if where.name in MODEL_FILES and any((where.parent / n).is_file() for n in WEIGHT_NAMES):
+        return f"a file of the model in {where.parent}"
+    return None
+
+
+def try_create(where: Path) -> None:
+    """Create and remove the temporary file the atomic write of `where` will use, and the folders it
+    needs (removed again): the real test of a path, where root passes every access check that /sys,
+    /proc, a read-only mount or a name too long then fail."""
+    missing = []
+    folder = where.parent
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    try:
+        for f in reversed(missing):
+            f.mkdir()
+            made.append(f)
+        tmp = temp_path(where)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(tmp)
+    finally:
+        for f in reversed(made):
+            try:
+                f.rmdir()
+            except OSError:
+                pass
+
+
 def check_output_file(option: str, path: str | Path) -> Path:
-    """A file to write at the end of a run: not a folder, and its folder exists or can be made (nothing
-    on the way is a file) and is writable. Checked before the work, so a bad path loses none of it."""
+    """A file to write at the end of a run, checked before the work so a bad path loses none of it:
+    not a folder; not inside a checkpoint or a run's checkpoints/ folder, not one of a run's own files
+    (config.yaml, latest, .lock, train.log, what is in its tb/ and samples/) nor an existing file of a
+    model folder; and the temporary file its atomic write uses can be created there."""
     path = Path(path)
-    if path.is_dir():
-        raise RequestError(f"{option} {path}: is a folder; give a file name")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise RequestError(f"{option} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RequestError(f"{option} {path}: {parent} is not writable")
+    where = path
+    try:
+        if path.is_dir():
+            raise RequestError(f"{option} {path}: is a folder; give a file name")
+        where = path.parent.resolve() / path.name  # a link as the name itself is replaced, not followed
+        if (why := _owned(where)) is not None:
+            raise RequestError(f"{option} {path}: {why}: write it elsewhere")
+        folder = where.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise RequestError(f"{option} {path}: {folder} is a file, not a folder")
+        try_create(where)
+    except OSError as e:
+        raise RequestError(f"{option} {path}: {cannot_write(e, where, path)}") from None
     return path
+
+
+def cannot_write(e: OSError, where: Path, given: Path | None = None) -> str:
+    """`cannot write in FOLDER (why)` for an OSError met while checking or writing the file `where`
+    (`given`: the path as the user wrote it, whose folder is named when it is that one)."""
+    place = Path(e.filename).parent if e.filename else where.parent
+    if given is not None and place == where.parent:
+        place = given.parent
+    reason = e.strerror or str(e)
+    extra = len(temp_path(where).name) - len(where.name)  # .<name>.<pid>.<8 hex>.tmp
+    if e.errno == errno.ENAMETOOLONG and len(os.fsencode(where.name)) + extra > NAME_MAX:
+        reason = (f"{reason}: the name is {len(os.fsencode(where.name))} bytes and is written under a temporary "
+                  f"name {extra} longer first; at most {NAME_MAX - extra} fit")
+    return f"cannot write in {place} ({reason})"
 
 
 def check_image_size(cfg: Config, size: int) -> None:
@@ -106,11 +205,18 @@ def find_weights_dir(path: str | Path, say: Callable[[str], None] | None = _note
         except ckpt.ResumeError as e:  # `latest` without checkpoints, or none that verifies
             raise LoadError(str(e)) from None
         if found is None:
-            raise LoadError(f"{path}: the run has no complete checkpoint yet")
+            raise LoadError(no_checkpoint_yet(path))
         return found
+    if is_run_folder(path) and not any((path / n).is_file() for n in WEIGHT_NAMES):  # before its first save
+        raise LoadError(no_checkpoint_yet(path))
     if (path / ckpt.CONFIG_NAME).is_file():
         return path
     raise LoadError(f"{path}: not a run folder, a checkpoint (step_N) or an exported model (no {ckpt.CONFIG_NAME})")
+
+
+def no_checkpoint_yet(run: Path) -> str:
+    return (f"{run}: no checkpoint yet (the run has not saved one; wait for checkpoint.every_steps or use a "
+            "finished run)")
 
 
 def load_config_of(folder: Path) -> Config:

@@ -30,6 +30,7 @@ from harness.fid import load_stats  # noqa: E402
 from harness.inference import (  # noqa: E402
     LoadError,
     RequestError,
+    cannot_write,
     check_device,
     check_image_size,
     check_output_file,
@@ -94,7 +95,9 @@ def check_request(args) -> None:
 
 
 @torch.no_grad()
-def evaluate(args) -> dict:
+def evaluate(args) -> tuple[dict, object]:
+    """The metrics, and the inputs' Inception statistics for --save-ref-stats (None without it): written by
+    `main` after the metrics are printed, so a failed write loses neither."""
     check_request(args)
     model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device)
     if cfg.model.kind == "prior":  # no reconstructions of its own: its loss/ce is in the run's log
@@ -132,21 +135,21 @@ def evaluate(args) -> dict:
     metrics = ev.result()
     if metrics["samples"] == 0:
         raise DataSourceError(f"{data}: no readable samples")
+    stats = None
     if args.save_ref_stats and "rfid" in ev.real:
         try:
             stats = ev.real_stats()["rfid"]
         except ValueError as e:  # fewer than 2 readable images
             raise DataSourceError(f"--save-ref-stats {args.save_ref_stats}: {e}") from None
-        stats.save(args.save_ref_stats)
     result = {"checkpoint": str(folder), "data": data, "image_size": size, "ema": args.ema, **metrics}
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    return result
+    return result, stats
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        result = evaluate(args)
+        result, stats = evaluate(args)
     except (LoadError, DataSourceError, RequestError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -158,14 +161,18 @@ def main(argv=None) -> int:
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    writes = [("--save-ref-stats", args.save_ref_stats, stats.save)] if stats is not None else []
     if args.json:
+        writes.append(("--json", args.json, lambda p: write_atomic(p, json.dumps(result, indent=1))))
+    failed = 0
+    for option, path, write in writes:
         try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(Path(args.json), json.dumps(result, indent=1))
-        except OSError as e:  # checked before the work; the numbers are printed above all the same
-            print(f"error: --json {args.json}: cannot write ({e.strerror or e})", file=sys.stderr)
-            return 2
-    return 0
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            write(Path(path))
+        except OSError as e:  # checked before the work (the disk filled meanwhile?): the numbers are printed above
+            print(f"error: {option} {path}: {cannot_write(e, Path(path))}", file=sys.stderr)
+            failed = 1
+    return failed
 
 
 if __name__ == "__main__":

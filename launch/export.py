@@ -49,7 +49,19 @@ from harness.config import Config, ConfigError, to_dict  # noqa: E402
 from harness.data import DataSourceError, condition_field, eval_batches  # noqa: E402
 from harness.dist import all_reduce_sum, world  # noqa: E402
 from harness.export import ExportError, save_safetensors  # noqa: E402
-from harness.inference import LoadError, build_from, check_finite, find_weights_dir, load_model, read_weights  # noqa: E402
+from harness.inference import (  # noqa: E402
+    RUN_PARTS,
+    LoadError,
+    build_from,
+    cannot_write,
+    check_finite,
+    find_weights_dir,
+    is_run_folder,
+    load_model,
+    read_weights,
+    run_storage,
+    try_create,
+)
 from harness.latents import latent_stats  # noqa: E402
 from shards.atomic import fsync_dir  # noqa: E402
 
@@ -61,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a run folder (its newest checkpoint) or a checkpoint folder")
-    p.add_argument("--out", help="output folder, never inside a checkpoint (default: <run>/export; for a "
-                                 "checkpoint runs/x/checkpoints/step_N: runs/x/export-step_N)")
+    p.add_argument("--out", help="output folder, never a run, a folder of runs or inside a checkpoint (default: "
+                                 "<run>/export; for a checkpoint runs/x/checkpoints/step_N: runs/x/export-step_N)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--overwrite", action="store_true", help="replace the export already in --out")
     p.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
@@ -87,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batch-size {args.batch_size}: need at least 1 image per batch")
     if args.workers < 0:
         p.error(f"--workers {args.workers}: need 0 (read in this process) or more")
-    args.out = Path(args.out) if args.out else default_out(args.model, "diffusers" if args.format == "diffusers"
-                                                            else "export")
+    default = default_out(args.model, "diffusers" if args.format == "diffusers" else "export")
+    args.out = Path(args.out) if args.out else default
     w = world()
     if w.world_size > 1 and not args.latent_stats and not w.is_main:
         return 0  # torchrun without statistics to share out: rank 0 exports alone
     stats = None
     try:
-        check_out(args.out, args.overwrite)  # before any work: --latent-stats may read many images
+        check_out(args.out, args.overwrite, default)  # before any work: --latent-stats may read many images
         source = read_source(args, w)  # once: a run still training moves on, the export and its statistics do not
         if args.latent_stats:
             stats = measure_latents(args, source)
@@ -245,7 +257,6 @@ def default_out(model: str, name: str) -> Path:
     return base / f"{name}-{path.name}"
 
 
-RUN_PARTS = ("checkpoints", "tb", "samples")  # a run folder's own folders (and its train.log, config.yaml, latest)
 EXPORT_FILES = ("model.safetensors", ckpt.CONFIG_NAME, STATS_NAME, diffusers_io.WEIGHTS_NAME, diffusers_io.CONFIG_NAME)
 
 
@@ -257,44 +268,54 @@ def drop_stale(out: Path, written: set[str]) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def _is_run(folder: Path) -> bool:
-    return (folder / "checkpoints").is_dir() or any((folder / n).is_file() for n in (ckpt.LATEST_NAME, "train.log"))
+def run_inside(folder: Path) -> Path | None:
+    """The first run folder directly inside `folder` (`runs/` holding runs/kl, runs/vq), or None."""
+    try:
+        with os.scandir(folder) as entries:
+            return next((Path(e.path) for e in entries if e.is_dir() and is_run_folder(Path(e.path))), None)
+    except OSError:  # not a folder we may list: nothing found in it
+        return None
 
 
-def check_out(out: Path, overwrite: bool = False) -> None:
+def check_out(out: Path, overwrite: bool = False, default: Path | None = None) -> None:
+    """`_check_out`; an OSError on the way (a name too long to look up) is an ExportError too."""
+    try:
+        _check_out(out, overwrite, default)
+    except OSError as e:
+        raise ExportError(f"--out {out}: {cannot_write(e, out / STAGE_PREFIX)}") from None
+
+
+def _check_out(out: Path, overwrite: bool = False, default: Path | None = None) -> None:
     """An ExportError when `out` is a file, a run folder or one of its own folders (its config.yaml would
-    be replaced), lies inside a checkpoint folder (one with a trainer state or a manifest: files written
-    there break the checkpoint's manifest, and resume abandons it), holds an export already (unless
-    `overwrite`), or cannot be written."""
+    be replaced), a folder that holds run folders (runs/: the export's files would lie among them; an
+    earlier export there may be replaced with `overwrite`), lies inside a run's checkpoints/ or a
+    checkpoint folder (harness/inference.py:run_storage: files written there break the checkpoint's
+    manifest, and resume abandons it), holds an export already (unless `overwrite`), or cannot be
+    written. `default`: the --out to suggest instead."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: is a file; give a folder")
     if out.is_symlink() and not out.exists():
         raise ExportError(f"--out {out}: a link to {os.readlink(out)}, which does not exist")
     where = out.resolve()
-    if _is_run(where) or where.name in RUN_PARTS and _is_run(where.parent):
-        run = where if _is_run(where) else where.parent
+    if is_run_folder(where) or where.name in RUN_PARTS and is_run_folder(where.parent):
+        run = where if is_run_folder(where) else where.parent
         what = "a run folder itself (its config.yaml, checkpoints and logs)" if run == where else \
             f"the run's own {where.name}/ folder"
         raise ExportError(f"--out {out}: is {what}: write the export into a folder of its own (as the default, "
                           f"{run / 'export'})")
-    if not overwrite and out.is_dir() and (held := [n for n in EXPORT_FILES if (out / n).exists()]):
+    held = [n for n in EXPORT_FILES if (out / n).exists()] if out.is_dir() else []
+    if (run := run_inside(where)) is not None and not (held and overwrite):
+        raise ExportError(f"--out {out}: holds run folders ({run.name}/): write the export into a folder of its own"
+                          + (f" (as the default, {default})" if default is not None else ""))
+    if held and not overwrite:
         raise ExportError(f"--out {out}: holds {held[0]} already (an export?); pass --overwrite to replace it")
-    for folder in [out.resolve(), *out.resolve().parents]:
-        if folder.name == "checkpoints" and _is_run(folder.parent):  # the trainer's: it cleans and prunes there
-            raise ExportError(f"--out {out}: inside the run's checkpoints/ folder, which the trainer cleans and "
-                              f"prunes: write the export elsewhere (as the default, {folder.parent / 'export'})")
-        if (folder / ckpt.STATE_NAME).is_file() or (folder / ckpt.MANIFEST_NAME).is_file():
-            raise ExportError(f"--out {out}: inside the checkpoint {folder}, whose manifest it would break (a "
-                              "resume would then pass it over): write the export elsewhere")
-        if folder.exists() and not folder.is_dir():
-            raise ExportError(f"--out {out}: {folder} is a file, not a folder")
-    if out.is_dir() and os.access(out, os.W_OK | os.X_OK):
-        return
-    existing = next(f for f in [out.resolve(), *out.resolve().parents] if f.exists())
-    try:  # the folders to make can be made (root passes access checks that /proc or a read-only mount fail)
-        tempfile.TemporaryDirectory(dir=existing).cleanup()
-    except OSError as e:
-        raise ExportError(f"--out {out}: cannot write in {existing} ({e.strerror})") from None
+    if (why := run_storage(where)) is not None:
+        run = next((f.parent for f in where.parents if f.name == "checkpoints" and is_run_folder(f.parent)), None)
+        raise ExportError(f"--out {out}: {why}: write the export elsewhere"
+                          + (f" (as the default, {run / 'export'})" if run is not None else ""))
+    if (file := next((f for f in where.parents if f.exists() and not f.is_dir()), None)) is not None:
+        raise ExportError(f"--out {out}: {file} is a file, not a folder")
+    try_create(where / STAGE_PREFIX)  # the folders to make, and a file in --out (removed again)
 
 
 def measure_latents(args, source: Source):

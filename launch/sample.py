@@ -30,6 +30,7 @@ from harness.data import condition_field, fixed_batch, to_model_input  # noqa: E
 from harness.inference import (  # noqa: E402
     LoadError,
     RequestError,
+    cannot_write,
     check_device,
     check_image_size,
     check_output_file,
@@ -120,8 +121,16 @@ def check_request(args) -> Path:
         raise RequestError(f"--cls: for `sample`; `{args.mode}` "
                            + ("draws a row per class" if args.mode == "classes" else "conditions each image on its "
                               "own class from the shards"))
+    draws = [o for o, v in (("--temperature", args.temperature), ("--top-k", args.top_k)) if v is not None]
+    if draws and args.mode in ("reconstruct", "interpolate"):  # as --cls: it would be left unused without a word
+        raise RequestError(f"{draws[0]}: for `sample` and `classes`, where a prior run draws codes; `{args.mode}` "
+                           "encodes and decodes the images it is given, drawing none")
     check_device(args.device)
     return writable_png(Path(args.out or f"{args.mode}.png"))
+
+
+class WriteError(Exception):
+    """The images were made but --out could not be written: one line, exit 1 (not a bad request)."""
 
 
 def run(args) -> Path:
@@ -174,8 +183,11 @@ def run(args) -> Path:
             if len(rows) < args.rows:
                 print(f"note: --rows {args.rows}: the data held {x.shape[0]} readable images, enough for "
                       f"{len(rows)} pair{'s' * (len(rows) != 1)}", file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_png(make_grid(rows), out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_png(make_grid(rows), out)
+    except OSError as e:  # checked before the work; the disk filled, or the folder went away meanwhile
+        raise WriteError(f"--out {out}: {cannot_write(e, out)}") from None
     print(f"{out}: {args.mode} from {folder}")
     return out
 
@@ -191,6 +203,9 @@ def main(argv=None) -> int:
     except (LoadError, DataSourceError, ConfigError, RequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (RuntimeError, MemoryError) as e:
         if (oom := out_of_memory(e)) is None:
             raise
