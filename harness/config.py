@@ -360,10 +360,16 @@ class Config:
     def _validate_loss_weights(self) -> None:
         """Weights that leave the autoencoder nothing to learn, or a learned term with nothing to balance,
         would train without an error and make garbage; and LPIPS needs images VGG16 can pool four times."""
-        loss = self.loss
-        if self.model.kind not in ("kl", "vq", "fsq"):
-            return  # classifiers and priors have their own objectives (harness/tasks.py)
+        from models import ModelConfigError, model_class
         from models.lpips import MIN_SIZE
+
+        loss = self.loss
+        try:
+            task = getattr(model_class(self.model.kind), "task", "autoencoder")  # as harness/tasks.py:make_task
+        except ModelConfigError:
+            return  # an unknown kind: _validate_model says so
+        if task != "autoencoder":
+            return  # classifiers and priors have their own objectives (harness/tasks.py)
 
         lpips = [k for k, on in (("loss.perceptual=lpips", loss.perceptual_weight > 0 and loss.perceptual == "lpips"),
                                  ("eval.lpips", self.eval.lpips and self.eval.every_steps > 0)) if on]

@@ -2,9 +2,12 @@
 A first Ctrl-C (SIGINT) in the training loop does the same and exits with EXIT_INTERRUPTED (130, as
 the shell has it, so that sbatch does not requeue); a second one interrupts at once (KeyboardInterrupt:
 launch/train.py says so in one line), with the checkpoints saved before. SIGHUP (the terminal
-closed, the ssh session dropped) stops the same way with 129, its output going to /dev/null from
-then on (a write to a terminal that is gone fails): train.log keeps the record. A run started under
-`nohup` ignores SIGHUP and goes on, as nohup means.
+closed, the ssh session dropped) stops the same way with 129; what went to the terminal goes to
+/dev/null from then on (a write to a terminal that is gone fails; output redirected to a file stays
+there), and train.log keeps the record. A run started as `nohup python launch/train.py` ignores
+SIGHUP and goes on, as nohup means; torchrun (inside a multi-process `accelerate launch`) installs
+its own SIGHUP handler and forwards the signal to the workers, so there use
+`PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGQUIT nohup accelerate launch ...`, setsid or tmux.
 
 SLURM sends SIGUSR1 before a time limit (`#SBATCH --signal`) and SIGTERM on preemption; the sbatch
 script requeues the job when the trainer exits with EXIT_PREEMPTED, and the requeued job resumes
@@ -28,10 +31,18 @@ EXIT_HANGUP = 129  # 128 + SIGHUP
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
 class StopFlag:
     def __init__(self):
         self.signum: int | None = None
         self._previous = {}
+        self._on_tty: list[int] = []
 
     def install(self) -> StopFlag:
         for sig in STOP_SIGNALS:
@@ -39,14 +50,18 @@ class StopFlag:
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where someone else took it
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # SIG_IGN: started under nohup, keep going
+            # Which of stdout/stderr are the terminal, known now: a hung-up tty may no longer say so.
+            self._on_tty = [fd for fd in (1, 2) if _isatty(fd)]
             self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
         return self
 
     def _hangup(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
+        if not self._on_tty:
+            return
         null = os.open(os.devnull, os.O_WRONLY)
-        for fd in (1, 2):  # the terminal is gone: the next progress bar or log line would fail with EIO
+        for fd in self._on_tty:  # the terminal is gone: the next progress bar or log line would fail with EIO
             os.dup2(null, fd)
         os.close(null)
 

@@ -28,7 +28,7 @@ RESUME=()
 ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 "$PYTHON" -m accelerate.commands.launch \
   --multi_gpu --num_processes "$NPROC" --num_machines 1 --mixed_precision no --dynamo_backend no \
   --main_process_port "${PORT:-0}" \
-  launch/train.py --config launch/configs/demo.yaml run.dir="$RUN_DIR" train.max_steps="$STEPS" "${RESUME[@]}"
+  launch/train.py --config launch/configs/demo.yaml run.dir="$RUN_DIR" train.max_steps="$STEPS" ${RESUME[@]+"${RESUME[@]}"}
 
 # Absolute paths: RUN_DIR is relative to the repository (the cd above), not to where the user is.
 RUN=$(CDPATH="" cd -- "$RUN_DIR" && pwd)

@@ -113,6 +113,8 @@ def check_request(args) -> Path:
     for name in ("n", "rows", "steps"):
         if getattr(args, name) < 1:
             raise RequestError(f"--{name} {getattr(args, name)}: need at least 1")
+    if args.mode == "interpolate" and args.steps < 2:  # one image is the first end alone: no path between two
+        raise RequestError(f"--steps {args.steps}: an interpolation needs at least 2 (both ends)")
     if args.image_size is not None and args.image_size < 1:
         raise RequestError(f"--image-size {args.image_size}: need a positive number of pixels")
     if not 0 <= args.seed < 2**63:

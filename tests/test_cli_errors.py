@@ -71,6 +71,7 @@ def one_line(capsys, prefix: str = "error: ") -> str:
     (["sample", "--n", "0"], "--n 0"),
     (["sample", "--n", "-3"], "--n -3"),
     (["interpolate", "--steps", "0"], "--steps 0"),
+    (["interpolate", "--steps", "1"], "--steps 1: an interpolation needs at least 2 (both ends)"),
     (["classes", "--rows", "0"], "--rows 0"),
     (["interpolate", "--rows", "-2"], "--rows -2"),
     (["sample", "--image-size", "0"], "--image-size 0"),

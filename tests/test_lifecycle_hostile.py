@@ -80,6 +80,7 @@ def test_a_closed_terminal_checkpoints_and_exits_129(shards, tmp_path):
     assert proc.returncode == 129, out
     assert f"checkpoint at step {step} saved, exiting with 129" in (run / "train.log").read_text()
     assert "Traceback" not in out
+    assert "exiting with 129" in out  # its output went to a pipe, not a terminal: kept
 
 
 def test_a_run_under_nohup_keeps_ignoring_sighup():
@@ -97,6 +98,27 @@ def test_a_run_under_nohup_keeps_ignoring_sighup():
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_a_hangup_leaves_output_that_is_no_terminal_where_it_goes(tmp_path):
+    from harness.signals import StopFlag
+
+    saved = os.dup(1)
+    try:
+        out = open(tmp_path / "out.log", "w")
+        os.dup2(out.fileno(), 1)  # stdout is a file, as with `train.py > out.log`
+        flag = StopFlag().install()
+        try:
+            flag._hangup(signal.SIGHUP, None)
+            os.write(1, b"after the hangup\n")
+        finally:
+            flag.restore()
+        assert flag.requested and flag.exit_code == 129
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        out.close()
+    assert (tmp_path / "out.log").read_text() == "after the hangup\n"
 
 
 def test_a_checkpoint_folder_as_run_dir_is_refused_and_left_alone(shards, tmp_path, capsys):
