@@ -441,7 +441,7 @@ class TrainLoader:
         pin = self.pin_memory and torch.cuda.is_available()
         # Its own generator: creating the iterator must not draw from the global torch RNG, which
         # the model uses (posterior noise) and a resume restores.
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+        loader = WorkerLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
                             prefetch_factor=PREFETCH if self.num_workers else None,
                             multiprocessing_context=context, generator=torch.Generator().manual_seed(start),
                             worker_init_fn=_init_worker if self.num_workers else None)
@@ -455,6 +455,26 @@ class TrainLoader:
             # The workers end with their iterator. An exception (a worker's DataStalledError) keeps this
             # frame, and so the iterator, alive in its traceback: drop it here, not when that is freed.
             del it
+
+
+# What a loader worker must not act on by itself: blocked from its fork until _ignore_stop_signals.
+WORKER_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP}
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose workers start with WORKER_SIGNALS blocked (a forked child inherits the mask)
+    until their init hands them to its signal thread: one that SLURM or a terminal sends while a worker
+    starts up would otherwise kill it (the trainer then crashes without a checkpoint) or run the
+    trainer's own handler in it. In this process they wait, pending, for the fork's few milliseconds."""
+
+    def __iter__(self):
+        if not self.num_workers:
+            return super().__iter__()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _init_worker(worker_id: int) -> None:
@@ -492,8 +512,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
     # worker that ended on its KeyboardInterrupt (or ran the trainer's handler, inherited) would not do.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal: likewise (the trainer checkpoints)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGHUP})  # blocked since the fork: ignored now
     stop = {signal.SIGTERM, signal.SIGUSR1}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # inherited by the thread below
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # inherited by the thread below (and since the fork)
     threading.Thread(target=_drop_stop_signals, args=(os.getppid(), stop), daemon=True, name="stop-signals").start()
 
 
@@ -667,6 +688,6 @@ def eval_batches(spec, *, image_size: int, batch_size: int, num_workers: int = 0
     stream = EvalStream(urls, decoder, batch_size, max_samples, rank=rank, world_size=world_size)
     # Its own generator (creating the iterator must not draw from the training's global RNG) and
     # workers that leave SLURM's stop signals to the trainer, as the training loader's do.
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator(),
-                        worker_init_fn=_ignore_stop_signals if workers else None)
+    loader = WorkerLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                          worker_init_fn=_ignore_stop_signals if workers else None)
     return loader, sources

@@ -234,6 +234,48 @@ print("served", flush=True)
 """
 
 
+STARTING = """
+import os, signal, subprocess, sys, threading, time
+sys.path[:0] = [{root!r}, {root!r} + "/tests"]
+import harness.data as data
+from harness.config import DataConfig
+real = data._ignore_stop_signals
+data._ignore_stop_signals = lambda worker_id: (time.sleep(1.5), real(worker_id))  # a slow start-up
+loader = data.TrainLoader(DataConfig(train={shards!r}, image_size=32, num_workers=2, shuffle_buffer=8),
+                          rank=0, world_size=1, batch_size=4)
+it = loader.batches()
+first = threading.Thread(target=next, args=(it,))
+first.start()  # forks the workers, which now sleep before their init
+workers = []
+while len(workers) < 2:
+    time.sleep(0.05)
+    workers = [int(p) for t in os.listdir("/proc/self/task")
+               for p in open(f"/proc/self/task/{{t}}/children").read().split()]
+for w in workers:  # SLURM's signals, and a terminal's, while the workers are still starting
+    for sig in ("-TERM", "-USR1", "-INT", "-HUP"):
+        subprocess.run(["kill", sig, str(w)], check=True)
+first.join()
+for _ in range(3):
+    next(it)
+print("served", flush=True)
+"""
+
+
+def test_workers_starting_up_keep_signals_for_later(shards, tmp_path):
+    """A signal that reaches a worker before its init has set up its signal thread waits (blocked since
+    the fork) instead of killing it: the trainer would crash without a checkpoint."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "starting.py"
+    script.write_text(STARTING.format(root=root, shards=str(shards)))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "served" in r.stdout, r.stderr[-2000:]
+    assert "Ctrl-C" not in r.stderr
+
+
 @pytest.mark.slow
 def test_workers_end_when_their_parent_is_killed_with_batches_in_flight(shards):
     """A batch (numpy, through the pipe) can be larger than the pipe holds: a worker whose parent died
