@@ -274,10 +274,14 @@ def state_norms(trainer) -> dict:
 
 def _warn_if_changed(trainer, state: dict) -> None:
     now, then = trainer.data_layout(), state.get("data_layout", {})
-    changed = [f"{k} {then.get(k)} -> {v}" for k, v in now.items() if then.get(k) != v]
+    # (an older checkpoint has fewer keys; the image size gets a note of its own)
+    changed = [f"{k} {then[k]} -> {v}" for k, v in now.items() if k in then and then[k] != v and k != "image_size"]
     if changed:
         trainer.log.info(f"note: data layout changed since the checkpoint ({', '.join(changed)}): training goes on "
                          "with a deterministic but different sample order than an uninterrupted run")
+    if "image_size" in then and then["image_size"] != now["image_size"]:
+        trainer.log.info(f"note: data.image_size is {now['image_size']}, the checkpoint trained at "
+                         f"{then['image_size']} px: the model goes on at the new size")
     then, now = state.get("loss_files", {}), trainer.task.fingerprint()
     changed = [k for k in now if k in then and then[k] != now[k]]
     if changed:

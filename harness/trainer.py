@@ -105,8 +105,8 @@ class Trainer:
                 self.task.check_data(DataInfo(0, val.classes, val.label_names, len(val.urls)))
                 if problem := names_problem(val, self.loader.info, reads):  # named alike in both
                     raise ConfigError(problem)
-            except ConfigError as e:
-                raise ConfigError(f"data.val: {e}") from None
+            except ConfigError as e:  # the task's checks speak of data.train: here it is data.val's shards
+                raise ConfigError(f"data.val: {str(e).removeprefix('data.train: ')}") from None
         nets = reference_nets(cfg, self.device) if cfg.eval.every_steps else None  # files named in eval.*
         # One job per run.dir, taken before anything is written (and after what can be refused without it).
         self.run_tag = hold_run_dir(self.run_dir, self.world)
@@ -321,7 +321,7 @@ class Trainer:
         c = self.cfg
         return {"world_size": self.world.world_size, "batch_size": c.train.batch_size,
                 "grad_accum": c.train.grad_accum, "num_workers": c.data.num_workers, "seed": c.data.seed,
-                "batches_per_epoch": self.loader.batches_per_epoch}
+                "batches_per_epoch": self.loader.batches_per_epoch, "image_size": c.data.image_size}
 
     def state_dict(self) -> dict:
         self.settle_skips()

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -69,7 +70,24 @@ STATS_NAME = "latent_stats.json"  # beside our own export's model.safetensors
 STAGE_PREFIX = ".tmp-export-"  # an export being written and checked, inside --out
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: the staging folder goes in write_export's finally
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The export, stopped cleanly by Ctrl-C or SIGTERM too: --out is left as it was (the staging folder
+    of a half-written export removed), one line, exit 130."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return export(argv)
+    except KeyboardInterrupt:
+        print("export: stopped by a signal; --out is as it was (nothing half-written is left)", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def export(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a run folder (its newest checkpoint) or a checkpoint folder")

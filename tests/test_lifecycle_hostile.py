@@ -205,3 +205,13 @@ def test_a_batch_larger_than_the_data_names_the_keys_the_user_set(shards, tmp_pa
     assert "32 samples make less than one batch per rank and worker (1 ranks x train.batch_size=1000 x 1 " \
            "data.num_workers); lower train.batch_size" in err and "data.epoch_samples" not in err, err
 
+
+
+def test_a_resume_at_another_image_size_says_so(shards, tmp_path):
+    run = tmp_path / "run"
+    assert main(run_args(shards, run, "train.max_steps=2", "checkpoint.every_steps=0")) == 0
+    assert main(run_args(shards, run, "train.max_steps=3", "checkpoint.every_steps=0", "data.image_size=16",
+                         "--resume", "latest")) == 0
+    log = (run / "train.log").read_text()
+    assert "note: data.image_size is 16, the checkpoint trained at 32 px: the model goes on at the new size" in log
+    assert "image_size 32 -> 16" not in log and "data layout changed" not in log

@@ -320,3 +320,35 @@ def test_a_run_before_its_first_checkpoint_says_so_in_every_tool(runs, shards, t
     assert sample(run, tmp_path / "x.png") == 2
     assert one_line(capsys) == f"error: {says}"
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_export_stopped_by_sigterm_leaves_out_as_it_was(trained, tmp_path, capsys, monkeypatch, existing):
+    """SIGTERM while the files are written (a 196 MB stage was left behind): the stage goes, an earlier
+    export stays, a folder the export made goes, one line, exit 130."""
+    import os
+    import signal
+
+    import launch.export as export_mod
+
+    out = tmp_path / "export"
+    if existing:
+        assert export_main([str(trained), "--out", str(out)]) == 0
+    before = snapshot(out) if existing else None
+    real = export_mod.write_ours
+
+    def killed_midway(stage, *args, **kwargs):
+        written = real(stage, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the stage is full now
+        return written
+
+    monkeypatch.setattr(export_mod, "write_ours", killed_midway)
+    capsys.readouterr()
+    assert export_main([str(trained), "--out", str(out), "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip() == ("export: stopped by a signal; --out is as it was (nothing "
+                                               "half-written is left)")
+    if existing:
+        assert snapshot(out) == before
+    else:
+        assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is not export_mod._terminated  # put back

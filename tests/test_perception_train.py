@@ -147,3 +147,16 @@ def test_bad_flag_values_are_told_by_the_flag_not_the_config_key(tmp_path, capsy
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit):  # a negative stage: argparse's own one line
         perception_main(["--data", "x", "--channels", "8,-16"])
+
+
+def test_held_out_shards_a_classifier_cannot_read_are_named_as_data_val(tmp_path, capsys):
+    from shardgen import make_shards
+
+    train = make_shards(tmp_path / "train", num_samples=16, per_shard=8, size=32, num_classes=3)
+    val = make_shards(tmp_path / "val", num_samples=8, per_shard=8, size=32, num_classes=1)
+    assert train_main(["--config", str(ROOT / "launch/configs/perception.yaml"), f"data.train={train}",
+                       f"data.val={val}", f"run.dir={tmp_path / 'run'}", "data.image_size=32",
+                       "train.batch_size=4", "data.num_workers=0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert err == ["error: data.val: the shards name 1 class(es) in index.json; a classifier needs `cls` labels "
+                   "of at least 2 classes"], err
