@@ -197,7 +197,29 @@ def restore(trainer, start: Start) -> dict:
     norms = state_norms(trainer)
     trainer.log.file_only("state at resume: " + " ".join(f"{k}={v:.10g}" for k, v in norms.items()))
     _warn_if_changed(trainer, state)
+    _note_loss_changes(trainer, start.resume_from)
     return state
+
+
+def _note_loss_changes(trainer, checkpoint: Path) -> None:
+    """A resume may change the objective on purpose (a KL weight raised, a term added); said, key by key,
+    against the checkpoint's own config.yaml. A key an older config lacks stood at its default there
+    (the code before it behaved so: loss.disc_adaptive_max was a fixed 1e4)."""
+    import dataclasses
+
+    import yaml
+
+    from harness.config import LossConfig
+
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text()).get("loss") or {}
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return  # no readable config there (the manifest checked what is): nothing to compare with
+    then = {**dataclasses.asdict(LossConfig()), **saved}
+    now = to_dict(trainer.cfg)["loss"]
+    changed = [f"loss.{k} {then[k]!r} -> {v!r}" for k, v in now.items() if k in then and then[k] != v]
+    if changed:
+        trainer.log.info(f"note: the loss differs from the checkpoint's ({', '.join(changed)}): used from here on")
 
 
 def _follow_configured_lr(trainer) -> None:

@@ -215,3 +215,34 @@ def test_a_resume_at_another_image_size_says_so(shards, tmp_path):
     log = (run / "train.log").read_text()
     assert "note: data.image_size is 16, the checkpoint trained at 32 px: the model goes on at the new size" in log
     assert "image_size 32 -> 16" not in log and "data layout changed" not in log
+
+
+def test_a_resume_that_changes_the_loss_says_so(shards, tmp_path):
+    run = tmp_path / "run"
+    assert main(run_args(shards, run, "train.max_steps=2", "checkpoint.every_steps=0")) == 0
+    assert main(run_args(shards, run, "train.max_steps=3", "checkpoint.every_steps=0", "--resume", "latest")) == 0
+    assert "the loss differs" not in (run / "train.log").read_text()
+    assert main(run_args(shards, run, "train.max_steps=4", "checkpoint.every_steps=0", "loss.kl_weight=0.001",
+                         "--resume", "latest")) == 0
+    said = [line for line in (run / "train.log").read_text().splitlines() if "the loss differs" in line]
+    assert len(said) == 1 and "loss.kl_weight 1e-06 -> 0.001" in said[0], said
+
+
+def test_a_loss_key_an_older_checkpoint_lacks_counts_as_its_default(shards, tmp_path):
+    """recipe_ldm's new loss.disc_adaptive_max: a run saved before the key existed ran at the default."""
+    import yaml
+
+    run = tmp_path / "run"
+    assert main(run_args(shards, run, "train.max_steps=2", "checkpoint.every_steps=0")) == 0
+    saved = run / "checkpoints/step_2/config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    del cfg["loss"]["disc_adaptive_max"]
+    saved.write_text(yaml.safe_dump(cfg))
+    from harness import checkpoint as ckpt
+
+    ckpt.write_manifest(run / "checkpoints/step_2")
+    assert main(run_args(shards, run, "train.max_steps=3", "checkpoint.every_steps=0", "--resume", "latest")) == 0
+    assert "the loss differs" not in (run / "train.log").read_text()
+    assert main(run_args(shards, run, "train.max_steps=4", "checkpoint.every_steps=0", "--resume", "latest",
+                         "loss.disc_adaptive_max=0.05")) == 0
+    assert "loss.disc_adaptive_max 10000.0 -> 0.05" in (run / "train.log").read_text()
