@@ -50,7 +50,9 @@ def refuse_checkpoint_folder(run_dir: Path) -> None:
     """A checkpoint folder given as run.dir (taken for a resume) would get a run written into it: its
     files beside the checkpoint's break its manifest, and the run it belongs to loses that step. A
     new folder inside a run's checkpoints/ is refused too (that folder is the trainer's to tidy)."""
-    checkpoint = run_dir.is_dir() and any((run_dir / n).is_file() for n in ("trainer_state.json", "manifest.json"))
+    from harness.checkpoint import is_complete  # here: checkpoint.py is heavier than this module needs
+
+    checkpoint = is_complete(run_dir)  # its trainer state or manifest, as a resume recognises one
     parent = run_dir.parent
     of_run = parent.name == "checkpoints" and any((parent.parent / n).exists() for n in ("latest", LOCK_NAME))
     if not (checkpoint or of_run):

@@ -51,6 +51,9 @@ from shards.sources import resolve_sources
 # has (C, 1, 1, 1). Both are contiguous layouts (size-1 dims have arbitrary strides): no copy is
 # wrong or slow, so the warning is only noise on every rank.
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+# A first step skipped as non-finite is counted and logged already: torch's warning that the scheduler
+# stepped before the optimizer says it again, on stderr (set once here, not around every step).
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
 
 
 class TrainingError(RuntimeError):
@@ -215,9 +218,7 @@ class Trainer:
     def _after_step(self, outcome: StepOutcome, stats: StepStats) -> None:
         for hook in self.hooks:
             hook.after_step(self, outcome, stats)
-        with warnings.catch_warnings():  # a skipped (non-finite) first step is counted and logged already
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
-            self.scheduler.step()
+        self.scheduler.step()
 
     def settle_skips(self) -> None:
         """Read the device's count of deferred non-finite steps (one host sync, at a log or a save)."""
