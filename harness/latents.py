@@ -64,23 +64,32 @@ class LatentMoments:
             self.n, self.s1, self.s2 = self.n + n, self.s1 + s1, self.s2 + s2
         self.images += mean.shape[0]
 
+    def sums(self, channels: int) -> dict:
+        """This process's totals as plain floats (JSON keeps a float64 exactly): images, n, s1, s2."""
+        zero = [0.0] * channels
+        return {"images": self.images, **{k: getattr(self, k).cpu().tolist() if getattr(self, k) is not None else zero
+                                          for k in ("n", "s1", "s2")}}
+
     def result(self, channels: int) -> LatentStats:
         """Totals over every rank (a collective: every rank must call it, also one that saw no image)."""
-        local = [float(self.images)]
-        for t in (self.n, self.s1, self.s2):
-            local += t.cpu().tolist() if t is not None else [0.0] * channels
-        total = all_reduce_sum(local)
-        images, rest = int(total[0]), torch.tensor(total[1:], dtype=torch.float64)
-        n, s1, s2 = rest.view(3, channels)
-        if images == 0:
-            raise ValueError("latent statistics: no image was read")
-        mean_c = s1 / n
-        var_c = (s2 / n - mean_c.pow(2)).clamp_min(0)
-        mean = float(s1.sum() / n.sum())
-        var = max(float(s2.sum() / n.sum()) - mean**2, 0.0)
-        if var == 0.0:
-            raise ValueError("latent statistics: the latents are constant (std 0): no scaling_factor")
-        return LatentStats(images, mean_c.tolist(), var_c.sqrt().tolist(), mean, 1.0 / math.sqrt(var))
+        mine = self.sums(channels)
+        total = all_reduce_sum([float(mine["images"]), *mine["n"], *mine["s1"], *mine["s2"]])
+        n, s1, s2 = torch.tensor(total[1:], dtype=torch.float64).view(3, channels)
+        return stats_from_sums(int(total[0]), n, s1, s2)
+
+
+def stats_from_sums(images: int, n: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> LatentStats:
+    """LatentStats from per-channel float64 totals: element count n, sum of z, sum of z^2."""
+    n, s1, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (n, s1, s2))
+    if images == 0:
+        raise ValueError("latent statistics: no image was read")
+    mean_c = s1 / n
+    var_c = (s2 / n - mean_c.pow(2)).clamp_min(0)
+    mean = float(s1.sum() / n.sum())
+    var = max(float(s2.sum() / n.sum()) - mean**2, 0.0)
+    if var == 0.0:
+        raise ValueError("latent statistics: the latents are constant (std 0): no scaling_factor")
+    return LatentStats(images, mean_c.tolist(), var_c.sqrt().tolist(), mean, 1.0 / math.sqrt(var))
 
 
 @torch.no_grad()

@@ -1,0 +1,515 @@
+"""Latent shards: a shard set encoded once by a trained model, for training a diffusion model on it.
+
+One output shard per input shard, in the input's shard order, named `NNNNNN.tar` after its position
+there; every sample keeps its input key and carries:
+
+    latent.npy   `c h w`: KL: the posterior mean; VQ: the latent before quantization (what diffusers'
+                 VQModel.encode and latent-diffusion's VQModelInterface.encode hand a diffusion model);
+                 FSQ and plain autoencoders: the latent the decoder reads
+    std.npy      KL only: the posterior std (a diffusion step draws z = latent + std * randn)
+    codes.npy    VQ/FSQ: the code indices `h w` (int16, int32 past 32767 codes): what a prior trains on
+    *_flip.npy   with `flip`: the same for the mirrored image
+    cls, json, txt   the input's, byte for byte
+
+`latents.json` is written last, so its presence means the set is complete: the model (folder, digest
+of its weights), the settings, each shard (name, input url, samples, bad samples, bytes) and the
+latent statistics over every latent written (harness/latents.py: scaling_factor, shift_factor, per
+channel), which a diffusion model normalises with. Plain webdataset reads the shards
+(`.npy` decodes with pickles refused).
+
+An interrupted run goes on where it stopped when run again with the same model, data and settings:
+each finished shard is renamed into place and recorded (with its statistics' sums) in
+`.progress.<rank>.json`; what was half-written is dropped. Under torchrun, input shard i goes to rank
+i % world_size; the ranks meet only at the start (rank 0 checks the folder) and at the end (rank 0
+writes latents.json), through a gloo group.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from harness import tario
+from harness.data import (
+    WorkerLoader,
+    _ignore_stop_signals,
+    collate,
+    condition_field,
+    decode,
+    heldout_sources,
+    to_model_input,
+)
+from harness.dist import World
+from harness.latents import LatentMoments, stats_from_sums
+from shards.atomic import commit, write_atomic
+from shards.decode import BadSample, DecodeSpec
+from shards.index import INDEX_NAME
+
+FORMAT = "vae-harness-latents/1"
+MANIFEST = "latents.json"
+LOCK = ".encode.lock"
+PROGRESS_RE = re.compile(r"^\.progress\.(\d+)\.json$")
+SHARD_RE = re.compile(r"^\d{6}\.tar$")
+TAR_MTIME = 1_600_000_000  # fixed member mtime, as the shard builders: same input -> identical tars
+PASS_THROUGH = ("json", "txt")
+BAD_EXAMPLES = 3  # bad samples named per shard in latents.json
+FAULT_ENV = "ENCODE_FAULT_AFTER_SHARDS"  # tests: stop (SIGTERM-like) after this many shards of this run
+
+
+class EncodeError(Exception):
+    """A one-line reason the encoding cannot start or go on; nothing written is lost."""
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    image_size: int
+    batch_size: int = 32
+    workers: int = 2
+    dtype: str = "float16"  # of latent/std (codes are integers)
+    flip: bool = False
+    ema: bool = False
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the encoder; the arrays are written in `dtype`)
+
+    def settings(self) -> dict:
+        """What changes the content of the shards (batch size and workers do not)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("batch_size", "workers")}
+
+
+def _progress_name(rank: int) -> str:
+    return f".progress.{rank}.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# reading: batches that never mix two shards
+
+
+class ShardBatches(IterableDataset):
+    """`jobs` ([(index, url)]) split over the loader's workers, each shard read whole by one worker into
+    batches of its own: {"shard": index, "last": whether the shard ends with it, "image" (None when only
+    bad samples remain), "key", "cls"[, "labels"], "raw": the pass-through fields, "bad": count,
+    "bad_examples": ["key: reason"]}."""
+
+    def __init__(self, jobs: list[tuple[int, str]], decoder: DecodeSpec, batch_size: int):
+        self.jobs, self.decoder, self.batch_size = jobs, decoder, batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(0)  # center crops draw nothing; decode takes one
+        for index, url in self.jobs[worker::num_workers]:
+            batch, raw, bad, examples = [], [], 0, []
+            for item in tario.shard_samples(url):
+                item = tario.materialize(item)
+                out = decode(item, self.decoder, rng)
+                if isinstance(out, BadSample):
+                    bad += 1
+                    if len(examples) < BAD_EXAMPLES:
+                        examples.append(f"{out.key or '?'}: {out.reason}")
+                    continue
+                batch.append(out)
+                raw.append({k: item[k] for k in PASS_THROUGH if k in item})
+                if len(batch) == self.batch_size:
+                    yield self._batch(index, batch, raw, bad, examples, last=False)
+                    batch, raw, bad, examples = [], [], 0, []
+            yield self._batch(index, batch, raw, bad, examples, last=True)
+
+    @staticmethod
+    def _batch(index, batch, raw, bad, examples, last):
+        out = collate(batch) if batch else {"image": None}
+        return {**out, "shard": index, "last": last, "raw": raw, "bad": bad, "bad_examples": examples}
+
+
+# ----------------------------------------------------------------------------------------------
+# what is written per sample
+
+
+def latent_fields(model, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], tuple]:
+    """{field: `b ...` tensor} for a batch, and the (mean, var) the statistics take."""
+    if hasattr(model, "posterior"):
+        post = model.posterior(x, cond)
+        return {"latent": post.mean, "std": post.std}, (post.mean, post.var)
+    kind = getattr(model, "kind", "")
+    if kind in ("vq", "fsq"):
+        z = model.encode_unquantized(x, cond)
+        q = model.quantizer(z.float())
+        latent = z if kind == "vq" else q.quantized
+        return {"latent": latent, "codes": q.indices}, (latent, None)
+    z = model.encode(x, cond)
+    return {"latent": z}, (z, None)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+class Converter:
+    """Tensors of a batch -> numpy arrays in the set's dtypes, refusing values that would not survive."""
+
+    def __init__(self, dtype: str, num_codes: int | None):
+        self.dtype = np.float16 if dtype == "float16" else np.float32
+        self.codes = np.int16 if num_codes is not None and num_codes <= 32767 else np.int32
+
+    def __call__(self, name: str, t: torch.Tensor, keys: list[str], url: str) -> np.ndarray:
+        if name.startswith("codes"):
+            return t.cpu().numpy().astype(self.codes)
+        t = t.float()
+        finite = torch.isfinite(t).flatten(1).all(1)
+        if not finite.all():
+            key = keys[int((~finite).nonzero()[0])]
+            raise EncodeError(f"{url}: the latent of {key} is not finite (NaN or inf): the model fails on that "
+                              "image; nothing of its shard was written")
+        array = t.cpu().numpy()
+        if self.dtype == np.float16:
+            big = t.abs().flatten(1).amax(1)
+            if (big > 65504).any():
+                i = int((big > 65504).nonzero()[0])
+                raise EncodeError(f"{url}: the latent of {keys[i]} reaches {float(big[i]):.4g}, past float16's "
+                                  "65504; encode with --dtype float32")
+            return array.astype(np.float16)
+        return array
+
+
+class ShardOut:
+    """One output shard being written under `NNNNNN.tar.tmp`, renamed into place when its input ends."""
+
+    def __init__(self, out: Path, index: int, url: str):
+        self.path = out / f"{index:06d}.tar"
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.url = url
+        self.file = open(self.tmp, "wb")
+        self.writer = wds.TarWriter(self.file, encoder=False, mtime=TAR_MTIME)
+        self.moments = LatentMoments()
+        self.count = self.bad = 0
+        self.examples: list[str] = []
+
+    def finish(self, channels: int) -> dict:
+        self.writer.close()  # closes the tar stream; the file is ours to close
+        self.file.close()
+        commit(self.tmp, self.path)
+        return {"name": self.path.name, "source": self.url, "num_samples": self.count, "bad": self.bad,
+                "bad_examples": self.examples, "bytes": self.path.stat().st_size,
+                **self.moments.sums(channels)}
+
+    def drop(self) -> None:
+        try:
+            self.writer.tarstream.close()  # (else tarfile flushes into the closed file when collected)
+        except Exception:
+            pass
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder: checked once (rank 0), then written by every rank
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def check_out(out: Path, inputs: list[Path]) -> None:
+    """Refuse, before anything is created, an --out that is a file, lies where a run keeps its state or
+    where the input shards are, or holds something not ours."""
+    from harness.inference import run_storage
+
+    if out.exists() and not out.is_dir():
+        raise EncodeError(f"--out {out}: is a file, not a folder")
+    resolved = out.resolve()
+    if (why := run_storage(resolved)) is not None:
+        raise EncodeError(f"--out {out}: {why}; write the latents elsewhere")
+    for folder in inputs:
+        if resolved == folder or folder in resolved.parents:
+            where = "is the folder of" if resolved == folder else "is inside the folder of"
+            raise EncodeError(f"--out {out}: {where} the input shards ({folder}); write the latents elsewhere")
+    if (out / INDEX_NAME).exists():
+        raise EncodeError(f"--out {out}: holds an image shard set ({INDEX_NAME}); write the latents elsewhere")
+    names = [p.name for p in out.iterdir()] if out.is_dir() else []
+    foreign = [n for n in names if not _ours(n) and not n.startswith(".")]
+    if foreign:
+        raise EncodeError(f"--out {out}: holds other files ({', '.join(sorted(foreign)[:3])}); give an empty or new "
+                          "folder, or the folder of an earlier encoding")
+
+
+def _ours(name: str) -> bool:
+    return bool(SHARD_RE.match(name) or name == MANIFEST or PROGRESS_RE.match(name) or name.endswith(".tar.tmp"))
+
+
+def lock(out: Path):
+    """An exclusive lock on OUT/.encode.lock held for the whole encoding: a second job writing the same
+    folder would interleave shards and progress."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise EncodeError(f"--out {out}: another encoding is writing into this folder right now") from None
+    except OSError:  # a file system without flock: go on unlocked
+        pass
+    return f
+
+
+def prepare(out: Path, fingerprint: str, overwrite: bool) -> tuple[dict[str, dict], dict | None]:
+    """Rank 0, under the folder lock: the shards already done ({name: record}) and, when the whole set is
+    already there, its manifest. Latents of another model, data or settings are refused; --overwrite
+    removes them."""
+    names = [p.name for p in out.iterdir()]
+    ours = [n for n in names if _ours(n)]
+    manifest = _read_json(out / MANIFEST)
+    progress = [r for n in names if PROGRESS_RE.match(n) and (r := _read_json(out / n)) is not None]
+    theirs = {p.get("fingerprint") for p in progress} | ({manifest.get("fingerprint")} if manifest else set())
+    other = bool(theirs - {fingerprint}) or bool(ours and not theirs)
+    if other and not overwrite:
+        raise EncodeError(f"--out {out}: holds latents of another model, data or settings; pass --overwrite to "
+                          "replace them, or choose another folder")
+    if other:
+        for n in ours:
+            (out / n).unlink(missing_ok=True)
+        return {}, None
+    for n in names:  # what a killed run was writing
+        if n.endswith(".tar.tmp"):
+            (out / n).unlink(missing_ok=True)
+    if manifest is not None and all((out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
+                                    for s in manifest.get("shards", [])):
+        return {}, manifest
+    done = {}
+    for record in (r for p in progress for r in p.get("shards", [])):
+        p = out / record["name"]
+        if p.is_file() and p.stat().st_size == record["bytes"]:
+            done[record["name"]] = record
+    return done, None
+
+
+def fingerprint(model_digest: str, urls: list[str], opts: EncodeOptions) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([FORMAT, model_digest, urls, opts.settings()]).encode()).hexdigest()[:16]
+
+
+def _broadcast(value, w: World):
+    if w.world_size == 1:
+        return value
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# the encoding
+
+
+@dataclass
+class Model:
+    """What encode_shards needs of the model being used."""
+
+    module: torch.nn.Module
+    cfg: object
+    folder: Path
+    digest: str
+
+
+def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, device: torch.device,
+                  overwrite: bool = False, progress: bool = True) -> dict:
+    """Encode every sample of `data` into latent shards in `out` (see the module docstring); returns the
+    manifest. Every rank calls it (a gloo group must exist when w.world_size > 1)."""
+    sources = heldout_sources(data, model.cfg)
+    urls = [u for s in sources for u in s.urls]
+    inputs = sorted({Path(u).resolve().parent for u in urls if "://" not in u and not u.startswith("pipe:")})
+    fp = fingerprint(model.digest, urls, opts)
+    held = None
+    found: list = [None, {}, None]
+    if w.is_main:
+        try:
+            check_out(out, inputs)
+            held = lock(out)
+            done, manifest = prepare(out, fp, overwrite)
+            found = [None, done, manifest]
+        except EncodeError as e:
+            found = [str(e), {}, None]
+        except OSError as e:
+            found = [f"--out {out}: cannot write there ({e.strerror or e})", {}, None]
+    error, done, manifest = _broadcast(found, w)
+    if error:
+        raise EncodeError(error)
+    if manifest is not None:
+        return {**manifest, "already_complete": True}
+
+    m = model.module
+    channels = m.latent_shape(opts.image_size)[0]
+    cond_key = condition_field(m.condition)
+    num_codes = None
+    if getattr(m, "kind", "") in ("vq", "fsq"):
+        num_codes = m.quantizer.codebook_size
+    convert = Converter(opts.dtype, num_codes)
+    decoder = DecodeSpec(opts.image_size, num_classes=len(sources[0].classes),
+                         num_labels=len(sources[0].label_names))
+    jobs = [(i, u) for i, u in enumerate(urls) if i % w.world_size == w.rank and f"{i:06d}.tar" not in done]
+    records = []
+    fault = int(os.environ.get(FAULT_ENV, "0") or 0)
+    if jobs:
+        stream = ShardBatches(jobs, decoder, opts.batch_size)
+        workers = min(opts.workers, len(jobs))
+        loader = WorkerLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                              worker_init_fn=_ignore_stop_signals if workers else None)
+        total = sum(s.num_samples or 0 for s in sources)
+        from tqdm.auto import tqdm
+
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=total // w.world_size or None, unit="img", disable=not (progress and w.is_main),
+                   dynamic_ncols=True, mininterval=0.5 if tty else 30, file=sys.stderr)
+        open_: dict[int, ShardOut] = {}
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16")
+        try:
+            for batch in loader:
+                index = batch["shard"]
+                shard = open_.get(index)
+                if shard is None:
+                    shard = open_[index] = ShardOut(out, index, urls[index])
+                shard.bad += batch["bad"]
+                shard.examples = (shard.examples + batch["bad_examples"])[:BAD_EXAMPLES]
+                if batch["image"] is not None:
+                    write_batch(m, batch, shard, cond_key, convert, opts, device, autocast)
+                    bar.update(len(batch["key"]))
+                if batch["last"]:
+                    records.append(open_.pop(index).finish(channels))
+                    write_atomic(out / _progress_name(w.rank),
+                                 json.dumps({"fingerprint": fp, "shards": records}))
+                    if fault and len(records) >= fault:
+                        raise KeyboardInterrupt
+        except BaseException:
+            for shard in open_.values():
+                shard.drop()
+            raise
+        finally:
+            bar.close()
+
+    # rank 0 gathers every rank's records (files, not collectives: a long encode outlives no timeout)
+    if w.world_size > 1:
+        tdist.barrier()
+    result: list = [None, None]
+    if w.is_main:
+        try:
+            result = [None, write_manifest(out, fp, done, model, sources, data, opts, channels, len(urls))]
+        except EncodeError as e:
+            result = [str(e), None]
+    error, manifest = _broadcast(result, w)
+    if held is not None:
+        held.close()
+    if error:
+        raise EncodeError(error)
+    return manifest
+
+
+@torch.no_grad()
+def write_batch(m, batch, shard: ShardOut, cond_key, convert: Converter, opts: EncodeOptions, device, autocast):
+    x = to_model_input(batch["image"], device)
+    cond = batch[cond_key].to(device) if cond_key else None
+    keys = batch["key"]
+    with autocast:
+        fields, stats = latent_fields(m, x, cond)
+        if opts.flip:
+            flipped, flip_stats = latent_fields(m, x.flip(-1), cond)
+            fields.update({f"{k}_flip": v for k, v in flipped.items()})
+    arrays = {k: convert(k, v, keys, shard.url) for k, v in fields.items()}  # every check before any write
+    shard.moments.update(stats[0].float(), None if stats[1] is None else stats[1].float())
+    if opts.flip:
+        shard.moments.update(flip_stats[0].float(), None if flip_stats[1] is None else flip_stats[1].float())
+    cls = batch["cls"].tolist()
+    for i, key in enumerate(keys):
+        sample = {"__key__": key, **{f"{k}.npy": _npy(a[i]) for k, a in arrays.items()}}
+        if cls[i] >= 0:
+            sample["cls"] = str(cls[i]).encode()
+        sample.update(batch["raw"][i])
+        shard.writer.write(sample)
+        shard.count += 1
+
+
+def write_manifest(out: Path, fp: str, inherited: dict[str, dict], model: Model, sources, data, opts: EncodeOptions,
+                   channels: int, num_shards: int) -> dict:
+    """latents.json from every record (inherited from earlier runs and written by the ranks now), then the
+    progress files go."""
+    records = dict(inherited)
+    files = [p for p in out.iterdir() if PROGRESS_RE.match(p.name)]
+    for p in files:
+        progress = _read_json(p)
+        if progress is None or progress.get("fingerprint") != fp:
+            continue
+        records.update({r["name"]: r for r in progress.get("shards", [])})
+    missing = [f"{i:06d}.tar" for i in range(num_shards) if f"{i:06d}.tar" not in records]
+    if missing:
+        raise EncodeError(f"{out}: {len(missing)} shards were not written ({', '.join(missing[:3])}); run the same "
+                          "command again to write them")
+    shards = [records[f"{i:06d}.tar"] for i in range(num_shards)]
+    images = sum(r["images"] for r in shards)
+    sums = [torch.tensor([r[k] for r in shards], dtype=torch.float64).sum(0) for k in ("n", "s1", "s2")]
+    try:
+        stats = stats_from_sums(images, *sums).to_dict()
+    except ValueError as e:
+        raise EncodeError(f"{data}: {e}") from None
+    cfg = model.cfg
+    kind = getattr(model.module, "kind", cfg.model.kind)
+    fields = {"latent.npy": f"c h w {opts.dtype}: " + {
+        "kl": "the posterior mean", "vq": "the latent before quantization", "fsq": "the quantized latent (codes)",
+    }.get(kind, "the latent")}
+    if kind == "kl":
+        fields["std.npy"] = f"c h w {opts.dtype}: the posterior std (z = latent + std * randn)"
+    if kind in ("vq", "fsq"):
+        fields["codes.npy"] = "h w integers: the code indices"
+    if opts.flip:
+        fields.update({k.replace(".npy", "_flip.npy"): "the same, of the mirrored image" for k in list(fields)})
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fp,
+        "model": {"folder": str(model.folder.resolve()), "kind": kind, "weights_digest": model.digest, "ema": opts.ema},
+        "data": data if isinstance(data, str) else list(data),
+        **opts.settings(),
+        "latent_shape": list(model.module.latent_shape(opts.image_size)),
+        "fields": fields,
+        "classes": sources[0].classes,
+        "label_names": sources[0].label_names,
+        "num_samples": sum(r["num_samples"] for r in shards),
+        "num_bad": sum(r["bad"] for r in shards),
+        "latent_stats": stats,
+        "shards": [{k: r[k] for k in ("name", "source", "num_samples", "bad", "bad_examples", "bytes")}
+                   for r in shards],
+    }
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    for p in files:
+        p.unlink(missing_ok=True)
+    return manifest
+
+
+def init_group(w: World) -> None:
+    """The gloo group the ranks meet through (also beside CUDA: only small objects pass)."""
+    if w.world_size > 1 and not tdist.is_initialized():
+        tdist.init_process_group("gloo", timeout=timedelta(hours=24))
+
+
+def rate(images: int, seconds: float) -> str:
+    return f"{images / seconds:.1f} img/s" if seconds > 0 and math.isfinite(seconds) else "-"
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,341 @@
+"""Latent shards (launch/encode.py): what is written equals the model on the same images, read back with
+plain webdataset; an interrupted encoding goes on and ends byte-identical to a straight one; hostile
+folders, inputs and models are one line each; 2 ranks write what 1 does."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import yaml
+from shardgen import image_bytes, make_shards
+
+from harness.config import load_config, to_dict
+from harness.data import eval_batches, to_model_input
+from harness.encode import FAULT_ENV, MANIFEST
+from harness.export import save_safetensors
+from launch.encode import main as encode_main
+from launch.export import main as export_main
+from models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.ch=16", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.norm_groups=8", "model.z_channels=4",
+        "model.embed_dim=4", "model.attn_type=none", "data.image_size=32"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), num_samples=30, per_shard=8, size=40,
+                       label_names=["a", "b", "c"])
+
+
+def save_model(folder: Path, cfg, model) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model.state_dict(), folder / "model.safetensors")
+    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    return folder
+
+
+def tiny(shards, tmp_path_factory, *extra, name="m"):
+    cfg = load_config([], [*TINY, f"data.train={shards}", *extra])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    return save_model(tmp_path_factory.mktemp(name), cfg, model), model
+
+
+@pytest.fixture(scope="module")
+def kl(shards, tmp_path_factory):
+    return tiny(shards, tmp_path_factory)
+
+
+def images(shards, n=30):
+    loader, _ = eval_batches(str(shards), image_size=32, batch_size=64, max_samples=n)
+    batch = next(iter(loader))
+    return batch["key"], to_model_input(batch["image"], "cpu")
+
+
+def read(out: Path, *fields):
+    urls = sorted(str(p) for p in out.glob("*.tar"))
+    return list(wds.WebDataset(urls, shardshuffle=False).decode().to_tuple("__key__", *fields))
+
+
+def encode(*args):
+    return encode_main([str(a) for a in args] + ["--no-progress", "--workers", "0"])
+
+
+def test_kl_latents_equal_the_posterior_and_carry_the_inputs_fields(kl, shards, tmp_path, capsys):
+    folder, model = kl
+    out = tmp_path / "lat"
+    assert encode(folder, "--out", out, "--batch-size", "5", "--dtype", "float32") == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert f"{out}: 30 latents (4x16x16 float32) in 4 shards" in printed
+    assert [s["num_samples"] for s in manifest["shards"]] == [8, 8, 8, 6] and manifest["num_samples"] == 30
+    assert [s["source"] for s in manifest["shards"]] == [str(shards / f"{i:06d}.tar") for i in range(4)]
+    rows = read(out, "latent.npy", "std.npy", "cls", "json")
+    keys, x = images(shards)
+    with torch.no_grad():
+        post = model.posterior(x)
+    assert [r[0] for r in rows] == keys  # input order and keys
+    for i, (key, latent, std, cls, meta) in enumerate(rows):
+        assert latent.dtype == np.float32 and latent.shape == (4, 16, 16)
+        assert np.allclose(latent, post.mean[i].numpy(), atol=1e-5) and np.allclose(std, post.std[i].numpy(), atol=1e-5)
+        assert cls == int(key[1:]) % 4 and meta == {"labels": [int(key[1:]) % 3]}  # passed through unchanged
+    # the statistics are export --latent-stats' over the same images
+    assert export_main([str(folder), "--out", str(tmp_path / "exp"), "--latent-stats", "30", "--workers", "0"]) == 0
+    ref = json.loads((tmp_path / "exp" / "latent_stats.json").read_text())
+    got = manifest["latent_stats"]
+    assert got["num_images"] == 30 and abs(got["scaling_factor"] - ref["scaling_factor"]) < 1e-9
+    assert np.allclose(got["latents_mean"], ref["latents_mean"], atol=1e-9)
+    assert sorted(p.name for p in out.iterdir()) == [".encode.lock", "000000.tar", "000001.tar", "000002.tar",
+                                                     "000003.tar", MANIFEST]  # the progress files are gone
+
+
+def test_float16_is_the_default_and_flip_encodes_the_mirrored_image(kl, shards, tmp_path):
+    folder, model = kl
+    out = tmp_path / "lat"
+    assert encode(folder, "--out", out, "--flip") == 0
+    rows = read(out, "latent.npy", "latent_flip.npy", "std_flip.npy")
+    _, x = images(shards)
+    with torch.no_grad():
+        post, flipped = model.posterior(x), model.posterior(x.flip(-1))
+    assert rows[0][1].dtype == np.float16
+    for i, (_, latent, latent_flip, std_flip) in enumerate(rows):
+        assert np.allclose(latent, post.mean[i].numpy(), atol=2e-3, rtol=1e-3)
+        assert np.allclose(latent_flip, flipped.mean[i].numpy(), atol=2e-3, rtol=1e-3)
+        assert np.allclose(std_flip, flipped.std[i].numpy(), atol=2e-3, rtol=1e-3)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["flip"] and "latent_flip.npy" in manifest["fields"]
+
+
+@pytest.mark.parametrize("kind", ["vq", "fsq"])
+def test_vq_and_fsq_write_the_latent_and_the_codes(kind, shards, tmp_path, tmp_path_factory):
+    extra = ["model.kind=vq", "model.vq_codebook_size=64"] if kind == "vq" else ["model.kind=fsq",
+                                                                                "model.fsq_levels=[5,5,3,3]"]
+    folder, model = tiny(shards, tmp_path_factory, *extra, name=kind)
+    out = tmp_path / "lat"
+    assert encode(folder, "--out", out, "--dtype", "float32") == 0
+    rows = read(out, "latent.npy", "codes.npy")
+    _, x = images(shards)
+    with torch.no_grad():
+        codes = model.encode_indices(x)
+        latent = model.encode_unquantized(x) if kind == "vq" else model.encode(x)
+    for i, (_, lat, code) in enumerate(rows):
+        assert code.dtype == np.int16 and np.array_equal(code, codes[i].numpy())
+        assert np.allclose(lat, latent[i].numpy(), atol=1e-5)
+    assert "codes.npy" in json.loads((out / MANIFEST).read_text())["fields"]
+
+
+def test_an_interrupted_encoding_goes_on_and_ends_as_a_straight_one(kl, tmp_path, monkeypatch, capsys):
+    folder, _ = kl
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    assert encode(folder, "--out", straight) == 0
+    monkeypatch.setenv(FAULT_ENV, "2")  # stopped (as by SIGTERM) after 2 of 4 shards
+    assert encode(folder, "--out", resumed) == 130
+    assert "the finished shards are kept" in capsys.readouterr().err
+    assert sorted(p.name for p in resumed.glob("*.tar")) == ["000000.tar", "000001.tar"]
+    assert not (resumed / MANIFEST).exists() and not list(resumed.glob("*.tmp"))
+    (resumed / "000002.tar.tmp").write_bytes(b"half a shard")  # what a kill -9 leaves
+    monkeypatch.delenv(FAULT_ENV)
+    before = (resumed / "000000.tar").stat().st_mtime_ns
+    assert encode(folder, "--out", resumed) == 0
+    assert (resumed / "000000.tar").stat().st_mtime_ns == before  # kept, not written again
+    for i in range(4):
+        assert (straight / f"{i:06d}.tar").read_bytes() == (resumed / f"{i:06d}.tar").read_bytes()
+    a, b = (json.loads((d / MANIFEST).read_text()) for d in (straight, resumed))
+    assert a["shards"] == b["shards"]
+    assert abs(a["latent_stats"]["scaling_factor"] - b["latent_stats"]["scaling_factor"]) < 1e-12
+    assert not list(resumed.glob("*.tmp")) and not list(resumed.glob(".progress*"))
+    capsys.readouterr()
+    assert encode(folder, "--out", resumed) == 0
+    assert "already complete (30 latents in 4 shards); nothing to do" in capsys.readouterr().err
+
+
+def test_a_shard_damaged_after_its_record_is_written_again(kl, tmp_path, monkeypatch):
+    folder, _ = kl
+    out = tmp_path / "lat"
+    monkeypatch.setenv(FAULT_ENV, "2")
+    assert encode(folder, "--out", out) == 130
+    good = (out / "000001.tar").read_bytes()
+    (out / "000001.tar").write_bytes(good[:1000])  # truncated by something else
+    monkeypatch.delenv(FAULT_ENV)
+    assert encode(folder, "--out", out) == 0
+    assert (out / "000001.tar").read_bytes() == good
+
+
+def test_other_settings_into_the_same_folder_are_refused_until_overwrite(kl, tmp_path, capsys):
+    folder, _ = kl
+    out = tmp_path / "lat"
+    assert encode(folder, "--out", out) == 0
+    capsys.readouterr()
+    assert encode(folder, "--out", out, "--dtype", "float32") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds latents of another model, data or settings; pass --overwrite" in err[0], err
+    assert json.loads((out / MANIFEST).read_text())["dtype"] == "float16"  # untouched
+    assert encode(folder, "--out", out, "--dtype", "float32", "--overwrite") == 0
+    assert json.loads((out / MANIFEST).read_text())["dtype"] == "float32"
+
+
+def test_hostile_output_folders_are_one_line_and_touch_nothing(kl, shards, tmp_path, capsys):
+    folder, _ = kl
+    before = sorted(p.name for p in shards.iterdir())
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    other = make_shards(tmp_path / "other", num_samples=2, per_shard=2)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "train.log").write_text("")
+    cases = {shards: "is the folder of the input shards", shards / "sub": "is inside the folder of the input shards",
+             other: "holds an image shard set (index.json)",
+             tmp_path / "file": "is a file, not a folder",
+             run / "checkpoints" / "lat": "inside the run's checkpoints/ folder",
+             tmp_path / "mine": "holds other files (notes.txt)"}
+    for out, why in cases.items():
+        assert encode(folder, "--out", out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("encode: ") and why in err[0], (out, err)
+    assert sorted(p.name for p in shards.iterdir()) == before and not (shards / "sub").exists()
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_second_encoding_into_a_folder_being_written_is_refused(kl, tmp_path, capsys):
+    import fcntl
+
+    folder, _ = kl
+    out = tmp_path / "lat"
+    out.mkdir()
+    with open(out / ".encode.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert encode(folder, "--out", out) == 2
+    assert "another encoding is writing into this folder right now" in capsys.readouterr().err
+    assert not list(out.glob("*.tar"))
+
+
+def test_bad_samples_and_a_broken_shard_are_counted_and_named(kl, shards, tmp_path, capsys):
+    folder, _ = kl
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in shards.iterdir():
+        (data / p.name).write_bytes(p.read_bytes())
+    with wds.TarWriter(str(data / "000001.tar")) as w:  # one good sample, one that is not an image
+        w.write({"__key__": "good", "jpg": image_bytes(1, 40), "cls": "1", "json": json.dumps({"labels": [0]})})
+        w.write({"__key__": "broken", "jpg": b"not a jpeg", "cls": "2", "json": json.dumps({"labels": [0]})})
+    tail = (data / "000002.tar").read_bytes()
+    (data / "000002.tar").write_bytes(tail[: len(tail) // 2])  # cut off mid-way
+    out = tmp_path / "lat"
+    assert encode(folder, "--data", data, "--out", out) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / MANIFEST).read_text())
+    s = manifest["shards"]
+    assert s[1]["num_samples"] == 1 and s[1]["bad"] == 1 and s[1]["bad_examples"][0].startswith("broken: ")
+    assert s[2]["bad"] == 1 and "tar" in s[2]["bad_examples"][0] and 0 < s[2]["num_samples"] < 8
+    assert manifest["num_bad"] == 2 and "2 bad samples skipped" in printed
+    assert [r[0] for r in read(out, "latent.npy")][8] == "good"
+
+
+def test_a_model_that_gives_nan_or_overflows_float16_is_refused_and_leaves_no_half_shard(shards, tmp_path,
+                                                                                        tmp_path_factory, capsys):
+    folder, model = tiny(shards, tmp_path_factory, name="big")
+    cfg = load_config([], [*TINY, f"data.train={shards}"])
+    with torch.no_grad():
+        model.quant_conv.bias[:4] = 1e6  # the mean: finite in float32, past float16
+    save_model(folder, cfg, model)
+    out = tmp_path / "lat"
+    assert encode(folder, "--out", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "past float16's 65504; encode with --dtype float32" in err[0] and "s00000" in err[0], err
+    assert not list(out.glob("*.tar*"))
+    assert encode(folder, "--out", out, "--dtype", "float32") == 0  # float32 holds it
+    with torch.no_grad():
+        model.quant_conv.weight.fill_(3e38)  # finite weights, inf/NaN activations
+    save_model(folder, cfg, model)
+    capsys.readouterr()
+    out2 = tmp_path / "lat2"
+    assert encode(folder, "--out", out2) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not finite (NaN or inf)" in err[0], err
+    assert not list(out2.glob("*.tar*"))
+
+
+def test_hostile_requests_are_one_line(kl, shards, tmp_path, tmp_path_factory, capsys):
+    folder, _ = kl
+    cases = [
+        ([folder, "--out", tmp_path / "o", "--data", tmp_path / "nowhere"], "nowhere"),
+        ([tmp_path / "nomodel", "--out", tmp_path / "o"], "no such run"),
+        ([folder, "--out", tmp_path / "o", "--image-size", "31"], "--image-size 31"),
+        ([folder, "--out", tmp_path / "o", "--device", "cuda:7"], "--device cuda:7"),
+    ]
+    for args, why in cases:
+        if "cuda" in str(args) and torch.cuda.is_available():
+            continue
+        assert encode(*args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("encode: ") and why in err[0], (args, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_class_conditional_model_encodes_with_each_samples_class(shards, tmp_path, tmp_path_factory):
+    folder, model = tiny(shards, tmp_path_factory, "model.condition=class", "model.num_classes=4", name="cond")
+    out = tmp_path / "lat"
+    assert encode(folder, "--out", out, "--dtype", "float32") == 0
+    loader, _ = eval_batches(str(shards), image_size=32, batch_size=64, max_samples=30)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        mean = model.posterior(to_model_input(batch["image"], "cpu"), batch["cls"]).mean
+        other = model.posterior(to_model_input(batch["image"], "cpu"), (batch["cls"] + 1) % 4).mean
+    latents = torch.from_numpy(np.stack([r[1] for r in read(out, "latent.npy")]))
+    assert torch.allclose(latents, mean, atol=1e-5) and not torch.allclose(latents, other, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_two_ranks_write_what_one_does(kl, tmp_path):
+    folder, _ = kl
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    outs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"out{nproc}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(ROOT / "launch/encode.py"), str(folder), "--out", str(out), "--workers", "1", "--no-progress"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("30 latents") == 1, r.stdout  # rank 0 reports
+        outs[nproc] = out
+    for i in range(4):
+        assert (outs[1] / f"{i:06d}.tar").read_bytes() == (outs[2] / f"{i:06d}.tar").read_bytes()
+    a, b = (json.loads((d / MANIFEST).read_text()) for d in outs.values())
+    assert a["shards"] == b["shards"]
+    assert abs(a["latent_stats"]["scaling_factor"] - b["latent_stats"]["scaling_factor"]) < 1e-12
+
+
+def test_sigterm_mid_way_keeps_the_finished_shards_and_leaves_nothing_half_written(kl, tmp_path):
+    import signal
+    import time
+
+    folder, _ = kl
+    data = make_shards(tmp_path / "data", num_samples=240, per_shard=20, size=40)
+    out = tmp_path / "lat"
+    cmd = [sys.executable, str(ROOT / "launch/encode.py"), str(folder), "--data", str(data), "--out", str(out),
+           "--batch-size", "2", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 120
+    while not (out / "000000.tar").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the encoding finished before the signal")
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("encode: stopped by a signal"), err[-2000:]
+    assert not list(out.glob("*.tmp")) and not (out / MANIFEST).exists()
+    kept = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    assert kept and len(kept) < 12
+    assert encode(folder, "--data", data, "--out", out) == 0
+    assert all((out / name).read_bytes() == b for name, b in kept.items())
+    assert json.loads((out / MANIFEST).read_text())["num_samples"] == 240
