@@ -9,7 +9,7 @@ there; every sample keeps its input key and carries:
     std.npy      KL only: the posterior std (a diffusion step draws z = latent + std * randn)
     codes.npy    VQ/FSQ: the code indices `h w` (int16, int32 past 32767 codes): what a prior trains on
     *_flip.npy   with `flip`: the same for the mirrored image
-    cls, json, txt   the input's, byte for byte
+    cls, json, txt   the input's: cls as its integer, json and txt byte for byte
 
 `latents.json` is written last, so its presence means the set is complete: the model (folder, digest
 of its weights), the settings, each shard (name, input url, samples, bad samples, bytes) and the
@@ -73,7 +73,12 @@ FAULT_ENV = "ENCODE_FAULT_AFTER_SHARDS"  # tests: stop (SIGTERM-like) after this
 
 
 class EncodeError(Exception):
-    """A one-line reason the encoding cannot start or go on; nothing written is lost."""
+    """A one-line reason the encoding cannot start or go on; nothing written is lost. `shared`: every rank
+    raises it (rank 0 says it); else only the rank that met it knows."""
+
+    def __init__(self, message: str, shared: bool = False):
+        super().__init__(message)
+        self.shared = shared
 
 
 @dataclass(frozen=True)
@@ -282,8 +287,9 @@ def prepare(out: Path, fingerprint: str, overwrite: bool) -> tuple[dict[str, dic
     theirs = {p.get("fingerprint") for p in progress} | ({manifest.get("fingerprint")} if manifest else set())
     other = bool(theirs - {fingerprint}) or bool(ours and not theirs)
     if other and not overwrite:
-        raise EncodeError(f"--out {out}: holds latents of another model, data or settings; pass --overwrite to "
-                          "replace them, or choose another folder")
+        raise EncodeError(f"--out {out}: holds latents of another model, data or settings (a run folder gives its "
+                          "newest checkpoint: name the step_N folder to go on with the same weights); pass "
+                          "--overwrite to replace them, or choose another folder")
     if other:
         for n in ours:
             (out / n).unlink(missing_ok=True)
@@ -336,8 +342,10 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
     manifest. Every rank calls it (a gloo group must exist when w.world_size > 1)."""
     sources = heldout_sources(data, model.cfg)
     urls = [u for s in sources for u in s.urls]
-    inputs = sorted({Path(u).resolve().parent for u in urls if "://" not in u and not u.startswith("pipe:")})
-    fp = fingerprint(model.digest, urls, opts)
+    local = lambda u: "://" not in u and not u.startswith("pipe:")  # noqa: E731
+    # the inputs by absolute path: the same encoding run again from another folder is the same encoding
+    fp = fingerprint(model.digest, [str(Path(u).resolve()) if local(u) else u for u in urls], opts)
+    inputs = sorted({Path(u).resolve().parent for u in urls if local(u)})
     held = None
     found: list = [None, {}, None]
     if w.is_main:
@@ -352,7 +360,7 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
             found = [f"--out {out}: cannot write there ({e.strerror or e})", {}, None]
     error, done, manifest = _broadcast(found, w)
     if error:
-        raise EncodeError(error)
+        raise EncodeError(error, shared=True)
     if manifest is not None:
         return {**manifest, "already_complete": True}
 
@@ -366,7 +374,10 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
     decoder = DecodeSpec(opts.image_size, num_classes=len(sources[0].classes),
                          num_labels=len(sources[0].label_names))
     jobs = [(i, u) for i, u in enumerate(urls) if i % w.world_size == w.rank and f"{i:06d}.tar" not in done]
-    records = []
+    # This rank's progress file starts with the finished shards it would have been given: a file an earlier
+    # run (of any world size) wrote under this rank's name is replaced by a superset of what it held.
+    records = [r for name, r in sorted(done.items()) if int(name[:6]) % w.world_size == w.rank]
+    new_records = 0
     fault = int(os.environ.get(FAULT_ENV, "0") or 0)
     if jobs:
         stream = ShardBatches(jobs, decoder, opts.batch_size)
@@ -394,9 +405,10 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
                     bar.update(len(batch["key"]))
                 if batch["last"]:
                     records.append(open_.pop(index).finish(channels))
+                    new_records += 1
                     write_atomic(out / _progress_name(w.rank),
                                  json.dumps({"fingerprint": fp, "shards": records}))
-                    if fault and len(records) >= fault:
+                    if fault and new_records >= fault:
                         raise KeyboardInterrupt
         except BaseException:
             for shard in open_.values():
@@ -418,7 +430,7 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
     if held is not None:
         held.close()
     if error:
-        raise EncodeError(error)
+        raise EncodeError(error, shared=True)
     return manifest
 
 

@@ -107,7 +107,11 @@ def run(args) -> int:
         start = now()
         manifest = encode_shards(Model(module, cfg, folder, weights_digest(module)), data, Path(args.out), opts, w,
                                  torch.device(device), overwrite=args.overwrite, progress=not args.no_progress)
-    except (EncodeError, LoadError, RequestError, DataSourceError, ConfigError) as e:
+    except EncodeError as e:  # one that a single rank met (a NaN latent) is said by that rank
+        if w.is_main or not e.shared:
+            print(f"encode{'' if w.is_main else f' (rank {w.rank})'}: {e}", file=sys.stderr)
+        return 2
+    except (LoadError, RequestError, DataSourceError, ConfigError) as e:
         say(f"encode: {e}")
         return 2
     except OSError as e:  # a write that failed (disk full, permissions) after the checks
