@@ -119,7 +119,9 @@ class Monitor:
             "train/nonfinite_steps": t.totals["nonfinite_steps"],
             "train/overflow_steps": t.totals["overflow_steps"],
             "train/samples_seen": t.samples_seen,
-            "train/epoch": t.step * cfg.train.grad_accum / t.loader.batches_per_epoch,
+            # passes over an epoch's samples (data.epoch_samples or the set), as seen by every rank together:
+            # continuous across a resume on another process count or batch size (a step count is not)
+            "train/epoch": t.samples_seen / (t.loader.batches_per_epoch * t.world.world_size * cfg.train.batch_size),
             "system/peak_memory_gib": peak_memory_gib(t.device),
         })
         for name in ("disc_overflow_steps", "nonfinite_disc_steps"):  # the discriminator's own skips, once any

@@ -9,6 +9,7 @@ ZeRO checkpoint meets another process count it becomes a DeepSpeed universal cop
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def plan(trainer, resume: str | None) -> Start:
         raise ckpt.ResumeError(f"cannot resume {resume_from} in run.dir {run_dir}: that folder has checkpoints of "
                                f"its own ({names}); continue another run's checkpoint in a new run.dir, or "
                                f"--resume latest (or a path under {own}) to continue this one")
-    if check_resumable(trainer, resume_from):
-        return Start(resume_from, universal_copy(run_dir, resume_from, world, trainer.log, trainer.accelerator))
+    check_resumable(trainer, resume_from)
+    if (why := zero_conversion(trainer, resume_from)) is not None:
+        return Start(resume_from, universal_copy(run_dir, resume_from, world, trainer.log, trainer.accelerator, why))
     return Start(resume_from, resume_from)
 
 
@@ -76,7 +78,8 @@ def resolve_on_main(run_dir: Path, resume: str | None, world, log) -> Path | Non
 
 
 def check_resumable(trainer, path: Path) -> bool:
-    """Refuse what cannot resume (one line why); True when a ZeRO checkpoint must first become universal."""
+    """Refuse what cannot resume (one line why); True when a ZeRO checkpoint must first become universal
+    (zero_conversion says why)."""
     cfg = trainer.cfg
     state = ckpt.read_state(path)
     saved_ds, now_ds = scale.is_deepspeed_checkpoint(path), scale.using_deepspeed()
@@ -111,20 +114,42 @@ def check_resumable(trainer, path: Path) -> bool:
                                "run from its weights (train.init_from)")
     check_ema_matches(path, cfg.train.ema_decay)
     discriminator.check_resume_layout(path, state, cfg)
+    return zero_conversion(trainer, path) is not None
+
+
+def zero_conversion(trainer, path: Path) -> str | None:
+    """Why a ZeRO checkpoint must go through DeepSpeed's universal format to load here (another process
+    count, another precision: the engine looks for files named otherwise), or None; a ZeRO stage 3
+    checkpoint under stage 1/2 (or the reverse) is refused: its weights are laid out otherwise even there."""
+    layout = scale.zero_layout(path)
+    if layout is None:
+        return None
+    stage3, bf16 = layout
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    stage = int(plugin.zero_stage) if plugin is not None else None
+    if stage is not None and stage3 != (stage == 3):
+        was = "3" if stage3 else "1 or 2"
+        config = "launch/accelerate/zero3.yaml" if stage3 else "launch/accelerate/zero2.yaml (or zero1.yaml)"
+        raise ckpt.ResumeError(f"cannot resume {path}: it was saved under ZeRO stage {was}, this run is ZeRO stage "
+                               f"{stage}; resume it under {config}, or start a new run from its weights "
+                               f"(train.init_from={path})")
     shards = scale.zero_partitions(path)
-    return bool(shards) and shards != trainer.world.world_size
+    if shards != trainer.world.world_size:
+        return f"saved by {shards} ranks, resuming on {trainer.world.world_size}"
+    now_bf16 = trainer.accelerator.mixed_precision == "bf16"
+    if bf16 != now_bf16:
+        return f"saved {'in bf16' if bf16 else 'without bf16'}, resuming {'in bf16' if now_bf16 else 'without it'}"
+    return None
 
 
-def universal_copy(run_dir: Path, path: Path, world, log, accelerator) -> Path:
+def universal_copy(run_dir: Path, path: Path, world, log, accelerator, why: str) -> Path:
     """Resume a ZeRO checkpoint on another process count: convert it (rank 0) into DeepSpeed's
     universal format under checkpoints/.tmp-universal-*, which the engine then re-partitions.
     Removed after loading (clean_stale) like any other temporary folder."""
-    shards = scale.zero_partitions(path)
     dest = run_dir / "checkpoints" / f".tmp-universal-{path.name}"
     error = [None]
     if world.is_main:
-        log.info(f"{path} was saved by {shards} ranks, resuming on {world.world_size}: "
-                 f"converting it to a DeepSpeed universal checkpoint in {dest}")
+        log.info(f"{path} was {why}: converting it to a DeepSpeed universal checkpoint in {dest}")
         try:
             scale.to_universal(path, dest)
         except Exception as e:  # noqa: BLE001 -- every rank must hear of it, or the others wait forever
@@ -156,7 +181,12 @@ def init_source(path: str, world) -> Path:
 def begin(trainer, start: Start) -> None:
     """Restore the checkpoint (or seed a new run), then tidy the run folder (main process)."""
     if start.resume_from is not None:
-        state = restore(trainer, start)
+        try:
+            state = restore(trainer, start)
+        except BaseException:
+            if start.load_from != start.resume_from and trainer.world.is_main:  # a universal copy: its size is
+                shutil.rmtree(start.load_from, ignore_errors=True)            # the weights and Adam state's
+            raise
         trainer.step, trainer.samples_seen = state["step"], state["samples_seen"]
         trainer.totals.update(state.get("totals", {}))
         if trainer.validator is not None:

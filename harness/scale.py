@@ -125,6 +125,17 @@ def zero_partitions(checkpoint: Path) -> int:
     return len(list(Path(checkpoint).glob("pytorch_model*/*zero_pp_rank_*_optim_states.pt")))
 
 
+def zero_layout(checkpoint: Path) -> tuple[bool, bool] | None:
+    """(stage 3, bf16) of a ZeRO checkpoint as DeepSpeed named its files, or None (no ZeRO optimizer files).
+    Stage 3 keeps one `zero_pp_rank_*_model_states.pt` per rank (stages 1/2 one `mp_rank_00_model_states.pt`);
+    a bf16 engine prefixes its optimizer shards `bf16_`, and loads only files named as it would name them."""
+    optim = list(Path(checkpoint).glob("pytorch_model*/*zero_pp_rank_*_optim_states.pt"))
+    if not optim:
+        return None
+    stage3 = any(Path(checkpoint).glob("pytorch_model*/zero_pp_rank_*_model_states.pt"))
+    return stage3, all(f.name.startswith("bf16_") for f in optim)
+
+
 def is_deepspeed_checkpoint(checkpoint: Path) -> bool:
     return any(p.is_dir() for p in Path(checkpoint).glob("pytorch_model*"))
 

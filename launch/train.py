@@ -181,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # storage failing outside a save (config.yaml at start, a full disk), too many open files
         where = f" ({e.filename})" if e.filename else ""
+        loading = e.filename is not None and "checkpoints" in Path(str(e.filename)).parts
         _say(f"error: {type(e).__name__}: {e.strerror or e}{where}; the checkpoints saved before are intact "
-             "(--resume latest continues from the newest)")
+             + ("(that file is one a checkpoint was expected to hold)" if loading
+                else "(--resume latest continues from the newest)"))
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints), or one before the loop
         _say("interrupted: stopped without a checkpoint of this step; the saved ones are intact "

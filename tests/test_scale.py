@@ -150,6 +150,25 @@ def test_zero2_bf16_trains(shards, tmp_path):
     seen = losses(run)
     assert all(v == v for v in seen) and seen[-1] < seen[0], seen
     assert any((run / "samples").glob("prior_samples_*.png"))  # grids under a bf16 module
+    # DeepSpeed names a bf16 engine's optimizer shards bf16_*, and loads only names it would write: a resume
+    # in another precision goes through the universal copy, and restores what a bf16 resume restores
+    step6 = run / "checkpoints/step_6"
+    for name, launcher in (("same", ("--mixed_precision", "bf16")), ("fp32", ())):
+        r = train("launch/accelerate/zero2.yaml", shards, tmp_path / name, "train.max_steps=8", "--resume", step6,
+                  launcher=launcher)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("saved in bf16, resuming without it: converting it" in r.stderr) == (name == "fp32"), r.stderr[-3000:]
+        assert not list((tmp_path / name / "checkpoints").glob(".tmp-*"))
+    same, fp32 = ({k: float(v) for k, v in (w.split("=") for w in resume_norms(tmp_path / n).split())}
+                  for n in ("same", "fp32"))
+    assert same.keys() == fp32.keys() and all(same[k] == fp32[k] for k in same if k != "weights_norm"), (same, fp32)
+    assert abs(same["weights_norm"] / fp32["weights_norm"] - 1) < 1e-3  # the bf16 module holds rounded weights
+    # another ZeRO stage lays the weights out otherwise: refused in one line before anything is converted
+    r = train("launch/accelerate/zero3.yaml", shards, run, "train.max_steps=8", "--resume", "latest",
+              launcher=("--mixed_precision", "bf16"))
+    assert r.returncode != 0
+    assert f"cannot resume {step6}: it was saved under ZeRO stage 1 or 2, this run is ZeRO stage 3" in r.stderr
+    assert not list((run / "checkpoints").glob(".tmp-*")), r.stderr[-3000:]
 
 
 def test_zero3_offload_trains(shards, tmp_path):

@@ -450,3 +450,15 @@ def test_start_notes_fp32_under_a_deepspeed_yaml_left_at_auto():
     assert precision_notes(trainer(DistributedType.DEEPSPEED, "bf16", "cuda")) == []
     cfg.train.mixed_precision = "no"  # fp32 asked for
     assert precision_notes(trainer(DistributedType.DEEPSPEED, "no", "cuda")) == []
+
+
+def test_epoch_counts_samples_and_continues_across_a_batch_size_change(config, shards, tmp_path):
+    """train/epoch is samples seen over an epoch's samples: a resume with another batch size (or process
+    count) goes on from where it was, where steps * accumulation / batches per epoch would jump."""
+    run = tmp_path / "run"
+    common = ["data.epoch_samples=48", "data.num_workers=0", "log.every_steps=2", "checkpoint.every_steps=4"]
+    assert main(args(config, shards, run, *common, "train.batch_size=4", "train.max_steps=4")) == 0
+    assert main(args(config, shards, run, *common, "train.batch_size=8", "train.max_steps=6",
+                     "--resume", "latest")) == 0
+    epochs = logged(run, "train/epoch")
+    assert epochs == pytest.approx([8 / 48, 16 / 48, (16 + 16) / 48], abs=1e-4), epochs  # (the log keeps 5 digits)
