@@ -55,16 +55,17 @@ from harness.data import (
     heldout_sources,
     to_model_input,
 )
-from harness.dist import World
+from harness.dist import World, all_reduce_sum
 from harness.latents import LatentMoments, stats_from_sums
-from shards.atomic import commit, write_atomic
+from shards.atomic import commit, is_temp_of, write_atomic
 from shards.decode import BadSample, DecodeSpec
 from shards.index import INDEX_NAME
 
 FORMAT = "vae-harness-latents/1"
 MANIFEST = "latents.json"
 LOCK = ".encode.lock"
-PROGRESS_RE = re.compile(r"^\.progress\.(\d+)\.json$")
+PROGRESS_RE = re.compile(r"^\.progress\.(\d+|done)\.json$")
+DONE = ".progress.done.json"  # the finished shards an earlier run left, gathered by rank 0 at the start
 SHARD_RE = re.compile(r"^\d{6}\.tar$")
 TAR_MTIME = 1_600_000_000  # fixed member mtime, as the shard builders: same input -> identical tars
 PASS_THROUGH = ("json", "txt")
@@ -199,6 +200,7 @@ class ShardOut:
         self.path = out / f"{index:06d}.tar"
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.url = url
+        self.source = str(Path(url).resolve()) if _local(url) else url
         self.file = open(self.tmp, "wb")
         self.writer = wds.TarWriter(self.file, encoder=False, mtime=TAR_MTIME)
         self.moments = LatentMoments()
@@ -209,17 +211,21 @@ class ShardOut:
         self.writer.close()  # closes the tar stream; the file is ours to close
         self.file.close()
         commit(self.tmp, self.path)
-        return {"name": self.path.name, "source": self.url, "num_samples": self.count, "bad": self.bad,
+        return {"name": self.path.name, "source": self.source, "num_samples": self.count, "bad": self.bad,
                 "bad_examples": self.examples, "bytes": self.path.stat().st_size,
-                **self.moments.sums(channels)}
+                "sums": self.moments.sums(channels)}
 
     def drop(self) -> None:
         try:
-            self.writer.tarstream.close()  # (else tarfile flushes into the closed file when collected)
-        except Exception:
+            try:
+                self.writer.tarstream.close()  # (else tarfile flushes into the closed file when collected)
+            except Exception:
+                pass
+            self.file.close()  # may fail itself on a full disk (the buffer's last write)
+        except OSError:
             pass
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +264,12 @@ def check_out(out: Path, inputs: list[Path]) -> None:
 
 
 def _ours(name: str) -> bool:
-    return bool(SHARD_RE.match(name) or name == MANIFEST or PROGRESS_RE.match(name) or name.endswith(".tar.tmp"))
+    return bool(SHARD_RE.match(name) or name == MANIFEST or PROGRESS_RE.match(name) or name.endswith(".tar.tmp")
+                or any(is_temp_of(name, n) for n in (MANIFEST, DONE)) or name.startswith(".progress."))
+
+
+def _local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
 
 
 def lock(out: Path):
@@ -276,42 +287,91 @@ def lock(out: Path):
     return f
 
 
-def prepare(out: Path, fingerprint: str, overwrite: bool) -> tuple[dict[str, dict], dict | None]:
+WHAT = {"model": "another model (a run folder gives its newest checkpoint: name the step_N folder to go on with "
+                 "the same weights)",
+        "inputs": "other input shards (other files, or the same files changed since: size or date)",
+        "settings": "other settings (--image-size, --dtype, --flip, --ema, --precision)"}
+
+
+def prepare(out: Path, fp: dict, overwrite: bool) -> tuple[dict[str, dict], dict | None]:
     """Rank 0, under the folder lock: the shards already done ({name: record}) and, when the whole set is
-    already there, its manifest. Latents of another model, data or settings are refused; --overwrite
-    removes them."""
+    already there, its manifest. Latents of another model, inputs or settings are refused (--overwrite
+    removes them). What an earlier run finished is gathered into .progress.done.json (from its progress
+    files and from a latents.json whose set has lost a shard since, which then goes: the set is incomplete)."""
     names = [p.name for p in out.iterdir()]
-    ours = [n for n in names if _ours(n)]
+    for n in names:  # what a killed run was writing: a shard, a manifest, a progress file
+        if n.endswith(".tar.tmp") or any(is_temp_of(n, t) for t in (MANIFEST, DONE)) or (
+                n.startswith(".progress.") and n.endswith(".tmp")):
+            (out / n).unlink(missing_ok=True)
+    names = [p.name for p in out.iterdir()]
     manifest = _read_json(out / MANIFEST)
-    progress = [r for n in names if PROGRESS_RE.match(n) and (r := _read_json(out / n)) is not None]
-    theirs = {p.get("fingerprint") for p in progress} | ({manifest.get("fingerprint")} if manifest else set())
-    other = bool(theirs - {fingerprint}) or bool(ours and not theirs)
-    if other and not overwrite:
-        raise EncodeError(f"--out {out}: holds latents of another model, data or settings (a run folder gives its "
-                          "newest checkpoint: name the step_N folder to go on with the same weights); pass "
-                          "--overwrite to replace them, or choose another folder")
-    if other:
-        for n in ours:
-            (out / n).unlink(missing_ok=True)
+    if manifest is not None and manifest.get("format") != FORMAT:
+        manifest = None
+    progress = [(n, r) for n in names if PROGRESS_RE.match(n) and (r := _read_json(out / n)) is not None]
+    recorded = ([manifest] if manifest else []) + [r for _, r in progress]
+    differ = next((k for k in fp for r in recorded if not isinstance(r.get("fingerprint"), dict)
+                   or r["fingerprint"].get(k) != fp[k]), None)
+    if differ is not None:
+        if not overwrite:
+            raise EncodeError(f"--out {out}: holds latents of {WHAT[differ]}; pass --overwrite to replace them, or "
+                              "choose another folder")
+        for n in names:
+            if _ours(n):
+                (out / n).unlink(missing_ok=True)
         return {}, None
-    for n in names:  # what a killed run was writing
-        if n.endswith(".tar.tmp"):
-            (out / n).unlink(missing_ok=True)
-    if manifest is not None and all((out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
-                                    for s in manifest.get("shards", [])):
-        return {}, manifest
+    records = [*(manifest or {}).get("shards", []), *(r for _, r in progress for r in r.get("shards", []))]
     done = {}
-    for record in (r for p in progress for r in p.get("shards", [])):
-        p = out / record["name"]
-        if p.is_file() and p.stat().st_size == record["bytes"]:
-            done[record["name"]] = record
+    for record in records:
+        path = out / str(record.get("name", ""))
+        if SHARD_RE.match(path.name) and "sums" in record and path.is_file() and path.stat().st_size == record["bytes"]:
+            done[path.name] = record
+    if manifest is not None and all(r["name"] in done for r in manifest["shards"]):
+        for n, _ in progress:  # a kill after latents.json was in place left them
+            (out / n).unlink(missing_ok=True)
+        return {}, manifest
+    if done:  # first all in one file, then the files they came from go
+        write_atomic(out / DONE, json.dumps({"fingerprint": fp, "shards": list(done.values())}))
+    for n, _ in progress:
+        if n != DONE:
+            (out / n).unlink(missing_ok=True)
+    if manifest is not None:  # a shard of the set was lost or damaged since: the set is no longer complete
+        (out / MANIFEST).unlink()
     return done, None
 
 
-def fingerprint(model_digest: str, urls: list[str], opts: EncodeOptions) -> str:
+def fingerprint(model_digest: str, urls: list[str], opts: EncodeOptions) -> dict:
+    """What the shards depend on, in three parts so a refusal can say which differs: the model's weights,
+    the input shards (by absolute path, size and modification time: the same encoding run from another
+    folder is the same, a shard set rebuilt in place is not) and the settings."""
     import hashlib
 
-    return hashlib.sha256(json.dumps([FORMAT, model_digest, urls, opts.settings()]).encode()).hexdigest()[:16]
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+    inputs = []
+    for u in urls:
+        if _local(u):
+            st = os.stat(u) if os.path.exists(u) else None
+            inputs.append([str(Path(u).resolve()), st.st_size if st else None, st.st_mtime_ns if st else None])
+        else:
+            inputs.append([u])
+    return {"model": model_digest, "inputs": digest(inputs), "settings": digest([FORMAT, opts.settings()])}
+
+
+def expected_counts(urls: list[str]) -> list[int | None]:
+    """Each input shard's sample count as its folder's index.json lists it (None: not listed)."""
+    from shards.index import read_index
+
+    counts: dict[str, int] = {}
+    for folder in {Path(u).resolve().parent for u in urls if _local(u)}:
+        try:
+            index = read_index(folder)
+        except ValueError:
+            index = None
+        for shard in (index or {}).get("shards", []):
+            if isinstance(shard, dict) and isinstance(shard.get("num_samples"), int):
+                counts[str(folder / str(shard.get("name")))] = shard["num_samples"]
+    return [counts.get(str(Path(u).resolve())) if _local(u) else None for u in urls]
 
 
 def _broadcast(value, w: World):
@@ -342,10 +402,8 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
     manifest. Every rank calls it (a gloo group must exist when w.world_size > 1)."""
     sources = heldout_sources(data, model.cfg)
     urls = [u for s in sources for u in s.urls]
-    local = lambda u: "://" not in u and not u.startswith("pipe:")  # noqa: E731
-    # the inputs by absolute path: the same encoding run again from another folder is the same encoding
-    fp = fingerprint(model.digest, [str(Path(u).resolve()) if local(u) else u for u in urls], opts)
-    inputs = sorted({Path(u).resolve().parent for u in urls if local(u)})
+    fp = fingerprint(model.digest, urls, opts)
+    inputs = sorted({Path(u).resolve().parent for u in urls if _local(u)})
     held = None
     found: list = [None, {}, None]
     if w.is_main:
@@ -362,7 +420,7 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
     if error:
         raise EncodeError(error, shared=True)
     if manifest is not None:
-        return {**manifest, "already_complete": True}
+        return {**manifest, "already_complete": True, "encoded_now": 0}
 
     m = model.module
     channels = m.latent_shape(opts.image_size)[0]
@@ -374,10 +432,8 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
     decoder = DecodeSpec(opts.image_size, num_classes=len(sources[0].classes),
                          num_labels=len(sources[0].label_names))
     jobs = [(i, u) for i, u in enumerate(urls) if i % w.world_size == w.rank and f"{i:06d}.tar" not in done]
-    # This rank's progress file starts with the finished shards it would have been given: a file an earlier
-    # run (of any world size) wrote under this rank's name is replaced by a superset of what it held.
-    records = [r for name, r in sorted(done.items()) if int(name[:6]) % w.world_size == w.rank]
-    new_records = 0
+    records = []  # this run's, in .progress.<rank>.json (what earlier runs finished is in .progress.done.json)
+    encoded = 0
     fault = int(os.environ.get(FAULT_ENV, "0") or 0)
     if jobs:
         stream = ShardBatches(jobs, decoder, opts.batch_size)
@@ -403,12 +459,12 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
                 if batch["image"] is not None:
                     write_batch(m, batch, shard, cond_key, convert, opts, device, autocast)
                     bar.update(len(batch["key"]))
+                    encoded += len(batch["key"])
                 if batch["last"]:
                     records.append(open_.pop(index).finish(channels))
-                    new_records += 1
                     write_atomic(out / _progress_name(w.rank),
                                  json.dumps({"fingerprint": fp, "shards": records}))
-                    if fault and new_records >= fault:
+                    if fault and len(records) >= fault:
                         raise KeyboardInterrupt
         except BaseException:
             for shard in open_.values():
@@ -418,20 +474,27 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
             bar.close()
 
     # rank 0 gathers every rank's records (files, not collectives: a long encode outlives no timeout)
-    if w.world_size > 1:
-        tdist.barrier()
-    result: list = [None, None]
-    if w.is_main:
-        try:
-            result = [None, write_manifest(out, fp, done, model, sources, data, opts, channels, len(urls))]
-        except EncodeError as e:
-            result = [str(e), None]
-    error, manifest = _broadcast(result, w)
+    try:
+        if w.world_size > 1:
+            tdist.barrier()
+        result: list = [None, None]
+        if w.is_main:
+            try:
+                result = [None, write_manifest(out, fp, done, model, sources, data, opts, channels, urls)]
+            except EncodeError as e:
+                result = [str(e), None]
+        error, manifest = _broadcast(result, w)
+        images = all_reduce_sum([float(encoded)])[0] if w.world_size > 1 else encoded
+    except RuntimeError as e:  # a rank that failed (it says why) broke the group
+        if "gloo" in str(e).lower() or "connection" in str(e).lower():
+            raise EncodeError("another rank stopped (its reason is above); the finished shards are kept, run the "
+                              "same command again to go on", shared=False) from None
+        raise
     if held is not None:
         held.close()
     if error:
         raise EncodeError(error, shared=True)
-    return manifest
+    return {**manifest, "encoded_now": int(images)}
 
 
 @torch.no_grad()
@@ -458,10 +521,10 @@ def write_batch(m, batch, shard: ShardOut, cond_key, convert: Converter, opts: E
         shard.count += 1
 
 
-def write_manifest(out: Path, fp: str, inherited: dict[str, dict], model: Model, sources, data, opts: EncodeOptions,
-                   channels: int, num_shards: int) -> dict:
-    """latents.json from every record (inherited from earlier runs and written by the ranks now), then the
-    progress files go."""
+def write_manifest(out: Path, fp: dict, inherited: dict[str, dict], model: Model, sources, data,
+                   opts: EncodeOptions, channels: int, urls: list[str]) -> dict:
+    """latents.json from every record (what earlier runs finished and what the ranks wrote now), then the
+    progress files go. Each shard keeps its statistics' sums, so a shard lost later is all that is redone."""
     records = dict(inherited)
     files = [p for p in out.iterdir() if PROGRESS_RE.match(p.name)]
     for p in files:
@@ -469,13 +532,16 @@ def write_manifest(out: Path, fp: str, inherited: dict[str, dict], model: Model,
         if progress is None or progress.get("fingerprint") != fp:
             continue
         records.update({r["name"]: r for r in progress.get("shards", [])})
-    missing = [f"{i:06d}.tar" for i in range(num_shards) if f"{i:06d}.tar" not in records]
+    names = [f"{i:06d}.tar" for i in range(len(urls))]
+    missing = [n for n in names if n not in records]
     if missing:
         raise EncodeError(f"{out}: {len(missing)} shards were not written ({', '.join(missing[:3])}); run the same "
                           "command again to write them")
-    shards = [records[f"{i:06d}.tar"] for i in range(num_shards)]
-    images = sum(r["images"] for r in shards)
-    sums = [torch.tensor([r[k] for r in shards], dtype=torch.float64).sum(0) for k in ("n", "s1", "s2")]
+    shards = [records[n] for n in names]
+    for record, expected in zip(shards, expected_counts(urls), strict=True):
+        record["expected"] = expected
+    images = sum(r["sums"]["images"] for r in shards)
+    sums = [torch.tensor([r["sums"][k] for r in shards], dtype=torch.float64).sum(0) for k in ("n", "s1", "s2")]
     try:
         stats = stats_from_sums(images, *sums).to_dict()
     except ValueError as e:
@@ -491,6 +557,8 @@ def write_manifest(out: Path, fp: str, inherited: dict[str, dict], model: Model,
         fields["codes.npy"] = "h w integers: the code indices"
     if opts.flip:
         fields.update({k.replace(".npy", "_flip.npy"): "the same, of the mirrored image" for k in list(fields)})
+    listed = [r["expected"] for r in shards]
+    num_samples = sum(r["num_samples"] for r in shards)
     manifest = {
         "format": FORMAT,
         "fingerprint": fp,
@@ -501,11 +569,14 @@ def write_manifest(out: Path, fp: str, inherited: dict[str, dict], model: Model,
         "fields": fields,
         "classes": sources[0].classes,
         "label_names": sources[0].label_names,
-        "num_samples": sum(r["num_samples"] for r in shards),
+        "num_samples": num_samples,
         "num_bad": sum(r["bad"] for r in shards),
+        # what the inputs' index.json lists (None: a shard it does not list); less num_samples = samples missing,
+        # bad or unread (a shard cut off or emptied after it was built counts one bad sample, whatever it lost)
+        "num_listed": sum(listed) if None not in listed else None,
         "latent_stats": stats,
-        "shards": [{k: r[k] for k in ("name", "source", "num_samples", "bad", "bad_examples", "bytes")}
-                   for r in shards],
+        "shards": [{k: r[k] for k in ("name", "source", "num_samples", "expected", "bad", "bad_examples", "bytes",
+                                      "sums")} for r in shards],
     }
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     for p in files:

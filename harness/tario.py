@@ -205,8 +205,14 @@ def shard_samples(url: str, skipping: Skipping | None = None) -> Iterator[dict |
                     yield current
                     current = None
                 if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current.setdefault(ext, data)  # a duplicate member: the first one counts, as in webdataset
+                    current, duplicate = {"__key__": key, "__url__": url}, False
+                if ext in current:  # two samples under one key (webdataset raises): the second is skipped, said once
+                    if not duplicate:
+                        duplicate = True
+                        yield BadSample(key, url, f"a second {key}.{ext} in the shard (keys must be unique): "
+                                                  "the second sample is skipped")
+                    continue
+                current[ext] = data
     except Exception as exn:
         if not is_data_error(exn):
             raise

@@ -99,12 +99,12 @@ def run(args) -> int:
         if cfg.model.kind == "prior":
             raise RequestError(f"{args.model}: a prior (model.kind=prior) models codes and makes no latents; encode "
                                "with its VQ model (model.prior_vq), whose codes.npy are what it trains on")
-        size = args.image_size or cfg.data.image_size
+        size = cfg.data.image_size if args.image_size is None else args.image_size
         check_image_size(cfg, size)
         opts = EncodeOptions(image_size=size, batch_size=args.batch_size, workers=args.workers, dtype=args.dtype,
                              flip=args.flip, ema=args.ema, precision=args.precision)
         data = args.data or cfg.data.train
-        start = now()
+        start = now()  # (the rate counts what this run encoded)
         manifest = encode_shards(Model(module, cfg, folder, weights_digest(module)), data, Path(args.out), opts, w,
                                  torch.device(device), overwrite=args.overwrite, progress=not args.no_progress)
     except EncodeError as e:  # one that a single rank met (a NaN latent) is said by that rank
@@ -114,9 +114,9 @@ def run(args) -> int:
     except (LoadError, RequestError, DataSourceError, ConfigError) as e:
         say(f"encode: {e}")
         return 2
-    except OSError as e:  # a write that failed (disk full, permissions) after the checks
-        say(f"encode: {e.filename or args.out}: {e.strerror or e}; the finished shards are kept, run the same "
-            "command again to go on")
+    except OSError as e:  # a write that failed (disk full, permissions) after the checks: said by the rank that met it
+        print(f"encode{'' if w.is_main else f' (rank {w.rank})'}: {e.filename or args.out}: {e.strerror or e}; the "
+              "finished shards are kept, run the same command again to go on", file=sys.stderr)
         return 1
     if w.is_main:
         out = Path(args.out)
@@ -126,8 +126,12 @@ def run(args) -> int:
                   "nothing to do", file=sys.stderr)
         shape = "x".join(map(str, manifest["latent_shape"]))
         bad = f"; {manifest['num_bad']} bad samples skipped (named in {out / MANIFEST})" if manifest["num_bad"] else ""
+        listed = manifest.get("num_listed")
+        if listed is not None and listed > manifest["num_samples"]:
+            bad += (f"; {listed - manifest['num_samples']} of the {listed} samples the inputs' index.json lists are "
+                    "not in them (bad, or lost from a shard cut off or emptied since it was built)")
         print(f"{out}: {manifest['num_samples']} latents ({shape} {manifest['dtype']}) in {len(manifest['shards'])} "
-              f"shards{'' if manifest.get('already_complete') else ', ' + rate(manifest['num_samples'], now() - start)}"
+              f"shards{'' if manifest.get('already_complete') else ', ' + rate(manifest['encoded_now'], now() - start)}"
               f"; scaling_factor={stats['scaling_factor']:.5f} shift_factor={stats['shift_factor']:.5f}{bad}")
     return 0
 

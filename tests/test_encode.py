@@ -144,7 +144,8 @@ def test_an_interrupted_encoding_goes_on_and_ends_as_a_straight_one(kl, tmp_path
     monkeypatch.setenv(FAULT_ENV, "1")  # stopped again, after 1 more: the first two stay recorded
     before = (resumed / "000000.tar").stat().st_mtime_ns
     assert encode(folder, "--out", resumed) == 130
-    assert len(json.loads((resumed / ".progress.0.json").read_text())["shards"]) == 3
+    assert len(json.loads((resumed / ".progress.done.json").read_text())["shards"]) == 2  # the earlier run's
+    assert len(json.loads((resumed / ".progress.0.json").read_text())["shards"]) == 1  # this one's
     monkeypatch.delenv(FAULT_ENV)
     assert encode(folder, "--out", resumed) == 0
     assert (resumed / "000000.tar").stat().st_mtime_ns == before  # kept, not written again
@@ -171,16 +172,23 @@ def test_a_shard_damaged_after_its_record_is_written_again(kl, tmp_path, monkeyp
     assert (out / "000001.tar").read_bytes() == good
 
 
-def test_other_settings_into_the_same_folder_are_refused_until_overwrite(kl, tmp_path, capsys):
+def test_other_settings_into_the_same_folder_are_refused_until_overwrite(kl, shards, tmp_path, tmp_path_factory,
+                                                                        capsys):
     folder, _ = kl
+    other, model = tiny(shards, tmp_path_factory, name="other")
+    with torch.no_grad():
+        model.quant_conv.bias.add_(0.1)
+    save_model(other, load_config([], [*TINY, f"data.train={shards}"]), model)
     out = tmp_path / "lat"
     assert encode(folder, "--out", out) == 0
     capsys.readouterr()
     assert encode(folder, "--out", out, "--dtype", "float32") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds latents of another model, data or settings" in err[0], err
+    assert len(err) == 1 and "holds latents of other settings (--image-size, --dtype" in err[0], err
     assert "pass --overwrite" in err[0]
     assert json.loads((out / MANIFEST).read_text())["dtype"] == "float16"  # untouched
+    assert encode(other, "--out", out) == 2
+    assert "holds latents of another model (a run folder gives its newest checkpoint" in capsys.readouterr().err
     assert encode(folder, "--out", out, "--dtype", "float32", "--overwrite") == 0
     assert json.loads((out / MANIFEST).read_text())["dtype"] == "float32"
 
@@ -343,3 +351,91 @@ def test_sigterm_mid_way_keeps_the_finished_shards_and_leaves_nothing_half_writt
     assert encode(folder, "--data", data, "--out", out) == 0
     assert all((out / name).read_bytes() == b for name, b in kept.items())
     assert json.loads((out / MANIFEST).read_text())["num_samples"] == 240
+
+
+def copy_shards(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_input_shards_rebuilt_in_place_are_other_inputs(kl, shards, tmp_path, monkeypatch, capsys):
+    folder, _ = kl
+    data = copy_shards(shards, tmp_path / "data")
+    out = tmp_path / "lat"
+    monkeypatch.setenv(FAULT_ENV, "2")
+    assert encode(folder, "--data", data, "--out", out) == 130
+    monkeypatch.delenv(FAULT_ENV)
+    make_shards(data, num_samples=30, per_shard=8, size=36, label_names=["a", "b", "c"])  # rebuilt: other images
+    capsys.readouterr()
+    assert encode(folder, "--data", data, "--out", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds latents of other input shards" in err[0], err
+    assert encode(folder, "--data", data, "--out", out, "--overwrite") == 0
+    fresh = tmp_path / "fresh"
+    assert encode(folder, "--data", data, "--out", fresh) == 0
+    assert all((out / f"{i:06d}.tar").read_bytes() == (fresh / f"{i:06d}.tar").read_bytes() for i in range(4))
+
+
+def test_a_shard_lost_from_a_complete_set_is_all_that_is_redone(kl, tmp_path, monkeypatch):
+    folder, _ = kl
+    out = tmp_path / "lat"
+    assert encode(folder, "--out", out) == 0
+    whole = {i: (out / f"{i:06d}.tar").read_bytes() for i in range(4)}
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / "000002.tar").unlink()
+    (out / "000003.tar").write_bytes(whole[3][:2000])
+    kept = {i: (out / f"{i:06d}.tar").stat().st_mtime_ns for i in (0, 1)}
+    monkeypatch.setenv(FAULT_ENV, "1")  # stopped after redoing one: the set is not complete, and says so
+    assert encode(folder, "--out", out) == 130
+    assert not (out / MANIFEST).exists()
+    monkeypatch.delenv(FAULT_ENV)
+    assert encode(folder, "--out", out) == 0
+    assert all((out / f"{i:06d}.tar").stat().st_mtime_ns == kept[i] for i in (0, 1))  # not written again
+    assert all((out / f"{i:06d}.tar").read_bytes() == whole[i] for i in range(4))
+    again = json.loads((out / MANIFEST).read_text())
+    assert again["shards"] == manifest["shards"]
+    assert abs(again["latent_stats"]["scaling_factor"] - manifest["latent_stats"]["scaling_factor"]) < 1e-12
+
+
+def test_what_a_kill_leaves_is_cleared_and_the_same_command_goes_on(kl, tmp_path):
+    folder, _ = kl
+    out = tmp_path / "lat"
+    out.mkdir()
+    (out / "000000.tar.tmp").write_bytes(b"half a shard")  # killed in its first shard: no progress yet
+    (out / ".latents.json.123.0123abcd.tmp").write_text("{")  # killed while writing the manifest
+    assert encode(folder, "--out", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".encode.lock", *(f"{i:06d}.tar" for i in range(4)), MANIFEST]
+
+
+def test_records_survive_stops_between_runs(kl, tmp_path, monkeypatch):
+    """What an earlier run finished is gathered into one file at the start, so a run that stops before its
+    own first record (or writes its own under the same rank's name) loses none of it."""
+    folder, _ = kl
+    out = tmp_path / "lat"
+    monkeypatch.setenv(FAULT_ENV, "2")
+    assert encode(folder, "--out", out) == 130
+    first = {i: (out / f"{i:06d}.tar").stat().st_mtime_ns for i in (0, 1)}
+    monkeypatch.setenv(FAULT_ENV, "1")
+    assert encode(folder, "--out", out) == 130
+    assert len(json.loads((out / ".progress.done.json").read_text())["shards"]) == 2
+    assert len(json.loads((out / ".progress.0.json").read_text())["shards"]) == 1
+    third = (out / "000002.tar").stat().st_mtime_ns
+    monkeypatch.delenv(FAULT_ENV)
+    assert encode(folder, "--out", out) == 0
+    assert all((out / f"{i:06d}.tar").stat().st_mtime_ns == first[i] for i in (0, 1))
+    assert (out / "000002.tar").stat().st_mtime_ns == third
+    assert not list(out.glob(".progress*"))
+
+
+def test_samples_lost_from_a_cut_off_or_emptied_shard_are_counted_against_the_index(kl, shards, tmp_path, capsys):
+    folder, _ = kl
+    data = copy_shards(shards, tmp_path / "data")
+    (data / "000001.tar").write_bytes(b"")  # emptied: 8 samples gone, one "bad sample" for the reader
+    out = tmp_path / "lat"
+    assert encode(folder, "--data", data, "--out", out) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["num_listed"] == 30 and manifest["num_samples"] == 22
+    assert manifest["shards"][1]["expected"] == 8 and manifest["shards"][1]["num_samples"] == 0
+    assert "8 of the 30 samples the inputs' index.json lists are not in them" in capsys.readouterr().out

@@ -183,3 +183,15 @@ def test_a_sparse_member_is_the_rest_of_the_shard_bad_never_a_made_up_sample(tmp
     assert len(got) == 1 and isinstance(got[0], BadSample), got  # k0 is cut off with the rest, k2 never read
     assert got[0].shard == str(path) and "sparse member" in got[0].reason and "not supported" in got[0].reason
     assert not any(isinstance(s, dict) and s["__key__"] in ("evil", "k1", "GNUSparseFile.0/k1") for s in got)
+
+
+def test_two_samples_under_one_key_keep_the_first_and_count_the_second_once(tmp_path):
+    """webdataset raises on a key repeated in a row; we keep the first sample and say the second is skipped
+    (it used to vanish without a word)."""
+    members = [("a.jpg", b"first"), ("a.cls", b"1"), ("a.jpg", b"second"), ("a.cls", b"2"), ("b.jpg", b"b")]
+    write_tar(tmp_path / "d.tar", members)
+    items = list(tario.shard_samples(str(tmp_path / "d.tar")))
+    bad = [i for i in items if isinstance(i, BadSample)]
+    good = [i for i in items if not isinstance(i, BadSample)]
+    assert [(g["__key__"], g["jpg"], g.get("cls")) for g in good] == [("a", b"first", b"1"), ("b", b"b", None)]
+    assert len(bad) == 1 and "a second a.jpg in the shard" in bad[0].reason
