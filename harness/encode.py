@@ -54,6 +54,7 @@ from harness.data import (
     decode,
     heldout_sources,
     to_model_input,
+    to_torch,
 )
 from harness.dist import World, all_reduce_sum
 from harness.latents import LatentMoments, stats_from_sums
@@ -137,7 +138,9 @@ class ShardBatches(IterableDataset):
 
     @staticmethod
     def _batch(index, batch, raw, bad, examples, last):
-        out = collate(batch) if batch else {"image": None}
+        # numpy, not tensors: pickled through the pipe, where a tensor would go by file-descriptor passing,
+        # whose sharer thread prints a traceback in a worker when a stop closes the connection under it
+        out = collate(batch, as_numpy=True) if batch else {"image": None}
         return {**out, "shard": index, "last": last, "raw": raw, "bad": bad, "bad_examples": examples}
 
 
@@ -450,6 +453,7 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16")
         try:
             for batch in loader:
+                batch = to_torch(batch)
                 index = batch["shard"]
                 shard = open_.get(index)
                 if shard is None:
