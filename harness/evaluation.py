@@ -14,6 +14,15 @@ all-reduce; means are formed at the end. So validation on N ranks equals validat
                                  the FID Inception network (models/inception.py)
     fd_<net>                     the same Frechet distance in the feature space of our own
                                  perception network (a perception.safetensors): never called FID
+    samples, bad_samples         images reconstructed; samples the loader could not read
+    nonfinite_samples            reconstructions with a NaN or inf (a diverged model): counted, and
+                                 left out of every metric above, so one of them cannot turn a mean
+                                 into NaN or stop the pass; the caller decides what that means
+
+A metric that cannot be formed is left out of the result, never NaN (which JSON cannot hold): a
+Frechet distance of fewer than 2 images, a model term that was never finite, the image metrics when
+no reconstruction was finite (nonfinite_samples says that). `notes` says why for the first two, in
+one line each, the same on every rank.
 """
 
 from __future__ import annotations
@@ -76,7 +85,9 @@ class Evaluator:
         self.ref_stats = ref_stats or {}
         self.sums: dict[str, float] = dict.fromkeys((*BASIC, *(("lpips",) if lpips is not None else ())), 0.0)
         self.model_terms: dict[str, float] = {}
-        self.n = self.bad = 0
+        self.term_skipped: dict[str, float] = {}  # images whose batch gave the term as NaN or inf
+        self.n = self.bad = self.nonfinite = 0
+        self.notes: list[str] = []  # why a metric is left out of the last result()
         self.class_psnr = torch.zeros(len(self.class_names), dtype=torch.float64)
         self.class_count = torch.zeros(len(self.class_names), dtype=torch.float64)
         self.codes = torch.zeros(codebook_size, dtype=torch.float64) if codebook_size else None
@@ -91,7 +102,25 @@ class Evaluator:
         x = to_model_input(batch["image"], self.device)
         cond = batch[cond_key].to(self.device) if cond_key else None
         out = model(x, cond=cond, sample_posterior=False)
-        recon = out.recon.float().clamp(-1, 1)
+        b = x.shape[0]
+        self.n += b
+        for k, v in out.losses.items():  # batch means: a non-finite one is skipped with its images
+            v = float(v)
+            self.model_terms[k] = self.model_terms.get(k, 0.0) + (v * b if math.isfinite(v) else 0.0)
+            self.term_skipped[k] = self.term_skipped.get(k, 0.0) + (0.0 if math.isfinite(v) else b)
+        for f in self.feature_nets:  # the inputs' statistics do not depend on what the model made of them
+            if f.name in self.real:
+                self.real[f.name].update(f.features(x))
+        recon = out.recon.float()
+        finite = torch.isfinite(recon).flatten(1).all(1)  # before the clamp, which makes inf a plain +-1
+        if not finite.all():
+            self.nonfinite += int((~finite).sum())
+            x, recon = x[finite], recon[finite]
+            cond = cond[finite] if cond is not None else None
+            if not len(x):
+                return
+        keep = finite.cpu()
+        recon = recon.clamp(-1, 1)
         b = x.shape[0]
         per_psnr = psnr(x, recon, reduction="none").double()
         self.sums["psnr"] += float(per_psnr.sum())
@@ -100,10 +129,8 @@ class Evaluator:
         self.sums["mse"] += float((recon - x).pow(2).flatten(1).mean(1).sum())
         if self.lpips is not None:
             self.sums["lpips"] += float(self.lpips(recon, x).sum())
-        for k, v in out.losses.items():
-            self.model_terms[k] = self.model_terms.get(k, 0.0) + float(v) * b
         if self.class_names and cond_key == "cls":
-            cls = batch["cls"].clamp(0, len(self.class_names) - 1)
+            cls = batch["cls"][keep].clamp(0, len(self.class_names) - 1)
             self.class_psnr.index_add_(0, cls, per_psnr.cpu())
             self.class_count.index_add_(0, cls, torch.ones(b, dtype=torch.float64))
         if self.codes is not None and hasattr(model, "encode_indices"):
@@ -111,9 +138,6 @@ class Evaluator:
             self.codes += torch.bincount(idx, minlength=len(self.codes)).double()
         for f in self.feature_nets:
             self.fake[f.name].update(f.features(recon))
-            if f.name in self.real:
-                self.real[f.name].update(f.features(x))
-        self.n += b
 
     def result(self, *, distributed: bool = False) -> dict:
         """Means over every image all ranks saw (one all-reduce of the sums when `distributed`)."""
@@ -123,7 +147,8 @@ class Evaluator:
             names = [terms]
             torch.distributed.broadcast_object_list(names, src=0)
             terms = names[0]
-        flat = [self.n, self.bad, *self.sums.values(), *(self.model_terms.get(k, 0.0) for k in terms)]
+        flat = [self.n, self.bad, self.nonfinite, *self.sums.values(), *(self.model_terms.get(k, 0.0) for k in terms),
+                *(self.term_skipped.get(k, 0.0) for k in terms)]
         if distributed:
             flat = all_reduce_sum(flat, self.device)
             self.class_psnr, self.class_count = _reduce_tensor(self.class_psnr, self.device), _reduce_tensor(
@@ -132,13 +157,21 @@ class Evaluator:
                 self.codes = _reduce_tensor(self.codes, self.device)
             for stats in (*self.real.values(), *self.fake.values()):
                 stats.all_reduce()
-        n, bad = int(flat[0]), int(flat[1])
-        out = {"samples": n, "bad_samples": bad}
+        n, bad, nonfinite = (int(v) for v in flat[:3])
+        out = {"samples": n, "bad_samples": bad, "nonfinite_samples": nonfinite}
+        self.notes = []
         if n == 0:
             return out
-        values = flat[2:]
-        out.update({k: v / n for k, v in zip(self.sums, values[: len(self.sums)], strict=True)})
-        out.update({k: v / n for k, v in zip(terms, values[len(self.sums):], strict=True)})
+        values, measured = flat[3:], n - nonfinite
+        if measured:
+            out.update({k: v / measured for k, v in zip(self.sums, values[: len(self.sums)], strict=True)})
+        term_sums, skipped = values[len(self.sums): len(self.sums) + len(terms)], values[len(self.sums) + len(terms):]
+        for k, total, left in zip(terms, term_sums, skipped, strict=True):
+            if left:
+                self.notes.append(f"{k}: not finite (NaN or inf) for {int(left)} of {n} images; "
+                                  + (f"its mean is over the other {n - int(left)}" if left < n else "left out"))
+            if left < n:
+                out[k] = total / (n - left)
         for i, name in enumerate(self.class_names):
             if self.class_count[i] > 0:
                 out[f"psnr_class/{name}"] = float(self.class_psnr[i] / self.class_count[i])
@@ -147,8 +180,11 @@ class Evaluator:
             out["codebook_perplexity"] = math.exp(-float((p[p > 0] * p[p > 0].log()).sum()))
             out["codebook_used"] = float((self.codes > 0).double().mean())
         for f in self.feature_nets:
-            if self.fake[f.name].count < 2:  # a covariance needs two images
-                out[f.name] = float("nan")
+            count = self.fake[f.name].count  # all-reduced above: every rank leaves out the same
+            if count < 2:  # a covariance needs two images
+                read = f"{count} of the {n} reconstructions {'was' if count == 1 else 'were'} finite" if nonfinite \
+                    else f"{count} {'was' if count == 1 else 'were'} read"
+                self.notes.append(f"{f.name} left out: a Frechet distance needs at least 2 images, {read}")
                 continue
             real = self.ref_stats.get(f.name) or self.real[f.name].gaussian()
             out[f.name] = frechet_distance(real, self.fake[f.name].gaussian())

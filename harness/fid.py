@@ -17,7 +17,13 @@ Why it looks like this:
   than dimensions (where scipy's `sqrtm` needs pytorch-fid's eps fallback).
 
 Statistics files (for `--ref-stats`): `.npz` with `mu`, `sigma` (pytorch-fid's `--save-stats` format,
-so its precomputed files work) and our `n`; or `.safetensors` with the same three float64 tensors.
+so its precomputed files work) and ours: `n`, `image_size` and `net_digest` (a digest of the feature
+network's weights file, a fixed-width string array: np.load reads it without pickle); or `.safetensors`
+with the three float64 tensors and `image_size` / `net_digest` in its metadata. Statistics of another
+network or image size do not compare, so what a file records is checked by its reader
+(launch/evaluate.py); a file that records neither (pytorch-fid's) cannot be checked.
+A sigma that is no covariance (not symmetric, or a clearly negative eigenvalue) is refused at load:
+the distance would come out as a number, even a negative one, that means nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ class Gaussian:
 
     mu: torch.Tensor
     sigma: torch.Tensor
-    n: int = 0
+    n: int = 0  # 0: not recorded (pytorch-fid's files)
+    image_size: int = 0  # pixels a side of the images the features were taken of; 0: not recorded
+    net_digest: str = ""  # harness.losses.file_digest of the feature network's weights file; "": not recorded
 
     def save(self, path: str | os.PathLike) -> Path:
         return save_stats(self, path)
@@ -151,20 +159,26 @@ def frechet_distance(g1: Gaussian, g2: Gaussian) -> float:
 
 
 def save_stats(g: Gaussian, path: str | os.PathLike) -> Path:
-    """Write `mu`, `sigma` (float64) and `n`: .npz (pytorch-fid's layout) or .safetensors."""
+    """Write `mu`, `sigma` (float64) and what is recorded of `n`, `image_size` and `net_digest`: .npz
+    (pytorch-fid's layout plus our arrays) or .safetensors (the three numbers in the metadata too)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mu, sigma = g.mu.detach().to("cpu", torch.float64), g.sigma.detach().to("cpu", torch.float64)
+    extra = {k: v for k, v in (("n", g.n), ("image_size", g.image_size), ("net_digest", g.net_digest)) if v}
     if path.suffix == ".npz":
+        arrays = {"mu": mu.numpy(), "sigma": sigma.numpy()}
+        arrays.update({k: np.str_(v) if k == "net_digest" else np.int64(v) for k, v in extra.items()})
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz
-            np.savez(f, mu=mu.numpy(), sigma=sigma.numpy(), n=np.int64(g.n))
+            np.savez(f, **arrays)
     elif path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
+        tensors = {"mu": mu.contiguous(), "sigma": sigma.contiguous()}
+        if g.n:
+            tensors["n"] = torch.tensor([g.n], dtype=torch.int64)
         with atomic_path(path) as tmp:  # readable like the .npz (safetensors makes files 0600), never half written
-            save_file({"mu": mu.contiguous(), "sigma": sigma.contiguous(),
-                       "n": torch.tensor([g.n], dtype=torch.int64)}, str(tmp),
-                      metadata={"format": "vae-harness-feature-stats/1"})
+            save_file(tensors, str(tmp), metadata={"format": "vae-harness-feature-stats/1",
+                                                   **{k: str(v) for k, v in extra.items()}})
     else:
         raise StatsFileError(f"{path}: statistics are written as .npz or .safetensors, "
                              f"not {path.suffix or 'no suffix'!r}")
@@ -172,7 +186,9 @@ def save_stats(g: Gaussian, path: str | os.PathLike) -> Path:
 
 
 def load_stats(path: str | os.PathLike) -> Gaussian:
-    """Read statistics written by `save_stats` or pytorch-fid's `--save-stats` (.npz with mu, sigma)."""
+    """Read statistics written by `save_stats` or pytorch-fid's `--save-stats` (.npz with mu, sigma), with
+    what they record of n, image size and network digest. Refused in one line: a sigma that is no
+    covariance, and a recorded n below 2."""
     path = Path(path)
     if not path.is_file():
         raise StatsFileError(f"{path}: no such statistics file")
@@ -180,11 +196,14 @@ def load_stats(path: str | os.PathLike) -> Gaussian:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-            arrays = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+            meta = {k: str(arrays.pop(k).reshape(-1)[0]) for k in ("image_size", "net_digest") if k in arrays}
         elif path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
             arrays = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                meta = {k: v for k, v in (f.metadata() or {}).items() if k in ("image_size", "net_digest")}
         else:
             raise StatsFileError(f"{path}: statistics files are .npz or .safetensors, "
                                  f"not {path.suffix or 'no suffix'!r}")
@@ -193,11 +212,41 @@ def load_stats(path: str | os.PathLike) -> Gaussian:
     except Exception as e:  # noqa: BLE001 - numpy / safetensors raise their own types for broken files
         raise StatsFileError(f"{path}: not a readable statistics file ({type(e).__name__}: {e})") from None
     if "mu" not in arrays or "sigma" not in arrays:
-        raise StatsFileError(f"{path}: needs arrays 'mu' and 'sigma', has {sorted(arrays)}")
-    mu, sigma = arrays["mu"].to(torch.float64).reshape(-1), arrays["sigma"].to(torch.float64)
+        names = sorted(arrays)  # a wrong file (a network's weights) may hold hundreds: the first few say enough
+        listed = ", ".join(repr(k) for k in names[:5]) + (f", ... {len(names) - 5} more" if len(names) > 5 else "")
+        raise StatsFileError(f"{path}: needs arrays 'mu' and 'sigma', has {listed or 'none'}")
+    try:
+        mu, sigma = (torch.as_tensor(np.asarray(arrays[k])).to(torch.float64) for k in ("mu", "sigma"))
+        n = int(np.asarray(arrays["n"]).reshape(-1)[0]) if "n" in arrays else None
+    except (TypeError, ValueError, IndexError, RuntimeError) as e:  # strings, or an empty n
+        raise StatsFileError(f"{path}: mu, sigma and n must be numbers ({type(e).__name__}: {e})") from None
+    mu = mu.reshape(-1)
+    if not mu.numel():
+        raise StatsFileError(f"{path}: mu is empty")
     if sigma.shape != (mu.shape[0], mu.shape[0]):
         raise StatsFileError(f"{path}: sigma {tuple(sigma.shape)} does not fit mu {tuple(mu.shape)}")
     if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
         raise StatsFileError(f"{path}: mu or sigma holds non-finite values (NaN or inf)")
-    n = int(arrays["n"].reshape(-1)[0]) if "n" in arrays else 0
-    return Gaussian(mu, sigma, n)
+    if n is not None and n < 2:
+        raise StatsFileError(f"{path}: the statistics of {n} image(s): a covariance needs at least 2")
+    _check_covariance(path, sigma)
+    image_size = meta.get("image_size", "0")
+    if not image_size.isdigit():
+        raise StatsFileError(f"{path}: image_size {image_size!r} is not a number of pixels")
+    return Gaussian(mu, sigma, n or 0, int(image_size), meta.get("net_digest", ""))
+
+
+def _check_covariance(path: Path, sigma: torch.Tensor) -> None:
+    """A covariance is symmetric positive semi-definite. The tolerances pass the rounding of statistics
+    summed in float64 (relative 1e-16 and far below), not a matrix that is no covariance: with a
+    negative eigenvalue the trace term is no distance (sigma = -I gave an rfid of -1481, which reads
+    as a very good score)."""
+    scale = float(sigma.abs().max())
+    asym = float((sigma - sigma.T).abs().max())
+    if asym > 1e-6 * scale:
+        raise StatsFileError(f"{path}: sigma is not symmetric (|sigma - sigma^T| up to {asym:.3g}, entries up to "
+                             f"{scale:.3g}): not a covariance")
+    w = torch.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if len(w) and float(w.min()) < -1e-6 * float(w.abs().max()):
+        raise StatsFileError(f"{path}: sigma has a negative eigenvalue ({float(w.min()):.3g}, the largest in size is "
+                             f"{float(w.abs().max()):.3g}): not a covariance")

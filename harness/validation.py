@@ -96,6 +96,13 @@ class Validator:
             trainer.log.info(f"validation at step {trainer.step}: data.val ({cfg.data.val}) gave no readable "
                              "sample (bad or empty shards); nothing measured, no best")
             return {}
+        # A diverged model or a tiny data.val is no reason to stop training: a note, and the metrics that
+        # could be formed. Every rank has the same all-reduced counts, so none raises or skips alone.
+        if bad := result["nonfinite_samples"]:
+            trainer.log.info(f"note: validation at step {trainer.step}: {bad} of {result['samples']} reconstructions "
+                             "are not finite (NaN or inf): the model diverged; they are left out of every metric")
+        for note in ev.notes:
+            trainer.log.info(f"note: validation at step {trainer.step}: {note}")
         shown = {f"val/{k}": v for k, v in result.items() if not k.startswith("psnr_class/")}
         per_class = [k for k in result if k.startswith("psnr_class/")][: cfg.log.class_rows]
         shown.update({f"val/{k}": result[k] for k in per_class})
@@ -108,8 +115,8 @@ class Validator:
 
     def improved(self, result: dict, step: int) -> bool:
         metric = self.cfg.eval.best_metric
-        if not metric or metric not in result:
-            return False
+        if not metric or metric not in result or result.get("nonfinite_samples"):
+            return False  # (a model that gives NaN on some images is no best, whatever the rest measure)
         # A best by another metric (eval.best_metric changed at resume) is no yardstick for this one.
         old = self.best["value"] if self.best and self.best.get("metric") == metric else None
         if better(metric, result[metric], old):

@@ -9,6 +9,13 @@ reference weights LPIPS, rFID and fd_<net> (harness/evaluation.py: the code vali
 
 Every sample is read once (center crop at the training resolution), reconstructed from the
 posterior mean (VQ: the quantized latent). Prints a table; `--json` also writes the numbers.
+
+What the pass computed is printed (and written) before anything about it is refused: a metric that
+cannot be formed (a Frechet distance of 1 image) is left out with a `note:`; reconstructions that are
+not finite (a diverged model) are counted in nonfinite_samples, left out of the metrics, and make
+the exit status 2, as does --save-ref-stats of fewer than 2 images. --ref-stats record the image size
+and the Inception file they were made with (--save-ref-stats): another of either is refused before
+the pass.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch  # noqa: E402
 from harness.config import ConfigError  # noqa: E402
 from harness.data import condition_field, eval_batches  # noqa: E402
 from harness.evaluation import Evaluator, fid_net, perception_fd_net  # noqa: E402
-from harness.fid import load_stats  # noqa: E402
+from harness.fid import Gaussian, StatsFileError, load_stats  # noqa: E402
 from harness.inference import (  # noqa: E402
     LoadError,
     RequestError,
@@ -37,6 +44,7 @@ from harness.inference import (  # noqa: E402
     load_model,
     out_of_memory,
 )
+from harness.losses import file_digest  # noqa: E402
 from models.lpips import LPIPS  # noqa: E402
 from models.lpips import MIN_SIZE as LPIPS_MIN_SIZE  # noqa: E402
 from shards.atomic import write_atomic  # noqa: E402
@@ -95,9 +103,11 @@ def check_request(args) -> None:
 
 
 @torch.no_grad()
-def evaluate(args) -> tuple[dict, object]:
-    """The metrics, and the inputs' Inception statistics for --save-ref-stats (None without it): written by
-    `main` after the metrics are printed, so a failed write loses neither."""
+def evaluate(args) -> tuple[dict, Gaussian | None, list[str], list[str]]:
+    """The metrics; the inputs' Inception statistics for --save-ref-stats (None without it), written by
+    `main` after the metrics are printed, so a failed write loses neither; the notes (metrics left out);
+    and the errors found in the result (non-finite reconstructions, too few images to save statistics
+    of), said by `main` after the numbers and the files, with exit status 2."""
     check_request(args)
     model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device)
     if cfg.model.kind == "prior":  # no reconstructions of its own: its loss/ce is in the run's log
@@ -119,13 +129,18 @@ def evaluate(args) -> tuple[dict, object]:
         nets = [fid_net(args.fid_weights, args.device)] if args.fid_weights else []
         nets += [perception_fd_net(args.fd_net, args.device)] if args.fd_net else []
         lpips = LPIPS.from_files(args.lpips_vgg, args.lpips_lin, device=args.device) if args.lpips else None
-        ref = {"rfid": load_stats(args.ref_stats)} if args.ref_stats else None
     except (ValueError, OSError) as e:
         raise LoadError(str(e)) from None
+    try:
+        ref = {"rfid": load_stats(args.ref_stats)} if args.ref_stats else None
+    except StatsFileError as e:  # its own line names the file; the option says what it was given as
+        raise LoadError(f"--ref-stats {e}") from None
     if ref and ref["rfid"].mu.shape[0] != nets[0].dim:  # found now, not after the whole pass
         raise LoadError(f"--ref-stats {args.ref_stats}: {ref['rfid'].mu.shape[0]}-d statistics, but the FID Inception "
                         f"gives {nets[0].dim}-d features (pytorch-fid --dims {ref['rfid'].mu.shape[0]}?): make them "
                         "with --save-ref-stats, or pytorch-fid's --save-stats at its default --dims 2048")
+    if ref:
+        check_ref_stats(args, ref["rfid"], size)
     quantizer = getattr(model, "quantizer", None)
     ev = Evaluator(device=args.device, class_names=sources[0].classes if cond_key == "cls" else [], lpips=lpips,
                    feature_nets=nets, ref_stats=ref, codebook_size=getattr(quantizer, "codebook_size", 0))
@@ -135,21 +150,43 @@ def evaluate(args) -> tuple[dict, object]:
     metrics = ev.result()
     if metrics["samples"] == 0:
         raise DataSourceError(f"{data}: no readable samples")
-    stats = None
-    if args.save_ref_stats and "rfid" in ev.real:
-        try:
-            stats = ev.real_stats()["rfid"]
-        except ValueError as e:  # fewer than 2 readable images
-            raise DataSourceError(f"--save-ref-stats {args.save_ref_stats}: {e}") from None
     result = {"checkpoint": str(folder), "data": data, "image_size": size, "ema": args.ema, **metrics}
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    return result, stats
+    stats, errors = None, []
+    if metrics["nonfinite_samples"]:
+        n, bad = metrics["samples"], metrics["nonfinite_samples"]
+        errors.append(f"{bad} of {n} reconstructions are not finite (NaN or inf): the model diverged; "
+                      + ("the metrics above leave them out" if bad < n else "no reconstruction metric could be formed"))
+    if args.save_ref_stats and "rfid" in ev.real:
+        if (count := ev.real["rfid"].count) < 2:
+            errors.append(f"--save-ref-stats {args.save_ref_stats}: a covariance needs at least 2 images, {count} "
+                          f"{'was' if count == 1 else 'were'} read; nothing written")
+        else:
+            stats = ev.real_stats()["rfid"]
+            stats.image_size, stats.net_digest = size, file_digest(args.fid_weights)
+    return result, stats, ev.notes, errors
+
+
+def check_ref_stats(args, ref: Gaussian, size: int) -> None:
+    """Statistics of another image size or Inception file do not compare: refused before the pass. A file
+    that does not record them (pytorch-fid's --save-stats) is used, with a note that it cannot be checked."""
+    if ref.image_size and ref.image_size != size:
+        raise LoadError(f"--ref-stats {args.ref_stats}: statistics of {ref.image_size} px images, but this evaluation "
+                        f"reads {size} px (--image-size): make them at {size} px with --save-ref-stats")
+    if ref.net_digest and ref.net_digest != (digest := file_digest(args.fid_weights)):
+        raise LoadError(f"--ref-stats {args.ref_stats}: made with the Inception file of digest {ref.net_digest}, but "
+                        f"--fid-weights {args.fid_weights} has digest {digest}: features of another network "
+                        "do not compare")
+    unknown = [what for what, known in (("network", ref.net_digest), ("image size", ref.image_size)) if not known]
+    if unknown:
+        print(f"note: --ref-stats {args.ref_stats} does not record its {' and '.join(unknown)} (pytorch-fid's "
+              f"--save-stats?): {'they' if len(unknown) > 1 else 'it'} cannot be checked", file=sys.stderr)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        result, stats = evaluate(args)
+        result, stats, notes, errors = evaluate(args)
     except (LoadError, DataSourceError, RequestError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -161,6 +198,8 @@ def main(argv=None) -> int:
     width = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     writes = [("--save-ref-stats", args.save_ref_stats, stats.save)] if stats is not None else []
     if args.json:
         writes.append(("--json", args.json, lambda p: write_atomic(p, json.dumps(result, indent=1))))
@@ -172,7 +211,13 @@ def main(argv=None) -> int:
         except OSError as e:  # checked before the work (the disk filled meanwhile?): the numbers are printed above
             print(f"error: {option} {path}: {cannot_write(e, Path(path))}", file=sys.stderr)
             failed = 1
-    return failed
+        else:
+            if option == "--save-ref-stats":
+                print(f"wrote {path} (Inception statistics of {stats.n} images at {stats.image_size} px)",
+                      file=sys.stderr)
+    for error in errors:  # after the numbers and the files: a refusal here loses nothing computed
+        print(f"error: {error}", file=sys.stderr)
+    return 2 if errors else failed
 
 
 if __name__ == "__main__":
