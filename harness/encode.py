@@ -600,3 +600,86 @@ def rate(images: int, seconds: float) -> str:
 
 def now() -> float:
     return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------------------------
+# reading latents back (launch/sample.py decode)
+
+
+def _one_tensor(found: dict, path: Path) -> torch.Tensor:
+    tensors = {k: v for k, v in found.items() if isinstance(v, torch.Tensor)}
+    for name in ("latents", "latent", "codes"):
+        if name in tensors:
+            return tensors[name]
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    names = sorted(tensors)
+    listed = ", ".join(names[:5]) + (f", ... {len(names) - 5} more" if len(names) > 5 else "")
+    raise EncodeError(f"{path}: holds {len(names)} tensors ({listed or 'none'}); give a file with one, or one "
+                      "named latents")
+
+
+def read_latents(path: str | Path, limit: int) -> tuple[torch.Tensor, list[int] | None, dict | None]:
+    """Up to `limit` latents `b c h w` (float32; integer codes `b h w` stay integers) from a .npy, a
+    .safetensors or a .pt file, or from a folder of latent shards (its latents.json); with the shards'
+    classes (None from a file) and the folder's manifest (None from a file). Pickles are refused."""
+    path = Path(path)
+    cls = manifest = None
+    if path.is_dir():
+        manifest = _read_json(path / MANIFEST)
+        if manifest is None or manifest.get("format") != FORMAT:
+            raise EncodeError(f"{path}: not a folder of latent shards (no readable {MANIFEST}: launch/encode.py "
+                              "writes one when the set is complete)")
+        arrays, cls = [], []
+        for shard in manifest["shards"]:
+            for item in tario.shard_samples(str(path / shard["name"])):
+                if isinstance(item, BadSample) or "latent.npy" not in item:
+                    continue
+                arrays.append(np.lib.format.read_array(io.BytesIO(item["latent.npy"]), allow_pickle=False))
+                cls.append(int(item["cls"]) if "cls" in item else -1)
+                if len(arrays) == limit:
+                    break
+            if len(arrays) == limit:
+                break
+        if not arrays:
+            raise EncodeError(f"{path}: its shards hold no readable latent.npy")
+        return torch.from_numpy(np.stack(arrays)).float(), cls, manifest
+    if not path.is_file():
+        raise EncodeError(f"{path}: no such file or folder")
+    try:
+        if path.suffix == ".npy":
+            t = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            t = _one_tensor(load_file(str(path)), path)
+        elif path.suffix in (".pt", ".pth"):
+            found = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(found, torch.Tensor):
+                found = _one_tensor(found if isinstance(found, dict) else {}, path)
+            t = found
+        else:
+            raise EncodeError(f"{path}: latents are read from .npy, .safetensors or .pt files, or a folder of latent "
+                              "shards")
+    except EncodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy, safetensors and torch raise their own types for broken files
+        raise EncodeError(f"{path}: not a readable latent file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+            from None
+    if t.is_floating_point() or t.is_complex():
+        if t.is_complex():
+            raise EncodeError(f"{path}: complex values are no latents")
+        t = t.float()
+        if t.dim() == 3:
+            t = t[None]
+        if t.dim() != 4:
+            raise EncodeError(f"{path}: latents of shape {tuple(t.shape)}; need `b c h w` (or one `c h w`)")
+    else:
+        t = t.long()
+        if t.dim() == 2:
+            t = t[None]
+        if t.dim() != 3:
+            raise EncodeError(f"{path}: integer codes of shape {tuple(t.shape)}; need `b h w` (or one `h w`)")
+    if t.shape[0] == 0 or any(d == 0 for d in t.shape):
+        raise EncodeError(f"{path}: holds no latent (shape {tuple(t.shape)})")
+    return t[:limit], cls, manifest

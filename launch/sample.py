@@ -6,9 +6,16 @@
     python launch/sample.py runs/cond classes --rows 10 --n 8 --out classes.png
     python launch/sample.py runs/cond sample --cls 3 --n 8                  # one class
     python launch/sample.py runs/vq_prior sample --temperature 0.9 --top-k 50  # a VQ model's prior run
+    python launch/sample.py runs/kl decode --latents z.npy --stats latents/in256/latents.json  # a diffusion model's
+    python launch/sample.py runs/kl decode --latents latents/in256                 # encoded shards, decoded back
 
 MODEL is a run folder (newest checkpoint), a checkpoint folder or an exported folder. `--ema` uses
 the EMA weights. Output: one PNG grid (inputs above reconstructions for `reconstruct`).
+`decode` turns latents back into images: a .npy/.safetensors/.pt file (`b c h w`, or integer codes
+`b h w` of a VQ/FSQ model) or a folder of latent shards (launch/encode.py), --n per row, --rows rows.
+Latents a diffusion model made are normalised, (z - shift_factor) * scaling_factor: --stats names the
+latents.json (or export's latent_stats.json) their factors come from, or give --scaling-factor and
+--shift-factor. A VQ model's float latents are quantized first, as diffusers' VQModel.decode does.
 A VQ/FSQ model samples through a prior trained on its codes (launch/configs/vq_prior.yaml): give the
 prior's run; its VQ model is read from the prior's `model.prior_vq`.
 """
@@ -47,7 +54,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="run folder, checkpoint folder or exported folder")
-    p.add_argument("mode", choices=["sample", "reconstruct", "interpolate", "classes"])
+    p.add_argument("mode", choices=["sample", "reconstruct", "interpolate", "classes", "decode"])
     p.add_argument("--out", default=None, help="PNG to write (default: <mode>.png)")
     p.add_argument("--n", type=int, default=8, help="images per row")
     p.add_argument("--rows", type=int, default=4, help="rows (interpolate, classes)")
@@ -62,6 +69,10 @@ def parse_args(argv):
                    help="a VQ prior run: softmax temperature of each code draw (default 1; 0 = most likely code)")
     p.add_argument("--top-k", type=int, default=None,
                    help="a VQ prior run: draw each code among the k most likely (default 0 = all)")
+    p.add_argument("--latents", default=None, help="decode: a .npy/.safetensors/.pt file or a folder of latent shards")
+    p.add_argument("--stats", default=None, help="decode: latents.json or latent_stats.json of normalised latents")
+    p.add_argument("--scaling-factor", type=float, default=None, help="decode: the latents are z * this (and ...)")
+    p.add_argument("--shift-factor", type=float, default=None, help="decode: ... (z - this) * scaling factor")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -119,16 +130,112 @@ def check_request(args) -> Path:
         raise RequestError(f"--image-size {args.image_size}: need a positive number of pixels")
     if not 0 <= args.seed < 2**63:
         raise RequestError(f"--seed {args.seed}: need 0 <= seed < 2^63")
-    if args.cls is not None and args.mode != "sample":  # it would be left unused without a word
+    if args.cls is not None and args.mode not in ("sample", "decode"):  # it would be left unused without a word
         raise RequestError(f"--cls: for `sample`; `{args.mode}` "
                            + ("draws a row per class" if args.mode == "classes" else "conditions each image on its "
                               "own class from the shards"))
+    decoding = [o for o, v in (("--latents", args.latents), ("--stats", args.stats),
+                               ("--scaling-factor", args.scaling_factor), ("--shift-factor", args.shift_factor))
+                if v is not None]
+    if decoding and args.mode != "decode":
+        raise RequestError(f"{decoding[0]}: for `decode`")
+    if args.mode == "decode":
+        if args.latents is None:
+            raise RequestError("decode: give --latents (a .npy/.safetensors/.pt file, or a folder of latent shards)")
+        if args.stats and (args.scaling_factor is not None or args.shift_factor is not None):
+            raise RequestError("--stats, or --scaling-factor/--shift-factor: one or the other")
+        if args.scaling_factor is not None and not (math.isfinite(args.scaling_factor) and args.scaling_factor > 0):
+            raise RequestError(f"--scaling-factor {args.scaling_factor}: need a finite number > 0")
+        if args.shift_factor is not None and not math.isfinite(args.shift_factor):
+            raise RequestError(f"--shift-factor {args.shift_factor}: need a finite number")
+        if args.data or args.image_size:
+            raise RequestError(f"{'--data' if args.data else '--image-size'}: `decode` reads --latents; their size "
+                               "gives the images'")
     draws = [o for o, v in (("--temperature", args.temperature), ("--top-k", args.top_k)) if v is not None]
-    if draws and args.mode in ("reconstruct", "interpolate"):  # as --cls: it would be left unused without a word
+    if draws and args.mode in ("reconstruct", "interpolate", "decode"):  # as --cls: left unused without a word
         raise RequestError(f"{draws[0]}: for `sample` and `classes`, where a prior run draws codes; `{args.mode}` "
                            "encodes and decodes the images it is given, drawing none")
     check_device(args.device)
     return writable_png(Path(args.out or f"{args.mode}.png"))
+
+
+def unscaling(args) -> tuple[float, float] | None:
+    """(scaling_factor, shift_factor) the latents were normalised with, or None (raw latents)."""
+    if args.stats:
+        import json
+
+        try:
+            found = json.loads(Path(args.stats).read_text())
+        except (OSError, ValueError) as e:
+            why = getattr(e, "strerror", None) or e
+            raise RequestError(f"--stats {args.stats}: not readable JSON ({why})") from None
+        found = found.get("latent_stats", found) if isinstance(found, dict) else {}
+        scale, shift = found.get("scaling_factor"), found.get("shift_factor", 0.0)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (scale, shift)) or scale <= 0:
+            raise RequestError(f"--stats {args.stats}: no finite scaling_factor > 0 and shift_factor in it (a "
+                               "latents.json of launch/encode.py, or the latent_stats.json of export --latent-stats)")
+        return float(scale), float(shift)
+    if args.scaling_factor is None and args.shift_factor is None:
+        return None
+    return (1.0 if args.scaling_factor is None else args.scaling_factor), (args.shift_factor or 0.0)
+
+
+def decode_rows(args, model, cfg) -> list[torch.Tensor]:
+    """--n x --rows latents of --latents decoded, one grid row per --n (the last filled with white)."""
+    from harness.encode import EncodeError, read_latents
+
+    try:
+        z, cls, _ = read_latents(args.latents, args.n * args.rows)
+    except EncodeError as e:
+        raise RequestError(f"--latents {e}") from None
+    codes = not z.is_floating_point()
+    if codes and not hasattr(model, "decode_indices"):
+        raise RequestError(f"--latents {args.latents}: integer codes, but model.kind={cfg.model.kind} has no codebook "
+                           "(a KL model decodes float latents `b c h w`)")
+    channels = model.latent_shape(cfg.data.image_size)[0]
+    if not codes and z.shape[1] != channels:
+        raise RequestError(f"--latents {args.latents}: {z.shape[1]} latent channels, the model's latent has "
+                           f"{channels} (shape {tuple(z.shape)}: `b c h w` expected)")
+    if not codes and not torch.isfinite(z).all():
+        raise RequestError(f"--latents {args.latents}: holds NaN or inf")
+    if codes and (z.min() < 0 or z.max() >= model.quantizer.codebook_size):
+        raise RequestError(f"--latents {args.latents}: codes {int(z.min())}..{int(z.max())}, outside the codebook "
+                           f"(0..{model.quantizer.codebook_size - 1})")
+    if (factors := unscaling(args)) is not None:
+        if codes:
+            raise RequestError("--stats/--scaling-factor: integer codes are not normalised")
+        scale, shift = factors
+        z = z / scale + shift
+    z = z.to(args.device)
+    cond = None
+    if model.condition == "class":
+        if args.cls is not None:
+            if not 0 <= args.cls < cfg.model.num_classes:
+                raise RequestError(f"--cls {args.cls}: the model has model.num_classes={cfg.model.num_classes}")
+            cond = torch.full((len(z),), args.cls, dtype=torch.long, device=args.device)
+        elif cls is not None and min(cls) >= 0:
+            cond = torch.tensor(cls, dtype=torch.long, device=args.device).clamp(max=cfg.model.num_classes - 1)
+        else:
+            raise RequestError("a class-conditional model decodes with a class: give --cls N (latent shards carry "
+                               "theirs)")
+    elif model.condition == "multilabel":
+        raise RequestError("decode: a multilabel-conditional model needs each latent's labels, which --latents "
+                           "does not carry; decode through its own code (model.decode(z, labels))")
+    elif args.cls is not None:
+        raise RequestError("--cls needs a class-conditional model")
+    if codes:
+        images = model.decode_indices(z, cond)
+    else:
+        if getattr(model, "kind", "") in ("vq", "fsq"):
+            z = model.quantizer(z).quantized  # diffusers' VQModel.decode quantizes what it is given, as here
+        images = model.decode(z, cond)
+    if len(z) < args.n * args.rows:
+        print(f"note: --latents {args.latents} holds {len(z)} latents, fewer than --n x --rows", file=sys.stderr)
+    images = images.float()
+    pad = -len(images) % args.n
+    if pad:
+        images = torch.cat([images, torch.ones(pad, *images.shape[1:], device=images.device)])
+    return list(images.split(args.n))
 
 
 class WriteError(Exception):
@@ -142,7 +249,12 @@ def run(args) -> Path:
         check_image_size(cfg, args.image_size)
     size = args.image_size or cfg.data.image_size
     cond_key = condition_field(model.condition)
-    if args.mode == "sample":
+    if args.mode == "decode":
+        if cfg.model.kind == "prior":
+            raise RequestError(f"{args.model}: a prior run models codes; decode them with its VQ model "
+                               f"({cfg.model.prior_vq})")
+        rows = decode_rows(args, model, cfg)
+    elif args.mode == "sample":
         cond = None
         if args.cls is not None:
             if model.condition != "class":

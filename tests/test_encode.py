@@ -439,3 +439,103 @@ def test_samples_lost_from_a_cut_off_or_emptied_shard_are_counted_against_the_in
     assert manifest["num_listed"] == 30 and manifest["num_samples"] == 22
     assert manifest["shards"][1]["expected"] == 8 and manifest["shards"][1]["num_samples"] == 0
     assert "8 of the 30 samples the inputs' index.json lists are not in them" in capsys.readouterr().out
+
+
+# --- sample.py decode: latents back into images ----------------------------------------------------
+
+
+def sample(*args):
+    from launch.sample import main as sample_main
+
+    return sample_main([str(a) for a in args])
+
+
+def png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path))
+
+
+def test_decode_of_encoded_shards_is_the_reconstruction(kl, shards, tmp_path):
+    folder, _ = kl
+    out = tmp_path / "lat"
+    assert encode(folder, "--out", out, "--dtype", "float32") == 0
+    assert sample(folder, "decode", "--latents", out, "--n", "8", "--rows", "1", "--out", tmp_path / "d.png") == 0
+    assert sample(folder, "reconstruct", "--data", shards, "--n", "8", "--out", tmp_path / "r.png") == 0
+    decoded, recon = png(tmp_path / "d.png"), png(tmp_path / "r.png")
+    row = decoded.shape[0]
+    assert np.abs(decoded.astype(int) - recon[row:].astype(int)).max() <= 1  # the reconstructions' row
+
+
+def test_decode_of_normalised_latents_undoes_the_normalisation(kl, shards, tmp_path):
+    folder, model = kl
+    out = tmp_path / "lat"
+    assert encode(folder, "--out", out, "--dtype", "float32") == 0
+    stats = json.loads((out / MANIFEST).read_text())["latent_stats"]
+    z = np.stack([r[1] for r in read(out, "latent.npy")])[:8]
+    np.save(tmp_path / "raw.npy", z)
+    np.save(tmp_path / "norm.npy", (z - stats["shift_factor"]) * stats["scaling_factor"])
+    common = ["--n", "4", "--rows", "2"]
+    assert sample(folder, "decode", "--latents", tmp_path / "raw.npy", *common, "--out", tmp_path / "a.png") == 0
+    assert sample(folder, "decode", "--latents", tmp_path / "norm.npy", "--stats", out / MANIFEST, *common,
+                  "--out", tmp_path / "b.png") == 0
+    assert sample(folder, "decode", "--latents", tmp_path / "norm.npy", "--scaling-factor", stats["scaling_factor"],
+                  "--shift-factor", stats["shift_factor"], *common, "--out", tmp_path / "c.png") == 0
+    a, b, c = (png(tmp_path / f"{n}.png").astype(int) for n in "abc")
+    assert np.abs(a - b).max() <= 1 and np.abs(a - c).max() <= 1
+    assert sample(folder, "decode", "--latents", tmp_path / "norm.npy", *common, "--out", tmp_path / "x.png") == 0
+    assert np.abs(a - png(tmp_path / "x.png").astype(int)).max() > 10  # without: other images
+
+
+def test_decode_of_vq_codes_and_latents(shards, tmp_path, tmp_path_factory):
+    folder, model = tiny(shards, tmp_path_factory, "model.kind=vq", "model.vq_codebook_size=64", name="vqd")
+    out = tmp_path / "lat"
+    assert encode(folder, "--out", out, "--dtype", "float32") == 0
+    rows = read(out, "latent.npy", "codes.npy")
+    np.save(tmp_path / "codes.npy", np.stack([r[2] for r in rows])[:4])
+    torch.save({"latents": torch.from_numpy(np.stack([r[1] for r in rows])[:4])}, tmp_path / "z.pt")
+    for latents, name in ((tmp_path / "codes.npy", "c.png"), (tmp_path / "z.pt", "z.png"), (out, "f.png")):
+        assert sample(folder, "decode", "--latents", latents, "--n", "4", "--rows", "1", "--out", tmp_path / name) == 0
+    c, z, f = (png(tmp_path / n).astype(int) for n in ("c.png", "z.png", "f.png"))
+    assert np.abs(c - z).max() <= 1 and np.abs(c - f).max() <= 1  # codes = quantized latents = the shards
+
+
+class Payload:  # a pickled object of a class weights_only refuses
+    pass
+
+
+def test_decode_requests_that_cannot_work_are_one_line(kl, shards, tmp_path, tmp_path_factory, capsys):
+    folder, _ = kl
+    np.save(tmp_path / "c3.npy", np.zeros((2, 3, 16, 16), np.float32))
+    np.save(tmp_path / "z4.npy", np.zeros((2, 4, 16, 16), np.float32))
+    np.save(tmp_path / "nan.npy", np.full((2, 4, 16, 16), np.nan, np.float32))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "codes.npy", np.zeros((2, 16, 16), np.int64))
+    torch.save({"x": torch.zeros(1), "y": torch.zeros(1)}, tmp_path / "two.pt")
+    torch.save(Payload(), tmp_path / "pickle.pt")
+    cases = [
+        (["decode"], "decode: give --latents"),
+        (["reconstruct", "--latents", tmp_path / "c3.npy"], "--latents: for `decode`"),
+        (["decode", "--latents", tmp_path / "c3.npy"], "3 latent channels, the model's latent has 4"),
+        (["decode", "--latents", tmp_path / "nan.npy"], "holds NaN or inf"),
+        (["decode", "--latents", tmp_path / "obj.npy"], "not a readable latent file"),
+        (["decode", "--latents", tmp_path / "pickle.pt"], "not a readable latent file"),
+        (["decode", "--latents", tmp_path / "two.pt"], "holds 2 tensors (x, y)"),
+        (["decode", "--latents", tmp_path / "codes.npy"], "integer codes, but model.kind=kl has no codebook"),
+        (["decode", "--latents", tmp_path / "nowhere.npy"], "no such file or folder"),
+        (["decode", "--latents", shards], "not a folder of latent shards"),
+        (["decode", "--latents", tmp_path / "c3.npy", "--stats", tmp_path / "c3.npy", "--scaling-factor", "2"],
+         "one or the other"),
+        (["decode", "--latents", tmp_path / "c3.npy", "--scaling-factor", "0"], "--scaling-factor 0.0: need a finite"),
+        (["decode", "--latents", tmp_path / "z4.npy", "--cls", "1"], "--cls needs a class-conditional model"),
+    ]
+    for extra, why in cases:
+        assert sample(folder, *extra, "--out", tmp_path / "o.png") == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and why in err[0], (extra, err)
+    assert not (tmp_path / "o.png").exists()
+    cond, _ = tiny(shards, tmp_path_factory, "model.condition=class", "model.num_classes=4", name="cd")
+    assert sample(cond, "decode", "--latents", tmp_path / "z4.npy", "--out", tmp_path / "o.png") == 2
+    assert "give --cls N" in capsys.readouterr().err
+    assert sample(cond, "decode", "--latents", tmp_path / "z4.npy", "--cls", "2", "--n", "2", "--rows", "1",
+                  "--out", tmp_path / "o.png") == 0
