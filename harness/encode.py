@@ -42,7 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as tdist
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from harness import tario
@@ -204,14 +203,20 @@ class ShardOut:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.url = url
         self.source = str(Path(url).resolve()) if _local(url) else url
-        self.file = open(self.tmp, "wb")
-        self.writer = wds.TarWriter(self.file, encoder=False, mtime=TAR_MTIME)
+        self.file = open(self.tmp, "wb", buffering=1 << 20)
         self.moments = LatentMoments()
         self.count = self.bad = 0
         self.examples: list[str] = []
 
+    def write(self, sample: dict) -> None:
+        """One sample's members in name order (as webdataset's TarWriter writes them), plain ustar headers."""
+        key = sample["__key__"]
+        self.file.write(b"".join(tario.member_bytes(f"{key}.{k}", sample[k], TAR_MTIME)
+                                 for k in sorted(sample) if k != "__key__"))
+        self.count += 1
+
     def finish(self, channels: int) -> dict:
-        self.writer.close()  # closes the tar stream; the file is ours to close
+        self.file.write(tario.END_OF_ARCHIVE)
         self.file.close()
         commit(self.tmp, self.path)
         return {"name": self.path.name, "source": self.source, "num_samples": self.count, "bad": self.bad,
@@ -220,10 +225,6 @@ class ShardOut:
 
     def drop(self) -> None:
         try:
-            try:
-                self.writer.tarstream.close()  # (else tarfile flushes into the closed file when collected)
-            except Exception:
-                pass
             self.file.close()  # may fail itself on a full disk (the buffer's last write)
         except OSError:
             pass
@@ -521,8 +522,7 @@ def write_batch(m, batch, shard: ShardOut, cond_key, convert: Converter, opts: E
         if cls[i] >= 0:
             sample["cls"] = str(cls[i]).encode()
         sample.update(batch["raw"][i])
-        shard.writer.write(sample)
-        shard.count += 1
+        shard.write(sample)
 
 
 def write_manifest(out: Path, fp: dict, inherited: dict[str, dict], model: Model, sources, data,

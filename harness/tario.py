@@ -243,3 +243,36 @@ def _tarfile_samples(src: Iterable[dict], skipping: Skipping | None = None) -> I
 
 
 tarfile_to_samples = wds.pipelinefilter(_tarfile_samples)  # a webdataset stage over {"url": ...} dicts
+
+
+# ----------------------------------------------------------------------------------------------
+# writing: one member's bytes (launch/encode.py writes tens of thousands of small members)
+
+BLOCK = 512
+END_OF_ARCHIVE = bytes(2 * BLOCK)  # two zero blocks end a tar (tarfile and GNU tar read it so)
+
+
+def member_bytes(name: str, data: bytes, mtime: int, mode: int = 0o644) -> bytes:
+    """One regular file of a POSIX ustar archive: header, data, zero padding to the block. About 20 times
+    cheaper than tarfile's pax headers, which webdataset's TarWriter builds for every member; a name over
+    100 bytes (ustar's field) goes through tarfile's GNU long-name record, which every reader here follows."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    pad = bytes(-len(data) % BLOCK)
+    if len(encoded) > 100 or len(data) >= 8 << 30 or not 0 <= mtime < 8**11:
+        import tarfile
+
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), mtime, mode
+        return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape") + data + pad
+    header = bytearray(BLOCK)
+    header[0:len(encoded)] = encoded
+    header[100:108] = b"%07o\x00" % mode
+    header[108:124] = b"0000000\x000000000\x00"  # uid, gid
+    header[124:136] = b"%011o\x00" % len(data)
+    header[136:148] = b"%011o\x00" % mtime
+    header[148:156] = b"        "  # the checksum counts its own field as spaces
+    header[156] = ord("0")  # a regular file
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\x00 " % sum(header)
+    return bytes(header) + data + pad
+

@@ -8,7 +8,10 @@
     # with and without gradient checkpointing, 2 processes (CPU here; GPUs where there are some)
     python launch/benchmark.py scale --config launch/configs/kl_f8.yaml --image-size 64 model.ch=64
 
-Both print a small table and the ratio; add `--json FILE` to keep the numbers.
+    # encode: launch/encode.py end to end vs a plain loop (decode, encode, np.save into a tar), one process
+    python launch/benchmark.py encode runs/kl --data data/imagenet-sample-shards --workers 2
+
+Each prints a small table and the ratio; add `--json FILE` to keep the numbers.
 """
 
 from __future__ import annotations
@@ -628,6 +631,101 @@ def bench_peer(a) -> dict:
             "rows": rows, "ratio": rows[0]["ratio"]}
 
 
+# ---------------------------------------------------------------------------------------------
+# encode
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain_encode(model, urls: list[str], size: int, batch_size: int, out: Path, device) -> int:
+    """What one writes by hand: webdataset reads the shards, PIL decodes + center-crops + resizes each image
+    (the loader's own function), batches go through the model, and each latent (and std) is np.save'd into
+    one tar with tarfile beside the sample's cls/json/txt, in one process. Returns the images encoded."""
+    import io
+    import itertools
+    import random
+    import tarfile
+
+    import numpy as np
+    import webdataset as wds
+
+    from harness.data import to_model_input
+    from harness.encode import latent_fields
+    from shards.decode import IMAGE_KEYS, load_image
+
+    def member(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    rng, done = random.Random(0), 0
+    samples = iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    with tarfile.open(out, "w") as tar, torch.no_grad():
+        while chunk := list(itertools.islice(samples, batch_size)):
+            x = np.stack([load_image(next(s[k] for k in IMAGE_KEYS if k in s), size, "center", False, rng)
+                          for s in chunk])
+            fields, _ = latent_fields(model, to_model_input(torch.from_numpy(x), device), None)
+            arrays = {k: v.float().cpu().numpy().astype(np.float16) for k, v in fields.items()}
+            for i, sample in enumerate(chunk):
+                for name, a in arrays.items():
+                    buf = io.BytesIO()
+                    np.save(buf, a[i])
+                    member(tar, f"{sample['__key__']}.{name}.npy", buf.getvalue())
+                for k in ("cls", "json", "txt"):
+                    if k in sample:
+                        member(tar, f"{sample['__key__']}.{k}", sample[k])
+            done += len(chunk)
+    return done
+
+
+def bench_encode(a) -> dict:
+    """launch/encode.py (loader workers decoding beside the model, shards written atomically, statistics)
+    against the plain loop on the same images and fields, alternating rounds; images/s and the ratio."""
+    import tempfile
+
+    from harness.dist import World
+    from harness.encode import EncodeOptions, Model, encode_shards
+    from harness.inference import load_model
+    from harness.tasks import weights_digest
+
+    device = torch.device(a.device)
+    model, cfg, folder = load_model(a.model, device=device)
+    size = a.image_size or cfg.data.image_size
+    from shards.sources import resolve_sources
+
+    urls = [u for src in resolve_sources(a.data, require_count=False) for u in src.urls]
+    opts = EncodeOptions(image_size=size, batch_size=a.batch_size, workers=a.workers)
+    wrapped = Model(model, cfg, folder, weights_digest(model))
+    times: dict[str, list[float]] = {"encode.py": [], "plain loop": []}
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        for r in range(a.rounds + 1):  # the first round warms both up, untimed
+            for side in times:
+                out = tmp / f"{side.split('.')[0].replace(' ', '_')}{r}"
+                t0 = time.perf_counter()
+                if side == "encode.py":
+                    count = encode_shards(wrapped, a.data, out, opts, World(), device, progress=False)["num_samples"]
+                else:
+                    out.mkdir()
+                    plain = _plain_encode(model, urls, size, a.batch_size, out / "latents.tar", device)
+                    if plain != count:  # both sides must do the same work
+                        raise ValueError(f"{a.data}: the plain loop encoded {plain} images, encode.py {count} (bad "
+                                         "samples?): give the benchmark shards whose images all decode")
+                if r:
+                    times[side].append(time.perf_counter() - t0)
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rate = {side: count / statistics.median(t) for side, t in times.items()}
+    ratio = rate["encode.py"] / rate["plain loop"]
+    print(f"encode {count} images at {size} px, batch {a.batch_size}, {a.workers} loader workers, "
+          f"{torch.get_num_threads()} threads, median of {a.rounds} rounds:")
+    for side, value in rate.items():
+        print(f"  {side:<10} {value:8.1f} img/s")
+    print(f"  ratio {ratio:.2f}x (encode.py / plain loop)")
+    return {"bench": "encode", "images": count, "image_size": size, "workers": a.workers,
+            "img_per_s": rate, "ratio": ratio}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -690,7 +788,15 @@ def main(argv=None) -> int:
                     "step; every side alike)")
     pe.add_argument("--flops", action="store_true",
                     help="count each model's FLOPs (torch.utils.flop_counter): TFLOP/s, peak share")
-    for s in (lo, st, sc, pe):
+    en = sub.add_parser("encode", help="launch/encode.py vs a plain decode-encode-save loop, same images")
+    en.add_argument("model", help="run folder, checkpoint folder or exported folder")
+    en.add_argument("--data", required=True, help="shards (folder, pattern): every image is encoded each round")
+    en.add_argument("--image-size", type=int, default=None)
+    en.add_argument("--batch-size", type=int, default=32)
+    en.add_argument("--workers", type=int, default=2)
+    en.add_argument("--rounds", type=int, default=3)
+    en.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for s in (lo, st, sc, pe, en):
         s.add_argument("--json", default=None, help="append the result as one JSON line")
     a = p.parse_args(argv)
     if a.bench == "_scale_worker":
@@ -700,7 +806,8 @@ def main(argv=None) -> int:
     from shards.sources import DataSourceError
 
     try:
-        res = {"loader": bench_loader, "step": bench_step, "scale": bench_scale, "peer": bench_peer}[a.bench](a)
+        res = {"loader": bench_loader, "step": bench_step, "scale": bench_scale, "peer": bench_peer,
+               "encode": bench_encode}[a.bench](a)
     except (ConfigError, DataSourceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

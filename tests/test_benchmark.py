@@ -116,6 +116,31 @@ def test_step_bench_compares_the_harness_with_a_plain_loop(tmp_path):
     assert "precision bf16, fused AdamW on both sides" in r.stdout
 
 
+def test_encode_bench_compares_encode_py_with_a_plain_loop_on_the_same_images(tmp_path):
+    import yaml
+
+    from harness.config import load_config, to_dict
+    from harness.export import save_safetensors
+    from models import build_model
+
+    shards = make_shards(tmp_path / "shards", num_samples=24, per_shard=8, size=40)
+    cfg = load_config([], ["model.ch=16", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.norm_groups=8",
+                           "model.z_channels=4", "model.embed_dim=4", "model.attn_type=none", "data.image_size=32",
+                           f"data.train={shards}"])
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_safetensors(build_model(cfg.model).state_dict(), folder / "model.safetensors")
+    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    r, rows = bench("encode", str(folder), "--data", str(shards), "--workers", "1", "--batch-size", "8",
+                    "--rounds", "1", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = rows
+    assert row["bench"] == "encode" and row["images"] == 24 and row["image_size"] == 32
+    rates = row["img_per_s"]
+    assert rates["encode.py"] > 0 and rates["plain loop"] > 0
+    assert abs(row["ratio"] - rates["encode.py"] / rates["plain loop"]) < 1e-9 and "ratio" in r.stdout
+
+
 def test_bf16_peak_matches_the_device_name_not_a_substring():
     sys.path.insert(0, str(ROOT / "launch"))
     from benchmark import bf16_peak

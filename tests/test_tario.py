@@ -195,3 +195,20 @@ def test_two_samples_under_one_key_keep_the_first_and_count_the_second_once(tmp_
     good = [i for i in items if not isinstance(i, BadSample)]
     assert [(g["__key__"], g["jpg"], g.get("cls")) for g in good] == [("a", b"first", b"1"), ("b", b"b", None)]
     assert len(bad) == 1 and "a second a.jpg in the shard" in bad[0].reason
+
+
+def test_members_we_write_read_back_in_tarfile_webdataset_and_our_reader(tmp_path):
+    long_key = "k" * 120  # past ustar's 100-byte name field: a GNU long-name record
+    with open(tmp_path / "w.tar", "wb") as f:
+        for key in ("a", long_key):
+            f.write(tario.member_bytes(f"{key}.latent.npy", b"x" * 700, 1_600_000_000))
+            f.write(tario.member_bytes(f"{key}.cls", b"3", 1_600_000_000))
+        f.write(tario.END_OF_ARCHIVE)
+    with tarfile.open(tmp_path / "w.tar") as tf:
+        members = tf.getmembers()
+        assert [m.name for m in members] == ["a.latent.npy", "a.cls", f"{long_key}.latent.npy", f"{long_key}.cls"]
+        assert all(m.isreg() and m.mtime == 1_600_000_000 and m.mode == 0o644 for m in members)
+        assert tf.extractfile("a.latent.npy").read() == b"x" * 700
+    ours = samples(tario.tarfile_to_samples, tmp_path / "w.tar")
+    assert ours == samples(wds.tarfile_to_samples, tmp_path / "w.tar")
+    assert [(s["__key__"], s["cls"]) for s in ours] == [("a", b"3"), (long_key, b"3")]
