@@ -23,6 +23,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from shards.sources import weighted_items
+
 
 class ConfigError(ValueError):
     """A user error in the config: the message is one line that names the key path."""
@@ -277,7 +279,7 @@ class EvalConfig:
     batch_size: int = F(0, "samples per process per validation batch (0 = train.batch_size)", ge=0)
     ema: bool = F(True, "validate the EMA weights when train.ema_decay > 0 (false = the trained weights)")
     best_metric: str = F("psnr", "keep checkpoints/best by this val metric (psnr, ssim: higher is better; l1, mse, "
-                                 "lpips, rfid, fd_<net>: lower) ('' = no best checkpoint)")
+                                 "the model's terms (kl, vq), lpips, rfid, fd_<net>: lower) ('' = no best checkpoint)")
     lpips: bool = F(False, "also measure val/lpips with LPIPS(vgg) (weights: loss.lpips_vgg / loss.lpips_lin, "
                            "else the torch hub cache and the installed lpips package)")
     fid_weights: str = F("", "pytorch-fid's pt_inception-2015-12-05-6726825d.pth: val/rfid, FID of reconstructions "
@@ -317,6 +319,8 @@ class Config:
             raise ConfigError("run.dir: empty; name the run folder (the default is runs/default)")
         if self.eval.every_steps and not self.data.val:
             raise ConfigError("eval.every_steps: validation needs held-out shards in data.val")
+        if training:
+            self._validate_val_weights()
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ConfigError(f"optim.betas: need two numbers in [0, 1); got {self.optim.betas}")
         if self.loss.perceptual_weight > 0 and self.loss.perceptual == "lpips" and self.model.out_ch != 3:
@@ -336,6 +340,14 @@ class Config:
             # The file itself is read when the loss is built (a stored config must load without it).
             raise ConfigError("loss.perceptual_net: loss.perceptual_weight > 0 needs the file written by "
                               "launch/train_perception.py (perception.safetensors)")
+
+    def _validate_val_weights(self) -> None:
+        """Validation reads data.val's samples once each, in order: a weight would be ignored without a word
+        (and would not make a later source measured at all). Refused here, not at the first validation
+        (harness/data.py eval_batches also refuses those inside a list file)."""
+        if weighted := weighted_items(self.data.val):
+            raise ConfigError(f"data.val: weights mean nothing for evaluation, which reads every sample once in "
+                              f"order; drop the ::w ({weighted[0]})")
 
     def _validate_channels(self) -> None:
         """The data pipeline delivers 3-channel RGB images: a model that reads or makes other channel
@@ -541,6 +553,13 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _takes_list(tp: Any) -> bool:
+    """Whether a field of type `tp` may hold a list."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_takes_list(a) for a in typing.get_args(tp))
+    return typing.get_origin(tp) is list
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Turn a YAML or command-line value into `tp`, or raise a one-line ConfigError."""
     origin = typing.get_origin(tp)
@@ -550,8 +569,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return _coerce(text, tp, path)
         try:
             value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
+        except yaml.YAMLError as e:
+            value, problem = text, getattr(e, "problem", None) or type(e).__name__
+        else:
+            problem = f"it reads as a {type(value).__name__}"
+        if text.strip().startswith("[") and text.strip().endswith("]") and not isinstance(value, list) and \
+                _takes_list(tp):
+            # Meant as a list: taken as one string it would be one strange item (a weight '1, b/...]').
+            raise ConfigError(f"{path}=[...]: does not parse as a YAML list ({problem}); quote items holding {{}} "
+                              f"braces or ', ': {path}=['a', 'b/{{000000..000003}}.tar']")
         if origin in (Union, types.UnionType) and str in typing.get_args(tp):
             # A string option takes the text as typed (a brace pattern is not a YAML mapping), unless
             # it reads as a list, whose item that is not a string is named.

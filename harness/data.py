@@ -392,13 +392,18 @@ class TrainLoader:
     """Infinite batches for one rank, replayable from any global batch index."""
 
     def __init__(self, cfg, *, rank: int, world_size: int, batch_size: int, pin_memory: bool = False,
-                 num_classes: int = 0, need_cls: bool | None = None, names: bool = True):
+                 num_classes: int = 0, need_cls: bool | None = None, names: bool | None = None):
         """num_classes: the model's classes when it is class-conditional (0 = not): a sample without
         `cls` or with one outside them is bad here, on the CPU, never an index error in the model.
         need_cls: the same for a model that reads `cls` otherwise (a classifier: num_classes 0 = the
-        index's classes); default: num_classes > 0. names=False: the model reads neither classes nor
-        labels, so shard sets whose index.json names differ may be mixed."""
-        sources = resolve_sources(cfg.train, cfg.num_samples, names=names)
+        index's classes); default: num_classes > 0. names: whether the model reads classes or labels
+        (the trainer says): True = it reads `cls` (need_cls) or else multi-hot `labels`, and every source
+        must name them (an unnamed one, wherever it stands in the list, is refused here rather than
+        becoming bad samples); False = neither, so shard sets whose index.json names differ may be mixed;
+        None (tools, tests) = whatever the first source names is read."""
+        need_cls = num_classes > 0 if need_cls is None else need_cls
+        reads = "cls" if need_cls else "labels" if names else None
+        sources = resolve_sources(cfg.train, cfg.num_samples, names=names is not False, needs=reads)
         total = sum(s.num_samples for s in sources)
         first = sources[0]
         self.info = DataInfo(total, first.classes, first.label_names, sum(len(s.urls) for s in sources))
@@ -412,11 +417,13 @@ class TrainLoader:
                                   f"({world_size} ranks x train.batch_size={batch_size} x {slots} data.num_workers); "
                                   "lower train.batch_size or data.num_workers, or use more data")
         # A model that reads no names reads no cls or labels either: none is checked against them (mixed
-        # sets, named and unnamed, would make bad samples of the other set's classes).
+        # sets, named and unnamed, would make bad samples of the other set's classes). Nor does one that
+        # reads `cls` read labels: a set without them mixes with one that has them.
         decoder = DecodeSpec(cfg.image_size, cfg.crop, cfg.hflip,
-                             num_classes=num_classes or (len(first.classes) if names else 0),
-                             need_cls=num_classes > 0 if need_cls is None else need_cls,
-                             num_labels=len(first.label_names) if names else 0, max_pixels=cfg.max_pixels)
+                             num_classes=num_classes or (len(first.classes) if names is not False else 0),
+                             need_cls=need_cls,
+                             num_labels=len(first.label_names) if reads == "labels" or names is None else 0,
+                             max_pixels=cfg.max_pixels)
         self.dataset = ShardStream(sources, rank=rank, world_size=world_size, batch_size=batch_size, decoder=decoder,
                                    shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                                    batches_per_epoch=self.batches_per_epoch)
@@ -672,13 +679,25 @@ class EvalStream(IterableDataset):
             yield {**(collate(batch) if batch else {"image": None}), "bad": bad - reported}
 
 
+def refuse_weights(sources: list[ShardSource]) -> None:
+    """Held-out shards are read once each, in order: a weight (`::w` other than 1, also on a list file's
+    line) would be ignored without a word. DataSourceError naming the first weighted source."""
+    weighted = [s for s in sources if s.weight != 1.0]
+    if weighted:
+        raise DataSourceError(f"data.val/--data: weights mean nothing for evaluation, which reads every sample once "
+                              f"in order; drop the ::w ({weighted[0].spec})")
+
+
 def eval_batches(spec, *, image_size: int, batch_size: int, num_workers: int = 0, max_samples: int = 0,
                  rank: int = 0, world_size: int = 1, cfg=None, names: bool | None = None):
     """Batches over every sample of `spec` once (no resampling, no shuffling): for evaluation.
     With `world_size` > 1, this rank's share of the first `max_samples` (see EvalStream).
     With the run's `cfg`, the shards are checked against its model first (`check_heldout`); `names`:
-    see heldout_sources."""
+    see heldout_sources. Weights are refused (`refuse_weights`), except in the run's own data.train (launch/
+    export.py measures latent statistics over it; its weights are the training's)."""
     sources = heldout_sources(spec, cfg, names)
+    if cfg is None or spec != cfg.data.train:
+        refuse_weights(sources)
     urls = [u for s in sources for u in s.urls]
     decoder = DecodeSpec(image_size, num_classes=len(sources[0].classes), num_labels=len(sources[0].label_names))
     # The first max_samples in shard order need one reader: workers split the shards, and each would
@@ -691,3 +710,19 @@ def eval_batches(spec, *, image_size: int, batch_size: int, num_workers: int = 0
     loader = WorkerLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator(),
                           worker_init_fn=_ignore_stop_signals if workers else None)
     return loader, sources
+
+
+def unread_note(sources: list[ShardSource], max_samples: int) -> str | None:
+    """A note for the log when the first `max_samples` samples in shard order (eval.samples, --max-samples)
+    all lie in the first sources, so that the later ones are never measured (None: every source is read,
+    or the counts are unknown). Bad samples may make the reader reach a little further."""
+    seen = 0
+    for i, s in enumerate(sources[:-1] if max_samples else []):
+        if s.num_samples is None:
+            return None
+        seen += s.num_samples
+        if seen >= max_samples:
+            later = ", ".join(t.spec for t in sources[i + 1:])
+            return (f"the first {max_samples} held-out samples in shard order (eval.samples / --max-samples) end "
+                    f"before {later}: never measured (0 = every sample)")
+    return None

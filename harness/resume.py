@@ -194,8 +194,8 @@ def begin(trainer, start: Start) -> None:
     else:
         set_seed(trainer.cfg.train.seed + trainer.world.rank)  # posterior noise differs per rank
     trainer.ckpt.clean_stale()
-    if trainer.validator is not None:
-        trainer.validator.reconcile(trainer.run_dir / "checkpoints", trainer.world.is_main)
+    if trainer.validator is not None:  # every rank: a best that is dropped there is dropped on all
+        trainer.validator.reconcile(trainer.run_dir / "checkpoints", trainer.step, trainer.log)
     if start.resume_from is not None:
         for p in trainer.ckpt.set_aside_newer(start.resume_from, trainer.step):
             name = p.name[len("abandoned-"):].split(".")[0]
@@ -326,11 +326,16 @@ def state_norms(trainer) -> dict:
 
 def _warn_if_changed(trainer, state: dict) -> None:
     now, then = trainer.data_layout(), state.get("data_layout", {})
-    # (an older checkpoint has fewer keys; the image size gets a note of its own)
-    changed = [f"{k} {then[k]} -> {v}" for k, v in now.items() if k in then and then[k] != v and k != "image_size"]
+    # (an older checkpoint has fewer keys; the image size and the mixture get notes of their own)
+    changed = [f"{k} {then[k]} -> {v}" for k, v in now.items()
+               if k in then and then[k] != v and k not in ("image_size", "sources")]
     if changed:
         trainer.log.info(f"note: data layout changed since the checkpoint ({', '.join(changed)}): training goes on "
                          "with a deterministic but different sample order than an uninterrupted run")
+    if "sources" in then and then["sources"] != now["sources"]:
+        trainer.log.info(f"note: the data.train mixture differs from the checkpoint's: was "
+                         f"{data_mixture(then['sources'])}; now {data_mixture(now['sources'])}: the new shares are "
+                         "drawn from here on")
     if "image_size" in then and then["image_size"] != now["image_size"]:
         trainer.log.info(f"note: data.image_size is {now['image_size']}, the checkpoint trained at "
                          f"{then['image_size']} px: the model goes on at the new size")
@@ -341,3 +346,9 @@ def _warn_if_changed(trainer, state: dict) -> None:
         trainer.log.info(f"note: {keys} is not the file this run was trained with "
                          "(its contents changed): the loss differs from before the checkpoint")
 
+
+def data_mixture(sources: list[dict]) -> str:
+    """`spec weight W (N samples, S%)` per source: the shares the loader draws samples in (weight over all weights)."""
+    total = sum(s["weight"] for s in sources) or 1.0
+    return ", ".join(f"{s['spec']} weight {s['weight']:g} ({s['samples']} samples, {100 * s['weight'] / total:.3g}%)"
+                     for s in sources)

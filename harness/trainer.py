@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 from harness import checkpoint as ckpt
 from harness import discriminator, losses, scale
 from harness.config import Config, ConfigError, section_hash, to_dict, unused_settings
-from harness.data import DataInfo, TrainLoader, names_problem, to_model_input
+from harness.data import DataInfo, TrainLoader, names_problem, refuse_weights, to_model_input
 from harness.dist import RankLogger, world
 from harness.engine import DeferredSkips, StepOutcome, make_engine
 from harness.hooks import EMAHook
 from harness.inference import init_weights
 from harness.monitor import Monitor, StepStats
-from harness.resume import begin, init_source, plan
+from harness.resume import begin, data_mixture, init_source, plan
 from harness.runlock import hold as hold_run_dir
 from harness.signals import EXIT_PREEMPTED, StopFlag, StopVote
 from harness.tasks import make_task
@@ -102,8 +102,14 @@ class Trainer:
                                   num_classes=cfg.model.num_classes if cfg.model.condition == "class" else 0,
                                   need_cls=self.task.needs_cls, names=reads is not None)
         self.task.check_data(self.loader.info)
+        # What the loader mixes, checkpointed in data_layout and said at the start: data.train resolved
+        # again (the loader keeps only shard lists and weights; its checks of the names passed already).
+        self.mixture = [{"spec": s.spec, "weight": s.weight, "samples": s.num_samples}
+                        for s in resolve_sources(cfg.data.train, cfg.data.num_samples, names=False)]
         if cfg.data.val:  # held-out shards the model cannot take: refused now, not at the first validation
-            val = resolve_sources(cfg.data.val, require_count=False, names=reads is not None)[0]
+            vals = resolve_sources(cfg.data.val, require_count=False, names=reads is not None, needs=reads)
+            refuse_weights(vals)  # (also a weighted line inside a list file)
+            val = vals[0]
             try:
                 self.task.check_data(DataInfo(0, val.classes, val.label_names, len(val.urls)))
                 if problem := names_problem(val, self.loader.info, reads):  # named alike in both
@@ -163,6 +169,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             self.monitor.tracker.text("config", f"```\n{self.config_yaml}\n```", self.step)  # as of this (re)start
         self.monitor.start_message()
+        if len(self.mixture) > 1:
+            self.log.info(f"data.train mixture of {len(self.mixture)} sources: {data_mixture(self.mixture)}")
 
     # ----------------------------------------------------------------------------------------- the step
 
@@ -322,7 +330,8 @@ class Trainer:
         c = self.cfg
         return {"world_size": self.world.world_size, "batch_size": c.train.batch_size,
                 "grad_accum": c.train.grad_accum, "num_workers": c.data.num_workers, "seed": c.data.seed,
-                "batches_per_epoch": self.loader.batches_per_epoch, "image_size": c.data.image_size}
+                "batches_per_epoch": self.loader.batches_per_epoch, "image_size": c.data.image_size,
+                "sources": self.mixture}
 
     def state_dict(self) -> dict:
         self.settle_skips()

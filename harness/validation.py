@@ -9,22 +9,30 @@ ranks with different numbers of batches never wait for each other inside a forwa
 The best step by `eval.best_metric` is kept as `checkpoints/best`: a symlink, replaced atomically
 (os.replace of a new link), to `checkpoints/best-step_N`, a hard-linked copy of step_N that pruning
 never touches (it matches no `step_N`). The best value is trainer state: a resumed run goes on
-comparing against it.
+comparing against it, as long as it is a yardstick for this run's numbers: measured by the same
+eval.best_metric on the same images (data.val, eval.samples, data.image_size) with the same weights
+(EMA or trained), which the best records (`measured_on`). A best measured otherwise is said at the
+resume and compared with no more; `best` names it until the next validation sets a new one. A best
+that is no longer part of the run (a step after the resumed one, or one whose copy and step_N are
+both gone) is dropped at start-up, said in one line; a copy of an abandoned step is set aside as
+`abandoned-best-step_N`, like the abandoned checkpoints, never deleted.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 from harness import checkpoint as ckpt
 from harness import scale
-from harness.config import Config, ConfigError
-from harness.data import eval_batches
-from harness.evaluation import Evaluator, better, fid_net, perception_fd_net
+from harness.config import IMAGE_CHANNELS, Config, ConfigError
+from harness.data import eval_batches, unread_note
+from harness.evaluation import BASIC, Evaluator, better, fid_net, perception_fd_net
 from models.registry import build_model
 from shards.atomic import fsync_dir, fsync_tree, temp_path
 
@@ -38,10 +46,10 @@ def lpips_net(cfg: Config, device):
     return LPIPS.from_files(vgg, lin, device=device)
 
 
-def reference_nets(cfg: Config, device) -> tuple[list, object]:
-    """The networks validation measures with (FID Inception, perception net: feature nets; LPIPS), read
-    once at start-up, before the run folder is touched: a bad path or eval.best_metric stops the run
-    before any work, leaving nothing behind."""
+def reference_nets(cfg: Config, device) -> tuple[list, object, torch.nn.Module]:
+    """The networks validation measures with (FID Inception, perception net: feature nets; LPIPS) and
+    the plain model copy it evaluates, made once at start-up, before the run folder is touched: a bad
+    path or eval.best_metric stops the run before any work, leaving nothing behind."""
     e, nets = cfg.eval, []
     try:
         if e.fid_weights:
@@ -51,20 +59,48 @@ def reference_nets(cfg: Config, device) -> tuple[list, object]:
         lpips = lpips_net(cfg, device) if e.lpips else None
     except (ValueError, OSError) as err:
         raise ConfigError(f"eval: {err}") from None
-    names = {"psnr", "ssim", "l1", "mse", *(n.name for n in nets), *(("lpips",) if lpips else ())}
-    if e.best_metric and e.best_metric not in names and not e.best_metric.startswith(("kl", "vq")):
-        raise ConfigError(f"eval.best_metric: {e.best_metric!r} is not measured by this run; choose one of "
-                          f"{', '.join(sorted(names))} (or '' for none)")
-    return nets, lpips
+    copy = build_model(cfg.model).to(device).eval()  # the weights come from the run at each validation
+    names = {*BASIC, *model_terms(copy, cfg.data.image_size, device), *(n.name for n in nets),
+             *(("lpips",) if lpips else ())}
+    if e.best_metric and e.best_metric not in names:
+        raise ConfigError(f"eval.best_metric: {e.best_metric!r} is not measured by this run (model.kind="
+                          f"{cfg.model.kind}); choose one of {', '.join(sorted(names))} (or '' for none)")
+    return nets, lpips, copy
+
+
+@torch.no_grad()
+def model_terms(model, image_size: int, device) -> list[str]:
+    """The model's own loss terms, which validation reports beside the image metrics (val/kl, val/vq;
+    none for FSQ): asked of the model itself, by one forward of a blank image, so that a kind (or a
+    setting) that makes other terms needs no list here."""
+    x = torch.zeros(1, IMAGE_CHANNELS, image_size, image_size, device=device)
+    return list(model(x, cond=None, sample_posterior=False).losses)
 
 
 class Validator:
-    def __init__(self, trainer, nets: tuple[list, object]):
-        self.cfg = cfg = trainer.cfg
-        self.device = trainer.device
-        self.nets, self.lpips = nets
-        self.copy = build_model(cfg.model).to(self.device).eval()  # the weights come from the run at each validation
-        self.best: dict | None = None  # {"metric", "value", "step"}
+    def __init__(self, trainer, refs: tuple[list, object, torch.nn.Module]):
+        self.cfg = trainer.cfg
+        self.device, self.world = trainer.device, trainer.world
+        self.nets, self.lpips, self.copy = refs  # reference_nets
+        self.best: dict | None = None  # {"metric", "value", "step", "measured_on": measured_on()}
+        self.unread_said = False
+
+    def measured_on(self) -> dict:
+        """What a validation number depends on besides the weights' step: another value of any of these
+        makes a best no yardstick for this run's validations."""
+        c = self.cfg
+        return {"data.val": c.data.val if isinstance(c.data.val, str) else list(c.data.val),
+                "eval.samples": c.eval.samples, "data.image_size": c.data.image_size,
+                "ema_weights": bool(c.eval.ema and c.train.ema_decay > 0)}  # as _load_weights chooses
+
+    def _changed(self, best: dict) -> list[str]:
+        """How `best` was measured otherwise than this run measures (a checkpoint older than `measured_on`:
+        taken as the same)."""
+        then, now = best.get("measured_on", self.measured_on()), self.measured_on()
+        changed = [f"{k} {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]
+        if best.get("metric") != self.cfg.eval.best_metric:
+            changed.insert(0, f"eval.best_metric {best.get('metric')!r} -> {self.cfg.eval.best_metric!r}")
+        return changed
 
     @torch.no_grad()
     def _load_weights(self, trainer) -> None:
@@ -85,6 +121,10 @@ class Validator:
                                        num_workers=min(1, cfg.data.num_workers), max_samples=cfg.eval.samples,
                                        rank=w.rank, world_size=w.world_size,
                                        names=trainer.task.cond_key is not None)  # checked at start (trainer)
+        if not self.unread_said:  # once a run: the later held-out sources eval.samples never reaches
+            self.unread_said = True
+            if note := unread_note(sources, cfg.eval.samples):
+                trainer.log.info(f"note: validation: {note}")
         classes = sources[0].classes if trainer.task.cond_key == "cls" else []
         quantizer = getattr(self.copy, "quantizer", None)
         ev = Evaluator(device=self.device, class_names=classes[: cfg.model.num_classes], lpips=self.lpips,
@@ -117,10 +157,11 @@ class Validator:
         metric = self.cfg.eval.best_metric
         if not metric or metric not in result or result.get("nonfinite_samples"):
             return False  # (a model that gives NaN on some images is no best, whatever the rest measure)
-        # A best by another metric (eval.best_metric changed at resume) is no yardstick for this one.
-        old = self.best["value"] if self.best and self.best.get("metric") == metric else None
+        # A best by another metric, or measured on other images or weights (changed at a resume), is no
+        # yardstick for this one.
+        old = self.best["value"] if self.best and not self._changed(self.best) else None
         if better(metric, result[metric], old):
-            self.best = {"metric": metric, "value": result[metric], "step": step}
+            self.best = {"metric": metric, "value": result[metric], "step": step, "measured_on": self.measured_on()}
             return True
         return False
 
@@ -154,24 +195,77 @@ class Validator:
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def reconcile(self, root: Path, is_main: bool) -> None:
-        """At start-up (after resume): make `best` name the step the trainer state calls best. A kill
-        between a best copy's rename and the link's replacement leaves a newer complete copy that the
-        resumed state already counts as best; one before the rename leaves nothing (the copy was a
-        .tmp-*, cleaned). Copies nobody names go."""
-        if not is_main or not root.is_dir():
-            return
-        if self.best is not None:
-            copy, step = root / f"best-step_{self.best['step']}", root / f"step_{self.best['step']}"
-            if ckpt.is_complete(copy):
-                self._link(root, copy)
-            elif ckpt.is_complete(step):
-                self._keep_best(step)
-        named = root / BEST_NAME
-        keep = os.readlink(named) if named.is_symlink() else None
-        for old in root.glob("best-step_*"):
-            if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+    def reconcile(self, root: Path, step: int, log) -> None:
+        """At start-up (every rank; after a resume to `step`, or at 0): make `best` name the step the
+        trainer state calls best, or nothing. A kill between a best copy's rename and the link's
+        replacement leaves a newer complete copy that the resumed state already counts as best; one
+        before the rename leaves nothing (the copy was a .tmp-*, cleaned). A best that is not part of the
+        run any more (after `step`: an abandoned branch; or its copy and step_N both gone) is dropped, so
+        that later validations are not measured against a step nobody can load. Rank 0 looks at the
+        folder and tells the others: every rank must hold the same best (a new one is a collective save)."""
+        said = [None, None]  # the note when the best is dropped; an error rank 0 met (raised on every rank)
+        if self.world.is_main:
+            try:
+                said[0] = self._reconcile(root, step)
+            except OSError as e:
+                said[1] = f"cannot set checkpoints/{BEST_NAME} in {root}: {e}"
+        if self.world.world_size > 1:
+            tdist.broadcast_object_list(said, src=0)
+        if said[1] is not None:
+            raise OSError(said[1])
+        if said[0] is not None:
+            self.best = None
+            log.info(said[0])
+        elif self.best is not None and self.cfg.eval.best_metric and (changed := self._changed(self.best)):
+            b = self.best
+            log.info(f"note: the best ({b['metric']} {b['value']:.4g} at step {b['step']}) was measured otherwise "
+                     f"({', '.join(changed)}): it is no yardstick any more; checkpoints/best names it until the next "
+                     "validation sets a new best")
+
+    def _reconcile(self, root: Path, step: int) -> str | None:
+        """Main process: `best` made to name the state's best; the note to log when that best is dropped
+        (or a `best` that names no best of this run is), else None."""
+        best, named = self.best, root / BEST_NAME
+        link = os.readlink(named) if named.is_symlink() else None
+        keep, why = None, None
+        if best is not None:
+            n = best["step"]
+            if n > step:
+                why = f"step {n} comes after the resumed step {step} (an abandoned branch)"
+            elif ckpt.is_complete(root / f"best-step_{n}"):
+                keep = root / f"best-step_{n}"
+            elif ckpt.is_complete(root / f"step_{n}"):
+                keep = root / f"step_{n}"  # the copy was not made yet (killed before its rename)
+            else:
+                why = f"neither checkpoints/best-step_{n} nor step_{n} exists any more"
+        copies = [p for p in root.glob("best-step_*") if p != keep and _step_of(p) is not None]
+        if keep is None and link is None and not copies:
+            return None  # nothing is best and nothing names a best: a new run, or none measured yet
+        if keep is None and link is not None:
+            named.unlink()  # first: `best` never names a copy that is being moved
+            fsync_dir(root)
+        # A copy of a step after `step` is an abandoned branch's, and with no best kept every copy is one
+        # that this run does not count: set aside, never deleted. Older ones beside a kept best were
+        # superseded by it (a kill before they were removed).
+        aside = [(p.name, _set_aside(p).name) for p in sorted(copies, key=_step_of)
+                 if keep is None or _step_of(p) > step]
+        if keep is not None:
+            if keep.name.startswith("step_"):
+                self._keep_best(keep)  # copies, links, removes the superseded copies
+            else:
+                self._link(root, keep)
+                for old in root.glob("best-step_*"):
+                    if old != keep:
+                        shutil.rmtree(old, ignore_errors=True)
+            return None
+        if best is not None:
+            head = f"the best ({best['metric']} {best['value']:.4g} at step {best['step']}) is not part of this run " \
+                   f"any more: {why}"
+        else:
+            head = f"this run (at step {step}) has no best measured yet" + (f", but checkpoints/best named {link}"
+                                                                             if link else "")
+        said = [f"{old} kept as {new}" for old, new in aside] + (["checkpoints/best removed"] if link else [])
+        return f"note: {head}; {'; '.join([*said, 'the next validation sets a new best'])}"
 
     @staticmethod
     def _link(root: Path, target: Path) -> None:
@@ -182,6 +276,23 @@ class Validator:
 
     def state(self) -> dict:
         return {"best": self.best}
+
+
+def _step_of(copy: Path) -> int | None:
+    """N of a `best-step_N` copy (None: a name we never write)."""
+    m = re.fullmatch(r"best-step_(\d+)", copy.name)
+    return int(m.group(1)) if m else None
+
+
+def _set_aside(copy: Path) -> Path:
+    """`best-step_N` -> `abandoned-best-step_N` (`.2`, `.3`, ... beside an earlier one), as
+    CheckpointManager.set_aside_newer names abandoned checkpoints: kept, matched by no pattern we prune."""
+    target, k = copy.parent / f"abandoned-{copy.name}", 2
+    while os.path.lexists(target):
+        target, k = copy.parent / f"abandoned-{copy.name}.{k}", k + 1
+    os.rename(copy, target)
+    fsync_dir(copy.parent)
+    return target
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from harness.config import ConfigError  # noqa: E402
-from harness.data import condition_field, eval_batches  # noqa: E402
+from harness.data import condition_field, eval_batches, unread_note  # noqa: E402
 from harness.evaluation import Evaluator, fid_net, perception_fd_net  # noqa: E402
 from harness.fid import Gaussian, StatsFileError, load_stats  # noqa: E402
 from harness.inference import (  # noqa: E402
@@ -125,6 +125,8 @@ def evaluate(args) -> tuple[dict, Gaussian | None, list[str], list[str]]:
     loader, sources = eval_batches(data, image_size=size, batch_size=args.batch_size, num_workers=args.workers,
                                    max_samples=args.max_samples, cfg=cfg)
     cond_key = condition_field(model.condition)
+    if note := unread_note(sources, args.max_samples):
+        print(f"note: {note}", file=sys.stderr)
     try:  # the reference networks, read before any image
         nets = [fid_net(args.fid_weights, args.device)] if args.fid_weights else []
         nets += [perception_fd_net(args.fd_net, args.device)] if args.fd_net else []

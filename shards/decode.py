@@ -53,7 +53,10 @@ class BadSample:
     reason: str  # one line
 
     def __str__(self) -> str:
-        where = f"{Path(self.shard).name} {self.key}".strip() if self.shard else self.key
+        # The folder too: two sources of one run may both hold a 000001.tar.
+        shard = Path(self.shard)
+        name = f"{shard.parent.name}/{shard.name}" if shard.parent.name else shard.name
+        where = f"{name} {self.key}".strip() if self.shard else self.key
         return f"{where}: {self.reason}"
 
 

@@ -19,7 +19,10 @@ Sample counts come from, in order: the folder's `index.json`; img2dataset's per-
 `<shard>_stats.json` (`successes`); the `num_samples` passed in (`data.num_samples`), which is
 shared over the sources that have no count in proportion to their number of shards. Sources
 whose class names (or multi-hot label names) disagree cannot be mixed: their labels would mean
-different things.
+different things; a brace pattern over several folders is held to that as a list of them is. For a
+model that reads them (`needs`), every source must name them: an unnamed one would give nothing
+but bad samples. Weights, a list file's times its lines', must stay finite and above 0, and so
+must their total (the mixer draws from it).
 """
 
 from __future__ import annotations
@@ -59,6 +62,19 @@ _MAX_LIST_DEPTH = 8
 
 def _is_remote(url: str) -> bool:
     return bool(_REMOTE_RE.match(url))
+
+
+def weighted_items(spec: str | list[str]) -> list[str]:
+    """The items of `spec` given a weight other than 1 (`ITEM::w`), read from the text alone."""
+    out = []
+    for item in [spec] if isinstance(spec, str) else spec:
+        try:
+            _, w = _split_weight((item or "").strip())
+        except DataSourceError:  # a weight that is no number is still a weight
+            w = math.nan
+        if w is not None and w != 1.0:
+            out.append(item)
+    return out
 
 
 def _split_weight(item: str) -> tuple[str, float | None]:
@@ -135,15 +151,28 @@ def _from_folder(folder: Path, spec: str) -> ShardSource:
     return ShardSource(urls, count, spec=spec, count_from="stats" if count is not None else "")
 
 
-def _from_pattern(pattern: str, spec: str) -> ShardSource:
+def _from_pattern(pattern: str, spec: str, names: bool = True, needs: str | None = None) -> ShardSource:
     urls = list(braceexpand.braceexpand(pattern))
     if any(_is_remote(u) for u in urls):
         return ShardSource(urls, None, spec=spec)
     missing = [u for u in urls if not os.path.exists(u)]
     if missing:
         raise DataSourceError(f"{spec}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
-    # A pattern inside a folder with an index takes its counts and names for the shards it names.
-    folder = Path(urls[0]).parent
+    # Each folder's index gives the counts and names of the shards the pattern names in it. A pattern over
+    # several folders ({cats,dogs}/000000.tar) is a list of them: their names are checked as a list's are.
+    folders: dict[Path, list[str]] = {}
+    for u in urls:
+        folders.setdefault(Path(u).parent, []).append(u)
+    if len(folders) == 1:
+        return _in_folder(*folders.popitem(), spec)
+    parts = [_in_folder(folder, part, f"{spec} [{folder}]") for folder, part in folders.items()]
+    merged = _merge(parts, spec, 1.0, names, needs)
+    merged.urls = urls  # in the pattern's own order
+    return merged
+
+
+def _in_folder(folder: Path, urls: list[str], spec: str) -> ShardSource:
+    """Shards `urls` of one `folder`: counts and names from its index where it has one."""
     index = _read_index(folder, spec)
     if index is not None:
         counts = {str(folder / s["name"]): s["num_samples"] for s in index["shards"]}
@@ -157,8 +186,9 @@ def _from_pattern(pattern: str, spec: str) -> ShardSource:
                        count_from="stats" if count is not None else "")
 
 
-def _merge(sources: list[ShardSource], spec: str, weight: float, names: bool = True) -> ShardSource:
-    _check_names(sources, names)
+def _merge(sources: list[ShardSource], spec: str, weight: float, names: bool = True,
+           needs: str | None = None) -> ShardSource:
+    _check_names(sources, names, needs)
     counts = [s.num_samples for s in sources]
     known = all(c is not None for c in counts)
     return ShardSource([u for s in sources for u in s.urls], sum(counts) if known else None, weight=weight,
@@ -167,7 +197,8 @@ def _merge(sources: list[ShardSource], spec: str, weight: float, names: bool = T
                        count_from="+".join(sorted({s.count_from for s in sources})) if known else "")
 
 
-def _from_list_file(path: Path, spec: str, weight: float, depth: int, names: bool = True) -> list[ShardSource]:
+def _from_list_file(path: Path, spec: str, weight: float, depth: int, names: bool = True,
+                    needs: str | None = None) -> list[ShardSource]:
     if depth > _MAX_LIST_DEPTH:
         raise DataSourceError(f"{spec}: list files nested more than {_MAX_LIST_DEPTH} deep (a cycle?)")
     try:
@@ -183,25 +214,30 @@ def _from_list_file(path: Path, spec: str, weight: float, depth: int, names: boo
         target, w = _split_weight(line)
         if not _is_remote(target) and not os.path.isabs(target):
             target = str(path.parent / target)
-        for src in _resolve_item(target, f"{spec}:{n}", weight * (w or 1.0), depth + 1, names):
+        product = weight * (w or 1.0)
+        if not (product > 0 and math.isfinite(product)):  # each is fine alone: 1e300 x 1e300, 1e-200 x 1e-200
+            raise DataSourceError(f"{spec}:{n}: weight {w:g} times the list file's {weight:g} is {product:g}, "
+                                  "not a finite number above 0; use weights nearer 1 (only their ratios matter)")
+        for src in _resolve_item(target, f"{spec}:{n}", product, depth + 1, names, needs):
             (separate if w is not None else pooled).append(src)
     if not pooled and not separate:
         raise DataSourceError(f"{spec}: list file names no shards")
     if pooled:
-        separate.insert(0, _merge(pooled, spec, weight, names))
+        separate.insert(0, _merge(pooled, spec, weight, names, needs))
     return separate
 
 
-def _resolve_item(item: str, spec: str, weight: float, depth: int = 0, names: bool = True) -> list[ShardSource]:
+def _resolve_item(item: str, spec: str, weight: float, depth: int = 0, names: bool = True,
+                  needs: str | None = None) -> list[ShardSource]:
     path = Path(item)
     if not _is_remote(item) and path.is_dir():
         src = [_from_folder(path, spec)]
     elif item.endswith(".txt") and not _is_remote(item):
         if not path.is_file():
             raise DataSourceError(f"{spec}: list file does not exist")
-        return _from_list_file(path, spec, weight, depth, names)
+        return _from_list_file(path, spec, weight, depth, names, needs)
     elif "{" in item or _is_remote(item) or item.endswith(".tar"):
-        src = [_from_pattern(item, spec)]
+        src = [_from_pattern(item, spec, names, needs)]
     elif not path.exists():
         raise DataSourceError(f"{spec}: no such folder or file")
     else:
@@ -211,9 +247,21 @@ def _resolve_item(item: str, spec: str, weight: float, depth: int = 0, names: bo
     return src
 
 
-def _check_names(sources: list[ShardSource], strict: bool = True):
+_NEEDS = {"cls": ("classes", "class names", "class labels (cls)"),
+          "labels": ("label_names", "label names", "multi-hot labels (json labels)")}  # a batch field -> its names
+
+
+def _check_names(sources: list[ShardSource], strict: bool = True, needs: str | None = None):
     """Sources mixed into one stream name their classes (labels) alike where they name them. Not
-    `strict` (for a model that reads neither): differing names are dropped instead, as meaningless."""
+    `strict` (for a model that reads neither): differing names are dropped instead, as meaningless.
+    `needs` ("cls" or "labels": what the model reads): every source names them, else its samples would
+    all be bad (without a `cls`, a `json`), or fewer of them the smaller its weight, and not a word."""
+    if needs is not None:
+        attr, what, reads = _NEEDS[needs]
+        for s in sources:
+            if not getattr(s, attr):
+                raise DataSourceError(f"{s.spec}: no {what} in its index.json, but the model reads {reads}; "
+                                      "every data source must have them (leave this one out)")
     for attr, what in (("classes", "class names"), ("label_names", "label names")):
         named = [s for s in sources if getattr(s, attr)]
         for s in named[1:]:
@@ -231,7 +279,7 @@ def _check_names(sources: list[ShardSource], strict: bool = True):
 
 
 def resolve_sources(spec: str | list[str], num_samples: int = 0, *, require_count: bool = True,
-                    names: bool = True) -> list[ShardSource]:
+                    names: bool = True, needs: str | None = None) -> list[ShardSource]:
     """Turn `data.train`-style input into sources; raises DataSourceError on anything missing.
 
     num_samples: the dataset size to use where neither index.json nor *_stats.json gives one
@@ -239,6 +287,7 @@ def resolve_sources(spec: str | list[str], num_samples: int = 0, *, require_coun
     proportion to their number of shards. require_count=False leaves unknown counts as None
     (for tools that only read the shards) instead of raising. names=False: for a model that reads
     neither classes nor labels, sources whose names differ may be mixed (their names are dropped).
+    needs="cls" / "labels": the model reads them, so every source must name its classes / labels.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     sources: list[ShardSource] = []
@@ -247,10 +296,14 @@ def resolve_sources(spec: str | list[str], num_samples: int = 0, *, require_coun
         if not s:
             continue
         target, w = _split_weight(s)
-        sources += _resolve_item(target, s, w or 1.0, names=names)
+        sources += _resolve_item(target, s, w or 1.0, names=names or needs is not None, needs=needs)
     if not sources:
         raise DataSourceError("no data sources given")
-    _check_names(sources, names)
+    _check_names(sources, names or needs is not None, needs)
+    total = sum(s.weight for s in sources)  # as random.choices adds them up
+    if not math.isfinite(total):
+        raise DataSourceError(f"{', '.join(specs)}: the weights add up to {total:g}, more than a float holds; use "
+                              "smaller weights (only their ratios matter)")
     unknown = [s for s in sources if s.num_samples is None]
     if unknown and num_samples > 0:
         shards = sum(len(s.urls) for s in unknown)
