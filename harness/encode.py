@@ -47,6 +47,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from harness import tario
 from harness.data import (
     WorkerLoader,
+    _as_is,
     _ignore_stop_signals,
     collate,
     condition_field,
@@ -137,8 +138,9 @@ class ShardBatches(IterableDataset):
 
     @staticmethod
     def _batch(index, batch, raw, bad, examples, last):
-        # numpy, not tensors: pickled through the pipe, where a tensor would go by file-descriptor passing,
-        # whose sharer thread prints a traceback in a worker when a stop closes the connection under it
+        # numpy, not tensors (and the loader's collate_fn leaves them so): pickled through the pipe, where a
+        # tensor would go by file-descriptor passing, whose sharer thread prints a traceback in a worker when
+        # a stop closes the connection under it
         out = collate(batch, as_numpy=True) if batch else {"image": None}
         return {**out, "shard": index, "last": last, "raw": raw, "bad": bad, "bad_examples": examples}
 
@@ -203,10 +205,14 @@ class ShardOut:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.url = url
         self.source = str(Path(url).resolve()) if _local(url) else url
-        self.file = open(self.tmp, "wb", buffering=1 << 20)
+        self.file = None  # opened by open(), once the caller holds this object (a stop in between leaves nothing)
         self.moments = LatentMoments()
         self.count = self.bad = 0
         self.examples: list[str] = []
+
+    def open(self) -> ShardOut:
+        self.file = open(self.tmp, "wb", buffering=1 << 20)
+        return self
 
     def write(self, sample: dict) -> None:
         """One sample's members in name order (as webdataset's TarWriter writes them), plain ustar headers."""
@@ -225,7 +231,8 @@ class ShardOut:
 
     def drop(self) -> None:
         try:
-            self.file.close()  # may fail itself on a full disk (the buffer's last write)
+            if self.file is not None:
+                self.file.close()  # may fail itself on a full disk (the buffer's last write)
         except OSError:
             pass
         finally:
@@ -443,7 +450,7 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
         stream = ShardBatches(jobs, decoder, opts.batch_size)
         workers = min(opts.workers, len(jobs))
         loader = WorkerLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator(),
-                              worker_init_fn=_ignore_stop_signals if workers else None)
+                              collate_fn=_as_is, worker_init_fn=_ignore_stop_signals if workers else None)
         total = sum(s.num_samples or 0 for s in sources)
         from tqdm.auto import tqdm
 
@@ -459,6 +466,7 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
                 shard = open_.get(index)
                 if shard is None:
                     shard = open_[index] = ShardOut(out, index, urls[index])
+                    shard.open()
                 shard.bad += batch["bad"]
                 shard.examples = (shard.examples + batch["bad_examples"])[:BAD_EXAMPLES]
                 if batch["image"] is not None:
@@ -466,7 +474,9 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
                     bar.update(len(batch["key"]))
                     encoded += len(batch["key"])
                 if batch["last"]:
-                    records.append(open_.pop(index).finish(channels))
+                    # finished while still held: a stop inside finish() (fsync, rename) drops its .tmp
+                    records.append(open_[index].finish(channels))
+                    del open_[index]
                     write_atomic(out / _progress_name(w.rank),
                                  json.dumps({"fingerprint": fp, "shards": records}))
                     if fault and len(records) >= fault:

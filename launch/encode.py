@@ -66,8 +66,11 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt  # unwinds like Ctrl-C: the half-written shards are dropped on the way
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: what sbatch --signal=USR1@120 sends before the limit
+
+
 def main(argv: list[str] | None = None) -> int:
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = {s: signal.signal(s, _terminated) for s in STOP_SIGNALS}
     try:
         return run(parse_args(argv))
     except KeyboardInterrupt:
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
               "nothing half-written is left", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if tdist.is_initialized():
             tdist.destroy_process_group()
 

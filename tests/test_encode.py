@@ -325,7 +325,8 @@ def test_two_ranks_write_what_one_does(kl, tmp_path):
     assert abs(a["latent_stats"]["scaling_factor"] - b["latent_stats"]["scaling_factor"]) < 1e-12
 
 
-def test_sigterm_mid_way_keeps_the_finished_shards_and_leaves_nothing_half_written(kl, tmp_path):
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_mid_way_keeps_the_finished_shards_and_leaves_nothing_half_written(kl, tmp_path, signum):
     import signal
     import time
 
@@ -339,7 +340,7 @@ def test_sigterm_mid_way_keeps_the_finished_shards_and_leaves_nothing_half_writt
     deadline = time.monotonic() + 120
     while not (out / "000000.tar").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signum))
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the encoding finished before the signal")
