@@ -251,9 +251,11 @@ def _read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def check_out(out: Path, inputs: list[Path]) -> None:
+def check_out(out: Path, inputs: list[Path], overwrite: bool = False) -> None:
     """Refuse, before anything is created, an --out that is a file, lies where a run keeps its state or
-    where the input shards are, or holds something not ours."""
+    where the input shards are, or holds something not ours: NNNNNN.tar files count as ours only beside a
+    latents.json or progress file that could record them (else they are image shards that lost their
+    index.json, as likely as latents of an encoding killed in its first second: --overwrite says which)."""
     from harness.inference import run_storage
 
     if out.exists() and not out.is_dir():
@@ -269,6 +271,11 @@ def check_out(out: Path, inputs: list[Path]) -> None:
         raise EncodeError(f"--out {out}: holds an image shard set ({INDEX_NAME}); write the latents elsewhere")
     names = [p.name for p in out.iterdir()] if out.is_dir() else []
     foreign = [n for n in names if not _ours(n) and not n.startswith(".")]
+    recorded = MANIFEST in names or any(PROGRESS_RE.match(n) for n in names)
+    if not recorded and not overwrite and (tars := sorted(n for n in names if SHARD_RE.match(n))):
+        raise EncodeError(f"--out {out}: holds {len(tars)} .tar files ({tars[0]}, ...) that no encoding recorded "
+                          "(image shards without their index.json?); choose another folder, or pass --overwrite if "
+                          "they are latents of an encoding stopped in its first shard")
     if foreign:
         raise EncodeError(f"--out {out}: holds other files ({', '.join(sorted(foreign)[:3])}); give an empty or new "
                           "folder, or the folder of an earlier encoding")
@@ -336,6 +343,10 @@ def prepare(out: Path, fp: dict, overwrite: bool) -> tuple[dict[str, dict], dict
         path = out / str(record.get("name", ""))
         if SHARD_RE.match(path.name) and "sums" in record and path.is_file() and path.stat().st_size == record["bytes"]:
             done[path.name] = record
+    if overwrite:  # shards no record names (check_out let them through for --overwrite): written again or stale
+        for n in names:
+            if SHARD_RE.match(n) and n not in done:
+                (out / n).unlink(missing_ok=True)
     if manifest is not None and all(r["name"] in done for r in manifest["shards"]):
         for n, _ in progress:  # a kill after latents.json was in place left them
             (out / n).unlink(missing_ok=True)
@@ -419,7 +430,7 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
     found: list = [None, {}, None]
     if w.is_main:
         try:
-            check_out(out, inputs)
+            check_out(out, inputs, overwrite)
             held = lock(out)
             done, manifest = prepare(out, fp, overwrite)
             found = [None, done, manifest]

@@ -128,7 +128,9 @@ def zero_partitions(checkpoint: Path) -> int:
 def zero_layout(checkpoint: Path) -> tuple[bool, bool] | None:
     """(stage 3, bf16) of a ZeRO checkpoint as DeepSpeed named its files, or None (no ZeRO optimizer files).
     Stage 3 keeps one `zero_pp_rank_*_model_states.pt` per rank (stages 1/2 one `mp_rank_00_model_states.pt`);
-    a bf16 engine prefixes its optimizer shards `bf16_`, and loads only files named as it would name them."""
+    a bf16 engine prefixes its optimizer shards `bf16_`. DeepSpeed 0.19.8's ZeRO loader tries both names, but
+    a resume in the other precision still failed on the bf16 name (FileNotFoundError, ZeRO-2 and -3 on CPU):
+    the universal copy is what loads it."""
     optim = list(Path(checkpoint).glob("pytorch_model*/*zero_pp_rank_*_optim_states.pt"))
     if not optim:
         return None

@@ -206,8 +206,8 @@ def shard_samples(url: str, skipping: Skipping | None = None) -> Iterator[dict |
                     current = None
                 if current is None:
                     current, duplicate = {"__key__": key, "__url__": url}, False
-                if ext in current:  # two samples under one key (webdataset raises): the second is skipped, said once
-                    if not duplicate:
+                if duplicate or ext in current:  # two samples under one key (webdataset raises): from the first
+                    if not duplicate:                  # repeated member on, the rest of the key is skipped, said once
                         duplicate = True
                         yield BadSample(key, url, f"a second {key}.{ext} in the shard (keys must be unique): "
                                                   "the second sample is skipped")

@@ -203,28 +203,30 @@ class Validator:
         run any more (after `step`: an abandoned branch; or its copy and step_N both gone) is dropped, so
         that later validations are not measured against a step nobody can load. Rank 0 looks at the
         folder and tells the others: every rank must hold the same best (a new one is a collective save)."""
-        said = [None, None]  # the note when the best is dropped; an error rank 0 met (raised on every rank)
+        # the note to log; whether the best is dropped; an error rank 0 met (raised on every rank)
+        said = [None, False, None]
         if self.world.is_main:
             try:
-                said[0] = self._reconcile(root, step)
+                said[0], said[1] = self._reconcile(root, step)
             except OSError as e:
-                said[1] = f"cannot set checkpoints/{BEST_NAME} in {root}: {e}"
+                said[2] = f"cannot set checkpoints/{BEST_NAME} in {root}: {e}"
         if self.world.world_size > 1:
             tdist.broadcast_object_list(said, src=0)
-        if said[1] is not None:
-            raise OSError(said[1])
+        if said[2] is not None:
+            raise OSError(said[2])
         if said[0] is not None:
-            self.best = None
             log.info(said[0])
+        if said[1]:
+            self.best = None
         elif self.best is not None and self.cfg.eval.best_metric and (changed := self._changed(self.best)):
             b = self.best
             log.info(f"note: the best ({b['metric']} {b['value']:.4g} at step {b['step']}) was measured otherwise "
                      f"({', '.join(changed)}): it is no yardstick any more; checkpoints/best names it until the next "
                      "validation sets a new best")
 
-    def _reconcile(self, root: Path, step: int) -> str | None:
-        """Main process: `best` made to name the state's best; the note to log when that best is dropped
-        (or a `best` that names no best of this run is), else None."""
+    def _reconcile(self, root: Path, step: int) -> tuple[str | None, bool]:
+        """Main process: `best` made to name the state's best. Returns the note to log (None: nothing to
+        say) and whether the best is dropped (or a `best` that names no best of this run is)."""
         best, named = self.best, root / BEST_NAME
         link = os.readlink(named) if named.is_symlink() else None
         keep, why = None, None
@@ -240,7 +242,7 @@ class Validator:
                 why = f"neither checkpoints/best-step_{n} nor step_{n} exists any more"
         copies = [p for p in root.glob("best-step_*") if p != keep and _step_of(p) is not None]
         if keep is None and link is None and not copies:
-            return None  # nothing is best and nothing names a best: a new run, or none measured yet
+            return None, False  # nothing is best and nothing names a best: a new run, or none measured yet
         if keep is None and link is not None:
             named.unlink()  # first: `best` never names a copy that is being moved
             fsync_dir(root)
@@ -257,7 +259,10 @@ class Validator:
                 for old in root.glob("best-step_*"):
                     if old != keep:
                         shutil.rmtree(old, ignore_errors=True)
-            return None
+            if not aside:
+                return None, False
+            return (f"note: the best (step {best['step']}) is kept; an abandoned branch's best copy "
+                    + "; ".join(f"{old} kept as {new}" for old, new in aside)), False
         if best is not None:
             head = f"the best ({best['metric']} {best['value']:.4g} at step {best['step']}) is not part of this run " \
                    f"any more: {why}"
@@ -265,7 +270,7 @@ class Validator:
             head = f"this run (at step {step}) has no best measured yet" + (f", but checkpoints/best named {link}"
                                                                              if link else "")
         said = [f"{old} kept as {new}" for old, new in aside] + (["checkpoints/best removed"] if link else [])
-        return f"note: {head}; {'; '.join([*said, 'the next validation sets a new best'])}"
+        return f"note: {head}; {'; '.join([*said, 'the next validation sets a new best'])}", True
 
     @staticmethod
     def _link(root: Path, target: Path) -> None:

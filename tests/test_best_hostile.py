@@ -110,7 +110,8 @@ def test_reconcile_sets_aside_newer_copies_and_drops_a_best_after_the_resumed_st
     # resumed at step 6, whose state counts step 5 best: 9 is an abandoned branch's, 3 a superseded best
     v, log = fake_validator(tmp_path, {"metric": "psnr", "value": 20.0, "step": 5}), Log()
     v.reconcile(root, 6, log)
-    assert os.readlink(root / "best") == "best-step_5" and v.best["step"] == 5 and not log
+    assert os.readlink(root / "best") == "best-step_5" and v.best["step"] == 5
+    assert len(log) == 1 and "best-step_9 kept as abandoned-best-step_9.2" in log[0], log  # set aside, and said
     assert sorted(p.name for p in root.iterdir()) == ["abandoned-best-step_9", "abandoned-best-step_9.2", "best",
                                                       "best-step_5"]
     # a best after the resumed step (a hand-made or another branch's state) is not kept as a yardstick

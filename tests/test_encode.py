@@ -540,3 +540,16 @@ def test_decode_requests_that_cannot_work_are_one_line(kl, shards, tmp_path, tmp
     assert "give --cls N" in capsys.readouterr().err
     assert sample(cond, "decode", "--latents", tmp_path / "z4.npy", "--cls", "2", "--n", "2", "--rows", "1",
                   "--out", tmp_path / "o.png") == 0
+
+
+def test_a_folder_of_image_shards_without_their_index_is_not_taken_for_latents(kl, shards, tmp_path, capsys):
+    folder, _ = kl
+    images = copy_shards(shards, tmp_path / "images")
+    (images / "index.json").unlink()
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    assert encode(folder, "--out", images) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "4 .tar files (000000.tar, ...) that no encoding recorded" in err[0], err
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before  # untouched
+    assert encode(folder, "--out", images, "--overwrite") == 0  # said to be ours: replaced
+    assert json.loads((images / MANIFEST).read_text())["num_samples"] == 30

@@ -150,7 +150,7 @@ def test_zero2_bf16_trains(shards, tmp_path):
     seen = losses(run)
     assert all(v == v for v in seen) and seen[-1] < seen[0], seen
     assert any((run / "samples").glob("prior_samples_*.png"))  # grids under a bf16 module
-    # DeepSpeed names a bf16 engine's optimizer shards bf16_*, and loads only names it would write: a resume
+    # DeepSpeed names a bf16 engine's optimizer shards bf16_*, and a direct load in the other precision failed: a resume
     # in another precision goes through the universal copy, and restores what a bf16 resume restores
     step6 = run / "checkpoints/step_6"
     for name, launcher in (("same", ("--mixed_precision", "bf16")), ("fp32", ())):

@@ -212,3 +212,13 @@ def test_members_we_write_read_back_in_tarfile_webdataset_and_our_reader(tmp_pat
     ours = samples(tario.tarfile_to_samples, tmp_path / "w.tar")
     assert ours == samples(wds.tarfile_to_samples, tmp_path / "w.tar")
     assert [(s["__key__"], s["cls"]) for s in ours] == [("a", b"3"), (long_key, b"3")]
+
+
+def test_after_a_repeated_member_the_rest_of_that_key_is_skipped(tmp_path):
+    """The second sample's members the first one lacks (here its cls) never join the first sample."""
+    write_tar(tmp_path / "d.tar", [("a.jpg", b"first"), ("a.jpg", b"second"), ("a.cls", b"7"), ("b.jpg", b"b")])
+    items = list(tario.shard_samples(str(tmp_path / "d.tar")))
+    good = [i for i in items if not isinstance(i, BadSample)]
+    assert [{k: v for k, v in g.items() if k != "__url__"} for g in good] == [{"__key__": "a", "jpg": b"first"},
+                                                                           {"__key__": "b", "jpg": b"b"}]
+    assert sum(isinstance(i, BadSample) for i in items) == 1
