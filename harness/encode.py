@@ -627,8 +627,23 @@ def now() -> float:
 # reading latents back (launch/sample.py decode)
 
 
-def _one_tensor(found: dict, path: Path) -> torch.Tensor:
-    tensors = {k: v for k, v in found.items() if isinstance(v, torch.Tensor)}
+@dataclass
+class Latents:
+    """What `read_latents` found: `z` (float `b c h w`, or integer codes `b h w`), each latent's class from
+    latent shards (-1: none; None from a file), the shards' manifest (None from a file), and whether the
+    file held one latent without a batch axis."""
+
+    z: torch.Tensor
+    cls: list[int] | None = None
+    manifest: dict | None = None
+    single: bool = False
+
+
+def _one_tensor(found, path: Path) -> torch.Tensor:
+    if isinstance(found, (list, tuple)):
+        raise EncodeError(f"{path}: a {type(found).__name__} of {len(found)} items; save one tensor "
+                          "(torch.stack them first)")
+    tensors = {k: v for k, v in (found.items() if isinstance(found, dict) else []) if isinstance(v, torch.Tensor)}
     for name in ("latents", "latent", "codes"):
         if name in tensors:
             return tensors[name]
@@ -640,45 +655,86 @@ def _one_tensor(found: dict, path: Path) -> torch.Tensor:
                       "named latents")
 
 
-def read_latents(path: str | Path, limit: int) -> tuple[torch.Tensor, list[int] | None, dict | None]:
-    """Up to `limit` latents `b c h w` (float32; integer codes `b h w` stay integers) from a .npy, a
-    .safetensors or a .pt file, or from a folder of latent shards (its latents.json); with the shards'
-    classes (None from a file) and the folder's manifest (None from a file). Pickles are refused."""
-    path = Path(path)
-    cls = manifest = None
-    if path.is_dir():
-        manifest = _read_json(path / MANIFEST)
-        if manifest is None or manifest.get("format") != FORMAT:
-            raise EncodeError(f"{path}: not a folder of latent shards (no readable {MANIFEST}: launch/encode.py "
-                              "writes one when the set is complete)")
-        arrays, cls = [], []
-        for shard in manifest["shards"]:
-            for item in tario.shard_samples(str(path / shard["name"])):
-                if isinstance(item, BadSample) or "latent.npy" not in item:
-                    continue
-                arrays.append(np.lib.format.read_array(io.BytesIO(item["latent.npy"]), allow_pickle=False))
+def _member(item: dict, name: str, where: str) -> np.ndarray:
+    try:
+        return np.lib.format.read_array(io.BytesIO(item[name]), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy raises several types for a damaged or pickled array
+        raise EncodeError(f"{where}: {name} does not read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                          "run launch/encode.py again to rewrite the shard") from None
+
+
+def _from_shards(path: Path, limit: int) -> Latents:
+    """The first `limit` latents of a folder of latent shards: codes.npy where the set has them (VQ/FSQ:
+    exactly what the model's quantizer gave, where quantizing the stored float16 latent again could flip
+    a code), else latent.npy; every shard read must be whole."""
+    manifest = _read_json(path / MANIFEST)
+    if manifest is None or manifest.get("format") != FORMAT:
+        raise EncodeError(f"{path}: not a folder of latent shards (no readable {MANIFEST}: launch/encode.py "
+                          "writes one when the set is complete)")
+    field = "codes.npy" if "codes.npy" in manifest.get("fields", {}) else "latent.npy"
+    arrays, cls = [], []
+    for shard in manifest["shards"]:
+        if len(arrays) == limit:
+            break
+        url = path / shard["name"]
+        if not url.is_file() or url.stat().st_size != shard["bytes"]:
+            raise EncodeError(f"{url}: {'missing' if not url.is_file() else 'not the size latents.json records'}; "
+                              "run launch/encode.py again to rewrite it")
+        for item in tario.shard_samples(str(url)):
+            where = f"{url} {getattr(item, 'key', '') or item.get('__key__', '') if isinstance(item, dict) else ''}"
+            if isinstance(item, BadSample):
+                raise EncodeError(f"{url}: {item.reason}; run launch/encode.py again to rewrite it")
+            if field not in item:
+                raise EncodeError(f"{where.strip()}: no {field}")
+            a = _member(item, field, where.strip())
+            if arrays and a.shape != arrays[0].shape:
+                raise EncodeError(f"{where.strip()}: {field} of shape {a.shape}, the first was {arrays[0].shape}")
+            arrays.append(a)
+            try:
                 cls.append(int(item["cls"]) if "cls" in item else -1)
-                if len(arrays) == limit:
-                    break
+            except ValueError:
+                raise EncodeError(f"{where.strip()}: cls {item['cls'][:20]!r} is no integer") from None
             if len(arrays) == limit:
                 break
-        if not arrays:
-            raise EncodeError(f"{path}: its shards hold no readable latent.npy")
-        return torch.from_numpy(np.stack(arrays)).float(), cls, manifest
+    if not arrays:
+        raise EncodeError(f"{path}: its shards hold no latents")
+    z = torch.from_numpy(np.stack(arrays))
+    return Latents(z.long() if field == "codes.npy" else z.float(), cls, manifest)
+
+
+def _batched(ndim: int, floating: bool) -> bool:
+    return ndim == (4 if floating else 3)
+
+
+def read_latents(path: str | Path, limit: int) -> Latents:
+    """Up to `limit` latents from a .npy, a .safetensors or a .pt file (`b c h w` floats, `b h w` integer
+    codes, or one of either without the batch axis), or from a folder of latent shards (launch/encode.py).
+    Pickles are refused; a big file is read only as far as `limit` (memory-mapped)."""
+    path = Path(path)
+    if path.is_dir():
+        return _from_shards(path, limit)
     if not path.is_file():
         raise EncodeError(f"{path}: no such file or folder")
     try:
         if path.suffix == ".npy":
-            t = torch.from_numpy(np.load(path, allow_pickle=False))
+            a = np.load(path, allow_pickle=False, mmap_mode="r")
+            if a.dtype.kind not in "fiub":
+                raise EncodeError(f"{path}: an array of {a.dtype}, not numbers")
+            t = torch.from_numpy(np.array(a[:limit] if _batched(a.ndim, a.dtype.kind == "f") else a))
         elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            t = _one_tensor(load_file(str(path)), path)
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+                name = next((k for k in ("latents", "latent", "codes") if k in keys), None)
+                if name is None and len(keys) != 1:
+                    _one_tensor(dict.fromkeys(keys, torch.empty(0)), path)  # names them in the refusal
+                part = f.get_slice(name or keys[0])
+                floating = part.get_dtype().startswith(("F", "BF"))
+                t = part[:limit] if _batched(len(part.get_shape()), floating) else f.get_tensor(name or keys[0])
         elif path.suffix in (".pt", ".pth"):
-            found = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(found, torch.Tensor):
-                found = _one_tensor(found if isinstance(found, dict) else {}, path)
-            t = found
+            found = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            t = found if isinstance(found, torch.Tensor) else _one_tensor(found, path)
         else:
             raise EncodeError(f"{path}: latents are read from .npy, .safetensors or .pt files, or a folder of latent "
                               "shards")
@@ -687,20 +743,17 @@ def read_latents(path: str | Path, limit: int) -> tuple[torch.Tensor, list[int] 
     except Exception as e:  # noqa: BLE001 - numpy, safetensors and torch raise their own types for broken files
         raise EncodeError(f"{path}: not a readable latent file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
             from None
-    if t.is_floating_point() or t.is_complex():
-        if t.is_complex():
-            raise EncodeError(f"{path}: complex values are no latents")
-        t = t.float()
-        if t.dim() == 3:
-            t = t[None]
-        if t.dim() != 4:
-            raise EncodeError(f"{path}: latents of shape {tuple(t.shape)}; need `b c h w` (or one `c h w`)")
-    else:
-        t = t.long()
-        if t.dim() == 2:
-            t = t[None]
-        if t.dim() != 3:
-            raise EncodeError(f"{path}: integer codes of shape {tuple(t.shape)}; need `b h w` (or one `h w`)")
-    if t.shape[0] == 0 or any(d == 0 for d in t.shape):
+    if t.is_complex():
+        raise EncodeError(f"{path}: complex values are no latents")
+    floating = t.is_floating_point()
+    single = t.dim() == (3 if floating else 2)
+    if single:
+        t = t[None]
+    if t.dim() != (4 if floating else 3):
+        what = "latents" if floating else "integer codes"
+        need = "`b c h w` (or one `c h w`)" if floating else "`b h w` (or one `h w`)"
+        raise EncodeError(f"{path}: {what} of shape {tuple(t.shape)}; need {need}")
+    if any(d == 0 for d in t.shape):
         raise EncodeError(f"{path}: holds no latent (shape {tuple(t.shape)})")
-    return t[:limit], cls, manifest
+    t = t[:limit]
+    return Latents(t.float() if floating else t.long(), None, None, single)

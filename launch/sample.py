@@ -154,7 +154,8 @@ def check_request(args) -> Path:
     draws = [o for o, v in (("--temperature", args.temperature), ("--top-k", args.top_k)) if v is not None]
     if draws and args.mode in ("reconstruct", "interpolate", "decode"):  # as --cls: left unused without a word
         raise RequestError(f"{draws[0]}: for `sample` and `classes`, where a prior run draws codes; `{args.mode}` "
-                           "encodes and decodes the images it is given, drawing none")
+                           + ("decodes the latents it is given" if args.mode == "decode" else
+                              "encodes and decodes the images it is given") + ", drawing none")
     check_device(args.device)
     return writable_png(Path(args.out or f"{args.mode}.png"))
 
@@ -170,10 +171,12 @@ def unscaling(args) -> tuple[float, float] | None:
             why = getattr(e, "strerror", None) or e
             raise RequestError(f"--stats {args.stats}: not readable JSON ({why})") from None
         found = found.get("latent_stats", found) if isinstance(found, dict) else {}
-        scale, shift = found.get("scaling_factor"), found.get("shift_factor", 0.0)
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (scale, shift)) or scale <= 0:
-            raise RequestError(f"--stats {args.stats}: no finite scaling_factor > 0 and shift_factor in it (a "
-                               "latents.json of launch/encode.py, or the latent_stats.json of export --latent-stats)")
+        scale, shift = found.get("scaling_factor"), found.get("shift_factor")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        if not (number(scale) and number(shift)) or scale <= 0:
+            raise RequestError(f"--stats {args.stats}: no finite scaling_factor > 0 and shift_factor in it (give the "
+                               "latents.json of launch/encode.py or the latent_stats.json of export --latent-stats; "
+                               "a diffusers VQModel's config.json has no shift_factor)")
         return float(scale), float(shift)
     if args.scaling_factor is None and args.shift_factor is None:
         return None
@@ -183,16 +186,32 @@ def unscaling(args) -> tuple[float, float] | None:
 def decode_rows(args, model, cfg) -> list[torch.Tensor]:
     """--n x --rows latents of --latents decoded, one grid row per --n (the last filled with white)."""
     from harness.encode import EncodeError, read_latents
+    from harness.tasks import weights_digest
 
     try:
-        z, cls, _ = read_latents(args.latents, args.n * args.rows)
+        found = read_latents(args.latents, args.n * args.rows)
     except EncodeError as e:
         raise RequestError(f"--latents {e}") from None
-    codes = not z.is_floating_point()
+    z, codes = found.z, not found.z.is_floating_point()
+    factors = unscaling(args)
+    vq = getattr(model, "kind", "") in ("vq", "fsq")
+    if found.manifest is not None:
+        if factors is not None:
+            raise RequestError(f"--stats/--scaling-factor: {args.latents} holds latents as the model made them; the "
+                               "factors undo the normalisation of a diffusion model's samples")
+        made_by = found.manifest.get("model", {})
+        if made_by.get("weights_digest") not in (None, weights_digest(model)):
+            print(f"note: --latents {args.latents} were encoded by other weights ({made_by.get('folder')}); decoding "
+                  f"them with {args.model}'s", file=sys.stderr)
     if codes and not hasattr(model, "decode_indices"):
         raise RequestError(f"--latents {args.latents}: integer codes, but model.kind={cfg.model.kind} has no codebook "
                            "(a KL model decodes float latents `b c h w`)")
     channels = model.latent_shape(cfg.data.image_size)[0]
+    if not codes and vq and (found.single or z.shape[1] != channels) and torch.equal(z, z.round()):
+        # `b h w` code indices saved as floats read as one `c h w` latent (or as the wrong channels)
+        raise RequestError(f"--latents {args.latents}: whole numbers stored as floats, shape "
+                           f"{tuple(z.shape[1:] if found.single else z.shape)}: code indices are read as integers "
+                           "(.astype(int64)); one float latent needs its batch axis (`1 c h w`)")
     if not codes and z.shape[1] != channels:
         raise RequestError(f"--latents {args.latents}: {z.shape[1]} latent channels, the model's latent has "
                            f"{channels} (shape {tuple(z.shape)}: `b c h w` expected)")
@@ -201,23 +220,28 @@ def decode_rows(args, model, cfg) -> list[torch.Tensor]:
     if codes and (z.min() < 0 or z.max() >= model.quantizer.codebook_size):
         raise RequestError(f"--latents {args.latents}: codes {int(z.min())}..{int(z.max())}, outside the codebook "
                            f"(0..{model.quantizer.codebook_size - 1})")
-    if (factors := unscaling(args)) is not None:
+    if factors is not None:
         if codes:
             raise RequestError("--stats/--scaling-factor: integer codes are not normalised")
         scale, shift = factors
         z = z / scale + shift
+        if not torch.isfinite(z).all():
+            raise RequestError(f"--scaling-factor/--shift-factor ({scale:g}, {shift:g}): the unscaled latents overflow")
     z = z.to(args.device)
     cond = None
     if model.condition == "class":
+        num = cfg.model.num_classes
         if args.cls is not None:
-            if not 0 <= args.cls < cfg.model.num_classes:
-                raise RequestError(f"--cls {args.cls}: the model has model.num_classes={cfg.model.num_classes}")
+            if not 0 <= args.cls < num:
+                raise RequestError(f"--cls {args.cls}: the model has model.num_classes={num}")
             cond = torch.full((len(z),), args.cls, dtype=torch.long, device=args.device)
-        elif cls is not None and min(cls) >= 0:
-            cond = torch.tensor(cls, dtype=torch.long, device=args.device).clamp(max=cfg.model.num_classes - 1)
+        elif found.cls is None:
+            raise RequestError("a class-conditional model decodes with a class: give --cls N")
+        elif (bad := [c for c in found.cls if not 0 <= c < num]):
+            what = "have no class (cls)" if min(bad) < 0 else f"have classes outside 0..{num - 1} ({max(bad)})"
+            raise RequestError(f"--latents {args.latents}: {len(bad)} of the latents read {what}; give --cls N")
         else:
-            raise RequestError("a class-conditional model decodes with a class: give --cls N (latent shards carry "
-                               "theirs)")
+            cond = torch.tensor(found.cls, dtype=torch.long, device=args.device)
     elif model.condition == "multilabel":
         raise RequestError("decode: a multilabel-conditional model needs each latent's labels, which --latents "
                            "does not carry; decode through its own code (model.decode(z, labels))")
@@ -226,7 +250,7 @@ def decode_rows(args, model, cfg) -> list[torch.Tensor]:
     if codes:
         images = model.decode_indices(z, cond)
     else:
-        if getattr(model, "kind", "") in ("vq", "fsq"):
+        if vq:
             z = model.quantizer(z).quantized  # diffusers' VQModel.decode quantizes what it is given, as here
         images = model.decode(z, cond)
     if len(z) < args.n * args.rows:

@@ -553,3 +553,80 @@ def test_a_folder_of_image_shards_without_their_index_is_not_taken_for_latents(k
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before  # untouched
     assert encode(folder, "--out", images, "--overwrite") == 0  # said to be ours: replaced
     assert json.loads((images / MANIFEST).read_text())["num_samples"] == 30
+
+
+@pytest.mark.parametrize("kind", ["vq", "fsq"])
+def test_decoded_vq_and_fsq_shards_are_the_reconstructions(kind, shards, tmp_path, tmp_path_factory):
+    """The shards' codes, not their float16 pre-quantization latents quantized again (a code could flip)."""
+    extra = ["model.kind=vq", "model.vq_codebook_size=64"] if kind == "vq" else ["model.kind=fsq",
+                                                                                "model.fsq_levels=[5,5,3,3]"]
+    folder, _ = tiny(shards, tmp_path_factory, *extra, name=f"{kind}r")
+    assert encode(folder, "--out", tmp_path / "lat") == 0
+    assert sample(folder, "decode", "--latents", tmp_path / "lat", "--n", "8", "--rows", "1",
+                  "--out", tmp_path / "d.png") == 0
+    assert sample(folder, "reconstruct", "--data", shards, "--n", "8", "--out", tmp_path / "r.png") == 0
+    decoded, recon = png(tmp_path / "d.png").astype(int), png(tmp_path / "r.png").astype(int)
+    assert np.abs(decoded - recon[decoded.shape[0]:]).max() <= 1
+
+
+def test_hostile_latent_shards_and_factors_are_one_line(kl, shards, tmp_path, tmp_path_factory, capsys):
+    folder, _ = kl
+    out = tmp_path / "lat"
+    assert encode(folder, "--out", out) == 0
+
+    def refused(latents, *extra, says):
+        assert sample(folder, "decode", "--latents", latents, *extra, "--out", tmp_path / "o.png") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+
+    refused(out, "--stats", out / MANIFEST, says="holds latents as the model made them")
+    for name, damage, says in [("gone", lambda p: p.unlink(), "missing"),
+                               ("cut", lambda p: p.write_bytes(p.read_bytes()[:3000]), "not the size"),
+                               ("junk", lambda p: p.write_bytes(os.urandom(p.stat().st_size)), "run launch/encode.py")]:
+        bad = tmp_path / name
+        bad.mkdir()
+        for f in out.iterdir():
+            (bad / f.name).write_bytes(f.read_bytes())
+        damage(bad / "000000.tar")
+        refused(bad, says=says)
+    bad = tmp_path / "members"  # a whole tar whose members are broken
+    bad.mkdir()
+    manifest = json.loads((out / MANIFEST).read_text())
+    with wds.TarWriter(str(bad / "000000.tar")) as w:
+        w.write({"__key__": "x", "latent.npy": b"garbage"})
+    manifest["shards"] = [{**manifest["shards"][0], "bytes": (bad / "000000.tar").stat().st_size}]
+    (bad / MANIFEST).write_text(json.dumps(manifest))
+    refused(bad, says="latent.npy does not read")
+    np.save(tmp_path / "z.npy", np.zeros((2, 4, 16, 16), np.float32))
+    (tmp_path / "vq.json").write_text(json.dumps({"_class_name": "VQModel", "scaling_factor": 1.2}))
+    refused(tmp_path / "z.npy", "--stats", tmp_path / "vq.json", says="no finite scaling_factor > 0 and shift_factor")
+    (tmp_path / "bool.json").write_text(json.dumps({"scaling_factor": True, "shift_factor": 0.0}))
+    refused(tmp_path / "z.npy", "--stats", tmp_path / "bool.json", says="no finite scaling_factor")
+    np.save(tmp_path / "big.npy", np.full((2, 4, 16, 16), 1e30, np.float32))
+    refused(tmp_path / "big.npy", "--scaling-factor", "1e-20", says="the unscaled latents overflow")
+    torch.save([torch.zeros(4, 16, 16)], tmp_path / "list.pt")
+    refused(tmp_path / "list.pt", says="a list of 1 items; save one tensor")
+    # latents encoded by another model: decoded, with a note (a fine-tuned decoder is a real use)
+    other, model = tiny(shards, tmp_path_factory, name="oth")
+    with torch.no_grad():
+        model.quant_conv.bias.add_(0.1)
+    save_model(other, load_config([], [*TINY, f"data.train={shards}"]), model)
+    assert sample(other, "decode", "--latents", out, "--out", tmp_path / "o.png") == 0
+    assert "were encoded by other weights" in capsys.readouterr().err
+
+
+def test_decode_classes_and_codes_stored_as_floats(shards, tmp_path, tmp_path_factory, capsys):
+    cond, _ = tiny(shards, tmp_path_factory, "model.condition=class", "model.num_classes=4", name="cls4")
+    out = tmp_path / "lat"
+    assert encode(cond, "--out", out, "--dtype", "float32") == 0
+    assert sample(cond, "decode", "--latents", out, "--n", "4", "--rows", "1", "--out", tmp_path / "o.png") == 0
+    three, _ = tiny(shards, tmp_path_factory, "model.condition=class", "model.num_classes=3", name="cls3")
+    assert sample(three, "decode", "--latents", out, "--n", "4", "--rows", "1", "--out", tmp_path / "o.png") == 2
+    assert "have classes outside 0..2 (3); give --cls N" in capsys.readouterr().err  # not clamped to class 2
+    vq, _ = tiny(shards, tmp_path_factory, "model.kind=vq", "model.vq_codebook_size=64", name="vqf")
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).integers(0, 64, (4, 16, 16)).astype(np.float32))
+    assert sample(vq, "decode", "--latents", tmp_path / "f.npy", "--out", tmp_path / "o.png") == 2
+    assert "whole numbers stored as floats" in capsys.readouterr().err
+    np.save(tmp_path / "one.npy", np.random.default_rng(0).normal(size=(4, 16, 16)).astype(np.float32))
+    assert sample(vq, "decode", "--latents", tmp_path / "one.npy", "--n", "1", "--rows", "1",
+                  "--out", tmp_path / "o.png") == 0  # one `c h w` latent: its channels are not cut to --n
