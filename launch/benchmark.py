@@ -682,13 +682,36 @@ def bench_encode(a) -> dict:
     against the plain loop on the same images and fields, alternating rounds; images/s and the ratio."""
     import tempfile
 
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        return _bench_encode(a, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench_encode(a, tmp: Path) -> dict:
     from harness.dist import World
     from harness.encode import EncodeOptions, Model, encode_shards
     from harness.inference import load_model
     from harness.tasks import weights_digest
 
     device = torch.device(a.device)
-    model, cfg, folder = load_model(a.model, device=device)
+    if a.model.endswith((".yaml", ".yml")):  # a config: its model with fresh weights (the GPU check has no run)
+        import yaml
+
+        from harness.config import load_config, to_dict
+        from harness.export import save_safetensors
+        from models import build_model
+
+        cfg = load_config([a.model], [f"data.train={a.data}"])
+        torch.manual_seed(0)
+        folder = tmp / "model"
+        folder.mkdir()
+        save_safetensors(build_model(cfg.model).state_dict(), folder / "model.safetensors")
+        (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    else:
+        folder = Path(a.model)
+    model, cfg, folder = load_model(folder, device=device)
     size = a.image_size or cfg.data.image_size
     from shards.sources import resolve_sources
 
@@ -696,25 +719,21 @@ def bench_encode(a) -> dict:
     opts = EncodeOptions(image_size=size, batch_size=a.batch_size, workers=a.workers)
     wrapped = Model(model, cfg, folder, weights_digest(model))
     times: dict[str, list[float]] = {"encode.py": [], "plain loop": []}
-    tmp = Path(tempfile.mkdtemp())
-    try:
-        for r in range(a.rounds + 1):  # the first round warms both up, untimed
-            for side in times:
-                out = tmp / f"{side.split('.')[0].replace(' ', '_')}{r}"
-                t0 = time.perf_counter()
-                if side == "encode.py":
-                    count = encode_shards(wrapped, a.data, out, opts, World(), device, progress=False)["num_samples"]
-                else:
-                    out.mkdir()
-                    plain = _plain_encode(model, urls, size, a.batch_size, out / "latents.tar", device)
-                    if plain != count:  # both sides must do the same work
-                        raise ValueError(f"{a.data}: the plain loop encoded {plain} images, encode.py {count} (bad "
-                                         "samples?): give the benchmark shards whose images all decode")
-                if r:
-                    times[side].append(time.perf_counter() - t0)
-                shutil.rmtree(out, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for r in range(a.rounds + 1):  # the first round warms both up, untimed
+        for side in times:
+            out = tmp / f"{side.split('.')[0].replace(' ', '_')}{r}"
+            t0 = time.perf_counter()
+            if side == "encode.py":
+                count = encode_shards(wrapped, a.data, out, opts, World(), device, progress=False)["num_samples"]
+            else:
+                out.mkdir()
+                plain = _plain_encode(model, urls, size, a.batch_size, out / "latents.tar", device)
+                if plain != count:  # both sides must do the same work
+                    raise ValueError(f"{a.data}: the plain loop encoded {plain} images, encode.py {count} (bad "
+                                     "samples?): give the benchmark shards whose images all decode")
+            if r:
+                times[side].append(time.perf_counter() - t0)
+            shutil.rmtree(out, ignore_errors=True)
     rate = {side: count / statistics.median(t) for side, t in times.items()}
     ratio = rate["encode.py"] / rate["plain loop"]
     print(f"encode {count} images at {size} px, batch {a.batch_size}, {a.workers} loader workers, "
@@ -722,7 +741,7 @@ def bench_encode(a) -> dict:
     for side, value in rate.items():
         print(f"  {side:<10} {value:8.1f} img/s")
     print(f"  ratio {ratio:.2f}x (encode.py / plain loop)")
-    return {"bench": "encode", "images": count, "image_size": size, "workers": a.workers,
+    return {"bench": "encode", "images": count, "image_size": size, "workers": a.workers, "device": str(device),
             "img_per_s": rate, "ratio": ratio}
 
 
@@ -789,7 +808,7 @@ def main(argv=None) -> int:
     pe.add_argument("--flops", action="store_true",
                     help="count each model's FLOPs (torch.utils.flop_counter): TFLOP/s, peak share")
     en = sub.add_parser("encode", help="launch/encode.py vs a plain decode-encode-save loop, same images")
-    en.add_argument("model", help="run folder, checkpoint folder or exported folder")
+    en.add_argument("model", help="run folder, checkpoint folder, exported folder, or a config .yaml (fresh weights)")
     en.add_argument("--data", required=True, help="shards (folder, pattern): every image is encoded each round")
     en.add_argument("--image-size", type=int, default=None)
     en.add_argument("--batch-size", type=int, default=32)

@@ -25,6 +25,8 @@
 #             (these three: fused AdamW and cudnn.benchmark on every side)
 #   step_host / step_fused  the harness's whole train_step vs a plain loop in the same precision with the same
 #             AdamW, small kl-f8 images in bf16: as it is, and with optim.fused=true (no host sync in the step)
+#   encode    launch/encode.py (latent shards) vs a plain decode-encode-save loop, kl-f8 at 256 px on 512 demo
+#             images, 4 loader workers: images/s and the ratio (launch/benchmark.py encode)
 #   compile   (opt-in) torch.compile of our kl-f8 step: compile seconds and the step ratio
 # Writes $OUT/gpu_check.json (everything), $OUT/summary.txt (a short table) and one log per part.
 # Exit status 0 when every part that ran passed, 1 otherwise (the JSON is written either way); 2: bad arguments.
@@ -37,7 +39,7 @@ case "${1:-}" in
   "") ;;
   *) echo "error: unknown argument ${1} (usage: bash launch/gpu_check.sh [--cpu])" >&2; exit 2 ;;
 esac
-ALL_PARTS=(install gpu_tests peer_bf16 klf8_step peer_fp16 step_host step_fused compile)
+ALL_PARTS=(install gpu_tests peer_bf16 klf8_step peer_fp16 step_host step_fused encode compile)
 OPT_IN=" compile "
 SELECTED=" "
 IFS=, read -ra wanted <<< "${PARTS:-default}"
@@ -243,9 +245,12 @@ if [ "$MODE" = cpu ]; then
         --warmup 1 --rounds 1)
   run_part step_host 60 "${STEP[@]}" --json "$OUT/step_host.jsonl" train.mixed_precision=bf16
   run_part step_fused 60 "${STEP[@]}" --json "$OUT/step_fused.jsonl" train.mixed_precision=bf16 optim.fused=true
+  run_part encode 60 bash -c "'$PYTHON' -m shards demo '$OUT/encode_data' --num-samples 48 --image-size 32 --seed 3 \
+    --shard-size 16 && '$PYTHON' launch/benchmark.py encode tests/configs/tiny.yaml --data '$OUT/encode_data' \
+    --workers 1 --batch-size 8 --rounds 1 --device cpu --json '$OUT/encode.jsonl'"
   skip_part compile "cpu mode"
 elif [ "$NO_CUDA" = 1 ]; then  # kl-f8 at 256 px on a CPU would only burn the budget
-  for part in peer_bf16 klf8_step peer_fp16 step_host step_fused compile; do skip_part $part "no CUDA device"; done
+  for part in peer_bf16 klf8_step peer_fp16 step_host step_fused encode compile; do skip_part $part "no CUDA device"; done
 else
   # Most telling first: when the budget runs short, the last ones are skipped.
   run_part peer_bf16 60 "${BENCH[@]}" --preset kl-f8 --batch-size "$BATCH" --dtype bf16 --rounds 5 --steps 3 \
@@ -261,6 +266,10 @@ else
         --steps 20 --rounds 3)
   run_part step_host 40 "${STEP[@]}" --json "$OUT/step_host.jsonl" train.mixed_precision=bf16
   run_part step_fused 40 "${STEP[@]}" --json "$OUT/step_fused.jsonl" train.mixed_precision=bf16 optim.fused=true
+  # Latent shards as a diffusion user would make them: loader workers decode while the GPU encodes.
+  run_part encode 60 bash -c "'$PYTHON' -m shards demo '$OUT/encode_data' --num-samples 512 --image-size 256 \
+    --seed 3 --shard-size 128 && '$PYTHON' launch/benchmark.py encode launch/configs/kl_f8.yaml \
+    --data '$OUT/encode_data' --workers 4 --batch-size 32 --rounds 2 --json '$OUT/encode.jsonl'"
   # Opt-in: its compile took 587 s on a CPU once; on a GPU give it a run of its own (PARTS=install,compile).
   run_part compile 240 "${BENCH[@]}" --preset kl-f8 --batch-size "$BATCH" --dtype bf16 --rounds 3 --steps 3 \
     --sides ours,ours+compile "${FAST[@]}" --json "$OUT/compile.jsonl"
@@ -296,7 +305,7 @@ if log.exists():  # each test's outcome from pytest -v's lines, also from a log 
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
         counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail[0])}
     res["gpu_tests"], res["gpu_tests_each"] = counts, outcomes
-for name in ("peer_bf16", "peer_fp16", "klf8_step", "step_host", "step_fused", "compile"):
+for name in ("peer_bf16", "peer_fp16", "klf8_step", "step_host", "step_fused", "encode", "compile"):
     f = out / f"{name}.jsonl"
     if f.exists() and f.read_text().strip():
         res[name] = json.loads(f.read_text().strip().splitlines()[-1])
@@ -319,6 +328,11 @@ for name in ("step_host", "step_fused"):
         lines.append(f"  {name}: {r['device']}, batch {r['batch_size']}, {r['image_size']} px, "
                      f"{r.get('mixed_precision', '?')}: harness {r['harness_ms']:.1f} ms vs plain loop "
                      f"{r['plain_ms']:.1f} ms ({r['overhead_pct']:+.1f}%)")
+if "encode" in res:
+    r = res["encode"]
+    lines.append(f"  encode: {r['images']} images at {r['image_size']} px on {r.get('device', '?')}, {r['workers']} "
+                 f"workers: encode.py {r['img_per_s']['encode.py']:.1f} img/s vs plain loop "
+                 f"{r['img_per_s']['plain loop']:.1f} img/s (ratio {r['ratio']:.2f})")
 for name in ("peer_bf16", "peer_fp16", "klf8_step", "compile"):
     if name in res:
         r = res[name]

@@ -233,8 +233,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert res["env"]["fallback_site"] is None  # pip had nothing to install
     status = {k: v["status"] for k, v in res["parts"].items()}
     assert status == {"install": "ok", "gpu_tests": "ok", "peer_bf16": "ok", "peer_fp16": "ok", "klf8_step": "skipped",
-                      "step_host": "ok", "step_fused": "ok", "compile": "skipped"}, res["parts"]
+                      "step_host": "ok", "step_fused": "ok", "encode": "ok", "compile": "skipped"}, res["parts"]
     assert res["step_host"]["harness_ms"] > 0 and res["step_fused"]["harness_ms"] > 0
+    assert res["encode"]["images"] == 48 and res["encode"]["ratio"] > 0 and "encode: 48 images at 32 px" in (
+        out / "summary.txt").read_text()
     assert res["step_host"]["autocast"] and res["step_fused"]["fused"] and not res["step_host"]["fused"]
     assert res["gpu_tests"]["skipped"] >= 4 and "failed" not in res["gpu_tests"]
     # one outcome per test (pytest -v), here the one test for any device, twice, and the skipped GPU tests
