@@ -9,6 +9,7 @@ where a real cluster cannot easily be made to fail (a refused requeue) or to hav
 """
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -214,6 +215,64 @@ def test_scancel_is_not_requeued(slurm_env, tmp_path, shards):
     assert ckpt.read_state(ckpt.resolve(run_dir, "latest"))["step"] >= 5
 
 
+def release_and_wait(env, job, timeout, show):
+    """Wait for the job to leave the queue, letting a requeued job's BeginTime hold go (as wait_until_done)."""
+    end, released_at = time.monotonic() + timeout, -1e9
+    while time.monotonic() < end:
+        state, now = job_state(env, job), time.monotonic()
+        if state == "":
+            time.sleep(2)  # squeue has been seen to blink during a requeue
+            if job_state(env, job) == "":
+                return
+        if state.startswith("PENDING") and "BeginTime" in state and now - released_at > 15:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=env, capture_output=True)
+            released_at = now
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for job {job} to end\n{show()}")
+
+
+@real_slurm
+def test_encode_sbatch_usr1_requeues_and_ends_as_a_straight_encoding(slurm_env, tmp_path):
+    import torch
+    import yaml
+    from shardgen import make_shards
+
+    from harness.config import load_config, to_dict
+    from harness.encode import MANIFEST
+    from harness.export import save_safetensors
+    from launch.encode import main as encode_main
+    from models import build_model
+
+    data = make_shards(tmp_path / "shards", num_samples=320, per_shard=16, size=136)  # 20 shards, 10 a rank
+    cfg = load_config([], ["model.ch=64", "model.ch_mult=[1,2,2]", "model.num_res_blocks=1", "model.z_channels=4",
+                           "model.embed_dim=4", "model.attn_type=none", "data.image_size=128", f"data.train={data}"])
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_safetensors(build_model(cfg.model).state_dict(), folder / "model.safetensors")
+    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    out, log = tmp_path / "lat", tmp_path / "slurm.out"
+    args = [str(folder), "--out", str(out), "--workers", "0", "--batch-size", "4", "--no-progress"]
+    job = sbatch(slurm_env, ENCODE_SBATCH, *args, opts=("--gpus-per-node=0", f"--output={log}"), GPUS_PER_NODE="2")
+
+    def show():
+        return f"{job_report(slurm_env, job, tmp_path, log)}\n--- {out}: {sorted(p.name for p in out.glob('*'))}"
+
+    wait_for(lambda: any(out.glob("0*.tar")), 240, "the first latent shard", show)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
+    wait_for(lambda: job_state(slurm_env, job).startswith("PENDING"), 180, "the job to be requeued", show)
+    stopped = sorted(p.name for p in out.glob("0*.tar"))
+    assert 1 <= len(stopped) < 20 and not (out / MANIFEST).exists(), show()
+    release_and_wait(slurm_env, job, 300, show)
+    text = log.read_text()
+    assert "requeueing job" in text and "restart 1" in text and "encode exited with 0" in text, text
+    assert f"{out}: 320 latents (4x32x32 float16) in 20 shards" in text, text
+    straight = tmp_path / "straight"  # one process, never stopped: the same bytes
+    assert encode_main([str(folder), "--out", str(straight), "--workers", "0", "--no-progress"]) == 0
+    for i in range(20):
+        assert (out / f"{i:06d}.tar").read_bytes() == (straight / f"{i:06d}.tar").read_bytes(), i
+
+
 # ------------------------------------------------------------------------- stand-ins for srun / scontrol
 
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
@@ -229,10 +288,10 @@ case $1 in
 esac
 """
 NO_SLURM = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "GPUS_PER_NODE",
-            "REPO_DIR", "CONFIG", "ACCEL_CONFIG", "TRAIN_SCRIPT", "RUN_DIR")
+            "REPO_DIR", "CONFIG", "ACCEL_CONFIG", "TRAIN_SCRIPT", "RUN_DIR", "ENCODE_SCRIPT")
 
 
-def fake_sbatch(tmp_path, *argv, cwd=ROOT, **env):
+def fake_sbatch(tmp_path, *argv, cwd=ROOT, script=SBATCH, **env):
     """train.sbatch run by bash as SLURM's batch step would run it (job 7 on node1, submitted from cwd);
     `env` adds or (with None) removes variables."""
     bin_dir = tmp_path / "bin"
@@ -246,7 +305,7 @@ def fake_sbatch(tmp_path, *argv, cwd=ROOT, **env):
                 RUN_DIR=str(tmp_path / "run"))
     for k, v in env.items():
         full.pop(k) if v is None else full.__setitem__(k, v)
-    return subprocess.run(["bash", str(SBATCH), *argv], env=full, cwd=cwd, capture_output=True, text=True, timeout=30)
+    return subprocess.run(["bash", str(script), *argv], env=full, cwd=cwd, capture_output=True, text=True, timeout=30)
 
 
 def srun_value(r, option):
@@ -350,3 +409,71 @@ def test_torchrun_configs_are_accepted(tmp_path, config):
     r = fake_sbatch(tmp_path, "data.train=/d", ACCEL_CONFIG=f"launch/accelerate/{config}", GPUS_PER_NODE="2")
     assert r.returncode == 0, r.stderr
     assert srun_value(r, "--config_file") == f"launch/accelerate/{config}"
+
+
+# ------------------------------------------------------------------------------------ launch/slurm/encode.sbatch
+
+ENCODE_SBATCH = ROOT / "launch" / "slurm" / "encode.sbatch"
+ENCODE_ARGS = ("runs/kl-f8", "--data", "/d/{000000..000003}.tar", "--out", "/lat ents/in256", "--flip")
+
+
+def test_encode_sbatch_runs_torchrun_per_node_with_the_arguments_as_written(tmp_path):
+    r = fake_sbatch(tmp_path, *ENCODE_ARGS, script=ENCODE_SBATCH, SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4")
+    assert r.returncode == 0, r.stderr
+    words = r.stdout.splitlines()
+    assert words[0] == "[sbatch] job 7 restart 0: encode, 2 node(s) x 4, head node1:30007"
+    assert words[1:4] == ["--kill-on-bad-exit=1", "bash", "-c"] and words[5] == "torchrun"
+    assert srun_value(r, "--nnodes") == "2" and srun_value(r, "--nproc_per_node") == "4"
+    assert srun_value(r, "--master_addr") == "node1"
+    # the brace pattern and the space reach encode.py as written
+    assert words[words.index("launch/encode.py") + 1:words.index("[sbatch] encode exited with 0")] == list(ENCODE_ARGS)
+
+
+@pytest.mark.parametrize("env, processes", [({}, "1"), ({"SLURM_GPUS_PER_NODE": "a100:2"}, "2"),
+                                            ({"SLURM_GPUS_ON_NODE": "0", "GPUS_PER_NODE": "2"}, "2")])
+def test_encode_sbatch_ranks_per_node_follow_the_gpus_allocated(tmp_path, env, processes):
+    r = fake_sbatch(tmp_path, *ENCODE_ARGS, script=ENCODE_SBATCH, **env)
+    assert r.returncode == 0, r.stderr
+    assert srun_value(r, "--nproc_per_node") == processes
+
+
+@pytest.mark.parametrize("argv, env, line", [
+    (ENCODE_ARGS, {"SLURM_JOB_ID": None}, "not inside a SLURM allocation (SLURM_JOB_ID or SLURM_JOB_NODELIST unset)"),
+    ((), {}, "no arguments: give launch/encode.py's"),
+    (ENCODE_ARGS, {"SLURM_GPUS_ON_NODE": "4", "GPUS_PER_NODE": "8"}, "GPUS_PER_NODE=8 but SLURM allocated 4 GPU(s)"),
+    (ENCODE_ARGS, {"GPUS_PER_NODE": "two"}, "GPUS_PER_NODE=two: not a positive number of ranks"),
+    (ENCODE_ARGS, {"ENCODE_SCRIPT": "launch/nope.py"}, "ENCODE_SCRIPT=launch/nope.py: no such file in"),
+])
+def test_encode_sbatch_refusals_are_one_line_before_srun(tmp_path, argv, env, line):
+    r = fake_sbatch(tmp_path, *argv, script=ENCODE_SBATCH, **env)
+    errors = r.stderr.splitlines()
+    assert r.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: encode.sbatch: ")
+    assert line in errors[0], errors
+    assert r.stdout == ""  # srun never started
+
+
+# srun that runs until a signal, as torchrun with ranks stopping on it: exits 1 (torchrun's report)
+WAITING_SRUN = '#!/bin/bash\ntouch "$FAKE_CALLS.started"\ntrap "exit 1" USR1 TERM\nwhile :; do sleep 0.1; done\n'
+
+
+@pytest.mark.parametrize("sig, requeue_rc, rc, requeued", [
+    (signal.SIGUSR1, "0", 0, True),     # before the time limit: requeued, the same command goes on
+    (signal.SIGUSR1, "1", 1, True),     # the requeue refused: the job fails and says what to do
+    (signal.SIGTERM, "0", 1, False),    # scancel: stops, never requeued
+])
+def test_encode_sbatch_stopped_by_a_signal(tmp_path, sig, requeue_rc, rc, requeued):
+    fake_sbatch(tmp_path, *ENCODE_ARGS, script=ENCODE_SBATCH)  # makes the stand-ins
+    (tmp_path / "bin" / "srun").write_text(WAITING_SRUN)
+    env = {k: v for k, v in os.environ.items() if k not in NO_SLURM}
+    env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FAKE_CALLS=str(tmp_path / "calls"), SLURM_JOB_ID="7",
+               SLURM_NNODES="1", SLURM_JOB_NODELIST="node1", SLURM_SUBMIT_DIR=str(ROOT), FAKE_REQUEUE_RC=requeue_rc)
+    job = subprocess.Popen(["bash", str(ENCODE_SBATCH), *ENCODE_ARGS], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (tmp_path / "calls.started").exists(), 20, "srun to start")
+    job.send_signal(sig)
+    out, err = job.communicate(timeout=20)
+    assert job.returncode == rc, (out, err)
+    assert requeue_calls(tmp_path) == (["requeue 7"] if requeued else [])
+    if requeued and requeue_rc != "0":
+        assert err.splitlines()[-1:] == ["error: encode.sbatch: scontrol requeue failed (exit 1): job 7 is not requeued; "
+                                    "submit the same command again to go on with the shards not yet written"]
