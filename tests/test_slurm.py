@@ -475,5 +475,6 @@ def test_encode_sbatch_stopped_by_a_signal(tmp_path, sig, requeue_rc, rc, requeu
     assert job.returncode == rc, (out, err)
     assert requeue_calls(tmp_path) == (["requeue 7"] if requeued else [])
     if requeued and requeue_rc != "0":
-        assert err.splitlines()[-1:] == ["error: encode.sbatch: scontrol requeue failed (exit 1): job 7 is not requeued; "
-                                    "submit the same command again to go on with the shards not yet written"]
+        assert err.splitlines()[-1:] == [
+            "error: encode.sbatch: scontrol requeue failed (exit 1): job 7 is not requeued; "
+            "submit the same command again to go on with the shards not yet written"]
