@@ -18,15 +18,17 @@ channel), which a diffusion model normalises with. Plain webdataset reads the sh
 (`.npy` decodes with pickles refused).
 
 An interrupted run goes on where it stopped when run again with the same model, data and settings:
-each finished shard is renamed into place and recorded (with its statistics' sums) in
-`.progress.<rank>.json`; what was half-written is dropped. Under torchrun, input shard i goes to rank
-i % world_size; the ranks meet only at the start (rank 0 checks the folder) and at the end (rank 0
-writes latents.json), through a gloo group.
+each finished shard is recorded (with its statistics' sums and its sha256) in `.progress.<rank>.json`,
+then renamed into place; what was half-written is dropped. `--verify` checks every recorded shard
+against its sha256 (a run checks only sizes) and writes the ones that differ again. Under torchrun,
+input shard i goes to rank i % world_size; the ranks meet only at the start (rank 0 checks the folder)
+and at the end (rank 0 writes latents.json), through a gloo group.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import math
@@ -94,7 +96,9 @@ class EncodeOptions:
     precision: str = "fp32"  # fp32 | bf16 (autocast of the encoder; the arrays are written in `dtype`)
 
     def settings(self) -> dict:
-        """What changes the content of the shards (batch size and workers do not)."""
+        """What the shards are refused over when it changes. Workers change nothing; the batch size can move a
+        float16 value by one step (the convolution kernels pick their algorithm by batch), which is not worth
+        refusing a resume for: each shard records the batch size it was written with."""
         return {k: v for k, v in asdict(self).items() if k not in ("batch_size", "workers")}
 
 
@@ -200,8 +204,10 @@ class Converter:
 class ShardOut:
     """One output shard being written under `NNNNNN.tar.tmp`, renamed into place when its input ends."""
 
-    def __init__(self, out: Path, index: int, url: str):
+    def __init__(self, out: Path, index: int, url: str, batch_size: int):
         self.path = out / f"{index:06d}.tar"
+        self.batch_size = batch_size
+        self.sha = hashlib.sha256()
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.url = url
         self.source = str(Path(url).resolve()) if _local(url) else url
@@ -217,17 +223,26 @@ class ShardOut:
     def write(self, sample: dict) -> None:
         """One sample's members in name order (as webdataset's TarWriter writes them), plain ustar headers."""
         key = sample["__key__"]
-        self.file.write(b"".join(tario.member_bytes(f"{key}.{k}", sample[k], TAR_MTIME)
-                                 for k in sorted(sample) if k != "__key__"))
+        self._write(b"".join(tario.member_bytes(f"{key}.{k}", sample[k], TAR_MTIME)
+                             for k in sorted(sample) if k != "__key__"))
         self.count += 1
 
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+
     def finish(self, channels: int) -> dict:
-        self.file.write(tario.END_OF_ARCHIVE)
+        """Closes the shard, still under its .tmp name, and returns its record; commit() puts it in place once
+        the record is written (so every NNNNNN.tar in the folder is recorded, and a stop in between leaves
+        a record whose shard is missing: written again)."""
+        self._write(tario.END_OF_ARCHIVE)
         self.file.close()
-        commit(self.tmp, self.path)
         return {"name": self.path.name, "source": self.source, "num_samples": self.count, "bad": self.bad,
-                "bad_examples": self.examples, "bytes": self.path.stat().st_size,
-                "sums": self.moments.sums(channels)}
+                "bad_examples": self.examples, "bytes": self.tmp.stat().st_size, "sha256": self.sha.hexdigest(),
+                "batch_size": self.batch_size, "sums": self.moments.sums(channels)}
+
+    def commit(self) -> None:
+        commit(self.tmp, self.path)
 
     def drop(self) -> None:
         try:
@@ -249,6 +264,42 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _numbers(value, length: int | None = None) -> bool:
+    return isinstance(value, list) and (length is None or len(value) == length) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+def valid_record(r) -> bool:
+    """A shard record as encode.py writes it (a hand-edited or foreign one is no record: its shard is
+    written again, never trusted)."""
+    if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not SHARD_RE.match(r["name"]):
+        return False
+    if not all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) and r[k] >= 0
+               for k in ("bytes", "num_samples", "bad")):
+        return False
+    sha = r.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        return False
+    sums = r.get("sums")
+    return (isinstance(sums, dict) and isinstance(sums.get("images"), int) and _numbers(sums.get("n"))
+            and all(_numbers(sums.get(k), len(sums["n"])) for k in ("s1", "s2")))
+
+
+def valid_manifest(m) -> bool:
+    """latents.json as encode.py writes it: this format, and a record for every shard."""
+    return (isinstance(m, dict) and m.get("format") == FORMAT and isinstance(m.get("fingerprint"), dict)
+            and isinstance(m.get("model"), dict) and isinstance(m.get("fields"), dict)
+            and isinstance(m.get("shards"), list) and all(valid_record(r) for r in m["shards"]))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_out(out: Path, inputs: list[Path], overwrite: bool = False) -> None:
@@ -311,11 +362,12 @@ WHAT = {"model": "another model (a run folder gives its newest checkpoint: name 
         "settings": "other settings (--image-size, --dtype, --flip, --ema, --precision)"}
 
 
-def prepare(out: Path, fp: dict, overwrite: bool) -> tuple[dict[str, dict], dict | None]:
+def prepare(out: Path, fp: dict, overwrite: bool, verify: bool = False) -> tuple[dict[str, dict], dict | None]:
     """Rank 0, under the folder lock: the shards already done ({name: record}) and, when the whole set is
     already there, its manifest. Latents of another model, inputs or settings are refused (--overwrite
     removes them). What an earlier run finished is gathered into .progress.done.json (from its progress
-    files and from a latents.json whose set has lost a shard since, which then goes: the set is incomplete)."""
+    files and from a latents.json whose set has lost a shard since, which then goes: the set is incomplete).
+    A shard counts as done when its size is the recorded one; with `verify`, when its sha256 is too."""
     names = [p.name for p in out.iterdir()]
     for n in names:  # what a killed run was writing: a shard, a manifest, a progress file
         if n.endswith(".tar.tmp") or any(is_temp_of(n, t) for t in (MANIFEST, DONE)) or (
@@ -323,7 +375,7 @@ def prepare(out: Path, fp: dict, overwrite: bool) -> tuple[dict[str, dict], dict
             (out / n).unlink(missing_ok=True)
     names = [p.name for p in out.iterdir()]
     manifest = _read_json(out / MANIFEST)
-    if manifest is not None and manifest.get("format") != FORMAT:
+    if not valid_manifest(manifest):  # truncated, edited by hand, another tool's: the set is written again
         manifest = None
     progress = [(n, r) for n in names if PROGRESS_RE.match(n) and (r := _read_json(out / n)) is not None]
     recorded = ([manifest] if manifest else []) + [r for _, r in progress]
@@ -337,12 +389,16 @@ def prepare(out: Path, fp: dict, overwrite: bool) -> tuple[dict[str, dict], dict
             if _ours(n):
                 (out / n).unlink(missing_ok=True)
         return {}, None
-    records = [*(manifest or {}).get("shards", []), *(r for _, r in progress for r in r.get("shards", []))]
+    records = [*(manifest or {}).get("shards", []),
+               *(r for _, p in progress if isinstance(p.get("shards"), list) for r in p["shards"])]
     done = {}
-    for record in records:
-        path = out / str(record.get("name", ""))
-        if SHARD_RE.match(path.name) and "sums" in record and path.is_file() and path.stat().st_size == record["bytes"]:
-            done[path.name] = record
+    for record in filter(valid_record, records):
+        path = out / record["name"]
+        if not (path.is_file() and path.stat().st_size == record["bytes"]):
+            continue
+        if verify and record.get("sha256") != file_sha256(path):  # (an older record without one: written again)
+            continue
+        done[path.name] = record
     if overwrite:  # shards no record names (check_out let them through for --overwrite): written again or stale
         for n in names:
             if SHARD_RE.match(n) and n not in done:
@@ -419,20 +475,22 @@ class Model:
 
 
 def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, device: torch.device,
-                  overwrite: bool = False, progress: bool = True) -> dict:
+                  overwrite: bool = False, progress: bool = True, verify: bool = False) -> dict:
     """Encode every sample of `data` into latent shards in `out` (see the module docstring); returns the
     manifest. Every rank calls it (a gloo group must exist when w.world_size > 1)."""
     sources = heldout_sources(data, model.cfg)
     urls = [u for s in sources for u in s.urls]
     fp = fingerprint(model.digest, urls, opts)
-    inputs = sorted({Path(u).resolve().parent for u in urls if _local(u)})
+    # the folders the shards were named in and the ones they live in (a folder of links to shards is both)
+    inputs = sorted({p for u in urls if _local(u) for p in (Path(u).resolve().parent,
+                                                            Path(os.path.abspath(u)).parent.resolve())})
     held = None
     found: list = [None, {}, None]
     if w.is_main:
         try:
             check_out(out, inputs, overwrite)
             held = lock(out)
-            done, manifest = prepare(out, fp, overwrite)
+            done, manifest = prepare(out, fp, overwrite, verify)
             found = [None, done, manifest]
         except EncodeError as e:
             found = [str(e), {}, None]
@@ -476,7 +534,7 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
                 index = batch["shard"]
                 shard = open_.get(index)
                 if shard is None:
-                    shard = open_[index] = ShardOut(out, index, urls[index])
+                    shard = open_[index] = ShardOut(out, index, urls[index], opts.batch_size)
                     shard.open()
                 shard.bad += batch["bad"]
                 shard.examples = (shard.examples + batch["bad_examples"])[:BAD_EXAMPLES]
@@ -485,11 +543,14 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
                     bar.update(len(batch["key"]))
                     encoded += len(batch["key"])
                 if batch["last"]:
-                    # finished while still held: a stop inside finish() (fsync, rename) drops its .tmp
-                    records.append(open_[index].finish(channels))
-                    del open_[index]
+                    # finished while still held: a stop before the rename drops its .tmp; recorded first, so
+                    # every NNNNNN.tar in the folder has a record (a record whose shard is missing: written again)
+                    record = shard.finish(channels)
                     write_atomic(out / _progress_name(w.rank),
-                                 json.dumps({"fingerprint": fp, "shards": records}))
+                                 json.dumps({"fingerprint": fp, "shards": [*records, record]}))
+                    shard.commit()
+                    records.append(record)
+                    del open_[index]
                     if fault and len(records) >= fault:
                         raise KeyboardInterrupt
         except BaseException:
@@ -554,9 +615,9 @@ def write_manifest(out: Path, fp: dict, inherited: dict[str, dict], model: Model
     files = [p for p in out.iterdir() if PROGRESS_RE.match(p.name)]
     for p in files:
         progress = _read_json(p)
-        if progress is None or progress.get("fingerprint") != fp:
+        if progress is None or progress.get("fingerprint") != fp or not isinstance(progress.get("shards"), list):
             continue
-        records.update({r["name"]: r for r in progress.get("shards", [])})
+        records.update({r["name"]: r for r in progress["shards"] if valid_record(r)})
     names = [f"{i:06d}.tar" for i in range(len(urls))]
     missing = [n for n in names if n not in records]
     if missing:
@@ -566,6 +627,12 @@ def write_manifest(out: Path, fp: dict, inherited: dict[str, dict], model: Model
     for record, expected in zip(shards, expected_counts(urls), strict=True):
         record["expected"] = expected
     images = sum(r["sums"]["images"] for r in shards)
+    if images == 0:
+        bad = sum(r["bad"] for r in shards)
+        example = next((e for r in shards for e in r.get("bad_examples", [])), None)
+        raise EncodeError(f"{data}: no image was read from its {len(shards)} shards"
+                          + (f" ({bad} samples without a readable image, e.g. {example})" if bad else " (empty)")
+                          + ": --data must name image shards")
     sums = [torch.tensor([r["sums"][k] for r in shards], dtype=torch.float64).sum(0) for k in ("n", "s1", "s2")]
     try:
         stats = stats_from_sums(images, *sums).to_dict()
@@ -600,8 +667,8 @@ def write_manifest(out: Path, fp: dict, inherited: dict[str, dict], model: Model
         # bad or unread (a shard cut off or emptied after it was built counts one bad sample, whatever it lost)
         "num_listed": sum(listed) if None not in listed else None,
         "latent_stats": stats,
-        "shards": [{k: r[k] for k in ("name", "source", "num_samples", "expected", "bad", "bad_examples", "bytes",
-                                      "sums")} for r in shards],
+        "shards": [{k: r.get(k) for k in ("name", "source", "num_samples", "expected", "bad", "bad_examples", "bytes",
+                                          "sha256", "batch_size", "sums")} for r in shards],
     }
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     for p in files:
@@ -655,12 +722,15 @@ def _one_tensor(found, path: Path) -> torch.Tensor:
                       "named latents")
 
 
+REWRITE = "run launch/encode.py again with --verify to rewrite it"
+
+
 def _member(item: dict, name: str, where: str) -> np.ndarray:
     try:
         return np.lib.format.read_array(io.BytesIO(item[name]), allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - numpy raises several types for a damaged or pickled array
         raise EncodeError(f"{where}: {name} does not read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                          "run launch/encode.py again to rewrite the shard") from None
+                          f"{REWRITE}") from None
 
 
 def _from_shards(path: Path, limit: int) -> Latents:
@@ -671,19 +741,27 @@ def _from_shards(path: Path, limit: int) -> Latents:
     if manifest is None or manifest.get("format") != FORMAT:
         raise EncodeError(f"{path}: not a folder of latent shards (no readable {MANIFEST}: launch/encode.py "
                           "writes one when the set is complete)")
+    if not valid_manifest(manifest):
+        raise EncodeError(f"{path / MANIFEST}: not as launch/encode.py writes it (edited?); run launch/encode.py "
+                          "again to write the set and its record")
     field = "codes.npy" if "codes.npy" in manifest.get("fields", {}) else "latent.npy"
     arrays, cls = [], []
     for shard in manifest["shards"]:
         if len(arrays) == limit:
             break
+        if shard["num_samples"] == 0:  # its input shard had no readable image: an empty tar, as recorded
+            continue
         url = path / shard["name"]
         if not url.is_file() or url.stat().st_size != shard["bytes"]:
             raise EncodeError(f"{url}: {'missing' if not url.is_file() else 'not the size latents.json records'}; "
-                              "run launch/encode.py again to rewrite it")
+                              f"{REWRITE}")
+        if shard.get("sha256") is not None and file_sha256(url) != shard["sha256"]:
+            raise EncodeError(f"{url}: not the shard latents.json records (another sha256: damaged or replaced "
+                              f"since); {REWRITE}")
         for item in tario.shard_samples(str(url)):
             where = f"{url} {getattr(item, 'key', '') or item.get('__key__', '') if isinstance(item, dict) else ''}"
             if isinstance(item, BadSample):
-                raise EncodeError(f"{url}: {item.reason}; run launch/encode.py again to rewrite it")
+                raise EncodeError(f"{url}: {item.reason}; {REWRITE}")
             if field not in item:
                 raise EncodeError(f"{where.strip()}: no {field}")
             a = _member(item, field, where.strip())

@@ -31,7 +31,14 @@ import torch.distributed as tdist  # noqa: E402
 from harness.config import ConfigError  # noqa: E402
 from harness.dist import DistEnvError, world  # noqa: E402
 from harness.encode import MANIFEST, EncodeError, EncodeOptions, Model, encode_shards, init_group, now, rate  # noqa: E402
-from harness.inference import LoadError, RequestError, check_device, check_image_size, load_model  # noqa: E402
+from harness.inference import (  # noqa: E402
+    LoadError,
+    RequestError,
+    check_device,
+    check_image_size,
+    load_model,
+    out_of_memory,
+)
 from harness.tasks import weights_digest  # noqa: E402
 from shards.sources import DataSourceError  # noqa: E402
 
@@ -52,6 +59,9 @@ def parse_args(argv):
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.add_argument("--overwrite", action="store_true",
                    help="replace latents of another model, data or settings in --out")
+    p.add_argument("--verify", action="store_true",
+                   help="check every finished shard against the sha256 recorded for it (a run checks sizes only) "
+                        "and write the ones that differ again")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK where CUDA is, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -110,7 +120,8 @@ def run(args) -> int:
         data = args.data or cfg.data.train
         start = now()  # (the rate counts what this run encoded)
         manifest = encode_shards(Model(module, cfg, folder, weights_digest(module)), data, Path(args.out), opts, w,
-                                 torch.device(device), overwrite=args.overwrite, progress=not args.no_progress)
+                                 torch.device(device), overwrite=args.overwrite, progress=not args.no_progress,
+                                 verify=args.verify)
     except EncodeError as e:  # one that a single rank met (a NaN latent) is said by that rank
         if w.is_main or not e.shared:
             print(f"encode{'' if w.is_main else f' (rank {w.rank})'}: {e}", file=sys.stderr)
@@ -118,6 +129,12 @@ def run(args) -> int:
     except (LoadError, RequestError, DataSourceError, ConfigError) as e:
         say(f"encode: {e}")
         return 2
+    except (RuntimeError, MemoryError) as e:
+        if (oom := out_of_memory(e)) is None:
+            raise
+        print(f"encode{'' if w.is_main else f' (rank {w.rank})'}: {oom}: a smaller --batch-size (or --image-size) "
+              "needs less; the finished shards are kept, run again to go on", file=sys.stderr)
+        return 1
     except OSError as e:  # a write that failed (disk full, permissions) after the checks: said by the rank that met it
         print(f"encode{'' if w.is_main else f' (rank {w.rank})'}: {e.filename or args.out}: {e.strerror or e}; the "
               "finished shards are kept, run the same command again to go on", file=sys.stderr)

@@ -199,7 +199,12 @@ def decode_rows(args, model, cfg) -> list[torch.Tensor]:
         if factors is not None:
             raise RequestError(f"--stats/--scaling-factor: {args.latents} holds latents as the model made them; the "
                                "factors undo the normalisation of a diffusion model's samples")
-        made_by = found.manifest.get("model", {})
+        made_by = found.manifest["model"]
+        kind = getattr(model, "kind", cfg.model.kind)
+        if made_by.get("kind") not in (None, kind):  # FSQ codes read as VQ indices, a KL mean quantized, ...
+            raise RequestError(f"--latents {args.latents}: encoded by a model.kind={made_by['kind']} model "
+                               f"({made_by.get('folder')}); {args.model} is model.kind={kind}: decode them with the "
+                               "model that encoded them")
         if made_by.get("weights_digest") not in (None, weights_digest(model)):
             print(f"note: --latents {args.latents} were encoded by other weights ({made_by.get('folder')}); decoding "
                   f"them with {args.model}'s", file=sys.stderr)

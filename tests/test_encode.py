@@ -17,7 +17,7 @@ from shardgen import image_bytes, make_shards
 
 from harness.config import load_config, to_dict
 from harness.data import eval_batches, to_model_input
-from harness.encode import FAULT_ENV, MANIFEST
+from harness.encode import FAULT_ENV, MANIFEST, file_sha256
 from harness.export import save_safetensors
 from launch.encode import main as encode_main
 from launch.export import main as export_main
@@ -582,7 +582,11 @@ def test_hostile_latent_shards_and_factors_are_one_line(kl, shards, tmp_path, tm
     refused(out, "--stats", out / MANIFEST, says="holds latents as the model made them")
     for name, damage, says in [("gone", lambda p: p.unlink(), "missing"),
                                ("cut", lambda p: p.write_bytes(p.read_bytes()[:3000]), "not the size"),
-                               ("junk", lambda p: p.write_bytes(os.urandom(p.stat().st_size)), "run launch/encode.py")]:
+                               ("junk", lambda p: p.write_bytes(os.urandom(p.stat().st_size)), "another sha256"),
+                               # same size, other latents (shards 0 and 1 hold 8 each): caught by the sha256
+                               ("swapped", lambda p: p.write_bytes((p.parent / "000001.tar").read_bytes()),
+                                "not the shard latents.json records (another sha256: damaged or replaced since); "
+                                "run launch/encode.py again with --verify to rewrite it")]:
         bad = tmp_path / name
         bad.mkdir()
         for f in out.iterdir():
@@ -594,7 +598,8 @@ def test_hostile_latent_shards_and_factors_are_one_line(kl, shards, tmp_path, tm
     manifest = json.loads((out / MANIFEST).read_text())
     with wds.TarWriter(str(bad / "000000.tar")) as w:
         w.write({"__key__": "x", "latent.npy": b"garbage"})
-    manifest["shards"] = [{**manifest["shards"][0], "bytes": (bad / "000000.tar").stat().st_size}]
+    manifest["shards"] = [{**manifest["shards"][0], "bytes": (bad / "000000.tar").stat().st_size,
+                           "sha256": file_sha256(bad / "000000.tar")}]
     (bad / MANIFEST).write_text(json.dumps(manifest))
     refused(bad, says="latent.npy does not read")
     np.save(tmp_path / "z.npy", np.zeros((2, 4, 16, 16), np.float32))
