@@ -792,13 +792,17 @@ def read_latents(path: str | Path, limit: int) -> Latents:
     if path.is_dir():
         return _from_shards(path, limit)
     if not path.is_file():
-        raise EncodeError(f"{path}: no such file or folder")
+        raise EncodeError(f"{path}: {'not a regular file' if path.exists() else 'no such file or folder'}")
     try:
         if path.suffix == ".npy":
+            with open(path, "rb") as f:
+                if f.read(6) != b"\x93NUMPY":  # np.load would take it for a pickle (and refuse it as one)
+                    raise EncodeError(f"{path}: not a .npy file (no NUMPY header)")
             a = np.load(path, allow_pickle=False, mmap_mode="r")
             if a.dtype.kind not in "fiub":
                 raise EncodeError(f"{path}: an array of {a.dtype}, not numbers")
-            t = torch.from_numpy(np.array(a[:limit] if _batched(a.ndim, a.dtype.kind == "f") else a))
+            a = np.array(a[:limit] if _batched(a.ndim, a.dtype.kind == "f") else a)
+            t = torch.from_numpy(a.astype(a.dtype.newbyteorder("=")))  # a big-endian file: native order
         elif path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -811,7 +815,10 @@ def read_latents(path: str | Path, limit: int) -> Latents:
                 floating = part.get_dtype().startswith(("F", "BF"))
                 t = part[:limit] if _batched(len(part.get_shape()), floating) else f.get_tensor(name or keys[0])
         elif path.suffix in (".pt", ".pth"):
-            found = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            import zipfile
+
+            # memory-mapped where it can be: a file of torch < 1.6 (not a zip) is read whole
+            found = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             t = found if isinstance(found, torch.Tensor) else _one_tensor(found, path)
         else:
             raise EncodeError(f"{path}: latents are read from .npy, .safetensors or .pt files, or a folder of latent "

@@ -74,7 +74,9 @@ def is_data_error(exn: BaseException) -> bool:
 
 def one_line(exn: BaseException, limit: int = 200) -> str:
     """The reason of a bad sample: our own message as it is, a library's with its exception type."""
-    text = " ".join(str(exn).split())
+    # PIL names the in-memory file by its address ("cannot identify image file <_io.BytesIO object at 0x7f..>"):
+    # different in every run, meaningless in a log
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", " ".join(str(exn).split()))
     what = getattr(exn, "__notes__", None)
     if not isinstance(exn, BadData):
         kind = type(exn).__qualname__ if type(exn).__module__ == "builtins" else \

@@ -4,6 +4,7 @@ replaced at the same size, latents of another model kind, a hand-edited latents.
 shard's record and its rename, out of memory, and --data that holds no images."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -163,3 +164,23 @@ def test_data_without_images_says_so(kl, encoded, tmp_path, capsys):
     line = one_line(capsys, "encode: ")
     assert "no image was read from its 3 shards (24 samples without a readable image, e.g. " in line, line
     assert line.endswith("--data must name image shards")
+
+
+def test_latent_files_numpy_and_torch_write_in_other_ways(tmp_path):
+    """Read (a big-endian .npy, a .pt of torch < 1.6), or refused by what they are (random bytes were
+    "pickled data", a FIFO "no such file")."""
+    import os
+
+    import numpy as np
+    import torch
+
+    np.save(tmp_path / "be.npy", np.arange(2 * 4 * 8 * 8, dtype=">f4").reshape(2, 4, 8, 8))
+    z = henc.read_latents(tmp_path / "be.npy", 4).z
+    assert torch.equal(z, torch.arange(2 * 4 * 8 * 8, dtype=torch.float32).view(2, 4, 8, 8))
+    torch.save(torch.ones(2, 4, 8, 8), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert henc.read_latents(tmp_path / "old.pt", 4).z.shape == (2, 4, 8, 8)
+    (tmp_path / "junk.npy").write_bytes(os.urandom(300))
+    os.mkfifo(tmp_path / "fifo.npy")
+    for name, says in (("junk.npy", "not a .npy file (no NUMPY header)"), ("fifo.npy", "not a regular file")):
+        with pytest.raises(henc.EncodeError, match=re.escape(f"{name}: {says}")):
+            henc.read_latents(tmp_path / name, 4)

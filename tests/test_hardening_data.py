@@ -377,3 +377,17 @@ def test_training_resumed_after_bad_samples_is_bitwise_the_uninterrupted_run(tmp
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     log = (straight / "train.log").read_text()
     assert "bad samples skipped" in log and "last: " in log  # bad samples were met, counted and named
+
+
+def test_a_bad_samples_reason_carries_no_memory_address():
+    """PIL names an in-memory file by its address: a different reason in every run, meaningless in a log."""
+    import io
+
+    from PIL import Image
+
+    from shards.decode import one_line
+
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - PIL's own type
+        Image.open(io.BytesIO(b"not an image"))
+    assert "BytesIO" in str(caught.value)
+    assert one_line(caught.value) == "PIL.UnidentifiedImageError: cannot identify image file"
