@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-from models.weights import state_dict_problem
+from models.weights import load_reason, state_dict_problem
 from shards.atomic import write_atomic
 
 CONFIG_NAME = "config.json"
@@ -339,6 +339,8 @@ def model_keys(cfg: dict) -> dict:
         size = cfg.get("sample_size", 32)
         size = size[0] if isinstance(size, (list, tuple)) else size
         keys |= {"resolution": size, "attn_resolutions": [size // 2**i for i in sorted(enc_attn)]}
+    else:  # said, so that a config setting them learns to drop them
+        keys["attn_resolutions"] = []
     if kind == "kl":
         keys |= {"embed_dim": latent, "double_z": True}
     else:
@@ -409,11 +411,13 @@ def load_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise DiffusersError(f"{file}: cannot read weights ({type(e).__name__}: {first})") from None
+        raise DiffusersError(f"{file}: cannot read weights ({load_reason(e)})") from None
     if (why := state_dict_problem(state)) is not None:
         raise DiffusersError(f"{file}: {why}")
-    return state_from_diffusers(state), cfg, folder
+    try:
+        return state_from_diffusers(state), cfg, folder
+    except DiffusersError as e:  # a tensor with no name of ours: say which file
+        raise DiffusersError(f"{file}: {e}") from None
 
 
 def save_folder(model: torch.nn.Module, m, out: str | Path, **config) -> tuple[Path, dict]:

@@ -417,12 +417,50 @@ def _diffusers_hint(source: Path) -> str:
         return f"; {e}"
 
 
-def init_weights(model: torch.nn.Module, path: str | Path) -> tuple[int, Path]:
+# model keys that change what the same tensors compute (no shape tells them apart): GroupNorm over other
+# groups, a cosine codebook lookup
+SAME_SHAPES = ("norm_groups", "vq_cosine")
+
+
+def _computes_otherwise(model_cfg, source: Path) -> str | None:
+    """Where the source's own config (a diffusers config.json, our config.yaml) builds the same tensors into
+    another network than `model_cfg` (latent-diffusion architecture only): what differs, as a reason."""
+    if model_cfg is None or model_cfg.arch != "ldm":
+        return None
+    if diffusers_io.is_diffusers_folder(source):
+        try:
+            theirs = diffusers_io.model_keys(diffusers_io.read_config(source))  # act_fn etc. refused here
+        except diffusers_io.DiffusersError as e:
+            raise LoadError(f"train.init_from: {e}") from None
+        where = f"{source / diffusers_io.CONFIG_NAME}"
+    elif source.is_dir() and (source / ckpt.CONFIG_NAME).is_file():
+        src = load_config_of(source).model
+        if src.arch != "ldm":
+            return None
+        theirs, where = {k: getattr(src, k) for k in SAME_SHAPES}, f"{source / ckpt.CONFIG_NAME}"
+    else:
+        return None
+    keys = [k for k in SAME_SHAPES if k in theirs and (k != "vq_cosine" or model_cfg.kind == "vq")
+            and getattr(model_cfg, k) != theirs[k]]
+    if not keys:
+        return None
+    want = " ".join(f"model.{k}={str(theirs[k]).lower() if isinstance(theirs[k], bool) else theirs[k]}" for k in keys)
+    have = ", ".join(f"model.{k}={getattr(model_cfg, k)}" for k in keys)
+    return (f"{where} builds these weights with {want}, this run has {have}: the same tensors would compute another "
+            f"network; set {want}")
+
+
+def init_weights(model: torch.nn.Module, path: str | Path, model_cfg=None) -> tuple[int, Path]:
     """Load `path`'s weights into `model`, all of them and exactly: a name or shape that does not fit
-    is a one-line LoadError naming it (a silent partial load would train something else).
-    Returns the number of tensors and where they came from."""
+    is a one-line LoadError naming it (a silent partial load would train something else), and so are
+    weights with NaN or inf, and a source whose own config builds another network from the same shapes
+    (`model_cfg`: the run's model section). Returns the number of tensors and where they came from."""
     try:
         state, source = weights_from(path)
+    except LoadError as e:
+        raise LoadError(f"train.init_from: {e}") from None
+    try:
+        check_finite(source, state)
     except LoadError as e:
         raise LoadError(f"train.init_from: {e}") from None
     own = model.state_dict()
@@ -438,6 +476,8 @@ def init_weights(model: torch.nn.Module, path: str | Path) -> tuple[int, Path]:
                 f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]
         raise LoadError(f"train.init_from: {source}: the weights do not fit this model config: "
                         f"{'; '.join(w for w in what if w)}{_diffusers_hint(source)}")
+    if (why := _computes_otherwise(model_cfg, source)) is not None:
+        raise LoadError(f"train.init_from: {why}")
     model.load_state_dict(state)
     return len(state), source
 

@@ -83,6 +83,9 @@ def stats_from_sums(images: int, n: torch.Tensor, s1: torch.Tensor, s2: torch.Te
     n, s1, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (n, s1, s2))
     if images == 0:
         raise ValueError("latent statistics: no image was read")
+    if not all(bool(torch.isfinite(t).all()) for t in (n, s1, s2)):
+        raise ValueError("latent statistics: the model's latents are not finite (NaN or inf): it diverged, or its "
+                         "weights are broken; use an earlier checkpoint")
     mean_c = s1 / n
     var_c = (s2 / n - mean_c.pow(2)).clamp_min(0)
     mean = float(s1.sum() / n.sum())

@@ -129,7 +129,7 @@ class Trainer:
         model = build_model(cfg.model)
         self.num_params = sum(p.numel() for p in model.parameters())
         if cfg.train.init_from and self.start.resume_from is None:  # before prepare: every rank, whole tensors
-            n, source = init_weights(model, init_source(cfg.train.init_from, self.world))
+            n, source = init_weights(model, init_source(cfg.train.init_from, self.world), cfg.model)
             self.log.info(f"initialised {n} tensors from {source}")
         elif cfg.train.init_from:
             self.log.info(f"train.init_from ignored: resuming from {self.start.resume_from}")

@@ -29,7 +29,9 @@ rank measures its share and the sums are all-reduced; rank 0 writes the export.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import math
 import os
 import shutil
 import signal
@@ -70,21 +72,34 @@ STATS_NAME = "latent_stats.json"  # beside our own export's model.safetensors
 STAGE_PREFIX = ".tmp-export-"  # an export being written and checked, inside --out
 
 
+# defer: a stop while the files are moved into --out waits until all are (handlers run in the main thread,
+# but a blocked signal mask would not hold off torch's threads); done: the export is whole in --out
+STOP = {"defer": False, "pending": False, "done": False}
+
+
 def _terminated(signum, frame):
+    if STOP["defer"]:
+        STOP["pending"] = True
+        return
     raise KeyboardInterrupt  # unwinds like Ctrl-C: the staging folder goes in write_export's finally
 
 
 def main(argv: list[str] | None = None) -> int:
     """The export, stopped cleanly by Ctrl-C or SIGTERM too: --out is left as it was (the staging folder
     of a half-written export removed), one line, exit 130."""
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = {s: signal.signal(s, _terminated) for s in (signal.SIGTERM, signal.SIGINT)}
+    STOP.update(defer=False, pending=False, done=False)
     try:
         return export(argv)
     except KeyboardInterrupt:
-        print("export: stopped by a signal; --out is as it was (nothing half-written is left)", file=sys.stderr)
+        if STOP["done"]:
+            print("export: stopped by a signal after the export was in place (it is whole)", file=sys.stderr)
+        else:
+            print("export: stopped by a signal; --out is as it was (nothing half-written is left)", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def export(argv: list[str] | None = None) -> int:
@@ -195,18 +210,30 @@ def read_source(args, w) -> Source:
 def write_export(args, source: Source, stats) -> int:
     """Every file of the export is written and checked in a folder of its own inside --out, then moved
     into place: a failed export leaves --out as it was (an earlier export in it too)."""
-    out, made, stage = args.out, not args.out.exists(), None
+    out, made, stage, held = args.out, not args.out.exists(), None, None
     try:
+        if out.resolve() == source.folder.resolve():  # its files would replace (or, as stale, remove) the source's
+            raise ExportError(f"--out {out}: is the folder exported from; write the export elsewhere")
         out.mkdir(parents=True, exist_ok=True)
+        held = hold(out, args.overwrite)
         drop_dead_stages(out)
         stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out))
         if args.format == "diffusers":
             written, lines = write_diffusers(stage, out, source, stats)
         else:
             written, lines = write_ours(stage, out, args.ema, source, stats)
-        for name in written:
-            os.replace(stage / name, out / name)
-        fsync_dir(out)
+        # all of the export or none: a stop between two renames would leave weights beside another config
+        STOP["defer"] = True
+        try:
+            for name in written:
+                os.replace(stage / name, out / name)
+            fsync_dir(out)
+            drop_stale(out, set(written))
+            STOP["done"] = True
+        finally:
+            STOP["defer"] = False
+        if STOP["pending"]:
+            raise KeyboardInterrupt
     except (ExportError, LoadError, ConfigError, diffusers_io.DiffusersError) as e:
         print(f"export: {str(e).replace(str(stage), str(out)) if stage else e}", file=sys.stderr)
         return 2
@@ -218,10 +245,29 @@ def write_export(args, source: Source, stats) -> int:
             shutil.rmtree(stage, ignore_errors=True)
         if made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # nothing exported: no empty folder left behind
-    drop_stale(out, set(written))
+        if held is not None:
+            os.close(held)
     for line in lines:
         print(line)
     return 0
+
+
+def hold(out: Path, overwrite: bool) -> int:
+    """An exclusive lock on the --out folder itself (no file of ours in it) for the rest of the export: a
+    second export into it at the same time is refused, and what --out holds is looked at again under it
+    (an export that finished meanwhile is one to --overwrite)."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ExportError(f"--out {out}: another export is writing into it right now") from None
+    except OSError:  # a file system without flock: go on unlocked
+        pass
+    if not overwrite and (held := [n for n in EXPORT_FILES if (out / n).exists()]):
+        os.close(fd)
+        raise ExportError(f"--out {out}: holds {held[0]} already (an export?); pass --overwrite to replace it")
+    return fd
 
 
 def drop_dead_stages(out: Path) -> None:
@@ -269,6 +315,8 @@ def default_out(model: str, name: str) -> Path:
     """`<run>/<name>` for a run folder; `<run>/<name>-step_N` for a checkpoint folder: never inside a
     checkpoint (a file added there breaks its manifest, so a resume would pass it over)."""
     path = Path(model)
+    if path.name in ("", ".", ".."):  # `export.py .` inside a checkpoint: its own name
+        path = path.resolve()
     if not ckpt.is_complete(path):
         return path / name
     base = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -371,7 +419,11 @@ def write_diffusers(stage: Path, out: Path, source: Source, stats) -> tuple[list
         written.append(STATS_NAME)
     # a small image: the check is about names and layouts, not about the model's resolution
     diff = diffusers_io.check_loads(stage, model, 2 ** (len(cfg.model.ch_mult) - 1) * 4)
-    if diff is not None and not diff <= 1e-3:  # NaN too
+    if diff is not None and math.isnan(diff):
+        raise diffusers_io.DiffusersError(f"{source.folder}: the model's reconstruction of a test image is not finite "
+                                          "(NaN or inf) although its weights are: it diverged; export an earlier "
+                                          "checkpoint")
+    if diff is not None and not diff <= 1e-3:
         raise diffusers_io.DiffusersError(f"{out}: diffusers reconstructs differently from ours (largest "
                                           f"difference {diff:.2e}): a mapping error, please report it")
     n = sum(v.numel() for v in diffusers_io.state_to_diffusers(model.state_dict()).values())

@@ -163,7 +163,7 @@ def test_a_diffusers_folder_initialises_our_model_to_the_same_outputs(tmp_path, 
     assert keys["attn_resolutions"] == [16] and keys["ch_mult"] == [1, 2]
     cfg = load_config([], ["data.train=unused", "data.image_size=32", *dio.overrides(keys).split()])
     ours = build_model(cfg.model).eval()
-    n, source = init_weights(ours, weights_source(pipe))
+    n, source = init_weights(ours, weights_source(pipe), cfg.model)  # its config.json agrees with ours
     assert source == (pipe / "vae").resolve() and n == len(ours.state_dict())
     x = images()
     with torch.no_grad():
@@ -202,6 +202,35 @@ def test_init_from_a_diffusers_folder_of_another_shape_names_the_keys_to_set(tmp
     assert "\n" not in msg and msg.startswith("train.init_from: ") and "of another shape" in msg
     assert "its config.json builds model.kind=kl model.arch=ldm model.in_channels=3 model.out_ch=3 model.ch=32 " \
            "model.ch_mult=[1,2] model.num_res_blocks=1 model.z_channels=4 model.norm_groups=8" in msg
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"norm_num_groups": 16}, "builds these weights with model.norm_groups=16, this run has model.norm_groups=8: "
+                              "the same tensors would compute another network; set model.norm_groups=16"),
+    ({"act_fn": "gelu"}, "act_fn=gelu: our blocks use silu"),
+])
+def test_init_from_a_diffusers_folder_of_the_same_shapes_but_another_network_is_refused(tmp_path, change, says):
+    """GroupNorm over 16 groups, or GELU, on the very same tensors: loaded, it computed something else
+    (0.8 and 1.7 off diffusers' own reconstruction), silently."""
+    tiny_diffusers(**change).save_pretrained(tmp_path / "vae")
+    cfg = config()
+    with pytest.raises(LoadError) as e:
+        init_weights(build_model(cfg.model), tmp_path / "vae", cfg.model)
+    assert str(e.value).startswith("train.init_from: ") and says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_init_from_our_folder_of_other_norm_groups_or_nan_weights_is_refused(tmp_path):
+    _, folder = our_export(tmp_path, config("model.norm_groups=16"))
+    cfg = config()  # model.norm_groups=8, the same shapes
+    with pytest.raises(LoadError, match=r"config\.yaml builds these weights with model\.norm_groups=16, this run has "
+                                        r"model\.norm_groups=8"):
+        init_weights(build_model(cfg.model), folder, cfg.model)
+    model, folder = our_export(tmp_path, cfg, name="nan")
+    state = model.state_dict()
+    state["encoder.conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_safetensors(state, folder / "model.safetensors")
+    with pytest.raises(LoadError, match=r"^train.init_from: .*weight encoder.conv_in.weight holds non-finite values"):
+        init_weights(build_model(cfg.model), folder, cfg.model)
 
 
 def test_a_diffusers_folder_without_its_weights_file_is_one_line(tmp_path):
