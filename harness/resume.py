@@ -189,13 +189,12 @@ def begin(trainer, start: Start) -> None:
             raise
         trainer.step, trainer.samples_seen = state["step"], state["samples_seen"]
         trainer.totals.update(state.get("totals", {}))
-        if trainer.validator is not None:
-            trainer.validator.best = state.get("best")
+        trainer.validator.best = state.get("best")
     else:
         set_seed(trainer.cfg.train.seed + trainer.world.rank)  # posterior noise differs per rank
     trainer.ckpt.clean_stale()
-    if trainer.validator is not None:  # every rank: a best that is dropped there is dropped on all
-        trainer.validator.reconcile(trainer.run_dir / "checkpoints", trainer.step, trainer.log)
+    # every rank, validating or not: a best that is dropped there is dropped on all
+    trainer.validator.reconcile(trainer.run_dir / "checkpoints", trainer.step, trainer.log)
     if start.resume_from is not None:
         for p in trainer.ckpt.set_aside_newer(start.resume_from, trainer.step):
             name = p.name[len("abandoned-"):].split(".")[0]

@@ -154,7 +154,7 @@ class Trainer:
         if cfg.loss.disc_weight > 0:
             self.hooks.append(discriminator.DiscriminatorHook(self))
         self.trained = [self.engine.model, *(m for h in self.hooks for m in h.trained_models)]
-        self.validator = Validator(self, nets) if nets is not None else None
+        self.validator = Validator(self, nets)  # (without validation: it keeps the best earlier runs measured)
         for note in unused_settings(cfg):
             self.log.info(f"note: {note}")
 
@@ -286,7 +286,7 @@ class Trainer:
                     stats, t_log = StepStats(), time.perf_counter()
                 if images_every and self.step % images_every == 0 and not stop_now:  # a signal: save first
                     self.monitor.images()
-                improved = (self.validator is not None and self.step % cfg.eval.every_steps == 0 and not stop_now
+                improved = (self.validator.active and self.step % cfg.eval.every_steps == 0 and not stop_now
                             and self.validator.improved(self.validator.run(self), self.step))
                 if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or stop_now or improved:
                     path, saved_at = self.save(), self.step
@@ -345,7 +345,7 @@ class Trainer:
             "totals": dict(self.totals),
             "time": time.time(),
         }
-        for part in (*self.hooks, *([self.validator] if self.validator else [])):
+        for part in (*self.hooks, self.validator):
             state.update(part.state())
         return state
 

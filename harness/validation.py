@@ -78,10 +78,14 @@ def model_terms(model, image_size: int, device) -> list[str]:
 
 
 class Validator:
-    def __init__(self, trainer, refs: tuple[list, object, torch.nn.Module]):
+    def __init__(self, trainer, refs: tuple[list, object, torch.nn.Module] | None):
+        """`refs`: reference_nets; None when the run does not validate, and then the validator only keeps
+        the best that earlier runs measured: carried in each checkpoint, and `best` reconciled at a resume
+        (a best on an abandoned branch is dropped whether or not this run validates)."""
         self.cfg = trainer.cfg
         self.device, self.world = trainer.device, trainer.world
-        self.nets, self.lpips, self.copy = refs  # reference_nets
+        self.active = refs is not None
+        self.nets, self.lpips, self.copy = refs if refs is not None else ([], None, None)
         self.best: dict | None = None  # {"metric", "value", "step", "measured_on": measured_on()}
         self.unread_said = False
 
@@ -218,7 +222,8 @@ class Validator:
             log.info(said[0])
         if said[1]:
             self.best = None
-        elif self.best is not None and self.cfg.eval.best_metric and (changed := self._changed(self.best)):
+        elif self.active and self.best is not None and self.cfg.eval.best_metric and (
+                changed := self._changed(self.best)):
             b = self.best
             log.info(f"note: the best ({b['metric']} {b['value']:.4g} at step {b['step']}) was measured otherwise "
                      f"({', '.join(changed)}): it is no yardstick any more; checkpoints/best names it until the next "

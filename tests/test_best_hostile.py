@@ -59,6 +59,28 @@ def test_best_of_an_abandoned_branch_is_set_aside_not_kept(config, shards, val, 
     assert len(said) == 1 and "kept as abandoned-best-step_4" in said[0] and "at step 2" in said[0], said
 
 
+def test_a_resume_without_validation_still_sets_an_abandoned_best_aside_and_carries_the_best(config, shards, val,
+                                                                                              tmp_path):
+    """`best` used to go on naming the abandoned branch's copy when the resumed run did not validate
+    (evaluate.py, export.py and --resume .../best then read weights the run had left), and a run that did
+    not validate saved checkpoints without the best (a later run with validation set a real best aside)."""
+    run, root = tmp_path / "run", tmp_path / "run/checkpoints"
+    common = ["checkpoint.every_steps=2", "checkpoint.keep_last=5"]
+    assert main(args(config, shards, run, *common, f"data.val={val}", *VAL, "eval.every_steps=4",
+                     "train.max_steps=4")) == 0
+    assert os.readlink(root / "best") == "best-step_4" and ckpt.read_state(root / "step_2")["best"] is None
+    assert main(args(config, shards, run, *common, "train.max_steps=3", "--resume", str(root / "step_2"))) == 0
+    assert not os.path.lexists(root / "best") and ckpt.is_complete(root / "abandoned-best-step_4")
+    assert len(notes(run, "checkpoints/best named best-step_4")) == 1
+
+    run, root = tmp_path / "run2", tmp_path / "run2/checkpoints"
+    assert main(args(config, shards, run, *common, f"data.val={val}", *VAL, "eval.every_steps=2",
+                     "train.max_steps=2")) == 0
+    assert main(args(config, shards, run, *common, "train.max_steps=4", "--resume", "latest")) == 0
+    assert ckpt.read_state(root / "step_4")["best"]["step"] == 2  # carried by the run that did not validate
+    assert os.readlink(root / "best") == "best-step_2"
+
+
 def test_best_whose_copy_and_step_are_gone_is_dropped_and_a_new_best_can_come(config, shards, val, tmp_path):
     run, root = tmp_path / "run", tmp_path / "run/checkpoints"
     common = [f"data.val={val}", *VAL, "checkpoint.every_steps=2", "checkpoint.keep_last=1"]
