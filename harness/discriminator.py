@@ -160,8 +160,9 @@ class DiscriminatorHook(Hook):
         return trainer.step >= self.cfg.disc_start
 
     def after_resume(self, trainer) -> None:
-        for group in self.optimizer.param_groups:  # the configured learning rate wins over the saved one
-            group["lr"] = self.lr(trainer.cfg)
+        for group in self.optimizer.param_groups:  # the configured learning rate and fused flag win over the
+            group["lr"] = self.lr(trainer.cfg)      # saved ones (optim.fused: its skips need a fused AdamW)
+            group["fused"] = trainer.cfg.optim.fused or None
 
     def on_loss(self, trainer, x, out, losses, stats) -> None:
         if not self.judging(trainer):

@@ -230,6 +230,9 @@ def restore(trainer, start: Start) -> dict:
     return state
 
 
+INIT_ONLY = ("logvar_init",)  # loss keys read only when a run starts: a resume takes the learned value
+
+
 def _note_loss_changes(trainer, checkpoint: Path) -> None:
     """A resume may change the objective on purpose (a KL weight raised, a term added); said, key by key,
     against the checkpoint's own config.yaml. A key an older config lacks stood at its default there
@@ -246,9 +249,13 @@ def _note_loss_changes(trainer, checkpoint: Path) -> None:
         return  # no readable config there (the manifest checked what is): nothing to compare with
     then = {**dataclasses.asdict(LossConfig()), **saved}
     now = to_dict(trainer.cfg)["loss"]
-    changed = [f"loss.{k} {then[k]!r} -> {v!r}" for k, v in now.items() if k in then and then[k] != v]
+    changed = [f"loss.{k} {then[k]!r} -> {v!r}" for k, v in now.items()
+               if k in then and then[k] != v and k not in INIT_ONLY]
     if changed:
         trainer.log.info(f"note: the loss differs from the checkpoint's ({', '.join(changed)}): used from here on")
+    if unused := [f"loss.{k} {then[k]!r} -> {now[k]!r}" for k in INIT_ONLY if k in then and then[k] != now.get(k)]:
+        trainer.log.info(f"note: {', '.join(unused)}: a starting value, not used by a resumed run (the checkpoint's "
+                         "learned value goes on)")
 
 
 def _follow_configured_lr(trainer) -> None:
@@ -288,22 +295,28 @@ def _note_schedule_change(trainer, saved_lr: float) -> None:
                      f"{now:.4g}, the checkpoint's gave {saved_lr:.4g}; the new schedule is used from here on")
 
 
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return str(list(value))
+    return str(bool(value)).lower() if value is None or isinstance(value, bool) else f"{value:g}"
+
+
 def _follow_configured_adamw(trainer) -> None:
-    """Loading an optimizer's state brings back the betas, eps and weight decay it was saved with, so a
-    resume that changes them in the config (which config.yaml then records) would be ignored without a
-    word: they follow the config too, said once."""
+    """Loading an optimizer's state brings back the betas, eps, weight decay and fused flag it was saved
+    with, so a resume that changes them in the config (which config.yaml then records) would be ignored
+    without a word (and a fused flag brought back off under a step that defers its skips to a fused
+    AdamW failed at the first step): they follow the config too, said once."""
     o = trainer.cfg.optim
-    want = {"betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    want = {"betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay, "fused": o.fused or None}
     groups = trainer.scheduler.optimizer.param_groups
     want = {k: v for k, v in want.items() if all(k in g for g in groups)}  # every torch/DeepSpeed Adam has them
     was = {k: groups[0][k] for k, v in want.items()
-           if any((tuple(g[k]) if k == "betas" else g[k]) != v for g in groups)}
+           if any((tuple(g[k]) if k == "betas" else (g[k] or None) if k == "fused" else g[k]) != v for g in groups)}
     if not was:
         return
     for group in groups:
         group.update(want)
-    said = ", ".join(f"optim.{k} is {list(want[k]) if k == 'betas' else f'{want[k]:g}'} (the checkpoint's "
-                     f"{list(v) if k == 'betas' else f'{v:g}'})" for k, v in was.items())
+    said = ", ".join(f"optim.{k} is {_show(want[k])} (the checkpoint's {_show(v)})" for k, v in was.items())
     trainer.log.info(f"note: {said}: used from here on")
 
 

@@ -407,6 +407,36 @@ def test_changed_adamw_settings_at_resume_are_followed_and_said(config, shards, 
     assert "note: optim." not in capsys.readouterr().err  # the same again: nothing to say
 
 
+@pytest.mark.parametrize("first, then", [("false", "true"), ("true", "false")])
+def test_optim_fused_switched_at_resume_follows_the_config_for_both_optimizers(config, shards, tmp_path, capsys,
+                                                                              first, then):
+    """The optimizer's state brought its fused flag back: switched on at a resume, the step (which defers its
+    skips to a fused AdamW) failed at once with a traceback; switched off, both AdamWs stayed fused."""
+    run = tmp_path / "run"
+    common = ["checkpoint.every_steps=0", "train.max_steps=4", "loss.disc_weight=0.5", "loss.disc_start=1"]
+    assert main(args(config, shards, run, *common, f"optim.fused={first}", "train.stop_after_steps=2")) == 0
+    capsys.readouterr()
+    assert main(args(config, shards, run, *common, f"optim.fused={then}", "--resume", "latest")) == 0
+    assert (f"note: optim.fused is {then} (the checkpoint's {first}): used from here on"
+            in capsys.readouterr().err)
+    root = run / "checkpoints/step_4"
+    groups = [*torch.load(root / "optimizer.bin", weights_only=True)["param_groups"],
+              *torch.load(root / "custom_checkpoint_1.pkl", weights_only=True)["optimizer"]["param_groups"]]
+    assert [bool(g["fused"]) for g in groups] == [then == "true"] * len(groups)
+
+
+def test_a_changed_logvar_init_at_resume_is_said_to_be_unused(config, shards, tmp_path, capsys):
+    """It was noted as "used from here on", while the learned logvar comes from the checkpoint."""
+    run = tmp_path / "run"
+    common = ["checkpoint.every_steps=0", "train.max_steps=4", "loss.learned_logvar=true"]
+    assert main(args(config, shards, run, *common, "train.stop_after_steps=2")) == 0
+    capsys.readouterr()
+    assert main(args(config, shards, run, *common, "loss.logvar_init=-3", "--resume", "latest")) == 0
+    err = capsys.readouterr().err
+    assert ("note: loss.logvar_init 0.0 -> -3.0: a starting value, not used by a resumed run (the checkpoint's "
+            "learned value goes on)") in err and "the loss differs" not in err
+
+
 def test_a_resume_after_a_crash_hides_what_the_lost_steps_logged(config, shards, tmp_path):
     """A crash after the last checkpoint: the resumed run logs those steps again, and TensorBoard shows
     each step once (the writer purges the earlier attempt's events from the resume step on)."""
