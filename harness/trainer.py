@@ -214,7 +214,7 @@ class Trainer:
                           f"({self.nonfinite_in_a_row} in a row)")
             if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
                 raise TrainingError(f"loss was not finite for {self.nonfinite_in_a_row} steps in a row "
-                                    "(train.max_nonfinite): lower optim.lr, enable optim.grad_clip or check the data")
+                                    f"(train.max_nonfinite): {self._divergence_advice()}")
         else:
             self.nonfinite_in_a_row = 0
         if outcome.grad_norm is not None:
@@ -242,7 +242,12 @@ class Trainer:
                       f"at most {worst} in a row")
         if worst >= self.cfg.train.max_nonfinite:
             raise TrainingError(f"loss was not finite for {worst} steps in a row (train.max_nonfinite, read at the "
-                                "log): lower optim.lr, enable optim.grad_clip or check the data")
+                                f"log): {self._divergence_advice()}")
+
+    def _divergence_advice(self) -> str:
+        disc = " (or loss.disc_lr: the discriminator's adversarial term feeds the loss)" \
+            if self.cfg.loss.disc_weight > 0 else ""
+        return f"lower optim.lr{disc}, enable optim.grad_clip or check the data"
 
     def train_step(self, batches, stats: StepStats) -> None:
         """One optimizer step over `grad_accum` micro-batches."""

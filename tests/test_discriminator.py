@@ -260,3 +260,17 @@ def test_zero3_takes_the_adaptive_weight_from_the_partitioned_last_layer(shards,
         assert r.returncode == 0, r.stderr[-3000:]
         weights[backend] = logged(run, "disc/adaptive_weight")
     assert weights["zero3"][0] == pytest.approx(weights["ddp"][0], rel=1e-4) and weights["ddp"][0] > 0
+
+
+def test_the_advice_after_a_divergence_names_the_discriminators_learning_rate_when_there_is_one():
+    from types import SimpleNamespace
+
+    from harness.config import load_config
+    from harness.trainer import Trainer
+
+    def advice(*extra):
+        cfg = load_config([], ["data.train=unused", *extra])
+        return Trainer._divergence_advice(SimpleNamespace(cfg=cfg))
+
+    assert advice() == "lower optim.lr, enable optim.grad_clip or check the data"
+    assert "lower optim.lr (or loss.disc_lr: the discriminator's" in advice("loss.disc_weight=0.5")
