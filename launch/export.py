@@ -210,7 +210,8 @@ def read_source(args, w) -> Source:
 def write_export(args, source: Source, stats) -> int:
     """Every file of the export is written and checked in a folder of its own inside --out, then moved
     into place: a failed export leaves --out as it was (an earlier export in it too)."""
-    out, made, stage, held = args.out, not args.out.exists(), None, None
+    out, stage, held = args.out, None, None
+    made = [d for d in [out, *out.absolute().parents] if not d.exists()]  # the folders this export creates
     try:
         if out.resolve() == source.folder.resolve():  # its files would replace (or, as stale, remove) the source's
             raise ExportError(f"--out {out}: is the folder exported from; write the export elsewhere")
@@ -243,8 +244,11 @@ def write_export(args, source: Source, stats) -> int:
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
-        if made and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # nothing exported: no empty folder left behind
+        for folder in made:  # nothing exported: no empty folder left behind (nor the parents it made)
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the export is in it), or gone
+                break
         if held is not None:
             os.close(held)
     for line in lines:

@@ -74,10 +74,11 @@ def test_a_model_with_finite_weights_and_non_finite_outputs_is_one_line(tmp_path
     assert export_main([str(src), "--latent-stats", "8", "--workers", "0", "--out", str(tmp_path / "a")]) == 2
     assert "the model's latents are not finite (NaN or inf): it diverged" in one_line(capsys)
     assert not (tmp_path / "a").exists()  # no latent_stats.json with NaN in it
-    assert export_main([str(src), "--format", "diffusers", "--out", str(tmp_path / "b")]) == 2
+    assert export_main([str(src), "--format", "diffusers", "--out", str(tmp_path / "n1/n2/b")]) == 2
     line = one_line(capsys)
     assert "reconstruction of a test image is not finite (NaN or inf) although its weights are" in line, line
     assert "mapping error" not in line
+    assert not (tmp_path / "n1").exists()  # nor the parent folders the failed export had made
 
 
 def test_a_stop_between_the_renames_lands_after_the_whole_export(tmp_path, capsys, monkeypatch):
