@@ -36,7 +36,7 @@ import torch.distributed as tdist
 
 from harness.checkpoint import ResumeError
 from harness.config import Config, ConfigError
-from harness.engine import DeferredSkips, step_unless
+from harness.engine import DeferredSkips, place_steps, step_unless
 from harness.hooks import Hook
 from models.discriminator import D_LOSSES, PatchDiscriminator, last_decoder_layer, lecam_reg
 
@@ -163,6 +163,7 @@ class DiscriminatorHook(Hook):
         for group in self.optimizer.param_groups:  # the configured learning rate and fused flag win over the
             group["lr"] = self.lr(trainer.cfg)      # saved ones (optim.fused: its skips need a fused AdamW)
             group["fused"] = trainer.cfg.optim.fused or None
+        place_steps(self.optimizer)
 
     def on_loss(self, trainer, x, out, losses, stats) -> None:
         if not self.judging(trainer):

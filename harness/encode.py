@@ -287,11 +287,19 @@ def valid_record(r) -> bool:
             and all(_numbers(sums.get(k), len(sums["n"])) for k in ("s1", "s2")))
 
 
-def valid_manifest(m) -> bool:
-    """latents.json as encode.py writes it: this format, and a record for every shard."""
-    return (isinstance(m, dict) and m.get("format") == FORMAT and isinstance(m.get("fingerprint"), dict)
+def valid_manifest(m, num_shards: int | None = None) -> bool:
+    """latents.json as encode.py writes it: this format, a record for every shard (000000.tar on, in
+    order; `num_shards` of them when the inputs are known, and as many as it says it holds), and the
+    samples it says it holds."""
+    if not (isinstance(m, dict) and m.get("format") == FORMAT and isinstance(m.get("fingerprint"), dict)
             and isinstance(m.get("model"), dict) and isinstance(m.get("fields"), dict)
-            and isinstance(m.get("shards"), list) and all(valid_record(r) for r in m["shards"]))
+            and isinstance(m.get("shards"), list) and all(valid_record(r) for r in m["shards"])):
+        return False
+    shards = m["shards"]
+    count = len(shards) if num_shards is None else num_shards
+    return ([r["name"] for r in shards] == [f"{i:06d}.tar" for i in range(count)]
+            and m.get("num_shards", count) == count
+            and m.get("num_samples") == sum(r["num_samples"] for r in shards))
 
 
 def file_sha256(path: Path) -> str:
@@ -362,7 +370,8 @@ WHAT = {"model": "another model (a run folder gives its newest checkpoint: name 
         "settings": "other settings (--image-size, --dtype, --flip, --ema, --precision)"}
 
 
-def prepare(out: Path, fp: dict, overwrite: bool, verify: bool = False) -> tuple[dict[str, dict], dict | None]:
+def prepare(out: Path, fp: dict, overwrite: bool, verify: bool = False,
+            num_shards: int | None = None) -> tuple[dict[str, dict], dict | None]:
     """Rank 0, under the folder lock: the shards already done ({name: record}) and, when the whole set is
     already there, its manifest. Latents of another model, inputs or settings are refused (--overwrite
     removes them). What an earlier run finished is gathered into .progress.done.json (from its progress
@@ -375,7 +384,7 @@ def prepare(out: Path, fp: dict, overwrite: bool, verify: bool = False) -> tuple
             (out / n).unlink(missing_ok=True)
     names = [p.name for p in out.iterdir()]
     manifest = _read_json(out / MANIFEST)
-    if not valid_manifest(manifest):  # truncated, edited by hand, another tool's: the set is written again
+    if not valid_manifest(manifest, num_shards):  # truncated, edited, another tool's: the set is written again
         manifest = None
     progress = [(n, r) for n in names if PROGRESS_RE.match(n) and (r := _read_json(out / n)) is not None]
     recorded = ([manifest] if manifest else []) + [r for _, r in progress]
@@ -399,6 +408,9 @@ def prepare(out: Path, fp: dict, overwrite: bool, verify: bool = False) -> tuple
         if verify and record.get("sha256") != file_sha256(path):  # (an older record without one: written again)
             continue
         done[path.name] = record
+    for record in filter(valid_record, records):  # recorded, not done: it goes now, before its new record is
+        if record["name"] not in done:            # written (a stop before the rename would vouch for it)
+            (out / record["name"]).unlink(missing_ok=True)
     if overwrite:  # shards no record names (check_out let them through for --overwrite): written again or stale
         for n in names:
             if SHARD_RE.match(n) and n not in done:
@@ -490,7 +502,7 @@ def encode_shards(model: Model, data, out: Path, opts: EncodeOptions, w: World, 
         try:
             check_out(out, inputs, overwrite)
             held = lock(out)
-            done, manifest = prepare(out, fp, overwrite, verify)
+            done, manifest = prepare(out, fp, overwrite, verify, len(urls))
             found = [None, done, manifest]
         except EncodeError as e:
             found = [str(e), {}, None]
@@ -662,6 +674,7 @@ def write_manifest(out: Path, fp: dict, inherited: dict[str, dict], model: Model
         "classes": sources[0].classes,
         "label_names": sources[0].label_names,
         "num_samples": num_samples,
+        "num_shards": len(shards),
         "num_bad": sum(r["bad"] for r in shards),
         # what the inputs' index.json lists (None: a shard it does not list); less num_samples = samples missing,
         # bad or unread (a shard cut off or emptied after it was built counts one bad sample, whatever it lost)

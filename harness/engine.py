@@ -172,3 +172,15 @@ def make_engine(accelerator, model, optimizer, *, grad_clip: float, grad_accum: 
     """The engine for what `accelerator.prepare()` returned."""
     cls = DeepSpeedEngine if scale.deepspeed_engine(model) is not None else DDPEngine
     return cls(accelerator, model, optimizer, grad_clip=grad_clip, grad_accum=grad_accum)
+
+
+def place_steps(optimizer) -> None:
+    """Adam's step counters where the group's kind of step wants them: on the parameter's device in float32
+    for a fused (or capturable) one, on the CPU otherwise. torch places them by the flag saved with the
+    state, so a resume that switches `fused` would hand a fused CUDA kernel CPU counters."""
+    for group in optimizer.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].to(dtype=torch.float32, device=p.device if on_device else "cpu")

@@ -20,6 +20,7 @@ from harness import checkpoint as ckpt
 from harness import discriminator, scale
 from harness.config import model_keys_not_read, to_dict
 from harness.dist import all_reduce_sum
+from harness.engine import place_steps
 from harness.hooks import check_ema_matches
 from harness.inference import LoadError, weights_source
 
@@ -189,7 +190,9 @@ def begin(trainer, start: Start) -> None:
             raise
         trainer.step, trainer.samples_seen = state["step"], state["samples_seen"]
         trainer.totals.update(state.get("totals", {}))
-        trainer.validator.best = state.get("best")
+        # (a checkpoint of a run that did not validate, written before runs carried the best, has no "best":
+        # the copy `best` names says what it was, and reconcile below checks it against the resumed step)
+        trainer.validator.best = state["best"] if "best" in state else best_named(trainer.run_dir / "checkpoints")
     else:
         set_seed(trainer.cfg.train.seed + trainer.world.rank)  # posterior noise differs per rank
     trainer.ckpt.clean_stale()
@@ -295,6 +298,17 @@ def _note_schedule_change(trainer, saved_lr: float) -> None:
                      f"{now:.4g}, the checkpoint's gave {saved_lr:.4g}; the new schedule is used from here on")
 
 
+def best_named(root: Path) -> dict | None:
+    """The best that the copy `checkpoints/best` names recorded of itself (None: no such copy)."""
+    try:
+        if (root / "best").is_symlink() and ckpt.is_complete(root / "best"):
+            best = ckpt.read_state(root / "best").get("best")
+            return best if isinstance(best, dict) and isinstance(best.get("step"), int) else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _show(value) -> str:
     if isinstance(value, (list, tuple)):
         return str(list(value))
@@ -316,6 +330,8 @@ def _follow_configured_adamw(trainer) -> None:
         return
     for group in groups:
         group.update(want)
+    if "fused" in was:
+        place_steps(trainer.scheduler.optimizer)
     said = ", ".join(f"optim.{k} is {_show(want[k])} (the checkpoint's {_show(v)})" for k, v in was.items())
     trainer.log.info(f"note: {said}: used from here on")
 

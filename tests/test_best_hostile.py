@@ -81,6 +81,25 @@ def test_a_resume_without_validation_still_sets_an_abandoned_best_aside_and_carr
     assert os.readlink(root / "best") == "best-step_2"
 
 
+def test_a_checkpoint_written_without_the_best_key_keeps_the_best_its_copy_names(config, shards, val, tmp_path):
+    """Runs that did not validate used to save no "best": reconciled as "no best", a resume of such a
+    checkpoint set a good best aside. The copy `best` names says what it was."""
+    import json
+
+    run, root = tmp_path / "run", tmp_path / "run/checkpoints"
+    common = ["checkpoint.every_steps=2", "checkpoint.keep_last=5"]
+    assert main(args(config, shards, run, *common, f"data.val={val}", *VAL, "eval.every_steps=2",
+                     "train.max_steps=2")) == 0
+    assert main(args(config, shards, run, *common, "train.max_steps=4", "--resume", "latest")) == 0
+    state = json.loads((root / "step_4" / ckpt.STATE_NAME).read_text())
+    del state["best"]  # as the code before wrote it
+    (root / "step_4" / ckpt.STATE_NAME).write_text(json.dumps(state))
+    ckpt.write_manifest(root / "step_4")
+    assert main(args(config, shards, run, *common, "train.max_steps=6", "--resume", "latest")) == 0
+    assert os.readlink(root / "best") == "best-step_2" and not (root / "abandoned-best-step_2").exists()
+    assert ckpt.read_state(root / "step_6")["best"]["step"] == 2
+
+
 def test_best_whose_copy_and_step_are_gone_is_dropped_and_a_new_best_can_come(config, shards, val, tmp_path):
     run, root = tmp_path / "run", tmp_path / "run/checkpoints"
     common = [f"data.val={val}", *VAL, "checkpoint.every_steps=2", "checkpoint.keep_last=1"]

@@ -600,6 +600,7 @@ def test_hostile_latent_shards_and_factors_are_one_line(kl, shards, tmp_path, tm
         w.write({"__key__": "x", "latent.npy": b"garbage"})
     manifest["shards"] = [{**manifest["shards"][0], "bytes": (bad / "000000.tar").stat().st_size,
                            "sha256": file_sha256(bad / "000000.tar")}]
+    manifest.update(num_shards=1, num_samples=manifest["shards"][0]["num_samples"])
     (bad / MANIFEST).write_text(json.dumps(manifest))
     refused(bad, says="latent.npy does not read")
     np.save(tmp_path / "z.npy", np.zeros((2, 4, 16, 16), np.float32))

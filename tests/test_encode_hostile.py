@@ -184,3 +184,35 @@ def test_latent_files_numpy_and_torch_write_in_other_ways(tmp_path):
     for name, says in (("junk.npy", "not a .npy file (no NUMPY header)"), ("fifo.npy", "not a regular file")):
         with pytest.raises(henc.EncodeError, match=re.escape(f"{name}: {says}")):
             henc.read_latents(tmp_path / name, 4)
+
+
+def test_a_latents_json_with_a_record_removed_is_not_trusted(kl, encoded, tmp_path, capsys):
+    out = copy_of(encoded, tmp_path / "lat")
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["shards"].pop()  # the last shard's record: the rest still reads 000000, 000001
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert sample(kl[0], "decode", "--latents", out, "--n", "24", "--out", tmp_path / "o.png") == 2
+    assert "not as launch/encode.py writes it" in one_line(capsys, "error: ")
+    assert encode(kl[0], "--out", out) == 0  # not "already complete": written again
+    assert "already complete" not in capsys.readouterr().err
+    assert len(json.loads((out / MANIFEST).read_text())["shards"]) == 3
+
+
+def test_a_shard_that_fails_verify_goes_before_its_new_record_is_written(kl, encoded, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A stop between the new record and the rename used to leave the swapped file under a record that
+    vouched for it (the same size): a later run without --verify kept it."""
+    out = copy_of(encoded, tmp_path / "lat")
+    (out / "000000.tar").write_bytes((out / "000001.tar").read_bytes())
+    real = henc.ShardOut.commit
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(henc.ShardOut, "commit", stopped)
+    assert encode(kl[0], "--out", out, "--verify") == 130
+    assert not (out / "000000.tar").exists()
+    monkeypatch.setattr(henc.ShardOut, "commit", real)
+    capsys.readouterr()
+    assert encode(kl[0], "--out", out) == 0
+    assert (out / "000000.tar").read_bytes() == (encoded / "000000.tar").read_bytes()

@@ -175,3 +175,18 @@ def test_fused_bf16_step_reads_nothing_back_from_the_gpu(shards, tmp_path, monke
     gan, _ = syncs_per_step(monkeypatch, shards, tmp_path / "gan", "train.mixed_precision=bf16", "optim.fused=true",
                             *GAN)
     assert gan == 0  # with a discriminator and LeCAM too
+
+
+@gpu
+@pytest.mark.parametrize("first, then", [("false", "true"), ("true", "false")])
+def test_optim_fused_switched_at_a_resume_on_the_gpu(first, then, shards, tmp_path):
+    """torch places Adam's step counters by the fused flag saved with the state: a resume that switches
+    optim.fused on must move them onto the GPU (harness/engine.py: place_steps), else the fused kernel
+    refuses CPU counters beside CUDA parameters. Both AdamWs: the autoencoder's and the discriminator's."""
+    run = tmp_path / "run"
+    common = ["--config", str(ROOT / "tests/configs/tiny.yaml"), f"data.train={shards}", f"run.dir={run}",
+              "checkpoint.every_steps=0", "train.max_steps=4", "loss.disc_weight=0.5", "loss.disc_start=1"]
+    assert main([*common, f"optim.fused={first}", "train.stop_after_steps=2"]) == 0
+    assert main([*common, f"optim.fused={then}", "--resume", "latest"]) == 0
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 4
+    assert f"optim.fused is {then} (the checkpoint's {first})" in (run / "train.log").read_text()
