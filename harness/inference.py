@@ -508,6 +508,18 @@ def read_weights(path: str | Path, ema: bool = False) -> tuple[Path, Config, dic
     raise AssertionError("unreachable")
 
 
+PERCEPTION_KINDS = ("classifier", "rotnet")
+
+
+def refuse_perception_net(cfg: Config, folder: Path, tool: str) -> None:
+    """A LoadError for a perception run (launch/train_perception.py) given to a tool that needs an
+    autoencoder: it has no latents, reconstructions or samples."""
+    if cfg.model.kind in PERCEPTION_KINDS:
+        raise LoadError(f"{folder}: a model.kind={cfg.model.kind} run is a perception network (for "
+                        f"loss.perceptual_net or evaluate.py --fd-net), not an autoencoder: {tool} needs an "
+                        "autoencoder run")
+
+
 def load_model(path: str | Path, *, ema: bool = False,
                device: str | torch.device = "cpu") -> tuple[Autoencoder, Config, Path]:
     folder, cfg, state = read_weights(path, ema)

@@ -25,7 +25,9 @@ from harness.hooks import check_ema_matches
 from harness.inference import LoadError, weights_source
 
 # model.* keys that no parameter depends on: a resume follows the config for them (a note in the log)
-FOLLOWED_MODEL_KEYS = frozenset({"gradient_checkpointing", "dropout", "prior_dropout"})
+# prior_vq: where the frozen VQ model is read from (its weights are checked by their digest, noted when they
+# differ): a prior may follow its VQ model to an export after the run that held it pruned the step
+FOLLOWED_MODEL_KEYS = frozenset({"gradient_checkpointing", "dropout", "prior_dropout", "prior_vq"})
 
 
 @dataclass

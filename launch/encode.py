@@ -38,6 +38,7 @@ from harness.inference import (  # noqa: E402
     check_image_size,
     load_model,
     out_of_memory,
+    refuse_perception_net,
 )
 from harness.tasks import weights_digest  # noqa: E402
 from shards.sources import DataSourceError  # noqa: E402
@@ -110,6 +111,7 @@ def run(args) -> int:
         device = args.device or (f"cuda:{w.local_rank}" if torch.cuda.is_available() else "cpu")
         check_device(device)
         module, cfg, folder = load_model(args.model, ema=args.ema, device=device)
+        refuse_perception_net(cfg, folder, "encode.py")
         if cfg.model.kind == "prior":
             raise RequestError(f"{args.model}: a prior (model.kind=prior) models codes and makes no latents; encode "
                                "with its VQ model (model.prior_vq), whose codes.npy are what it trains on")

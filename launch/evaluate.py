@@ -43,6 +43,7 @@ from harness.inference import (  # noqa: E402
     check_output_file,
     load_model,
     out_of_memory,
+    refuse_perception_net,
 )
 from harness.losses import file_digest  # noqa: E402
 from models.lpips import LPIPS  # noqa: E402
@@ -110,6 +111,7 @@ def evaluate(args) -> tuple[dict, Gaussian | None, list[str], list[str]]:
     of), said by `main` after the numbers and the files, with exit status 2."""
     check_request(args)
     model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device)
+    refuse_perception_net(cfg, folder, "evaluate.py")
     if cfg.model.kind == "prior":  # no reconstructions of its own: its loss/ce is in the run's log
         raise LoadError(f"{folder}: a model.kind=prior run has no reconstructions to evaluate; evaluate its VQ model "
                         f"({cfg.model.prior_vq})")

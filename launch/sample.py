@@ -43,6 +43,7 @@ from harness.inference import (  # noqa: E402
     check_output_file,
     load_model,
     out_of_memory,
+    refuse_perception_net,
 )
 from harness.tasks import prior_sampler  # noqa: E402
 from harness.tracking import make_grid, save_png  # noqa: E402
@@ -77,9 +78,18 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def null_condition_trained(model, cfg) -> bool:
+    """Whether unconditional samples read a trained null condition (model.cond_dropout > 0). A prior over a
+    class-conditional VQ model draws a class per sample where either null never trained (models/prior.py)."""
+    if cfg.model.kind == "prior":
+        return model.condition == "class" or getattr(getattr(model.vq, "cond_embed", None), "dropout", 0) > 0
+    return cfg.model.kind != "kl" or bool(cfg.model.cond_dropout)  # (a VQ/FSQ run alone samples through a prior)
+
+
 def load(args):
     """The model to sample from: a prior run comes with its VQ model, as one model that samples."""
     model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device)
+    refuse_perception_net(cfg, folder, "sample.py")
     if cfg.model.kind == "prior":
         temperature, top_k = 1.0 if args.temperature is None else args.temperature, args.top_k or 0
         if not (0 <= temperature < math.inf) or top_k < 0:  # nan and inf too: softmax of nan is no draw
@@ -293,7 +303,7 @@ def run(args) -> Path:
                                    f"(classes 0..{cfg.model.num_classes - 1}; leave --cls out for unconditional "
                                    "samples)")
             cond = torch.full((args.n,), args.cls, dtype=torch.long, device=args.device)
-        elif model.condition in ("class", "multilabel") and cfg.model.kind == "kl" and not cfg.model.cond_dropout:
+        elif model.condition in ("class", "multilabel") and not null_condition_trained(model, cfg):
             # Unconditional samples read the null condition, which only model.cond_dropout trains: without it
             # the images come from a random embedding, silently.
             raise RequestError("the model was trained with model.cond_dropout=0, so its null (unconditional) "

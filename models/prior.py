@@ -79,7 +79,7 @@ def pick(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     """One code per row of `b k` logits: softmax(logits / temperature) over the `top_k` most likely
     codes (0 = all); temperature 0 takes the most likely code."""
     logits = logits.float()
-    if temperature == 0:
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or a value float32 cannot tell from 0 (0/0 = NaN)
         return logits.argmax(-1)
     # From the row's maximum down: a tiny temperature then sends the others to -inf (the argmax), never inf - inf
     logits = (logits - logits.amax(-1, keepdim=True)) / temperature
@@ -214,7 +214,10 @@ def vq_kind_of(folder: str) -> str:
                                "whose codes the prior models")
     path = Path(folder)
     if not path.is_dir():
-        raise ModelConfigError(f"model.prior_vq: {folder}: no such run, checkpoint or export folder")
+        pruned = (" (a checkpoint its run has pruned since? checkpoint.keep_last removes old step_N folders: point "
+                  "model.prior_vq at an export of the VQ model, launch/export.py, which no training prunes)"
+                  if path.parent.name == "checkpoints" else "")
+        raise ModelConfigError(f"model.prior_vq: {folder}: no such run, checkpoint or export folder{pruned}")
     config = path / "config.yaml"
     if not config.is_file():
         raise ModelConfigError(f"model.prior_vq: {folder}: not a run, checkpoint or export folder (no config.yaml)")
@@ -235,8 +238,9 @@ class VQWithPrior(Autoencoder):
     """A frozen VQ/FSQ autoencoder and a prior over its codes, behind the autoencoder interface.
 
     encode/decode/forward are the VQ model's; `sample` draws codes from the prior (with this
-    object's `temperature` and `top_k`) and decodes them. A class-conditional prior trained
-    without cond_dropout has no trained null class: `cond=None` then draws a class per sample.
+    object's `temperature` and `top_k`) and decodes them. `cond=None` with a class-conditional prior
+    or VQ model whose null class never trained (its cond_dropout 0) draws a class per sample, which
+    both then read (the VQ decoder's null row would be its initial random vector).
     """
 
     def __init__(self, vq: Autoencoder, prior: CodePrior, *, temperature: float = 1.0, top_k: int = 0):
@@ -264,7 +268,8 @@ class VQWithPrior(Autoencoder):
             raise ValueError(f"sample: image size {image_size} gives a {grid[0]}x{grid[1]} code grid; the prior was "
                              f"trained on {self.prior.grid[0]}x{self.prior.grid[1]}")
         device = self.prior.pos.device
-        if cond is None and self.prior.condition == "class" and not self.prior.cond_dropout:
+        vq_null = getattr(getattr(self.vq, "cond_embed", None), "dropout", 0) > 0
+        if cond is None and self.prior.condition == "class" and not (self.prior.cond_dropout and vq_null):
             cond = torch.randint(self.prior.num_classes, (n,), generator=generator, device=generator.device
                                  if generator is not None else device).to(device)
         codes = self.prior.sample(n, cond=cond, temperature=self.temperature, top_k=self.top_k, generator=generator)

@@ -57,6 +57,28 @@ def test_rotation_net_trains_without_labels_and_serves_the_perceptual_loss(tmp_p
     assert (out / "checkpoints").is_dir() and (out / "tb").is_dir()
 
 
+def test_the_autoencoder_tools_refuse_a_perception_run_in_one_line(tmp_path, capsys):
+    """sample.py, evaluate.py and encode.py ended in an AttributeError traceback on a classifier run."""
+    from launch.encode import main as encode_main
+    from launch.evaluate import main as evaluate_main
+    from launch.sample import main as sample_main
+
+    shards = make_unlabelled_shards(tmp_path / "unlabelled", num_samples=16)
+    out = tmp_path / "rot"
+    assert perception_main(["--data", str(shards), "--labels", "rotation", "--out", str(out), "--steps", "2",
+                            *TINY]) == 0
+    capsys.readouterr()
+    for tool, argv in (("sample.py", lambda: sample_main([str(out), "sample", "--out", str(tmp_path / "s.png")])),
+                       ("evaluate.py", lambda: evaluate_main([str(out), "--data", str(shards)])),
+                       ("encode.py", lambda: encode_main([str(out), "--data", str(shards), "--out",
+                                                          str(tmp_path / "lat"), "--workers", "0"]))):
+        assert argv() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "model.kind=rotnet run is a perception network" in err[0], (tool, err)
+        assert f"{tool} needs an autoencoder run" in err[0]
+    assert not (tmp_path / "lat").exists()
+
+
 def test_rotation_net_on_a_list_of_shard_sets_naming_classes_otherwise_loads(tmp_path):
     """--data a,b of two sets whose index.json name different classes: a rotation net reads none, so the
     run mixes them, measures its accuracy on them at the end, and its file (whose info holds the list)

@@ -76,6 +76,7 @@ def test_temperature_and_top_k_are_deterministic_with_a_seed():
         p.sample(2, temperature=-1)
     # a tiny temperature is the greedy draw (it was inf - inf = nan: "probability tensor contains nan")
     assert torch.equal(draw(1, temperature=1e-45), draw(5, temperature=0))
+    assert torch.equal(draw(1, temperature=1e-46), draw(5, temperature=0))  # 0 in float32: was 0/0 = nan
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="must be finite"):
             p.sample(2, temperature=bad)
@@ -104,6 +105,25 @@ def test_a_class_conditional_prior_learns_its_classes():
     assert torch.equal(greedy, cls[:, None].expand_as(greedy))
     unconditioned = p.sample(8, generator=torch.Generator().manual_seed(0))  # the null class: some class's codes
     assert ((unconditioned.flatten(1)[:, :-1] < 4).float().mean()) > 0.9
+
+
+def test_unconditional_samples_never_decode_through_an_untrained_null_class():
+    """A prior trained with cond_dropout draws unconditionally, but a VQ model trained without it has a
+    null class row that never trained: its decoder must read a drawn class instead."""
+    cfg = load_config([TINY], ["data.train=unused", *VQ])  # model.cond_dropout 0
+    torch.manual_seed(0)
+    vq = build_model(cfg.model).eval()
+    p = prior(codebook_size=16, grid=tuple(vq.latent_shape(16)[1:]), condition="class", num_classes=4,
+              cond_dropout=0.2)
+    seen, real = [], vq.decode_indices
+    vq.decode_indices = lambda codes, cond=None: seen.append(cond) or real(codes, cond)
+    VQWithPrior(vq, p).sample(3, 16, generator=torch.Generator().manual_seed(0))
+    assert seen[-1] is not None and seen[-1].shape == (3,) and int(seen[-1].max()) < 4
+    trained = build_model(load_config([TINY], ["data.train=unused", *VQ, "model.cond_dropout=0.1"]).model).eval()
+    seen.clear()
+    trained.decode_indices = lambda codes, cond=None: seen.append(cond) or real(codes, cond)
+    VQWithPrior(trained, p).sample(3, 16, generator=torch.Generator().manual_seed(0))
+    assert seen[-1] is None  # both nulls trained: truly unconditional
 
 
 def test_vq_and_fsq_models_sample_through_a_prior():
@@ -251,6 +271,26 @@ def test_prior_resume_is_bitwise(shards, vq_run, tmp_path):
     ema_a = torch.load(a / "custom_checkpoint_1.pkl", weights_only=True)["shadow"]
     ema_b = torch.load(b / "custom_checkpoint_1.pkl", weights_only=True)["shadow"]
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+def test_a_prior_follows_its_vq_model_to_an_export_at_a_resume(shards, vq_run, tmp_path, capsys):
+    """The VQ run prunes the step_N a prior names: the prior could then never be loaded again. The error
+    says so, and a resume may point model.prior_vq at an export of the same weights."""
+    from models.prior import vq_kind_of
+
+    with pytest.raises(ModelConfigError, match="a checkpoint its run has pruned since"):
+        vq_kind_of(str(vq_run / "checkpoints" / "step_999"))
+    step = ckpt.resolve(vq_run, "latest")
+    run = tmp_path / "prior"
+    common = ["train.max_steps=4", "log.images_every_steps=0"]
+    assert train_main(prior_args(shards, step, run, *common, "train.stop_after_steps=2")) == 0
+    assert export_main([str(step), "--out", str(tmp_path / "vq_export")]) == 0
+    capsys.readouterr()
+    assert train_main(prior_args(shards, tmp_path / "vq_export", run, *common, "--resume", "latest")) == 0
+    log = (run / "train.log").read_text()
+    assert f"model.prior_vq follows the config at this resume: {str(step)!r} -> {str(tmp_path / 'vq_export')!r}" in log
+    assert "is not the file this run was trained with" not in log  # the same VQ weights: no digest note
+    assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 4
 
 
 def test_prior_run_errors(shards, vq_run, tmp_path, capsys):
