@@ -63,10 +63,28 @@ def refuse_checkpoint_folder(run_dir: Path) -> None:
     raise RunDirError(f"run.dir {run_dir} is {what}, not a run folder: to continue that run use {resume}{init}")
 
 
+# What another tool wrote into a folder that is no run: an export (ours or diffusers'), a shard set, latent shards
+FOREIGN = {"model.safetensors": "an export", "diffusion_pytorch_model.safetensors": "a diffusers export",
+           "index.json": "a shard set", "latents.json": "latent shards"}
+RUN_MARKS = ("latest", LOCK_NAME, "train.log", "checkpoints")
+
+
+def refuse_foreign_folder(run_dir: Path) -> None:
+    """A folder another tool wrote (an export, a shard set, latent shards) as run.dir: the run would write its
+    config.yaml over the export's, and its checkpoints and logs among the files."""
+    if not run_dir.is_dir() or any((run_dir / n).exists() for n in RUN_MARKS):
+        return
+    found = next((n for n in FOREIGN if (run_dir / n).exists()), None)
+    if found is not None:
+        raise RunDirError(f"run.dir {run_dir} holds {FOREIGN[found]} ({found}), not a run: a run writes its "
+                          "config.yaml, checkpoints and logs there; choose another run.dir")
+
+
 def acquire(run_dir: str | Path) -> None:
     """Take the run folder's lock for this process, or raise RunDirError saying who holds it."""
     run_dir = Path(run_dir)
     refuse_checkpoint_folder(run_dir)
+    refuse_foreign_folder(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

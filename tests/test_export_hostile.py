@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from shardgen import make_shards
@@ -126,3 +127,19 @@ def test_a_tensor_of_no_autoencoder_in_a_diffusers_folder_names_the_file(tmp_pat
     with pytest.raises(dio.DiffusersError, match=f"^{file}: encoder.extra.weight: no our name for this tensor"):
         dio.load_folder(tmp_path / "vae")
     assert json.loads((tmp_path / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+
+
+def test_a_run_into_an_export_or_a_shard_set_is_refused_and_touches_nothing(tmp_path, capsys):
+    """train.py (and train_perception.py --out) into an export replaced its config.yaml: the export lost."""
+    from launch.train import main as train_main
+
+    shards = make_shards(tmp_path / "shards", num_samples=8, per_shard=8, size=40)
+    _, export = our_export(tmp_path, config(f"data.train={shards}"))
+    for folder, what in ((export, "an export (model.safetensors)"), (shards, "a shard set (index.json)")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        argv = ["--config", str(Path(__file__).parent / "configs/tiny.yaml"), f"data.train={shards}",
+                f"run.dir={folder}", "train.max_steps=1"]
+        assert train_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"run.dir {folder} holds {what}, not a run" in err[0], err
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
