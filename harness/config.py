@@ -748,6 +748,11 @@ def unused_settings(cfg: Config) -> list[str]:
             if named:
                 notes.append(f"{', '.join(named)} set, but loss.{switch} is off: nothing reads "
                              f"{'it' if len(named) == 1 else 'them'}")
+    if cfg.model.kind in ("classifier", "rotnet", "prior"):  # their task has its own loss: cross-entropy
+        named = [f"loss.{k}" for k in LossConfig.__dataclass_fields__ if getattr(cfg.loss, k) != getattr(dl, k)]
+        if named:
+            notes.append(f"{', '.join(named)} set, but a model.kind={cfg.model.kind} run trains with cross-entropy "
+                         f"alone: nothing reads {'it' if len(named) == 1 else 'them'}")
     notes += _unread_model_keys(cfg)
     return notes
 

@@ -210,6 +210,25 @@ class PriorOutput:
 
 
 def frozen_vq(path: str, device) -> tuple[torch.nn.Module, Config, Path, bool]:
+    """`_frozen_vq`, once more when a VQ run that is still training pruned the checkpoint it found meanwhile
+    (a run folder as model.prior_vq: the tools that read a training run take its newer checkpoint)."""
+    from harness.inference import LoadError
+
+    try:
+        return _frozen_vq(path, device)
+    except (LoadError, ConfigError, OSError):
+        from harness.inference import find_weights_dir
+
+        try:  # found, then gone: the run moved on; else the error stands
+            gone = Path(path).is_dir() and find_weights_dir(path) != Path(path)
+        except LoadError:
+            gone = False
+        if not gone:
+            raise
+        return _frozen_vq(path, device)
+
+
+def _frozen_vq(path: str, device) -> tuple[torch.nn.Module, Config, Path, bool]:
     """The VQ/FSQ model at `path` (run, checkpoint or export folder), frozen in eval mode, its config,
     the folder its weights came from, and whether they are its EMA weights: those when its run kept an
     EMA (what evaluation judges it by), else the trained ones. The same choice at every start, resume

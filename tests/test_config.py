@@ -214,6 +214,11 @@ def test_settings_a_run_never_acts_on_are_named():
         "loss.lpips_vgg set, but loss.perceptual_weight is off: nothing reads it"]
     assert unused_settings(load_config([str(ROOT / "launch/configs/demo.yaml")], [
         "data.train=x", "data.val=y", "eval.every_steps=5", "eval.lpips=true", "loss.lpips_vgg=v.pth"])) == []
+    # a perception net or a prior trains with cross-entropy: the autoencoder's loss keys were ignored silently
+    perc = load_config([str(ROOT / "launch/configs/perception.yaml")], ["data.train=x", "loss.ssim_weight=1"])
+    assert unused_settings(perc)[-1:] == [
+        f"loss.ssim_weight set, but a model.kind={perc.model.kind} run trains with cross-entropy alone: "
+        "nothing reads it"]
     # keys of another kind or arch: accepted, named
     fsq = load_config([str(ROOT / "launch/configs/fsq.yaml")], ["data.train=x", "model.vq_codebook_size=16",
                                                                  "loss.vq_weight=5", "loss.kl_weight=1"])
