@@ -94,7 +94,8 @@ def load(args):
         temperature, top_k = 1.0 if args.temperature is None else args.temperature, args.top_k or 0
         if not (0 <= temperature < math.inf) or top_k < 0:  # nan and inf too: softmax of nan is no draw
             raise RequestError(f"--temperature {temperature}: need a finite number >= 0; --top-k {top_k}: >= 0")
-        if args.image_size and args.image_size != cfg.data.image_size:
+        if args.image_size and args.image_size != cfg.data.image_size and args.mode in ("sample", "classes"):
+            # (reconstruct and interpolate run the VQ model alone, at any size it takes)
             raise RequestError(f"--image-size: the prior models the code grid at {cfg.data.image_size} px "
                              f"(its data.image_size); leave it out")
         model, cfg, folder = prior_sampler(args.model, ema=args.ema, device=args.device, temperature=temperature,

@@ -291,6 +291,11 @@ def test_a_prior_follows_its_vq_model_to_an_export_at_a_resume(shards, vq_run, t
     assert f"model.prior_vq follows the config at this resume: {str(step)!r} -> {str(tmp_path / 'vq_export')!r}" in log
     assert "is not the file this run was trained with" not in log  # the same VQ weights: no digest note
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 4
+    # reconstruct runs the VQ model alone: any size it takes (was refused as for sampling the code grid)
+    out = tmp_path / "r.png"
+    assert sample_main([str(run), "reconstruct", "--data", str(shards), "--image-size", "32", "--out", str(out)]) == 0
+    assert sample_main([str(run), "sample", "--cls", "1", "--image-size", "32", "--out", str(out)]) == 2
+    assert "the prior models the code grid at 16 px" in capsys.readouterr().err
 
 
 def test_prior_run_errors(shards, vq_run, tmp_path, capsys):
