@@ -19,6 +19,7 @@ of the output went away (`| head`).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
@@ -38,7 +39,26 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 1GB, 1e9)")
     binary = "i" in text.lower()
     mult = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]
-    return int(float(m.group(1)) * ((1024 if binary else 1000) ** mult))
+    value = float(m.group(1)) * ((1024 if binary else 1000) ** mult)
+    if not math.isfinite(value):  # 1e400: int(inf) would be an OverflowError
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 1GB, 1e9)")
+    return int(value)
+
+
+def _check_out(out: Path, src: Path) -> None:
+    """The shards may go inside the input folder (that folder is left out of the listing), but not into
+    the input folder itself, nor into a folder that holds input images: those would be left out of the
+    set silently (a whole ImageNet class, and every later class index one lower)."""
+    from shards.images import IMAGE_EXTENSIONS
+
+    o, s = out.resolve(), src.resolve()
+    if o == s:
+        raise BuildError(f"{out}: is the input folder; write the shards into a folder of their own")
+    if s in o.parents and o.is_dir():
+        found = next((p for p in o.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()), None)
+        if found is not None:
+            raise BuildError(f"{out}: lies inside the input folder and holds its images ({found.relative_to(o)}, "
+                             "...): they would be left out of the set; write the shards into a new folder")
 
 
 def _positive(text: str) -> int:
@@ -155,6 +175,7 @@ def cmd_folder(a) -> int:
 
     opts = _options(a)
     src = Path(a.src)
+    _check_out(Path(a.out), src)
     items, classes, descriptions, other, skipped, notes = folder_items(
         src, labels=not a.no_labels, classes_file=a.classes, exclude=Path(a.out))
     _note_other(other, src)
@@ -170,6 +191,7 @@ def cmd_imagenet(a) -> int:
 
     opts = _options(a)
     src = Path(a.src)
+    _check_out(Path(a.out), src)
     items, classes, descriptions, other, unlabelled, layout, notes = imagenet_items(
         src, classes_file=a.classes, labels_file=a.labels, exclude=Path(a.out))
     _note_other(other, src)
@@ -187,6 +209,7 @@ def cmd_coco(a) -> int:
 
     opts = _options(a)
     images = Path(a.images)
+    _check_out(Path(a.out), images)
     items, label_names, label_ids, other, dropped, skipped, notes = coco_items(
         images, instances=a.instances, captions=a.captions, require_labels=a.require_labels)
     _note_other(other, images)

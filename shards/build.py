@@ -242,7 +242,9 @@ def _prepare(out: Path, fingerprint: str, overwrite: bool) -> dict:
         except (json.JSONDecodeError, OSError):
             progress = None
     if progress is None or progress.get("fingerprint") != fingerprint:
-        foreign = progress is not None or any(SHARD_RE.match(p.name) or p.name == INDEX_NAME for p in out.iterdir())
+        # (a .tar.tmp is what a run killed in its first shard leaves, before any progress: not foreign)
+        foreign = progress is not None or any((SHARD_RE.match(p.name) and not p.name.endswith(".tmp"))
+                                              or p.name == INDEX_NAME for p in out.iterdir())
         if foreign and not overwrite:
             what = "a build with other inputs or options" if progress is not None else "shards not made by this command"
             raise BuildError(f"{out}: holds {what}; pass --overwrite to replace them, or choose another folder")

@@ -380,3 +380,42 @@ def test_a_png_with_a_broken_pixel_stream_is_refused_by_the_builder():
     data[len(data) // 2] ^= 0xFF
     with pytest.raises(BadImage, match="cannot decode: broken data stream"):
         process_image(bytes(data))
+
+
+# ----------------------------------------------------------------------------------------------
+# a hostile review of the builders (helper): the output folder among the inputs, a crash in the first shard
+
+
+@pytest.mark.parametrize("kind", ["folder", "imagenet"])
+def test_an_output_folder_that_holds_input_images_or_is_the_input_is_refused(tmp_path, capsys, kind):
+    """`imagenet SRC SRC/n01440764` built without that class (every later class index one lower), silently."""
+    src = tmp_path / "src"
+    for c in ("n01440764", "n01443537"):
+        for j in range(2):
+            save(picture(seed=j), src / c / f"{c}_{j}.JPEG")
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    for out, says in ((src / "n01440764", "lies inside the input folder and holds its images"),
+                      (src, "is the input folder")):
+        assert main([kind, str(src), str(out), *Q]) == 2
+        one_line_error(capsys.readouterr().err, says)
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before  # nothing written among the inputs
+    assert main([kind, str(src), str(src / "shards"), *Q]) == 0  # a new folder inside the input: fine
+    assert read_index(src / "shards")["num_samples"] == 4
+
+
+def test_a_build_killed_in_its_first_shard_goes_on_with_the_same_command(tmp_path, capsys):
+    src = tmp_path / "src"
+    for j in range(6):
+        save(picture(seed=j), src / "a" / f"{j}.jpg")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "shards", "folder", str(src), str(out), *Q, "--shard-size", "40"],
+                       env=dict(os.environ, SHARDS_FAULT_AFTER="3"), cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and (out / "000000.tar.tmp").exists() and not (out / ".progress.json").exists()
+    assert main(["folder", str(src), str(out), *Q, "--shard-size", "40"]) == 0  # was "shards not made by this"
+    assert read_index(out)["num_samples"] == 6 and not (out / "000000.tar.tmp").exists()
+
+
+def test_a_shard_size_past_a_float_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", str(tmp_path / "d"), "--shard-bytes", "1e400", *Q])
+    assert "not a size: '1e400'" in capsys.readouterr().err
