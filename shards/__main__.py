@@ -159,8 +159,9 @@ def cmd_demo(a) -> int:
 
     from shards.demo import ATTRIBUTES, SHAPES, demo_items, produce_demo
 
-    if not 8 <= a.image_size <= 16384:  # data.image_size's range
-        raise BuildError(f"--image-size must be in 8..16384, got {a.image_size}")
+    if not 8 <= a.image_size <= 8000:  # a larger square is past the loader's 64-megapixel data.max_pixels
+        raise BuildError(f"--image-size must be in 8..8000 (a larger square is past the loader's 64-megapixel "
+                         f"data.max_pixels), got {a.image_size}")
     opts = _options(a)
     items = demo_items(a.num_samples, a.seed)
     produce = partial(produce_demo, size=a.image_size, seed=a.seed, fmt=a.format, quality=a.quality)

@@ -197,6 +197,8 @@ def _lock(out: Path):
 
     if out.exists() and not out.is_dir():
         raise BuildError(f"{out}: exists and is not a folder")
+    if out.is_symlink() and not out.exists():
+        raise BuildError(f"{out}: a link to {os.readlink(out)}, which does not exist")
     out.mkdir(parents=True, exist_ok=True)
     f = open(out / ".lock", "w")
     try:

@@ -391,6 +391,8 @@ def _load_json(path: str, what: str) -> dict:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BuildError(f"{p}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise BuildError(f"{p}: not a COCO {what} file (JSON nested too deep to read)") from None
     need = {"images", "annotations"} | ({"categories"} if what == "instances" else set())
     if not isinstance(data, dict) or not need <= set(data):
         raise BuildError(f"{p}: not a COCO {what} file (needs {', '.join(sorted(need))})")

@@ -75,6 +75,8 @@ def read_index(folder: str | Path) -> dict | None:
         index = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+    except RecursionError:  # '[' * 100000: nested past what the parser can hold
+        raise ValueError(f"{path}: not a {FORMAT} index (JSON nested too deep to read)") from None
     if not isinstance(index, dict):
         raise ValueError(f"{path}: not a {FORMAT} index (a JSON {type(index).__name__}, not an object)")
     if index.get("format") != FORMAT or not isinstance(index.get("shards"), list):

@@ -419,3 +419,16 @@ def test_a_shard_size_past_a_float_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", str(tmp_path / "d"), "--shard-bytes", "1e400", *Q])
     assert "not a size: '1e400'" in capsys.readouterr().err
+
+
+def test_a_demo_past_the_loaders_pixel_limit_a_broken_link_as_out_and_deep_json_are_one_line(tmp_path, capsys):
+    assert main(["demo", str(tmp_path / "d"), "--image-size", "8200", *Q]) == 2  # every sample skipped in training
+    one_line_error(capsys.readouterr().err, "--image-size must be in 8..8000")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    assert main(["demo", str(tmp_path / "link"), "--num-samples", "4", "--image-size", "16", *Q]) == 2
+    one_line_error(capsys.readouterr().err, "a link to", "which does not exist")
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "index.json").write_text("[" * 100000)
+    with pytest.raises(ValueError, match="nested too deep"):
+        read_index(deep)
