@@ -210,20 +210,14 @@ class PriorOutput:
 
 
 def frozen_vq(path: str, device) -> tuple[torch.nn.Module, Config, Path, bool]:
-    """`_frozen_vq`, once more when a VQ run that is still training pruned the checkpoint it found meanwhile
-    (a run folder as model.prior_vq: the tools that read a training run take its newer checkpoint)."""
-    from harness.inference import LoadError
+    """`_frozen_vq`, read once more after a failure when `path` is a run folder: a VQ run still training may
+    prune the checkpoint it resolved to while it is read (the other tools that read a run retry likewise)."""
+    from harness.inference import LoadError, is_run_folder
 
     try:
         return _frozen_vq(path, device)
     except (LoadError, ConfigError, OSError):
-        from harness.inference import find_weights_dir
-
-        try:  # found, then gone: the run moved on; else the error stands
-            gone = Path(path).is_dir() and find_weights_dir(path) != Path(path)
-        except LoadError:
-            gone = False
-        if not gone:
+        if not is_run_folder(Path(path)):
             raise
         return _frozen_vq(path, device)
 
