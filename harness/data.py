@@ -164,10 +164,12 @@ def _as_is(batch):
     return batch
 
 
-def to_model_input(images: torch.Tensor, device) -> torch.Tensor:
-    """uint8 `b h w c` -> float `b c h w` in [-1, 1], on `device`."""
+def to_model_input(images: torch.Tensor, device, channels_last: bool = True) -> torch.Tensor:
+    """uint8 `b h w c` -> float `b c h w` in [-1, 1], on `device`: channels_last memory (the loader's own
+    layout, no copy), or contiguous NCHW."""
     images = images.to(device, non_blocking=True)
-    return rearrange(images, "b h w c -> b c h w").float().div_(127.5).sub_(1.0)
+    x = rearrange(images, "b h w c -> b c h w").float().div_(127.5).sub_(1.0)
+    return x if channels_last else x.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

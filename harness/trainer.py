@@ -180,7 +180,7 @@ class Trainer:
 
     def forward_backward(self, batch: dict, stats: StepStats) -> None:
         """One micro-batch: forward, loss (plus what hooks add), backward (accumulated)."""
-        x = to_model_input(batch["image"], self.device)
+        x = to_model_input(batch["image"], self.device, self.cfg.train.channels_last)
         out, losses = self.task.forward(self.engine.model, x, batch, self.condition(batch), self.engine.input_dtype)
         for hook in self.hooks:
             hook.on_loss(self, x, out, losses, stats)

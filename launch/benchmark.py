@@ -425,7 +425,7 @@ PEER_PRESETS = {
 # ("NVIDIA H200", "NVIDIA H100 80GB HBM3"). Unknown devices -> None (n/a).
 BF16_PEAK_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("GH200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
                     ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
-PEER_OPTIONS = ("channels_last", "compile", "foreach", "fused")
+PEER_OPTIONS = ("channels_last", "nchw", "compile", "foreach", "fused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -483,11 +483,16 @@ def _peer_models(a, device):
 
 
 def _peer_side(name: str, build, device, dtype, kl_weight: float):
-    """One side of the comparison: (step function, model). `name` is ours|diffusers, then +option..."""
+    """One side of the comparison: (step function, model). `name` is ours|diffusers, then +option...
+    Ours runs as the trainer does by default (`train.channels_last`: an NHWC batch, the convolutions follow it;
+    +nchw: a contiguous one), diffusers as its own examples feed it (contiguous); +channels_last: the weights
+    NHWC too, as torch's guide does it."""
     kind, *opts = name.split("+")
     model = build().train()
-    memory_format = torch.channels_last if "channels_last" in opts else torch.preserve_format
-    model = model.to(memory_format=memory_format)
+    channels_last = "channels_last" in opts or (kind == "ours" and "nchw" not in opts)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if "channels_last" in opts:
+        model = model.to(memory_format=torch.channels_last)
     extra = {"foreach": True} if "foreach" in opts else {"fused": True} if "fused" in opts else {"foreach": False}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, **extra)
     fwd = torch.compile(model) if "compile" in opts else model
@@ -551,7 +556,10 @@ def bench_peer(a) -> dict:
         kind, *opts = s.split("+")
         if kind not in ("ours", "diffusers") or any(o not in PEER_OPTIONS for o in opts):
             raise ValueError(f"--sides: {s!r} is not ours|diffusers[+{'|+'.join(PEER_OPTIONS)}]")
-        sides.append("+".join([kind, *opts, *(o for o in flags if o not in opts)]))  # --fused etc.: every side
+        opts += [o for o in flags if o not in opts]  # --fused etc.: every side
+        if "nchw" in opts and "channels_last" in opts:
+            raise ValueError(f"--sides: {s!r} asks for both channels_last and nchw memory")
+        sides.append("+".join([kind, *opts]))
     if a.clock == "cpu" and device.type != "cpu":
         raise ValueError("--clock cpu: process time measures CPU runs only; use --clock wall on a GPU")
     try:
@@ -798,7 +806,9 @@ def main(argv=None) -> int:
                     "diffusers side")
     pe.add_argument("--compile", action="store_true",
                     help="torch.compile every side (the first step reports compile time)")
-    pe.add_argument("--channels-last", dest="channels_last", action="store_true", help="channels_last on every side")
+    pe.add_argument("--channels-last", dest="channels_last", action="store_true",
+                    help="channels_last on every side (ours has it unless +nchw: the trainer's default)")
+    pe.add_argument("--nchw", action="store_true", help="contiguous NCHW on every side")
     pe.add_argument("--foreach", action="store_true", help="AdamW(foreach=True) on every side (default: foreach=False)")
     pe.add_argument("--fused", action="store_true", help="AdamW(fused=True) on every side")
     pe.add_argument("--no-tf32", dest="tf32", action="store_false", help="CUDA: keep matmuls/convs in full fp32")

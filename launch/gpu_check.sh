@@ -254,9 +254,9 @@ elif [ "$NO_CUDA" = 1 ]; then  # kl-f8 at 256 px on a CPU would only burn the bu
 else
   # Most telling first: when the budget runs short, the last ones are skipped.
   run_part peer_bf16 60 "${BENCH[@]}" --preset kl-f8 --batch-size "$BATCH" --dtype bf16 --rounds 5 --steps 3 \
-    --sides "$SIDES,ours+channels_last" "${FAST[@]}" --flops --json "$OUT/peer_bf16.jsonl"
+    --sides "$SIDES,ours+nchw" "${FAST[@]}" --flops --json "$OUT/peer_bf16.jsonl"
   run_part klf8_step 45 "${BENCH[@]}" --preset kl-f8 --batch-size "$STEP_BATCH" --dtype bf16 --rounds 5 --steps 3 \
-    --sides ours,ours+channels_last "${FAST[@]}" --flops --json "$OUT/klf8_step.jsonl"
+    --sides ours,ours+nchw "${FAST[@]}" --flops --json "$OUT/klf8_step.jsonl"
   run_part peer_fp16 45 "${BENCH[@]}" --preset kl-f8 --batch-size "$BATCH" --dtype fp16 --rounds 5 --steps 3 \
     --sides "$SIDES" "${FAST[@]}" --flops --json "$OUT/peer_fp16.jsonl"
   # The harness's own step against a plain loop (which never reads the device; same precision, same AdamW):

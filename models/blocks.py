@@ -159,7 +159,7 @@ class ResnetBlock(Checkpointed):
             if conv_shortcut:
                 self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
             else:
-                self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
+                self.nin_shortcut = Conv1x1(in_channels, out_channels)
 
     def _norm(self, norm: nn.Module, h: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         if self.cond_dim:
@@ -181,19 +181,46 @@ class ResnetBlock(Checkpointed):
 # ---------------------------------------------------------------------------------------------
 
 
+class Conv1x1(nn.Conv2d):
+    """A 1x1 conv (latent diffusion's weight shape o i 1 1) run as a matmul over the channels, on a view of
+    the input in either memory format, the output in the input's format: a channels_last input is one
+    (b h w) x c matrix, a contiguous one b matrices c x (h w). On CPU the conv library's 1x1 path was up
+    to 2x slower than the matmul with two threads (equal with one). Still the module called, so ZeRO-3
+    gathers its weight as for nn.Conv2d."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return super().forward(x)
+        w = self.weight.flatten(1)  # o i
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return F.linear(x.permute(0, 2, 3, 1), w, self.bias).permute(0, 3, 1, 2)
+        b, _, h, w_ = x.shape
+        x = x.flatten(2)  # b i (h w): a view of a contiguous input
+        if self.bias is None:
+            y = torch.matmul(w, x)
+        else:
+            y = torch.baddbmm(self.bias[None, :, None], w.expand(b, *w.shape), x)
+        return y.view(b, -1, h, w_)
+
+
 class AttnBlock(Checkpointed):
     """Single-head spatial self-attention with a residual (latent diffusion's "vanilla" block)."""
 
     def __init__(self, *, in_channels: int, num_groups: int = 32):
         super().__init__()
         self.norm = Normalize(in_channels, num_groups)
-        self.q = nn.Conv2d(in_channels, in_channels, 1)
-        self.k = nn.Conv2d(in_channels, in_channels, 1)
-        self.v = nn.Conv2d(in_channels, in_channels, 1)
-        self.proj_out = nn.Conv2d(in_channels, in_channels, 1)
+        self.q = Conv1x1(in_channels, in_channels)
+        self.k = Conv1x1(in_channels, in_channels)
+        self.v = Conv1x1(in_channels, in_channels)
+        self.proj_out = Conv1x1(in_channels, in_channels)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        h_ = self.norm(x)
+        # Token-major memory (channels_last): q, k and v are then matmuls on it, each already in the
+        # b 1 (h w) c layout attention wants (views, not three copies), and so is the output for proj_out.
+        h_ = self.norm(x).contiguous(memory_format=torch.channels_last)
         h, w = h_.shape[-2:]
         q, k, v = (rearrange(f(h_), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
         if _fp16_active(q):
@@ -219,8 +246,8 @@ class LinearAttnBlock(Checkpointed):
     def __init__(self, *, in_channels: int, num_groups: int = 32):
         super().__init__()
         self.norm = Normalize(in_channels, num_groups)
-        self.to_qkv = nn.Conv2d(in_channels, 3 * in_channels, 1, bias=False)
-        self.to_out = nn.Conv2d(in_channels, in_channels, 1)
+        self.to_qkv = Conv1x1(in_channels, 3 * in_channels, bias=False)
+        self.to_out = Conv1x1(in_channels, in_channels)
 
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -294,18 +321,42 @@ class NearestUpConv2d(nn.Conv2d):
                          torch.stack([rows[..., 0] + rows[..., 1], rows[..., 2]], -1)])  # q p o i 2 2
         k = rearrange(k, "q p o i kh kw -> (p q o) i kh kw")
         bias = self.bias.repeat(4) if exists(self.bias) else None
-        b, _, h, w_ = x.shape
         y = F.conv2d(x, k, bias, padding=1)  # b (p q o) h+1 w+1; phase p starts at padded row p
-        # The four phase windows are one strided view of y: element (b, o, i, p, j, q) sits at
-        # y[b, (2p + q) o, i + p, j + q], an offset linear in p and q. Interleaving is then one copy,
-        # and its backward one copy into a zeroed y (slicing four windows cost four zeroed copies of y).
-        sb, sc, sh, sw = y.stride()
-        o = self.out_channels
-        phases = y.as_strided((b, o, h, 2, w_, 2), (sb, sc, sh, 2 * o * sc + sh, sw, o * sc + sw), y.storage_offset())
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            # interleave straight into channels_last memory (the same b o H W tensor, NHWC strides)
+        # Interleaving the four phase windows is one copy through one strided view, and its backward one
+        # copy into a zeroed y (slicing four windows cost four zeroed copies of y).
+        return _Interleave.apply(y, self.out_channels, x.is_contiguous(memory_format=torch.channels_last)
+                                 and not x.is_contiguous())
+
+
+def _phase_windows(y: torch.Tensor, o: int) -> torch.Tensor:
+    """The four phase windows of y (b (p q o) h+1 w+1) as one strided view b o h p w q: element
+    (b, o, i, p, j, q) sits at y[b, (2p + q) o, i + p, j + q], an offset linear in p and q, in either
+    memory format. The windows never overlap (each phase has its own channels)."""
+    b, _, h1, w1 = y.shape
+    sb, sc, sh, sw = y.stride()
+    return y.as_strided((b, o, h1 - 1, 2, w1 - 1, 2), (sb, sc, sh, 2 * o * sc + sh, sw, o * sc + sw))
+
+
+class _Interleave(torch.autograd.Function):
+    """Interleave the phase windows of y into b o 2h 2w: one copy forward, and backward one copy of the
+    gradient into the same windows of a zeroed y. (Autograd's own backward of the strided view was
+    the same copy for contiguous y, but an index_add_ over every element for channels_last y.)"""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, o: int, channels_last: bool) -> torch.Tensor:
+        ctx.o, ctx.y_shape = o, y.shape
+        ctx.y_format = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) \
+            and not y.is_contiguous() else torch.contiguous_format
+        phases = _phase_windows(y, o)
+        if channels_last:  # interleave straight into channels_last memory (the same b o H W tensor)
             return rearrange(phases, "b o h p w q -> b (h p) (w q) o").permute(0, 3, 1, 2)
         return rearrange(phases, "b o h p w q -> b o (h p) (w q)")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gy = torch.empty(ctx.y_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.y_format).zero_()
+        _phase_windows(gy, ctx.o).copy_(rearrange(grad, "b o (h p) (w q) -> b o h p w q", p=2, q=2))
+        return gy, None, None
 
 
 class Upsample(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models.base import Autoencoder, ModelConfigError
-from models.blocks import exists, set_gradient_checkpointing
+from models.blocks import Conv1x1, exists, set_gradient_checkpointing
 from models.conditioning import ConditionEmbedding
 from models.layerspec import (
     LATENT,
@@ -274,8 +274,8 @@ def build_backbone(m, *, latent_dim: int, gaussian: bool) -> Backbone:
         return Backbone(
             encoder=encoder,
             decoder=decoder,
-            quant_conv=nn.Conv2d(moments * m.z_channels, moments * latent_dim, 1),
-            post_quant_conv=nn.Conv2d(latent_dim, m.z_channels, 1),
+            quant_conv=Conv1x1(moments * m.z_channels, moments * latent_dim),
+            post_quant_conv=Conv1x1(latent_dim, m.z_channels),
             cond_embed=cond_embed,
         )
 

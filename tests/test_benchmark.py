@@ -1,6 +1,7 @@
 """launch/benchmark.py runs end to end on tiny inputs and reports its ratios (what it measures is
 in the README; no timing is asserted here), and a bad input is one line."""
 
+import argparse
 import json
 import math
 import os
@@ -204,8 +205,41 @@ def test_peer_bench_matches_diffusers_parameter_for_parameter(tmp_path):
 def test_peer_bench_bad_input_is_one_line(tmp_path):
     r, rows = bench("peer", *TINY_PEER, "--sides", "ours,keras", tmp_path=tmp_path)
     assert r.returncode == 2 and rows == []
-    assert r.stderr.strip().splitlines() == ["error: --sides: 'keras' is not ours|diffusers[+channels_last|+compile"
-                                             "|+foreach|+fused]"], r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --sides: 'keras' is not ours|diffusers[+channels_last|+nchw"
+                                             "|+compile|+foreach|+fused]"], r.stderr
+    r, rows = bench("peer", *TINY_PEER, "--sides", "ours+nchw", "--channels-last", tmp_path=tmp_path)
+    assert r.returncode == 2 and rows == []
+    assert r.stderr.strip().splitlines() == ["error: --sides: 'ours+nchw' asks for both channels_last and nchw "
+                                             "memory"], r.stderr
+
+
+def test_peer_sides_run_in_the_memory_format_they_name():
+    """Ours gets an NHWC batch as the trainer's by default (+nchw: contiguous); diffusers a contiguous one
+    as its examples feed it; +channels_last: weights and batch NHWC."""
+    pytest.importorskip("diffusers")
+    import torch
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(str(ROOT / "launch"))
+    a = argparse.Namespace(ch=32, ch_mult=(1, 2), layers=1, latent_channels=4, image_size=16)
+    ours, peer = benchmark._peer_models(a, torch.device("cpu"))
+    x = torch.rand(1, 3, 16, 16)
+    seen = {}
+    for side in ("ours", "ours+nchw", "diffusers", "diffusers+channels_last", "ours+channels_last"):
+        step, model = benchmark._peer_side(side, ours if side.startswith("ours") else peer, torch.device("cpu"),
+                                           torch.float32, 1e-6)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+        inputs = []
+        hook = conv.register_forward_pre_hook(lambda m, args, into=inputs: into.append(args[0]))
+        step(x)
+        hook.remove()
+        seen[side] = [t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                      for t in (conv.weight, inputs[0])]
+    assert seen == {"ours": [False, True], "ours+nchw": [False, False], "diffusers": [False, False],
+                    "diffusers+channels_last": [True, True], "ours+channels_last": [True, True]}, seen
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):

@@ -492,3 +492,39 @@ def test_epoch_counts_samples_and_continues_across_a_batch_size_change(config, s
                      "--resume", "latest")) == 0
     epochs = logged(run, "train/epoch")
     assert epochs == pytest.approx([8 / 48, 16 / 48, (16 + 16) / 48], abs=1e-4), epochs  # (the log keeps 5 digits)
+
+
+def test_channels_last_is_a_layout_not_a_different_model(config, shards, tmp_path):
+    """train.channels_last (default) trains on NHWC batches (the convolutions follow them; weights stay as
+    built: DeepSpeed's broadcast cannot take NHWC parameters); false makes them contiguous NCHW. The same
+    steps either way, to float rounding, and the checkpoints hold the same tensors."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from harness.inference import state_dict_of
+
+    def nhwc(t):
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+    layouts, weights, losses = {}, {}, {}
+    for flag in ("true", "false"):
+        seen = []
+
+        def first_conv(module, inputs, into=seen):
+            if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3 and module.training:
+                into.append((nhwc(module.weight), nhwc(inputs[0])))
+
+        hook = register_module_forward_pre_hook(first_conv)
+        try:
+            run = tmp_path / f"cl-{flag}"
+            assert main(args(config, shards, run, "train.max_steps=3", f"train.channels_last={flag}",
+                             "model.attn_type=vanilla", "log.images_every_steps=0")) == 0
+        finally:
+            hook.remove()
+        layouts[flag] = set(seen)
+        weights[flag] = state_dict_of(ckpt.resolve(run, "latest"))
+        losses[flag] = logged(run, "loss/total") + logged(run, "train/grad_norm")
+    assert layouts == {"true": {(False, True)}, "false": {(False, False)}}, layouts
+    # (weights after Adam steps are no test: Adam turns the rounding noise of a zero gradient, e.g. the
+    # key bias's in attention, into whole lr-sized steps)
+    assert len(losses["true"]) == 4 and losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    assert {k: v.shape for k, v in weights["true"].items()} == {k: v.shape for k, v in weights["false"].items()}
