@@ -219,9 +219,10 @@ def no_checkpoint_yet(run: Path) -> str:
             "finished run)")
 
 
-def load_config_of(folder: Path) -> Config:
+def load_config_of(folder: Path, prior_vq: str | None = None) -> Config:
     """The config stored with the weights; a LoadError (one line) when it cannot be read or describes no
-    model this code builds (hand-edited, truncated, another project's)."""
+    model this code builds (hand-edited, truncated, another project's). `prior_vq`: a prior's VQ model
+    is there instead of where its model.prior_vq says (sample.py/export.py --prior-vq)."""
     path = folder / ckpt.CONFIG_NAME
     try:
         raw = yaml.safe_load(path.read_text())
@@ -232,6 +233,8 @@ def load_config_of(folder: Path) -> Config:
         raise LoadError(f"{path}: not valid YAML" + (f" (line {where.line + 1})" if where else "")) from None
     if not isinstance(raw, dict):
         raise LoadError(f"{path}: holds {type(raw).__name__ if raw is not None else 'nothing'}, not a config mapping")
+    if prior_vq is not None and isinstance(raw.get("model"), dict) and raw["model"].get("kind") == "prior":
+        raw["model"]["prior_vq"] = prior_vq
     try:
         return from_dict(raw)
     except ConfigError as e:
@@ -490,7 +493,8 @@ def check_finite(folder: Path, state: dict[str, torch.Tensor]) -> None:
                         "or the file was damaged; use an earlier checkpoint")
 
 
-def read_weights(path: str | Path, ema: bool = False) -> tuple[Path, Config, dict[str, torch.Tensor]]:
+def read_weights(path: str | Path, ema: bool = False,
+                 prior_vq: str | None = None) -> tuple[Path, Config, dict[str, torch.Tensor]]:
     """The folder `path` leads to, its config and its fp32 weights. A run that is still training may prune
     the checkpoint found before (or while) it is read: then once more, from the newer one, quietly."""
     say = _note if int(os.environ.get("RANK", "0")) == 0 else None  # torchrun: one note, from rank 0
@@ -498,7 +502,7 @@ def read_weights(path: str | Path, ema: bool = False) -> tuple[Path, Config, dic
         folder = None
         try:
             folder = find_weights_dir(path, say=say)
-            return folder, load_config_of(folder), state_dict_of(folder, ema=ema)
+            return folder, load_config_of(folder, prior_vq), state_dict_of(folder, ema=ema)
         except (LoadError, OSError) as e:
             pruned = folder is not None and folder != Path(path) and not folder.exists()  # found, then gone
             vanished = "vanished while it was verified" in str(e)  # gone while its manifest was checked
@@ -506,6 +510,15 @@ def read_weights(path: str | Path, ema: bool = False) -> tuple[Path, Config, dic
                 raise
             say = None  # the first look said what it had to
     raise AssertionError("unreachable")
+
+
+def with_prior_vq_hint(error: Exception, flag: str = "--prior-vq") -> str:
+    """`error`'s message, and when a prior's model.prior_vq is what failed (its VQ step pruned, moved),
+    how to name where the VQ model is now."""
+    msg = str(error)
+    if "model.prior_vq: " in msg and "no such run, checkpoint or export folder" in msg:
+        msg += f"; if the VQ model is elsewhere now (an export of that step), name it with {flag} PATH"
+    return msg
 
 
 PERCEPTION_KINDS = ("classifier", "rotnet")
@@ -520,8 +533,8 @@ def refuse_perception_net(cfg: Config, folder: Path, tool: str) -> None:
                         "autoencoder run")
 
 
-def load_model(path: str | Path, *, ema: bool = False,
-               device: str | torch.device = "cpu") -> tuple[Autoencoder, Config, Path]:
-    folder, cfg, state = read_weights(path, ema)
+def load_model(path: str | Path, *, ema: bool = False, device: str | torch.device = "cpu",
+               prior_vq: str | None = None) -> tuple[Autoencoder, Config, Path]:
+    folder, cfg, state = read_weights(path, ema, prior_vq)
     check_finite(folder, state)
     return build_from(folder, cfg, state).to(device).eval(), cfg, folder

@@ -361,28 +361,47 @@ def trained_vq_digest(folder: Path) -> str | None:
 
 
 def prior_sampler(prior_path: str | Path, *, ema: bool = False, device="cpu", temperature: float = 1.0,
-                  top_k: int = 0) -> tuple[VQWithPrior, Config, Path]:
-    """A prior run (or checkpoint, or export) and its VQ model as one model that samples images."""
+                  top_k: int = 0, prior_vq: str | None = None) -> tuple[VQWithPrior, Config, Path]:
+    """A prior run (or checkpoint, or export) and its VQ model as one model that samples images: the one
+    its `model.prior_vq` names, or `prior_vq` (sample.py --prior-vq) when that is given."""
     from harness.inference import load_model
 
-    prior, cfg, folder = load_model(prior_path, ema=ema, device=device)
+    prior, cfg, folder = load_model(prior_path, ema=ema, device=device, prior_vq=prior_vq)
     if cfg.model.kind != "prior":
         raise ConfigError(f"{prior_path}: a model.kind={cfg.model.kind} model, not a prior")
-    vq, vq_cfg, vq_folder, _ = frozen_vq(cfg.model.prior_vq, device)
+    vq, vq_cfg, vq_folder = prior_vq_of(cfg, folder, device, prior_vq, "--prior-vq")
+    return VQWithPrior(vq, prior, temperature=temperature, top_k=top_k), cfg, folder
+
+
+def prior_vq_of(cfg: Config, folder: Path, device, override: str | None, flag: str, note: bool = True):
+    """The frozen VQ model of the prior in `folder` (config `cfg`): from `override` when given (a tool's
+    `flag`; cfg.model.prior_vq is then set to it), else from its model.prior_vq. It must be the kind of VQ
+    model the prior was trained on (codebook size, code grid, condition, classes: else one line naming what
+    differs); other weights than the ones it learned are a note (unless `note` is false)."""
+    where = flag if override else "model.prior_vq"
+    if override:
+        cfg.model.prior_vq = str(override)
+    try:
+        vq, vq_cfg, vq_folder, _ = frozen_vq(cfg.model.prior_vq, device)
+    except ConfigError as e:
+        msg = str(e).removeprefix("model.prior_vq: ")
+        hint = "" if override else (f"; if the VQ model is elsewhere now (its step_N pruned: an export of it), "
+                                    f"name it with {flag} PATH")
+        raise ConfigError(f"{where}: {msg}{hint}") from None
     shape = tuple(vq.latent_shape(cfg.data.image_size))
     derived = vq_derived(vq, vq_cfg, shape) if len(shape) == 3 else {"prior_grid": list(shape)}
     differ = [f"{k} {v} (the prior's: {getattr(cfg.model, k)})" for k, v in derived.items()
               if v != getattr(cfg.model, k)]
     if differ:  # codes the prior never saw: an index error, an empty grid, or images of the wrong classes
-        raise ConfigError(f"model.prior_vq: {vq_folder} is not the kind of VQ model this prior was trained on: it "
-                          f"gives {', '.join(differ)}; point model.prior_vq in {folder / 'config.yaml'} at the VQ "
-                          "model it was trained with")
+        raise ConfigError(f"{where}: {vq_folder} is not the kind of VQ model this prior was trained on: it gives "
+                          f"{', '.join(differ)}; name the VQ model it was trained with"
+                          + ("" if override else f" ({flag} PATH)"))
     then = trained_vq_digest(folder)
-    if then is not None and then != weights_digest(vq):
-        print(f"note: model.prior_vq now gives other weights ({vq_folder}) than this prior was trained on (the VQ run "
-              "went on, or the path names another checkpoint): its codes may not be the ones the prior learned; "
-              "point model.prior_vq at the step_N it was trained with", file=sys.stderr)
-    return VQWithPrior(vq, prior, temperature=temperature, top_k=top_k), cfg, folder
+    if note and then is not None and then != weights_digest(vq):
+        print(f"note: {where} {'gives' if override else 'now gives'} other weights ({vq_folder}) than this prior was "
+              "trained on (the VQ run went on, or the path names another checkpoint): its codes may not be the ones "
+              f"the prior learned; name the step_N it was trained with ({flag} PATH)", file=sys.stderr)
+    return vq, vq_cfg, vq_folder
 
 
 def make_task(cfg: Config, device: torch.device):

@@ -64,8 +64,10 @@ from harness.inference import (  # noqa: E402
     read_weights,
     run_storage,
     try_create,
+    with_prior_vq_hint,
 )
 from harness.latents import latent_stats  # noqa: E402
+from harness.tasks import prior_vq_of  # noqa: E402
 from shards.atomic import fsync_dir  # noqa: E402
 
 STATS_NAME = "latent_stats.json"  # beside our own export's model.safetensors
@@ -109,6 +111,9 @@ def export(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder, never a run, a folder of runs or inside a checkpoint (default: "
                                  "<run>/export; for a checkpoint runs/x/checkpoints/step_N: runs/x/export-step_N)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--prior-vq", default=None, metavar="PATH",
+                   help="a prior: its VQ model is at PATH now (e.g. an export of the VQ step it was trained on, "
+                        "after the VQ run pruned that step); the export's model.prior_vq names it")
     p.add_argument("--overwrite", action="store_true", help="replace the export already in --out")
     p.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
                    help="safetensors: ours (model.safetensors + config.yaml); diffusers: config.json + "
@@ -191,10 +196,17 @@ def read_source(args, w) -> Source:
         path = found[0]
     error = None
     try:
-        folder, cfg, state = read_weights(path, args.ema)  # (retried if a training run prunes it meanwhile)
+        prior_vq = None if args.prior_vq is None else str(Path(args.prior_vq).absolute())  # (the export may move)
+        try:
+            folder, cfg, state = read_weights(path, args.ema, prior_vq)  # (retried if a training run prunes it)
+        except LoadError as e:
+            raise LoadError(with_prior_vq_hint(e) if prior_vq is None else str(e)) from None
         state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
         check_finite(folder, state)
         source = Source(folder, cfg, state, build_from(folder, cfg, state).eval())
+        if args.prior_vq is not None and cfg.model.kind != "prior":
+            raise ExportError(f"--prior-vq: applies to a prior (model.kind=prior); {folder} holds a "
+                              f"model.kind={cfg.model.kind} model")
         if cfg.model.kind == "prior" and args.latent_stats:
             raise ExportError("--latent-stats: a prior (model.kind=prior) models codes and has no latents of its "
                               "own: measure its VQ model's (model.prior_vq) when you export that")
@@ -304,14 +316,14 @@ def prior_vq_record(source: Source) -> dict:
     A VQ model that already differs now is noted here too."""
     if source.cfg.model.kind != "prior":
         return {}
-    from harness.tasks import PRIOR_VQ_DIGEST, frozen_vq, trained_vq_digest, weights_digest
+    from harness.tasks import PRIOR_VQ_DIGEST, trained_vq_digest, weights_digest
 
-    vq, _, vq_folder, _ = frozen_vq(source.cfg.model.prior_vq, "cpu")
+    vq, _, vq_folder = prior_vq_of(source.cfg, source.folder, "cpu", None, "--prior-vq", note=False)
     now, then = weights_digest(vq), trained_vq_digest(source.folder)
     if then is not None and then != now:
         print(f"note: model.prior_vq now gives other weights ({vq_folder}) than this prior was trained on: the "
-              "export records the digest of the ones it learned; point model.prior_vq at the step_N the prior was "
-              "trained with", file=sys.stderr)
+              "export records the digest of the ones it learned; name the step_N the prior was trained with "
+              "(--prior-vq PATH)", file=sys.stderr)
     return {PRIOR_VQ_DIGEST: then or now}
 
 

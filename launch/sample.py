@@ -44,6 +44,7 @@ from harness.inference import (  # noqa: E402
     load_model,
     out_of_memory,
     refuse_perception_net,
+    with_prior_vq_hint,
 )
 from harness.tasks import prior_sampler  # noqa: E402
 from harness.tracking import make_grid, save_png  # noqa: E402
@@ -70,6 +71,9 @@ def parse_args(argv):
                    help="a VQ prior run: softmax temperature of each code draw (default 1; 0 = most likely code)")
     p.add_argument("--top-k", type=int, default=None,
                    help="a VQ prior run: draw each code among the k most likely (default 0 = all)")
+    p.add_argument("--prior-vq", default=None, metavar="PATH",
+                   help="a prior: its VQ model from PATH instead of its model.prior_vq (e.g. an export of the "
+                        "VQ step it was trained on, after the VQ run pruned that step)")
     p.add_argument("--latents", default=None, help="decode: a .npy/.safetensors/.pt file or a folder of latent shards")
     p.add_argument("--stats", default=None, help="decode: latents.json or latent_stats.json of normalised latents")
     p.add_argument("--scaling-factor", type=float, default=None, help="decode: the latents are z * this (and ...)")
@@ -88,7 +92,10 @@ def null_condition_trained(model, cfg) -> bool:
 
 def load(args):
     """The model to sample from: a prior run comes with its VQ model, as one model that samples."""
-    model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device)
+    try:
+        model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device, prior_vq=args.prior_vq)
+    except LoadError as e:
+        raise LoadError(with_prior_vq_hint(e) if args.prior_vq is None else str(e)) from None
     refuse_perception_net(cfg, folder, "sample.py")
     if cfg.model.kind == "prior":
         temperature, top_k = 1.0 if args.temperature is None else args.temperature, args.top_k or 0
@@ -99,10 +106,11 @@ def load(args):
             raise RequestError(f"--image-size: the prior models the code grid at {cfg.data.image_size} px "
                              f"(its data.image_size); leave it out")
         model, cfg, folder = prior_sampler(args.model, ema=args.ema, device=args.device, temperature=temperature,
-                                           top_k=top_k)
-    elif args.temperature is not None or args.top_k is not None:
-        raise RequestError(f"--temperature/--top-k apply to a prior run (model.kind=prior); {args.model} is a "
-                         f"model.kind={cfg.model.kind} model")
+                                           top_k=top_k, prior_vq=args.prior_vq)
+    elif given := [flag for flag, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                        ("--prior-vq", args.prior_vq)) if v is not None]:
+        raise RequestError(f"{'/'.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a prior run "
+                           f"(model.kind=prior); {args.model} is a model.kind={cfg.model.kind} model")
     return model, cfg, folder
 
 

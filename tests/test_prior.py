@@ -218,7 +218,7 @@ def test_prior_trains_on_a_vq_run_and_samples(shards, vq_run, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and f"--config launch/configs/vq_prior.yaml model.prior_vq={step} " in err
     assert sample_main([str(vq_run), "sample", "--top-k", "3", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--temperature/--top-k apply to a prior run" in err
+    assert len(err.splitlines()) == 1 and "error: --top-k applies to a prior run (model.kind=prior)" in err
     assert evaluate_main([str(run), "--data", str(shards)]) == 2
     assert "a model.kind=prior run has no reconstructions to evaluate" in capsys.readouterr().err
 
@@ -350,3 +350,39 @@ def test_a_prior_pointed_at_another_kind_of_vq_model_is_one_line(shards, vq_run,
     assert len(err.splitlines()) == 1 and "is not the kind of VQ model this prior was trained on: it gives " \
         "prior_codebook_size 8 (the prior's: 16)" in err, err
     assert not (tmp_path / "s.png").exists()
+
+
+def test_a_prior_whose_vq_step_is_gone_samples_and_exports_with_prior_vq(shards, vq_run, tmp_path, capsys):
+    """The VQ run pruned the step_N a prior names: sample.py and export.py said only that it is gone; now
+    the error names --prior-vq, which reads the VQ model from where it is now (an export of that step),
+    and an export made so names that place in its config.yaml."""
+    step = tmp_path / "vq_step"
+    shutil.copytree(ckpt.resolve(vq_run, "latest"), step)
+    run = tmp_path / "prior"
+    assert train_main(prior_args(shards, step, run, "train.max_steps=1", "log.images_every_steps=0")) == 0
+    assert export_main([str(step), "--out", str(tmp_path / "vq_export")]) == 0
+    shutil.rmtree(step)  # pruned by its run
+    out = tmp_path / "s.png"
+    capsys.readouterr()
+    assert sample_main([str(run), "sample", "--n", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith("(an export of that step), name it with --prior-vq PATH"), err
+    assert export_main([str(run), "--out", str(tmp_path / "e")]) == 2
+    assert "name it with --prior-vq PATH" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    vq_export = tmp_path / "vq_export"
+    assert sample_main([str(run), "sample", "--n", "2", "--prior-vq", str(vq_export), "--out", str(out)]) == 0
+    assert "note:" not in capsys.readouterr().err  # the same weights: nothing to say
+    assert export_main([str(run), "--out", str(tmp_path / "e"), "--prior-vq", str(vq_export)]) == 0
+    assert yaml.safe_load((tmp_path / "e" / "config.yaml").read_text())["model"]["prior_vq"] == str(vq_export)
+    assert sample_main([str(tmp_path / "e"), "sample", "--n", "2", "--out", str(out)]) == 0
+    assert "note:" not in capsys.readouterr().err
+    # --prior-vq naming nothing, or given for a model that is not a prior: one line each
+    assert sample_main([str(run), "sample", "--prior-vq", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.prior_vq: " + str(tmp_path / "nowhere") in err, err
+    assert "--prior-vq PATH" not in err
+    assert sample_main([str(vq_export), "reconstruct", "--data", str(shards), "--prior-vq", str(vq_export),
+                        "--out", str(out)]) == 2
+    assert "error: --prior-vq applies to a prior run (model.kind=prior)" in capsys.readouterr().err
+    assert export_main([str(vq_run), "--out", str(tmp_path / "e2"), "--prior-vq", str(vq_export)]) == 2
+    assert "--prior-vq: applies to a prior (model.kind=prior)" in capsys.readouterr().err
