@@ -458,12 +458,12 @@ def test_a_checkpoint_pruned_while_a_tool_reads_it_is_read_from_the_next(run, mo
 
     real, calls = inference.load_config_of, []
 
-    def pruned_meanwhile(folder):
+    def pruned_meanwhile(folder, prior_vq=None):
         calls.append(folder)
         if len(calls) == 1:  # the trainer saves step_3 and prunes step_2 right now
             shutil.copytree(run / "checkpoints/step_2", run / "checkpoints/step_3")
             shutil.rmtree(folder)
-        return real(folder)
+        return real(folder, prior_vq)
 
     monkeypatch.setattr(inference, "load_config_of", pruned_meanwhile)
     _, _, folder = inference.load_model(run)
