@@ -61,6 +61,18 @@ def safe_text(s: str) -> str:
         return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def one_field(s: str) -> str:
+    """`s` (safe_text) with the characters that would end or split a line or a tab-separated field in
+    bad_files.txt (a tab or a newline in a file name; every non-printable one) written as `\\t`, `\\n`,
+    `\\x1c`, as Python writes them: one input is one line, whatever its name."""
+    named = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+    def shown(c: str) -> str:
+        return named.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}")
+
+    return "".join(c if c.isprintable() else shown(c) for c in safe_text(s))
+
+
 @dataclass
 class Item:
     """One future sample. Must stay small and picklable: it travels to a worker process."""
@@ -419,7 +431,7 @@ def build(out: str | Path, items: list[Item], produce: Callable, opts: BuildOpti
     # Report, then index last: index.json present <=> the set is complete.
     bad.sort()
     report = [(path, reason) for path, reason in skipped] + [(path, reason) for _, path, reason in bad]
-    write_atomic(bad_paths, "".join(f"{safe_text(path)}\t{safe_text(reason)}\n" for path, reason in report))
+    write_atomic(bad_paths, "".join(f"{one_field(path)}\t{one_field(reason)}\n" for path, reason in report))
     if not shards:
         raise BuildError(f"{source.get('path', out)}: none of the {len(items)} inputs is a usable image "
                          f"(reasons in {bad_paths})")

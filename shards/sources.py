@@ -151,7 +151,24 @@ def _from_folder(folder: Path, spec: str) -> ShardSource:
     return ShardSource(urls, count, spec=spec, count_from="stats" if count is not None else "")
 
 
+MAX_PATTERN_SHARDS = 2_000_000  # LAION-5B is 500,000 shards of 10,000; a range past this is a typo
+_INT_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")
+
+
+def _pattern_bound(pattern: str) -> int:
+    """At least as many names as `pattern` expands to: the product of its numeric ranges' lengths. Counted
+    from the text, since braceexpand holds a whole range in memory before it yields the first name
+    ({000000..99999999}: 100 million strings, gigabytes and minutes)."""
+    bound = 1
+    for a, b, step in _INT_RANGE.findall(pattern):
+        bound *= abs(int(b) - int(a)) // max(1, abs(int(step or 1))) + 1
+    return bound
+
+
 def _from_pattern(pattern: str, spec: str, names: bool = True, needs: str | None = None) -> ShardSource:
+    if _pattern_bound(pattern) > MAX_PATTERN_SHARDS:
+        raise DataSourceError(f"{spec}: names more than {MAX_PATTERN_SHARDS:,} shards (a range with a digit too "
+                              "many?); a folder of shards or a list file holds any number")
     urls = list(braceexpand.braceexpand(pattern))
     if any(_is_remote(u) for u in urls):
         return ShardSource(urls, None, spec=spec)

@@ -432,3 +432,29 @@ def test_a_demo_past_the_loaders_pixel_limit_a_broken_link_as_out_and_deep_json_
     (deep / "index.json").write_text("[" * 100000)
     with pytest.raises(ValueError, match="nested too deep"):
         read_index(deep)
+
+
+def test_names_with_tabs_and_newlines_are_one_line_each_in_bad_files(tmp_path):
+    """bad_files.txt is a line per input, path<TAB>reason: a tab or a newline in a file name used to split
+    its line in two (or add a field); now written as \\t, \\n (every non-printable character escaped)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    picture(seed=1).save(src / "good.jpg", "JPEG")
+    for name in ("tab\there.jpg", "new\nline.jpg", "ctrl\x1c.jpg"):
+        (src / name).write_bytes(b"not a picture")
+    out = tmp_path / "out"
+    assert main(["folder", str(src), str(out), *Q]) == 0
+    text = (out / "bad_files.txt").read_text()
+    assert len(text.splitlines()) == 3 and all(line.count("\t") == 1 for line in text.splitlines())
+    assert set(bad_files(out)) == {f"{src}/tab\\there.jpg", f"{src}/new\\nline.jpg", f"{src}/ctrl\\x1c.jpg"}
+
+
+def test_a_brace_range_with_a_digit_too_many_is_refused_before_it_fills_memory(tmp_path, monkeypatch):
+    """{000000..99999999} named 100 million shards, all expanded (gigabytes, minutes) before the first
+    was checked; now refused past two million (here 1,000), counted from the text before any expansion."""
+    import shards.sources as sources
+
+    assert sources.MAX_PATTERN_SHARDS >= 500_000  # LAION-5B's img2dataset shards fit
+    monkeypatch.setattr(sources, "MAX_PATTERN_SHARDS", 1000)
+    with pytest.raises(sources.DataSourceError, match=r"names more than 1,000 shards \(a range with a digit too many"):
+        sources.resolve_sources(str(tmp_path / "{000000..99999999}.tar"))
