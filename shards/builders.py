@@ -479,6 +479,13 @@ def coco_items(images: Path, *, instances: str | None = None, captions: str | No
         (unknown_image, "instance annotations of images the files do not list"),
         (unknown_category, "instance annotations whose category_id is not among the categories"),
         (unknown_caption, "captions of images the files do not list")) if n]
+    ids_of: dict[str, list[int]] = {}
+    for image_id, rec in records.items():
+        ids_of.setdefault(os.path.normpath(rec["file_name"]), []).append(image_id)
+    if shared := [(name, sorted(ids)) for name, ids in ids_of.items() if len(ids) > 1]:
+        name, ids = min(shared, key=lambda s: s[1])
+        notes.append(f"{len(shared)} files are listed under more than one image id (first: {safe_text(name)!r} as "
+                     f"ids {', '.join(map(str, ids))}): each id is a sample of its own, with its own annotations")
 
     items, dropped, skipped = [], 0, []
     root = os.path.abspath(images)

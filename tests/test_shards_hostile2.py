@@ -458,3 +458,13 @@ def test_a_brace_range_with_a_digit_too_many_is_refused_before_it_fills_memory(t
     monkeypatch.setattr(sources, "MAX_PATTERN_SHARDS", 1000)
     with pytest.raises(sources.DataSourceError, match=r"names more than 1,000 shards \(a range with a digit too many"):
         sources.resolve_sources(str(tmp_path / "{000000..99999999}.tar"))
+
+
+def test_coco_file_listed_under_two_ids_is_noted(tmp_path, capsys):
+    """Two image ids with one file_name: the picture is stored twice (each id its own sample and
+    annotations); that used to pass without a word."""
+    assert main(_coco(tmp_path, lambda d: d["images"].append({"id": 77, "file_name": "000000000025.jpg"}))) == 0
+    err = capsys.readouterr().err
+    assert "1 files are listed under more than one image id (first: '000000000025.jpg' as ids 25, 77)" in err, err
+    ids = sorted(meta(s)["image_id"] for s in read_set(tmp_path / "out").values())
+    assert ids == [9, 25, 30, 77]
