@@ -613,7 +613,9 @@ def heldout_sources(spec, cfg=None, names: bool | None = None) -> list[ShardSour
     (`names`: whether it reads them; default: from cfg's model.condition, True without cfg)."""
     if names is None:
         names = cfg is None or condition_field(cfg.model.condition) is not None
-    sources = resolve_sources(spec, require_count=False, names=names)
+    # every source, not only the first, must carry what the model reads (else its samples were all bad ones)
+    needs = condition_field(cfg.model.condition) if cfg is not None and names else None
+    sources = resolve_sources(spec, require_count=False, names=names, needs=needs)
     if cfg is not None:
         check_heldout(cfg, sources, spec)
     return sources

@@ -483,3 +483,19 @@ def test_a_weights_file_that_calls_a_function_is_refused_naming_it(tmp_path):
         torch.load(path, weights_only=True)
     assert load_reason(e.value).startswith("refused: Trying to load unsupported GLOBAL posix.system")
     assert not Path("pwned-by-a-weights-file").exists()
+
+
+def test_evaluate_data_whose_later_source_lacks_class_names_is_one_line(trained, shards, tmp_path, capsys):
+    """Only the first held-out source was checked for what a conditional model reads: a later one without
+    class names gave bad samples only (measured on fewer images, with no word why). Every source now."""
+    import json
+
+    bare = make_shards(tmp_path / "bare", num_samples=8, per_shard=8, size=32)
+    index = json.loads((bare / "index.json").read_text())
+    index["classes"] = []
+    (bare / "index.json").write_text(json.dumps(index))
+    listing = tmp_path / "heldout.txt"
+    listing.write_text(f"{shards}\n{bare}::1\n")
+    capsys.readouterr()
+    assert evaluate_main([str(trained), "--data", str(listing), "--device", "cpu"]) == 2
+    assert f"{listing}:2: no class names in its index.json, but the model reads class labels (cls)" in one_line(capsys)
