@@ -243,8 +243,9 @@ class TrainConfig:
     ema_decay: float = F(0.0, "EMA of weights per optimizer step, warmed up as min(decay, (1+n)/(10+n)) "
                                 "at update n=1,2,... (0 = off; 0.999 typical)", ge=0.0, lt=1.0)
     tf32: bool = F(True, "CUDA (Ampere+): TF32 for the fp32 matmuls and convolutions (false = full fp32)")
-    channels_last: bool = F(True, "batches in channels_last (NHWC) memory, as the loader delivers them: the "
-                                  "convolutions then run NHWC throughout (1.06x on the CPU step); false = NCHW")
+    channels_last: bool = F(True, "training batches in channels_last (NHWC) memory, as the loader delivers them: "
+                                  "the convolutions then run NHWC throughout (1.06x on the CPU step); false = NCHW "
+                                  "(validation, grids and the tools take the loader's layout either way)")
     max_nonfinite: int = F(10, "consecutive non-finite losses before the run stops", ge=1)
     stop_after_steps: int = F(0, "end this invocation (with a checkpoint) after N steps, for time-sliced jobs "
                                  "(0 = off)", ge=0)

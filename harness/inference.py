@@ -512,10 +512,14 @@ def read_weights(path: str | Path, ema: bool = False,
     raise AssertionError("unreachable")
 
 
-def with_prior_vq_hint(error: Exception, flag: str = "--prior-vq") -> str:
-    """`error`'s message, and when a prior's model.prior_vq is what failed (its VQ step pruned, moved),
-    how to name where the VQ model is now."""
+def with_prior_vq_hint(error: Exception, given: str | None, flag: str = "--prior-vq") -> str:
+    """`error`'s message when a prior's VQ model could not be read: with the path the user `given` as `flag`,
+    said of the flag (not of the config file it was put into); without, and when model.prior_vq names
+    nothing (its VQ step pruned, moved), with how to name where the VQ model is now."""
     msg = str(error)
+    if given is not None:
+        inner = re.search(r"\(model\.prior_vq: (.*)\)$", msg)
+        return f"{flag}: {inner.group(1)}" if inner else msg
     if "model.prior_vq: " in msg and "no such run, checkpoint or export folder" in msg:
         msg += f"; if the VQ model is elsewhere now (an export of that step), name it with {flag} PATH"
     return msg

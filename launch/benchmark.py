@@ -556,9 +556,11 @@ def bench_peer(a) -> dict:
         kind, *opts = s.split("+")
         if kind not in ("ours", "diffusers") or any(o not in PEER_OPTIONS for o in opts):
             raise ValueError(f"--sides: {s!r} is not ours|diffusers[+{'|+'.join(PEER_OPTIONS)}]")
-        opts += [o for o in flags if o not in opts]  # --fused etc.: every side
+        opts = list(dict.fromkeys(opts + flags))  # --fused etc.: every side (an option named twice: once)
         if "nchw" in opts and "channels_last" in opts:
-            raise ValueError(f"--sides: {s!r} asks for both channels_last and nchw memory")
+            raise ValueError(f"--sides: {s!r} with --nchw/--channels-last asks for both channels_last and nchw memory")
+        if kind == "diffusers" and "nchw" in opts:
+            opts.remove("nchw")  # its layout already
         sides.append("+".join([kind, *opts]))
     if a.clock == "cpu" and device.type != "cpu":
         raise ValueError("--clock cpu: process time measures CPU runs only; use --clock wall on a GPU")

@@ -200,7 +200,7 @@ def read_source(args, w) -> Source:
         try:
             folder, cfg, state = read_weights(path, args.ema, prior_vq)  # (retried if a training run prunes it)
         except LoadError as e:
-            raise LoadError(with_prior_vq_hint(e) if prior_vq is None else str(e)) from None
+            raise LoadError(with_prior_vq_hint(e, prior_vq)) from None
         state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
         check_finite(folder, state)
         source = Source(folder, cfg, state, build_from(folder, cfg, state).eval())
@@ -234,7 +234,7 @@ def write_export(args, source: Source, stats) -> int:
         if args.format == "diffusers":
             written, lines = write_diffusers(stage, out, source, stats)
         else:
-            written, lines = write_ours(stage, out, args.ema, source, stats)
+            written, lines = write_ours(stage, out, args.ema, source, stats, args.prior_vq)
         # all of the export or none: a stop between two renames would leave weights beside another config
         STOP["defer"] = True
         try:
@@ -294,9 +294,10 @@ def drop_dead_stages(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def write_ours(stage: Path, out: Path, ema: bool, source: Source, stats) -> tuple[list[str], list[str]]:
+def write_ours(stage: Path, out: Path, ema: bool, source: Source, stats,
+               given: str | None = None) -> tuple[list[str], list[str]]:
     n = sum(v.numel() for v in source.state.values())
-    meta = {"source": source.folder.resolve(), "parameters": n, "ema": ema, **prior_vq_record(source)}
+    meta = {"source": source.folder.resolve(), "parameters": n, "ema": ema, **prior_vq_record(source, given)}
     save_safetensors(source.state, stage / "model.safetensors", meta)
     (stage / ckpt.CONFIG_NAME).write_text(yaml.safe_dump(to_dict(source.cfg), sort_keys=False))
     load_model(stage)  # the export must rebuild: fail here, not in the user's hands
@@ -309,17 +310,22 @@ def write_ours(stage: Path, out: Path, ema: bool, source: Source, stats) -> tupl
                      + f", from {source.folder}"]
 
 
-def prior_vq_record(source: Source) -> dict:
+def prior_vq_record(source: Source, given: str | None = None) -> dict:
     """A prior's export keeps `model.prior_vq` as it was trained (a VQ run folder that may move on,
-    or a checkpoint the VQ run may prune: pinning one would break the export) and records the digest
-    of the VQ weights it was trained on, which launch/sample.py compares with what the path gives then.
-    A VQ model that already differs now is noted here too."""
+    or a checkpoint the VQ run may prune: pinning one would break the export), or as --prior-vq `given`
+    names it, and records the digest of the VQ weights it was trained on, which launch/sample.py compares
+    with what the path gives then. A VQ model that already differs now is noted here, or refused when
+    --prior-vq named it: an export would hand on a prior beside a VQ model whose codes it never learned."""
     if source.cfg.model.kind != "prior":
         return {}
     from harness.tasks import PRIOR_VQ_DIGEST, trained_vq_digest, weights_digest
 
-    vq, _, vq_folder = prior_vq_of(source.cfg, source.folder, "cpu", None, "--prior-vq", note=False)
+    override = None if given is None else source.cfg.model.prior_vq  # (its absolute form, set at reading)
+    vq, _, vq_folder = prior_vq_of(source.cfg, source.folder, "cpu", override, "--prior-vq", note=False)
     now, then = weights_digest(vq), trained_vq_digest(source.folder)
+    if then is not None and then != now and given is not None:
+        raise ExportError(f"--prior-vq {given}: gives other weights ({vq_folder}) than this prior was trained on; "
+                          "name the VQ model it learned (the step_N it was trained with, or an export of it)")
     if then is not None and then != now:
         print(f"note: model.prior_vq now gives other weights ({vq_folder}) than this prior was trained on: the "
               "export records the digest of the ones it learned; name the step_N the prior was trained with "

@@ -95,7 +95,7 @@ def load(args):
     try:
         model, cfg, folder = load_model(args.model, ema=args.ema, device=args.device, prior_vq=args.prior_vq)
     except LoadError as e:
-        raise LoadError(with_prior_vq_hint(e) if args.prior_vq is None else str(e)) from None
+        raise LoadError(with_prior_vq_hint(e, args.prior_vq)) from None
     refuse_perception_net(cfg, folder, "sample.py")
     if cfg.model.kind == "prior":
         temperature, top_k = 1.0 if args.temperature is None else args.temperature, args.top_k or 0

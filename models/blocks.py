@@ -203,7 +203,7 @@ class Conv1x1(nn.Conv2d):
             y = torch.matmul(w, x)
         else:
             y = torch.baddbmm(self.bias[None, :, None], w.expand(b, *w.shape), x)
-        return y.view(b, -1, h, w_)
+        return y.view(b, self.out_channels, h, w_)
 
 
 class AttnBlock(Checkpointed):
@@ -332,30 +332,58 @@ def _phase_windows(y: torch.Tensor, o: int) -> torch.Tensor:
     """The four phase windows of y (b (p q o) h+1 w+1) as one strided view b o h p w q: element
     (b, o, i, p, j, q) sits at y[b, (2p + q) o, i + p, j + q], an offset linear in p and q, in either
     memory format. The windows never overlap (each phase has its own channels)."""
+    return _windows_of(y, y.shape, y.stride(), o)
+
+
+def _windows_of(base: torch.Tensor, shape, strides, o: int) -> torch.Tensor:
+    """`_phase_windows` of the b c h+1 w+1 tensor of `shape` and `strides` that `base` (offset 0) holds:
+    one as_strided of the base itself (torch.compile cannot functionalize a mutation through two)."""
+    b, _, h1, w1 = shape
+    sb, sc, sh, sw = strides
+    return base.as_strided((b, o, h1 - 1, 2, w1 - 1, 2), (sb, sc, sh, 2 * o * sc + sh, sw, o * sc + sw))
+
+
+def _interleave(y: torch.Tensor, o: int, channels_last: bool) -> torch.Tensor:
+    """The phase windows of y interleaved into a new b o 2h 2w tensor (channels_last memory or contiguous):
+    one copy, through one strided view of each."""
     b, _, h1, w1 = y.shape
-    sb, sc, sh, sw = y.stride()
-    return y.as_strided((b, o, h1 - 1, 2, w1 - 1, 2), (sb, sc, sh, 2 * o * sc + sh, sw, o * sc + sw))
+    out = torch.empty((b, o, 2 * (h1 - 1), 2 * (w1 - 1)), dtype=y.dtype, device=y.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    rearrange(out, "b o (h p) (w q) -> b o h p w q", p=2, q=2).copy_(_phase_windows(y, o))
+    return out
 
 
 class _Interleave(torch.autograd.Function):
-    """Interleave the phase windows of y into b o 2h 2w: one copy forward, and backward one copy of the
-    gradient into the same windows of a zeroed y. (Autograd's own backward of the strided view was
-    the same copy for contiguous y, but an index_add_ over every element for channels_last y.)"""
+    """`_interleave` with its backward written out: one copy of the gradient into the same windows of a
+    zeroed y. (Autograd's own backward of the strided view was that copy for contiguous y, but an
+    index_add_ over every element for channels_last y.) torch.func's vmap gets a rule generated from these
+    (jacrev works); no forward-mode derivative (a custom jvp would make torch.compile break its graph here)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, o: int, channels_last: bool) -> torch.Tensor:
+    def forward(y: torch.Tensor, o: int, channels_last: bool) -> torch.Tensor:
+        return _interleave(y, o, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        y, o, channels_last = inputs
         ctx.o, ctx.y_shape = o, y.shape
         ctx.y_format = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) \
             and not y.is_contiguous() else torch.contiguous_format
-        phases = _phase_windows(y, o)
-        if channels_last:  # interleave straight into channels_last memory (the same b o H W tensor)
-            return rearrange(phases, "b o h p w q -> b (h p) (w q) o").permute(0, 3, 1, 2)
-        return rearrange(phases, "b o h p w q -> b o (h p) (w q)")
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        gy = torch.empty(ctx.y_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.y_format).zero_()
-        _phase_windows(gy, ctx.o).copy_(rearrange(grad, "b o (h p) (w q) -> b o h p w q", p=2, q=2))
+        # zeros in y's layout (new_zeros: a batched tensor under torch.func.vmap, as jacrev needs)
+        b, c, h, w = ctx.y_shape
+        if ctx.y_format is torch.channels_last:
+            base = grad.new_zeros((b, h, w, c))
+            gy, strides = base.permute(0, 3, 1, 2), (h * w * c, 1, w * c, c)
+        else:
+            base = gy = grad.new_zeros(ctx.y_shape)
+            strides = (c * h * w, h * w, w, 1)
+        _windows_of(base, ctx.y_shape, strides, ctx.o).copy_(
+            rearrange(grad, "b o (h p) (w q) -> b o h p w q", p=2, q=2))
         return gy, None, None
 
 

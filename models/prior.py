@@ -213,6 +213,9 @@ def vq_kind_of(folder: str) -> str:
         raise ModelConfigError("model.prior_vq: missing; give the VQ or FSQ run (or checkpoint, or export folder) "
                                "whose codes the prior models")
     path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ModelConfigError(f"model.prior_vq: {folder}: is a file; give the VQ model's run, checkpoint or export "
+                               "folder (the one holding config.yaml)")
     if not path.is_dir():
         pruned = (" (a checkpoint its run has pruned since? checkpoint.keep_last removes old step_N folders: point "
                   "model.prior_vq at an export of the VQ model, launch/export.py, which no training prunes)"

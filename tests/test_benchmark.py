@@ -209,8 +209,8 @@ def test_peer_bench_bad_input_is_one_line(tmp_path):
                                              "|+compile|+foreach|+fused]"], r.stderr
     r, rows = bench("peer", *TINY_PEER, "--sides", "ours+nchw", "--channels-last", tmp_path=tmp_path)
     assert r.returncode == 2 and rows == []
-    assert r.stderr.strip().splitlines() == ["error: --sides: 'ours+nchw' asks for both channels_last and nchw "
-                                             "memory"], r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --sides: 'ours+nchw' with --nchw/--channels-last asks for both "
+                                             "channels_last and nchw memory"], r.stderr
 
 
 def test_peer_sides_run_in_the_memory_format_they_name():

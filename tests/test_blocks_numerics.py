@@ -197,3 +197,22 @@ def test_fused_upsample_and_attention_trace_whole_for_torch_compile():
         y = torch.compile(net, backend="aot_eager", fullgraph=True)(x)
         (g,) = torch.autograd.grad(y.square().sum(), x)
         assert torch.allclose(y, ref, atol=1e-6) and torch.allclose(g, gref, atol=1e-5)
+
+
+def test_fused_upsample_is_a_plain_function_to_autograd_and_torch_func():
+    """Its output is a tensor of its own (a clamp_ or an in-place ReLU after it works in either layout),
+    torch.func.jacrev gives the reference's derivatives, and 1x1 convs take empty batches."""
+    from models.blocks import Conv1x1
+
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        up = randomize(Upsample(in_channels=4), scale=2.0).double()
+        x = torch.randn(2, 4, 3, 5, dtype=torch.float64).contiguous(memory_format=fmt)
+
+        def ref(t, up=up):
+            return F.conv2d(F.interpolate(t, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
+
+        y = up(x.clone().requires_grad_())
+        y.clamp_(-1.0, 1.0).sum().backward()
+        assert torch.allclose(torch.func.jacrev(up)(x), torch.func.jacrev(ref)(x), atol=1e-12)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        assert Conv1x1(3, 5)(torch.randn(0, 3, 4, 4).contiguous(memory_format=fmt)).shape == (0, 5, 4, 4)

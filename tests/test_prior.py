@@ -379,10 +379,34 @@ def test_a_prior_whose_vq_step_is_gone_samples_and_exports_with_prior_vq(shards,
     # --prior-vq naming nothing, or given for a model that is not a prior: one line each
     assert sample_main([str(run), "sample", "--prior-vq", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "model.prior_vq: " + str(tmp_path / "nowhere") in err, err
+    assert err == f"error: --prior-vq: {tmp_path / 'nowhere'}: no such run, checkpoint or export folder", err
     assert "--prior-vq PATH" not in err
     assert sample_main([str(vq_export), "reconstruct", "--data", str(shards), "--prior-vq", str(vq_export),
                         "--out", str(out)]) == 2
     assert "error: --prior-vq applies to a prior run (model.kind=prior)" in capsys.readouterr().err
     assert export_main([str(vq_run), "--out", str(tmp_path / "e2"), "--prior-vq", str(vq_export)]) == 2
     assert "--prior-vq: applies to a prior (model.kind=prior)" in capsys.readouterr().err
+
+
+def test_prior_vq_errors_name_the_flag_and_export_refuses_other_weights(shards, vq_run, tmp_path, capsys):
+    """What --prior-vq names is said of --prior-vq (it was said of the prior's config.yaml); a file is
+    called a file; an export refuses a VQ model whose weights the prior never learned (sample.py notes it)."""
+    run = tmp_path / "prior"
+    assert train_main(prior_args(shards, vq_run, run, "train.max_steps=1", "log.images_every_steps=0")) == 0
+    out = tmp_path / "s.png"
+    weights = ckpt.resolve(vq_run, "latest") / "model.safetensors"
+    for given, said in ((str(run), "holds a model.kind=prior model"), (str(weights), "is a file; give the VQ model's"),
+                        ("", "missing")):
+        capsys.readouterr()
+        assert sample_main([str(run), "sample", "--prior-vq", given, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: --prior-vq: ") and said in err, err
+    other = tmp_path / "vq_other"  # the same kind of VQ model, trained apart
+    assert train_main(["--config", str(TINY), f"data.train={shards}", f"run.dir={other}", *VQ, "train.max_steps=1",
+                       "train.seed=5", "checkpoint.every_steps=0"]) == 0
+    capsys.readouterr()
+    assert sample_main([str(run), "sample", "--n", "2", "--prior-vq", str(other), "--out", str(out)]) == 0
+    assert "note: --prior-vq gives other weights" in capsys.readouterr().err
+    assert export_main([str(run), "--out", str(tmp_path / "e"), "--prior-vq", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"--prior-vq {other}: gives other weights" in err and not (tmp_path / "e").exists()
