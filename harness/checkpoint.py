@@ -278,7 +278,34 @@ def read_state(path: Path) -> dict:
         raise ResumeError(f"{f}: cannot read the trainer state ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(state, dict) or type(state.get("step")) is not int or state["step"] < 0:
         raise ResumeError(f"{f}: not a trainer state written by vae-harness (no integer step)")
+    if why := _state_problem(state):
+        raise ResumeError(f"{f}: {why}; not as vae-harness writes it (edited?)")
+    named = _STEP_DIR.match(path.name)
+    if named and int(named.group(1)) != state["step"]:
+        raise ResumeError(f"{path}: holds step {state['step']}, so it was not written as {path.name} (copied in from "
+                          "another run, or renamed?): move it out of the run's checkpoints/")
     return state
+
+
+def _state_problem(state: dict) -> str | None:
+    """What in a trainer state's fields (past `step`) is not what the trainer writes, or None."""
+    def count(v):
+        return type(v) is int and 0 <= v < 2**53
+
+    def number(v):
+        return type(v) in (int, float)
+
+    best, totals = state.get("best"), state.get("totals", {})
+    checks = (
+        ("step", count(state["step"]), "a step count below 2**53"),
+        ("samples_seen", "samples_seen" not in state or count(state["samples_seen"]), "a count"),
+        ("data_layout", isinstance(state.get("data_layout", {}), dict), "a mapping"),
+        ("loss_files", isinstance(state.get("loss_files", {}), dict), "a mapping"),
+        ("totals", isinstance(totals, dict) and all(number(v) for v in totals.values()), "a mapping of numbers"),
+        ("best", best is None or (isinstance(best, dict) and count(best.get("step")) and number(best.get("value"))),
+         "null or a mapping with an integer step and a value"),
+    )
+    return next((f"{key} is {state.get(key)!r:.60}, not {what}" for key, ok, what in checks if not ok), None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -535,6 +535,20 @@ def _apply_override(raw: dict, item: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"{item}: an override must look like key.sub=value")
+    if len(parts) == 1 and dataclasses.is_dataclass(typing.get_type_hints(Config).get(parts[0])):
+        # A whole section (`train={batch_size: 2}`) is merged into what the files and earlier overrides
+        # gave it, as a YAML file's mapping is: it used to replace the section, dropping their keys.
+        try:
+            mapping = yaml.safe_load(value)
+        except yaml.YAMLError:
+            mapping = None
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{item}: {parts[0]} is a section: give {parts[0]}.key=value, or a mapping "
+                              f"{parts[0]}={{key: value, ...}}")
+        if not isinstance(raw.get(parts[0]), dict):
+            raw[parts[0]] = {}
+        _deep_merge(raw[parts[0]], mapping)
+        return
     node = raw
     for p in parts[:-1]:
         if not isinstance(node.get(p), dict):

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch.distributed as tdist
 
 LOCK_NAME = ".lock"
+# Files the trainer writes into the run folder itself (checkpoints/, tb/, samples/ may be links: other storage).
+OWN_FILES = (LOCK_NAME, "config.yaml", "train.log", "perception.json", "perception.safetensors")
 _held: dict[Path, tuple] = {}  # run folder (resolved) -> descriptors holding its locks (.lock, folder)
 
 
@@ -96,10 +98,16 @@ def acquire(run_dir: str | Path) -> None:
     key = run_dir.resolve()
     if key in _held:
         return
+    # The files the trainer writes in place: a link there (a run folder unpacked or shared) would have it
+    # truncate or overwrite the file the link points to.
+    for name in OWN_FILES:
+        if (run_dir / name).is_symlink():
+            raise RunDirError(f"run.dir {run_dir}: {name} is a symbolic link (to {os.readlink(run_dir / name)}); the "
+                              "trainer writes this file, and would write through the link: remove the link")
     path = run_dir / LOCK_NAME
     try:
         # O_RDWR without O_TRUNC: a job that is refused must not erase the holder's name.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
         raise RunDirError(f"run.dir {run_dir} is not writable ({path}: {e.strerror or e})") from None
     try:

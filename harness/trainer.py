@@ -119,6 +119,7 @@ class Trainer:
         nets = reference_nets(cfg, self.device) if cfg.eval.every_steps else None  # files named in eval.*
         # One job per run.dir, taken before anything is written (and after what can be refused without it).
         self.run_tag = hold_run_dir(self.run_dir, self.world)
+        ckpt._pause("starting")  # signal tests hold here: the run folder is taken, nothing trained
         self.log = RankLogger(self.world.is_main, self.run_dir / "train.log")
         self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.accelerator, self.world.is_main,
                                            tag=self.run_tag, say=self.log.info)

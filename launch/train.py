@@ -23,8 +23,32 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
+
+
+class StopWhileStarting(KeyboardInterrupt):
+    """SIGTERM/SIGUSR1 (SLURM's stop or warning) before the training loop takes them over: raised where
+    the process is, as Ctrl-C is, so it ends in one line with exit 75 (the job may run the same command
+    again) instead of dying silently of the signal (143/138)."""
+
+
+_IMPORTING = [True]  # the module's own imports: no try around them to catch the exception in
+
+
+def _stop_while_starting(signum, frame):
+    name = signal.Signals(signum).name
+    if _IMPORTING[0]:
+        if os.environ.get("RANK", "0") == "0":
+            os.write(2, f"stopped by {name} while starting: nothing was trained or written\n".encode())
+        os._exit(75)
+    raise StopWhileStarting(name)
+
+
+if __name__ == "__main__":  # first thing, before the heavy imports (in-process callers keep their own handlers)
+    for _sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(_sig, _stop_while_starting)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -35,6 +59,7 @@ from harness.runlock import RunDirError, release_all  # noqa: E402
 from shards.sources import DataSourceError  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataSourceError, ResumeError, DistEnvError, RunDirError)
+_IMPORTING[0] = False
 
 
 def parse_args(argv):
@@ -186,11 +211,18 @@ def main(argv: list[str] | None = None) -> int:
              + ("(that file is one a checkpoint was expected to hold)" if loading
                 else "(--resume latest continues from the newest)"))
         return 1
+    except StopWhileStarting as e:
+        _say(f"stopped by {e} while starting: nothing trained from this start (the checkpoints saved before are "
+             "intact)")
+        return 75
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints), or one before the loop
         _say("interrupted: stopped without a checkpoint of this step; the saved ones are intact "
              "(--resume latest continues from the newest)")
         return 130
     finally:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # from here a stop signal ends the process as it would
+            if signal.getsignal(sig) is _stop_while_starting:
+                signal.signal(sig, signal.SIG_DFL)
         if trainer is not None:
             trainer.log.close()
         release_all()  # the run folder's lock (the kernel drops it at exit anyway; tests call main() twice)
@@ -203,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         code = main()
+    except StopWhileStarting as e:  # imports, the config: nothing written yet
+        _say(f"stopped by {e} while starting: nothing was trained or written")
+        code = 75
     except KeyboardInterrupt:  # Ctrl-C while starting up (imports, the config): nothing written yet
         _say("interrupted while starting: nothing was trained or written")
         code = 130

@@ -238,3 +238,15 @@ def test_a_codebook_too_large_to_seed_is_refused():
         load_config([str(ROOT / "launch/configs/vq.yaml")], ["data.train=x", "model.vq_codebook_size=100000000"])
     assert load_config([str(ROOT / "launch/configs/vq.yaml")],
                        ["data.train=x", "model.vq_codebook_size=1048576"]).model.vq_codebook_size == 2**20
+
+
+def test_a_whole_section_override_merges_into_the_files():
+    """`train={batch_size: 2}` replaced the whole section: the file's and earlier overrides' keys fell back
+    to the defaults (1000 steps instead of 1). Merged now, as a YAML file's mapping; not a mapping: one line."""
+    tiny = Path(__file__).parent / "configs/tiny.yaml"
+    cfg = load_config([tiny], ["data.train=x", "train.max_steps=1", "train={batch_size: 2}", "model={}"])
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.model.ch) == (1, 2, 16)
+    with pytest.raises(ConfigError, match=r"^train=5: train is a section: give train.key=value, or a mapping "):
+        load_config([tiny], ["data.train=x", "train=5"])
+    with pytest.raises(ConfigError, match=r"^train.nope: unknown key"):
+        load_config([tiny], ["data.train=x", "train={nope: 1}"])

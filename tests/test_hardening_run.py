@@ -643,3 +643,73 @@ def test_conditional_validation_shards_are_checked_at_start_and_may_be_small(sha
     assert main(args(shards, run, *cond, f"data.val={small}", "eval.every_steps=2", "log.num_images=8",
                      "log.images_every_steps=2")) == 0
     assert list((run / "samples").glob("*.png"))
+
+
+def test_links_among_the_files_the_trainer_writes_are_refused(shards, tmp_path, capsys):
+    """A run folder (unpacked, shared) whose .lock, config.yaml or train.log is a symbolic link: the trainer
+    wrote through it (the .lock truncated the file it points to). Refused in one line, the target untouched."""
+    victim = tmp_path / "victim.txt"
+    for name in (".lock", "config.yaml", "train.log"):
+        victim.write_text("precious")
+        run = tmp_path / f"run-{name.strip('.')}"
+        run.mkdir()
+        (run / name).symlink_to(victim)
+        capsys.readouterr()
+        assert main(args(shards, run, "train.max_steps=1")) == 2
+        assert one_line(capsys) == (f"error: run.dir {run}: {name} is a symbolic link (to {victim}); the trainer "
+                                    "writes this file, and would write through the link: remove the link")
+        assert victim.read_text() == "precious"
+
+
+def test_a_step_folder_holding_another_step_is_refused(run, shards, trained, capsys):
+    """Another run's step_2 copied in as step_9: resumed as this run's newest (its weights trained on, this
+    run's own newest set aside as abandoned). Its trainer state says step 2: refused in one line."""
+    shutil.copytree(trained / "checkpoints/step_2", run / "checkpoints/step_9")
+    capsys.readouterr()
+    assert main(args(shards, run, "train.max_steps=12", "--resume", str(run / "checkpoints/step_9"))) == 2
+    assert one_line(capsys).endswith(f"{run / 'checkpoints/step_9'}: holds step 2, so it was not written as step_9 "
+                                     "(copied in from another run, or renamed?): move it out of the run's checkpoints/")
+    assert (run / "checkpoints/step_2").is_dir() and not list((run / "checkpoints").glob("abandoned-*"))
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("samples_seen", "x", "samples_seen is 'x', not a count"),
+    ("samples_seen", -5, "samples_seen is -5, not a count"),
+    ("totals", "x", "totals is 'x', not a mapping of numbers"),
+    ("best", {"step": "x"}, "best is {'step': 'x'}, not null or a mapping with an integer step and a value"),
+    ("step", 10**23, "step is 100000000000000000000000, not a step count below 2**53"),
+])
+def test_a_trainer_state_edited_past_its_step_is_one_line(field, value, said):
+    """Fields of trainer_state.json past `step` were trusted: tracebacks (TypeError, TensorBoard's range
+    check) or a silently wrong sample count."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "x"
+        folder.mkdir()
+        (folder / ckpt.STATE_NAME).write_text(json.dumps({"step": 3, "samples_seen": 12, field: value}))
+        with pytest.raises(ckpt.ResumeError) as e:
+            ckpt.read_state(folder)
+        assert str(e.value) == f"{folder / ckpt.STATE_NAME}: {said}; not as vae-harness writes it (edited?)"
+
+
+def test_a_stop_signal_while_starting_is_one_line_and_exit_75(shards, tmp_path):
+    """SIGTERM/SIGUSR1 before the loop takes them over (checkpoint verification, loading: seconds on a real
+    job) killed the process silently (143/138), so SLURM's USR1 requeue never happened. Now one line, 75."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        run = tmp_path / sig.name
+        env = dict(os.environ, HARNESS_CRASH_TEST_PAUSE="starting:30", OMP_NUM_THREADS="1")
+        p = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), *args(shards, run, "train.max_steps=2")],
+                             env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not (run / ".lock").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 75, err
+        lines = [ln for ln in err.splitlines() if "[WARNING]" not in ln]
+        assert lines[-1] == (f"stopped by {sig.name} while starting: nothing trained from this start (the checkpoints "
+                             "saved before are intact)"), err
+        assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
