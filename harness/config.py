@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -320,6 +321,8 @@ class Config:
             raise ConfigError("data.train: missing; give a shard pattern, a folder of shards or a list")
         if not self.run.dir.strip():
             raise ConfigError("run.dir: empty; name the run folder (the default is runs/default)")
+        if training and self.run.dir.startswith("~"):  # as a shell would (YAML and key=value do not): not ./~/x
+            self.run.dir = os.path.expanduser(self.run.dir)
         if self.eval.every_steps and not self.data.val:
             raise ConfigError("eval.every_steps: validation needs held-out shards in data.val")
         if training:
@@ -480,8 +483,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     text = _read_text(path)
     try:
         raw = _unshared(yaml.load(text, Loader=_UniqueKeyLoader) or {})
-    except ValueError as e:  # ours, from _unshared
+    except ValueError as e:  # ours, from _unshared; an integer of more digits than Python converts
         raise ConfigError(f"{path}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deep to be a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -540,7 +545,7 @@ def _apply_override(raw: dict, item: str) -> None:
         # gave it, as a YAML file's mapping is: it used to replace the section, dropping their keys.
         try:
             mapping = yaml.safe_load(value)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):
             mapping = None
         if not isinstance(mapping, dict):
             raise ConfigError(f"{item}: {parts[0]} is a section: give {parts[0]}.key=value, or a mapping "
@@ -588,6 +593,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
             value, problem = text, getattr(e, "problem", None) or type(e).__name__
+        except (ValueError, RecursionError) as e:  # 5000 digits; [[[[... nested past the stack
+            why = "nested too deep" if isinstance(e, RecursionError) else "a number of too many digits"
+            raise ConfigError(f"{path}: {text[:40]}{'...' if len(text) > 40 else ''} is not a value ({why})") from None
         else:
             problem = f"it reads as a {type(value).__name__}"
         if text.strip().startswith("[") and text.strip().endswith("]") and not isinstance(value, list) and \

@@ -98,6 +98,17 @@ def acquire(run_dir: str | Path) -> None:
     key = run_dir.resolve()
     if key in _held:
         return
+    # What the first save needs, found now rather than after checkpoint.every_steps steps of training.
+    ck, latest = run_dir / "checkpoints", run_dir / "latest"
+    if ck.is_symlink() and not ck.exists():
+        raise RunDirError(f"run.dir {run_dir}: checkpoints is a link to nothing (to {os.readlink(ck)})")
+    if ck.exists() and not ck.is_dir():
+        raise RunDirError(f"run.dir {run_dir}: checkpoints exists and is not a folder")
+    if ck.is_dir() and not os.access(ck, os.W_OK | os.X_OK):
+        raise RunDirError(f"run.dir {run_dir}: checkpoints ({ck.resolve()}) is not writable")
+    if latest.is_dir():
+        raise RunDirError(f"run.dir {run_dir}: latest is a folder; the trainer keeps a one-line file there naming the "
+                          "newest checkpoint: move the folder away")
     # The files the trainer writes in place: a link there (a run folder unpacked or shared) would have it
     # truncate or overwrite the file the link points to.
     for name in OWN_FILES:

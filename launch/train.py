@@ -62,11 +62,20 @@ USER_ERRORS = (ConfigError, DataSourceError, ResumeError, DistEnvError, RunDirEr
 _IMPORTING[0] = False
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: a second --resume used to win silently (the other set aside)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): give one")
+        setattr(namespace, self.dest, values)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
-    p.add_argument("--resume", default=None, metavar="latest|PATH",
+    p.add_argument("--resume", default=None, metavar="latest|PATH", action=_Once,
                    help="continue from the newest or a given checkpoint")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")

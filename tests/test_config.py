@@ -250,3 +250,32 @@ def test_a_whole_section_override_merges_into_the_files():
         load_config([tiny], ["data.train=x", "train=5"])
     with pytest.raises(ConfigError, match=r"^train.nope: unknown key"):
         load_config([tiny], ["data.train=x", "train={nope: 1}"])
+
+
+def test_values_past_pythons_limits_are_one_line(tmp_path):
+    """5000 digits, or brackets nested past the stack, in an override or a file: tracebacks before."""
+    tiny = Path(__file__).parent / "configs/tiny.yaml"
+    with pytest.raises(ConfigError, match=r"^train.max_steps: 9{40}\.\.\. is not a value \(a number of too many "):
+        load_config([tiny], ["data.train=x", "train.max_steps=" + "9" * 5000])
+    with pytest.raises(ConfigError, match=r"^model.ch_mult: \[{40}\.\.\. is not a value \(nested too deep\)$"):
+        load_config([tiny], ["data.train=x", "model.ch_mult=" + "[" * 5000 + "]" * 5000])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 10000 + "]" * 10000)
+    with pytest.raises(ConfigError, match=r"deep.yaml: nested too deep to be a config$"):
+        load_config([deep], ["data.train=x"])
+
+
+def test_resume_given_twice_is_refused(capsys):
+    """The last --resume won silently (the newer checkpoints then set aside as abandoned)."""
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "x.yaml", "--resume", "latest", "--resume", "runs/x/checkpoints/step_6"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: --resume given twice (latest and "
+                                                    "runs/x/checkpoints/step_6): give one")
+
+
+def test_run_dir_under_home_is_expanded():
+    """run.dir=~/x (or dir: ~/x in YAML) made a folder literally named ~ in the working directory."""
+    tiny = Path(__file__).parent / "configs/tiny.yaml"
+    cfg = load_config([tiny], ["data.train=x", "run.dir=~/runs/x"])
+    assert cfg.run.dir == os.path.expanduser("~/runs/x") and not cfg.run.dir.startswith("~")

@@ -713,3 +713,23 @@ def test_a_stop_signal_while_starting_is_one_line_and_exit_75(shards, tmp_path):
         assert lines[-1] == (f"stopped by {sig.name} while starting: nothing trained from this start (the checkpoints "
                              "saved before are intact)"), err
         assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
+
+
+def test_a_checkpoints_folder_the_first_save_cannot_use_is_refused_at_start(shards, tmp_path, capsys):
+    """checkpoints/ a file or a link to nothing, or `latest` a folder: the run trained checkpoint.every_steps
+    steps, then failed its first save (those steps lost). One line at start now."""
+    cases = {"file": lambda r: (r / "checkpoints").write_text("x"),
+             "dangling": lambda r: (r / "checkpoints").symlink_to(tmp_path / "gone"),
+             "latest": lambda r: (r / "latest").mkdir()}
+    said = {"file": "checkpoints exists and is not a folder",
+            "dangling": f"checkpoints is a link to nothing (to {tmp_path / 'gone'})",
+            "latest": "latest is a folder; the trainer keeps a one-line file there naming the newest checkpoint: "
+                      "move the folder away"}
+    for name, make in cases.items():
+        run = tmp_path / name
+        run.mkdir()
+        make(run)
+        capsys.readouterr()
+        assert main(args(shards, run, "train.max_steps=1")) == 2
+        assert one_line(capsys) == f"error: run.dir {run}: {said[name]}"
+        assert not (run / "train.log").exists()
