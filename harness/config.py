@@ -459,14 +459,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return node
 
 
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def _read_text(path: Path) -> str:
-    """The text of config file `path`, or a one-line ConfigError (missing, a folder, unreadable)."""
+    """The text of config file `path` (a pipe too: `--config <(...)`), or a one-line ConfigError (missing, a
+    folder, unreadable, endless)."""
     try:
         if path.is_dir():
             raise ConfigError(f"{path}: a folder, not a config file (a YAML file such as launch/configs/demo.yaml)")
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"{path}: config file not found")
-        return path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: more than {MAX_CONFIG_BYTES >> 20} MB: not a config file")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file (a config file is YAML text)") from None
     except OSError as e:  # no permission, an I/O error (`--config /proc/self/mem`), a name too long
@@ -474,13 +482,14 @@ def _read_text(path: Path) -> str:
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    given = path  # read and named as given: a pipe's resolved name is /proc/<pid>/fd/pipe:[...]
     try:
         path = path.resolve()
     except (OSError, RuntimeError) as e:  # a symlink loop
         raise ConfigError(f"{path}: cannot read the config file ({e})") from None
     if path in seen:
         raise ConfigError(f"{path}: config files include each other ({' -> '.join(str(p) for p in seen + (path,))})")
-    text = _read_text(path)
+    text = _read_text(given)
     try:
         raw = _unshared(yaml.load(text, Loader=_UniqueKeyLoader) or {})
     except ValueError as e:  # ours, from _unshared; an integer of more digits than Python converts

@@ -279,3 +279,17 @@ def test_run_dir_under_home_is_expanded():
     tiny = Path(__file__).parent / "configs/tiny.yaml"
     cfg = load_config([tiny], ["data.train=x", "run.dir=~/runs/x"])
     assert cfg.run.dir == os.path.expanduser("~/runs/x") and not cfg.run.dir.startswith("~")
+
+
+def test_config_from_a_pipe_is_read_and_an_endless_file_refused():
+    """`--config <(...)` said 'config file not found' under a /proc/<pid>/fd/pipe:[...] name; /dev/zero
+    would be read forever."""
+    r, w = os.pipe()
+    os.write(w, b"train: {max_steps: 3}\n")
+    os.close(w)
+    try:
+        assert load_config([f"/dev/fd/{r}"], ["data.train=x"]).train.max_steps == 3
+    finally:
+        os.close(r)
+    with pytest.raises(ConfigError, match=r"^/dev/zero: more than 16 MB: not a config file$"):
+        load_config(["/dev/zero"], ["data.train=x"])
