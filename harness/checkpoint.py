@@ -486,7 +486,7 @@ class CheckpointManager:
         if self.is_main and self.root.is_dir():
             for p in self.root.iterdir():
                 if p.name.startswith((".tmp-", ".trash-")):
-                    shutil.rmtree(p, ignore_errors=True)
+                    _remove(p)
         if self.is_main and self.run_dir.is_dir():  # a `latest` whose write was killed before its rename
             for p in self.run_dir.iterdir():
                 if is_temp_of(p.name, LATEST_NAME):
@@ -591,10 +591,19 @@ class CheckpointManager:
                          f"at the next save); {keep.name} and `latest` are saved, training goes on")
                 continue
             _pause("pruning")
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove(trash)
             if os.path.lexists(trash):
                 self.say(f"warning: could not delete all of {trash} (pruned {p.name}): it is removed at the next "
                          "start; training goes on")
+
+
+def _remove(path: Path) -> None:
+    """A checkpoint folder set aside, gone: a link (a step_N that was a link to another run's checkpoint)
+    is unlinked, its target left alone (rmtree refuses links: it stayed, noted again at every start)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _warn(message: str) -> None:

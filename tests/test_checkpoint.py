@@ -241,3 +241,19 @@ def test_a_trainer_state_that_is_not_ours_is_one_line(tmp_path, state, says):
     (tmp_path / ckpt.CONFIG_NAME).write_text("[1, 2]\n")
     with pytest.raises(ckpt.ResumeError, match="config.yaml: not a config mapping"):
         ckpt.read_config(tmp_path)
+
+
+def test_a_pruned_step_that_is_a_link_is_unlinked_not_left_as_trash(tmp_path):
+    """A step_N that links to another run's checkpoint: pruning renamed the link to .trash-* and rmtree
+    refused it, so it stayed, noted again at every start. The link goes; what it points to stays."""
+    other = tmp_path / "other"
+    ckpt.CheckpointManager(other, keep_last=3, accelerator=FakeAccelerator(), is_main=True).save(1, {"step": 1}, "")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints/step_1").symlink_to(other / "checkpoints/step_1")
+    (run / "checkpoints/.trash-step_0.1-ab").symlink_to(other / "checkpoints/step_1")  # left by an older prune
+    m = ckpt.CheckpointManager(run, keep_last=1, accelerator=FakeAccelerator(), is_main=True)
+    m.clean_stale()
+    m.save(2, {"step": 2}, "")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2"]
+    assert ckpt.read_state(other / "checkpoints/step_1")["step"] == 1
