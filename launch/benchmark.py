@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -67,27 +68,60 @@ def _raw_images(spec: str, max_bytes: int = 2 << 30) -> dict[str, bytes]:
 _PLAIN_WORK: list[bytes] = []  # the baseline's images, inherited by its forked pool (nothing pickled)
 
 
+def plain_pil_image(data: bytes, size: int, rng) -> np.ndarray:
+    """What a plain PIL loop does with one image: decode (at a reduced JPEG scale where that still
+    gives >= size, as the loader does), upright, to RGB, square crop + bicubic resize in one PIL call,
+    an array. The steps of the loader's own decoder (shards/decode.py `load_image`) before its resize
+    moved to torch's uint8 kernel."""
+    import io
+
+    from PIL import Image
+
+    from shards.images import UPRIGHT, exif_orientation, to_rgb
+
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (size, size))
+    img.load()
+    orient = exif_orientation(img)
+    if orient in UPRIGHT:
+        img = img.transpose(UPRIGHT[orient])
+    img = to_rgb(img)
+    w, h = img.size
+    side = min(w, h)
+    x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
+    return np.asarray(img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side)))
+
+
 def _decode_chunk(args) -> int:
     import random
 
     from shards.decode import load_image
 
-    part, parts, size = args
+    part, parts, size, how = args
+    torch.set_num_threads(1)  # as in a DataLoader worker
     images = _PLAIN_WORK[part::parts]
     rng = random.Random(0)
     for data in images:
-        load_image(data, size, "random", False, rng)
+        if how == "pil":
+            plain_pil_image(data, size, rng)
+        else:
+            load_image(data, size, "random", False, rng)
     return len(images)
 
 
-def _plain_decode(images: list[bytes], processes: int, size: int) -> tuple[float, float]:
+def _plain_decode(images: list[bytes], processes: int, size: int, how: str = "pil") -> tuple[float, float]:
     """Decode + crop + resize `images` split over `processes` forked processes (bytes in memory, in
-    them by the fork: neither starting them nor sending the bytes is timed) -> (wall s, CPU s)."""
+    them by the fork: neither starting them nor sending the bytes is timed) -> (wall s, CPU s).
+    how: "pil" (`plain_pil_image`) or "ours" (the loader's own `load_image`, no loader around it)."""
     _PLAIN_WORK[:] = images
-    chunks = [(i, max(processes, 1), size) for i in range(max(processes, 1))]
+    chunks = [(i, max(processes, 1), size, how) for i in range(max(processes, 1))]
     if processes <= 1:
+        threads = torch.get_num_threads()
         t0, c0 = time.perf_counter(), time.process_time()
-        _decode_chunk(chunks[0])
+        try:
+            _decode_chunk(chunks[0])
+        finally:
+            torch.set_num_threads(threads)
         return time.perf_counter() - t0, time.process_time() - c0
     with mp.get_context("fork").Pool(processes) as pool:
         pool.map(abs, range(processes))  # started
@@ -158,7 +192,9 @@ def bench_loader(a) -> dict:
             batch["image"].view(-1)[::4096].sum()
             keys.extend(batch["key"])
 
-    raw, harness, cpu = 0.0, 0.0, {"plain": [], "workers": [], "reader": []}
+    # plain: plain_pil_image (PIL's resize); own: the loader's decoder (load_image) with no loader around it
+    raw, own, harness = 0.0, 0.0, 0.0
+    cpu = {"plain": [], "own": [], "workers": [], "reader": []}
     for _ in range(a.rounds):  # best (wall) and median (CPU) over rounds: machine noise hits both sides alike
         loader = TrainLoader(cfg, rank=0, world_size=1, batch_size=a.batch_size)
         it = loader.batches()
@@ -183,26 +219,33 @@ def bench_loader(a) -> dict:
             cpu["reader"].append((m1 - m0) / len(counted))
         del it
         loader = None  # its workers end here, before the plain side runs on the same cores
-        wall, _ = _plain_decode([by_key[k] for k in window], a.workers, a.image_size)
+        wall, _ = _plain_decode([by_key[k] for k in window], a.workers, a.image_size, "pil")
         raw = max(raw, len(window) / wall)
+        wall, _ = _plain_decode([by_key[k] for k in window], a.workers, a.image_size, "ours")
+        own = max(own, len(window) / wall)
         if counted:
-            _, spent = _plain_decode([by_key[k] for k in counted], a.workers, a.image_size)
-            cpu["plain"].append(spent / len(counted))
+            for how, key in (("pil", "plain"), ("ours", "own")):
+                _, spent = _plain_decode([by_key[k] for k in counted], a.workers, a.image_size, how)
+                cpu[key].append(spent / len(counted))
     res = {"bench": "loader", "image_size": a.image_size, "workers": a.workers, "images": batches * a.batch_size,
-           "raw_decode_img_s": round(raw, 1), "harness_loader_img_s": round(harness, 1),
-           "ratio": round(harness / raw, 3)}
+           "raw_decode_img_s": round(raw, 1), "own_decode_img_s": round(own, 1),
+           "harness_loader_img_s": round(harness, 1), "ratio": round(harness / raw, 3),
+           "ratio_to_own_decode": round(harness / own, 3)}
     print(f"loader  {a.workers} worker(s), {a.image_size}px: plain PIL decode {raw:.0f} img/s, "
           f"harness TrainLoader {harness:.0f} img/s, ratio {harness / raw:.2f} (the same images on both sides)")
+    print(f"loader  its own decoder alone (load_image, no loader) {own:.0f} img/s: the loader delivers "
+          f"{harness / own:.2f} of it")
     counted = [i for i, v in enumerate(cpu["workers"]) if v > 0 and cpu["plain"][i] > 0]  # (nan > 0 is False)
     if a.workers and counted:  # rounds whose workers did not settle (a slow machine) are left out
-        plain, workers, reader = (statistics.median(cpu[k][i] for i in counted) * 1e3
-                                  for k in ("plain", "workers", "reader"))
-        res.update(plain_cpu_ms_per_img=round(plain, 3), worker_cpu_ms_per_img=round(workers, 3),
-                   reader_cpu_ms_per_img=round(reader, 3), cpu_ratio=round(plain / workers, 3),
-                   cpu_ratio_with_reader=round(plain / (workers + reader), 3))
-        print(f"loader  CPU per image (median of {len(counted)} rounds): plain {plain:.2f} ms, workers {workers:.2f} "
-              f"ms, reader {reader:.2f} ms; ratio {plain / workers:.2f} ({plain / (workers + reader):.2f} "
-              "with the reader)")
+        plain, mine, workers, reader = (statistics.median(cpu[k][i] for i in counted) * 1e3
+                                        for k in ("plain", "own", "workers", "reader"))
+        res.update(plain_cpu_ms_per_img=round(plain, 3), own_cpu_ms_per_img=round(mine, 3),
+                   worker_cpu_ms_per_img=round(workers, 3), reader_cpu_ms_per_img=round(reader, 3),
+                   cpu_ratio=round(plain / workers, 3), cpu_ratio_with_reader=round(plain / (workers + reader), 3),
+                   cpu_ratio_to_own_decode=round(mine / workers, 3))
+        print(f"loader  CPU per image (median of {len(counted)} rounds): plain {plain:.2f} ms, own decoder "
+              f"{mine:.2f} ms, workers {workers:.2f} ms, reader {reader:.2f} ms; ratio {plain / workers:.2f} "
+              f"({plain / (workers + reader):.2f} with the reader; {mine / workers:.2f} of the own decoder)")
     return res
 
 
@@ -655,7 +698,6 @@ def _plain_encode(model, urls: list[str], size: int, batch_size: int, out: Path,
     import random
     import tarfile
 
-    import numpy as np
     import webdataset as wds
 
     from harness.data import to_model_input

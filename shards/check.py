@@ -150,6 +150,13 @@ def _columns(pairs: list[str], width: int = 100) -> str:
     return "\n".join(lines)
 
 
+def _one_thread() -> None:
+    """A verify worker resizes on one thread, as a loader worker does (there is a process per core)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def verify(target: str, workers: int = 1, max_listed: int = 50, out=None, max_pixels: int = MAX_PIXELS) -> int:
     """Read every sample; print counts and problems. Returns the number of problems (0 = all good).
     max_pixels: as the loader's data.max_pixels (0 = no limit)."""
@@ -158,7 +165,7 @@ def verify(target: str, workers: int = 1, max_listed: int = 50, out=None, max_pi
     classes, label_names = _label_names(index, sources)
     jobs = [(u, len(classes), len(label_names), index is not None, max_pixels) for u in urls]
     if workers > 1 and len(jobs) > 1:
-        with worker_pool(min(workers, len(jobs))) as pool:
+        with worker_pool(min(workers, len(jobs)), _one_thread) as pool:
             results = pool.map(_verify_shard, jobs, chunksize=1)
     else:
         results = [_verify_shard(j) for j in jobs]

@@ -39,8 +39,14 @@ def test_loader_bench_reports_both_sides_and_their_ratio(tmp_path):
     # CPU per image of the worker (counted between two points where it is idle), of the reader, of plain decoding
     assert row["worker_cpu_ms_per_img"] > 0 and row["plain_cpu_ms_per_img"] > 0 and row["reader_cpu_ms_per_img"] >= 0
     assert abs(row["cpu_ratio"] - row["plain_cpu_ms_per_img"] / row["worker_cpu_ms_per_img"]) < 0.01, row
+    # and against the loader's own decoder without the loader (its machinery's share)
+    assert row["own_decode_img_s"] > 0 and row["own_cpu_ms_per_img"] > 0
+    assert abs(row["ratio_to_own_decode"] - row["harness_loader_img_s"] / row["own_decode_img_s"]) < 0.005, row
+    assert abs(row["cpu_ratio_to_own_decode"] - row["own_cpu_ms_per_img"] / row["worker_cpu_ms_per_img"]) < 0.01
+    assert "of the own decoder" in r.stdout
 
 
+@pytest.fixture
 def recorded_loader_bench(tmp_path, monkeypatch):
     """The loader benchmark in this process on 48 small images -> (module, shards, the keys of each batch
     the loader delivered, the images of each call to the plain side; which does not decode)."""
@@ -59,15 +65,24 @@ def recorded_loader_bench(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(TrainLoader, "batches", recording)
-    monkeypatch.setattr(benchmark, "_plain_decode",
-                        lambda images, processes, size: (plain.append(images), (1.0, 1.0))[1])
-    return benchmark, shards, delivered, plain
+    def plain_decode(images, processes, size, how):
+        calls.append(how)
+        if how == "pil":  # the loader's own decoder gets the same images: checked once here
+            plain.append(images)
+        else:
+            assert images == plain[-1]
+        return 1.0, 1.0
+
+    calls = []
+    monkeypatch.setattr(benchmark, "_plain_decode", plain_decode)
+    yield benchmark, shards, delivered, plain
+    assert calls and calls == ["pil", "ours"] * (len(calls) // 2)
 
 
-def test_loader_bench_decodes_exactly_the_images_the_loader_delivered(tmp_path, monkeypatch):
+def test_loader_bench_decodes_exactly_the_images_the_loader_delivered(recorded_loader_bench):
     """The plain side decodes the loader's own window (by key), not a fixed set: photos differ in
     decoding cost, and a resampled stream reads whole shards, so a fixed set compared other photos."""
-    benchmark, shards, delivered, plain = recorded_loader_bench(tmp_path, monkeypatch)
+    benchmark, shards, delivered, plain = recorded_loader_bench
     p = ["loader", "--data", str(shards), "--image-size", "32", "--workers", "0", "--images", "40",
          "--batch-size", "8", "--shuffle-buffer", "8", "--rounds", "2"]
     assert benchmark.main(p) == 0
@@ -79,12 +94,12 @@ def test_loader_bench_decodes_exactly_the_images_the_loader_delivered(tmp_path, 
     assert len(set(windows[0])) > 8  # many photos, from more than one shard
 
 
-def test_loader_bench_counts_worker_cpu_on_the_images_the_workers_made_meanwhile(tmp_path, monkeypatch):
+def test_loader_bench_counts_worker_cpu_on_the_images_the_workers_made_meanwhile(recorded_loader_bench):
     """Between two points where the workers are idle (prefetch full), the reader takes n batches and
     the workers make the n after the prefetch: the plain side's CPU is measured on those n."""
     from harness.data import PREFETCH
 
-    benchmark, shards, delivered, plain = recorded_loader_bench(tmp_path, monkeypatch)
+    benchmark, shards, delivered, plain = recorded_loader_bench
     p = ["loader", "--data", str(shards), "--image-size", "32", "--workers", "1", "--images", "32",
          "--batch-size", "8", "--shuffle-buffer", "8", "--rounds", "1"]
     assert benchmark.main(p) == 0

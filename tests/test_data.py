@@ -167,6 +167,93 @@ def test_16_bit_images_scale_by_the_mode_range_not_the_pixel_max(level):
 
 
 
+def photo_like(w, h, seed=0):
+    """Smooth gradients and sharp edges, as a photo has (noise alone resizes to grey)."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8))
+    img = coarse.resize((w, h), Image.BICUBIC)
+    img.paste((255, 0, 0), (w // 3, h // 3, w // 2, h // 2))
+    return img
+
+
+@pytest.mark.parametrize("w,h,size", [(64, 48, 32), (48, 64, 32), (24, 20, 32), (40, 30, 40), (32, 32, 32),
+                                      (1, 1, 16), (1, 9, 8), (300, 7, 16), (530, 520, 32), (520, 530, 64)])
+def test_the_resize_is_pils_bicubic_of_the_crop(w, h, size):
+    """Torch's uint8 kernel with PIL's filter: within 2 levels of PIL resizing the same square crop,
+    up or down (antialiased), for any shape down to one pixel, and for a crop 8x the size or more
+    (box-averaged by PIL first, so that no full-size array is made)."""
+    import random
+
+    img = photo_like(w, h)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    side = min(w, h)
+    for crop in ("center", "random"):
+        got = load_image(buf.getvalue(), size, crop, False, random.Random(3))
+        rng = random.Random(3)
+        x0, y0 = ((rng.randint(0, w - side), rng.randint(0, h - side)) if crop == "random"
+                  else ((w - side) // 2, (h - side) // 2))
+        want = np.asarray(img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BICUBIC), dtype=int)
+        assert got.shape == (size, size, 3) and got.dtype == np.uint8
+        assert np.abs(got - want).max() <= 2, (crop, np.abs(got - want).max())
+
+
+def test_a_big_picture_is_box_averaged_before_it_becomes_an_array(monkeypatch):
+    """A 64 Mpx PNG would otherwise be copied whole into an array beside PIL's own pixels."""
+    import random
+
+    factors = []
+    reduce = Image.Image.reduce
+    monkeypatch.setattr(Image.Image, "reduce", lambda im, f, box=None: (factors.append(f), reduce(im, f, box))[1])
+    buf = io.BytesIO()
+    photo_like(530, 520).save(buf, "PNG")
+    for size, want in ((66, []), (65, [2]), (64, [2]), (32, [4]), (16, [8])):  # from 8x the size on, to >= 4x it
+        factors.clear()
+        assert load_image(buf.getvalue(), size, "random", False, random.Random(0)).shape == (size, size, 3)
+        assert factors == want, size
+
+
+def test_decoding_into_a_batch_slot_writes_there_and_flips_as_drawn():
+    import random
+
+    buf = io.BytesIO()
+    photo_like(60, 40).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    batch = np.zeros((3, 32, 32, 3), np.uint8)
+    slot = batch[1]
+    assert load_image(data, 32, "center", False, random.Random(0), out=slot) is slot
+    assert np.array_equal(batch[1], load_image(data, 32, "center", False, random.Random(0)))
+    assert not batch[0].any() and not batch[2].any()  # nothing outside the slot
+    flips = []
+    for seed in range(8):  # hflip: drawn after the crop, half the time
+        plain = load_image(data, 32, "random", False, random.Random(seed))
+        flipped = load_image(data, 32, "random", True, random.Random(seed), out=batch[2])
+        flips.append(not np.array_equal(flipped, plain))
+        assert np.array_equal(flipped, plain) or np.array_equal(flipped, plain[:, ::-1])
+    assert 0 < sum(flips) < 8
+    for wrong in (np.zeros((32, 32, 4), np.uint8), np.zeros((32, 32, 3), np.float32), batch[:, :, ::2][0]):
+        with pytest.raises(ValueError, match="out must be"):  # a caller's bug, not bad data
+            load_image(data, 32, "center", False, None, out=wrong)
+
+
+def test_the_loader_decodes_each_image_straight_into_its_batch(shards, monkeypatch):
+    """Each good image goes into its batch slot by the decoder itself (no array of its own to copy)."""
+    import shards.decode as dec
+
+    outputs = []
+    real = dec.load_image
+
+    def spying(*args, **kwargs):
+        outputs.append(real(*args, **kwargs))
+        return outputs[-1]
+
+    monkeypatch.setattr(dec, "load_image", spying)
+    images = next(TrainLoader(cfg(shards), rank=0, world_size=1, batch_size=6).batches())["image"].numpy()
+    assert len(outputs) == 6  # no worker: the first batch is the first six positions
+    assert all(np.shares_memory(out, images[i]) for i, out in enumerate(outputs))
+    assert np.array_equal(images, np.stack(outputs))
+
+
 def test_missing_sources_are_one_line_errors(tmp_path):
     with pytest.raises(DataSourceError, match="do not exist"):
         resolve_sources(str(tmp_path / "{000000..000003}.tar"))

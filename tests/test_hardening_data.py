@@ -306,8 +306,9 @@ def test_the_loader_turns_pictures_upright_as_pil_does(orientation):
     want = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
     side = min(want.size)
     x0, y0 = (want.width - side) // 2, (want.height - side) // 2
-    want = np.asarray(want.resize((16, 16), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side)))
-    assert np.array_equal(load_image(data, 16, "center", False, random.Random(0)), want)
+    want = np.asarray(want.crop((x0, y0, x0 + side, y0 + side)).resize((16, 16), Image.BICUBIC), dtype=int)
+    got = load_image(data, 16, "center", False, random.Random(0))
+    assert np.abs(got - want).max() <= 2  # PIL's filter, computed by torch (fixed-point rounding); the mark is 255
 
 
 def test_verify_and_the_loader_share_one_decoder(tmp_path, capsys, monkeypatch):
@@ -317,10 +318,10 @@ def test_verify_and_the_loader_share_one_decoder(tmp_path, capsys, monkeypatch):
     out = write_set(tmp_path / "set", [], shards=1)
     real = dec.decode_sample
 
-    def picky(sample, spec, rng):
+    def picky(sample, spec, rng, out=None):
         if sample["__key__"] == "s00003":
             raise dec.BadData("refused by the test")
-        return real(sample, spec, rng)
+        return real(sample, spec, rng, out)
 
     monkeypatch.setattr(dec, "decode_sample", picky)
     n, report = verify_report(out, capsys)
