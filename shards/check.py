@@ -165,6 +165,8 @@ def verify(target: str, workers: int = 1, max_listed: int = 50, out=None, max_pi
     classes, label_names = _label_names(index, sources)
     jobs = [(u, len(classes), len(label_names), index is not None, max_pixels) for u in urls]
     if workers > 1 and len(jobs) > 1:
+        import torch  # noqa: F401  (the decoder resizes with it: imported once here, shared by the forked workers)
+
         with worker_pool(min(workers, len(jobs)), _one_thread) as pool:
             results = pool.map(_verify_shard, jobs, chunksize=1)
     else:

@@ -125,13 +125,16 @@ def load_image(data: bytes, size: int, crop: str, hflip: bool, rng: random.Rando
     elif out.shape != (size, size, 3) or out.dtype != np.uint8 or not out.flags.c_contiguous:
         raise ValueError(f"load_image: out must be a C-contiguous uint8 array of {(size, size, 3)}, not "
                          f"{out.dtype} {out.shape}")
-    box = (x0, y0, x0 + side, y0 + side)
+    box, scale = (x0, y0, x0 + side, y0 + side), None
     if side >= 8 * size:  # a big PNG/WebP (a JPEG was drafted): box-average by an integer factor first, in PIL,
         # to a crop still >= 4 x size (PIL's reducing_gap idea: within a few levels of resizing it all), so
-        # that no full-size array is made: memory stays that of the decoded picture (a 64 Mpx PNG: 256 MB)
-        img, box = img.reduce(side // (4 * size), box=box), None
-    pixels = np.asarray(img)
-    resize_into(pixels if box is None else pixels[y0 : y0 + side, x0 : x0 + side], out)
+        # that no full-size array is made. The reduced crop is side/f pixels wide, its last pixel partial
+        # when f does not divide side: the resize is told that scale, not the pixel count.
+        factor = side // (4 * size)
+        img, scale = img.reduce(factor, box=box), size * factor / side
+    elif (w, h) != (side, side):
+        img = img.crop(box)  # np.asarray copies the whole picture it is given: only the crop
+    resize_into(np.asarray(img), out, scale)
     if hflip and rng.random() < 0.5:
         out[...] = out[:, ::-1]  # numpy buffers an overlapping copy
     return out
@@ -140,30 +143,46 @@ def load_image(data: bytes, size: int, crop: str, hflip: bool, rng: random.Rando
 _torch = None  # imported on first use: `python -m shards` builders never resize through it
 
 
-def resize_into(pixels: np.ndarray, out: np.ndarray) -> None:
+def _import_torch():
+    global _torch
+    import warnings
+
+    import torch
+
+    if not hasattr(torch.ops.aten, "_upsample_bicubic2d_aa"):
+        raise RuntimeError(f"torch {torch.__version__} has no uint8 bicubic resampling kernel "
+                           "(aten::_upsample_bicubic2d_aa); the loader needs torch >= 2.3")
+    # PIL hands out its pixels as a read-only array, which torch warns about once per process; the resize
+    # only reads them. (Once: after this, torch says it for no other read-only array in this process.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.from_numpy(np.frombuffer(b"", np.uint8))
+    _torch = torch
+    return torch
+
+
+def resize_into(pixels: np.ndarray, out: np.ndarray, scale: float | None = None) -> None:
     """Resize uint8 `h w c` pixels into `out` (uint8 `H W c`) with PIL's bicubic filter (a = -0.5, widened
     by the scale when shrinking: antialiased), computed by torch's uint8 kernel, which writes `out` directly.
+    `scale`: output pixels per input pixel, when that is not the ratio of the shapes (a partial last pixel).
 
     3-4x faster than PIL's own resize (0.19 vs 0.57 ms for 256x192 -> 256 on one core), which was more
     than half of decoding a 256 px JPEG; pixels agree with PIL's resize of the same crop to +-2 levels
     (fixed-point rounding). PIL's `resize(box=...)` also reads source pixels just outside the box at its
     edges; this resizes the crop itself, as torchvision's tensor transforms do."""
-    global _torch
-    if _torch is None:
-        import warnings
-
-        import torch
-
-        with warnings.catch_warnings():  # torch warns once per process that PIL's buffer is read-only:
-            warnings.simplefilter("ignore")  # it is only read
-            torch.from_numpy(np.frombuffer(b"", np.uint8))
-        _torch = torch
-    if pixels.shape == out.shape:
+    torch = _torch or _import_torch()
+    if not pixels.size:  # PIL refuses a picture without pixels when it opens it; never resized
+        raise BadData(f"no pixels to resize ({pixels.shape[1]}x{pixels.shape[0]})")
+    if pixels.shape == out.shape and scale is None:
         out[...] = pixels
         return
     # 1 c h w views with channels_last strides (numpy's views cost a tenth of torch's)
-    src, dst = _torch.from_numpy(pixels.transpose(2, 0, 1)[None]), _torch.from_numpy(out.transpose(2, 0, 1)[None])
-    _torch.ops.aten._upsample_bicubic2d_aa.out(src, list(out.shape[:2]), False, None, None, out=dst)
+    src, dst = torch.from_numpy(pixels.transpose(2, 0, 1)[None]), torch.from_numpy(out.transpose(2, 0, 1)[None])
+    try:
+        torch.ops.aten._upsample_bicubic2d_aa.out(src, list(out.shape[:2]), False, scale, scale, out=dst)
+    except Exception as e:  # our inputs, not the data's: a bug (or a torch that changed), never a bad sample
+        raise RuntimeError(f"resizing {tuple(pixels.shape)} pixels to {tuple(out.shape)} failed in torch: "
+                           f"{e}") from e
 
 
 def parse_cls(raw: bytes, num_classes: int) -> int:

@@ -177,11 +177,12 @@ def photo_like(w, h, seed=0):
 
 
 @pytest.mark.parametrize("w,h,size", [(64, 48, 32), (48, 64, 32), (24, 20, 32), (40, 30, 40), (32, 32, 32),
-                                      (1, 1, 16), (1, 9, 8), (300, 7, 16), (530, 520, 32), (520, 530, 64)])
+                                      (1, 1, 16), (1, 9, 8), (300, 7, 16), (530, 520, 32), (520, 530, 64),
+                                      (523, 530, 32), (600, 523, 64), (530, 520, 16)])
 def test_the_resize_is_pils_bicubic_of_the_crop(w, h, size):
     """Torch's uint8 kernel with PIL's filter: within 2 levels of PIL resizing the same square crop,
-    up or down (antialiased), for any shape down to one pixel, and for a crop 8x the size or more
-    (box-averaged by PIL first, so that no full-size array is made)."""
+    up or down (antialiased), for any shape down to one pixel; a crop 8x the size or more is box-averaged
+    first, as PIL's `reducing_gap=4` does it (also when the factor does not divide the crop)."""
     import random
 
     img = photo_like(w, h)
@@ -193,9 +194,46 @@ def test_the_resize_is_pils_bicubic_of_the_crop(w, h, size):
         rng = random.Random(3)
         x0, y0 = ((rng.randint(0, w - side), rng.randint(0, h - side)) if crop == "random"
                   else ((w - side) // 2, (h - side) // 2))
-        want = np.asarray(img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BICUBIC), dtype=int)
+        gap = 4.0 if side >= 8 * size else None
+        want = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BICUBIC, reducing_gap=gap)
         assert got.shape == (size, size, 3) and got.dtype == np.uint8
-        assert np.abs(got - want).max() <= 2, (crop, np.abs(got - want).max())
+        assert np.abs(got - np.asarray(want, dtype=int)).max() <= 2, (crop, np.abs(got - want).max())
+
+
+def test_a_drafted_jpeg_still_big_for_the_size_is_box_averaged_as_pil_would():
+    """A 4000x3000 JPEG for 32 px: drafted to 500x375, a 375 crop then reduced by 2 (not a divisor)."""
+    img = photo_like(4000, 3000)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    drafted = Image.open(io.BytesIO(buf.getvalue()))
+    drafted.draft("RGB", (32, 32))
+    drafted = drafted.convert("RGB")
+    assert drafted.size == (500, 375)
+    want = drafted.crop((62, 0, 437, 375)).resize((32, 32), Image.BICUBIC, reducing_gap=4.0)
+    got = load_image(buf.getvalue(), 32, "center", False, None)
+    assert np.abs(got - np.asarray(want, dtype=int)).max() <= 2
+
+
+def test_a_failing_resize_is_a_bug_not_bad_data(monkeypatch):
+    """The resize's inputs are ours (a crop of a decoded picture): torch failing there must stop the run
+    with its error, not turn every sample into a bad one (a torch without the kernel would)."""
+    import random
+    import types
+
+    import shards.decode as dec
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel gone")
+
+    load_image(image_bytes(0, 40), 32, "center", False, None)  # torch imported
+    fake = types.SimpleNamespace(from_numpy=dec._torch.from_numpy, ops=types.SimpleNamespace(
+        aten=types.SimpleNamespace(_upsample_bicubic2d_aa=types.SimpleNamespace(out=broken))))
+    monkeypatch.setattr(dec, "_torch", fake)
+    sample = {"__key__": "k", "__url__": "u", "jpg": image_bytes(0, 40)}
+    with pytest.raises(RuntimeError, match="failed in torch: kernel gone"):
+        dec.guarded(sample, dec.DecodeSpec(image_size=32), random.Random(0))
+    with pytest.raises(dec.BadData, match="no pixels"):  # never from PIL (it refuses such files), but said
+        dec.resize_into(np.zeros((0, 5, 3), np.uint8), np.zeros((4, 4, 3), np.uint8))
 
 
 def test_a_big_picture_is_box_averaged_before_it_becomes_an_array(monkeypatch):

@@ -330,6 +330,44 @@ def test_verify_and_the_loader_share_one_decoder(tmp_path, capsys, monkeypatch):
     assert loader_bad_keys(loader, out) == {"s00003"}
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_samples_pixels_never_reach_a_batch(tmp_path, monkeypatch, workers):
+    """Images decode straight into their batch slot, so a sample whose image decodes and whose cls then
+    fails leaves its pixels there. Runs of 0-6 such samples (whole windows bad: the look-ahead fill) with
+    random crops and flips: every batch, and every resume, equals the stream that decodes each image into
+    an array of its own."""
+    from harness.data import _Positions
+    from shards.index import write_index
+
+    out = tmp_path / "set"
+    out.mkdir()
+    k, entries = 0, []
+    for n in range(2):
+        with wds.TarWriter(str(out / f"{n:06d}.tar")) as w:
+            for run in (6, 0, 5, 1, 4, 2, 3, 0):
+                w.write({"__key__": f"g{k:05d}", "jpg": image_bytes(k, 40), "cls": str(k % 4).encode()})
+                k += 1
+                for _ in range(run):  # decodes, then its cls fails
+                    w.write({"__key__": f"b{k:05d}", "jpg": image_bytes(5000 + k, 40), "cls": b"\xff"})
+                    k += 1
+        entries.append({"name": f"{n:06d}.tar", "num_samples": 8})
+    write_index(out, source={"kind": "test"}, shards=entries, classes=[f"c{i}" for i in range(4)], label_names=[])
+    c = cfg(out, num_workers=workers, crop="random", hflip=True, shuffle_buffer=0)
+    loader = TrainLoader(c, rank=0, world_size=1, batch_size=3)
+    n = 2 * loader.batches_per_epoch + 2
+    got = read_batches(loader, n)
+    real = _Positions.take
+    monkeypatch.setattr(_Positions, "take", lambda self, into: real(self, np.empty_like(into)))
+    want = read_batches(TrainLoader(c, rank=0, world_size=1, batch_size=3), n)
+    monkeypatch.undo()
+    assert sum(b["bad"] for b in got) > n and any(b["bad"] == 3 for b in got)  # all-bad windows too
+    for a, b in zip(got, want):
+        assert list(a["key"]) == list(b["key"]) and torch.equal(a["image"], b["image"])
+    for start in (1, 3, loader.batches_per_epoch + 1):
+        again = read_batches(TrainLoader(c, rank=0, world_size=1, batch_size=3), n - start, start=start)
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got[start:], again))
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume after bad samples
 # ---------------------------------------------------------------------------------------------
