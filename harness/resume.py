@@ -23,6 +23,7 @@ from harness.dist import all_reduce_sum
 from harness.engine import place_steps
 from harness.hooks import check_ema_matches
 from harness.inference import LoadError, weights_source
+from harness.signals import PREEMPTED_MARK
 
 # model.* keys that no parameter depends on: a resume follows the config for them (a note in the log)
 # prior_vq: where the frozen VQ model is read from (its weights are checked by their digest, noted when they
@@ -198,6 +199,8 @@ def begin(trainer, start: Start) -> None:
     else:
         set_seed(trainer.cfg.train.seed + trainer.world.rank)  # posterior noise differs per rank
     trainer.ckpt.clean_stale()
+    if trainer.world.is_main:  # says how the last start ended: this one has not
+        (trainer.run_dir / PREEMPTED_MARK).unlink(missing_ok=True)
     # every rank, validating or not: a best that is dropped there is dropped on all
     trainer.validator.reconcile(trainer.run_dir / "checkpoints", trainer.step, trainer.log)
     if start.resume_from is not None:

@@ -100,10 +100,12 @@ def acquire(run_dir: str | Path) -> None:
         return
     # What the first save needs, found now rather than after checkpoint.every_steps steps of training.
     ck, latest = run_dir / "checkpoints", run_dir / "latest"
-    if ck.is_symlink() and not ck.exists():
-        raise RunDirError(f"run.dir {run_dir}: checkpoints is a link to nothing (to {os.readlink(ck)})")
-    if ck.exists() and not ck.is_dir():
-        raise RunDirError(f"run.dir {run_dir}: checkpoints exists and is not a folder")
+    for name in ("checkpoints", "tb", "samples"):  # the folders it writes into (tb/ and samples/: at start too)
+        sub = run_dir / name
+        if sub.is_symlink() and not sub.exists():
+            raise RunDirError(f"run.dir {run_dir}: {name} is a link to nothing (to {os.readlink(sub)})")
+        if sub.exists() and not sub.is_dir():
+            raise RunDirError(f"run.dir {run_dir}: {name} exists and is not a folder")
     if ck.is_dir() and not os.access(ck, os.W_OK | os.X_OK):
         raise RunDirError(f"run.dir {run_dir}: checkpoints ({ck.resolve()}) is not writable")
     if latest.is_dir():
@@ -172,6 +174,14 @@ def _close_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_close_in_child)
+
+
+def holds(run_dir: str | Path) -> bool:
+    """Whether this process holds the lock of `run_dir` (so what it writes there is this run's)."""
+    try:
+        return Path(run_dir).resolve() in _held
+    except OSError:
+        return False
 
 
 def release_all() -> None:

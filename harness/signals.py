@@ -9,9 +9,11 @@ SIGHUP and goes on, as nohup means; torchrun (inside a multi-process `accelerate
 its own SIGHUP handler and forwards the signal to the workers, so there use
 `PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGQUIT nohup accelerate launch ...`, setsid or tmux.
 
-SLURM sends SIGUSR1 before a time limit (`#SBATCH --signal`) and SIGTERM on preemption; the sbatch
-script requeues the job when the trainer exits with EXIT_PREEMPTED, and the requeued job resumes
-from `latest`. The handler only sets a flag: the training loop reads it between steps, and all
+SLURM sends SIGUSR1 before a time limit (`#SBATCH --signal`) and SIGTERM on preemption; the trainer
+then exits with EXIT_PREEMPTED after its checkpoint, and the main process leaves PREEMPTED_MARK in the
+run folder (step and signal): `accelerate launch` reports any worker's non-zero exit as 1, so the sbatch
+script requeues the job when it finds the mark (removed before each start), and the requeued job
+resumes from `latest`. The handler only sets a flag: the training loop reads it between steps, and all
 ranks agree on it through an all-reduce (`StopVote`), so every rank stops at the same step (a
 checkpoint is a collective operation and no rank may skip it).
 """
@@ -29,6 +31,23 @@ EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_HANGUP = 129  # 128 + SIGHUP
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTED_MARK = "preempted"  # in the run folder: the last start ended by a stop signal, its checkpoint saved
+
+
+def mark_preempted(run_dir, step: int | None, signum: int | None) -> None:
+    """Leave PREEMPTED_MARK in `run_dir` (one line; atomic): what the sbatch script requeues on. Best
+    effort: a run folder that cannot take it leaves the job to end as failed, which is said."""
+    from pathlib import Path
+
+    from shards.atomic import write_atomic
+
+    what = signal.Signals(signum).name if signum else "another rank's stop signal"
+    line = f"{what}: {'nothing trained from this start' if step is None else f'checkpoint at step {step}'}\n"
+    try:
+        if Path(run_dir).is_dir():
+            write_atomic(Path(run_dir) / PREEMPTED_MARK, line)
+    except OSError:
+        pass
 
 
 def _isatty(fd: int) -> bool:

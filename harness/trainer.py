@@ -41,7 +41,7 @@ from harness.inference import init_weights
 from harness.monitor import Monitor, StepStats
 from harness.resume import begin, data_mixture, init_source, plan
 from harness.runlock import hold as hold_run_dir
-from harness.signals import EXIT_PREEMPTED, StopFlag, StopVote
+from harness.signals import EXIT_PREEMPTED, StopFlag, StopVote, mark_preempted
 from harness.tasks import make_task
 from harness.validation import Validator, reference_nets
 from models.registry import build_model, deepspeed_unsupported
@@ -80,6 +80,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
+        self.exit_code: int | None = None  # set when the training loop has ended (train())
         if scale.using_deepspeed() and (why := deepspeed_unsupported(cfg.model)):
             raise ConfigError(why)
         if scale.using_deepspeed() and cfg.optim.fused:
@@ -317,11 +318,17 @@ class Trainer:
                 self.log.info(f"done: {self.step} steps, {self.samples_seen} samples; "
                               f"tensorboard --logdir {shlex.quote(str(self.run_dir / 'tb'))}")
             vote.close()  # every rank left the loop at the same step
+            self.exit_code = exit_code  # the run's outcome, whatever a signal while closing would say
+            if exit_code == EXIT_PREEMPTED and self.world.is_main:
+                mark_preempted(self.run_dir, self.step, stop.signum)
         finally:
-            stop.restore()
-            bar.close()
-            self.monitor.close()
-            batches.close()  # the loader's workers end here, not at interpreter exit
+            try:  # a stop signal while closing is still the flag's (the start-up handler would call it a
+                ckpt._pause("closing")  # stop "while starting", exit 75, and skip the rest of this)
+                bar.close()
+                self.monitor.close()
+                batches.close()  # the loader's workers end here, not at interpreter exit
+            finally:
+                stop.restore()
         return exit_code
 
     def _check_bad_share(self) -> None:

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from harness.checkpoint import CheckpointError, ResumeError  # noqa: E402
 from harness.config import ConfigError, describe, load_config  # noqa: E402
 from harness.dist import DistEnvError  # noqa: E402
-from harness.runlock import RunDirError, release_all  # noqa: E402
+from harness.runlock import RunDirError, holds, release_all  # noqa: E402
 from shards.sources import DataSourceError  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataSourceError, ResumeError, DistEnvError, RunDirError)
@@ -221,8 +221,14 @@ def main(argv: list[str] | None = None) -> int:
                 else "(--resume latest continues from the newest)"))
         return 1
     except StopWhileStarting as e:
+        if trainer is not None and trainer.exit_code is not None:  # it came as the finished run was closing
+            return trainer.exit_code
         _say(f"stopped by {e} while starting: nothing trained from this start (the checkpoints saved before are "
              "intact)")
+        if holds(cfg.run.dir):  # the sbatch script requeues on it (accelerate turns 75 into 1); not another job's
+            from harness.signals import mark_preempted
+
+            mark_preempted(cfg.run.dir, None, getattr(signal.Signals, str(e), None))
         return 75
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints), or one before the loop
         _say("interrupted: stopped without a checkpoint of this step; the saved ones are intact "

@@ -566,7 +566,7 @@ def test_disk_full_on_one_rank_stops_every_rank_without_a_hang(shards, tmp_path)
 # ----------------------------------------------------------------------------------------- sbatch arguments
 
 
-def sbatch(tmp_path, *argv):
+def sbatch(tmp_path, *argv, **extra):
     """launch/slurm/train.sbatch run by bash, with srun / scontrol stand-ins that print what they got."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -575,7 +575,8 @@ def sbatch(tmp_path, *argv):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NAME="t",
-               SLURM_NNODES="1", SLURM_JOB_NODELIST="node1", SLURM_SUBMIT_DIR=str(ROOT), RUN_DIR=str(tmp_path / "r"))
+               SLURM_NNODES="1", SLURM_JOB_NODELIST="node1", SLURM_SUBMIT_DIR=str(ROOT), RUN_DIR=str(tmp_path / "r"),
+               **extra)
     return subprocess.run(["bash", str(ROOT / "launch/slurm/train.sbatch"), *argv], env=env, capture_output=True,
                           text=True, timeout=30)
 
@@ -609,7 +610,8 @@ def test_sbatch_takes_the_run_folder_from_a_run_dir_override_too(tmp_path):
     assert f"run.dir={tmp_path / 'r'}" not in words and f"run {own}," in r.stdout  # one run.dir, the override's
     own.mkdir()
     (own / "latest").write_text("checkpoints/step_160\n")  # preempted after its first checkpoint: requeued
-    words = sbatch(tmp_path, "data.train=/d", f"run.dir={own}", "--resume", "/other/checkpoints/step_10").stdout
+    words = sbatch(tmp_path, "data.train=/d", f"run.dir={own}", "--resume", "/other/checkpoints/step_10",
+                   SLURM_RESTART_COUNT="1").stdout
     assert words.splitlines()[words.splitlines().index("--resume") + 1] == "latest"
 
 
@@ -715,14 +717,56 @@ def test_a_stop_signal_while_starting_is_one_line_and_exit_75(shards, tmp_path):
         assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
 
 
+def test_a_stop_signal_leaves_the_mark_the_sbatch_script_requeues_on(shards, tmp_path):
+    """accelerate launch reports a worker's 75 as 1: the run folder's `preempted` says it was a stop
+    signal with a checkpoint (or nothing trained, while starting), not a crash; a new start removes it."""
+    run = tmp_path / "r"
+    env = dict(os.environ, HARNESS_CRASH_TEST_PAUSE="starting:30", OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), *args(shards, run, "train.max_steps=2")],
+                         env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (run / ".lock").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGUSR1)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 75, err
+    assert (run / "preempted").read_text() == "SIGUSR1: nothing trained from this start\n"
+    assert main(args(shards, run, "train.max_steps=2")) == 0  # a start that ends well: no mark
+    assert not (run / "preempted").exists()
+
+
+def test_a_stop_signal_while_a_finished_run_closes_changes_nothing(shards, tmp_path):
+    """The loop's handlers used to give way to the start-up ones before the TensorBoard writer and the
+    loader were closed: a SIGTERM then made a finished run exit 75, "stopped while starting: nothing
+    trained", skipping the rest of the closing (and a USR1 requeued a finished job)."""
+    run = tmp_path / "r"
+    env = dict(os.environ, HARNESS_CRASH_TEST_PAUSE="closing:4", OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), *args(shards, run, "train.max_steps=2")],
+                         env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while not (run / "latest").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the final save is done: closing (held 4 s)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "while starting" not in err and not (run / "preempted").exists()
+    assert "done: 2 steps" in (run / "train.log").read_text()
+
+
 def test_a_checkpoints_folder_the_first_save_cannot_use_is_refused_at_start(shards, tmp_path, capsys):
     """checkpoints/ a file or a link to nothing, or `latest` a folder: the run trained checkpoint.every_steps
     steps, then failed its first save (those steps lost). One line at start now."""
     cases = {"file": lambda r: (r / "checkpoints").write_text("x"),
              "dangling": lambda r: (r / "checkpoints").symlink_to(tmp_path / "gone"),
-             "latest": lambda r: (r / "latest").mkdir()}
+             "latest": lambda r: (r / "latest").mkdir(),
+             "tb": lambda r: (r / "tb").write_text("x"),  # was a FileExistsError at start, with a resume hint
+             "samples": lambda r: (r / "samples").symlink_to(tmp_path / "gone")}
     said = {"file": "checkpoints exists and is not a folder",
             "dangling": f"checkpoints is a link to nothing (to {tmp_path / 'gone'})",
+            "tb": "tb exists and is not a folder",
+            "samples": f"samples is a link to nothing (to {tmp_path / 'gone'})",
             "latest": "latest is a folder; the trainer keeps a one-line file there naming the newest checkpoint: "
                       "move the folder away"}
     for name, make in cases.items():

@@ -278,7 +278,8 @@ def test_encode_sbatch_usr1_requeues_and_ends_as_a_straight_encoding(slurm_env, 
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
 # srun prints the command it was given, one word a line, and exits FAKE_SRUN_RC (75: training
 # checkpointed after a signal); scontrol knows one node and fails a requeue with FAKE_REQUEUE_RC.
-FAKE_SRUN = '#!/bin/bash\nprintf "%s\\n" "$@"\nexit ${FAKE_SRUN_RC:-0}\n'
+FAKE_SRUN = ('#!/bin/bash\nprintf "%s\\n" "$@"\n'
+             '[ -z "${FAKE_MARK:-}" ] || printf "%s\\n" "$FAKE_MARK" >"$RUN_DIR/preempted"\nexit ${FAKE_SRUN_RC:-0}\n')
 FAKE_SCONTROL = """#!/bin/bash
 case $1 in
   show) echo node1 ;;
@@ -335,6 +336,68 @@ def test_a_refused_requeue_fails_the_job(tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: train.sbatch: scontrol requeue failed (exit 1): job 7 is not requeued; resubmit it "
                       f"with RUN_DIR={tmp_path / 'run'} to continue from its latest checkpoint"], r.stderr
+
+
+def test_the_trainers_mark_requeues_whatever_process_got_the_signal(tmp_path):
+    """accelerate launch reports the trainer's 75 as 1; the job's steps (not this shell) got the signal
+    (--signal=USR1@N without B:, preemption's SIGTERM, an admin): the mark in the run folder says it was
+    a stop with a checkpoint. The job used to end FAILED, not requeued."""
+    (tmp_path / "run").mkdir()
+    r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="1", FAKE_MARK="SIGUSR1: checkpoint at step 13")
+    assert r.returncode == 0, r.stderr
+    assert "[sbatch] preempted (exit 1: SIGUSR1: checkpoint at step 13): requeueing job 7" in r.stdout
+    assert requeue_calls(tmp_path) == ["requeue 7"]
+
+
+def test_a_sigterm_mark_is_not_requeued(tmp_path):
+    """scancel (SIGTERM to every process of the job) saves and stops; SLURM's own preemption requeues by
+    its PreemptMode, not this script."""
+    (tmp_path / "run").mkdir()
+    r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="1", FAKE_MARK="SIGTERM: checkpoint at step 4")
+    assert r.returncode == 1 and "[sbatch] training exited with 1" in r.stdout, r.stdout
+    assert requeue_calls(tmp_path) == []
+
+
+def test_a_failure_without_the_mark_is_not_requeued(tmp_path):
+    """A crash, or a save failing on a full disk (exit 1), after SLURM's USR1 reached this shell was
+    requeued too, again and again. And a mark left by an earlier start is not this one's."""
+    fake_sbatch(tmp_path, "data.train=/d")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "preempted").write_text("SIGTERM: checkpoint at step 2\n")  # the previous start's
+    (tmp_path / "bin" / "srun").write_text(WAITING_SRUN)
+    env = {k: v for k, v in os.environ.items() if k not in NO_SLURM}
+    env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FAKE_CALLS=str(tmp_path / "calls"), SLURM_JOB_ID="7",
+               SLURM_JOB_NAME="t", SLURM_NNODES="1", SLURM_JOB_NODELIST="node1", SLURM_SUBMIT_DIR=str(ROOT),
+               RUN_DIR=str(tmp_path / "run"))
+    job = subprocess.Popen(["bash", str(SBATCH), "data.train=/d"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (tmp_path / "calls.started").exists(), 20, "srun to start")
+    job.send_signal(signal.SIGUSR1)
+    out, err = job.communicate(timeout=20)
+    assert job.returncode == 1 and "[sbatch] training exited with 1" in out, (out, err)
+    assert requeue_calls(tmp_path) == [] and not (tmp_path / "run" / "preempted").exists()
+
+
+def test_a_resume_path_is_the_first_starts_then_latest(tmp_path):
+    """Rewinding a run under SLURM: --resume PATH used to be replaced by `latest` whenever the run had one."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest").write_text("checkpoints/step_6\n")
+    step = str(tmp_path / "run" / "checkpoints" / "step_3")
+    r = fake_sbatch(tmp_path, "data.train=/d", "--resume", step)
+    assert r.returncode == 0, r.stderr
+    assert srun_value(r, "--resume") == step and f"resume {step}" in r.stdout
+    r = fake_sbatch(tmp_path, "data.train=/d", "--resume", step, SLURM_RESTART_COUNT="1")  # requeued
+    assert srun_value(r, "--resume") == "latest"
+
+
+def test_more_than_one_task_per_node_is_refused(tmp_path):
+    """--ntasks-per-node=<GPUs>, as other templates have it: two launchers claimed one machine rank."""
+    r = fake_sbatch(tmp_path, "data.train=/d", SLURM_NTASKS="2")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: train.sbatch: 2 tasks on 1 node(s): submit one task per node (--ntasks-per-node=1, as in this "
+        "script's #SBATCH lines); accelerate starts GPUS_PER_NODE processes on each"]
+    assert r.stdout == ""
+    assert fake_sbatch(tmp_path, "data.train=/d", SLURM_NTASKS="2", SLURM_NNODES="2").returncode == 0
 
 
 @pytest.mark.parametrize("env, nodes, processes", [

@@ -313,8 +313,10 @@ def test_sigusr1_checkpoints_and_exits_75_then_resume_continues(config, shards, 
     assert proc.returncode == 75, out
     step = ckpt.read_state(ckpt.resolve(run, "latest"))["step"]
     assert step >= 4 and f"checkpoint at step {step} saved" in out
+    assert (run / "preempted").read_text() == f"SIGUSR1: checkpoint at step {step}\n"  # what sbatch requeues on
     assert main(args(config, shards, run, f"train.max_steps={step + 2}", "checkpoint.every_steps=0",
                      "--resume", "latest")) == 0
+    assert not (run / "preempted").exists()
     assert f"resuming from {run}/checkpoints/step_{step} at step {step}/" in (run / "train.log").read_text()
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == step + 2
 
