@@ -696,21 +696,28 @@ def test_a_trainer_state_edited_past_its_step_is_one_line(field, value, said):
         assert str(e.value) == f"{folder / ckpt.STATE_NAME}: {said}; not as vae-harness writes it (edited?)"
 
 
+def signalled_while_held(shards, run, sig, pause: str, ready: str, delay: float) -> tuple[int, str]:
+    """launch/train.py held at the pause point `pause` (HARNESS_CRASH_TEST_PAUSE), sent `sig` `delay` s after
+    run/`ready` appears -> (exit code, stderr)."""
+    env = dict(os.environ, HARNESS_CRASH_TEST_PAUSE=pause, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), *args(shards, run, "train.max_steps=2")],
+                         env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while not (run / ready).exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(delay)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    return p.returncode, err
+
+
 def test_a_stop_signal_while_starting_is_one_line_and_exit_75(shards, tmp_path):
     """SIGTERM/SIGUSR1 before the loop takes them over (checkpoint verification, loading: seconds on a real
     job) killed the process silently (143/138), so SLURM's USR1 requeue never happened. Now one line, 75."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         run = tmp_path / sig.name
-        env = dict(os.environ, HARNESS_CRASH_TEST_PAUSE="starting:30", OMP_NUM_THREADS="1")
-        p = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), *args(shards, run, "train.max_steps=2")],
-                             env=env, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
-        while not (run / ".lock").exists() and time.time() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.5)
-        p.send_signal(sig)
-        _, err = p.communicate(timeout=60)
-        assert p.returncode == 75, err
+        code, err = signalled_while_held(shards, run, sig, "starting:30", ".lock", 0.5)
+        assert code == 75, err
         lines = [ln for ln in err.splitlines() if "[WARNING]" not in ln]
         assert lines[-1] == (f"stopped by {sig.name} while starting: nothing trained from this start (the checkpoints "
                              "saved before are intact)"), err
@@ -721,16 +728,8 @@ def test_a_stop_signal_leaves_the_mark_the_sbatch_script_requeues_on(shards, tmp
     """accelerate launch reports a worker's 75 as 1: the run folder's `preempted` says it was a stop
     signal with a checkpoint (or nothing trained, while starting), not a crash; a new start removes it."""
     run = tmp_path / "r"
-    env = dict(os.environ, HARNESS_CRASH_TEST_PAUSE="starting:30", OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), *args(shards, run, "train.max_steps=2")],
-                         env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (run / ".lock").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    p.send_signal(signal.SIGUSR1)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 75, err
+    code, err = signalled_while_held(shards, run, signal.SIGUSR1, "starting:30", ".lock", 0.5)
+    assert code == 75, err
     assert (run / "preempted").read_text() == "SIGUSR1: nothing trained from this start\n"
     assert main(args(shards, run, "train.max_steps=2")) == 0  # a start that ends well: no mark
     assert not (run / "preempted").exists()
@@ -741,16 +740,9 @@ def test_a_stop_signal_while_a_finished_run_closes_changes_nothing(shards, tmp_p
     loader were closed: a SIGTERM then made a finished run exit 75, "stopped while starting: nothing
     trained", skipping the rest of the closing (and a USR1 requeued a finished job)."""
     run = tmp_path / "r"
-    env = dict(os.environ, HARNESS_CRASH_TEST_PAUSE="closing:4", OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), *args(shards, run, "train.max_steps=2")],
-                         env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 90
-    while not (run / "latest").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)  # the final save is done: closing (held 4 s)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 0, err
+    # the final save is done (latest), 1 s later the run is closing (held there 4 s)
+    code, err = signalled_while_held(shards, run, signal.SIGTERM, "closing:4", "latest", 1.0)
+    assert code == 0, err
     assert "while starting" not in err and not (run / "preempted").exists()
     assert "done: 2 steps" in (run / "train.log").read_text()
 
