@@ -291,6 +291,7 @@ class Trainer:
                     self.last_loss = self.monitor.scalars(stats, time.perf_counter() - t_log, bar)
                     self._check_bad_share()
                     stats, t_log = StepStats(), time.perf_counter()
+                t_aside = time.perf_counter()  # grids, validation and saves are not training's rate
                 if images_every and self.step % images_every == 0 and not stop_now:  # a signal: save first
                     self.monitor.images()
                 improved = (self.validator.active and self.step % cfg.eval.every_steps == 0 and not stop_now
@@ -299,6 +300,7 @@ class Trainer:
                     path, saved_at = self.save(), self.step
                     if improved:
                         self.validator.keep_best(path, self.world.is_main, self.log)
+                t_log += time.perf_counter() - t_aside  # train/images_per_s, data_wait_share: the steps' own time
                 if stop_now:
                     exit_code = stop.exit_code if stop.requested else EXIT_PREEMPTED  # (another rank's signal)
                     self.log.info(f"stop requested by signal: checkpoint at step {self.step} saved, "

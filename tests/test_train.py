@@ -462,6 +462,23 @@ def test_a_resume_after_a_crash_hides_what_the_lost_steps_logged(config, shards,
     assert texts == [0, 6], texts  # the config as started, and as resumed
 
 
+def test_images_per_s_is_the_steps_own_rate_not_the_saves(config, shards, tmp_path, monkeypatch):
+    """A save (held 2 s here), a grid or a validation between two logs made train/images_per_s read as a
+    throughput collapse for that interval (7 against 95 beside a 4 s save)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    common = ["train.max_steps=6", "log.every_steps=2", "checkpoint.every_steps=4", "log.images_every_steps=0"]
+    monkeypatch.setenv("HARNESS_CRASH_TEST_PAUSE", "written:2")  # inside each save
+    assert main(args(config, shards, run, *common)) == 0
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    rate = {e.step: e.value for e in ea.Scalars("train/images_per_s")}
+    assert sorted(rate) == [2, 4, 6]
+    # steps 5-6 came after the save at step 4: 2 steps x batch 4 in well under the save's 2 s
+    assert rate[6] > 0.5 * rate[4] and rate[6] > 2 * 4 / 2, rate
+
+
 def test_start_notes_fp32_under_a_deepspeed_yaml_left_at_auto():
     from types import SimpleNamespace
 
