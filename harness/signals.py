@@ -42,7 +42,8 @@ def mark_preempted(run_dir, step: int | None, signum: int | None) -> None:
     from shards.atomic import write_atomic
 
     what = signal.Signals(signum).name if signum else "another rank's stop signal"
-    line = f"{what}: {'nothing trained from this start' if step is None else f'checkpoint at step {step}'}\n"
+    job = f" (job {os.environ['SLURM_JOB_ID']})" if os.environ.get("SLURM_JOB_ID") else ""  # whose: sbatch checks
+    line = f"{what}: {'nothing trained from this start' if step is None else f'checkpoint at step {step}'}{job}\n"
     try:
         if Path(run_dir).is_dir():
             write_atomic(Path(run_dir) / PREEMPTED_MARK, line)
@@ -85,7 +86,8 @@ class StopFlag:
         os.close(null)
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        if self.signum is None:  # the first one says why (SLURM's USR1, then torchrun's SIGTERM as ranks exit)
+            self.signum = signum
 
     def _interrupt(self, signum, frame) -> None:
         if self.signum is None:

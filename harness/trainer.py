@@ -291,6 +291,10 @@ class Trainer:
                     self.last_loss = self.monitor.scalars(stats, time.perf_counter() - t_log, bar)
                     self._check_bad_share()
                     stats, t_log = StepStats(), time.perf_counter()
+                if self.device.type == "cuda" and (stop_now or images_every and self.step % images_every == 0 or (
+                        self.validator.active and self.step % cfg.eval.every_steps == 0) or (
+                        cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0)):
+                    torch.cuda.synchronize()  # the queued steps are the steps' time, not the save's
                 t_aside = time.perf_counter()  # grids, validation and saves are not training's rate
                 if images_every and self.step % images_every == 0 and not stop_now:  # a signal: save first
                     self.monitor.images()

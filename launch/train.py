@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             return trainer.exit_code
         _say(f"stopped by {e} while starting: nothing trained from this start (the checkpoints saved before are "
              "intact)")
-        if holds(cfg.run.dir):  # the sbatch script requeues on it (accelerate turns 75 into 1); not another job's
+        # the sbatch script requeues on it (accelerate turns 75 into 1): written by the run's lock holder, or
+        # before the lock by rank 0 of a SLURM job (the mark names the job; its script reads only its own)
+        if holds(cfg.run.dir) or (os.environ.get("SLURM_JOB_ID") and os.environ.get("RANK", "0") == "0"):
             from harness.signals import mark_preempted
 
             mark_preempted(cfg.run.dir, None, getattr(signal.Signals, str(e), None))

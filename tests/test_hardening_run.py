@@ -769,3 +769,20 @@ def test_a_checkpoints_folder_the_first_save_cannot_use_is_refused_at_start(shar
         assert main(args(shards, run, "train.max_steps=1")) == 2
         assert one_line(capsys) == f"error: run.dir {run}: {said[name]}"
         assert not (run / "train.log").exists()
+
+
+def test_the_mark_names_the_job_and_the_first_stop_signal(tmp_path, monkeypatch):
+    """train.sbatch reads only its own job's mark; and torchrun's SIGTERM to the ranks still running after
+    one exited 75 must not turn SLURM's USR1 into a SIGTERM (which is not requeued)."""
+    from harness.signals import StopFlag, mark_preempted
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    mark_preempted(tmp_path, 13, signal.SIGUSR1)
+    assert (tmp_path / "preempted").read_text() == "SIGUSR1: checkpoint at step 13 (job 7)\n"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    mark_preempted(tmp_path, None, None)
+    assert (tmp_path / "preempted").read_text() == "another rank's stop signal: nothing trained from this start\n"
+    flag = StopFlag()
+    flag._handle(signal.SIGUSR1, None)
+    flag._handle(signal.SIGTERM, None)
+    assert flag.signum == signal.SIGUSR1 and flag.exit_code == 75

@@ -278,8 +278,9 @@ def test_encode_sbatch_usr1_requeues_and_ends_as_a_straight_encoding(slurm_env, 
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
 # srun prints the command it was given, one word a line, and exits FAKE_SRUN_RC (75: training
 # checkpointed after a signal); scontrol knows one node and fails a requeue with FAKE_REQUEUE_RC.
-FAKE_SRUN = ('#!/bin/bash\nprintf "%s\\n" "$@"\n'
-             '[ -z "${FAKE_MARK:-}" ] || printf "%s\\n" "$FAKE_MARK" >"$RUN_DIR/preempted"\nexit ${FAKE_SRUN_RC:-0}\n')
+FAKE_SRUN = ('#!/bin/bash\nprintf "%s\\n" "$@"\n'  # FAKE_MARK: written where the trainer would (its run.dir=)
+             'for a in "$@"; do case $a in run.dir=*) RD=${a#run.dir=} ;; esac; done\n'
+             '[ -z "${FAKE_MARK:-}" ] || printf "%s\\n" "$FAKE_MARK" >"$RD/preempted"\nexit ${FAKE_SRUN_RC:-0}\n')
 FAKE_SCONTROL = """#!/bin/bash
 case $1 in
   show) echo node1 ;;
@@ -343,9 +344,39 @@ def test_the_trainers_mark_requeues_whatever_process_got_the_signal(tmp_path):
     (--signal=USR1@N without B:, preemption's SIGTERM, an admin): the mark in the run folder says it was
     a stop with a checkpoint. The job used to end FAILED, not requeued."""
     (tmp_path / "run").mkdir()
-    r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="1", FAKE_MARK="SIGUSR1: checkpoint at step 13")
+    r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="1", FAKE_MARK="SIGUSR1: checkpoint at step 13 (job 7)")
     assert r.returncode == 0, r.stderr
-    assert "[sbatch] preempted (exit 1: SIGUSR1: checkpoint at step 13): requeueing job 7" in r.stdout
+    assert "[sbatch] preempted (exit 1: SIGUSR1: checkpoint at step 13 (job 7)): requeueing job 7" in r.stdout
+    assert requeue_calls(tmp_path) == ["requeue 7"]
+
+
+def test_another_jobs_mark_is_neither_read_nor_removed(tmp_path):
+    """A second job on the run folder (refused by its lock) must not requeue on the first one's mark, nor
+    remove it before the first job's script reads it."""
+    (tmp_path / "run").mkdir()
+    r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="2", FAKE_MARK="SIGUSR1: checkpoint at step 13 (job 6)")
+    assert r.returncode == 2 and requeue_calls(tmp_path) == [], r.stdout
+    (tmp_path / "run" / "preempted").write_text("SIGUSR1: checkpoint at step 13 (job 6)\n")
+    fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="2")
+    assert (tmp_path / "run" / "preempted").read_text() == "SIGUSR1: checkpoint at step 13 (job 6)\n"
+
+
+def test_usr1_killing_the_launchers_requeues_whoever_got_it(tmp_path):
+    """Exit 138 (USR1 before torchrun hands it on: nothing trained): requeued also when the job's steps got
+    it (--signal=USR1@N without B:), not only this shell."""
+    r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="138")
+    assert r.returncode == 0 and requeue_calls(tmp_path) == ["requeue 7"], r.stdout
+
+
+def test_a_run_dir_under_home_is_where_the_trainer_writes(tmp_path):
+    """run.dir=~/x reaches the script unexpanded; the trainer expands it, so the script looked for
+    `latest` and the mark in ./~/x."""
+    home = tmp_path / "home"
+    (home / "x").mkdir(parents=True)
+    (home / "x" / "latest").write_text("checkpoints/step_6\n")
+    r = fake_sbatch(tmp_path, "data.train=/d", "run.dir=~/x", FAKE_SRUN_RC="1",
+                    FAKE_MARK="SIGUSR1: checkpoint at step 8 (job 7)", HOME=str(home), RUN_DIR=None)
+    assert f"run {home / 'x'}, resume latest" in r.stdout, r.stdout
     assert requeue_calls(tmp_path) == ["requeue 7"]
 
 
@@ -353,7 +384,7 @@ def test_a_sigterm_mark_is_not_requeued(tmp_path):
     """scancel (SIGTERM to every process of the job) saves and stops; SLURM's own preemption requeues by
     its PreemptMode, not this script."""
     (tmp_path / "run").mkdir()
-    r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="1", FAKE_MARK="SIGTERM: checkpoint at step 4")
+    r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="1", FAKE_MARK="SIGTERM: checkpoint at step 4 (job 7)")
     assert r.returncode == 1 and "[sbatch] training exited with 1" in r.stdout, r.stdout
     assert requeue_calls(tmp_path) == []
 
@@ -363,7 +394,7 @@ def test_a_failure_without_the_mark_is_not_requeued(tmp_path):
     requeued too, again and again. And a mark left by an earlier start is not this one's."""
     fake_sbatch(tmp_path, "data.train=/d")
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "preempted").write_text("SIGTERM: checkpoint at step 2\n")  # the previous start's
+    (tmp_path / "run" / "preempted").write_text("SIGUSR1: checkpoint at step 2 (job 7)\n")  # an earlier start's
     (tmp_path / "bin" / "srun").write_text(WAITING_SRUN)
     env = {k: v for k, v in os.environ.items() if k not in NO_SLURM}
     env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FAKE_CALLS=str(tmp_path / "calls"), SLURM_JOB_ID="7",
