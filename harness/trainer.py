@@ -291,16 +291,16 @@ class Trainer:
                     self.last_loss = self.monitor.scalars(stats, time.perf_counter() - t_log, bar)
                     self._check_bad_share()
                     stats, t_log = StepStats(), time.perf_counter()
-                if self.device.type == "cuda" and (stop_now or images_every and self.step % images_every == 0 or (
-                        self.validator.active and self.step % cfg.eval.every_steps == 0) or (
-                        cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0)):
+                grid = bool(images_every) and self.step % images_every == 0 and not stop_now  # a signal: save first
+                validate = self.validator.active and self.step % cfg.eval.every_steps == 0 and not stop_now
+                save = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0 or stop_now
+                if self.device.type == "cuda" and (grid or validate or save):
                     torch.cuda.synchronize()  # the queued steps are the steps' time, not the save's
                 t_aside = time.perf_counter()  # grids, validation and saves are not training's rate
-                if images_every and self.step % images_every == 0 and not stop_now:  # a signal: save first
+                if grid:
                     self.monitor.images()
-                improved = (self.validator.active and self.step % cfg.eval.every_steps == 0 and not stop_now
-                            and self.validator.improved(self.validator.run(self), self.step))
-                if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or stop_now or improved:
+                improved = validate and self.validator.improved(self.validator.run(self), self.step)
+                if save or improved:
                     path, saved_at = self.save(), self.step
                     if improved:
                         self.validator.keep_best(path, self.world.is_main, self.log)
