@@ -196,6 +196,7 @@ def begin(trainer, start: Start) -> None:
         # (a checkpoint of a run that did not validate, written before runs carried the best, has no "best":
         # the copy `best` names says what it was, and reconcile below checks it against the resumed step)
         trainer.validator.best = state["best"] if "best" in state else best_named(trainer.run_dir / "checkpoints")
+        trainer.validator.owed = state.get("validation_owed")  # a stop skipped it: validated first (trainer)
     else:
         set_seed(trainer.cfg.train.seed + trainer.world.rank)  # posterior noise differs per rank
     trainer.ckpt.clean_stale()

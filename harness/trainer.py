@@ -280,7 +280,8 @@ class Trainer:
         images_every = cfg.log.images_every_steps
         self.engine.model.train()
         try:
-            while self.step < cfg.train.max_steps:
+            stopped = not self.owed_validation(stop)  # a signal while validating what the last start owed
+            while not stopped and self.step < cfg.train.max_steps:
                 self.train_step(batches, stats)
                 stop_now = vote()  # all ranks stop at the same step: a checkpoint is collective
                 self.step += 1
@@ -292,23 +293,25 @@ class Trainer:
                     self._check_bad_share()
                     stats, t_log = StepStats(), time.perf_counter()
                 grid = bool(images_every) and self.step % images_every == 0 and not stop_now  # a signal: save first
-                validate = self.validator.active and self.step % cfg.eval.every_steps == 0 and not stop_now
+                validate = self.validates_at(self.step) and not stop_now  # (a signal: owed to the resumed run)
                 save = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0 or stop_now
                 if self.device.type == "cuda" and (grid or validate or save):
                     torch.cuda.synchronize()  # the queued steps are the steps' time, not the save's
                 t_aside = time.perf_counter()  # grids, validation and saves are not training's rate
                 if grid:
                     self.monitor.images()
-                improved = validate and self.validator.improved(self.validator.run(self), self.step)
-                if save or improved:
+                result = self.validator.run(self, stop) if validate else {}
+                stop_now = stop_now or result is None  # a signal cut the validation short: save and stop
+                self.validator.owed = self.step if self.validates_at(self.step) and (result is None or not validate) \
+                    else None  # carried by this step's checkpoint
+                improved = bool(result) and self.validator.improved(result, self.step)
+                if save or stop_now or improved:
                     path, saved_at = self.save(), self.step
                     if improved:
                         self.validator.keep_best(path, self.world.is_main, self.log)
                 t_log += time.perf_counter() - t_aside  # train/images_per_s, data_wait_share: the steps' own time
                 if stop_now:
-                    exit_code = stop.exit_code if stop.requested else EXIT_PREEMPTED  # (another rank's signal)
-                    self.log.info(f"stop requested by signal: checkpoint at step {self.step} saved, "
-                                  f"exiting with {exit_code}")
+                    stopped = True
                     break
                 if cfg.train.stop_after_steps and self.step - first_step >= cfg.train.stop_after_steps:
                     if saved_at != self.step:
@@ -316,13 +319,19 @@ class Trainer:
                     self.log.info(f"train.stop_after_steps={cfg.train.stop_after_steps} reached at step {self.step}")
                     break
             else:
-                if saved_at != self.step:
-                    self.save()
-                if not (images_every and self.step % images_every == 0):
-                    self.monitor.images()
-                self.task.finish(self)
-                self.log.info(f"done: {self.step} steps, {self.samples_seen} samples; "
-                              f"tensorboard --logdir {shlex.quote(str(self.run_dir / 'tb'))}")
+                if not stopped:
+                    if saved_at != self.step:
+                        self.save()
+                    if not (images_every and self.step % images_every == 0):
+                        self.monitor.images()
+                    self.task.finish(self)
+                    self.log.info(f"done: {self.step} steps, {self.samples_seen} samples; "
+                                  f"tensorboard --logdir {shlex.quote(str(self.run_dir / 'tb'))}")
+            if stopped:
+                exit_code = stop.exit_code if stop.requested else EXIT_PREEMPTED  # (another rank's signal)
+                self.log.info(f"stop requested by signal: checkpoint at step {self.step} "
+                              f"{'saved' if saved_at == self.step and self.step != first_step else 'kept'}, "
+                              f"exiting with {exit_code}")
             vote.close()  # every rank left the loop at the same step
             self.exit_code = exit_code  # the run's outcome, whatever a signal while closing would say
             if exit_code == EXIT_PREEMPTED and self.world.is_main:
@@ -336,6 +345,28 @@ class Trainer:
             finally:
                 stop.restore()
         return exit_code
+
+    def validates_at(self, step: int) -> bool:
+        return self.validator.active and step % self.cfg.eval.every_steps == 0
+
+    def owed_validation(self, stop: StopFlag) -> bool:
+        """Before the first step of a resumed run: the validation that a stop signal skipped or cut short
+        at the resumed step, if this run validates at that step. False: a signal stopped it again (the
+        checkpoint still owes it: nothing is saved)."""
+        if self.validator.owed != self.step or not self.validates_at(self.step):
+            self.validator.owed = None
+            return True
+        self.log.info(f"validating step {self.step} first: the stop that ended the last start skipped it")
+        result = self.validator.run(self, stop)
+        if result is None:
+            return False
+        self.validator.owed = None
+        if self.validator.improved(result, self.step):
+            path = self.ckpt.root / f"step_{self.step}"
+            if not ckpt.is_complete(path):  # resumed from a checkpoint outside this run: a copy of it here
+                path = self.save()
+            self.validator.keep_best(path, self.world.is_main, self.log)
+        return True
 
     def _check_bad_share(self) -> None:
         bad, good, d = self.totals["bad_samples"], self.samples_seen, self.cfg.data

@@ -32,6 +32,7 @@ from harness import checkpoint as ckpt
 from harness import scale
 from harness.config import IMAGE_CHANNELS, Config, ConfigError
 from harness.data import eval_batches, unread_note
+from harness.dist import all_reduce_sum
 from harness.evaluation import BASIC, Evaluator, better, fid_net, perception_fd_net
 from models.registry import build_model
 from shards.atomic import fsync_dir, fsync_tree, temp_path
@@ -87,6 +88,9 @@ class Validator:
         self.active = refs is not None
         self.nets, self.lpips, self.copy = refs if refs is not None else ([], None, None)
         self.best: dict | None = None  # {"metric", "value", "step", "measured_on": measured_on()}
+        # The step whose validation a stop signal skipped or cut short (its checkpoint carries it): the
+        # resumed run validates it before training on (`owed_first`).
+        self.owed: int | None = None
         self.unread_said = False
 
     def measured_on(self) -> dict:
@@ -116,8 +120,11 @@ class Validator:
         # Only the model's own tensors: the run may train more (a learned loss variance).
         self.copy.load_state_dict({k: state[k] for k in self.copy.state_dict()})
 
-    def run(self, trainer) -> dict:
-        """Validate now; log `val/*`; returns the metrics."""
+    def run(self, trainer, stop=None) -> dict | None:
+        """Validate now; log `val/*`; returns the metrics. With the loop's StopFlag `stop`, a stop signal
+        ends this rank's share at the next batch (a big data.val can take longer than SLURM's warning
+        before the kill), and then every rank returns None, nothing logged: the ranks agree in one
+        all-reduce, which each makes once per validation whatever its batch count."""
         cfg, w = self.cfg, trainer.world
         self._load_weights(trainer)
         loader, sources = eval_batches(cfg.data.val, image_size=cfg.data.image_size,
@@ -133,8 +140,19 @@ class Validator:
         quantizer = getattr(self.copy, "quantizer", None)
         ev = Evaluator(device=self.device, class_names=classes[: cfg.model.num_classes], lpips=self.lpips,
                        feature_nets=self.nets, codebook_size=getattr(quantizer, "codebook_size", 0))
-        for batch in loader:  # in fp32 whatever the training precision: the numbers launch/evaluate.py gives
-            ev.update(self.copy, batch, trainer.task.cond_key)
+        cut, batches = False, iter(loader)
+        try:
+            for batch in batches:  # in fp32 whatever the training precision: the numbers launch/evaluate.py gives
+                ev.update(self.copy, batch, trainer.task.cond_key)
+                ckpt._pause("validating")  # signal tests hold here, between two batches
+                if cut := stop is not None and stop.requested:
+                    break
+        finally:
+            del batches  # the reader's worker ends now, not at the next collection
+        if stop is not None and (all_reduce_sum([float(cut)], self.device)[0] if w.world_size > 1 else cut):
+            trainer.log.info(f"validation at step {trainer.step} stopped by the signal, nothing measured: the "
+                             "resumed run validates this step first")
+            return None
         result = ev.result(distributed=True)
         if not result["samples"]:  # every rank knows: the count is all-reduced
             trainer.log.info(f"validation at step {trainer.step}: data.val ({cfg.data.val}) gave no readable "
@@ -285,7 +303,7 @@ class Validator:
         fsync_dir(root)
 
     def state(self) -> dict:
-        return {"best": self.best}
+        return {"best": self.best, "validation_owed": self.owed}
 
 
 def _step_of(copy: Path) -> int | None:

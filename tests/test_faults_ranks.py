@@ -109,3 +109,44 @@ def test_kill_9_of_one_rank_while_saving_keeps_the_last_checkpoint_and_resumes(s
     assert f"resuming from {root}/step_2 at step 2/" in (run / "train.log").read_text()
     assert not list(root.glob(".tmp-*")) and not list(root.glob(".trash-*"))
     assert ckpt.read_state(ckpt.resolve(run, "latest"))["step"] == 3
+
+
+def test_a_stop_signal_to_one_rank_while_validating_stops_both_at_that_step(shards, tmp_path):
+    """SIGUSR1 to rank 1 alone, in the validation of step 2: it stops its share at the next batch, rank 0
+    (no signal) finishes its own, and both agree in one all-reduce to save step 2 (which owes the
+    validation) and stop; neither waits for the other inside the validation."""
+    import re
+
+    run, val = tmp_path / "run", make_shards(tmp_path / "val", num_samples=24, per_shard=12, size=40)
+    cfg = ["--config", CONFIG, f"data.train={shards}", f"run.dir={run}", f"data.val={val}", "eval.every_steps=2",
+           "eval.samples=24", "eval.batch_size=2", "log.every_steps=1", "checkpoint.every_steps=0",
+           "log.images_every_steps=0", "train.max_steps=100000"]
+    log = tmp_path / "launch.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(launch_cmd(ROOT / "launch/train.py", *cfg), stdout=out, stderr=subprocess.STDOUT,
+                                cwd=ROOT, start_new_session=True,
+                                env=launch_env(HARNESS_CRASH_TEST_PAUSE="validating:0.5"))
+    try:
+        t0 = time.time()
+        while not ((run / "train.log").exists() and re.search(r"^.*\bstep 2 loss", (run / "train.log").read_text(),
+                                                                re.M)):
+            assert proc.poll() is None, f"run exited early ({proc.returncode}):\n{log.read_text()[-3000:]}"
+            assert time.time() - t0 < 180, f"no step 2 after 180 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        time.sleep(0.7)
+        victims = workers_of_rank(1, run)
+        assert len(victims) == 1, f"expected one rank-1 worker, found {victims}"
+        os.kill(victims[0], signal.SIGUSR1)
+        proc.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    text = (run / "train.log").read_text()
+    assert "validation at step 2 stopped by the signal, nothing measured" in text, log.read_text()[-3000:]
+    assert "checkpoint at step 2 saved, exiting with 75" in text  # rank 0's: another rank's signal
+    assert (run / "preempted").read_text() == "another rank's stop signal: checkpoint at step 2\n"
+    assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["step_2"]
+    assert ckpt.read_state(run / "checkpoints/step_2")["validation_owed"] == 2

@@ -475,8 +475,9 @@ def test_images_per_s_is_the_steps_own_rate_not_the_saves(config, shards, tmp_pa
     ea.Reload()
     rate = {e.step: e.value for e in ea.Scalars("train/images_per_s")}
     assert sorted(rate) == [2, 4, 6]
-    # steps 5-6 came after the save at step 4: 2 steps x batch 4 in well under the save's 2 s
-    assert rate[6] > 0.5 * rate[4] and rate[6] > 2 * 4 / 2, rate
+    # steps 5-6 came after the save at step 4: 2 steps x batch 4 in well under the save's 2 s (with it: under
+    # 4 img/s, against ~100; a step right after a save can be twice as slow on a busy machine)
+    assert rate[6] > 0.2 * rate[4] and rate[6] > 2 * 4 / 2, rate
 
 
 def test_start_notes_fp32_under_a_deepspeed_yaml_left_at_auto():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,52 @@ def test_two_process_validation_equals_one_process(config, shards, val, tmp_path
     for key in ("val/psnr", "val/ssim", "val/l1", "val/mse", "val/kl", "val/samples"):
         assert logged(two, key) == pytest.approx(logged(one, key), rel=1e-6), key
     assert logged(two, "val/samples") == [23.0]
+
+
+@pytest.mark.slow
+def test_a_stop_signal_cuts_validation_short_and_the_resumed_run_validates_that_step_first(config, shards, val,
+                                                                                          tmp_path):
+    """A big data.val can outlast SLURM's warning before the kill: the signal used to wait for the whole
+    validation (and then one more step) before the checkpoint. Now the validation stops at the next batch,
+    the checkpoint of that step owes it, and the resumed run validates that step before training on; a
+    signal during that one again keeps the checkpoint as it is."""
+    import re
+    import signal
+
+    run = tmp_path / "run"
+    common = [f"data.val={val}", "eval.every_steps=2", "eval.samples=24", "eval.batch_size=2", "log.every_steps=1",
+              "checkpoint.every_steps=0", "log.images_every_steps=0", "train.max_steps=4"]
+    log = run / "train.log"
+
+    def stopped_while_validating(said, *extra):
+        proc = spawn(config, shards, run, *common, *extra, env={"HARNESS_CRASH_TEST_PAUSE": "validating:0.5"})
+        wait_for(lambda: log.exists() and re.search(said, log.read_text(), re.M), proc)  # 12 batches of 0.5 s
+        time.sleep(0.7)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 75, out
+        return out
+
+    stopped_while_validating(r"^.*\bstep 2 loss")  # held in the validation of step 2
+    text = log.read_text()
+    assert "validation at step 2 stopped by the signal, nothing measured" in text
+    assert "checkpoint at step 2 saved, exiting with 75" in text
+    assert logged(run, "val/samples") == []
+    assert (run / "preempted").read_text().startswith("SIGUSR1: checkpoint at step 2")
+    assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["step_2"]
+    assert ckpt.read_state(run / "checkpoints/step_2")["validation_owed"] == 2
+
+    # stopped again while validating the owed step: nothing saved, the checkpoint still owes it
+    before = (run / "checkpoints/step_2/trainer_state.json").read_text()
+    log.write_text("")
+    stopped_while_validating("validating step 2 first", "--resume", "latest")
+    assert "checkpoint at step 2 kept, exiting with 75" in log.read_text()
+    assert (run / "checkpoints/step_2/trainer_state.json").read_text() == before
+    assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["step_2"]
+
+    log.write_text("")
+    assert main(args(config, shards, run, *common, "--resume", "latest")) == 0
+    assert logged(run, "val/samples") == [24.0, 24.0]  # step 2 (owed), then step 4
+    assert re.search(r"^.*val step 2 ", log.read_text(), re.M) and re.search(r"^.*val step 4 ", log.read_text(), re.M)
+    assert ckpt.read_state(run / "checkpoints/step_4")["validation_owed"] is None
+    assert (run / "checkpoints/best").is_symlink() and not (run / "preempted").exists()
