@@ -15,7 +15,8 @@ run folder (step and signal): `accelerate launch` reports any worker's non-zero 
 script requeues the job when it finds the mark (removed before each start), and the requeued job
 resumes from `latest`. The handler only sets a flag: the training loop reads it between steps, and all
 ranks agree on it through an all-reduce (`StopVote`), so every rank stops at the same step (a
-checkpoint is a collective operation and no rank may skip it).
+checkpoint is a collective operation and no rank may skip it). A validation pass reads it between
+batches and ends early (harness/validation.py: the ranks agree in one all-reduce there).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The training loop: steps, not epochs.
 
-    train():  while step < max_steps:  train_step() -> log -> images -> checkpoint -> stop check
+    train():  (a validation the last start owed) -> while step < max_steps:
+                  train_step() -> log -> images -> validation -> checkpoint -> stop check
     train_step():  grad_accum x forward_backward()  ->  optimizer_step()
 
 Everything that differs between backends, models and add-ons lives elsewhere, so this file reads
@@ -280,7 +281,8 @@ class Trainer:
         images_every = cfg.log.images_every_steps
         self.engine.model.train()
         try:
-            stopped = not self.owed_validation(stop)  # a signal while validating what the last start owed
+            cut_first = not self.owed_validation(stop)  # a signal while validating what the last start owed
+            stopped, t_log = cut_first, time.perf_counter()  # (that validation is not the steps' time either)
             while not stopped and self.step < cfg.train.max_steps:
                 self.train_step(batches, stats)
                 stop_now = vote()  # all ranks stop at the same step: a checkpoint is collective
@@ -329,9 +331,10 @@ class Trainer:
                                   f"tensorboard --logdir {shlex.quote(str(self.run_dir / 'tb'))}")
             if stopped:
                 exit_code = stop.exit_code if stop.requested else EXIT_PREEMPTED  # (another rank's signal)
-                self.log.info(f"stop requested by signal: checkpoint at step {self.step} "
-                              f"{'saved' if saved_at == self.step and self.step != first_step else 'kept'}, "
-                              f"exiting with {exit_code}")
+                done = f"nothing saved ({self.start.resume_from} still owes step {self.step}'s validation)" \
+                    if cut_first else \
+                    f"checkpoint at step {self.step} saved"
+                self.log.info(f"stop requested by signal: {done}, exiting with {exit_code}")
             vote.close()  # every rank left the loop at the same step
             self.exit_code = exit_code  # the run's outcome, whatever a signal while closing would say
             if exit_code == EXIT_PREEMPTED and self.world.is_main:
@@ -351,20 +354,25 @@ class Trainer:
 
     def owed_validation(self, stop: StopFlag) -> bool:
         """Before the first step of a resumed run: the validation that a stop signal skipped or cut short
-        at the resumed step, if this run validates at that step. False: a signal stopped it again (the
-        checkpoint still owes it: nothing is saved)."""
-        if self.validator.owed != self.step or not self.validates_at(self.step):
-            self.validator.owed = None
+        at the resumed step, if this run validates at that step; then step N is saved again, owing nothing
+        and naming the best as it now stands (the resumed folder's state would bring back the old best at
+        the next start). False: a signal stopped it again, nothing saved (the checkpoint still owes it)."""
+        owed, self.validator.owed = self.validator.owed, None
+        if owed != self.step:
+            return True
+        if not self.validates_at(self.step):
+            self.log.info(f"note: the validation of step {self.step}, which the stop that ended the last start "
+                          f"skipped, is not run: this run does not validate at step {self.step} (eval.every_steps="
+                          f"{self.cfg.eval.every_steps})")
             return True
         self.log.info(f"validating step {self.step} first: the stop that ended the last start skipped it")
         result = self.validator.run(self, stop)
         if result is None:
+            self.validator.owed = self.step
             return False
-        self.validator.owed = None
-        if self.validator.improved(result, self.step):
-            path = self.ckpt.root / f"step_{self.step}"
-            if not ckpt.is_complete(path):  # resumed from a checkpoint outside this run: a copy of it here
-                path = self.save()
+        improved = self.validator.improved(result, self.step)
+        path = self.save()
+        if improved:
             self.validator.keep_best(path, self.world.is_main, self.log)
         return True
 

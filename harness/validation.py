@@ -89,7 +89,7 @@ class Validator:
         self.nets, self.lpips, self.copy = refs if refs is not None else ([], None, None)
         self.best: dict | None = None  # {"metric", "value", "step", "measured_on": measured_on()}
         # The step whose validation a stop signal skipped or cut short (its checkpoint carries it): the
-        # resumed run validates it before training on (`owed_first`).
+        # resumed run validates it before training on (Trainer.owed_validation).
         self.owed: int | None = None
         self.unread_said = False
 
@@ -140,9 +140,12 @@ class Validator:
         quantizer = getattr(self.copy, "quantizer", None)
         ev = Evaluator(device=self.device, class_names=classes[: cfg.model.num_classes], lpips=self.lpips,
                        feature_nets=self.nets, codebook_size=getattr(quantizer, "codebook_size", 0))
-        cut, batches = False, iter(loader)
+        # (the vote lags a step behind the signal: it may be here already, and then no batch is read)
+        cut = stop is not None and stop.requested
+        batches = iter(loader) if not cut else None
         try:
-            for batch in batches:  # in fp32 whatever the training precision: the numbers launch/evaluate.py gives
+            # in fp32 whatever the training precision: the numbers launch/evaluate.py gives
+            for batch in batches if batches is not None else ():
                 ev.update(self.copy, batch, trainer.task.cond_key)
                 ckpt._pause("validating")  # signal tests hold here, between two batches
                 if cut := stop is not None and stop.requested:

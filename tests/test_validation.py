@@ -254,13 +254,47 @@ def test_a_stop_signal_cuts_validation_short_and_the_resumed_run_validates_that_
     before = (run / "checkpoints/step_2/trainer_state.json").read_text()
     log.write_text("")
     stopped_while_validating("validating step 2 first", "--resume", "latest")
-    assert "checkpoint at step 2 kept, exiting with 75" in log.read_text()
+    assert (f"stop requested by signal: nothing saved ({run}/checkpoints/step_2 still owes step 2's validation), "
+            "exiting with 75") in log.read_text()
     assert (run / "checkpoints/step_2/trainer_state.json").read_text() == before
     assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["step_2"]
 
+    # validated first, step 2 saved again owing nothing; then trained on, and stopped in step 4's validation
+    log.write_text("")
+    stopped_while_validating(r"^.*\bstep 4 loss", "--resume", "latest")
+    assert logged(run, "val/samples") == [24.0]  # step 2 (owed)
+    assert re.search(r"^.*val step 2 ", log.read_text(), re.M) and "nothing measured" in log.read_text()
+    state = ckpt.read_state(run / "checkpoints/step_2")
+    assert state["validation_owed"] is None and state["best"]["step"] == 2
+    assert ckpt.read_state(run / "checkpoints/step_4")["validation_owed"] == 4
+    assert os.readlink(run / "checkpoints/best") == "best-step_2"
+
+    # the last step's owed validation: measured, step 4 saved again naming the best as it now stands
     log.write_text("")
     assert main(args(config, shards, run, *common, "--resume", "latest")) == 0
-    assert logged(run, "val/samples") == [24.0, 24.0]  # step 2 (owed), then step 4
-    assert re.search(r"^.*val step 2 ", log.read_text(), re.M) and re.search(r"^.*val step 4 ", log.read_text(), re.M)
-    assert ckpt.read_state(run / "checkpoints/step_4")["validation_owed"] is None
-    assert (run / "checkpoints/best").is_symlink() and not (run / "preempted").exists()
+    assert logged(run, "val/samples") == [24.0] and re.search(r"^.*val step 4 ", log.read_text(), re.M)
+    state, best = ckpt.read_state(run / "checkpoints/step_4"), ckpt.read_state(run / "checkpoints/best")
+    assert state["validation_owed"] is None and state["best"] == best["best"]
+    assert os.readlink(run / "checkpoints/best") == f"best-step_{best['best']['step']}"
+    assert not (run / "preempted").exists()
+    # a later start that does not validate keeps that best (the resumed state named the old one)
+    assert main(args(config, shards, run, *common[1:-1], "eval.every_steps=0", "train.max_steps=5",
+                     "--resume", "latest")) == 0
+    assert ckpt.read_state(run / "checkpoints/best")["best"] == best["best"]
+    assert ckpt.read_state(run / "checkpoints/step_5")["best"] == best["best"]
+
+
+def test_an_owed_validation_this_run_does_not_make_is_said(config, shards, val, tmp_path):
+    run = tmp_path / "run"
+    common = [f"data.val={val}", "eval.samples=4", "checkpoint.every_steps=2", "log.images_every_steps=0"]
+    assert main(args(config, shards, run, *common, "eval.every_steps=2", "train.max_steps=2")) == 0
+    state = ckpt.read_state(run / "checkpoints/step_2")
+    state["validation_owed"] = 2  # as a stop in step 2's validation leaves it
+    (run / "checkpoints/step_2/trainer_state.json").write_text(json.dumps(state))
+    ckpt.write_manifest(run / "checkpoints/step_2")
+    assert main(args(config, shards, run, *common, "eval.every_steps=3", "train.max_steps=3",
+                     "--resume", "latest")) == 0
+    assert ("note: the validation of step 2, which the stop that ended the last start skipped, is not run: this run "
+            "does not validate at step 2 (eval.every_steps=3)") in (run / "train.log").read_text()
+    assert logged(run, "val/samples") == [4.0, 4.0]  # steps 2 (the first run) and 3: not 2 again
+    assert ckpt.read_state(run / "checkpoints/step_3")["validation_owed"] is None
