@@ -572,3 +572,29 @@ def test_encode_sbatch_stopped_by_a_signal(tmp_path, sig, requeue_rc, rc, requeu
         assert err.splitlines()[-1:] == [
             "error: encode.sbatch: scontrol requeue failed (exit 1): job 7 is not requeued; "
             "submit the same command again to go on with the shards not yet written"]
+
+
+def test_starts_stopped_before_training_anything_are_requeued_three_times_in_a_row_at_most(tmp_path):
+    """A time limit shorter than --signal's lead (plus the start-up) signals every start as it begins: each
+    stopped 'while starting', each requeued, forever. The third such start in a row of one job ends it
+    failed, in one line; a start that trains resets the count."""
+    (tmp_path / "run").mkdir()
+    untrained = dict(FAKE_SRUN_RC="1", FAKE_MARK="SIGUSR1: nothing trained from this start (job 7)")
+    for restart in ("0", "1"):
+        r = fake_sbatch(tmp_path, "data.train=/d", SLURM_RESTART_COUNT=restart, **untrained)
+        assert r.returncode == 0 and "requeueing job 7" in r.stdout, (r.stdout, r.stderr)
+    r = fake_sbatch(tmp_path, "data.train=/d", SLURM_RESTART_COUNT="2", FAKE_SRUN_RC="138")  # counted alike
+    assert r.returncode == 138 and len(requeue_calls(tmp_path)) == 2, r.stdout
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: train.sbatch: 3 starts in a row were stopped by the "
+                                                     "signal before training anything: not requeued again"), r.stderr
+    # a resubmission starts counting again; a start that checkpointed resets it
+    for mark in ("SIGUSR1: nothing trained from this start (job 7)", "SIGUSR1: checkpoint at step 4 (job 7)",
+                 "SIGUSR1: nothing trained from this start (job 7)", "SIGUSR1: nothing trained from this start (job 7)"):
+        r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="1", FAKE_MARK=mark)
+        assert r.returncode == 0 and "requeueing job 7" in r.stdout, (mark, r.stdout, r.stderr)
+    assert (tmp_path / "run/.untrained-starts").read_text() == "7 2\n"
+    # another job's count is not this one's
+    (tmp_path / "run/.untrained-starts").write_text("6 2\n")
+    r = fake_sbatch(tmp_path, "data.train=/d", **untrained)
+    assert r.returncode == 0 and (tmp_path / "run/.untrained-starts").read_text() == "7 1\n"
