@@ -68,7 +68,8 @@ def refuse_checkpoint_folder(run_dir: Path) -> None:
 # What another tool wrote into a folder that is no run: an export (ours or diffusers'), a shard set, latent shards
 FOREIGN = {"model.safetensors": "an export", "diffusion_pytorch_model.safetensors": "a diffusers export",
            "index.json": "a shard set", "latents.json": "latent shards"}
-RUN_MARKS = ("latest", LOCK_NAME, "train.log", "checkpoints")
+# (Not the .lock: shard sets built before the builder's lock was named .build.lock have one.)
+RUN_MARKS = ("latest", "train.log", "checkpoints")
 
 
 def refuse_foreign_folder(run_dir: Path) -> None:

@@ -174,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     args = parse_args(argv)
     if args.help_config:
-        print("\n".join(describe()))
+        try:
+            print("\n".join(describe()))
+            sys.stdout.flush()  # a reader that went away (`| head`) is found here, not at the interpreter's exit
+        except BrokenPipeError:  # quietly, as `cat` does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE
         return 0
     if (problem := _find_deepspeed_config()) is not None:
         _say(f"error: {problem}")

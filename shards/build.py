@@ -204,7 +204,8 @@ def _clean(out: Path):
 
 
 def _lock(out: Path):
-    """An exclusive lock on OUT/.lock: two builds writing one folder would corrupt each other."""
+    """An exclusive lock on OUT/.build.lock: two builds writing one folder would corrupt each other. (Not
+    `.lock`, the run folder's lock: a shard set would look like a run folder, and be taken for one.)"""
     import fcntl
 
     if out.exists() and not out.is_dir():
@@ -212,7 +213,7 @@ def _lock(out: Path):
     if out.is_symlink() and not out.exists():
         raise BuildError(f"{out}: a link to {os.readlink(out)}, which does not exist")
     out.mkdir(parents=True, exist_ok=True)
-    f = open(out / ".lock", "w")
+    f = open(out / ".build.lock", "w")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -499,3 +499,18 @@ def test_evaluate_data_whose_later_source_lacks_class_names_is_one_line(trained,
     capsys.readouterr()
     assert evaluate_main([str(trained), "--data", str(listing), "--device", "cpu"]) == 2
     assert f"{listing}:2: no class names in its index.json, but the model reads class labels (cls)" in one_line(capsys)
+
+
+def test_help_config_into_a_reader_that_went_away_is_quiet():
+    """`train.py --help-config | head` (14 KB, two writes): a reader gone before the second write ended in a
+    BrokenPipeError traceback. Now exit 141 (128 + SIGPIPE), as `cat` does, and nothing on stderr."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)  # gone before anything is written
+    try:
+        p = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--help-config"], stdout=w,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert (p.returncode, p.stderr) == (141, "")

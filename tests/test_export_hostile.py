@@ -5,6 +5,7 @@ the renames, `export.py .` inside a checkpoint, and the init_from hint for a mod
 import fcntl
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -132,10 +133,18 @@ def test_a_tensor_of_no_autoencoder_in_a_diffusers_folder_names_the_file(tmp_pat
 def test_a_run_into_an_export_or_a_shard_set_is_refused_and_touches_nothing(tmp_path, capsys):
     """train.py (and train_perception.py --out) into an export replaced its config.yaml: the export lost."""
     from launch.train import main as train_main
+    from shards.__main__ import main as shards_main
 
     shards = make_shards(tmp_path / "shards", num_samples=8, per_shard=8, size=40)
     _, export = our_export(tmp_path, config(f"data.train={shards}"))
-    for folder, what in ((export, "an export (model.safetensors)"), (shards, "a shard set (index.json)")):
+    # built by `python -m shards`: its build lock was `.lock`, the run folder's, and the set was taken for a run
+    assert shards_main(["demo", str(tmp_path / "built"), "--num-samples", "8", "--image-size", "32", "--quiet"]) == 0
+    old = tmp_path / "old"  # a set built before that lock's name changed
+    shutil.copytree(tmp_path / "built", old)
+    (old / ".lock").touch()
+    capsys.readouterr()
+    for folder, what in ((export, "an export (model.safetensors)"), (shards, "a shard set (index.json)"),
+                         (tmp_path / "built", "a shard set (index.json)"), (old, "a shard set (index.json)")):
         before = {p.name: p.read_bytes() for p in folder.iterdir()}
         argv = ["--config", str(Path(__file__).parent / "configs/tiny.yaml"), f"data.train={shards}",
                 f"run.dir={folder}", "train.max_steps=1"]

@@ -589,8 +589,8 @@ def test_starts_stopped_before_training_anything_are_requeued_three_times_in_a_r
     assert len(errors) == 1 and errors[0].startswith("error: train.sbatch: 3 starts in a row were stopped by the "
                                                      "signal before training anything: not requeued again"), r.stderr
     # a resubmission starts counting again; a start that checkpointed resets it
-    for mark in ("SIGUSR1: nothing trained from this start (job 7)", "SIGUSR1: checkpoint at step 4 (job 7)",
-                 "SIGUSR1: nothing trained from this start (job 7)", "SIGUSR1: nothing trained from this start (job 7)"):
+    nothing, step_4 = "SIGUSR1: nothing trained from this start (job 7)", "SIGUSR1: checkpoint at step 4 (job 7)"
+    for mark in (nothing, step_4, nothing, nothing):
         r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="1", FAKE_MARK=mark)
         assert r.returncode == 0 and "requeueing job 7" in r.stdout, (mark, r.stdout, r.stderr)
     assert (tmp_path / "run/.untrained-starts").read_text() == "7 2\n"
