@@ -42,13 +42,37 @@ def _stop_while_starting(signum, frame):
     if _IMPORTING[0]:
         if os.environ.get("RANK", "0") == "0":
             os.write(2, f"stopped by {name} while starting: nothing was trained or written\n".encode())
+        _mark_early(name)
         os._exit(75)
     raise StopWhileStarting(name)
+
+
+def _mark_early(name: str) -> None:
+    """A stop before the config is read (the imports take seconds): rank 0 of a SLURM job still leaves
+    harness.signals.mark_preempted's line, in the run folder of the command line's last run.dir= (which
+    train.sbatch always passes, and creates), so that the job is requeued rather than ended as failed.
+    Plain os calls: torch may be half imported."""
+    job = os.environ.get("SLURM_JOB_ID")
+    runs = [a.partition("=")[2] for a in sys.argv[1:] if a.startswith("run.dir=")]
+    run = os.path.expanduser(runs[-1]) if runs else ""
+    if not job or os.environ.get("RANK", "0") != "0" or not os.path.isdir(run):
+        return
+    tmp = os.path.join(run, f".preempted.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{name}: nothing trained from this start (job {job})\n")
+        os.replace(tmp, os.path.join(run, "preempted"))
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":  # first thing, before the heavy imports (in-process callers keep their own handlers)
     for _sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(_sig, _stop_while_starting)
+    if (_held := os.environ.get("HARNESS_CRASH_TEST_PAUSE", "")).startswith("importing:"):
+        import time  # signal tests hold here: the handler is in, the heavy imports are not
+
+        time.sleep(float(_held.partition(":")[2]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -259,6 +283,7 @@ if __name__ == "__main__":
         code = main()
     except StopWhileStarting as e:  # imports, the config: nothing written yet
         _say(f"stopped by {e} while starting: nothing was trained or written")
+        _mark_early(str(e))
         code = 75
     except KeyboardInterrupt:  # Ctrl-C while starting up (imports, the config): nothing written yet
         _say("interrupted while starting: nothing was trained or written")

@@ -735,6 +735,28 @@ def test_a_stop_signal_leaves_the_mark_the_sbatch_script_requeues_on(shards, tmp
     assert not (run / "preempted").exists()
 
 
+def test_a_stop_signal_during_the_imports_of_a_slurm_job_still_leaves_the_mark(shards, tmp_path):
+    """USR1 in the seconds the trainer imports (before its config is read): exit 75, but no mark, so
+    train.sbatch ended the job as failed instead of requeueing it. Rank 0 of a SLURM job now writes it
+    into the command line's run.dir (which the script creates); elsewhere nothing is written."""
+    for job, marked in (("7", True), (None, False)):
+        run = tmp_path / f"run{job}"
+        run.mkdir()
+        env = dict(os.environ, HARNESS_CRASH_TEST_PAUSE="importing:30", OMP_NUM_THREADS="1")
+        env.pop("SLURM_JOB_ID", None)
+        if job:
+            env["SLURM_JOB_ID"] = job
+        p = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), *args(shards, run)], env=env,
+                             stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)  # the handler is in after a few imports of the standard library; the pause follows
+        p.send_signal(signal.SIGUSR1)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 75 and err.strip() == "stopped by SIGUSR1 while starting: nothing was trained or written"
+        if marked:
+            assert (run / "preempted").read_text() == "SIGUSR1: nothing trained from this start (job 7)\n"
+        assert sorted(q.name for q in run.iterdir()) == (["preempted"] if marked else [])
+
+
 def test_a_stop_signal_while_a_finished_run_closes_changes_nothing(shards, tmp_path):
     """The loop's handlers used to give way to the start-up ones before the TensorBoard writer and the
     loader were closed: a SIGTERM then made a finished run exit 75, "stopped while starting: nothing

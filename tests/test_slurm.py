@@ -343,7 +343,7 @@ def test_the_trainers_mark_requeues_whatever_process_got_the_signal(tmp_path):
     """accelerate launch reports the trainer's 75 as 1; the job's steps (not this shell) got the signal
     (--signal=USR1@N without B:, preemption's SIGTERM, an admin): the mark in the run folder says it was
     a stop with a checkpoint. The job used to end FAILED, not requeued."""
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run").mkdir(exist_ok=True)
     r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="1", FAKE_MARK="SIGUSR1: checkpoint at step 13 (job 7)")
     assert r.returncode == 0, r.stderr
     assert "[sbatch] preempted (exit 1: SIGUSR1: checkpoint at step 13 (job 7)): requeueing job 7" in r.stdout
@@ -353,7 +353,7 @@ def test_the_trainers_mark_requeues_whatever_process_got_the_signal(tmp_path):
 def test_another_jobs_mark_is_neither_read_nor_removed(tmp_path):
     """A second job on the run folder (refused by its lock) must not requeue on the first one's mark, nor
     remove it before the first job's script reads it."""
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run").mkdir(exist_ok=True)
     r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="2", FAKE_MARK="SIGUSR1: checkpoint at step 13 (job 6)")
     assert r.returncode == 2 and requeue_calls(tmp_path) == [], r.stdout
     (tmp_path / "run" / "preempted").write_text("SIGUSR1: checkpoint at step 13 (job 6)\n")
@@ -383,7 +383,7 @@ def test_a_run_dir_under_home_is_where_the_trainer_writes(tmp_path):
 def test_a_sigterm_mark_is_not_requeued(tmp_path):
     """scancel (SIGTERM to every process of the job) saves and stops; SLURM's own preemption requeues by
     its PreemptMode, not this script."""
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run").mkdir(exist_ok=True)
     r = fake_sbatch(tmp_path, "data.train=/d", FAKE_SRUN_RC="1", FAKE_MARK="SIGTERM: checkpoint at step 4 (job 7)")
     assert r.returncode == 1 and "[sbatch] training exited with 1" in r.stdout, r.stdout
     assert requeue_calls(tmp_path) == []
@@ -393,7 +393,7 @@ def test_a_failure_without_the_mark_is_not_requeued(tmp_path):
     """A crash, or a save failing on a full disk (exit 1), after SLURM's USR1 reached this shell was
     requeued too, again and again. And a mark left by an earlier start is not this one's."""
     fake_sbatch(tmp_path, "data.train=/d")
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run").mkdir(exist_ok=True)
     (tmp_path / "run" / "preempted").write_text("SIGUSR1: checkpoint at step 2 (job 7)\n")  # an earlier start's
     (tmp_path / "bin" / "srun").write_text(WAITING_SRUN)
     env = {k: v for k, v in os.environ.items() if k not in NO_SLURM}
@@ -411,7 +411,7 @@ def test_a_failure_without_the_mark_is_not_requeued(tmp_path):
 
 def test_a_resume_path_is_the_first_starts_then_latest(tmp_path):
     """Rewinding a run under SLURM: --resume PATH used to be replaced by `latest` whenever the run had one."""
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run").mkdir(exist_ok=True)
     (tmp_path / "run" / "latest").write_text("checkpoints/step_6\n")
     step = str(tmp_path / "run" / "checkpoints" / "step_3")
     r = fake_sbatch(tmp_path, "data.train=/d", "--resume", step)
@@ -578,7 +578,7 @@ def test_starts_stopped_before_training_anything_are_requeued_three_times_in_a_r
     """A time limit shorter than --signal's lead (plus the start-up) signals every start as it begins: each
     stopped 'while starting', each requeued, forever. The third such start in a row of one job ends it
     failed, in one line; a start that trains resets the count."""
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run").mkdir(exist_ok=True)
     untrained = dict(FAKE_SRUN_RC="1", FAKE_MARK="SIGUSR1: nothing trained from this start (job 7)")
     for restart in ("0", "1"):
         r = fake_sbatch(tmp_path, "data.train=/d", SLURM_RESTART_COUNT=restart, **untrained)
