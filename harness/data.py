@@ -7,10 +7,19 @@ Per rank, per DataLoader worker, per epoch, one stream of batches, built as a li
 
 Why it looks like this:
 - Ranks see disjoint data: the shard list is split by rank *before* resampling (each rank resamples
-  only its own shards). With fewer shards than ranks, every rank reads all shards and keeps every
-  world_size-th sample instead (correct, but each rank reads all bytes: make more shards).
+  only its own shards). A source with fewer shards than ranks is read by every rank, each keeping
+  every world_size-th sample of its stream (each rank reads all its bytes: make more shards; and
+  with shard sizes not a multiple of the ranks, two ranks may read one sample in an epoch and none
+  another, evened out over epochs). Other sources of a mixture keep the split by shard.
+- Each epoch a slot's stream of each source starts at a random point of its first shard (the first
+  r samples passed over by their headers, r uniform below the source's samples per shard): a slot
+  whose epoch is shorter than a shard would otherwise read only the shards' first samples, every
+  epoch, and never their ends. A window of the stream starting at a uniform point covers every
+  position of a shard alike.
 - Everything random is seeded from (data seed, epoch, rank, slot) — a slot is a worker's position
-  in the DataLoader's round-robin — so a stream can be replayed. On resume the trainer asks for
+  in the DataLoader's round-robin — so a stream can be replayed. The seeds are hashed (`_seed`),
+  not webdataset's linear make_seed, whose seeds for neighbouring slots, ranks and sample indices
+  coincide (slot s+1's crops at sample i were slot s's at sample i+31). On resume the trainer asks for
   batches from global batch index N; each slot skips the raw samples it had consumed, before
   decoding, and the run continues exactly as if it had never stopped (`data.exact_resume`).
 - The loader is NOT passed through `accelerator.prepare()`: prepare would re-shard or dispatch an
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import hashlib
 import math
 import mmap
 import multiprocessing
@@ -54,7 +64,6 @@ import torch
 import webdataset as wds
 from einops import rearrange
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.utils import make_seed
 
 from harness import tario
 from shards.decode import BadSample, DecodeSpec, guarded
@@ -222,6 +231,19 @@ class BadCounter:
         self.last_error = str(bad)
 
 
+STREAM_VERSION = 2  # in the checkpoints' data_layout: 2 = hashed seeds, a random start in each epoch's first shard
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed, well mixed, from integers (the same on every machine and Python: no hash())."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _start_offset(seed: int, per_shard: int) -> int:
+    """Where an epoch's stream of a source starts in its first shard: uniform below its samples per shard."""
+    return random.Random(_seed(seed, 1)).randrange(per_shard)
+
+
 class _Positions:
     """A slot's raw stream decoded position by position, each exactly once and in order.
 
@@ -236,7 +258,7 @@ class _Positions:
 
     def _decode_next(self, into: np.ndarray | None = None) -> dict | BadSample:
         self.index += 1
-        self.rng.seed(make_seed(self.seed, self.index))
+        self.rng.seed(_seed(self.seed, self.index))
         out = decode(next(self.raw), self.spec, self.rng, into)
         self.counter.see(out)
         return out
@@ -268,6 +290,15 @@ def _take_every(samples, start: int, step: int):
     return islice(samples, start, None, step)
 
 
+@dataclass
+class _Part:
+    """One source as this rank streams it."""
+    urls: list[str]
+    weight: float
+    split: bool  # fewer shards than ranks: all of them, every world_size-th sample
+    per_shard: int  # its samples per shard in this rank's stream, on average (at least 1)
+
+
 class ShardStream(IterableDataset):
     """One epoch of batches for this rank; see the module docstring."""
 
@@ -279,23 +310,33 @@ class ShardStream(IterableDataset):
         self.batches_per_epoch = batches_per_epoch
         self.epoch, self.skip_batches = 0, 0
         self.ring: BatchRing | None = None  # set by TrainLoader.batches on the copy its workers get
-        # Split by node: this rank's shards per source (or all of them + a sample-level split).
-        self.sample_split = any(len(s.urls) < world_size for s in sources)
-        self.parts = [(s.urls if self.sample_split else s.urls[rank::world_size], s.weight) for s in sources]
+        # Split by node: this rank's shards per source (or, for a source with fewer shards than ranks, all
+        # of them and a sample-level split), with the samples a shard holds on average in this rank's stream.
+        self.parts = []
+        for s in sources:
+            split = len(s.urls) < world_size
+            per_shard = (s.num_samples or 0) / max(1, len(s.urls)) / (world_size if split else 1)
+            self.parts.append(_Part(s.urls if split else s.urls[rank::world_size], s.weight, split,
+                                    max(1, math.ceil(per_shard))))
+        self.sample_split = any(part.split for part in self.parts)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip_batches = epoch, skip_batches
 
-    def _raw_samples(self, urls: list[str], seed: int, skipping: tario.Skipping):
-        """Infinite resampled raw items from `urls`: samples, and a BadSample for each shard read that
-        breaks off or holds nothing (webdataset's ResampledShards + our tar reader)."""
+    def _raw_samples(self, part: _Part, seed: int, skipping: tario.Skipping):
+        """Infinite resampled raw items of one source: samples, and a BadSample for each shard read that
+        breaks off or holds nothing (webdataset's ResampledShards + our tar reader), from a random point
+        of the first shard (passed over by the headers: `skipping` is on meanwhile)."""
         stages = [
-            wds.ResampledShards(urls, worker_seed=lambda: seed, deterministic=True),
+            wds.ResampledShards(part.urls, worker_seed=lambda: seed, deterministic=True),
             tario.tarfile_to_samples(skipping),
         ]
-        if self.sample_split:
+        if part.split:
             stages.append(wds.pipelinefilter(_take_every)(self.rank, self.world_size))
-        return iter(wds.DataPipeline(*stages))
+        raw = iter(wds.DataPipeline(*stages))
+        skipping.on = True
+        deque(islice(raw, _start_offset(seed, part.per_shard)), maxlen=0)
+        return raw
 
     def __iter__(self):
         """Batches forever, from global batch index epoch * batches_per_epoch + skip_batches.
@@ -341,14 +382,15 @@ class ShardStream(IterableDataset):
         its own, no copy; holding a batch of decoded images to stack them cost 5-10% of a worker's time
         on real photos, copying each into the batch 3%). A bad sample's partial pixels are overwritten
         by the next good one, which decodes into the same slot."""
-        seed = make_seed(self.seed, epoch, self.rank, slot)
-        skipping = tario.Skipping(on=already > 0)
-        streams = [self._raw_samples(urls, make_seed(seed, i), skipping) for i, (urls, _) in enumerate(self.parts)]
-        weights = [w for _, w in self.parts]
-        raw = streams[0] if len(streams) == 1 else _mix(streams, weights, random.Random(seed))
+        seed = _seed(self.seed, epoch, self.rank, slot)
+        skipping = tario.Skipping(on=False)
+        streams = [self._raw_samples(part, _seed(seed, 1, i), skipping) for i, part in enumerate(self.parts)]
+        skipping.on = already > 0
+        weights = [part.weight for part in self.parts]
+        raw = streams[0] if len(streams) == 1 else _mix(streams, weights, random.Random(_seed(seed, 2)))
         if self.shuffle_buffer > 0:
             raw = wds.filters._shuffle(raw, self.shuffle_buffer, initial=self.shuffle_buffer,
-                                       rng=random.Random(seed + 1))
+                                       rng=random.Random(_seed(seed, 3)))
         # Resume: pass the raw items consumed before, by count, without decoding them; local
         # shards are read by their headers alone meanwhile (tario.Skipping).
         deque(islice(raw, already * self.batch_size), maxlen=0)
@@ -438,10 +480,26 @@ class TrainLoader:
                                    batches_per_epoch=self.batches_per_epoch)
         self.num_workers, self.pin_memory = cfg.num_workers, pin_memory
         self.batch_size, self.image_size = batch_size, cfg.image_size
+        self.sources, self.world_size = sources, world_size
 
     @property
     def sample_split(self) -> bool:
         return self.dataset.sample_split
+
+    def split_notes(self) -> list[str]:
+        """What the split over ranks does to how often a sample is read (said at the start): every rank
+        reads as many batches, so a rank holding fewer shards of a source reads each of them more often."""
+        notes, w = [], self.world_size
+        for source in self.sources:
+            n = len(source.urls)
+            if n < w:
+                notes.append(f"{source.spec}: fewer shards than ranks ({n} < {w}): every rank reads all its shards "
+                             "and keeps 1/world_size of the samples; make more shards")
+            elif n % w and (n // w + 1) / (n // w) >= 1.1:
+                notes.append(f"{source.spec}: {n} shards over {w} ranks: some ranks hold {n // w + 1} shards, others "
+                             f"{n // w}, and read each of their samples {(n // w + 1) / (n // w):.2g}x as often (a "
+                             "shard count that is a multiple of the ranks reads all alike)")
+        return notes
 
     def batches(self, start: int = 0):
         """Yield batches forever, starting at global (per-rank) batch index `start`."""

@@ -92,9 +92,8 @@ class Monitor:
             t.log.info(line)
         for note in precision_notes(t):
             t.log.info(f"note: {note}")
-        if t.loader.sample_split:
-            t.log.info(f"note: fewer shards than ranks ({info.num_shards} < {t.world.world_size}): every "
-                       "rank reads all shards and keeps 1/world_size of the samples; make more shards")
+        for note in t.loader.split_notes():
+            t.log.info(f"note: {note}")
 
     def scalars(self, stats: StepStats, elapsed: float, bar) -> float:
         """Reduce, write and show one interval; returns the mean total loss over all ranks."""

@@ -362,7 +362,10 @@ def _warn_if_changed(trainer, state: dict) -> None:
     now, then = trainer.data_layout(), state.get("data_layout", {})
     # (an older checkpoint has fewer keys; the image size and the mixture get notes of their own)
     changed = [f"{k} {then[k]} -> {v}" for k, v in now.items()
-               if k in then and then[k] != v and k not in ("image_size", "sources")]
+               if k in then and then[k] != v and k not in ("image_size", "sources", "stream")]
+    if then and then.get("stream", 1) != now.get("stream", 1):
+        changed.append(f"the stream's seeds and epoch starts (harness/data.py, version {then.get('stream', 1)} -> "
+                       f"{now.get('stream', 1)})")
     if changed:
         trainer.log.info(f"note: data layout changed since the checkpoint ({', '.join(changed)}): training goes on "
                          "with a deterministic but different sample order than an uninterrupted run")

@@ -137,8 +137,10 @@ def tar_members(stream, skipping: Skipping | None = None, url: str = "") -> Iter
             at = None
         read = read_at if skip else stream.read
         header = read(BLOCK)
-        if not header or header == b"\0" * BLOCK:
-            return  # end of archive (two zero blocks, or a tar without them)
+        if header == b"\0" * BLOCK or not header and first:
+            return  # end of archive (its zero blocks), or an empty file
+        if not header:  # cut where a header would start: what `shards verify` calls truncated, not the end
+            raise BadData("the shard ends without tar's end-of-archive blocks (cut short?)")
         if len(header) < BLOCK:
             raise BadData("unexpected end of data (truncated header)")
         if first and _octal(header[148:156], "checksum") != sum(header[:148]) + 8 * 32 + sum(header[156:]):

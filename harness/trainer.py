@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from harness import checkpoint as ckpt
 from harness import discriminator, losses, scale
 from harness.config import Config, ConfigError, section_hash, to_dict, unused_settings
-from harness.data import DataInfo, TrainLoader, names_problem, refuse_weights, to_model_input
+from harness.data import STREAM_VERSION, DataInfo, TrainLoader, names_problem, refuse_weights, to_model_input
 from harness.dist import RankLogger, world
 from harness.engine import DeferredSkips, StepOutcome, make_engine
 from harness.hooks import EMAHook
@@ -389,7 +389,8 @@ class Trainer:
         return {"world_size": self.world.world_size, "batch_size": c.train.batch_size,
                 "grad_accum": c.train.grad_accum, "num_workers": c.data.num_workers, "seed": c.data.seed,
                 "batches_per_epoch": self.loader.batches_per_epoch, "image_size": c.data.image_size,
-                "sources": self.mixture}
+                "shuffle_buffer": c.data.shuffle_buffer, "crop": c.data.crop, "hflip": c.data.hflip,
+                "stream": STREAM_VERSION, "sources": self.mixture}
 
     def state_dict(self) -> dict:
         self.settle_skips()

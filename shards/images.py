@@ -69,6 +69,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
         # would be a guess, and a wrong guess is a silently wrong picture.
         if im.mode == "F" and a.size and not (a.min() >= 0.0 and a.max() <= 1.0):  # (NaN fails too)
             raise BadImage("float image with values outside [0, 1]: its brightness scale is unknown")
+        # PIL reads 16-bit files as mode "I" too; values past 16 bits (a 32-bit TIFF) were clipped to white
+        if im.mode != "F" and a.size and not (a.min() >= 0.0 and a.max() <= 65535.0):
+            raise BadImage(f"{im.mode} image with values outside 0..65535 (more than 16 bits): its brightness scale "
+                           "is unknown")
         hi = 1.0 if im.mode == "F" else 65535.0
         a = np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
-from shardgen import image_bytes, make_shards
+from shardgen import _write_shards, image_bytes, make_shards
 
 from harness.config import DataConfig
 from harness.data import TrainLoader, to_model_input
@@ -86,6 +86,50 @@ def test_fewer_shards_than_ranks_splits_samples(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_shorter_than_a_shard_still_reaches_the_shards_ends(tmp_path, workers):
+    """Each epoch restarts a slot's stream (a resume replays at most an epoch): it used to start at a
+    shard's first sample every time, so a slot reading fewer samples an epoch than a shard holds never
+    read the shards' ends (41 of 100 samples of a small mixed-in set never read in 20 epochs). Now each
+    epoch starts at a random point of the first shard: every sample is read, about as often as any."""
+    one = make_shards(tmp_path / "one", num_samples=64, per_shard=64, size=8)
+    loader = TrainLoader(cfg(one, num_workers=workers, shuffle_buffer=0, epoch_samples=8, image_size=8), rank=0,
+                         world_size=1, batch_size=4)
+    assert loader.batches_per_epoch == 2  # 8 samples an epoch (4 per slot with 2 workers), from a shard of 64
+    reads = {}
+    for batch in keys_of(loader, 2 * 120):  # 120 epochs: each sample about 15 times
+        for k in batch:
+            reads[k] = reads.get(k, 0) + 1
+    assert len(reads) == 64, f"never read: {64 - len(reads)} of 64"
+    first, second = (sum(n for k, n in reads.items() if (int(k[1:]) < 32) == half) for half in (True, False))
+    assert 0.6 < second / first < 1.67, (first, second)  # the shard's second half about as often as its first
+
+
+def test_a_small_source_keeps_the_others_split_by_shard(tmp_path):
+    """One source with fewer shards than ranks switched every source of the mixture to the sample-level
+    split: each rank read all shards of the big one too (at 64 ranks, 64x its bytes). Only the small one
+    is split by sample now."""
+    big = make_shards(tmp_path / "big", num_samples=64, per_shard=8, size=8)
+    small = tmp_path / "small"  # keys of its own
+    shards = _write_shards(small, 8, 8, lambda i: {"__key__": f"t{i:05d}", "jpg": image_bytes(i, 8), "cls": "0"})
+    write_index(small, source={"kind": "test"}, shards=shards, classes=["c0", "c1", "c2", "c3"])
+    seen = []
+    for rank in range(2):
+        c = DataConfig(train=[str(big), str(small)], image_size=8, num_workers=0, shuffle_buffer=16)
+        loader = TrainLoader(c, rank=rank, world_size=2, batch_size=4)
+        assert loader.sample_split
+        assert [len(p.urls) for p in loader.dataset.parts] == [4, 1] and [p.split for p in loader.dataset.parts] == [
+            False, True]
+        seen.append({k for batch in keys_of(loader, 20) for k in batch})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert loader.split_notes() == [f"{small}: fewer shards than ranks (1 < 2): every rank reads all its shards and "
+                                    "keeps 1/world_size of the samples; make more shards"]
+    # 3 shards on 2 ranks: rank 1's samples are read twice as often (every rank reads as many batches)
+    three = DataConfig(train=str(make_shards(tmp_path / "three", num_samples=24, per_shard=8, size=8)), image_size=8)
+    (note,) = TrainLoader(three, rank=0, world_size=2, batch_size=4).split_notes()
+    assert "3 shards over 2 ranks: some ranks hold 2 shards, others 1, and read each of their samples 2x" in note
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_replay_from_any_batch_matches_uninterrupted_stream(shards, workers):
     c = cfg(shards, num_workers=workers)
     straight = keys_of(TrainLoader(c, rank=0, world_size=1, batch_size=5), 25)  # crosses an epoch (19 batches)
@@ -123,6 +167,31 @@ def test_corrupt_image_and_truncated_tar_are_skipped_and_counted(tmp_path):
     assert any(k.startswith("b") for k in keys)  # the readable half of the truncated shard is used
     assert sum(b["bad"] for b in batches) >= 3  # the bad jpeg, the sample without an image, the truncation
     assert any("a3" in b["bad_error"] or "noimage" in b["bad_error"] or "Error" in b["bad_error"] for b in batches)
+
+
+def test_a_shard_cut_where_a_header_would_start_is_a_bad_sample_not_its_end(tmp_path):
+    """A cut at a 512-byte boundary (an interrupted copy, a full disk: often a 4 KiB page) read as the
+    end of the archive: its last samples were lost without a word. `shards verify` called it truncated;
+    the loader now counts it as a bad sample too."""
+    from harness import tario
+
+    out = tmp_path / "cut"
+    out.mkdir()
+    with wds.TarWriter(str(out / "000000.tar")) as w:
+        for i in range(8):
+            w.write({"__key__": f"s{i}", "jpg": image_bytes(i, 8), "cls": "0"})
+    full = (out / "000000.tar").read_bytes()
+    member_ends = [i for i in range(512, len(full) - 1024, 512) if full[i + 257:i + 262] == b"ustar"]
+    cut = member_ends[len(member_ends) // 2]  # where a header starts, half-way
+    (out / "000000.tar").write_bytes(full[:cut])
+    items = list(tario.shard_samples(str(out / "000000.tar")))
+    assert 0 < len(items) - 1 < 8 and "end-of-archive" in str(items[-1]) and hasattr(items[-1], "reason"), items[-1]
+    whole = tmp_path / "whole.tar"
+    whole.write_bytes(full)
+    assert [it["__key__"] for it in tario.shard_samples(str(whole))] == [f"s{i}" for i in range(8)]
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    assert "no samples" in str(list(tario.shard_samples(str(empty)))[0])
 
 
 def test_programming_errors_are_not_swallowed(shards, monkeypatch):
@@ -165,6 +234,21 @@ def test_16_bit_images_scale_by_the_mode_range_not_the_pixel_max(level):
     arr = load_image(buf.getvalue(), 16, "center", False, None)
     assert arr.max() <= expected + 1
 
+
+
+def test_a_32_bit_integer_image_is_a_bad_sample_not_a_clipped_one():
+    """Mode I holds 32 bits: values past 65535 were clipped to white without a word (a TIFF ramp to 1.05M
+    decoded to [0, 255, 255, ...]). Its scale is unknown, as a float image's outside [0, 1] is."""
+    from shards.images import BadImage
+
+    ramp = Image.fromarray(np.arange(30 * 20, dtype=np.int32).reshape(20, 30) * 1750)
+    assert ramp.mode == "I" and np.asarray(ramp).max() > 65535
+    with pytest.raises(BadImage, match="outside 0..65535"):
+        to_rgb(ramp)
+    buf = io.BytesIO()
+    ramp.save(buf, format="TIFF")
+    with pytest.raises(Exception, match="outside 0..65535"):  # the loader's BadData, with the same reason
+        load_image(buf.getvalue(), 16, "center", False, None)
 
 
 def photo_like(w, h, seed=0):

@@ -608,7 +608,7 @@ def test_sbatch_takes_the_run_folder_from_a_run_dir_override_too(tmp_path):
     words = r.stdout.splitlines()
     assert words[words.index("--resume") + 1] == "/other/checkpoints/step_10" and f"run.dir={own}" in words
     assert f"run.dir={tmp_path / 'r'}" not in words and f"run {own}," in r.stdout  # one run.dir, the override's
-    own.mkdir()
+    own.mkdir(exist_ok=True)  # (the script makes it)
     (own / "latest").write_text("checkpoints/step_160\n")  # preempted after its first checkpoint: requeued
     words = sbatch(tmp_path, "data.train=/d", f"run.dir={own}", "--resume", "/other/checkpoints/step_10",
                    SLURM_RESTART_COUNT="1").stdout

@@ -217,6 +217,31 @@ def test_a_resume_at_another_image_size_says_so(shards, tmp_path):
     assert "image_size 32 -> 16" not in log and "data layout changed" not in log
 
 
+def test_a_resume_that_changes_how_the_stream_reads_says_so(shards, tmp_path):
+    """data.shuffle_buffer, data.crop and data.hflip change the samples an uninterrupted run would read,
+    and so does a checkpoint of the stream before its seeds were hashed (no `stream` in its layout):
+    resumed without a word, these were silently not exact."""
+    import json
+
+    from harness import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    assert main(run_args(shards, run, "train.max_steps=2", "checkpoint.every_steps=0")) == 0
+    assert main(run_args(shards, run, "train.max_steps=3", "checkpoint.every_steps=0", "data.shuffle_buffer=3",
+                         "data.crop=center", "--resume", "latest")) == 0
+    log = (run / "train.log").read_text()
+    assert "note: data layout changed since the checkpoint (shuffle_buffer 32 -> 3, crop random -> center)" in log
+    step = run / "checkpoints/step_3"
+    state = json.loads((step / "trainer_state.json").read_text())
+    del state["data_layout"]["stream"]  # as a checkpoint of the stream before it
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    ckpt.write_manifest(step)
+    assert main(run_args(shards, run, "train.max_steps=4", "checkpoint.every_steps=0", "data.shuffle_buffer=3",
+                         "data.crop=center", "--resume", "latest")) == 0
+    assert ("note: data layout changed since the checkpoint (the stream's seeds and epoch starts (harness/data.py, "
+            "version 1 -> 2))") in (run / "train.log").read_text()
+
+
 def test_a_resume_that_changes_the_loss_says_so(shards, tmp_path):
     run = tmp_path / "run"
     assert main(run_args(shards, run, "train.max_steps=2", "checkpoint.every_steps=0")) == 0

@@ -441,7 +441,7 @@ def test_two_builds_cannot_share_a_folder(tmp_path, capsys):
 
     out = tmp_path / "out"
     out.mkdir()
-    with open(out / ".lock", "w") as held:
+    with open(out / ".build.lock", "w") as held:  # (not `.lock`: a run folder's)
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["demo", str(out), "--num-samples", "5", "--image-size", "8", *Q]) == 2
         assert "another build" in capsys.readouterr().err
