@@ -229,6 +229,10 @@ def restore(trainer, start: Start) -> dict:
     for hook in trainer.hooks:
         hook.after_resume(trainer)
     state = ckpt.read_state(start.resume_from)
+    # accelerate restores its micro-step count, and its accumulation boundary is `count % grad_accum == 0`:
+    # with another train.grad_accum the boundary fell mid-step (the optimizer stepped on no step, or D's
+    # replicas were synced on the wrong micro-batch). Counted in this run's micro-steps from here on.
+    accelerator.step = state["step"] * trainer.cfg.train.grad_accum
     if not (start.load_from / f"random_states_{world.rank}.pkl").is_file():
         # a rank the checkpoint did not have (numpy takes seeds below 2^32: a long run's step would pass it)
         set_seed((trainer.cfg.train.seed + world.rank + 7919 * state["step"]) % 2**32)

@@ -118,6 +118,7 @@ def test_adaptive_weight_is_clamped_at_disc_adaptive_max():
     ldm = load_config([Path(__file__).resolve().parents[1] / "launch/configs/recipe_ldm.yaml"], ["data.train=x"])
     c, size = ldm.model.out_ch, ldm.data.image_size  # latent-diffusion's 1e4, divided by its sum over pixels
     assert ldm.loss.disc_adaptive_max == pytest.approx(1e4 / (c * size * size), rel=1e-3)
+    assert not ldm.loss.learned_logvar  # latent-diffusion's optimizer never gets its logvar: it stays 0
 
 
 def test_a_discriminator_too_deep_is_refused_before_the_run_folder(tmp_path, capsys):

@@ -548,3 +548,21 @@ def test_channels_last_is_a_layout_not_a_different_model(config, shards, tmp_pat
     # key bias's in attention, into whole lr-sized steps)
     assert len(losses["true"]) == 4 and losses["true"] == pytest.approx(losses["false"], rel=1e-4)
     assert {k: v.shape for k, v in weights["true"].items()} == {k: v.shape for k, v in weights["false"].items()}
+
+
+def test_a_resume_with_another_grad_accum_trains_every_step(config, shards, tmp_path):
+    """accelerate restores its micro-step count; with another train.grad_accum its accumulation boundary
+    (`count % grad_accum == 0`) fell mid-step: 1 -> 2 at step 3 stepped the optimizer never again (and
+    never zeroed the gradients), while the log went on as if it trained."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    common = ["checkpoint.every_steps=3", "log.images_every_steps=0", "optim.warmup_steps=0"]
+    assert main(args(config, shards, run, "train.max_steps=3", *common)) == 0
+    assert main(args(config, shards, run, "train.max_steps=6", "train.grad_accum=2", *common,
+                     "--resume", "latest")) == 0
+    before, after = (load_file(run / f"checkpoints/step_{n}/model.safetensors") for n in (3, 6))
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith(".weight"))
+    steps = {float(s["step"]) for s in torch.load(run / "checkpoints/step_6/optimizer.bin",
+                                                  weights_only=True)["state"].values()}
+    assert steps == {6.0}
