@@ -287,9 +287,25 @@ def test_too_many_bad_samples_stop_the_run(tmp_path, config, capsys):
 
 
 def spawn(config, shards, run, *extra, env=None, **popen):
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    # PYTHONFAULTHANDLER: a trainer that hangs is sent SIGABRT by `finish` and prints every thread's stack
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", **(env or {}))
     return subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), *args(config, shards, run, *extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e, **popen)
+
+
+def finish(proc, timeout: float) -> str:
+    """The spawned trainer's output once it has ended; if it has not within `timeout`, its stacks (SIGABRT:
+    faulthandler) and the rest of its output in the failure, not a bare TimeoutExpired."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            out = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0]
+        raise AssertionError(f"trainer still running after {timeout} s; its stacks and output:\n{out}") from None
 
 
 def wait_for(predicate, proc, timeout=120):
@@ -309,7 +325,7 @@ def test_sigusr1_checkpoints_and_exits_75_then_resume_continues(config, shards, 
     proc = spawn(config, shards, run, "train.max_steps=100000", "checkpoint.every_steps=0")
     wait_for(lambda: (run / "train.log").is_file() and "step 4 " in (run / "train.log").read_text(), proc)
     proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=120)
+    out = finish(proc, 120)
     assert proc.returncode == 75, out
     step = ckpt.read_state(ckpt.resolve(run, "latest"))["step"]
     assert step >= 4 and f"checkpoint at step {step} saved" in out
@@ -330,7 +346,7 @@ def test_ctrl_c_checkpoints_and_exits_130_a_second_one_at_once_in_one_line(confi
                  process_group=0)  # a group of its own, as a terminal's job: Ctrl-C signals all of it
     wait_for(lambda: log.is_file() and "step 4 " in log.read_text(), proc)
     os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    out = finish(proc, 120)
     step = ckpt.read_state(ckpt.resolve(run, "latest"))["step"]
     assert proc.returncode == 130 and f"checkpoint at step {step} saved, exiting with 130" in out, out
     assert "Traceback" not in out and "Ctrl-C again: exit now" in out
@@ -341,7 +357,7 @@ def test_ctrl_c_checkpoints_and_exits_130_a_second_one_at_once_in_one_line(confi
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: any((run / "checkpoints").glob(".tmp-step_*/trainer_state.json")), proc)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    out = finish(proc, 60)
     assert proc.returncode == 130 and "Traceback" not in out, out
     assert out.strip().splitlines()[-1] == ("interrupted: stopped without a checkpoint of this step; the saved ones "
                                             "are intact (--resume latest continues from the newest)")
