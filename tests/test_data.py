@@ -138,6 +138,22 @@ def test_replay_from_any_batch_matches_uninterrupted_stream(shards, workers):
         assert resumed == straight[start:], f"replay from batch {start} differs"
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_mixture_with_a_sample_split_source_replays_exactly(shards, tmp_path, workers):
+    """Two sources, one split by shard and one by sample (fewer shards than ranks), each starting its
+    epochs at its own random point: replayed from any batch, across an epoch, as it ran."""
+    small = tmp_path / "small"
+    parts = _write_shards(small, 10, 10, lambda i: {"__key__": f"t{i:05d}", "jpg": image_bytes(i, 8), "cls": "0"})
+    write_index(small, source={"kind": "test"}, shards=parts, classes=["c0", "c1", "c2", "c3"])
+    c = DataConfig(train=[f"{shards}::0.7", f"{small}::0.3"], image_size=8, num_workers=workers, shuffle_buffer=8,
+                   epoch_samples=48)
+    loader = lambda: TrainLoader(c, rank=1, world_size=3, batch_size=4)  # noqa: E731
+    assert [p.split for p in loader().dataset.parts] == [False, True] and loader().batches_per_epoch == 4
+    straight = keys_of(loader(), 10)
+    for start in (1, 3, 4, 6):
+        assert keys_of(loader(), 10 - start, start=start) == straight[start:], start
+
+
 def test_seed_changes_the_stream(shards):
     a = keys_of(TrainLoader(cfg(shards, seed=1), rank=0, world_size=1, batch_size=4), 3)
     b = keys_of(TrainLoader(cfg(shards, seed=2), rank=0, world_size=1, batch_size=4), 3)
