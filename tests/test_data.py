@@ -104,6 +104,20 @@ def test_an_epoch_shorter_than_a_shard_still_reaches_the_shards_ends(tmp_path, w
     assert 0.6 < second / first < 1.67, (first, second)  # the shard's second half about as often as its first
 
 
+def test_a_set_smaller_than_the_ranks_still_feeds_every_rank(tmp_path):
+    """Overfitting a handful of images on a multi-GPU node (a pipeline check): a shard of 2 samples on 4
+    ranks. Each rank keeps every world_size-th sample of its own stream of the shard read again and again,
+    so every rank gets samples (two ranks read the same ones): a split of each shard's positions by rank
+    would leave ranks 2 and 3 none, and their streams nothing to deliver."""
+    tiny = tmp_path / "tiny"
+    parts = _write_shards(tiny, 2, 2, lambda i: {"__key__": f"t{i:05d}", "jpg": image_bytes(i, 8), "cls": "0"})
+    write_index(tiny, source={"kind": "test"}, shards=parts, classes=["c0"])
+    for rank in range(4):
+        loader = TrainLoader(cfg(tiny, image_size=8, shuffle_buffer=0, epoch_samples=8), rank=rank, world_size=4,
+                             batch_size=2)
+        assert {k for batch in keys_of(loader, 3) for k in batch} <= {"t00000", "t00001"}
+
+
 def test_a_small_source_keeps_the_others_split_by_shard(tmp_path):
     """One source with fewer shards than ranks switched every source of the mixture to the sample-level
     split: each rank read all shards of the big one too (at 64 ranks, 64x its bytes). Only the small one
