@@ -1,6 +1,7 @@
 """Shared fixtures. Tests import this checkout (not an installed copy) and make their own data."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Keep CPU tests predictable on small CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# A suite started in the background of a non-interactive shell (`bash .ci/run &`, nohup) inherits SIGINT
+# ignored, and so does every trainer it spawns: the trainer then rightly leaves Ctrl-C alone (someone
+# else decided), and the Ctrl-C tests would wait for a stop that never comes. Their children get the
+# default back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def has_gpu() -> bool:
