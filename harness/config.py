@@ -247,6 +247,9 @@ class TrainConfig:
     channels_last: bool = F(True, "training batches in channels_last (NHWC) memory, as the loader delivers them: "
                                   "the convolutions then run NHWC throughout (1.06x on the CPU step); false = NCHW "
                                   "(validation, grids and the tools take the loader's layout either way)")
+    cpu_kernels: bool = F(True, "CPU: GroupNorm + SiLU on channels_last fp32 tensors as one fused kernel "
+                                "(models/cpu_kernels.py: built on first use with the machine's C compiler, "
+                                "torch's ops where it cannot be; 1.05-1.10x on the CPU step); false = torch's ops")
     max_nonfinite: int = F(10, "consecutive non-finite losses before the run stops", ge=1)
     stop_after_steps: int = F(0, "end this invocation (with a checkpoint) after N steps, for time-sliced jobs "
                                  "(0 = off)", ge=0)

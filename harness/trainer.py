@@ -45,6 +45,7 @@ from harness.runlock import hold as hold_run_dir
 from harness.signals import EXIT_PREEMPTED, StopFlag, StopVote, mark_preempted
 from harness.tasks import make_task
 from harness.validation import Validator, reference_nets
+from models import cpu_kernels
 from models.registry import build_model, deepspeed_unsupported
 from shards.sources import resolve_sources
 
@@ -94,6 +95,7 @@ class Trainer:
         self.world = world()  # from torch.distributed, now that accelerate has set it up
         self.device = self.accelerator.device
         scale.set_tf32(self.device, cfg.train.tf32)
+        cpu_kernels.set_enabled(cfg.train.cpu_kernels)
         discriminator.refuse_unsupported(cfg, device=self.device, world_size=self.world.world_size)
         self.task = make_task(cfg, self.device)  # refuses a discriminator where the task has no use for one
         discriminator.check_fits(cfg)  # before the run folder: a D too deep would fail at loss.disc_start
@@ -172,6 +174,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             self.monitor.tracker.text("config", f"```\n{self.config_yaml}\n```", self.step)  # as of this (re)start
         self.monitor.start_message()
+        if self.device.type == "cpu":  # built (or loaded) by every rank now, not in the first step
+            self.log.info(cpu_kernels.prepare())
         if len(self.mixture) > 1:
             self.log.info(f"data.train mixture of {len(self.mixture)} sources: {data_mixture(self.mixture)}")
 

@@ -409,6 +409,19 @@ def scale_worker(a) -> None:
     tr.monitor.close()
 
 
+def scale_runs(spec: str) -> list[tuple[str, bool]]:
+    """`--runs`: a comma list of backend[+ckpt] (the first is the ratios' base), or all six."""
+    if not spec:
+        return [(name, ckpt) for name in SCALE_BACKENDS for ckpt in (False, True)]
+    runs = []
+    for item in spec.split(","):
+        name, _, opt = item.strip().partition("+")
+        if name not in SCALE_BACKENDS or opt not in ("", "ckpt"):
+            raise ValueError(f"--runs: {item!r} is not {'|'.join(SCALE_BACKENDS)}[+ckpt]")
+        runs.append((name, opt == "ckpt"))
+    return runs
+
+
 def bench_scale(a) -> list[dict]:
     import socket
     import subprocess
@@ -416,30 +429,31 @@ def bench_scale(a) -> list[dict]:
 
     root = Path(__file__).resolve().parents[1]
     rows = []
-    for name, config in SCALE_BACKENDS.items():
-        for ckpt in (False, True):
-            out = Path(tempfile.mkdtemp())
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-                   "--main_process_port", str(port), str(root / "launch/benchmark.py"), "_scale_worker",
-                   "--out", str(out), "--image-size", str(a.image_size), "--batch-size", str(a.batch_size),
-                   "--steps", str(a.steps), "--warmup", str(a.warmup), *(["--config", a.config] if a.config else []),
-                   *a.overrides, f"model.gradient_checkpointing={str(ckpt).lower()}"]
-            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-            r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
-            ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
-            shutil.rmtree(out, ignore_errors=True)
-            worst = {k: max(rk[k] for rk in ranks) for k in ranks[0] if k != "rank"}
-            row = {"backend": name, "grad_ckpt": ckpt, **worst}
-            rows.append(row)
+    for name, ckpt in scale_runs(a.runs):
+        config = SCALE_BACKENDS[name]
+        out = Path(tempfile.mkdtemp())
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+               "--main_process_port", str(port), str(root / "launch/benchmark.py"), "_scale_worker",
+               "--out", str(out), "--image-size", str(a.image_size), "--batch-size", str(a.batch_size),
+               "--steps", str(a.steps), "--warmup", str(a.warmup), *(["--config", a.config] if a.config else []),
+               *a.overrides, f"model.gradient_checkpointing={str(ckpt).lower()}"]
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
+        ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+        shutil.rmtree(out, ignore_errors=True)
+        worst = {k: max(rk[k] for rk in ranks) for k in ranks[0] if k != "rank"}
+        row = {"backend": name, "grad_ckpt": ckpt, **worst}
+        rows.append(row)
     base = rows[0]
     print(f"scale   2 processes, batch {a.batch_size}/rank, {a.image_size}px, "
           f"{base['num_params'] / 1e6:.2f}M parameters "
-          "(per rank, max over ranks; ratios against DDP without checkpointing)")
+          f"(per rank, max over ranks; ratios against {base['backend']}{' with' if base['grad_ckpt'] else ' without'} "
+          "checkpointing)")
     print(f"{'backend':<8}{'ckpt':<6}{'Adam state MiB':>22}{'params MiB':>13}{'activations MiB':>18}"
           f"{'peak RSS MiB':>15}{'step ms':>12}")
     for r in rows:
@@ -468,7 +482,7 @@ PEER_PRESETS = {
 # ("NVIDIA H200", "NVIDIA H100 80GB HBM3"). Unknown devices -> None (n/a).
 BF16_PEAK_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("GH200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
                     ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
-PEER_OPTIONS = ("channels_last", "nchw", "compile", "foreach", "fused")
+PEER_OPTIONS = ("channels_last", "nchw", "compile", "foreach", "fused", "nokernel")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -529,7 +543,10 @@ def _peer_side(name: str, build, device, dtype, kl_weight: float):
     """One side of the comparison: (step function, model). `name` is ours|diffusers, then +option...
     Ours runs as the trainer does by default (`train.channels_last`: an NHWC batch, the convolutions follow it;
     +nchw: a contiguous one), diffusers as its own examples feed it (contiguous); +channels_last: the weights
-    NHWC too, as torch's guide does it."""
+    NHWC too, as torch's guide does it; +nokernel: ours without the fused GroupNorm+SiLU CPU kernel
+    (`train.cpu_kernels=false`)."""
+    from models import cpu_kernels
+
     kind, *opts = name.split("+")
     model = build().train()
     channels_last = "channels_last" in opts or (kind == "ours" and "nchw" not in opts)
@@ -542,6 +559,7 @@ def _peer_side(name: str, build, device, dtype, kl_weight: float):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step(x):
+        cpu_kernels.set_enabled("nokernel" not in opts)  # one switch per process: set by each side's step
         x = x.contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = _peer_loss(kind, fwd, x, kl_weight)
@@ -826,6 +844,8 @@ def main(argv=None) -> int:
         x.add_argument("--steps", type=int, default=5)
         x.add_argument("--warmup", type=int, default=2)
         x.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    sc.add_argument("--runs", default="", help="comma list of ddp|zero2|zero3[+ckpt] (+ckpt: gradient "
+                    "checkpointing on); default all six, DDP without checkpointing first (the ratios' base)")
     wk.add_argument("--out", required=True)
     pe = sub.add_parser("peer", help="our AutoencoderKL vs diffusers.AutoencoderKL, same architecture, same step")
     pe.add_argument("--preset", choices=sorted(PEER_PRESETS), default="small",
@@ -855,6 +875,8 @@ def main(argv=None) -> int:
     pe.add_argument("--nchw", action="store_true", help="contiguous NCHW on every side")
     pe.add_argument("--foreach", action="store_true", help="AdamW(foreach=True) on every side (default: foreach=False)")
     pe.add_argument("--fused", action="store_true", help="AdamW(fused=True) on every side")
+    pe.add_argument("--nokernel", action="store_true",
+                    help="ours without the fused GroupNorm+SiLU CPU kernel (train.cpu_kernels=false)")
     pe.add_argument("--no-tf32", dest="tf32", action="store_false", help="CUDA: keep matmuls/convs in full fp32")
     pe.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", action="store_true",
                     help="CUDA: torch.backends.cudnn.benchmark (each conv shape's fastest kernel, timed at the first "

@@ -222,8 +222,9 @@ def test_nonfinite_reconstructions_are_counted_and_left_out_of_every_mean(export
     clean.real = ev.real
     want = clean.result()
     assert got["samples"] == 11 and got["nonfinite_samples"] == 4 and want["samples"] == 7
+    # (the models' convolutions round differently by batch size: SSIM, a mean near 0 here, to about 1e-8)
     for k in ("psnr", "ssim", "l1", "mse", "rfid", "fd_percnet"):
-        assert got[k] == pytest.approx(want[k], rel=1e-6), k
+        assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-7), k
     # a model term is a batch mean: a finite one counts for its whole batch, spoiled reconstructions included
     whole = Evaluator(device="cpu")
     for batch in data:

@@ -582,3 +582,27 @@ def test_a_resume_with_another_grad_accum_trains_every_step(config, shards, tmp_
     steps = {float(s["step"]) for s in torch.load(run / "checkpoints/step_6/optimizer.bin",
                                                   weights_only=True)["state"].values()}
     assert steps == {6.0}
+
+
+def test_train_cpu_kernels_runs_the_fused_norm_and_false_runs_torchs_ops(config, shards, tmp_path, monkeypatch):
+    """The trainer says in its log what runs; the same steps either way, to float rounding."""
+    from models import cpu_kernels
+
+    calls = []
+    real = cpu_kernels._GroupNormSiLU.apply
+    monkeypatch.setattr(cpu_kernels._GroupNormSiLU, "apply", lambda *a: calls.append(1) or real(*a))
+    losses, n = {}, {}
+    for flag in ("true", "false"):
+        run = tmp_path / f"k-{flag}"
+        assert main(args(config, shards, run, "train.max_steps=3", f"train.cpu_kernels={flag}",
+                         "log.images_every_steps=0")) == 0
+        n[flag] = len(calls)
+        log = (run / "train.log").read_text()
+        losses[flag] = logged(run, "loss/total") + logged(run, "train/grad_norm")
+        if flag == "true":
+            assert "fused GroupNorm+SiLU CPU kernel: on (" in log
+        else:
+            assert "fused GroupNorm+SiLU CPU kernel: off (train.cpu_kernels=false)" in log
+    cpu_kernels.set_enabled(True)
+    assert n["true"] > 0 and n["false"] == n["true"]  # none with the key off
+    assert len(losses["true"]) == 4 and losses["true"] == pytest.approx(losses["false"], rel=1e-4)
