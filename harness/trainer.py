@@ -175,7 +175,11 @@ class Trainer:
             self.monitor.tracker.text("config", f"```\n{self.config_yaml}\n```", self.step)  # as of this (re)start
         self.monitor.start_message()
         if self.device.type == "cpu":  # built (or loaded) by every rank now, not in the first step
-            self.log.info(cpu_kernels.prepare())
+            line = cpu_kernels.prepare(say=self.log.info)
+            if self.world.is_main:
+                self.log.info(line)
+            elif "unavailable" in line:  # a rank (another node, another compiler) that differs is said too
+                print(f"[rank {self.world.rank}] {line}", file=sys.stderr, flush=True)
         if len(self.mixture) > 1:
             self.log.info(f"data.train mixture of {len(self.mixture)} sources: {data_mixture(self.mixture)}")
 

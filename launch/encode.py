@@ -74,6 +74,10 @@ def parse_args(argv):
 
 
 def _terminated(signum, frame):
+    # Once: under SLURM a rank gets the signal twice (srun's, then torchrun's as it shuts the workers down), and
+    # a second KeyboardInterrupt raised in a finalizer on the way out only prints "Exception ignored in ...".
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     raise KeyboardInterrupt  # unwinds like Ctrl-C: the half-written shards are dropped on the way
 
 

@@ -7,6 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +42,8 @@ def fp64_reference(x, w, b, groups, dy):
 
 
 def rel_err(a, ref):
-    return float((a.double() - ref).abs().max() / ref.abs().max())
+    """Largest error against the reference's largest value (1e-6 at least: outputs of about 1e-37 are 0)."""
+    return float((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
 
 
 @pytest.mark.parametrize(
@@ -58,7 +62,7 @@ def test_kernel_equals_torch_forward_and_backward(shape, groups, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert cpu_kernels.usable(x, w, b), cpu_kernels.prepare()
+        assert cpu_kernels.usable(x, 32, w, b), cpu_kernels.prepare()
         y = cpu_kernels.group_norm_silu(x, groups, w, b, 1e-6)
         assert y.grad_fn is not None and "GroupNormSiLU" in type(y.grad_fn).__name__  # the kernel ran
         y.backward(dy)
@@ -82,7 +86,7 @@ def test_a_large_mean_keeps_its_variance():
     w, b = torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True)
     dy = nhwc(torch.randn(2, 64, 8, 8))
     ref = fp64_reference(x, w, b, 32, dy)
-    assert cpu_kernels.usable(x, w, b)
+    assert cpu_kernels.usable(x, 32, w, b)
     y = cpu_kernels.group_norm_silu(x, 32, w, b, 1e-6)
     y.backward(dy)
     for name, a, r in zip(("y", "dx", "dw", "db"), [y.detach(), x.grad, w.grad, b.grad], ref):
@@ -128,14 +132,14 @@ def test_torchs_ops_run_where_the_kernel_does_not_apply(case):
     try:
         if case == "bf16_autocast":
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                assert not cpu_kernels.usable(x, norm.weight, norm.bias)
+                assert not cpu_kernels.usable(x, 32, norm.weight, norm.bias)
         elif case == "fp16":
             y = norm(x.half(), silu=True)  # fp32 statistics by construction, torch's ops, fp16 out
             assert y.dtype == torch.float16
             torch.testing.assert_close(y.float(), F.silu(F.group_norm(x, 32, norm.weight, norm.bias, 1e-6)),
                                        rtol=1e-2, atol=1e-2)
         else:
-            assert not cpu_kernels.usable(x, norm.weight, norm.bias)
+            assert not cpu_kernels.usable(x, 32, norm.weight, norm.bias)
             y = cpu_kernels.group_norm_silu(x, 32, norm.weight, norm.bias, norm.eps)
             assert y.grad_fn is None or "GroupNormSiLU" not in type(y.grad_fn).__name__
     finally:
@@ -170,23 +174,95 @@ def test_a_damaged_cached_library_is_built_again(fresh):
     assert so.read_bytes()[:4] == b"\x7fELF" and so.stat().st_size > 1000
 
 
-def test_an_unwritable_cache_builds_in_a_private_folder(fresh, monkeypatch):
+@pytest.fixture
+def tmpdirs(tmp_path, monkeypatch):
+    """Where tempfile makes folders, to see that none is left behind."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def test_an_unwritable_cache_builds_in_a_private_folder_it_removes(fresh, monkeypatch, tmpdirs):
     blocker = fresh / "afile"
     blocker.write_text("not a folder")
     monkeypatch.setenv("VAE_HARNESS_CACHE", str(blocker))
-    line = cpu_kernels.prepare()
-    assert "on (" in line and "vae-harness-kernels-" in line
-
-
-@pytest.mark.parametrize("cc, why", [("/bin/false", "could not build"), ("/nonexistent/cc", "does not run")])
-def test_no_working_compiler_leaves_torchs_ops(fresh, monkeypatch, cc, why):
-    monkeypatch.setenv("CC", cc)
-    line = cpu_kernels.prepare()
-    assert line.startswith("fused GroupNorm+SiLU CPU kernel unavailable, torch's ops run instead") and why in line
+    said = []
+    line = cpu_kernels.prepare(say=said.append)
+    assert line.startswith("fused GroupNorm+SiLU CPU kernel: on (built in a private folder: ")
+    assert "not writable" in line
+    assert len(said) == 1 and said[0].startswith("building the fused GroupNorm+SiLU CPU kernel with ")
+    assert list(tmpdirs.iterdir()) == []  # loaded, then removed (the mapping stays)
     x = nhwc(torch.randn(2, 64, 4, 4))
     norm = Normalize(64)
-    assert not cpu_kernels.usable(x, norm.weight, norm.bias)
+    assert cpu_kernels.usable(x, 32, norm.weight, norm.bias)
+
+
+@pytest.mark.parametrize("whose", ["group_writable_folder", "world_writable_file"])
+def test_a_cache_others_can_write_is_not_loaded_from(fresh, tmpdirs, whose):
+    """Whoever can write the cache could plant a library: one that is not this user's alone is not loaded
+    (nor replaced); the kernel is built privately instead."""
+    assert "on (" in cpu_kernels.prepare()
+    folder = fresh / "cache" / "kernels"
+    (so,) = folder.glob("group_norm_silu-*.so")
+    if whose == "group_writable_folder":
+        folder.chmod(0o775)
+    else:
+        so.chmod(0o666)
+    planted = so.read_bytes()
+    cpu_kernels._lib = None
+    assert "built in a private folder" in cpu_kernels.prepare()
+    assert so.read_bytes() == planted and list(tmpdirs.iterdir()) == []
+
+
+@pytest.mark.parametrize("cc, why", [("/bin/false", "does not run: `--version` exited 1"),
+                                     ("/nonexistent/cc", "does not run: No such file or directory"),
+                                     ("true", "exited 0 but wrote no library")])
+def test_no_working_compiler_leaves_torchs_ops(fresh, monkeypatch, tmpdirs, cc, why):
+    monkeypatch.setenv("CC", cc)
+    line = cpu_kernels.prepare()
+    assert line.startswith("fused GroupNorm+SiLU CPU kernel unavailable, torch's ops run instead") and why in line, line
+    x = nhwc(torch.randn(2, 64, 4, 4))
+    norm = Normalize(64)
+    assert not cpu_kernels.usable(x, 32, norm.weight, norm.bias)
     torch.testing.assert_close(norm(x, silu=True), F.silu(norm(x)))
+    assert list(tmpdirs.iterdir()) == []
+
+
+def test_cc_may_carry_arguments(fresh, monkeypatch):
+    monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -std=gnu11")
+    assert "on (" in cpu_kernels.prepare()
+
+
+def test_a_compiler_that_hangs_is_stopped_with_its_children(fresh, monkeypatch, tmp_path):
+    pidfile = tmp_path / "child.pid"
+    cc = tmp_path / "slowcc"
+    cc.write_text(f"#!/bin/sh\ncase \"$1\" in --version) echo slowcc; exit 0;; esac\n"
+                  f"sleep 300 & echo $! > {pidfile}\nwait\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setattr(cpu_kernels, "BUILD_TIMEOUT_S", 2)
+    t0 = time.monotonic()
+    line = cpu_kernels.prepare()
+    assert time.monotonic() - t0 < 30
+    assert "unavailable" in line and "(building group_norm_silu.c) took longer than 2 s; stopped" in line, line
+    child = Path(f"/proc/{int(pidfile.read_text())}/stat")
+    time.sleep(0.2)
+    # the compiler's own child went with it (gone, or a zombie until whoever adopted it reaps it)
+    assert not child.exists() or child.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_the_build_flags_fit_the_machine(monkeypatch):
+    for machine, x86 in (("x86_64", True), ("aarch64", False), ("arm64", False)):
+        monkeypatch.setattr(cpu_kernels.platform, "machine", lambda m=machine: m)
+        assert ("-mprefer-vector-width=512" in cpu_kernels._flags()) == x86
+
+
+def test_the_environment_turns_it_off_for_every_tool():
+    code = "from models import cpu_kernels; print(cpu_kernels.prepare())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "VAE_HARNESS_CPU_KERNELS": "0"})
+    assert out.stdout.strip().startswith("fused GroupNorm+SiLU CPU kernel: off"), out.stderr
 
 
 def test_a_kernel_that_computes_something_else_is_refused(fresh, monkeypatch):
@@ -244,3 +320,102 @@ def test_a_samples_output_depends_on_neither_its_batch_nor_the_threads():
     assert torch.equal(runs[2][0], ref[0])
     alone = cpu_kernels.group_norm_silu(x[3:4], 32, w, b, 1e-6)
     assert torch.equal(runs[0][0], alone[0])
+
+
+def kernel_and_torch(x, w, b, groups=32, dy=None):
+    """(kernel's, torch fp32's, fp64 reference) of [y, dx, dw, db]."""
+    dy = nhwc(torch.randn(x.shape)) if dy is None else dy
+    out = []
+    for f in (lambda *a: cpu_kernels.group_norm_silu(*a, 1e-6), lambda *a: F.silu(F.group_norm(*a, 1e-6))):
+        xs = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        y = f(xs[0], groups, xs[1], xs[2])
+        y.backward(dy)
+        out.append([y.detach()] + [t.grad for t in xs])
+    return out[0], out[1], fp64_reference(x, w, b, groups, dy)
+
+
+@pytest.mark.parametrize("case", ["bias_-90", "outlier_-1e4", "weight_100", "bias_+100", "first_pixel_outlier"])
+def test_far_tails_and_outliers_stay_as_close_as_torchs_ops(case):
+    """z far below -88 (exp(-z) past fp32's range), far above (1 - sigmoid cancels), one outlier in a group,
+    an outlier at the pixel the sums could have been taken about: as close to fp64 as torch's own ops."""
+    torch.manual_seed(3)
+    x, w, b = nhwc(torch.randn(2, 64, 16, 16)), torch.rand(64) + 0.5, torch.randn(64)
+    if case == "bias_-90":
+        x, b = nhwc(torch.zeros(1, 64, 4, 4)), torch.full((64,), -90.0)
+    elif case == "outlier_-1e4":
+        x[0, 0, 5, 5] = -1e4
+    elif case == "weight_100":
+        w = torch.full((64,), 100.0)
+    elif case == "bias_+100":
+        b = torch.full((64,), 100.0)
+    else:
+        x[:, :, 0, 0] = 100.0
+    assert cpu_kernels.usable(x, 32, w, b)
+    kernel, torch_, ref = kernel_and_torch(x, w, b)
+    for name, k, t, r in zip(("y", "dx", "dw", "db"), kernel, torch_, ref):
+        assert torch.isfinite(k).all() == torch.isfinite(t).all(), name
+        assert rel_err(k, r) < max(3 * rel_err(t, r), 2e-6), (name, rel_err(k, r), rel_err(t, r))
+
+
+def test_values_whose_squares_overflow_give_nan_as_torchs_ops_do():
+    """Not silu(beta) from a variance gone infinite: the trainer's non-finite check must see it."""
+    x, w, b = nhwc(torch.randn(2, 64, 8, 8) * 1e30), torch.ones(64), torch.zeros(64)
+    y = cpu_kernels.group_norm_silu(x, 32, w, b, 1e-6)
+    assert not torch.isfinite(F.silu(F.group_norm(x, 32, w, b, 1e-6))).any()
+    assert not torch.isfinite(y).any()
+
+
+def test_the_default_dtype_does_not_matter():
+    torch.manual_seed(4)
+    x, w, b = nhwc(torch.randn(2, 64, 6, 6)), torch.rand(64) + 0.5, torch.randn(64)
+    want = F.silu(F.group_norm(x, 32, w, b, 1e-6))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = cpu_kernels.group_norm_silu(x, 32, w, b, 1e-6)
+    finally:
+        torch.set_default_dtype(old)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", ["groups_5", "weight_32", "groups_0", "groups_128", "meta_weight", "empty_weight"])
+def test_arguments_that_do_not_fit_get_torchs_own_error(case):
+    x, w, b, groups = nhwc(torch.randn(2, 64, 4, 4)), torch.ones(64), torch.zeros(64), 32
+    if case.startswith("groups_"):
+        groups = int(case.split("_")[1])
+    elif case == "weight_32":
+        w = torch.ones(32)
+    elif case == "meta_weight":
+        w = torch.ones(64, device="meta")
+    else:
+        w = torch.ones(0)  # a ZeRO-3 parameter that was not gathered
+    assert not cpu_kernels.usable(x, groups, w, b)
+    with pytest.raises((RuntimeError, ValueError, ZeroDivisionError, NotImplementedError)):
+        cpu_kernels.group_norm_silu(x, groups, w, b, 1e-6)
+
+
+def test_a_gradient_penalty_through_it_is_differentiated_like_torchs_ops():
+    """create_graph=True (an R1 penalty, double backward) goes through torch's ops: the same answer."""
+    torch.manual_seed(5)
+    x0, w0, b0 = nhwc(torch.randn(2, 64, 6, 6)), torch.rand(64) + 0.5, torch.randn(64)
+    grads = []
+    for f in (lambda *a: cpu_kernels.group_norm_silu(*a, 1e-6), lambda *a: F.silu(F.group_norm(*a, 1e-6))):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        (g,) = torch.autograd.grad(f(x, 32, w, b).square().sum(), x, create_graph=True)
+        g.square().sum().backward()
+        grads.append((x.grad, w.grad, b.grad))
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_many_channels_on_a_small_thread_stack():
+    """Per-channel sums are not on the threads' stacks: 8192 channels with OpenMP's stack at 128 KB."""
+    code = ("import torch; from models import cpu_kernels; torch.set_num_threads(2)\n"
+            "x = torch.randn(4, 8192, 8, 8).to(memory_format=torch.channels_last).requires_grad_()\n"
+            "w, b = torch.ones(8192), torch.zeros(8192)\n"
+            "assert cpu_kernels.usable(x, 32, w, b), cpu_kernels.prepare()\n"
+            "cpu_kernels.group_norm_silu(x, 32, w, b, 1e-6).sum().backward(); print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_STACKSIZE": "128K"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -636,3 +636,20 @@ def test_decode_classes_and_codes_stored_as_floats(shards, tmp_path, tmp_path_fa
     np.save(tmp_path / "one.npy", np.random.default_rng(0).normal(size=(4, 16, 16)).astype(np.float32))
     assert sample(vq, "decode", "--latents", tmp_path / "one.npy", "--n", "1", "--rows", "1",
                   "--out", tmp_path / "o.png") == 0  # one `c h w` latent: its channels are not cut to --n
+
+
+def test_the_stop_handler_acts_once():
+    """Under SLURM a rank is signalled twice (srun, then torchrun shutting the workers down): the second signal
+    must not raise again in a finalizer on the way out ("Exception ignored in ... KeyboardInterrupt")."""
+    import signal
+
+    from launch import encode
+
+    previous = {s: signal.getsignal(s) for s in encode.STOP_SIGNALS}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            encode._terminated(signal.SIGUSR1, None)
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in encode.STOP_SIGNALS)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

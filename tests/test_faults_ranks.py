@@ -58,8 +58,9 @@ def test_kill_9_of_one_rank_while_saving_keeps_the_last_checkpoint_and_resumes(s
     HARNESS_CRASH_TEST_PAUSE holds every save from the first, so a first run (no pause) saves step_2
     and ends; the run resumed from it with the pause is the one killed, during its first save (step_4).
     With keep_last=1 the held save is the one that would prune step_2: losing it would lose everything.
-    The pause (60 s) outlasts the grace torch's launcher gives the surviving rank after SIGTERM (30 s,
-    then SIGKILL), so rank 0 dies inside the pause, before the rename."""
+    The launcher sends the surviving rank SIGTERM, then SIGKILL after a 30 s grace; the pause (60 s)
+    outlasts it, so rank 0 dies inside the pause, before the rename. The test sends that SIGKILL itself
+    once the launcher's SIGTERM is out (the same end, without waiting out the grace)."""
     run = tmp_path / "run"
     root = run / "checkpoints"
     cfg = ["--config", CONFIG, f"data.train={shards}", f"run.dir={run}", "checkpoint.every_steps=2",
@@ -87,7 +88,15 @@ def test_kill_9_of_one_rank_while_saving_keeps_the_last_checkpoint_and_resumes(s
         victims = workers_of_rank(1, run)
         assert len(victims) == 1, f"expected one rank-1 worker, found {victims}"
         os.kill(victims[0], signal.SIGKILL)
-        proc.wait(timeout=120)  # the launcher sees rank 1 die and ends rank 0
+        # the launcher sees rank 1 die and ends rank 0: SIGTERM (rank 0 is inside the pause), then SIGKILL
+        t0 = time.time()
+        while "closing signal SIGTERM" not in log.read_text() and proc.poll() is None:
+            assert time.time() - t0 < 60, f"the launcher sent no SIGTERM:\n{log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        time.sleep(1)  # rank 0 takes the SIGTERM (its handler only sets the stop flag)
+        for pid in workers_of_rank(0, run):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=120)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the launcher's group

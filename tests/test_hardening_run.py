@@ -274,17 +274,25 @@ def zero2(shards, run, *extra):
                           timeout=600)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                                  "pytorch_model/mp_rank_00_model_states.pt"])
-def test_zero_checkpoint_with_a_payload_is_refused(shards, tmp_path, name):
-    """ZeRO-2 on 2 CPU processes: a clean resume loads every shard through the weights-only unpickler
-    (the allow-list is complete); a planted payload in a shard is refused on every rank, in one line."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def zero2_resumed(shards, tmp_path_factory):
+    """A ZeRO-2 run on 2 CPU processes, saved at step 2 and resumed to step 3: the clean resume loads every
+    shard through the weights-only unpickler (the allow-list is complete)."""
+    run = tmp_path_factory.mktemp("zero2") / "run"
     r = zero2(shards, run, "train.max_steps=2", "checkpoint.every_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     r = zero2(shards, run, "train.max_steps=3", "checkpoint.every_steps=3", "--resume", "latest")
     assert r.returncode == 0 and "at step 2/3" in r.stderr, r.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                  "pytorch_model/mp_rank_00_model_states.pt"])
+def test_zero_checkpoint_with_a_payload_is_refused(shards, zero2_resumed, tmp_path, name):
+    """A planted payload in a ZeRO-2 shard is refused on every rank, in one line (a copy of the run per file)."""
+    run = tmp_path / "run"
+    shutil.copytree(zero2_resumed, run, symlinks=True)
     marker = tmp_path / "pwned"
     plant(run / "checkpoints/step_3", name, marker)
     r = zero2(shards, run, "train.max_steps=4", "--resume", "latest")

@@ -228,13 +228,13 @@ def test_a_stop_signal_cuts_validation_short_and_the_resumed_run_validates_that_
     import signal
 
     run = tmp_path / "run"
-    common = [f"data.val={val}", "eval.every_steps=2", "eval.samples=24", "eval.batch_size=2", "log.every_steps=1",
+    common = [f"data.val={val}", "eval.every_steps=2", "eval.samples=12", "eval.batch_size=2", "log.every_steps=1",
               "checkpoint.every_steps=0", "log.images_every_steps=0", "train.max_steps=4"]
     log = run / "train.log"
 
     def stopped_while_validating(said, *extra):
         proc = spawn(config, shards, run, *common, *extra, env={"HARNESS_CRASH_TEST_PAUSE": "validating:0.5"})
-        wait_for(lambda: log.exists() and re.search(said, log.read_text(), re.M), proc)  # 12 batches of 0.5 s
+        wait_for(lambda: log.exists() and re.search(said, log.read_text(), re.M), proc)  # 6 batches of 0.5 s
         time.sleep(0.7)
         proc.send_signal(signal.SIGUSR1)
         out, _ = proc.communicate(timeout=120)
@@ -262,7 +262,7 @@ def test_a_stop_signal_cuts_validation_short_and_the_resumed_run_validates_that_
     # validated first, step 2 saved again owing nothing; then trained on, and stopped in step 4's validation
     log.write_text("")
     stopped_while_validating(r"^.*\bstep 4 loss", "--resume", "latest")
-    assert logged(run, "val/samples") == [24.0]  # step 2 (owed)
+    assert logged(run, "val/samples") == [12.0]  # step 2 (owed)
     assert re.search(r"^.*val step 2 ", log.read_text(), re.M) and "nothing measured" in log.read_text()
     state = ckpt.read_state(run / "checkpoints/step_2")
     assert state["validation_owed"] is None and state["best"]["step"] == 2
@@ -272,7 +272,7 @@ def test_a_stop_signal_cuts_validation_short_and_the_resumed_run_validates_that_
     # the last step's owed validation: measured, step 4 saved again naming the best as it now stands
     log.write_text("")
     assert main(args(config, shards, run, *common, "--resume", "latest")) == 0
-    assert logged(run, "val/samples") == [24.0] and re.search(r"^.*val step 4 ", log.read_text(), re.M)
+    assert logged(run, "val/samples") == [12.0] and re.search(r"^.*val step 4 ", log.read_text(), re.M)
     state, best = ckpt.read_state(run / "checkpoints/step_4"), ckpt.read_state(run / "checkpoints/best")
     assert state["validation_owed"] is None and state["best"] == best["best"]
     assert os.readlink(run / "checkpoints/best") == f"best-step_{best['best']['step']}"
