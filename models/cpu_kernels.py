@@ -51,7 +51,9 @@ BUILD_TIMEOUT_S = 60  # the build takes about half a second
 MAX_CHANNELS = 65536
 
 _lock = threading.Lock()
-_enabled = os.environ.get("VAE_HARNESS_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+# VAE_HARNESS_CPU_KERNELS=0: off in every tool, and in training whatever train.cpu_kernels says
+ENV_ENABLED = os.environ.get("VAE_HARNESS_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+_enabled = ENV_ENABLED
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None  # set once a build, load or self-check has failed in this process
 _where: str | None = None
@@ -62,9 +64,9 @@ class KernelUnavailable(RuntimeError):
 
 
 def set_enabled(on: bool) -> None:
-    """Turn the fused kernel on or off for this process (`train.cpu_kernels`)."""
+    """Turn the fused kernel on or off for this process (`train.cpu_kernels`; VAE_HARNESS_CPU_KERNELS=0 wins)."""
     global _enabled
-    _enabled = bool(on)
+    _enabled = bool(on) and ENV_ENABLED
 
 
 def cache_dir() -> Path:

@@ -379,7 +379,7 @@ def test_gpu_check_parts_and_a_part_stopped_in_a_test(tmp_path):
     (plugin / "gc_hang.py").write_text("import time\n\n\ndef pytest_runtest_call(item):\n"
                                        "    if item.name.endswith('[no]'):\n        time.sleep(600)\n")
     out = tmp_path / "check"
-    env = dict(os.environ, OUT=str(out), BUDGET_S="45", PARTS="gpu_tests", PYTEST_ADDOPTS="-p gc_hang",
+    env = dict(os.environ, OUT=str(out), BUDGET_S="30", PARTS="gpu_tests", PYTEST_ADDOPTS="-p gc_hang",
                PYTHONPATH=f"{plugin}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep))
     r = subprocess.run(["bash", str(ROOT / "launch/gpu_check.sh"), "--cpu"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env=env)

@@ -419,3 +419,13 @@ def test_many_channels_on_a_small_thread_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_STACKSIZE": "128K"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_environment_wins_over_the_config_key(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "ENV_ENABLED", False)
+    cpu_kernels.set_enabled(True)  # what train.cpu_kernels=true asks for
+    try:
+        assert cpu_kernels.prepare().startswith("fused GroupNorm+SiLU CPU kernel: off")
+    finally:
+        monkeypatch.setattr(cpu_kernels, "ENV_ENABLED", True)
+        cpu_kernels.set_enabled(True)

@@ -222,10 +222,11 @@ GAN = ["loss.disc_weight=0.5", "loss.disc_start=1", "loss.lecam_weight=0.1", "lo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
 def test_the_gan_resumes_bitwise_in_two_processes(backend, shards, tmp_path):
-    """2-process DDP and DeepSpeed ZeRO-2/3 (D beside the engine, under torch DDP): 6 steps straight
-    and 3 + 3 with a resume end with the same autoencoder, D, D's Adam moments and LeCAM anchors."""
+    """2-process DDP and DeepSpeed ZeRO-3 (D beside the engine, under torch DDP): 6 steps straight
+    and 3 + 3 with a resume end with the same autoencoder, D, D's Adam moments and LeCAM anchors.
+    (ZeRO-2 keeps D the same way: its engine's own resume is in test_scale.py.)"""
     from test_scale import BACKENDS, train
 
     from harness.inference import state_dict_of
