@@ -226,7 +226,7 @@ def test_peer_bench_bad_input_is_one_line(tmp_path):
     r, rows = bench("peer", *TINY_PEER, "--sides", "ours,keras", tmp_path=tmp_path)
     assert r.returncode == 2 and rows == []
     assert r.stderr.strip().splitlines() == ["error: --sides: 'keras' is not ours|diffusers[+channels_last|+nchw"
-                                             "|+compile|+foreach|+fused]"], r.stderr
+                                             "|+compile|+foreach|+fused|+nokernel]"], r.stderr
     r, rows = bench("peer", *TINY_PEER, "--sides", "ours+nchw", "--channels-last", tmp_path=tmp_path)
     assert r.returncode == 2 and rows == []
     assert r.stderr.strip().splitlines() == ["error: --sides: 'ours+nchw' with --nchw/--channels-last asks for both "
