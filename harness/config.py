@@ -249,7 +249,7 @@ class TrainConfig:
                                   "(validation, grids and the tools take the loader's layout either way)")
     cpu_kernels: bool = F(True, "CPU: GroupNorm + SiLU on channels_last fp32 tensors as one fused kernel "
                                 "(models/cpu_kernels.py: built on first use with the machine's C compiler, "
-                                "torch's ops where it cannot be; 1.05-1.10x on the CPU step); false = torch's ops")
+                                "torch's ops where it cannot be; 1.05-1.12x on the CPU step); false = torch's ops")
     max_nonfinite: int = F(10, "consecutive non-finite losses before the run stops", ge=1)
     stop_after_steps: int = F(0, "end this invocation (with a checkpoint) after N steps, for time-sliced jobs "
                                  "(0 = off)", ge=0)
