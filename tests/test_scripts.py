@@ -1,4 +1,4 @@
-"""launch/install.sh and launch/quickstart.sh, with a stand-in for the Python they are given
+"""launch/install.sh, launch/quickstart.sh and tests/run.sh, with a stand-in for the Python they are given
 (PYTHON=...): its pip only records what it was asked, so no test installs anything; everything
 else is the real interpreter, except what a test replaces (a hidden or a broken torch, a training
 run that only writes a run folder).
@@ -22,6 +22,8 @@ case "$1 $2" in
     [[ " $* " == *" $TORCH_SPEC "* ]] && touch "$FAKE_DIR/torch-installed"
     exit 0 ;;
   "-m shards") exit 0 ;;
+  "-m ruff") exit 0 ;;
+  "-m pytest") echo "${{*:3}}" >>"$FAKE_DIR/pytest"; exit 0 ;;  # tests/run.sh's suite: only its arguments
   "-m accelerate.commands.launch")  # a finished 3-step run in run.dir=..., as launch/train.py leaves it
     for a; do [[ $a == run.dir=* ]] && run=${{a#run.dir=}}; done
     mkdir -p "$run/checkpoints/step_3" "$run/samples"
@@ -64,6 +66,38 @@ def fake(tmp_path):
 def run(script, *argv, env, cwd=ROOT, timeout=120):
     return subprocess.run(["bash", str(ROOT / "launch" / script), *argv], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------- tests/run.sh
+
+
+def run_tests_sh(*argv, env):
+    return subprocess.run(["bash", str(ROOT / "tests" / "run.sh"), *argv], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("workers, xdist", [(None, ["-n", "2", "--dist", "loadfile"]), ("0", []),
+                                            ("4", ["-n", "4", "--dist", "loadfile"])])
+def test_run_sh_installs_then_runs_the_suite_in_the_processes_asked(fake, workers, xdist):
+    env = dict(fake.env)
+    env.pop("TEST_WORKERS", None)
+    if workers is not None:
+        env["TEST_WORKERS"] = workers
+    r = run_tests_sh("-k", "checkpoint", env=env)
+    assert r.returncode == 0, r.stderr
+    assert any(".[deepspeed,test]" in c for c in fake.pip_calls())  # the install came first
+    (args,) = (fake.dir / "pytest").read_text().splitlines()
+    args = args.split()
+    assert args[-2:] == ["-k", "checkpoint"]  # the caller's arguments last: they win over the defaults
+    assert args[:-2] == ["-q", "-ra", "--durations=15", *xdist]
+
+
+@pytest.mark.parametrize("workers", ["x", "-1", "1.5", "2 "])
+def test_run_sh_refuses_a_bad_worker_count_before_installing_anything(fake, workers):
+    r = run_tests_sh(env=dict(fake.env, TEST_WORKERS=workers))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == f"error: TEST_WORKERS={workers} is not a whole number (0: one pytest process)\n"
+    assert fake.pip_calls() == [] and not (fake.dir / "pytest").exists()
 
 
 # ----------------------------------------------------------------------------------------------- install.sh
