@@ -244,9 +244,10 @@ class TrainConfig:
     ema_decay: float = F(0.0, "EMA of weights per optimizer step, warmed up as min(decay, (1+n)/(10+n)) "
                                 "at update n=1,2,... (0 = off; 0.999 typical)", ge=0.0, lt=1.0)
     tf32: bool = F(True, "CUDA (Ampere+): TF32 for the fp32 matmuls and convolutions (false = full fp32)")
-    channels_last: bool = F(True, "training batches in channels_last (NHWC) memory, as the loader delivers them: "
-                                  "the convolutions then run NHWC throughout (1.06x on the CPU step); false = NCHW "
-                                  "(validation, grids and the tools take the loader's layout either way)")
+    channels_last: bool | Literal["auto"] = F(
+        "auto", "training batches in channels_last (NHWC) memory, as the loader delivers them, so the convolutions "
+        "run NHWC throughout (1.06x on the fp32 CPU step); false = NCHW; auto = NHWC except on CPU under bf16/fp16, "
+        "where NCHW is faster (1.12-1.27x) (validation, grids and the tools take the loader's layout either way)")
     cpu_kernels: bool = F(True, "CPU: GroupNorm + SiLU on channels_last fp32 tensors as one fused kernel "
                                 "(models/cpu_kernels.py: built on first use with the machine's C compiler, "
                                 "torch's ops where it cannot be; 1.05-1.12x on the CPU step); false = torch's ops")

@@ -86,6 +86,7 @@ class Monitor:
             f"{'resuming from ' + str(t.start.resume_from) if t.start.resume_from else 'starting'} at step "
             f"{t.step}/{t.cfg.train.max_steps}: {t.num_params / 1e6:.2f}M parameters, "
             f"{t.world.world_size} process(es) ({a.distributed_type.value}, {a.mixed_precision}), "
+            f"{'NHWC' if t.channels_last else 'NCHW'} batches, "
             f"{info.num_samples} samples in {info.num_shards} shard(s), {t.loader.batches_per_epoch} "
             f"batches/epoch/rank, run folder {t.run_dir}")
         if (line := t.task.describe()) is not None:

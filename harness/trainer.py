@@ -34,7 +34,15 @@ from tqdm.auto import tqdm
 from harness import checkpoint as ckpt
 from harness import discriminator, losses, scale
 from harness.config import Config, ConfigError, section_hash, to_dict, unused_settings
-from harness.data import STREAM_VERSION, DataInfo, TrainLoader, names_problem, refuse_weights, to_model_input
+from harness.data import (
+    STREAM_VERSION,
+    DataInfo,
+    TrainLoader,
+    names_problem,
+    refuse_weights,
+    to_model_input,
+    use_channels_last,
+)
 from harness.dist import RankLogger, world
 from harness.engine import DeferredSkips, StepOutcome, make_engine
 from harness.hooks import EMAHook
@@ -95,6 +103,8 @@ class Trainer:
         self.world = world()  # from torch.distributed, now that accelerate has set it up
         self.device = self.accelerator.device
         scale.set_tf32(self.device, cfg.train.tf32)
+        self.channels_last = use_channels_last(cfg.train.channels_last, self.device.type,
+                                               self.accelerator.mixed_precision)
         cpu_kernels.set_enabled(cfg.train.cpu_kernels)
         discriminator.refuse_unsupported(cfg, device=self.device, world_size=self.world.world_size)
         self.task = make_task(cfg, self.device)  # refuses a discriminator where the task has no use for one
@@ -191,7 +201,7 @@ class Trainer:
 
     def forward_backward(self, batch: dict, stats: StepStats) -> None:
         """One micro-batch: forward, loss (plus what hooks add), backward (accumulated)."""
-        x = to_model_input(batch["image"], self.device, self.cfg.train.channels_last)
+        x = to_model_input(batch["image"], self.device, self.channels_last)
         out, losses = self.task.forward(self.engine.model, x, batch, self.condition(batch), self.engine.input_dtype)
         for hook in self.hooks:
             hook.on_loss(self, x, out, losses, stats)

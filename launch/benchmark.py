@@ -318,7 +318,7 @@ def _bench_step(a, tmp: Path) -> dict:
     cond = batch["cls"].to(device) if model.condition == "class" else None
 
     def plain():
-        x = to_model_input(images, device)
+        x = to_model_input(images, device, trainer.channels_last)  # the batch layout the harness's step uses
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(x, cond=cond)
         loss = loss_fn(x, out).total
@@ -482,7 +482,7 @@ PEER_PRESETS = {
 # ("NVIDIA H200", "NVIDIA H100 80GB HBM3"). Unknown devices -> None (n/a).
 BF16_PEAK_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("GH200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
                     ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
-PEER_OPTIONS = ("channels_last", "nchw", "compile", "foreach", "fused", "nokernel")
+PEER_OPTIONS = ("channels_last", "nhwc", "nchw", "compile", "foreach", "fused", "nokernel")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -541,15 +541,19 @@ def _peer_models(a, device):
 
 def _peer_side(name: str, build, device, dtype, kl_weight: float):
     """One side of the comparison: (step function, model). `name` is ours|diffusers, then +option...
-    Ours runs as the trainer does by default (`train.channels_last`: an NHWC batch, the convolutions follow it;
-    +nchw: a contiguous one), diffusers as its own examples feed it (contiguous); +channels_last: the weights
-    NHWC too, as torch's guide does it; +nokernel: ours without the fused GroupNorm+SiLU CPU kernel
-    (`train.cpu_kernels=false`)."""
+    Ours runs as the trainer does by default (`train.channels_last=auto`: an NHWC batch, the convolutions follow
+    it, except on CPU under bf16/fp16, where the batch is contiguous NCHW), diffusers as its own examples feed it
+    (contiguous); +nhwc / +nchw: an NHWC / contiguous batch whatever the default (weights as built);
+    +channels_last: the weights NHWC too, as torch's guide does it; +nokernel: ours without the fused
+    GroupNorm+SiLU CPU kernel (`train.cpu_kernels=false`)."""
+    from harness.data import use_channels_last
     from models import cpu_kernels
 
     kind, *opts = name.split("+")
     model = build().train()
-    channels_last = "channels_last" in opts or (kind == "ours" and "nchw" not in opts)
+    precision = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    channels_last = "channels_last" in opts or "nhwc" in opts or (
+        kind == "ours" and "nchw" not in opts and use_channels_last("auto", device.type, precision))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if "channels_last" in opts:
         model = model.to(memory_format=torch.channels_last)
@@ -618,8 +622,8 @@ def bench_peer(a) -> dict:
         if kind not in ("ours", "diffusers") or any(o not in PEER_OPTIONS for o in opts):
             raise ValueError(f"--sides: {s!r} is not ours|diffusers[+{'|+'.join(PEER_OPTIONS)}]")
         opts = list(dict.fromkeys(opts + flags))  # --fused etc.: every side (an option named twice: once)
-        if "nchw" in opts and "channels_last" in opts:
-            raise ValueError(f"--sides: {s!r} with --nchw/--channels-last asks for both channels_last and nchw memory")
+        if "nchw" in opts and ("channels_last" in opts or "nhwc" in opts):
+            raise ValueError(f"--sides: {s!r} with --nchw/--channels-last/--nhwc asks for both NHWC and NCHW memory")
         if kind == "diffusers" and "nchw" in opts:
             opts.remove("nchw")  # its layout already
         sides.append("+".join([kind, *opts]))
@@ -871,8 +875,11 @@ def main(argv=None) -> int:
     pe.add_argument("--compile", action="store_true",
                     help="torch.compile every side (the first step reports compile time)")
     pe.add_argument("--channels-last", dest="channels_last", action="store_true",
-                    help="channels_last on every side (ours has it unless +nchw: the trainer's default)")
-    pe.add_argument("--nchw", action="store_true", help="contiguous NCHW on every side")
+                    help="channels_last weights and batch on every side")
+    pe.add_argument("--nhwc", action="store_true",
+                    help="an NHWC batch on every side, weights as built (ours has it by default but on CPU under "
+                    "bf16/fp16: train.channels_last=auto)")
+    pe.add_argument("--nchw", action="store_true", help="a contiguous NCHW batch on every side")
     pe.add_argument("--foreach", action="store_true", help="AdamW(foreach=True) on every side (default: foreach=False)")
     pe.add_argument("--fused", action="store_true", help="AdamW(fused=True) on every side")
     pe.add_argument("--nokernel", action="store_true",

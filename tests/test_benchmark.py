@@ -225,17 +225,20 @@ def test_peer_bench_matches_diffusers_parameter_for_parameter(tmp_path):
 def test_peer_bench_bad_input_is_one_line(tmp_path):
     r, rows = bench("peer", *TINY_PEER, "--sides", "ours,keras", tmp_path=tmp_path)
     assert r.returncode == 2 and rows == []
-    assert r.stderr.strip().splitlines() == ["error: --sides: 'keras' is not ours|diffusers[+channels_last|+nchw"
-                                             "|+compile|+foreach|+fused|+nokernel]"], r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --sides: 'keras' is not ours|diffusers[+channels_last|+nhwc"
+                                             "|+nchw|+compile|+foreach|+fused|+nokernel]"], r.stderr
     r, rows = bench("peer", *TINY_PEER, "--sides", "ours+nchw", "--channels-last", tmp_path=tmp_path)
     assert r.returncode == 2 and rows == []
-    assert r.stderr.strip().splitlines() == ["error: --sides: 'ours+nchw' with --nchw/--channels-last asks for both "
-                                             "channels_last and nchw memory"], r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --sides: 'ours+nchw' with --nchw/--channels-last/--nhwc asks "
+                                             "for both NHWC and NCHW memory"], r.stderr
+    r, rows = bench("peer", *TINY_PEER, "--sides", "ours+nhwc+nchw", tmp_path=tmp_path)
+    assert r.returncode == 2 and rows == [] and "asks for both NHWC and NCHW memory" in r.stderr, r.stderr
 
 
 def test_peer_sides_run_in_the_memory_format_they_name():
-    """Ours gets an NHWC batch as the trainer's by default (+nchw: contiguous); diffusers a contiguous one
-    as its examples feed it; +channels_last: weights and batch NHWC."""
+    """Ours gets the batch layout the trainer's train.channels_last=auto gives (NHWC, but NCHW on CPU under
+    bf16/fp16; +nchw: contiguous, +nhwc: NHWC); diffusers a contiguous one as its examples feed it (+nhwc: an NHWC
+    batch); +channels_last: weights and batch NHWC."""
     pytest.importorskip("diffusers")
     import torch
 
@@ -248,18 +251,24 @@ def test_peer_sides_run_in_the_memory_format_they_name():
     ours, peer = benchmark._peer_models(a, torch.device("cpu"))
     x = torch.rand(1, 3, 16, 16)
     seen = {}
-    for side in ("ours", "ours+nchw", "diffusers", "diffusers+channels_last", "ours+channels_last"):
+    sides = [(s, "fp32") for s in ("ours", "ours+nchw", "ours+nhwc", "diffusers", "diffusers+channels_last",
+                                   "ours+channels_last")]
+    sides += [(s, "bf16") for s in ("ours", "ours+nhwc", "diffusers+nhwc")]
+    for side, dtype in sides:
         step, model = benchmark._peer_side(side, ours if side.startswith("ours") else peer, torch.device("cpu"),
-                                           torch.float32, 1e-6)
+                                           benchmark.DTYPES[dtype], 1e-6)
         conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
         inputs = []
         hook = conv.register_forward_pre_hook(lambda m, args, into=inputs: into.append(args[0]))
         step(x)
         hook.remove()
-        seen[side] = [t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-                      for t in (conv.weight, inputs[0])]
-    assert seen == {"ours": [False, True], "ours+nchw": [False, False], "diffusers": [False, False],
-                    "diffusers+channels_last": [True, True], "ours+channels_last": [True, True]}, seen
+        seen[side, dtype] = [t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                             for t in (conv.weight, inputs[0])]
+    assert seen == {("ours", "fp32"): [False, True], ("ours+nchw", "fp32"): [False, False],
+                    ("ours+nhwc", "fp32"): [False, True], ("diffusers", "fp32"): [False, False],
+                    ("diffusers+channels_last", "fp32"): [True, True], ("ours+channels_last", "fp32"): [True, True],
+                    ("ours", "bf16"): [False, False], ("ours+nhwc", "bf16"): [False, True],
+                    ("diffusers+nhwc", "bf16"): [False, True]}, seen
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):

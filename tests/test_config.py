@@ -36,6 +36,7 @@ def test_yaml_composes_and_cli_wins(tmp_path):
         ("data.image_size=30", "data.image_size: 30 is not divisible by 8"),
         ("trainn.max_steps=3", "trainn: unknown key; did you mean 'train'?"),
         ("model.ch_mult=[1,x]", "model.ch_mult[1]: expected int"),
+        ("train.channels_last=maybe", "train.channels_last: expected bool or 'auto', got 'maybe'"),
     ],
 )
 def test_bad_values_name_the_key(override, expected):

@@ -208,7 +208,7 @@ def test_bf16_trains_with_a_discriminator(config, shards, tmp_path, fresh_accele
     run = tmp_path / "run"
     assert main(args(config, shards, run, "train.mixed_precision=bf16", "loss.disc_weight=0.5", "train.max_steps=4",
                      "log.every_steps=1", "loss.lecam_weight=0.01")) == 0
-    assert "(NO, bf16)" in (run / "train.log").read_text()
+    assert "(NO, bf16), NCHW batches," in (run / "train.log").read_text()  # train.channels_last=auto on CPU
     d = logged(run, "disc/loss")
     assert len(d) == 4 and all(v == v for v in d + logged(run, "loss/total"))
     assert all(v.dtype == torch.float32 for v in disc_state(ckpt.resolve(run, "latest"))["model"].values()
