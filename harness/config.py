@@ -246,7 +246,7 @@ class TrainConfig:
     tf32: bool = F(True, "CUDA (Ampere+): TF32 for the fp32 matmuls and convolutions (false = full fp32)")
     channels_last: bool | Literal["auto"] = F(
         "auto", "training batches in channels_last (NHWC) memory, as the loader delivers them, so the convolutions "
-        "run NHWC throughout (1.06x on the fp32 CPU step); false = NCHW; auto = NHWC except on CPU under bf16/fp16, "
+        "run NHWC throughout (1.06x on the fp32 CPU step); false = NCHW; auto = NHWC except on CPU under bf16, "
         "where NCHW is faster (1.12-1.27x) (validation, grids and the tools take the loader's layout either way)")
     cpu_kernels: bool = F(True, "CPU: GroupNorm + SiLU on channels_last fp32 tensors as one fused kernel "
                                 "(models/cpu_kernels.py: built on first use with the machine's C compiler, "

@@ -542,7 +542,7 @@ def _peer_models(a, device):
 def _peer_side(name: str, build, device, dtype, kl_weight: float):
     """One side of the comparison: (step function, model). `name` is ours|diffusers, then +option...
     Ours runs as the trainer does by default (`train.channels_last=auto`: an NHWC batch, the convolutions follow
-    it, except on CPU under bf16/fp16, where the batch is contiguous NCHW), diffusers as its own examples feed it
+    it, except on CPU under bf16, where the batch is contiguous NCHW), diffusers as its own examples feed it
     (contiguous); +nhwc / +nchw: an NHWC / contiguous batch whatever the default (weights as built);
     +channels_last: the weights NHWC too, as torch's guide does it; +nokernel: ours without the fused
     GroupNorm+SiLU CPU kernel (`train.cpu_kernels=false`)."""
@@ -878,7 +878,7 @@ def main(argv=None) -> int:
                     help="channels_last weights and batch on every side")
     pe.add_argument("--nhwc", action="store_true",
                     help="an NHWC batch on every side, weights as built (ours has it by default but on CPU under "
-                    "bf16/fp16: train.channels_last=auto)")
+                    "bf16: train.channels_last=auto)")
     pe.add_argument("--nchw", action="store_true", help="a contiguous NCHW batch on every side")
     pe.add_argument("--foreach", action="store_true", help="AdamW(foreach=True) on every side (default: foreach=False)")
     pe.add_argument("--fused", action="store_true", help="AdamW(fused=True) on every side")

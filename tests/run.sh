@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKERS=${TEST_WORKERS:-2}
 case "$WORKERS" in
-  ''|*[!0-9]*) echo "error: TEST_WORKERS=$WORKERS is not a whole number (0: one pytest process)" >&2; exit 2 ;;
+  [0-9]|[0-9][0-9]|[0-9][0-9][0-9]) WORKERS=$((10#$WORKERS)) ;;  # 08 is 8, not an octal error
+  *) echo "error: TEST_WORKERS=$WORKERS is not a whole number from 0 to 999 (0: one pytest process)" >&2; exit 2 ;;
 esac
 bash launch/install.sh --test
 PYTHON=${PYTHON:-python3}

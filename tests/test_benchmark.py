@@ -237,7 +237,7 @@ def test_peer_bench_bad_input_is_one_line(tmp_path):
 
 def test_peer_sides_run_in_the_memory_format_they_name():
     """Ours gets the batch layout the trainer's train.channels_last=auto gives (NHWC, but NCHW on CPU under
-    bf16/fp16; +nchw: contiguous, +nhwc: NHWC); diffusers a contiguous one as its examples feed it (+nhwc: an NHWC
+    bf16; +nchw: contiguous, +nhwc: NHWC); diffusers a contiguous one as its examples feed it (+nhwc: an NHWC
     batch); +channels_last: weights and batch NHWC."""
     pytest.importorskip("diffusers")
     import torch

@@ -23,7 +23,10 @@ case "$1 $2" in
     exit 0 ;;
   "-m shards") exit 0 ;;
   "-m ruff") exit 0 ;;
-  "-m pytest") echo "${{*:3}}" >>"$FAKE_DIR/pytest"; exit 0 ;;  # tests/run.sh's suite: only its arguments
+  "-m pytest")  # tests/run.sh's suite: only its arguments, and when it came (after which pip call)
+    echo "${{*:3}}" >>"$FAKE_DIR/pytest"
+    echo "pytest" >>"$FAKE_DIR/pip"
+    exit 0 ;;
   "-m accelerate.commands.launch")  # a finished 3-step run in run.dir=..., as launch/train.py leaves it
     for a; do [[ $a == run.dir=* ]] && run=${{a#run.dir=}}; done
     mkdir -p "$run/checkpoints/step_3" "$run/samples"
@@ -41,7 +44,8 @@ if os.environ.get("FAKE_TORCH") == "missing" and not os.path.exists(os.environ["
 
 @pytest.fixture
 def fake(tmp_path):
-    """The environment for the scripts: PYTHON is the stand-in; pip_calls() lists what pip was asked."""
+    """The environment for the scripts: PYTHON is the stand-in; pip_calls() lists what pip was asked (and "pytest" where
+    tests/run.sh started the suite: the order of the two)."""
     d = tmp_path / "fake"
     (d / "site").mkdir(parents=True)
     (d / "python").write_text(FAKE_PYTHON)
@@ -76,8 +80,9 @@ def run_tests_sh(*argv, env):
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("workers, xdist", [(None, ["-n", "2", "--dist", "loadfile"]), ("0", []),
-                                            ("4", ["-n", "4", "--dist", "loadfile"])])
+@pytest.mark.parametrize("workers, xdist", [(None, ["-n", "2", "--dist", "loadfile"]), ("0", []), ("00", []),
+                                            ("4", ["-n", "4", "--dist", "loadfile"]),
+                                            ("08", ["-n", "8", "--dist", "loadfile"])])
 def test_run_sh_installs_then_runs_the_suite_in_the_processes_asked(fake, workers, xdist):
     env = dict(fake.env)
     env.pop("TEST_WORKERS", None)
@@ -85,18 +90,19 @@ def test_run_sh_installs_then_runs_the_suite_in_the_processes_asked(fake, worker
         env["TEST_WORKERS"] = workers
     r = run_tests_sh("-k", "checkpoint", env=env)
     assert r.returncode == 0, r.stderr
-    assert any(".[deepspeed,test]" in c for c in fake.pip_calls())  # the install came first
+    calls = fake.pip_calls()
+    assert calls[-1] == "pytest" and any(".[deepspeed,test]" in c for c in calls[:-1]), calls  # install first
     (args,) = (fake.dir / "pytest").read_text().splitlines()
     args = args.split()
     assert args[-2:] == ["-k", "checkpoint"]  # the caller's arguments last: they win over the defaults
     assert args[:-2] == ["-q", "-ra", "--durations=15", *xdist]
 
 
-@pytest.mark.parametrize("workers", ["x", "-1", "1.5", "2 "])
+@pytest.mark.parametrize("workers", ["x", "-1", "1.5", "2 ", "1000", "99999999999999999999"])
 def test_run_sh_refuses_a_bad_worker_count_before_installing_anything(fake, workers):
     r = run_tests_sh(env=dict(fake.env, TEST_WORKERS=workers))
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr == f"error: TEST_WORKERS={workers} is not a whole number (0: one pytest process)\n"
+    assert r.stderr == f"error: TEST_WORKERS={workers} is not a whole number from 0 to 999 (0: one pytest process)\n"
     assert fake.pip_calls() == [] and not (fake.dir / "pytest").exists()
 
 

@@ -566,10 +566,10 @@ def test_channels_last_is_a_layout_not_a_different_model(config, shards, tmp_pat
     assert {k: v.shape for k, v in weights["true"].items()} == {k: v.shape for k, v in weights["false"].items()}
 
 
-def test_channels_last_auto_is_nhwc_but_on_cpu_under_bf16_or_fp16():
+def test_channels_last_auto_is_nhwc_but_on_cpu_computing_in_bf16():
     from harness.data import use_channels_last
 
-    assert [use_channels_last("auto", "cpu", p) for p in ("no", "bf16", "fp16")] == [True, False, False]
+    assert [use_channels_last("auto", "cpu", p) for p in ("no", "bf16", "fp16")] == [True, False, True]
     assert [use_channels_last("auto", "cuda", p) for p in ("no", "bf16", "fp16")] == [True, True, True]
     for device, precision in (("cpu", "no"), ("cpu", "bf16"), ("cuda", "fp16")):  # as given, wherever
         assert use_channels_last(True, device, precision) is True
@@ -578,12 +578,15 @@ def test_channels_last_auto_is_nhwc_but_on_cpu_under_bf16_or_fp16():
 
 def test_channels_last_auto_trains_cpu_bf16_on_nchw_batches(config, shards, tmp_path, fresh_accelerate_state):
     """Under bf16 autocast on CPU torch's NCHW convolutions and GroupNorm are the faster ones (our step 1.12-1.27x
-    faster NCHW): train.channels_last=auto (default) gives NCHW batches there and says so; true still NHWC."""
+    faster NCHW): train.channels_last=auto (default) gives NCHW batches there and says so; true still NHWC.
+    accelerate's fp16 on a CPU computes in fp32 (no autocast there): NHWC, where the fused kernel runs."""
+    from accelerate.state import AcceleratorState
     from torch.nn.modules.module import register_module_forward_pre_hook
 
     seen = {}
-    for flag in ("auto", "true"):
-        layouts = seen[flag] = set()
+    for precision, flag in (("bf16", "auto"), ("bf16", "true"), ("fp16", "auto")):
+        AcceleratorState._reset_state(reset_partial_state=True)  # a precision is fixed by the first Accelerator
+        layouts = seen[precision, flag] = set()
 
         def first_conv(module, inputs, into=layouts):
             if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3 and module.training:
@@ -591,14 +594,15 @@ def test_channels_last_auto_trains_cpu_bf16_on_nchw_batches(config, shards, tmp_
 
         hook = register_module_forward_pre_hook(first_conv)
         try:
-            run = tmp_path / flag
-            assert main(args(config, shards, run, "train.max_steps=2", "train.mixed_precision=bf16",
+            run = tmp_path / f"{precision}-{flag}"
+            assert main(args(config, shards, run, "train.max_steps=2", f"train.mixed_precision={precision}",
                              f"train.channels_last={flag}", "log.images_every_steps=0")) == 0
         finally:
             hook.remove()
         log = (run / "train.log").read_text()
-        assert f"(NO, bf16), {'NCHW' if flag == 'auto' else 'NHWC'} batches," in log, log
-    assert seen == {"auto": {False}, "true": {True}}, seen
+        layout = "NCHW" if (precision, flag) == ("bf16", "auto") else "NHWC"
+        assert f"(NO, {precision}), {layout} batches," in log, log
+    assert seen == {("bf16", "auto"): {False}, ("bf16", "true"): {True}, ("fp16", "auto"): {True}}, seen
 
 
 def test_a_resume_with_another_grad_accum_trains_every_step(config, shards, tmp_path):
