@@ -247,7 +247,7 @@ class TrainConfig:
     channels_last: bool | Literal["auto"] = F(
         "auto", "training batches in channels_last (NHWC) memory, as the loader delivers them, so the convolutions "
         "run NHWC throughout (1.06x on the fp32 CPU step); false = NCHW; auto = NHWC except on CPU under bf16, "
-        "where NCHW is faster (1.12-1.27x) (validation, grids and the tools take the loader's layout either way)")
+        "where NCHW is faster (1.08-1.32x) (validation, grids and the tools take the loader's layout either way)")
     cpu_kernels: bool = F(True, "CPU: GroupNorm + SiLU on channels_last fp32 tensors as one fused kernel "
                                 "(models/cpu_kernels.py: built on first use with the machine's C compiler, "
                                 "torch's ops where it cannot be; 1.05-1.12x on the CPU step); false = torch's ops")

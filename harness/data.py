@@ -178,7 +178,7 @@ def _as_is(batch):
 def use_channels_last(setting: bool | str, device_type: str, mixed_precision: str) -> bool:
     """What `train.channels_last` means on this device: true/false as given; auto = NHWC batches except on CPU
     under bf16 (autocast, or DeepSpeed's bf16 model), where torch's NCHW convolutions and GroupNorm are the faster
-    ones (our step 1.12-1.27x faster NCHW there, measured with `launch/benchmark.py peer --dtype bf16`; in fp32
+    ones (our step 1.08-1.32x faster NCHW there, measured with `launch/benchmark.py peer --dtype bf16`; in fp32
     NHWC is 1.06x faster). fp16 on a CPU stays NHWC: accelerate gives it no autocast there, it computes in fp32."""
     if setting != "auto":
         return bool(setting)

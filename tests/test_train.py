@@ -577,7 +577,7 @@ def test_channels_last_auto_is_nhwc_but_on_cpu_computing_in_bf16():
 
 
 def test_channels_last_auto_trains_cpu_bf16_on_nchw_batches(config, shards, tmp_path, fresh_accelerate_state):
-    """Under bf16 autocast on CPU torch's NCHW convolutions and GroupNorm are the faster ones (our step 1.12-1.27x
+    """Under bf16 autocast on CPU torch's NCHW convolutions and GroupNorm are the faster ones (our step 1.08-1.32x
     faster NCHW): train.channels_last=auto (default) gives NCHW batches there and says so; true still NHWC.
     accelerate's fp16 on a CPU computes in fp32 (no autocast there): NHWC, where the fused kernel runs."""
     from accelerate.state import AcceleratorState
